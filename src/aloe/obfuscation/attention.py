@@ -1,0 +1,147 @@
+"""Attention (Algorithm 2, section 2.4), per KV-head group, in Hugging Face weight layout (out x in).
+
+For the q heads i of group g (row-vector convention)::
+
+    W~_q^(i) = Q_q^(i) W_q^(i) R H Z_block        W~_k^(g) = Q_k^(g) W_k^(g) R H^-1 Z_block
+    W~_v^(g) = Q_v^(g) W_v^(g) U_vo               W~_o^(i) = U_vo^-1 W_o^(i) P_o^(i)
+
+- R: a 2x2 rotation on every RoPE pair (j, j + head_dim/2) (HF's rotate_half layout). It commutes with RoPE: exact.
+- H: one scale per pair, on both of its coordinates: exact (q k^T unchanged, commutes with RoPE).
+- Z_block: a windowed permutation of the pairs (BlockPerm(beta, gamma)); a pair moved to another position is rotated
+  by that position's RoPE frequency, so this is the one approximate step. beta = 1 turns it off.
+- U_vo: a well-conditioned random matrix between v and o: exact.
+- KV heads are permuted (and their q-head groups with them), and q heads are permuted within each group: exact.
+
+R, H, Z_block and U_vo are shared by the q heads of one group (they read the same K and V).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from aloe.obfuscation.keys import KeyBases
+from aloe.obfuscation.rng import SecureRandom
+
+
+def pair_rotation(angles: np.ndarray) -> np.ndarray:
+    """R (head_dim x head_dim): rotation by ``angles[j]`` in the plane of coordinates (j, j + head_dim/2)."""
+    half = len(angles)
+    R = np.zeros((2 * half, 2 * half))
+    c, s = np.cos(angles), np.sin(angles)
+    j = np.arange(half)
+    R[j, j] = c
+    R[j, j + half] = s
+    R[j + half, j] = -s
+    R[j + half, j + half] = c
+    return R
+
+
+def block_permutation(rng: SecureRandom, inv_freq: np.ndarray, beta: int, gamma: float) -> np.ndarray:
+    """BlockPerm(beta, gamma): ``sigma[j]`` is the new position of RoPE pair j.
+
+    Walking from the highest frequency, a window of w in [1, min(beta, remaining)] pairs is drawn with probability
+    softmax(gamma * (freq[t + w - 1] - freq[t])) and its pairs are shuffled uniformly, so high-frequency pairs almost
+    never move and only close low frequencies are exchanged.
+    """
+    m = len(inv_freq)
+    sigma = np.arange(m)
+    t = 0
+    while t < m:
+        c = min(beta, m - t)
+        logits = gamma * (inv_freq[t:t + c] - inv_freq[t])
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        w = int(np.searchsorted(np.cumsum(p), rng.uniform(()) * 1.0, side="right")) + 1
+        w = min(w, c)
+        sigma[t:t + w] = t + rng.permutation(w)
+        t += w
+    return sigma
+
+
+def pair_permutation_matrix(sigma: np.ndarray) -> np.ndarray:
+    """Z_block as a head_dim x head_dim matrix: ``(x Z)[sigma[j]] = x[j]`` for both coordinates of each pair."""
+    half = len(sigma)
+    Z = np.zeros((2 * half, 2 * half))
+    j = np.arange(half)
+    Z[j, sigma] = 1.0
+    Z[j + half, sigma + half] = 1.0
+    return Z
+
+
+def well_conditioned(rng: SecureRandom, n: int, spread: float = 2.0) -> np.ndarray:
+    """U = O1 diag(s) O2 with s in [1/spread, spread]: random, invertible, condition number <= spread^2."""
+    s = np.exp(rng.uniform((n,), -np.log(spread), np.log(spread)))
+    return (rng.orthogonal(n) * s) @ rng.orthogonal(n)
+
+
+@dataclass
+class GroupTransform:
+    """The secret intra-head maps of one KV group (head_dim x head_dim each)."""
+
+    A_q: np.ndarray
+    A_k: np.ndarray
+    A_v: np.ndarray
+    A_o: np.ndarray
+    sigma: np.ndarray
+
+
+def group_transform(rng: SecureRandom, inv_freq: np.ndarray, *, beta: int, gamma: float,
+                    qk_scale: tuple[float, float], vo_spread: float) -> GroupTransform:
+    half = len(inv_freq)
+    R = pair_rotation(rng.uniform((half,), 0.0, 2 * np.pi))
+    s = rng.uniform((half,), *qk_scale)
+    H = np.concatenate([s, s])
+    sigma = block_permutation(rng, inv_freq, beta, gamma) if beta > 1 else np.arange(half)
+    Zb = pair_permutation_matrix(sigma)
+    U = well_conditioned(rng, 2 * half, vo_spread)
+    return GroupTransform(A_q=(R * H) @ Zb, A_k=(R / H) @ Zb, A_v=U, A_o=np.linalg.inv(U), sigma=sigma)
+
+
+def obfuscate_attention(w: dict[str, np.ndarray], gamma: np.ndarray, *, n_heads: int, n_kv: int, head_dim: int,
+                        keys: KeyBases, rng: SecureRandom, inv_freq: np.ndarray, beta: int, gamma_bp: float,
+                        qk_scale: tuple[float, float], vo_spread: float, writer_keys: list[np.ndarray],
+                        permute_heads: bool = True) -> dict[str, np.ndarray]:
+    """Obfuscate one attention block.
+
+    ``w`` holds ``q``, ``k``, ``v``, ``o`` weights (HF layout) and optionally ``q_bias``, ``k_bias``, ``v_bias``,
+    ``o_bias``; ``gamma`` is the weight of the RMSNorm before attention (folded into q, k, v); ``writer_keys[i]`` is
+    the key P_o of plain q head i (and ``writer_keys[0]`` also carries the o bias).
+    """
+    G = n_heads // n_kv
+    hd = head_dim
+    d_out = keys.d_out
+    kv_slot = rng.child("kv-perm").permutation(n_kv) if permute_heads else np.arange(n_kv)
+    out = {
+        "q": np.empty((n_heads * hd, d_out)), "k": np.empty((n_kv * hd, d_out)),
+        "v": np.empty((n_kv * hd, d_out)), "o": np.empty((d_out, n_heads * hd)),
+    }
+    for name, n in (("q_bias", n_heads), ("k_bias", n_kv), ("v_bias", n_kv)):
+        if name in w:
+            out[name] = np.empty(n * hd)
+    readers = rng.child("readers")
+    for g in range(n_kv):
+        t = group_transform(rng.child(f"group{g}"), inv_freq, beta=beta, gamma=gamma_bp, qk_scale=qk_scale,
+                            vo_spread=vo_spread)
+        in_group = rng.child(f"group{g}/perm").permutation(G) if permute_heads else np.arange(G)
+        gs = slice(g * hd, (g + 1) * hd)
+        ks = slice(kv_slot[g] * hd, (kv_slot[g] + 1) * hd)
+        for name, A in (("k", t.A_k), ("v", t.A_v)):
+            Wp = (w[name][gs] * gamma[None, :]).T               # d x hd, gamma folded
+            out[name][ks] = (keys.inv_keymat_gen(readers) @ Wp @ A).T
+            if f"{name}_bias" in w:
+                out[f"{name}_bias"][ks] = w[f"{name}_bias"][gs] @ A
+        for r in range(G):
+            i = g * G + r
+            j = kv_slot[g] * G + in_group[r]
+            src, dst = slice(i * hd, (i + 1) * hd), slice(j * hd, (j + 1) * hd)
+            Wq = (w["q"][src] * gamma[None, :]).T
+            out["q"][dst] = (keys.inv_keymat_gen(readers) @ Wq @ t.A_q).T
+            if "q_bias" in w:
+                out["q_bias"][dst] = w["q_bias"][src] @ t.A_q
+            Wo = w["o"][:, src].T                                 # hd x d
+            out["o"][:, dst] = (t.A_o @ Wo @ writer_keys[i]).T
+    if "o_bias" in w:
+        out["o_bias"] = w["o_bias"] @ writer_keys[0]
+    return out

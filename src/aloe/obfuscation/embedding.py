@@ -1,0 +1,58 @@
+"""Vocabulary permutation tau, noise, embedding and LM head (section 2.2).
+
+Weights are in Hugging Face layout (rows = tokens, n x d for both the embedding and the head). With the row-vector
+convention of the paper, ``W~_embed = Pi W*_embed P`` and ``W~_head = Q W*_head Pi^T``, which in this layout reads:
+row ``tau[i]`` of the obfuscated embedding is ``W*_embed[i] @ P`` and row ``tau[i]`` of the obfuscated head is
+``W*_head[i] @ Q^T``. The logits come out permuted: ``logits~[tau[i]] == logits[i]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+from aloe.obfuscation.rng import SecureRandom
+
+
+def vocab_permutation(rng: SecureRandom, n: int, fixed_ids: Iterable[int] = ()) -> np.ndarray:
+    """tau as an array: ``tau[plain_id] = obfuscated_id``. Ids in ``fixed_ids`` (special and chat-template tokens,
+    padding rows) map to themselves so the server's EOS stop and chat template keep working; all others are
+    permuted uniformly among themselves."""
+    fixed = sorted({int(i) for i in fixed_ids if 0 <= int(i) < n})
+    movable = np.setdiff1d(np.arange(n), np.asarray(fixed, dtype=np.int64))
+    tau = np.arange(n, dtype=np.int64)
+    tau[movable] = movable[rng.permutation(len(movable))]
+    return tau
+
+
+def inverse_permutation(tau: np.ndarray) -> np.ndarray:
+    inv = np.empty_like(tau)
+    inv[tau] = np.arange(len(tau), dtype=tau.dtype)
+    return inv
+
+
+def add_noise(weight: np.ndarray, alpha: float, rng: SecureRandom) -> np.ndarray:
+    """``W* = W + alpha * N(0, sigma^2)`` with sigma the standard deviation of W itself (i.i.d. per entry)."""
+    if alpha == 0:
+        return weight
+    return weight + rng.normal(weight.shape, std=alpha * float(weight.std()))
+
+
+def obfuscate_embedding(weight: np.ndarray, tau: np.ndarray, P: np.ndarray, alpha_e: float,
+                        rng: SecureRandom) -> np.ndarray:
+    """n x d plain embedding -> n x d' obfuscated embedding."""
+    noised = add_noise(weight, alpha_e, rng)
+    out = np.empty((weight.shape[0], P.shape[1]))
+    out[tau] = noised @ P
+    return out
+
+
+def obfuscate_head(weight: np.ndarray, final_norm: np.ndarray, tau: np.ndarray, Q: np.ndarray, alpha_h: float,
+                   rng: SecureRandom) -> np.ndarray:
+    """n x d plain LM head (the final RMSNorm's gamma folded in first) -> n x d' obfuscated head."""
+    folded = weight * final_norm[None, :]
+    noised = add_noise(folded, alpha_h, rng)
+    out = np.empty((weight.shape[0], Q.shape[0]))
+    out[tau] = noised @ Q.T
+    return out

@@ -1,0 +1,356 @@
+"""Whole-checkpoint conversion: stream each tensor of a plain checkpoint through the transform of its component and
+write a *stock* Hugging Face folder (same architecture, hidden_size = d + 2h, explicit head_dim, untied embeddings,
+tokenizer files unchanged) plus an ``aloe.json`` manifest, and the secret file apart.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from aloe import AloeError, __version__
+from aloe.assets.cache import atomic_directory, atomic_write_json
+from aloe.obfuscation.attention import obfuscate_attention
+from aloe.obfuscation.checkpoint import DTYPES, CheckpointReader, ShardWriter, read_config
+from aloe.obfuscation.embedding import obfuscate_embedding, obfuscate_head, vocab_permutation
+from aloe.obfuscation.ffn import obfuscate_ffn
+from aloe.obfuscation.keys import KeyBases, init_keys
+from aloe.obfuscation.norm import calibrated_kappa, exact_kappa, scaled_eps
+from aloe.obfuscation.profiles import Profile
+from aloe.obfuscation.rng import SecureRandom, new_seed
+from aloe.obfuscation.secret import Secret, load_secret, save_secret
+
+MANIFEST = "aloe.json"
+SKIP_FILES = {"config.json", "model.safetensors", "model.safetensors.index.json", "aloe-asset.json", MANIFEST}
+
+
+@dataclass
+class Arch:
+    model_type: str
+    d: int
+    n_layers: int
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    ffn: int
+    vocab: int
+    eps: float
+    tied: bool
+
+    @classmethod
+    def from_config(cls, c: dict) -> Arch:
+        try:
+            d, n_heads = int(c["hidden_size"]), int(c["num_attention_heads"])
+            n_kv = int(c.get("num_key_value_heads") or n_heads)
+            head_dim = int(c.get("head_dim") or d // n_heads)
+            arch = cls(c["model_type"], d, int(c["num_hidden_layers"]), n_heads, n_kv, head_dim,
+                       int(c["intermediate_size"]), int(c["vocab_size"]), float(c["rms_norm_eps"]),
+                       bool(c.get("tie_word_embeddings", False)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise AloeError(f"config.json lacks a usable field: {exc}") from None
+        if n_heads % n_kv:
+            raise AloeError(f"num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv}")
+        if head_dim % 2:
+            raise AloeError(f"head_dim {head_dim} is odd; RoPE needs pairs")
+        if c.get("hidden_act", "silu") != "silu":
+            raise AloeError(f"hidden_act {c.get('hidden_act')!r} is not supported (SwiGLU with silu only)")
+        return arch
+
+
+def rope_inv_freq(model_dir: Path, model_type: str) -> np.ndarray:
+    """The real RoPE inverse frequencies of the model (llama3 and other rope scalings included)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(model_dir))
+    if model_type == "llama":
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding as Rotary
+    else:
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding as Rotary
+    return Rotary(cfg).inv_freq.double().numpy()
+
+
+def special_token_ids(model_dir: Path, config: dict) -> set[int]:
+    """Ids that tau keeps fixed: BOS/EOS/PAD of the config and generation config, every special or added token of
+    the tokenizer, and the padding rows beyond the tokenizer's vocabulary."""
+    ids: set[int] = set()
+    sources = [config]
+    gen = Path(model_dir) / "generation_config.json"
+    if gen.is_file():
+        sources.append(json.loads(gen.read_text()))
+    for src in sources:
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+            v = src.get(key)
+            ids.update(v if isinstance(v, list) else [] if v is None else [v])
+    if (Path(model_dir) / "tokenizer_config.json").is_file() or (Path(model_dir) / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        ids.update(int(i) for i in tok.all_special_ids)
+        ids.update(int(i) for i in tok.added_tokens_decoder)
+        ids.update(range(len(tok), int(config["vocab_size"])))
+    return {int(i) for i in ids}
+
+
+@dataclass
+class Plan:
+    """Everything secret that the conversion needs, derived from the master seed."""
+
+    secret: Secret
+    keys: KeyBases
+    rng: SecureRandom
+    embed_writer: np.ndarray
+    head_reader: np.ndarray
+
+    def attn_writers(self, layer: int, n_heads: int) -> list[np.ndarray]:
+        r = self.rng.child(f"layer{layer}/attn/writers")
+        return [self.keys.keymat_gen(r) for _ in range(n_heads)]
+
+    def ffn_writer(self, layer: int) -> np.ndarray:
+        return self.keys.keymat_gen(self.rng.child(f"layer{layer}/ffn/writer"))
+
+
+def compatible_expansion(h: int, n_heads: int) -> int:
+    """The even h' nearest to h (ties: the larger) with d + 2h' divisible by the head count whenever d is.
+
+    Stock engines (transformers' config validation among them) insist that hidden_size be a multiple of
+    num_attention_heads even when head_dim is explicit, so the expansion is rounded to keep the checkpoint loadable.
+    """
+    if h <= 0:
+        return 0
+    step = int(np.lcm(2, n_heads // np.gcd(2, n_heads)))  # 2h' = 0 mod n_heads and h' even
+    lo = (h // step) * step
+    hi = lo if lo == h else lo + step
+    return hi if (hi - h) <= (h - lo) or lo == 0 else lo
+
+
+def make_plan(seed: bytes, arch: Arch, profile: Profile, fixed_ids: set[int]) -> Plan:
+    rng = SecureRandom(seed)
+    tau = vocab_permutation(rng.child("vocab"), arch.vocab, fixed_ids)
+    h = compatible_expansion(profile.h, arch.n_heads) if arch.d % arch.n_heads == 0 else profile.h
+    keys = init_keys(rng.child("keys"), arch.d, h, design=profile.keys, lam=profile.lam,
+                     sv_floor=profile.sv_floor)
+    return Plan(Secret(seed, tau), keys, rng, keys.keymat_gen(rng.child("embed/writer")),
+                keys.inv_keymat_gen(rng.child("head/reader")))
+
+
+def calibrate_kappas(model_dir: Path, arch: Arch, plan: Plan, token_ids: np.ndarray) -> list[float]:
+    """kappa per norm (2 per layer, then the final one) from real hidden states of the plain model.
+
+    The obfuscated residual is rebuilt exactly as the obfuscated model forms it (each writer's output times its own
+    key P), so the ratio ||x~|| / ||x|| is measured on the actual residual mixture, not on Gaussians.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float64).eval()
+    layers = model.model.layers
+    state = {"x~": None}
+    plain_samples: list[list[np.ndarray]] = [[] for _ in range(2 * arch.n_layers + 1)]
+    obf_samples: list[list[np.ndarray]] = [[] for _ in range(2 * arch.n_layers + 1)]
+    hooks = []
+
+    def flat(t):
+        return t.detach().reshape(-1, t.shape[-1]).numpy()
+
+    def on_embed(_m, _i, out):
+        state["x~"] = flat(out) @ plan.embed_writer
+
+    def norm_pre(k):
+        def hook(_m, args):
+            plain_samples[k].append(flat(args[0]))
+            obf_samples[k].append(state["x~"].copy())
+        return hook
+
+    def on_o(layer):
+        writers = plan.attn_writers(layer, arch.n_heads)
+        o_w = layers[layer].self_attn.o_proj.weight.detach().numpy()
+        bias = layers[layer].self_attn.o_proj.bias
+
+        def hook(_m, args, _out):
+            a = flat(args[0])
+            hd = arch.head_dim
+            for i in range(arch.n_heads):
+                state["x~"] += (a[:, i * hd:(i + 1) * hd] @ o_w[:, i * hd:(i + 1) * hd].T) @ writers[i]
+            if bias is not None:
+                state["x~"] += bias.detach().numpy() @ writers[0]
+        return hook
+
+    def on_down(layer):
+        P = plan.ffn_writer(layer)
+
+        def hook(_m, _args, out):
+            state["x~"] += flat(out) @ P
+        return hook
+
+    hooks.append(model.model.embed_tokens.register_forward_hook(on_embed))
+    for layer, block in enumerate(layers):
+        hooks.append(block.input_layernorm.register_forward_pre_hook(norm_pre(2 * layer)))
+        hooks.append(block.self_attn.o_proj.register_forward_hook(on_o(layer)))
+        hooks.append(block.post_attention_layernorm.register_forward_pre_hook(norm_pre(2 * layer + 1)))
+        hooks.append(block.mlp.down_proj.register_forward_hook(on_down(layer)))
+    hooks.append(model.model.norm.register_forward_pre_hook(norm_pre(2 * arch.n_layers)))
+    try:
+        with torch.no_grad():
+            for chunk in np.array_split(token_ids, max(1, len(token_ids) // 256)):
+                model(torch.as_tensor(chunk[None, :], dtype=torch.long))
+    finally:
+        for h in hooks:
+            h.remove()
+    return [calibrated_kappa(np.concatenate(p), np.concatenate(o)) for p, o in zip(plain_samples, obf_samples)]
+
+
+def _source_summary(reader: CheckpointReader, model_dir: Path) -> dict:
+    return {"path": str(Path(model_dir).resolve()), "sha256": reader.fingerprint()}
+
+
+def obfuscate_checkpoint(model_dir: Path, out_dir: Path, secret_path: Path, profile: Profile, *,
+                         seed_from_os: bool = False, dtype: str = "float32", max_shard_bytes: int = 2 << 30,
+                         calibration_ids: np.ndarray | None = None, progress: bool = True) -> dict:
+    """Convert ``model_dir`` into an obfuscated stock checkpoint at ``out_dir``; see the module docstring.
+
+    The master seed comes from ``secret_path`` when it exists (the conversion is then reproducible), else fresh from
+    the OS CSPRNG. ``seed_from_os`` insists on a fresh seed and refuses to overwrite an existing secret file.
+    Returns the summary that is also stored (without secrets) in ``aloe.json``.
+    """
+    t0 = time.perf_counter()
+    model_dir, out_dir, secret_path = Path(model_dir), Path(out_dir), Path(secret_path)
+    if dtype not in DTYPES:
+        raise AloeError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if secret_path.resolve().is_relative_to(out_dir.resolve()):
+        raise AloeError("the secret file must not be inside the output folder (the server would receive it)")
+    config = read_config(model_dir)
+    arch = Arch.from_config(config)
+    reader = CheckpointReader(model_dir)
+    source = _source_summary(reader, model_dir)
+
+    if secret_path.exists():
+        if seed_from_os:
+            raise AloeError(f"secret file {secret_path} exists; --seed-from-os would replace a key that artifacts "
+                            "may depend on; choose a new path")
+        existing = load_secret(secret_path)
+        seed = existing.seed
+    else:
+        existing, seed = None, new_seed()
+
+    if out_dir.exists():
+        try:
+            manifest = json.loads((out_dir / MANIFEST).read_text())
+        except (OSError, ValueError):
+            manifest = None
+        same = (manifest is not None and existing is not None
+                and manifest.get("secret_fingerprint") == existing.fingerprint
+                and manifest.get("source", {}).get("sha256") == source["sha256"]
+                and manifest.get("profile") == profile.to_dict() and manifest.get("dtype") == dtype)
+        if same:
+            return dict(manifest, reused=True, seconds=time.perf_counter() - t0)
+        raise AloeError(f"output folder {out_dir} already exists and was not made from these inputs; "
+                        "remove it or choose another path")
+
+    plan = make_plan(seed, arch, profile, special_token_ids(model_dir, config))
+    if existing is not None and not np.array_equal(existing.tau, plan.secret.tau):
+        raise AloeError(f"secret file {secret_path} was made for another model or tokenizer (its tau differs)")
+
+    d_out = plan.keys.d_out
+    if profile.keys == "exact-norm":
+        kappas = [exact_kappa(plan.keys.scale, arch.d, d_out)] * (2 * arch.n_layers + 1)
+    else:
+        if calibration_ids is None:
+            raise AloeError("the paper key design needs calibration text (real hidden states) for kappa")
+        kappas = calibrate_kappas(model_dir, arch, plan, calibration_ids)
+    eps_out = scaled_eps(arch.eps, float(np.median(kappas)))
+    inv_freq = rope_inv_freq(model_dir, arch.model_type)
+    if len(inv_freq) != arch.head_dim // 2:
+        raise AloeError("partial rotary embeddings are not supported")
+
+    d, hd = arch.d, arch.head_dim
+    steps = tqdm(total=arch.n_layers + 2, desc="obfuscate", unit="part", disable=not progress)
+    with atomic_directory(out_dir) as tmp:
+        writer = ShardWriter(tmp, dtype, max_shard_bytes)
+        embed = reader.get("model.embed_tokens.weight", (arch.vocab, d))
+        writer.add("model.embed_tokens.weight", obfuscate_embedding(
+            embed, plan.secret.tau, plan.embed_writer, profile.alpha_e, plan.rng.child("embed/noise")))
+        steps.update(1)
+        for layer in range(arch.n_layers):
+            p = f"model.layers.{layer}."
+            w = {
+                "q": reader.get(p + "self_attn.q_proj.weight", (arch.n_heads * hd, d)),
+                "k": reader.get(p + "self_attn.k_proj.weight", (arch.n_kv * hd, d)),
+                "v": reader.get(p + "self_attn.v_proj.weight", (arch.n_kv * hd, d)),
+                "o": reader.get(p + "self_attn.o_proj.weight", (d, arch.n_heads * hd)),
+            }
+            for name, n in (("q", arch.n_heads * hd), ("k", arch.n_kv * hd), ("v", arch.n_kv * hd), ("o", d)):
+                if p + f"self_attn.{name}_proj.bias" in reader:
+                    w[f"{name}_bias"] = reader.get(p + f"self_attn.{name}_proj.bias", (n,))
+            gamma_attn = reader.get(p + "input_layernorm.weight", (d,))
+            attn = obfuscate_attention(
+                w, gamma_attn, n_heads=arch.n_heads, n_kv=arch.n_kv, head_dim=hd, keys=plan.keys,
+                rng=plan.rng.child(f"layer{layer}/attn"), inv_freq=inv_freq, beta=profile.beta,
+                gamma_bp=profile.gamma, qk_scale=profile.qk_scale, vo_spread=profile.vo_spread,
+                writer_keys=plan.attn_writers(layer, arch.n_heads))
+            writer.add(p + "input_layernorm.weight", np.full(d_out, kappas[2 * layer]))
+            for name in ("q", "k", "v", "o"):
+                writer.add(p + f"self_attn.{name}_proj.weight", attn[name])
+                if f"{name}_bias" in attn:
+                    writer.add(p + f"self_attn.{name}_proj.bias", attn[f"{name}_bias"])
+            mw = {
+                "gate": reader.get(p + "mlp.gate_proj.weight", (arch.ffn, d)),
+                "up": reader.get(p + "mlp.up_proj.weight", (arch.ffn, d)),
+                "down": reader.get(p + "mlp.down_proj.weight", (d, arch.ffn)),
+            }
+            for name, n in (("gate", arch.ffn), ("up", arch.ffn), ("down", d)):
+                if p + f"mlp.{name}_proj.bias" in reader:
+                    mw[f"{name}_bias"] = reader.get(p + f"mlp.{name}_proj.bias", (n,))
+            gamma_ffn = reader.get(p + "post_attention_layernorm.weight", (d,))
+            ffn = obfuscate_ffn(mw, gamma_ffn, keys=plan.keys, rng=plan.rng.child(f"layer{layer}/ffn"),
+                                scale=profile.ffn_scale, writer_key=plan.ffn_writer(layer))
+            writer.add(p + "post_attention_layernorm.weight", np.full(d_out, kappas[2 * layer + 1]))
+            for name in ("gate", "up", "down"):
+                writer.add(p + f"mlp.{name}_proj.weight", ffn[name])
+                if f"{name}_bias" in ffn:
+                    writer.add(p + f"mlp.{name}_proj.bias", ffn[f"{name}_bias"])
+            steps.update(1)
+        final_norm = reader.get("model.norm.weight", (d,))
+        head_name = "lm_head.weight" if "lm_head.weight" in reader else "model.embed_tokens.weight"
+        if head_name != "lm_head.weight" and not arch.tied:
+            raise AloeError("tensor lm_head.weight is missing and the config does not tie the embeddings")
+        head = reader.get(head_name, (arch.vocab, d))
+        writer.add("model.norm.weight", np.full(d_out, kappas[-1]))
+        writer.add("lm_head.weight", obfuscate_head(head, final_norm, plan.secret.tau, plan.head_reader,
+                                                    profile.alpha_h, plan.rng.child("head/noise")))
+        shards = writer.close()
+        steps.update(1)
+
+        out_config = dict(config)
+        out_config.update(hidden_size=d_out, head_dim=hd, tie_word_embeddings=False, rms_norm_eps=eps_out,
+                          dtype=dtype)
+        out_config.pop("torch_dtype", None)
+        (tmp / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
+        for f in model_dir.iterdir():
+            if f.is_file() and f.name not in SKIP_FILES and f.suffix not in (".safetensors", ".bin", ".gguf"):
+                shutil.copy2(f, tmp / f.name)
+        summary = {
+            "format": "aloe-artifact-v1",
+            "aloe_version": __version__,
+            "architecture": config["architectures"][0],
+            "profile": profile.to_dict(),
+            "dtype": dtype,
+            "hidden_size": d, "obfuscated_hidden_size": d_out,
+            "expansion": {"requested": profile.h, "effective": plan.keys.h},
+            "kappa": {"min": float(min(kappas)), "max": float(max(kappas))},
+            "rms_norm_eps": eps_out,
+            "fixed_token_ids": int(np.sum(plan.secret.tau == np.arange(arch.vocab))),
+            "secret_fingerprint": plan.secret.fingerprint,
+            "source": source,
+            "shards": shards,
+        }
+        atomic_write_json(tmp / MANIFEST, summary)
+        if existing is None:
+            save_secret(secret_path, plan.secret)
+    steps.close()
+    return dict(summary, reused=False, seconds=time.perf_counter() - t0, path=str(out_dir))

@@ -1,0 +1,78 @@
+"""Named working points of the obfuscation.
+
+Every parameter is documented here; the measured fidelity of each profile is in the README (produced by
+``benchmarks/obfuscation_fidelity.py``).
+
+- ``keys``: ``exact-norm`` (shared writer key with P P^T = c^2 I: the stock RMSNorm commutes exactly) or ``paper``
+  (B = U + lambda V with a fresh C per writer; kappa calibrated on real hidden states; approximate norm).
+- ``h``: expansion; the deployed hidden size is d + 2h.
+- ``lam``: lambda of the paper's B = U + lambda V (``paper`` keys only).
+- ``sv_floor``: the h non-isometric singular values of B lie in [sv_floor * c, c) (``exact-norm`` keys only).
+- ``alpha_e`` / ``alpha_h``: noise on the embedding / LM head, in units of each matrix's own standard deviation.
+- ``beta`` / ``gamma``: block-permutation window and temperature (beta = 1: no block permutation).
+- ``qk_scale``, ``ffn_scale``: ranges of the per-pair q/k scales H_qk and the per-unit FFN scales H_ffn.
+- ``vo_spread``: singular values of U_vo lie in [1/spread, spread].
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+from aloe import AloeError
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    keys: str = "exact-norm"
+    h: int = 128
+    lam: float = 0.3
+    sv_floor: float = 0.5
+    alpha_e: float = 0.0
+    alpha_h: float = 0.0
+    beta: int = 1
+    gamma: float = 1e3
+    qk_scale: tuple[float, float] = (0.95, 1.05)
+    ffn_scale: tuple[float, float] = (0.95, 1.05)
+    vo_spread: float = 2.0
+    description: str = ""
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["qk_scale"] = list(self.qk_scale)
+        d["ffn_scale"] = list(self.ffn_scale)
+        return d
+
+    def with_overrides(self, **kw) -> Profile:
+        unknown = set(kw) - set(self.__dataclass_fields__)
+        if unknown:
+            raise AloeError(f"unknown profile parameter(s): {', '.join(sorted(unknown))}")
+        return replace(self, name=kw.pop("name", "custom"), **kw)
+
+
+PROFILES: dict[str, Profile] = {
+    "exact": Profile(
+        name="exact", keys="exact-norm", h=128, alpha_e=0.0, alpha_h=0.0, beta=1,
+        description="no noise, no block permutation, exact-norm keys: equal to the plain model up to float rounding. "
+                    "It proves fidelity; it is NOT private against a server that runs the model.",
+    ),
+    "paper": Profile(
+        name="paper", keys="paper", h=128, lam=0.3, alpha_e=1.0, alpha_h=0.2, beta=8, gamma=1e3,
+        description="the paper's default working point (lambda 0.3, h 128, alpha_e 1.0, alpha_h 0.2, beta 8, "
+                    "gamma 1e3) with its approximate norm; small models lose accuracy at alpha_e = 1.0.",
+    ),
+    "balanced": Profile(
+        name="balanced", keys="exact-norm", h=128, sv_floor=0.5, alpha_e=0.3, alpha_h=0.1, beta=8, gamma=1e3,
+        description="our default: exact-norm keys (no norm error), block permutation and moderate noise, chosen "
+                    "for fidelity within ppl_ratio <= 1.03; see the README for its measured fidelity and risk.",
+    ),
+}
+
+DEFAULT_PROFILE = "balanced"
+
+
+def get_profile(name: str) -> Profile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise AloeError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}") from None
