@@ -99,3 +99,87 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--max-new-tokens", type=int, default=64)
     f.add_argument("--json", action="store_true")
     f.set_defaults(func=_fidelity)
+    register_client(sub)
+
+
+def _client(args: argparse.Namespace):
+    from aloe.obfuscation.client import PrivateClient
+
+    tokenizer = resolve_model(args.tokenizer)
+    client = PrivateClient(args.server, args.secret, tokenizer, backend=args.backend, timeout=args.timeout)
+    client.verify()
+    return client
+
+
+def _complete(args: argparse.Namespace) -> int:
+    from aloe.cli import print_json
+
+    client = _client(args)
+    res = client.complete(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed)
+    out = {"text": res.text, "token_ids": res.token_ids, "finish_reason": res.finish_reason,
+           "client_map_ms": 1000 * res.timings["client_map_seconds"]}
+    if args.show_server_view:
+        out["server_prompt_text"] = client.server_view(res.server_prompt_ids)
+        out["server_output_text"] = client.server_view(res.server_output_ids)
+        out["server_prompt_ids"] = res.server_prompt_ids
+        out["server_output_ids"] = res.server_output_ids
+    if args.json:
+        print_json(out)
+    else:
+        print(res.text)
+        if args.show_server_view:
+            print(f"\n[server saw]  {out['server_prompt_text']!r}\n[server sent] {out['server_output_text']!r}")
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    import sys
+
+    client = _client(args)
+    history: list[dict] = []
+    print("private chat: the server sees only obfuscated token ids. Empty line or Ctrl-D to quit.")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        history.append({"role": "user", "content": line})
+        print("assistant> ", end="", flush=True)
+        reply = []
+        for piece in client.stream(history, max_tokens=args.max_tokens, temperature=args.temperature,
+                                   top_p=args.top_p, top_k=args.top_k, seed=args.seed):
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        print()
+        history.append({"role": "assistant", "content": "".join(reply)})
+    return 0
+
+
+def _client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", required=True, help="base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--secret", type=Path, required=True)
+    p.add_argument("--tokenizer", required=True, help="plain model/tokenizer folder, or 'smollm2'")
+    p.add_argument("--backend", choices=["openai", "llama.cpp"], default="openai",
+                   help="openai: /v1/completions (aloe serve, vLLM); llama.cpp: llama-server's /completion")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--timeout", type=float, default=300.0)
+
+
+def register_client(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("complete", help="AloePri client: one private completion")
+    _client_args(c)
+    c.add_argument("prompt")
+    c.add_argument("--show-server-view", action="store_true", help="also show what the server saw and sent")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=_complete)
+    ch = sub.add_parser("chat", help="AloePri client: interactive private chat (streaming)")
+    _client_args(ch)
+    ch.set_defaults(func=_chat)

@@ -1,0 +1,247 @@
+"""The AloePri client: the only party that holds the secret.
+
+It tokenizes locally (with the plain tokenizer and chat template), maps prompt ids with tau, sends token ids — never
+detokenized obfuscated text, since BPE does not round-trip — maps the returned ids back with tau^-1 and detokenizes.
+Special tokens (BOS/EOS/chat-template tokens) are fixed points of tau, so the server's EOS stop keeps working.
+
+Sampling parameters that commute with a permutation of the vocabulary pass through unchanged (temperature, top-k,
+top-p, repetition penalty, seed); ``logit_bias`` is translated (its keys are ids); stop *strings*, grammars and JSON
+schemas act on the server's text, which is gibberish under obfuscation, so they are refused — pass stop token ids.
+
+Two wire formats: ``openai`` (``/v1/completions`` with a token-id prompt, as vLLM and ``aloe serve`` accept; ids
+come back in ``choices[0].token_ids``) and ``llama.cpp`` (llama-server's native ``/completion`` with
+``return_tokens``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from aloe import AloeError
+from aloe.obfuscation.secret import Secret, load_secret
+
+BACKENDS = ("openai", "llama.cpp")
+REFUSED = {
+    "stop": "stop strings act on the server's text, which is gibberish under obfuscation; pass stop_token_ids",
+    "grammar": "grammars constrain the server's text, which is permuted; not supported",
+    "json_schema": "JSON schemas constrain the server's text, which is permuted; not supported",
+    "response_format": "response formats constrain the server's text, which is permuted; not supported",
+    "guided_json": "guided decoding constrains the server's text, which is permuted; not supported",
+    "guided_regex": "guided decoding constrains the server's text, which is permuted; not supported",
+}
+
+
+class TokenMap:
+    """tau and its inverse as fast lookups."""
+
+    def __init__(self, secret: Secret) -> None:
+        self.tau = np.asarray(secret.tau, dtype=np.int64)
+        self.inv = np.asarray(secret.tau_inverse, dtype=np.int64)
+
+    def _check(self, ids) -> np.ndarray:
+        arr = np.asarray(ids, dtype=np.int64)
+        if arr.size and (arr.min() < 0 or arr.max() >= len(self.tau)):
+            raise AloeError(f"token id outside the vocabulary 0..{len(self.tau) - 1}")
+        return arr
+
+    def to_server(self, ids) -> list[int]:
+        return self.tau[self._check(ids)].tolist()
+
+    def from_server(self, ids) -> list[int]:
+        return self.inv[self._check(ids)].tolist()
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]                 # plain ids of the answer
+    finish_reason: str | None
+    server_prompt_ids: list[int]         # what the server received
+    server_output_ids: list[int]         # what the server sent
+    timings: dict = field(default_factory=dict)
+
+
+class PrivateClient:
+    def __init__(self, server: str, secret: Path | Secret, tokenizer, *, backend: str = "openai",
+                 model: str | None = None, timeout: float = 300.0) -> None:
+        if backend not in BACKENDS:
+            raise AloeError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        self.secret = secret if isinstance(secret, Secret) else load_secret(Path(secret))
+        self.map = TokenMap(self.secret)
+        if isinstance(tokenizer, str | Path):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+        self.tokenizer = tokenizer
+        self.server = server.rstrip("/")
+        self.backend = backend
+        self.model = model
+        self.http = httpx.Client(timeout=timeout)
+
+    # -- local text handling -------------------------------------------------------------------------------------
+    def chat_ids(self, messages: list[dict] | str) -> list[int]:
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                        return_dict=True)["input_ids"])
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def server_view(self, server_ids: list[int]) -> str:
+        """What the server reads if it detokenizes the ids it handles with the plain tokenizer."""
+        return self.tokenizer.decode(server_ids, skip_special_tokens=False)
+
+    # -- server ------------------------------------------------------------------------------------------------
+    def _post(self, path: str, body: dict, stream: bool = False):
+        url = self.server + path
+        try:
+            if stream:
+                return self.http.stream("POST", url, json=body)
+            resp = self.http.post(url, json=body)
+        except httpx.HTTPError as exc:
+            raise AloeError(f"cannot reach the server at {self.server}: {exc}") from None
+        if resp.status_code != 200:
+            raise AloeError(f"server answered {resp.status_code}: {resp.text[:300]}")
+        return resp.json()
+
+    def verify(self) -> dict:
+        """Check the server is up and, where it says which artifact it serves, that it matches our secret."""
+        try:
+            resp = self.http.get(self.server + ("/v1/models" if self.backend == "openai" else "/health"))
+        except httpx.HTTPError as exc:
+            raise AloeError(f"cannot reach the server at {self.server}: {exc}") from None
+        if resp.status_code != 200:
+            raise AloeError(f"server answered {resp.status_code} on its health check")
+        info = resp.json()
+        if self.backend == "openai":
+            models = info.get("data") or [{}]
+            self.model = self.model or models[0].get("id")
+            fp = (models[0].get("aloe") or {}).get("secret_fingerprint")
+            if fp is not None and fp != self.secret.fingerprint:
+                raise AloeError("the server's model was not made with this secret (fingerprint mismatch)")
+        return info
+
+    def _body(self, prompt_ids: list[int], max_tokens: int, temperature: float, top_p: float, top_k: int,
+              repetition_penalty: float, seed: int | None, stop_token_ids: list[int], logit_bias: dict | None,
+              stream: bool, extra: dict) -> dict:
+        for key in extra:
+            if key in REFUSED:
+                raise AloeError(f"'{key}' is not supported: {REFUSED[key]}")
+            raise AloeError(f"unknown sampling parameter {key!r}")
+        bias = {self.map.tau[int(k)]: float(v) for k, v in (logit_bias or {}).items()}
+        stops = self.map.to_server(stop_token_ids)
+        if self.backend == "openai":
+            body = {"prompt": prompt_ids, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
+                    "top_k": top_k, "repetition_penalty": repetition_penalty, "stream": stream,
+                    "stop_token_ids": stops, "return_token_ids": True, "skip_special_tokens": False}
+            if self.model:
+                body["model"] = self.model
+            if seed is not None:
+                body["seed"] = seed
+            if bias:
+                body["logit_bias"] = {str(k): v for k, v in bias.items()}
+            return body
+        body = {"prompt": prompt_ids, "n_predict": max_tokens, "temperature": temperature, "top_p": top_p,
+                "top_k": max(top_k, 0), "repeat_penalty": repetition_penalty, "stream": stream,
+                "return_tokens": True, "cache_prompt": True, "min_p": 0.0}
+        if seed is not None:
+            body["seed"] = seed
+        if bias:
+            body["logit_bias"] = [[int(k), v] for k, v in bias.items()]
+        return body
+
+    def _stream_server_ids(self, body: dict, stops: set[int]) -> Iterator[tuple[int, str | None]]:
+        path = "/v1/completions" if self.backend == "openai" else "/completion"
+        try:
+            with self._post(path, body, stream=True) as resp:
+                if resp.status_code != 200:
+                    resp.read()
+                    raise AloeError(f"server answered {resp.status_code}: {resp.text[:300]}")
+                for line in resp.iter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        return
+                    chunk = json.loads(data)
+                    if self.backend == "openai":
+                        choice = chunk["choices"][0]
+                        ids, finish = choice.get("token_ids") or [], choice.get("finish_reason")
+                    else:
+                        ids, finish = chunk.get("tokens") or [], ("stop" if chunk.get("stop") else None)
+                    for i in ids:
+                        yield int(i), None
+                        if int(i) in stops:
+                            yield -1, "stop"
+                            return
+                    if finish:
+                        yield -1, finish
+                        return
+        except httpx.HTTPError as exc:
+            raise AloeError(f"connection to the server failed: {exc}") from None
+
+    def stream(self, prompt: list[dict] | str | list[int], *, max_tokens: int = 256, temperature: float = 0.0,
+               top_p: float = 1.0, top_k: int = -1, repetition_penalty: float = 1.0, seed: int | None = None,
+               stop_token_ids: list[int] = (), logit_bias: dict | None = None, **extra) -> Iterator[str]:
+        """Yield the answer's text incrementally (decoded from the plain ids so far)."""
+        plain = list(prompt) if _is_ids(prompt) else self.chat_ids(prompt)
+        body = self._body(self.map.to_server(plain), max_tokens, temperature, top_p, top_k, repetition_penalty,
+                          seed, list(stop_token_ids), logit_bias, True, extra)
+        stops = set(self.map.to_server(stop_token_ids))
+        ids: list[int] = []
+        shown = ""
+        for sid, finish in self._stream_server_ids(body, stops):
+            if finish is not None:
+                break
+            ids.extend(self.map.from_server([sid]))
+            text = self.detokenize(ids)
+            if len(text) > len(shown) and not text.endswith("\ufffd"):
+                yield text[len(shown):]
+                shown = text
+
+    def complete(self, prompt: list[dict] | str | list[int], *, max_tokens: int = 256, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = -1, repetition_penalty: float = 1.0, seed: int | None = None,
+                 stop_token_ids: list[int] = (), logit_bias: dict | None = None, **extra) -> Completion:
+        plain = list(prompt) if _is_ids(prompt) else self.chat_ids(prompt)
+        t0 = time.perf_counter()
+        server_prompt = self.map.to_server(plain)
+        t_map = time.perf_counter() - t0
+        body = self._body(server_prompt, max_tokens, temperature, top_p, top_k, repetition_penalty, seed,
+                          list(stop_token_ids), logit_bias, False, extra)
+        t1 = time.perf_counter()
+        data = self._post("/v1/completions" if self.backend == "openai" else "/completion", body)
+        t_server = time.perf_counter() - t1
+        if self.backend == "openai":
+            choice = data["choices"][0]
+            out_ids, finish = choice.get("token_ids"), choice.get("finish_reason")
+            if out_ids is None:
+                raise AloeError("the server returned no token ids (an OpenAI server must support return_token_ids)")
+        else:
+            out_ids = data.get("tokens")
+            finish = data.get("stop_type") or ("stop" if data.get("stopped_eos") else "length")
+            if out_ids is None:
+                raise AloeError("llama-server returned no token ids (needs return_tokens support)")
+        out_ids = [int(i) for i in out_ids]
+        stops = set(self.map.to_server(stop_token_ids))
+        for k, i in enumerate(out_ids):
+            if i in stops:
+                out_ids, finish = out_ids[:k], "stop"
+                break
+        t2 = time.perf_counter()
+        plain_out = self.map.from_server(out_ids)
+        t_unmap = time.perf_counter() - t2
+        text = self.detokenize(plain_out)
+        return Completion(text, plain_out, finish, server_prompt, out_ids,
+                          {"client_map_seconds": t_map + t_unmap, "server_seconds": t_server})
+
+
+def _is_ids(prompt) -> bool:
+    return isinstance(prompt, list | tuple) and all(isinstance(i, int | np.integer) for i in prompt) and bool(prompt)

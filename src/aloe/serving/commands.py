@@ -1,0 +1,95 @@
+"""``aloe serve`` (the untrusted server, two stock engines) and ``aloe export gguf``."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from aloe import AloeError
+from aloe.assets.cache import cache_root
+
+
+def cached_gguf(model_dir: Path, outtype: str = "f32") -> Path:
+    """GGUF export of a model folder, cached by the folder's manifest/config and weights' identity."""
+    from aloe.serving.llamacpp import export_gguf
+
+    model_dir = Path(model_dir)
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(model_dir)):
+        p = model_dir / name
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    target = cache_root() / "gguf" / f"{model_dir.name}-{h.hexdigest()[:16]}-{outtype}.gguf"
+    if not target.is_file():
+        export_gguf(model_dir, target, outtype=outtype)
+    return target
+
+
+def llama_server_command(gguf: Path, host: str, port: int, threads: int | None, context: int) -> list[str]:
+    from aloe.serving.llamacpp import llama_server_binary
+
+    cmd = [str(llama_server_binary()), "-m", str(gguf), "--host", host, "--port", str(port), "-c", str(context),
+           "--no-webui", "-np", "1"]
+    if threads:
+        cmd += ["-t", str(threads)]
+    return cmd
+
+
+def _serve(args: argparse.Namespace) -> int:
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.allow_remote:
+        raise AloeError("refusing to listen beyond loopback without --allow-remote")
+    if args.engine == "transformers":
+        from aloe.serving.server import Limits, serve
+
+        limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
+                        max_waiting=args.max_waiting)
+        serve(args.model, args.host, args.port, limits, args.threads, log_level=args.log_level)
+        return 0
+    gguf = cached_gguf(args.model, args.outtype)
+    cmd = llama_server_command(gguf, args.host, args.port, args.threads, args.context)
+    return subprocess.call(cmd)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from aloe.cli import print_json
+    from aloe.serving.llamacpp import export_gguf
+
+    out = export_gguf(args.model, args.out, outtype=args.outtype)
+    info = {"path": str(out), "bytes": out.stat().st_size, "outtype": args.outtype}
+    if args.json:
+        print_json(info)
+    else:
+        print(json.dumps(info))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("serve", help="AloePri: serve a (obfuscated) checkpoint on a stock engine")
+    s.add_argument("model", type=Path, help="model folder (as written by aloe obfuscate)")
+    s.add_argument("--engine", choices=["transformers", "llama.cpp"], default="transformers")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host")
+    s.add_argument("--threads", type=int)
+    s.add_argument("--max-prompt-tokens", type=int, default=4096)
+    s.add_argument("--max-new-tokens", type=int, default=1024)
+    s.add_argument("--max-waiting", type=int, default=16)
+    s.add_argument("--context", type=int, default=4096, help="llama.cpp context size")
+    s.add_argument("--outtype", choices=["f32", "f16"], default="f32", help="llama.cpp GGUF type")
+    s.add_argument("--log-level", default="warning")
+    s.set_defaults(func=_serve)
+
+    e = sub.add_parser("export", help="export a model folder to another format")
+    g = e.add_subparsers(dest="export_format", metavar="FORMAT")
+    g.required = True
+    gg = g.add_parser("gguf", help="GGUF for llama.cpp, with llama.cpp's own converter")
+    gg.add_argument("model", type=Path)
+    gg.add_argument("out", type=Path)
+    gg.add_argument("--outtype", choices=["f32", "f16"], default="f32")
+    gg.add_argument("--json", action="store_true")
+    gg.set_defaults(func=_export)

@@ -1,0 +1,105 @@
+"""llama.cpp, the server people deploy: build ``llama-server`` from the source that the ``llama-cpp-python`` sdist
+vendors (pinned), cache the binary, export GGUF with llama.cpp's own ``convert_hf_to_gguf.py``, and run it.
+
+llama.cpp's C++ server takes token-id arrays as prompts and returns token ids, so it can serve a permuted
+vocabulary unmodified (its Python server cannot: it neither accepts nor returns ids).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from aloe import AloeError
+from aloe.assets.cache import atomic_directory, cache_root, ensure_writable_dir
+
+SDIST = "llama-cpp-python"
+SDIST_VERSION = "0.3.36"
+
+
+def llamacpp_root() -> Path:
+    return cache_root() / "llama.cpp" / SDIST_VERSION
+
+
+def source_dir() -> Path:
+    """The vendored llama.cpp source, fetched as the pinned sdist through pip (a registry package) once."""
+    root = ensure_writable_dir(llamacpp_root())
+    src = root / "src"
+    if (src / "CMakeLists.txt").is_file():
+        return src
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                               f"{SDIST}=={SDIST_VERSION}", "-d", tmp], capture_output=True, text=True)
+        archives = list(Path(tmp).glob("*.tar.gz"))
+        if proc.returncode != 0 or not archives:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise AloeError(f"could not fetch the {SDIST}=={SDIST_VERSION} sdist: {last}")
+        with tarfile.open(archives[0]) as tar:
+            tar.extractall(tmp, filter="data")
+        vendored = next(Path(tmp).glob("*/vendor/llama.cpp"))
+        with atomic_directory(src) as out:
+            shutil.copytree(vendored, out, dirs_exist_ok=True)
+    return src
+
+
+def llama_server_binary(*, jobs: int | None = None, progress: bool = True) -> Path:
+    """Path of the cached ``llama-server``, building it first (cmake, a few minutes on 2 cores) if needed."""
+    root = llamacpp_root()
+    final = root / "bin"
+    binary = final / "llama-server"
+    if binary.is_file() and os.access(binary, os.X_OK):
+        return binary
+    if shutil.which("cmake") is None:
+        raise AloeError("cmake is needed to build llama-server (apt-get install cmake)")
+    src = source_dir()
+    build = root / "build"
+    jobs = jobs or os.cpu_count() or 1
+    out = None if progress else subprocess.DEVNULL
+    steps = [
+        ["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
+         "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON",
+         "-DBUILD_SHARED_LIBS=OFF"],
+        ["cmake", "--build", str(build), "--target", "llama-server", "-j", str(jobs)],
+    ]
+    for cmd in steps:
+        if subprocess.run(cmd, stdout=out, stderr=out).returncode != 0:
+            raise AloeError(f"building llama-server failed at: {' '.join(cmd[:3])} (see the output above)")
+    built = build / "bin" / "llama-server"
+    if not built.is_file():
+        raise AloeError(f"the llama.cpp build produced no {built}")
+    with atomic_directory(final) as tmp:
+        shutil.copy2(built, tmp / "llama-server")
+    return binary
+
+
+def export_gguf(model_dir: Path, out_file: Path, *, outtype: str = "f32") -> Path:
+    """Convert a (plain or obfuscated) HF folder to GGUF with llama.cpp's own converter and its own gguf-py."""
+    if outtype not in ("f32", "f16"):
+        raise AloeError("GGUF export supports f32 and f16")
+    model_dir, out_file = Path(model_dir), Path(out_file)
+    if not (model_dir / "config.json").is_file():
+        raise AloeError(f"{model_dir} is not a Hugging Face model folder (no config.json)")
+    if out_file.exists():
+        raise AloeError(f"{out_file} already exists")
+    src = source_dir()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src / "gguf-py"), os.environ.get("PYTHONPATH", "")]),
+               NO_LOCAL_GGUF="")
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_file.parent, prefix=f".{out_file.name}.tmp-", suffix=".gguf")
+    os.close(fd)
+    try:
+        proc = subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", tmp,
+                               "--outtype", outtype], capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise AloeError(f"GGUF export failed: {last}")
+        os.replace(tmp, out_file)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out_file

@@ -1,0 +1,266 @@
+"""``aloe serve``: an OpenAI-compatible completions server over an unmodified transformers engine.
+
+It is the untrusted side: it loads the obfuscated checkpoint with plain ``AutoModelForCausalLM`` and generates with
+the library's own ``generate`` (KV cache, sampling) — it knows nothing of the obfuscation and holds no secret.
+Prompts are token-id lists (as vLLM accepts); every choice carries ``token_ids``. Requests are bounded in size,
+length and concurrency; malformed ones get a 4xx with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from aloe import AloeError
+
+
+@dataclass
+class Limits:
+    max_prompt_tokens: int = 4096
+    max_new_tokens: int = 1024
+    max_waiting: int = 16           # requests queued behind the running one; beyond this: 503
+    max_body_bytes: int = 1 << 20
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompt: list[int] = Field(min_length=1)
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=10.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(-1, ge=-1)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
+    logit_bias: dict[str, float] | None = None
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1)
+    return_token_ids: bool = True
+    skip_special_tokens: bool = True
+    user: str | None = None
+
+
+class _IdStreamer(BaseStreamer):
+    """Receives the ids ``generate`` produces; the first call carries the prompt and is skipped."""
+
+    def __init__(self) -> None:
+        self.q: queue.Queue = queue.Queue()
+        self.prompt_seen = False
+
+    def put(self, value):
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for i in value.reshape(-1).tolist():
+            self.q.put(int(i))
+
+    def end(self):
+        self.q.put(None)
+
+
+class _Cancelled(StoppingCriteria):
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
+
+
+class _Bias:
+    """logit_bias as a logits processor (ids are whatever vocabulary the model speaks)."""
+
+    def __init__(self, bias: dict[int, float]) -> None:
+        self.ids = torch.tensor(list(bias), dtype=torch.long)
+        self.values = torch.tensor(list(bias.values()), dtype=torch.float32)
+
+    def __call__(self, input_ids, scores):
+        scores[:, self.ids] += self.values.to(scores.dtype)
+        return scores
+
+
+class TransformersEngine:
+    """One obfuscated (or plain) checkpoint on stock transformers; one generation at a time."""
+
+    def __init__(self, model_dir: Path, limits: Limits, threads: int | None = None) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        model_dir = Path(model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise AloeError(f"{model_dir} is not a model folder (no config.json)")
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+        has_tokenizer = any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir)) if has_tokenizer else None
+        self.name = model_dir.name
+        self.vocab = int(self.model.config.vocab_size)
+        self.context = int(getattr(self.model.config, "max_position_embeddings", 4096))
+        eos = self.model.generation_config.eos_token_id
+        self.eos = [eos] if isinstance(eos, int) else list(eos or [])
+        manifest = model_dir / "aloe.json"
+        self.manifest = json.loads(manifest.read_text()) if manifest.is_file() else None
+        self.limits = limits
+        self.lock = threading.Lock()
+        self.waiting = 0
+        self.waiting_lock = threading.Lock()
+
+    def check(self, req: CompletionRequest) -> str | None:
+        if len(req.prompt) > self.limits.max_prompt_tokens:
+            return f"prompt has {len(req.prompt)} tokens; the limit is {self.limits.max_prompt_tokens}"
+        if req.max_tokens > self.limits.max_new_tokens:
+            return f"max_tokens {req.max_tokens} exceeds the limit {self.limits.max_new_tokens}"
+        if len(req.prompt) + req.max_tokens > self.context:
+            return f"prompt + max_tokens exceeds the model's context of {self.context} tokens"
+        for name, ids in (("prompt", req.prompt), ("stop_token_ids", req.stop_token_ids),
+                          ("logit_bias", [int(k) for k in (req.logit_bias or {}) if k.lstrip("-").isdigit()])):
+            bad = [i for i in ids if not 0 <= i < self.vocab]
+            if bad:
+                return f"{name} token id {bad[0]} is outside the vocabulary 0..{self.vocab - 1}"
+        if req.logit_bias and any(not k.isdigit() for k in req.logit_bias):
+            return "logit_bias keys must be token ids"
+        return None
+
+    def admit(self) -> bool:
+        with self.waiting_lock:
+            if self.waiting >= self.limits.max_waiting + 1:
+                return False
+            self.waiting += 1
+            return True
+
+    def release(self) -> None:
+        with self.waiting_lock:
+            self.waiting -= 1
+
+    def generate(self, req: CompletionRequest, streamer: _IdStreamer, cancel: threading.Event) -> None:
+        """Run ``generate`` (under the engine lock); ids arrive through ``streamer``."""
+        kwargs = {"max_new_tokens": req.max_tokens, "eos_token_id": self.eos + list(req.stop_token_ids),
+                  "pad_token_id": self.eos[0] if self.eos else 0, "streamer": streamer,
+                  "stopping_criteria": StoppingCriteriaList([_Cancelled(cancel)])}
+        if req.temperature > 0:
+            kwargs.update(do_sample=True, temperature=req.temperature, top_p=req.top_p,
+                          top_k=req.top_k if req.top_k > 0 else 0)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if req.repetition_penalty != 1.0:
+            kwargs["repetition_penalty"] = req.repetition_penalty
+        if req.logit_bias:
+            from transformers import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList([_Bias({int(k): v for k, v in req.logit_bias.items()})])
+        ids = torch.tensor([req.prompt], dtype=torch.long)
+        try:
+            with self.lock, torch.no_grad():
+                if req.seed is not None:
+                    torch.manual_seed(req.seed)  # sampling reproducibility only; nothing secret is drawn here
+                self.model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+        finally:
+            streamer.end()
+
+
+def create_app(model_dir: Path, limits: Limits | None = None, threads: int | None = None) -> FastAPI:
+    limits = limits or Limits()
+    engine = TransformersEngine(model_dir, limits, threads)
+    app = FastAPI(title="aloe completions server", version="1")
+    app.state.engine = engine
+
+    @app.middleware("http")
+    async def bound_body(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > limits.max_body_bytes):
+            return JSONResponse({"error": {"message": f"request body over {limits.max_body_bytes} bytes",
+                                           "type": "invalid_request_error"}}, status_code=413)
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError):
+        errs = exc.errors()
+        first = errs[0] if errs else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        msg = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
+        return JSONResponse({"error": {"message": msg, "type": "invalid_request_error"}}, status_code=422)
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}}, status_code=status)
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    def models():
+        entry = {"id": engine.name, "object": "model", "owned_by": "aloe", "max_model_len": engine.context}
+        if engine.manifest:
+            entry["aloe"] = {k: engine.manifest.get(k) for k in ("format", "secret_fingerprint", "profile")}
+        return {"object": "list", "data": [entry]}
+
+    @app.post("/v1/completions")
+    def completions(req: CompletionRequest):
+        problem = engine.check(req)
+        if problem:
+            return error(422, problem)
+        if not engine.admit():
+            return error(503, "server busy: too many requests waiting")
+        streamer, cancel = _IdStreamer(), threading.Event()
+        worker = threading.Thread(target=_run, args=(engine, req, streamer, cancel), daemon=True)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(ids, finish):
+            text = (engine.tokenizer.decode(ids, skip_special_tokens=req.skip_special_tokens)
+                    if ids and engine.tokenizer is not None else "")
+            return {"id": rid, "object": "text_completion", "created": created, "model": engine.name,
+                    "choices": [{"index": 0, "text": text, "token_ids": ids, "finish_reason": finish,
+                                 "logprobs": None}]}
+
+        def finish_reason(out: list[int]) -> str:
+            return "stop" if out and out[-1] in set(engine.eos) | set(req.stop_token_ids) else "length"
+
+        worker.start()
+        if req.stream:
+            def events():
+                out: list[int] = []
+                try:
+                    while (i := streamer.q.get()) is not None:
+                        out.append(i)
+                        yield f"data: {json.dumps(chunk([i], None))}\n\n"
+                    yield f"data: {json.dumps(chunk([], finish_reason(out)))}\n\n"
+                    yield "data: [DONE]\n\n"
+                finally:
+                    cancel.set()
+            return StreamingResponse(events(), media_type="text/event-stream")
+        out = []
+        while (i := streamer.q.get()) is not None:
+            out.append(i)
+        worker.join()
+        body = chunk(out, finish_reason(out))
+        body["usage"] = {"prompt_tokens": len(req.prompt), "completion_tokens": len(out),
+                         "total_tokens": len(req.prompt) + len(out)}
+        return body
+
+    return app
+
+
+def _run(engine: TransformersEngine, req: CompletionRequest, streamer: _IdStreamer, cancel: threading.Event):
+    try:
+        engine.generate(req, streamer, cancel)
+    finally:
+        engine.release()
+
+
+def serve(model_dir: Path, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None,
+          threads: int | None = None, log_level: str = "warning") -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(model_dir, limits, threads), host=host, port=port, log_level=log_level)

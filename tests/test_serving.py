@@ -1,0 +1,154 @@
+"""The untrusted side on a tiny obfuscated model: the embedded server + client give the plain model's tokens;
+the request parser answers malformed input with 4xx and stays up; a bounded concurrent load succeeds."""
+
+import resource
+import threading
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM
+
+from aloe import AloeError
+from aloe.obfuscation.client import PrivateClient
+from aloe.obfuscation.model import obfuscate_checkpoint
+from aloe.obfuscation.profiles import PROFILES
+from aloe.serving.local import server_thread
+from aloe.serving.server import Limits, create_app
+from obfuscation_helpers import tiny_model
+
+
+class IdTokenizer:
+    """A stand-in for the plain tokenizer of a tiny random model: ids are their own text."""
+
+    def apply_chat_template(self, messages, **kw):
+        return {"input_ids": [5 + (ord(c) % 80) for c in messages[-1]["content"]]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(i) for i in ids)
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    plain_dir = tiny_model("llama-gqa-tied", tmp / "plain")
+    (plain_dir / "generation_config.json").write_text('{"eos_token_id": 2, "bos_token_id": 1}')
+    prof = PROFILES["exact"].with_overrides(name="exact-tiny", h=8)
+    obfuscate_checkpoint(plain_dir, tmp / "obf", tmp / "secret.json", prof, progress=False)
+    return plain_dir, tmp / "obf", tmp / "secret.json"
+
+
+def plain_greedy(plain_dir, ids, n):
+    model = AutoModelForCausalLM.from_pretrained(plain_dir, dtype=torch.float32).eval()
+    x = torch.tensor([ids])
+    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                         eos_token_id=2, pad_token_id=2)
+    return out[0, len(ids):].tolist()
+
+
+def test_client_through_server_matches_plain_greedy(tiny_artifact):
+    plain_dir, obf_dir, secret = tiny_artifact
+    with server_thread(obf_dir) as url:
+        client = PrivateClient(url, secret, IdTokenizer())
+        client.verify()
+        prompt = [7, 33, 12, 80, 41]
+        res = client.complete(prompt, max_tokens=12, temperature=0.0)
+        assert res.token_ids == plain_greedy(plain_dir, prompt, 12)
+        assert res.server_prompt_ids == client.map.to_server(prompt) and res.server_prompt_ids != prompt
+        assert res.server_output_ids != res.token_ids
+        streamed = "".join(client.stream(prompt, max_tokens=12))
+        assert streamed.split() == [str(i) for i in res.token_ids]
+        # a stop token id is mapped for the server and honoured
+        stop = res.token_ids[3]
+        short = client.complete(prompt, max_tokens=12, stop_token_ids=[stop])
+        assert short.token_ids == res.token_ids[:res.token_ids.index(stop)] and short.finish_reason == "stop"
+        # sampling with a seed is reproducible through the server
+        a = client.complete(prompt, max_tokens=8, temperature=0.9, top_k=20, top_p=0.9, seed=11)
+        b = client.complete(prompt, max_tokens=8, temperature=0.9, top_k=20, top_p=0.9, seed=11)
+        assert a.token_ids == b.token_ids
+        assert res.timings["client_map_seconds"] < 0.01
+        with pytest.raises(AloeError, match="stop strings"):
+            client.complete(prompt, stop=["\n"])
+
+
+def test_client_refuses_a_server_with_another_secret(tiny_artifact, tmp_path):
+    plain_dir, obf_dir, _ = tiny_artifact
+    prof = PROFILES["exact"].with_overrides(name="exact-tiny", h=8)
+    obfuscate_checkpoint(plain_dir, tmp_path / "other", tmp_path / "other.json", prof, progress=False)
+    with server_thread(obf_dir) as url:
+        with pytest.raises(AloeError, match="fingerprint mismatch"):
+            PrivateClient(url, tmp_path / "other.json", IdTokenizer()).verify()
+
+
+@pytest.fixture(scope="module")
+def app_client(tiny_artifact):
+    _, obf_dir, _ = tiny_artifact
+    return TestClient(create_app(obf_dir, Limits(max_prompt_tokens=64, max_new_tokens=32)))
+
+
+@pytest.mark.parametrize("body,status,reason", [
+    (b"{not json", 422, "JSON"),
+    (b'{"prompt": "some text"}', 422, "prompt"),
+    (b'{"prompt": []}', 422, "prompt"),
+    (b'{"prompt": [1, 2, 99999]}', 422, "outside the vocabulary"),
+    (b'{"prompt": [1, -3]}', 422, "outside the vocabulary"),
+    (b'{"prompt": [1, 2], "max_tokens": 100000000}', 422, "max_tokens"),
+    (b'{"prompt": [1, 2], "temperature": -1}', 422, "temperature"),
+    (b'{"prompt": [1, 2], "n": 3}', 422, "n"),
+    (b'{"prompt": [1, 2], "grammar": "root ::= x"}', 422, "grammar"),
+    (b'{"prompt": [1, 2], "stop_token_ids": [500]}', 422, "outside the vocabulary"),
+    (b'{"prompt": ' + str(list(range(1, 90))).encode() + b"}", 422, "limit"),
+])
+def test_malformed_requests_get_4xx_with_a_reason(app_client, body, status, reason):
+    r = app_client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status
+    assert reason.lower() in r.json()["error"]["message"].lower()
+    assert app_client.get("/health").status_code == 200
+
+
+def test_oversized_body_is_refused(app_client):
+    r = app_client.post("/v1/completions", content=b"[" + b"1," * 600_000 + b"1]",
+                        headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+                           lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                           max_leaves=12)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.dictionaries(st.sampled_from(["prompt", "max_tokens", "temperature", "top_p", "top_k", "seed",
+                                             "stream", "stop_token_ids", "logit_bias", "model", "x"]),
+                            json_values, max_size=6))
+def test_fuzzed_requests_never_crash_the_server(app_client, body):
+    r = app_client.post("/v1/completions", json=body)
+    assert r.status_code in (200, 422), r.text
+    if r.status_code == 422:
+        assert r.json()["error"]["message"]
+
+
+def test_bounded_concurrent_load_has_no_failures(tiny_artifact):
+    _, obf_dir, _ = tiny_artifact
+    failures, done = [], []
+    with server_thread(obf_dir, Limits(max_waiting=16)) as url:
+        def worker(k):
+            with httpx.Client(timeout=60) as http:
+                for j in range(6):
+                    r = http.post(url + "/v1/completions", json={"prompt": [3 + k, 4 + j, 5], "max_tokens": 6,
+                                                                 "temperature": 0.7, "seed": k * 100 + j,
+                                                                 "stream": bool(j % 2)})
+                    (done if r.status_code == 200 else failures).append(r.status_code)
+
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert failures == [] and len(done) == 48
+    assert rss1 - rss0 < 200_000  # KiB: no runaway growth over 48 requests
