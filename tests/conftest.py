@@ -15,3 +15,14 @@ def smollm2_path():
     from aloe.assets.smollm2 import build_smollm2
 
     return build_smollm2(progress=False).path
+
+
+@pytest.fixture(scope="session")
+def smollm2_exact(smollm2_path, tmp_path_factory):
+    """SmolLM2 obfuscated with the ``exact`` profile (fp32), and its secret."""
+    from aloe.obfuscation.model import obfuscate_checkpoint
+    from aloe.obfuscation.profiles import PROFILES
+
+    tmp = tmp_path_factory.mktemp("smollm2-exact")
+    obfuscate_checkpoint(smollm2_path, tmp / "obf", tmp / "secret.json", PROFILES["exact"], progress=False)
+    return tmp / "obf", tmp / "secret.json"

@@ -1,0 +1,47 @@
+"""The real model: SmolLM2-135M-Instruct obfuscated with the ``exact`` profile is a stock checkpoint that stock
+transformers and the embedded server run with the plain model's outputs (fp32 rounding only)."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from aloe.obfuscation.client import PrivateClient
+from aloe.obfuscation.fidelity import PROMPTS, corpus_token_ids, greedy_fidelity, load_models, logit_fidelity
+from aloe.serving.local import server_thread
+
+pytestmark = pytest.mark.real_model
+
+
+def test_exact_profile_is_faithful_on_the_real_model(smollm2_path, smollm2_exact):
+    obf_dir, secret = smollm2_exact
+    cfg = json.loads((obf_dir / "config.json").read_text())
+    assert cfg["hidden_size"] == 576 + 2 * 126 and cfg["head_dim"] == 64 and not cfg["tie_word_embeddings"]
+    tok, plain, obf, sec = load_models(smollm2_path, obf_dir, secret)
+    assert type(obf).__name__ == "LlamaForCausalLM"
+    ids = corpus_token_ids(tok, "lee", 160)
+    fid = logit_fidelity(plain, obf, sec.tau, ids, window=160)
+    assert fid["ppl_ratio"] <= 1.002 and fid["top1_agreement"] >= 0.99
+    assert fid["max_abs_logit_diff"] < 0.05
+    greedy = greedy_fidelity(tok, plain, obf, sec.tau, PROMPTS[:2], max_new_tokens=12)
+    assert greedy["greedy_agreement"] >= 0.98
+
+
+def test_embedded_server_and_client_give_the_plain_greedy_answer(smollm2_path, smollm2_exact):
+    obf_dir, secret = smollm2_exact
+    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    plain = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
+    question = "What is the capital of France?"
+    x = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        want = plain.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=16, do_sample=False)[0, x.shape[1]:]
+    with server_thread(obf_dir) as url:
+        client = PrivateClient(url, secret, tok)
+        client.verify()
+        res = client.complete(question, max_tokens=16, temperature=0.0)
+    assert res.token_ids == want.tolist()
+    assert "Paris" in res.text
+    assert "Paris" not in client.server_view(res.server_output_ids)
+    assert "France" not in client.server_view(res.server_prompt_ids)
