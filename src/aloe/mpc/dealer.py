@@ -1,0 +1,61 @@
+"""The dealer's correlated randomness (paper (a): the random server RS with PRF seeds).
+
+The dealer draws one AES-128 key per computing party with :func:`secrets.token_bytes` and hands each party its own
+key once, over that party's channel. Everything a party needs that can be derived from its key is expanded locally
+by AES in counter mode (``cryptography``), in the same order on the dealer and on that party, so only *correction
+terms* (values depending on both keys) travel, always from the dealer to one party.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+KEY_BYTES = 16
+
+
+def new_key() -> bytes:
+    return secrets.token_bytes(KEY_BYTES)
+
+
+class PRG:
+    """A pseudo-random stream: AES-128-CTR keystream (zero IV) of a secret key, cut into tensors."""
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) != KEY_BYTES:
+            raise ValueError("PRG key must be 16 bytes")
+        self._enc = Cipher(algorithms.AES(key), modes.CTR(b"\0" * 16)).encryptor()
+        self.bytes_drawn = 0
+
+    def _bytes(self, n: int) -> bytes:
+        self.bytes_drawn += n
+        return self._enc.update(bytes(n))
+
+    def int64(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """Uniform elements of Z_2^64."""
+        n = math.prod(shape)
+        arr = np.frombuffer(self._bytes(8 * n), dtype=np.int64).copy()
+        return torch.from_numpy(arr).reshape(shape)
+
+    def bits(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """Uniform bits as int64 0/1 (8 bits of keystream per byte)."""
+        n = math.prod(shape)
+        raw = np.frombuffer(self._bytes((n + 7) // 8), dtype=np.uint8)
+        arr = np.unpackbits(raw, bitorder="little")[:n].astype(np.int64)
+        return torch.from_numpy(arr).reshape(shape)
+
+    def below(self, shape: tuple[int, ...], m: int) -> torch.Tensor:
+        """Elements of Z_m (``m`` < 2^62), as 64-bit words reduced mod m: statistical distance <= m / 2^64."""
+        n = math.prod(shape)
+        if m & (m - 1) == 0:
+            return self.int64(shape) & (m - 1)
+        arr = np.frombuffer(self._bytes(8 * n), dtype=np.uint64) % np.uint64(m)
+        return torch.from_numpy(arr.astype(np.int64)).reshape(shape)
+
+    def nonzero_below(self, shape: tuple[int, ...], m: int) -> torch.Tensor:
+        """Elements of Z_m \\ {0}."""
+        return self.below(shape, m - 1) + 1
