@@ -80,6 +80,8 @@ def packed_nbytes(n: int, m: int) -> int:
 def pack(t: torch.Tensor, m: int) -> bytes:
     if m == 0:
         return t.to(torch.int64).contiguous().numpy().tobytes()
+    if m == 2:
+        return np.packbits(t.reshape(-1).to(torch.uint8).numpy() & 1, bitorder="little").tobytes()
     v = t.reshape(-1).to(torch.int64).numpy().astype(np.uint64)
     if _is_pow2(m):
         k = m.bit_length() - 1
@@ -107,7 +109,7 @@ def unpack(buf: memoryview, n: int, m: int, shape: tuple[int, ...]) -> torch.Ten
         k = m.bit_length() - 1
         bits = np.unpackbits(np.frombuffer(buf, dtype=np.uint8), bitorder="little")[: n * k]
         if k == 1:
-            out = bits.astype(np.int64)
+            return torch.from_numpy(bits.copy()).reshape(shape)  # uint8 0/1
         else:
             bits = bits.reshape(n, k)
             full = np.zeros((n, 64), dtype=np.uint8)

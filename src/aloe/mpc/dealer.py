@@ -49,10 +49,28 @@ class PRG:
         return torch.from_numpy(arr).reshape(shape)
 
     def below(self, shape: tuple[int, ...], m: int) -> torch.Tensor:
-        """Elements of Z_m (``m`` < 2^62), as 64-bit words reduced mod m: statistical distance <= m / 2^64."""
+        """Uniform elements of Z_m (``m`` < 2^62) as int64 (int16 for ``m`` < 256 not a power of two).
+
+        Powers of two are masked words; ``m < 256`` is exact rejection sampling on bytes (keep a byte below the
+        largest multiple of m, reduce it mod m; the dealer and the party draw the same stream, so they stay in step);
+        larger ``m`` reduces 64-bit words (statistical distance <= m / 2^64)."""
         n = math.prod(shape)
         if m & (m - 1) == 0:
+            if m <= 256:
+                raw = np.frombuffer(self._bytes(n), dtype=np.uint8) & np.uint8(m - 1)
+                return torch.from_numpy(raw.astype(np.int64)).reshape(shape)
             return self.int64(shape) & (m - 1)
+        if m < 256:
+            limit = (256 // m) * m
+            table = (np.arange(256) % m).astype(np.int16)
+            parts, have = [], 0
+            while have < n:
+                raw = np.frombuffer(self._bytes((n - have) * 256 // limit + 16), dtype=np.uint8)
+                kept = raw[raw < limit]
+                parts.append(kept)
+                have += kept.size
+            got = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            return torch.from_numpy(table[got[:n]]).reshape(shape)
         arr = np.frombuffer(self._bytes(8 * n), dtype=np.uint64) % np.uint64(m)
         return torch.from_numpy(arr.astype(np.int64)).reshape(shape)
 

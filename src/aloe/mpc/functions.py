@@ -59,15 +59,17 @@ class Opened:
         return Opened(None if self.delta is None else self.delta + c, self.mask)
 
 
-def open_masked(party: Party, x: torch.Tensor, m: int = 0) -> Opened:
-    """Open ``x`` under a fresh mask (one round; each party sends ``|x|`` ring elements)."""
-    shape = tuple(x.shape)
+def open_masked(party: Party, *xs: torch.Tensor) -> Opened | list[Opened]:
+    """Open each of ``xs`` under a fresh mask, all in one round (each party sends ``|x|`` ring elements per
+    tensor). Returns one :class:`Opened` for one tensor, else a list."""
     if party.is_dealer:
-        return Opened(None, party.draw("L", shape) + party.draw("R", shape))
-    mask = party.draw(party.role, shape)
-    d = x - mask
-    (other,) = party.exchange([(d, 0)])
-    return Opened(d + other, mask)
+        out = [Opened(None, party.draw("L", tuple(x.shape)) + party.draw("R", tuple(x.shape))) for x in xs]
+    else:
+        masks = [party.draw(party.role, tuple(x.shape)) for x in xs]
+        ds = [x - m for x, m in zip(xs, masks, strict=True)]
+        others = party.exchange([(d, 0) for d in ds])
+        out = [Opened(d + o, m) for d, o, m in zip(ds, others, masks, strict=True)]
+    return out[0] if len(out) == 1 else out
 
 
 def mul_opened(party: Party, a: Opened, b: Opened, f: Bilinear = MUL) -> torch.Tensor:
@@ -203,14 +205,17 @@ def softmax(party: Party, x: torch.Tensor, steps: int = 16) -> torch.Tensor:
     shape = tuple(x.shape)
     row_shape = (*shape[:-1], 1)
     xt = truncate(party, x, int(math.log2(steps)))
-    xo = open_masked(party, xt)
     one = fp.scale
     if party.is_dealer:
         y = meta(shape)
     else:
         y = torch.full(shape, round(fp.scale / m) if party.role == "L" else 0, dtype=torch.int64)
+    xo = None
     for _ in range(steps):
-        yo = open_masked(party, y)
+        if xo is None:  # x/r is opened together with the first y
+            yo, xo = open_masked(party, y, xt)
+        else:
+            yo = open_masked(party, y)
         p = truncate(party, mul_opened(party, yo, xo))
         s = p.sum(-1, keepdim=True) if not party.is_dealer else meta(row_shape)
         so = open_masked(party, s)

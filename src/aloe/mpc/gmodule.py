@@ -47,29 +47,40 @@ def shift_left(v: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
 def semidirect_act(i: torch.Tensor, u: torch.Tensor, v: torch.Tensor, p: int) -> torch.Tensor:
     """The action of ``(i, u)`` in Z_N x| (F_p^*)^N on F_p^N: rotate ``u * v`` left by ``i``. It keeps the zero
     pattern up to the rotation and hides every non-zero value behind a uniform scale."""
-    return shift_left((u * v) % p, i)
+    return shift_left(mod_small(u * v, p), i)
 
 
 # ---------------------------------------------------------------- module transform Z_2 -> Z_p
 
 
+def mod_small(v: torch.Tensor, p: int) -> torch.Tensor:
+    """``v mod p`` for small integers (int16 in, int16 out)."""
+    return torch.remainder(v, p)
+
+
+def _modp(v: torch.Tensor, p: int) -> torch.Tensor:
+    """Reduce int16 values in [0, 2p) mod p by a branch-free conditional subtraction."""
+    t = v - p
+    return t + ((t >> 15) & p)
+
+
 def module_transform(party: Party, bits: torch.Tensor, p: int) -> torch.Tensor:
-    """XOR-shared bits -> additive shares mod ``p`` of the same bits. One round, 1 bit per element each way;
-    the dealer sends ``log2 p`` bits per element."""
+    """XOR-shared bits -> additive shares mod ``p`` (int16) of the same bits. One round, 1 bit per element each
+    way; the dealer sends ``log2 p`` bits per element."""
     shape = tuple(bits.shape)
     if party.is_dealer:
         a_l, a_r = party.draw("L", shape, 2), party.draw("R", shape, 2)
         party.split(a_l ^ a_r, shape, p, seeded="L")
         return meta(shape)
-    a = party.draw(party.role, shape, 2)
-    b = party.split(None, shape, p, seeded="L")
-    mine = bits ^ a
+    a = party.draw(party.role, shape, 2).to(torch.uint8)
+    b = party.split(None, shape, p, seeded="L").to(torch.int16)
+    mine = bits.to(torch.uint8) ^ a
     (theirs,) = party.exchange([(mine, 2)])
-    delta = mine ^ theirs
-    sign = 1 - 2 * delta
+    delta = (mine ^ theirs.to(torch.uint8)).bool()
+    # z = delta + (1 - 2 delta) b: L holds (-1)^delta b_L, R holds (-1)^delta b_R + delta
     if party.role == "L":
-        return (sign * b) % p
-    return (sign * b + delta) % p
+        return _modp(torch.where(delta, p - b, b), p)
+    return _modp(torch.where(delta, p + 1 - b, b), p)
 
 
 # ---------------------------------------------------------------- recover and first non-zero
@@ -96,32 +107,32 @@ def recover(party: Party, b: torch.Tensor, p: int, piggyback=None) -> Recovered:
         i = party.draw("L", rows, n)
         u = party.draw("L", shape, p, nonzero=True)
         bl, br = party.draw("L", shape, p), party.draw("R", shape, p)
-        party.give("R", semidirect_act(i, u, (bl + br) % p, p), shape, p)
+        party.give("R", semidirect_act(i, u, (bl + br) % p, p).to(torch.int64), shape, p)
         return Recovered()
     if party.role == "L":
         i = party.draw("L", rows, n)
-        u = party.draw("L", shape, p, nonzero=True)
-        bm = party.draw("L", shape, p)
+        u = party.draw("L", shape, p, nonzero=True).to(torch.int16)
+        bm = party.draw("L", shape, p).to(torch.int16)
         (delta_r,) = party.recv_peer([(shape, p)])
-        w = semidirect_act(i, u, (b - bm + delta_r) % p, p)
+        w = semidirect_act(i, u, mod_small(b - bm + delta_r.to(torch.int16), p), p)
         extra = piggyback[0](i) if piggyback else []
         party.send_peer([(w, p), *extra])
         return Recovered(shift=i, scale=u)
-    bm = party.draw("R", shape, p)
-    big_u = party.give("R", None, shape, p)
-    party.send_peer([((b - bm) % p, p)])
+    bm = party.draw("R", shape, p).to(torch.int16)
+    big_u = party.give("R", None, shape, p).to(torch.int16)
+    party.send_peer([(mod_small(b - bm, p), p)])
     extra_expect = piggyback[1] if piggyback else []
     w, *extra = party.recv_peer([(shape, p), *extra_expect])
-    return Recovered(value=(w + big_u) % p, extra=extra)
+    return Recovered(value=_modp(w.to(torch.int16) + big_u, p), extra=extra)
 
 
 def fnz_input(z: torch.Tensor, p: int, party: Party) -> torch.Tensor:
     """Local step of first-non-zero: ``y_i = sum_{j<=i} z_j - 2 z_i + 1`` (mod p) on shares; zero exactly at the
     first 1 of ``z``, in [1, N+1] elsewhere."""
-    y = torch.cumsum(z, dim=-1) - 2 * z
+    y = torch.cumsum(z, dim=-1, dtype=torch.int16) - 2 * z
     if party.role == "L":
         y = y + 1
-    return y % p
+    return mod_small(y, p)
 
 
 def first_nonzero(party: Party, z: torch.Tensor, p: int, piggyback=None) -> tuple[torch.Tensor | None, Recovered]:
@@ -141,7 +152,7 @@ def first_nonzero(party: Party, z: torch.Tensor, p: int, piggyback=None) -> tupl
 
 def _bits_msb_first(v: torch.Tensor, n: int) -> torch.Tensor:
     shifts = torch.arange(n - 1, -1, -1, dtype=torch.int64)
-    return (v.unsqueeze(-1) >> shifts) & 1
+    return ((v.unsqueeze(-1) >> shifts) & 1).to(torch.uint8)
 
 
 def private_compare(party: Party, value: torch.Tensor, n: int = COMPARE_BITS, op: str = "gt",
@@ -167,7 +178,7 @@ def private_compare(party: Party, value: torch.Tensor, n: int = COMPARE_BITS, op
         return meta(shape)
     bits = _bits_msb_first(value, n)
     z = module_transform(party, bits, p)
-    sentinel = torch.full((*shape, 1), 0 if party.role == "L" else 1, dtype=torch.int64)
+    sentinel = torch.full((*shape, 1), 0 if party.role == "L" else 1, dtype=torch.int16)
     z = torch.cat([z, sentinel], dim=-1)
     if party.role == "L":
         drawn = {}
@@ -191,10 +202,10 @@ def private_compare(party: Party, value: torch.Tensor, n: int = COMPARE_BITS, op
         answer = bits
     else:
         answer = 1 - bits
-    last = torch.full((*shape, 1), 1 if op in ("le", "ge") else 0, dtype=torch.int64)
+    last = torch.full((*shape, 1), 1 if op in ("le", "ge") else 0, dtype=torch.uint8)
     answer = torch.cat([answer, last], dim=-1)
     w = shift_left(answer, j_r)
-    party.send_peer([(w ^ x2, 2)])
+    party.send_peer([(w ^ x2.to(torch.uint8), 2)])
     return y_r.gather(-1, delta_g.unsqueeze(-1)).squeeze(-1)
 
 

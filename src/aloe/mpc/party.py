@@ -103,9 +103,28 @@ class Party:
         return self.recv_peer([(tuple(t.shape), m) for t, m in items])
 
     def sync(self) -> None:
-        """A barrier between L and R (one round, 2 small messages); the dealer does nothing."""
+        """A barrier between L and R (one round, two 8-byte payloads); the dealer does nothing. Afterwards both
+        parties' round counters equal the larger of the two, so rounds after the barrier are counted from a common
+        start."""
         if not self.is_dealer:
-            self.exchange([(torch.zeros(0, dtype=torch.int64), 0)])
+            mine = self.stats.depth
+            (other,) = self.exchange([(torch.tensor([mine]), 0)])
+            self.stats.depth = max(mine, int(other[0]))
+
+    def dealer_sync(self) -> None:
+        """A barrier of all three parties: L and R tell the dealer they are ready, the dealer answers both (used by
+        benchmarks to start the dealer together with the computing parties; its bytes count as offline)."""
+        token = [(torch.zeros(1, dtype=torch.int64), 2)]
+        if self.is_dealer:
+            for who in ("L", "R"):
+                _, _, n = self.dealer_links[who].recv([((1,), 2)])
+                self.stats.offline.bytes_received += n
+            for who in ("L", "R"):
+                self._dealer_send(who, token)
+        else:
+            n = self.dealer_links["D"].send(0, token)
+            self.stats.offline.bytes_sent += n
+            self._dealer_recv([((1,), 2)])
 
     # ------------------------------------------------------------ dealer channels (offline)
     def _dealer_send(self, to: str, items: list[tuple[torch.Tensor, int]]) -> None:
