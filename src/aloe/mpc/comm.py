@@ -82,7 +82,7 @@ def pack(t: torch.Tensor, m: int) -> bytes:
         return t.to(torch.int64).contiguous().numpy().tobytes()
     if m == 2:
         return np.packbits(t.reshape(-1).to(torch.uint8).numpy() & 1, bitorder="little").tobytes()
-    v = t.reshape(-1).to(torch.int64).numpy().astype(np.uint64)
+    v = t.reshape(-1).to(torch.int64).numpy().view(np.uint64)
     if _is_pow2(m):
         k = m.bit_length() - 1
         if k == 1:
@@ -229,6 +229,8 @@ class Endpoint:
         self.timeout = timeout
         self.send_seq = 0
         self.recv_seq = 0
+        self._pending: list[bytes] = []  # messages read ahead by :meth:`recv_out_of_band`
+        self._skip: set[int] = set()  # sequence numbers already consumed out of band
 
     def _send_bytes(self, data: bytes) -> None:
         raise NotImplementedError
@@ -246,10 +248,27 @@ class Endpoint:
         return len(data) + LENGTH_PREFIX_BYTES
 
     def recv(self, expect: list[tuple[tuple[int, ...], int]]) -> tuple[int, list[torch.Tensor], int]:
-        data = self._recv_bytes()
+        while self.recv_seq in self._skip:
+            self._skip.discard(self.recv_seq)
+            self.recv_seq += 1
+        data = self._pending.pop(0) if self._pending else self._recv_bytes()
         depth, out = decode_message(data, self.recv_seq, expect)
         self.recv_seq += 1
         return depth, out, len(data) + LENGTH_PREFIX_BYTES
+
+    def recv_out_of_band(self, expect: list[tuple[tuple[int, ...], int]]) -> tuple[list[torch.Tensor], int]:
+        """Receive the next message matching ``expect`` while keeping the messages before it, in order, for
+        :meth:`recv` (used for a barrier token that follows data the protocol has not consumed yet)."""
+        while True:
+            seq = self.recv_seq + len(self._pending) + len(self._skip)
+            data = self._recv_bytes()
+            try:
+                _, out = decode_message(data, seq, expect)
+            except MalformedMessage:
+                self._pending.append(data)
+                continue
+            self._skip.add(seq)
+            return out, len(data) + LENGTH_PREFIX_BYTES
 
 
 class QueueEndpoint(Endpoint):
@@ -297,6 +316,8 @@ class ConnectionEndpoint(Endpoint):
             socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", sec, int((timeout - sec) * 1e6))
         )
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):  # large messages should not block on a busy reader
+            self._sock.setsockopt(socket.SOL_SOCKET, opt, 8 << 20)
         self.inbox: queue.Queue = queue.Queue()
         self._reader = threading.Thread(target=self._read_loop, name=f"recv-{name}", daemon=True)
         self._reader.start()

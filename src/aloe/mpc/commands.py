@@ -20,7 +20,7 @@ def _bench(args: argparse.Namespace) -> int:
         args.shape,
         reps=args.reps,
         processes=not args.threads,
-        together=not args.dealer_ahead,
+        together=not args.preprocessed,
         frac_bits=args.frac_bits,
         timeout=args.timeout,
     )
@@ -47,8 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--shape", help="e.g. 100x100, or 32x1x28x28,16x1x5x5 for conv2d (default: the standard shapes)")
     b.add_argument("--reps", type=int, default=5, help="timed repetitions after one warm-up (default 5)")
     b.add_argument("--threads", action="store_true", help="run the parties as threads instead of processes")
-    b.add_argument("--dealer-ahead", action="store_true",
-                   help="let the dealer run ahead (time the online phase only)")
+    b.add_argument("--preprocessed", action="store_true",
+                   help="the dealer finishes its part before L and R start (time the online phase only)")
     b.add_argument("--frac-bits", type=int, default=14, help="fixed-point fractional bits (default 14)")
     b.add_argument("--timeout", type=float, default=60.0, help="seconds a party waits for a message (default 60)")
     b.add_argument("--json", action="store_true", help="print JSON")

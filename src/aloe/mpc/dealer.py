@@ -18,6 +18,13 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 KEY_BYTES = 16
 
 
+def small_mod(v: torch.Tensor, m: int) -> torch.Tensor:
+    """``v mod m`` for integer tensors with values in [-m, 2^15 - m) and m < 2^15, as int16 (numpy's unsigned 16-bit
+    remainder is several times faster than a torch division on CPU)."""
+    w = (v.to(torch.int16) + m).contiguous().numpy().view(np.uint16)
+    return torch.from_numpy((w % np.uint16(m)).view(np.int16))
+
+
 def new_key() -> bytes:
     return secrets.token_bytes(KEY_BYTES)
 
@@ -61,16 +68,14 @@ class PRG:
                 return torch.from_numpy(raw.astype(np.int64)).reshape(shape)
             return self.int64(shape) & (m - 1)
         if m < 256:
-            limit = (256 // m) * m
-            table = (np.arange(256) % m).astype(np.int16)
-            parts, have = [], 0
-            while have < n:
-                raw = np.frombuffer(self._bytes((n - have) * 256 // limit + 16), dtype=np.uint8)
-                kept = raw[raw < limit]
-                parts.append(kept)
-                have += kept.size
-            got = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            return torch.from_numpy(table[got[:n]]).reshape(shape)
+            # exact: 16-bit words below the largest multiple of m are kept; the few others are redrawn in place
+            limit = (65536 // m) * m
+            words = np.frombuffer(self._bytes(2 * n), dtype=np.uint16).copy()
+            bad = np.flatnonzero(words >= limit)
+            while bad.size:
+                words[bad] = np.frombuffer(self._bytes(2 * bad.size), dtype=np.uint16)
+                bad = bad[words[bad] >= limit]
+            return torch.from_numpy((words % np.uint16(m)).view(np.int16)).reshape(shape)
         arr = np.frombuffer(self._bytes(8 * n), dtype=np.uint64) % np.uint64(m)
         return torch.from_numpy(arr.astype(np.int64)).reshape(shape)
 

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from aloe.mpc.dealer import small_mod
 from aloe.mpc.party import Party
 from aloe.mpc.triples import meta
 
@@ -40,7 +42,8 @@ def _rows(shape: tuple[int, ...]) -> int:
 def shift_left(v: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
     """The action of Z_N on vectors by cyclic left shift, per row: ``out[r, k] = v[r, (k + i[r]) mod N]``."""
     n = v.shape[-1]
-    idx = (torch.arange(n, dtype=torch.int64) + i.unsqueeze(-1)) % n
+    idx = torch.arange(n, dtype=torch.int64) + i.to(torch.int64).unsqueeze(-1)
+    idx = idx & (n - 1) if n & (n - 1) == 0 else idx % n
     return v.gather(-1, idx)
 
 
@@ -54,8 +57,8 @@ def semidirect_act(i: torch.Tensor, u: torch.Tensor, v: torch.Tensor, p: int) ->
 
 
 def mod_small(v: torch.Tensor, p: int) -> torch.Tensor:
-    """``v mod p`` for small integers (int16 in, int16 out)."""
-    return torch.remainder(v, p)
+    """``v mod p`` for small values (int16 out)."""
+    return small_mod(v, p)
 
 
 def _modp(v: torch.Tensor, p: int) -> torch.Tensor:
@@ -151,8 +154,10 @@ def first_nonzero(party: Party, z: torch.Tensor, p: int, piggyback=None) -> tupl
 
 
 def _bits_msb_first(v: torch.Tensor, n: int) -> torch.Tensor:
-    shifts = torch.arange(n - 1, -1, -1, dtype=torch.int64)
-    return ((v.unsqueeze(-1) >> shifts) & 1).to(torch.uint8)
+    """The low ``n`` bits of each int64, most significant first, as uint8 (shape ``(*v.shape, n)``)."""
+    be = v.contiguous().numpy().astype(">i8").view(np.uint8).reshape(-1, 8)
+    bits = np.unpackbits(be, axis=1)[:, 64 - n :]
+    return torch.from_numpy(np.ascontiguousarray(bits)).reshape(*v.shape, n)
 
 
 def private_compare(party: Party, value: torch.Tensor, n: int = COMPARE_BITS, op: str = "gt",

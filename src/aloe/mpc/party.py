@@ -35,7 +35,7 @@ from aloe.mpc.comm import (
     QueueEndpoint,
     Stats,
 )
-from aloe.mpc.dealer import KEY_BYTES, PRG, new_key
+from aloe.mpc.dealer import KEY_BYTES, PRG, new_key, small_mod
 from aloe.mpc.ring import DEFAULT_FRAC_BITS, FixedPoint
 
 ROLES = ("L", "R", "D")
@@ -124,7 +124,8 @@ class Party:
         else:
             n = self.dealer_links["D"].send(0, token)
             self.stats.offline.bytes_sent += n
-            self._dealer_recv([((1,), 2)])
+            _, n = self.dealer_links["D"].recv_out_of_band([((1,), 2)])
+            self.stats.offline.bytes_received += n
 
     # ------------------------------------------------------------ dealer channels (offline)
     def _dealer_send(self, to: str, items: list[tuple[torch.Tensor, int]]) -> None:
@@ -175,6 +176,8 @@ class Party:
                 corr = secret - mine
             elif m == 2:
                 corr = secret ^ mine
+            elif m < 1 << 14:
+                corr = small_mod(secret.to(torch.int16) - mine.to(torch.int16), m)
             else:
                 corr = (secret - mine) % m
             self._dealer_send(other, [(corr, m)])
