@@ -184,3 +184,32 @@ def run_bench(op: str, shape: str | None = None, *, reps: int = 5, processes: bo
     out["dealer"] = "synchronized" if together else "preprocessed"
     out["frac_bits"] = frac_bits
     return out
+
+
+def suite_program(party: Party, jobs: list) -> list:
+    """Several :func:`bench_program` runs in one launch of the three parties: ``jobs`` holds
+    ``(op, shapes, reps, seed, together)`` tuples."""
+    return [bench_program(party, *job) for job in jobs]
+
+
+def run_suite(ops: list[str], *, reps: int = 5, seed: int = 0, frac_bits: int = 14, timeout: float = 120.0,
+              preprocessed: bool = True) -> list[dict]:
+    """Measure several ops (default shapes) in one launch of three processes: each op with the dealer synchronized
+    (``ms``) and, with ``preprocessed``, again with the dealer's part done first (``online_ms``)."""
+    jobs = []
+    for op in ops:
+        shapes = parse_shape(op, None)
+        jobs.append((op, shapes, reps, seed, True))
+        if preprocessed:
+            jobs.append((op, shapes, reps, seed, False))
+    results = run_processes(suite_program, jobs, frac_bits=frac_bits, timeout=timeout)
+    out = []
+    for i, (op, shapes, *_rest, together) in enumerate(jobs):
+        one = summarize(op, shapes, {r: results[r][i] for r in ("L", "R", "D")})
+        if together:
+            one["parties"], one["dealer"], one["frac_bits"] = "processes", "synchronized", frac_bits
+            out.append(one)
+        else:
+            out[-1]["online_ms"] = one["ms"]
+            out[-1]["online_ms_all"] = one["ms_all"]
+    return out
