@@ -313,3 +313,19 @@ def test_drelu_traffic_matches_the_code_derived_cost():
     assert 1000 < online < 1030  # 126 + 2 x 64 x 6.4 + 70 = 1015 bits plus frames
     assert 860 < offline < 900  # 63 x 6.4 + 64 x 6.4 + 64 = 877 bits
     assert math.isfinite(online)
+
+
+def test_gmodule_actions_pm1_and_cyclic_shift():
+    x = torch.cat([EDGES, rand64(300)])
+    t = torch.randint(0, 2, x.shape)
+    v = torch.randint(0, 2, (200, 64))
+    i = torch.randint(0, 64, (200,))
+
+    def program(party):
+        a = G.pm1_action(party, t if party.role == "L" else None, x if party.role == "R" else None, tuple(x.shape))
+        b = G.shift_action(party, i if party.role == "L" else None, v if party.role == "R" else None, (200, 64))
+        return reveal_raw(party, a), reveal_raw(party, b, 2)
+
+    res, _ = run(program)
+    assert torch.equal(res["L"][0], torch.where(t.bool(), -x, x))
+    assert torch.equal(res["L"][1], G.shift_left(v, i))

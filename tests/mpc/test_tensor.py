@@ -89,6 +89,19 @@ def test_triangle_layer_dense_and_conv_gradients():
         assert (a - b).abs().max() < 3e-3
 
 
+def test_clipped_sigmoid_handles_inputs_outside_the_period():
+    x = torch.linspace(-40, 40, 401, dtype=torch.float64)
+
+    def program(party):
+        X = own(party, x, "L")
+        return X.sigmoid(clip=True).reveal(), X.sigmoid().reveal()
+
+    clipped, raw = run_local(program, timeout=30)["L"]
+    assert (clipped - torch.sigmoid(x)).abs().max() < 5e-3
+    # without clipping the periodic series is wrong far outside (-16, 16): the reason to clip
+    assert (raw - torch.sigmoid(x)).abs().max() > 0.2
+
+
 def test_private_input_outside_the_fixed_point_range_is_refused():
     def program(party):
         big = torch.tensor([1e12])

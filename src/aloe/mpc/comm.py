@@ -128,7 +128,8 @@ def unpack(buf: memoryview, n: int, m: int, shape: tuple[int, ...]) -> torch.Ten
     flat = digits.reshape(-1)
     if flat[n:].any():
         raise MalformedMessage("non-zero padding in a packed message")
-    return torch.from_numpy(flat[:n].astype(np.int64)).reshape(shape)
+    small = np.int16 if m < 1 << 15 else np.int64
+    return torch.from_numpy(flat[:n].astype(small)).reshape(shape)
 
 
 def encode_message(seq: int, depth: int, items: list[tuple[torch.Tensor, int]]) -> bytes:

@@ -49,10 +49,10 @@ class PRG:
         return torch.from_numpy(arr).reshape(shape)
 
     def bits(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """Uniform bits as int64 0/1 (8 bits of keystream per byte)."""
+        """Uniform bits as uint8 0/1 (8 bits of keystream per byte)."""
         n = math.prod(shape)
         raw = np.frombuffer(self._bytes((n + 7) // 8), dtype=np.uint8)
-        arr = np.unpackbits(raw, bitorder="little")[:n].astype(np.int64)
+        arr = np.unpackbits(raw, bitorder="little")[:n]
         return torch.from_numpy(arr).reshape(shape)
 
     def below(self, shape: tuple[int, ...], m: int) -> torch.Tensor:

@@ -53,6 +53,52 @@ def semidirect_act(i: torch.Tensor, u: torch.Tensor, v: torch.Tensor, p: int) ->
     return shift_left(mod_small(u * v, p), i)
 
 
+def pm1_action(party: Party, t: torch.Tensor | None, x: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
+    """G-module action of Z_2 = {+-1} on Z_2^64: L holds bits ``t``, R holds ``x``; returns additive shares of
+    ``(-1)^t x``. One round (R->L 64 bits, L->R 1 bit per element); the dealer sends 64 bits per element."""
+    shape = tuple(shape)
+    if party.is_dealer:
+        t2, x2 = party.draw("L", shape, 2), party.draw("R", shape)
+        party.split(torch.where(t2.bool(), -x2, x2), shape)
+        return meta(shape)
+    if party.role == "L":
+        t2 = party.draw("L", shape, 2)
+        y = party.split(None, shape)
+        dt = t.to(torch.uint8) ^ t2
+        party.send_peer([(dt, 2)])
+        (dx,) = party.recv_peer([(shape, 0)])
+        return torch.where(t.bool(), -dx, dx) + torch.where(dt.bool(), -y, y)
+    x2 = party.draw("R", shape)
+    y = party.split(None, shape)
+    party.send_peer([(x - x2, 0)])
+    (dt,) = party.recv_peer([(shape, 2)])
+    return torch.where(dt.bool(), -y, y)
+
+
+def shift_action(party: Party, i: torch.Tensor | None, v: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
+    """G-module action of Z_N on (Z_2)^N by cyclic shift ("assistant OT"): L holds shifts ``i`` (one per row), R holds
+    bit vectors ``v`` (rows of length N); returns XOR shares of ``L_i(v)``. One round (N bits R->L, log2 N bits
+    L->R per row); the dealer sends N bits per row."""
+    shape = tuple(shape)
+    rows, n = shape[:-1], shape[-1]
+    if party.is_dealer:
+        i2, x2 = party.draw("L", rows, n), party.draw("R", shape, 2)
+        party.split(shift_left(x2, i2), shape, 2, seeded="L")
+        return meta(shape)
+    if party.role == "L":
+        i2 = party.draw("L", rows, n)
+        y = party.split(None, shape, 2, seeded="L")
+        di = (i.to(torch.int64) - i2) % n
+        party.send_peer([(di, n)])
+        (dx,) = party.recv_peer([(shape, 2)])
+        return shift_left(dx, i) ^ shift_left(y, di)
+    x2 = party.draw("R", shape, 2)
+    y = party.split(None, shape, 2, seeded="L")
+    party.send_peer([(v.to(torch.uint8) ^ x2, 2)])
+    (di,) = party.recv_peer([(rows, n)])
+    return shift_left(y, di)
+
+
 # ---------------------------------------------------------------- module transform Z_2 -> Z_p
 
 
