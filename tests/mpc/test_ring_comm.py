@@ -147,3 +147,12 @@ def test_queue_endpoint_reports_closed_peer():
     with pytest.raises(comm.PartyDisconnected):
         a.recv([((1,), 0)])
     assert isinstance(a.inbox, queue.Queue)
+
+
+@pytest.mark.parametrize("m", [2, 3, 66, 67, 131, 255, 256])
+def test_small_mod_is_exact_on_its_whole_range(m):
+    from aloe.mpc.dealer import small_mod
+
+    v = torch.arange(-m * m, 2**16 - m * m, dtype=torch.int32)
+    got = small_mod(v, m)
+    assert torch.equal(got.to(torch.int64), torch.remainder(v.to(torch.int64), m))

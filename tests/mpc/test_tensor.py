@@ -33,6 +33,7 @@ def test_shared_tensor_api_against_plaintext():
             "sum": X.sum(0).reveal(),
             "reshape": X.reshape(2, 12).T.reveal(),
             "pool": I.max_pool2d(2).reveal(),
+            "avgpool": I.avg_pool2d(2).reveal(),
             "gt": (X > W[:4, :1].reshape(4, 1)).reveal(),
             "le": (X <= 0.25).reveal(),
             "arith": (X >= 0).to_arith().reveal(),
@@ -53,6 +54,7 @@ def test_shared_tensor_api_against_plaintext():
     assert (o["sum"] - x.sum(0)).abs().max() < 1e-3
     assert (o["reshape"] - x.reshape(2, 12).T).abs().max() < 1e-4
     assert (o["pool"] - torch.nn.functional.max_pool2d(img, 2)).abs().max() < 1e-4
+    assert (o["avgpool"] - torch.nn.functional.avg_pool2d(img, 2)).abs().max() < 1e-3
     assert torch.equal(o["gt"].long(), (x > w[:4, :1].reshape(4, 1)).long())
     assert torch.equal(o["le"].long(), (x <= 0.25).long())
     assert torch.equal(o["arith"], (x >= 0).double())

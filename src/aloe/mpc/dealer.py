@@ -19,10 +19,17 @@ KEY_BYTES = 16
 
 
 def small_mod(v: torch.Tensor, m: int) -> torch.Tensor:
-    """``v mod m`` for integer tensors with values in [-m, 2^15 - m) and m < 2^15, as int16 (numpy's unsigned 16-bit
-    remainder is several times faster than a torch division on CPU)."""
-    w = (v.to(torch.int16) + m).contiguous().numpy().view(np.uint16)
-    return torch.from_numpy((w % np.uint16(m)).view(np.int16))
+    """``v mod m`` as int16 for integer tensors with ``-m^2 <= v < 2^16 - m^2`` and ``m <= 256``.
+
+    The value is shifted by ``m^2`` into [0, 2^16) and reduced with a float32 quotient: ``w / m`` is off by at most
+    1.2e-4 in float32 while distinct fractional parts of ``w / m`` are at least ``1/m >= 0.0039`` apart, so adding
+    1e-3 before the floor gives the exact quotient (checked exhaustively over all 2^16 inputs in the tests). It is
+    several times faster than an integer division on CPU."""
+    if m > 256:
+        raise ValueError("small_mod needs m <= 256")
+    w = (v.to(torch.int16) + m * m).numpy().view(np.uint16)
+    q = np.floor(w.astype(np.float32) * np.float32(1.0 / m) + np.float32(1e-3)).astype(np.uint16)
+    return torch.from_numpy((w - q * np.uint16(m)).view(np.int16))
 
 
 def new_key() -> bytes:
@@ -75,7 +82,7 @@ class PRG:
             while bad.size:
                 words[bad] = np.frombuffer(self._bytes(2 * bad.size), dtype=np.uint16)
                 bad = bad[words[bad] >= limit]
-            return torch.from_numpy((words % np.uint16(m)).view(np.int16)).reshape(shape)
+            return small_mod(torch.from_numpy(words.view(np.int16)) - m * m, m).reshape(shape)
         arr = np.frombuffer(self._bytes(8 * n), dtype=np.uint64) % np.uint64(m)
         return torch.from_numpy(arr.astype(np.int64)).reshape(shape)
 

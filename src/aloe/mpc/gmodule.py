@@ -163,7 +163,8 @@ def recover(party: Party, b: torch.Tensor, p: int, piggyback=None) -> Recovered:
         u = party.draw("L", shape, p, nonzero=True).to(torch.int16)
         bm = party.draw("L", shape, p).to(torch.int16)
         (delta_r,) = party.recv_peer([(shape, p)])
-        w = semidirect_act(i, u, mod_small(b - bm + delta_r.to(torch.int16), p), p)
+        # b - b' + delta lies in (-p, 2p): scaled by u <= p - 1 it stays within small_mod's range, one reduction
+        w = semidirect_act(i, u, b - bm + delta_r.to(torch.int16), p)
         extra = piggyback[0](i) if piggyback else []
         party.send_peer([(w, p), *extra])
         return Recovered(shift=i, scale=u)

@@ -285,6 +285,23 @@ class SharedTensor:
         out, _ = fn.maxpool2d(self.party, self.share, kernel)
         return self._wrap(out)
 
+    def max_pool2d_with_state(self, kernel: int = 2) -> tuple[SharedTensor, fn.PoolState]:
+        """Max-pool and the choice bits for :meth:`max_pool2d_backward`."""
+        out, state = fn.maxpool2d(self.party, self.share, kernel)
+        return self._wrap(out), state
+
+    @staticmethod
+    def max_pool2d_backward(state: fn.PoolState, dy: SharedTensor) -> SharedTensor:
+        return SharedTensor(dy.party, fn.maxpool2d_backward(dy.party, state, dy.share))
+
+    def avg_pool2d(self, kernel: int = 2) -> SharedTensor:
+        """Non-overlapping average pooling: a local window sum times the public 1/k^2 (no round)."""
+        n, c, h, w = self.shape
+        if h % kernel or w % kernel:
+            raise AloeError("avg-pool needs the spatial size divisible by the kernel")
+        summed = self.share.reshape(n, c, h // kernel, kernel, w // kernel, kernel).sum((3, 5))
+        return self._wrap(summed) * (1.0 / (kernel * kernel))
+
     def __repr__(self) -> str:
         return f"SharedTensor(party={self.party.role}, shape={tuple(self.shape)})"
 
