@@ -66,7 +66,7 @@ def test_pack_unpack_round_trip(m):
     depth, (back,) = comm.decode_message(data, 5, [(shape, m)])
     assert depth == 9 and torch.equal(back.to(torch.int64), t)
     if m == 67:
-        assert len(comm.pack(t, m)) == 8 * ((91 + 9) // 10)  # 10 values per word: 6.4 bits each
+        assert len(comm.pack(t, m)) == 4 * ((91 + 4) // 5)  # 5 values per 32-bit word: 6.4 bits each
 
 
 def test_malformed_and_truncated_messages_are_rejected():
@@ -92,7 +92,7 @@ def test_malformed_and_truncated_messages_are_rejected():
         comm.decode_message(good, 0, [((5, 4), 0)])
     # a word whose digits exceed the modulus range
     head = good[: len(good) - len(comm.pack(t, 67))]
-    words = np.full(2, np.iinfo(np.uint64).max, dtype=np.uint64).tobytes()
+    words = np.full(4, np.iinfo(np.uint32).max, dtype=np.uint32).tobytes()
     with pytest.raises(comm.MalformedMessage, match="out of range"):
         comm.decode_message(head + words, 0, spec)
 

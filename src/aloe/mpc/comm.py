@@ -55,12 +55,19 @@ class MalformedMessage(ChannelError):
 # ---------------------------------------------------------------- packing
 
 
+def word_bits(m: int) -> int:
+    """Base-``m`` digits are packed into 32-bit words for ``m < 2^16`` (decoded exactly with float64 arithmetic,
+    much faster than 64-bit integer division; p = 67 still packs 5 per 32 bits = 6.4 bits each), else 64-bit."""
+    return 32 if m < 1 << 16 else 64
+
+
 def digits_per_word(m: int) -> int:
-    """How many base-``m`` digits fit in one 64-bit word (``m`` not a power of two)."""
-    d = int(64 / math.log2(m))
-    while m ** (d + 1) <= 1 << 64:
+    """How many base-``m`` digits fit in one packing word (``m`` not a power of two)."""
+    bits = word_bits(m)
+    d = int(bits / math.log2(m))
+    while m ** (d + 1) <= 1 << bits:
         d += 1
-    while m**d > 1 << 64:
+    while m**d > 1 << bits:
         d -= 1
     return d
 
@@ -74,7 +81,7 @@ def packed_nbytes(n: int, m: int) -> int:
         return 8 * n
     if _is_pow2(m):
         return (n * (m.bit_length() - 1) + 7) // 8
-    return 8 * ((n + digits_per_word(m) - 1) // digits_per_word(m))
+    return word_bits(m) // 8 * ((n + digits_per_word(m) - 1) // digits_per_word(m))
 
 
 def pack(t: torch.Tensor, m: int) -> bytes:
@@ -94,6 +101,11 @@ def pack(t: torch.Tensor, m: int) -> bytes:
     if pad:
         v = np.concatenate([v, np.zeros(pad, dtype=np.uint64)])
     v = v.reshape(-1, d)
+    if word_bits(m) == 32:
+        word32 = np.zeros(v.shape[0], dtype=np.float64)
+        for j in range(d - 1, -1, -1):
+            word32 = word32 * m + v[:, j]  # exact: below 2^32
+        return word32.astype(np.uint32).tobytes()
     word = np.zeros(v.shape[0], dtype=np.uint64)
     mm = np.uint64(m)
     for j in range(d - 1, -1, -1):
@@ -117,12 +129,21 @@ def unpack(buf: memoryview, n: int, m: int, shape: tuple[int, ...]) -> torch.Ten
             out = np.packbits(full, axis=1, bitorder="little").reshape(-1).view(np.uint64).astype(np.int64)
         return torch.from_numpy(out).reshape(shape)
     d = digits_per_word(m)
-    words = np.frombuffer(buf, dtype=np.uint64).copy()
-    mm = np.uint64(m)
-    digits = np.empty((words.size, d), dtype=np.uint64)
-    for j in range(d):
-        digits[:, j] = words % mm
-        words //= mm
+    if word_bits(m) == 32:
+        x = np.frombuffer(buf, dtype=np.uint32).astype(np.float64)
+        digits = np.empty((x.size, d), dtype=np.float64)
+        for j in range(d):
+            q = np.floor(x / m)  # exact for x < 2^32
+            digits[:, j] = x - q * m
+            x = q
+        words = x
+    else:
+        words = np.frombuffer(buf, dtype=np.uint64).copy()
+        mm = np.uint64(m)
+        digits = np.empty((words.size, d), dtype=np.uint64)
+        for j in range(d):
+            digits[:, j] = words % mm
+            words //= mm
     if words.any():
         raise MalformedMessage(f"packed word out of range for modulus {m}")
     flat = digits.reshape(-1)
