@@ -113,6 +113,30 @@ def test_private_input_outside_the_fixed_point_range_is_refused():
         run_local(program, timeout=5)
 
 
+def test_overflow_risk_is_detected_from_declared_bounds_before_computing():
+    x = torch.full((3, 50), 900.0)
+
+    def program(party):
+        X = SharedTensor.from_private(party, x if party.role == "L" else None, "L", (3, 50), bound=1000.0)
+        Y = X * X  # bound 1e6: fine
+        assert Y.bound == 1e6
+        try:
+            Y @ SharedTensor.from_private(party, x.T if party.role == "R" else None, "R", (50, 3), bound=1000.0)
+        except OverflowRisk as exc:  # 1e6 * 1e3 * 50 = 5e10 > 2^34
+            return str(exc)
+        return "no error"
+
+    res = run_local(program, timeout=10)
+    for role in ("L", "R", "D"):
+        assert "beyond the safe fixed-point range" in res[role]
+
+    def lying_owner(party):
+        return SharedTensor.from_private(party, x if party.role == "L" else None, "L", (3, 50), bound=10.0)
+
+    with pytest.raises(Exception, match="exceeds its declared bound"):
+        run_local(lying_owner, timeout=5)
+
+
 def test_shares_of_a_private_input_do_not_reveal_it():
     x = torch.arange(100, dtype=torch.float64)
 

@@ -43,10 +43,10 @@ def parse_shape(op: str, text: str | None) -> tuple[tuple[int, ...], ...]:
     if any(d <= 0 for s in shapes for d in s):
         raise AloeError(f"bad shape {text!r}: sizes must be positive")
     need = len(DEFAULT_SHAPES[op])
-    if len(shapes) == 1 and need == 2:
+    if len(shapes) == 1 and need == 2 and op != "conv2d":
         shapes = (shapes[0], shapes[0] if op != "matmul" else shapes[0][::-1])
     if len(shapes) != need:
-        raise AloeError(f"{op} takes {need} shape(s)")
+        raise AloeError(f"{op} takes {need} shape(s)" + (" (input and weight)" if op == "conv2d" else ""))
     if op == "matmul" and shapes[0][-1] != shapes[1][0]:
         raise AloeError("matmul shapes do not chain")
     if op == "conv2d" and (len(shapes[0]) != 4 or len(shapes[1]) != 4 or shapes[0][1] != shapes[1][1]):

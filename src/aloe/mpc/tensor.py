@@ -58,11 +58,11 @@ class SharedBits:
 
     def select(self, x: SharedTensor) -> SharedTensor:
         """``bits * x`` (one round)."""
-        return SharedTensor(self.party, gmodule.select(self.party, self.share, x.share))
+        return SharedTensor(self.party, gmodule.select(self.party, self.share, x.share), x.bound)
 
     def to_arith(self) -> SharedTensor:
         """The bits as a shared tensor of 0.0 / 1.0 (one round)."""
-        return SharedTensor(self.party, gmodule.b2a(self.party, self.share))
+        return SharedTensor(self.party, gmodule.b2a(self.party, self.share), 1.0)
 
     def __invert__(self) -> SharedBits:
         if self.party.role == "L":
@@ -73,35 +73,44 @@ class SharedBits:
 class SharedTensor:
     """One party's additive share of a fixed-point tensor."""
 
-    def __init__(self, party: Party, share: torch.Tensor) -> None:
+    def __init__(self, party: Party, share: torch.Tensor, bound: float | None = None) -> None:
         self.party = party
         self.share = share
+        # a public bound on |value| (None: unknown). Declared on private inputs and propagated through operations;
+        # an operation whose result could leave the fixed-point range raises OverflowRisk before it runs
+        self.bound = bound
 
     # ------------------------------------------------------------ creation and reveal
     @classmethod
-    def from_private(cls, party: Party, value, owner: str, shape: tuple[int, ...] | None = None) -> SharedTensor:
+    def from_private(cls, party: Party, value, owner: str, shape: tuple[int, ...] | None = None,
+                     bound: float | None = None) -> SharedTensor:
         """Share a private input of ``owner`` (``value`` is ignored elsewhere; the others pass ``shape``).
 
         The non-owner's share is drawn from its own PRF stream; the dealer, who draws the same, sends it to the owner,
         who keeps ``x - r``: no online traffic, 64 bits per element offline. Raises
-        :class:`~aloe.mpc.ring.OverflowRisk` if the owner's values are outside the safe fixed-point range."""
+        :class:`~aloe.mpc.ring.OverflowRisk` if the owner's values are outside the safe fixed-point range.
+
+        ``bound`` (public, the same on every party) declares ``|x| <= bound``; the owner checks it, and later
+        operations use it to detect fixed-point overflow risk before computing."""
         if owner not in ("L", "R"):
             raise AloeError("private inputs belong to L or R")
         other = "R" if owner == "L" else "L"
         if party.role == owner:
             v = torch.as_tensor(value, dtype=torch.float64)
             check_encodable(v, party.fp, what="private input")
+            if bound is not None and v.numel() and v.abs().max().item() > bound:
+                raise AloeError(f"private input exceeds its declared bound {bound:g}")
             shape = tuple(v.shape)
         elif shape is None:
             raise AloeError("the parties that do not own an input must know its shape")
         shape = tuple(shape)
         if party.is_dealer:
             party.give(owner, party.draw(other, shape), shape)
-            return cls(party, meta(shape))
+            return cls(party, meta(shape), bound)
         if party.role == other:
-            return cls(party, party.draw(other, shape))
+            return cls(party, party.draw(other, shape), bound)
         r = party.give(owner, None, shape)
-        return cls(party, party.fp.encode(v) - r)
+        return cls(party, party.fp.encode(v) - r, bound)
 
     @classmethod
     def from_shares(cls, party: Party, share: torch.Tensor) -> SharedTensor:
@@ -111,9 +120,10 @@ class SharedTensor:
     def public(cls, party: Party, value) -> SharedTensor:
         """A public value as a (trivial) sharing."""
         v = _public(party, value)
+        b = float(torch.as_tensor(value, dtype=torch.float64).abs().max()) if v.numel() else 0.0
         if party.is_dealer:
-            return cls(party, meta(tuple(v.shape)))
-        return cls(party, v if party.role == "L" else torch.zeros_like(v))
+            return cls(party, meta(tuple(v.shape)), b)
+        return cls(party, v if party.role == "L" else torch.zeros_like(v), b)
 
     def reveal(self, to: str | None = None, *, check_overflow: bool = False) -> torch.Tensor | None:
         """The float64 value to both computing parties (``to=None``) or only to ``to``; ``None`` elsewhere.
@@ -142,8 +152,19 @@ class SharedTensor:
     def dim(self) -> int:
         return self.share.dim()
 
-    def _wrap(self, share: torch.Tensor) -> SharedTensor:
-        return SharedTensor(self.party, share)
+    _KEEP = object()
+
+    def _wrap(self, share: torch.Tensor, bound=_KEEP) -> SharedTensor:
+        return SharedTensor(self.party, share, self.bound if bound is SharedTensor._KEEP else bound)
+
+    def _checked(self, bound: float | None, what: str) -> float | None:
+        """Raise :class:`OverflowRisk` if a result bounded by ``bound`` may leave the safe fixed-point range."""
+        if bound is not None and bound > self.party.fp.max_abs:
+            raise OverflowRisk(
+                f"{what}: the result may reach {bound:.4g}, beyond the safe fixed-point range "
+                f"{self.party.fp.max_abs:.4g} for f={self.party.fp.frac_bits}"
+            )
+        return bound
 
     def reshape(self, *shape) -> SharedTensor:
         return self._wrap(self.share.reshape(*shape))
@@ -165,9 +186,11 @@ class SharedTensor:
         return self._wrap(self.share[idx])
 
     def sum(self, dim=None, keepdim: bool = False) -> SharedTensor:
+        count = self.share.numel() if dim is None else self.share.shape[dim]
+        b = None if self.bound is None else self._checked(self.bound * count, "sum")
         if dim is None:
-            return self._wrap(self.share.sum())
-        return self._wrap(self.share.sum(dim, keepdim=keepdim))
+            return self._wrap(self.share.sum(), b)
+        return self._wrap(self.share.sum(dim, keepdim=keepdim), b)
 
     # ------------------------------------------------------------ linear
     def _const(self, v) -> torch.Tensor:
@@ -177,10 +200,13 @@ class SharedTensor:
 
     def __add__(self, o) -> SharedTensor:
         if isinstance(o, SharedTensor):
-            return self._wrap(self.share + o.share)
+            b = None if self.bound is None or o.bound is None else self._checked(self.bound + o.bound, "add")
+            return self._wrap(self.share + o.share, b)
+        c = torch.as_tensor(o, dtype=torch.float64)
+        b = None if self.bound is None else self._checked(self.bound + float(c.abs().max()), "add")
         if self.party.is_dealer:
-            return self._wrap(self.share + meta(tuple(torch.as_tensor(o).shape)))
-        return self._wrap(self.share + self._const(o))
+            return self._wrap(self.share + meta(tuple(c.shape)), b)
+        return self._wrap(self.share + self._const(o), b)
 
     __radd__ = __add__
 
@@ -196,13 +222,16 @@ class SharedTensor:
     def __mul__(self, o) -> SharedTensor:
         p = self.party
         if isinstance(o, SharedTensor):
-            return self._wrap(fn.truncate(p, beaver(p, MUL, self.share, o.share)))
+            b = None if self.bound is None or o.bound is None else self._checked(self.bound * o.bound, "mul")
+            return self._wrap(fn.truncate(p, beaver(p, MUL, self.share, o.share)), b)
+        cf = torch.as_tensor(o, dtype=torch.float64)
+        b = None if self.bound is None else self._checked(self.bound * float(cf.abs().max()), "mul")
         if isinstance(o, int) and not isinstance(o, bool):
-            return self._wrap(self.share * o)
+            return self._wrap(self.share * o, b)
         c = _public(p, o)
         if p.is_dealer:
-            return self._wrap(self.share * meta(tuple(c.shape)))
-        return self._wrap(fn.truncate(p, self.share * c))
+            return self._wrap(self.share * meta(tuple(c.shape)), b)
+        return self._wrap(fn.truncate(p, self.share * c), b)
 
     __rmul__ = __mul__
 
@@ -213,12 +242,17 @@ class SharedTensor:
 
     def __matmul__(self, o) -> SharedTensor:
         p = self.party
+        inner = self.shape[-1]
         if isinstance(o, SharedTensor):
-            return self._wrap(fn.truncate(p, beaver(p, lambda a, b: a @ b, self.share, o.share)))
+            b = None if self.bound is None or o.bound is None else self._checked(
+                self.bound * o.bound * inner, "matmul")
+            return self._wrap(fn.truncate(p, beaver(p, lambda a, b: a @ b, self.share, o.share)), b)
+        cf = torch.as_tensor(o, dtype=torch.float64)
+        b = None if self.bound is None else self._checked(self.bound * float(cf.abs().max()) * inner, "matmul")
         c = _public(p, o)
         if p.is_dealer:
-            return self._wrap(self.share @ meta(tuple(c.shape)))
-        return self._wrap(fn.truncate(p, self.share @ c))
+            return self._wrap(self.share @ meta(tuple(c.shape)), b)
+        return self._wrap(fn.truncate(p, self.share @ c), b)
 
     def conv2d(self, weight, stride: int = 1, padding: int = 0) -> SharedTensor:
         """NCHW convolution with a shared (Beaver conv triple) or public weight."""
@@ -227,12 +261,15 @@ class SharedTensor:
         def conv(a, b):
             return F.conv2d(a, b, stride=stride, padding=padding)
 
+        fan_in = math.prod(tuple(weight.shape)[1:])
+        wb = weight.bound if isinstance(weight, SharedTensor) else float(torch.as_tensor(weight).abs().max())
+        b = None if self.bound is None or wb is None else self._checked(self.bound * wb * fan_in, "conv2d")
         if isinstance(weight, SharedTensor):
-            return self._wrap(fn.truncate(p, beaver(p, conv, self.share, weight.share)))
+            return self._wrap(fn.truncate(p, beaver(p, conv, self.share, weight.share)), b)
         c = _public(p, weight)
         if p.is_dealer:
-            return self._wrap(conv(self.share, meta(tuple(c.shape))))
-        return self._wrap(fn.truncate(p, conv(self.share, c)))
+            return self._wrap(conv(self.share, meta(tuple(c.shape))), b)
+        return self._wrap(fn.truncate(p, conv(self.share, c)), b)
 
     # ------------------------------------------------------------ comparisons and non-linear
     def _diff_bits(self, other, op: str) -> SharedBits:
@@ -270,7 +307,7 @@ class SharedTensor:
         x = self.share
         if clip:
             x = fn.clip(self.party, x, fn.SIGMOID_FIT_RANGE)
-        return self._wrap(fn.sigmoid(self.party, x))
+        return self._wrap(fn.sigmoid(self.party, x), 1.0)
 
     def softmax(self, dim: int = -1, *, logit_range: float | None = None, steps: int | None = None) -> SharedTensor:
         """ODE softmax over ``dim``; ``steps`` (a power of two) defaults to :func:`~aloe.mpc.functions.softmax_steps`
@@ -279,7 +316,7 @@ class SharedTensor:
             steps = fn.softmax_steps(16.0 if logit_range is None else logit_range)
         x = self.share.movedim(dim, -1)
         y = fn.softmax(self.party, x, steps)
-        return self._wrap(y.movedim(-1, dim))
+        return self._wrap(y.movedim(-1, dim), 1.0)
 
     def max_pool2d(self, kernel: int = 2) -> SharedTensor:
         out, _ = fn.maxpool2d(self.party, self.share, kernel)
@@ -300,7 +337,8 @@ class SharedTensor:
         if h % kernel or w % kernel:
             raise AloeError("avg-pool needs the spatial size divisible by the kernel")
         summed = self.share.reshape(n, c, h // kernel, kernel, w // kernel, kernel).sum((3, 5))
-        return self._wrap(summed) * (1.0 / (kernel * kernel))
+        total = None if self.bound is None else self.bound * kernel * kernel
+        return self._wrap(summed, total) * (1.0 / (kernel * kernel))
 
     def __repr__(self) -> str:
         return f"SharedTensor(party={self.party.role}, shape={tuple(self.shape)})"
