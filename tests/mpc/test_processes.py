@@ -56,3 +56,41 @@ def test_a_stalled_party_times_out():
     with pytest.raises(AloeError, match="no message from party R within 2 s"):
         run_processes(_stalls, timeout=2.0)
     assert time.monotonic() - t0 < 60
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_configured_parties_as_separate_commands(tmp_path):
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "deploy.json"
+    assert main(["mpc", "config", "--out", str(cfg), "--l", f"127.0.0.1:{_free_port()}",
+                 "--r", f"127.0.0.1:{_free_port()}"]) == 0
+    assert (cfg.stat().st_mode & 0o777) == 0o600
+    env = dict(os.environ, PYTHONPATH=str(os.path.join(os.path.dirname(__file__), "..", "..", "src")))
+    procs = {
+        role: subprocess.Popen(
+            [sys.executable, "-m", "aloe.cli", "mpc", "party", "--role", role, "--config", str(cfg), "--op", "gt",
+             "--shape", "5x5", "--reps", "1", "--timeout", "30", "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for role in ("L", "R", "D")
+    }
+    outs = {role: p.communicate(timeout=120) for role, p in procs.items()}
+    assert all(p.returncode == 0 for p in procs.values()), {r: o[1][-300:] for r, o in outs.items()}
+    left = json.loads(outs["L"][0])
+    assert left["role"] == "L" and left["rounds"] == 4 and left["max_abs_error"] == 0.0
+    assert json.loads(outs["D"][0])["offline_bits_per_element"] > 800
+
+
+def test_party_rejects_a_bad_config(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"L": "nowhere", "R": "127.0.0.1:1"}')
+    assert main(["mpc", "party", "--role", "L", "--config", str(bad), "--op", "mul"]) == 2
+    assert "bad MPC config" in capsys.readouterr().err

@@ -213,3 +213,25 @@ def run_suite(ops: list[str], *, reps: int = 5, seed: int = 0, frac_bits: int = 
             out[-1]["online_ms"] = one["ms"]
             out[-1]["online_ms_all"] = one["ms_all"]
     return out
+
+
+def summarize_party(role: str, op: str, shapes, result: dict) -> dict:
+    """One party's own view of :func:`bench_program` (used when the parties run on separate hosts)."""
+    n = math.prod(shapes[0])
+    rows = result["rows"]
+    out = {
+        "op": op,
+        "role": role,
+        "shape": ",".join("x".join(str(d) for d in s) for s in shapes),
+        "elements": n,
+        "reps": len(rows),
+        "ms": statistics.median(r["ms"] for r in rows),
+        "online_bits_sent_per_element": statistics.median(8 * r["online_bytes_sent"] for r in rows) / n,
+        "offline_bits_per_element": statistics.median(
+            8 * (r["offline_bytes_sent"] if role == "D" else r["offline_bytes_received"]) for r in rows) / n,
+    }
+    if result["rounds"]:
+        out["rounds"] = max(result["rounds"])
+    if role == "L":
+        out["max_abs_error"] = max(r["max_abs_error"] for r in rows)
+    return out

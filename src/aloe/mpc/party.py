@@ -319,43 +319,57 @@ def _endpoint(conn_sock: tuple, name: str, timeout: float) -> ConnectionEndpoint
     return ConnectionEndpoint(name, timeout, conn, sock)
 
 
+def connect(role: str, authkey: bytes, timeout: float, *, frac_bits: int = DEFAULT_FRAC_BITS,
+            listen: socket.socket | None = None, addr_l=None, addr_r=None, announce=None) -> Party:
+    """Open this party's channels and return its :class:`Party` (keys not yet set up).
+
+    L listens (for R and the dealer), R connects to L and listens (for the dealer), the dealer connects to both.
+    ``listen`` is the listening socket of L or R; ``addr_l``/``addr_r`` are the addresses to connect to, or
+    callables returning them (the local launcher learns them only after L and R have bound). ``announce`` is called
+    with the bound address once listening."""
+    links: dict[str, ConnectionEndpoint] = {}
+    if role in ("L", "R") and announce is not None:
+        announce(listen.getsockname()[:2])
+    resolve = (lambda a: a() if callable(a) else a)  # noqa: E731
+    if role == "L":
+        for _ in range(2):
+            cs = _accept(listen, authkey, timeout)
+            who = _who(cs[0], {"R", "D"} - set(links), timeout)
+            links[who] = _endpoint(cs, who, timeout)
+        listen.close()
+    elif role == "R":
+        cs = _connect(tuple(resolve(addr_l)), authkey, timeout)
+        _hello(cs[0], "R")
+        links["L"] = _endpoint(cs, "L", timeout)
+        cs = _accept(listen, authkey, timeout)
+        who = _who(cs[0], {"D"}, timeout)
+        links[who] = _endpoint(cs, who, timeout)
+        listen.close()
+    else:
+        for who, addr in (("L", resolve(addr_l)), ("R", resolve(addr_r))):
+            cs = _connect(tuple(addr), authkey, timeout)
+            _hello(cs[0], "D")
+            links[who] = _endpoint(cs, who, timeout)
+    fp = FixedPoint(frac_bits)
+    if role == "D":
+        return Party("D", fp, None, {"L": links["L"], "R": links["R"]})
+    other = "R" if role == "L" else "L"
+    return Party(role, fp, links[other], {"D": links["D"]})
+
+
 def _process_main(role: str, ctrl: mpc.Connection, authkey: bytes, program: Callable, args: tuple,
                   frac_bits: int, timeout: float, host: str) -> None:
     torch.set_num_threads(1)
     party = None
     try:
-        links: dict[str, ConnectionEndpoint] = {}
-        if role == "L":
-            srv = _listen(host)
-            ctrl.send(("addr", srv.getsockname()[:2]))
-            for _ in range(2):
-                cs = _accept(srv, authkey, timeout)
-                who = _who(cs[0], {"R", "D"} - set(links), timeout)
-                links[who] = _endpoint(cs, who, timeout)
-            srv.close()
-        elif role == "R":
-            srv = _listen(host)
-            ctrl.send(("addr", srv.getsockname()[:2]))
-            addr_l = ctrl.recv()
-            cs = _connect(tuple(addr_l), authkey, timeout)
-            _hello(cs[0], "R")
-            links["L"] = _endpoint(cs, "L", timeout)
-            cs = _accept(srv, authkey, timeout)
-            who = _who(cs[0], {"D"}, timeout)
-            links[who] = _endpoint(cs, who, timeout)
-            srv.close()
-        else:
-            addr_l, addr_r = ctrl.recv()
-            for who, addr in (("L", addr_l), ("R", addr_r)):
-                cs = _connect(tuple(addr), authkey, timeout)
-                _hello(cs[0], "D")
-                links[who] = _endpoint(cs, who, timeout)
-        fp = FixedPoint(frac_bits)
+        srv = _listen(host) if role in ("L", "R") else None
         if role == "D":
-            party = Party("D", fp, None, {"L": links["L"], "R": links["R"]})
+            addrs = ctrl.recv()
+            party = connect(role, authkey, timeout, frac_bits=frac_bits, addr_l=addrs[0], addr_r=addrs[1])
         else:
-            other = "R" if role == "L" else "L"
-            party = Party(role, fp, links[other], {"D": links["D"]})
+            party = connect(role, authkey, timeout, frac_bits=frac_bits, listen=srv,
+                            addr_l=ctrl.recv if role == "R" else None,
+                            announce=lambda addr: ctrl.send(("addr", addr)))
         party.setup_keys()
         result = program(party, *args)
         ctrl.send(("ok", result, party.stats.snapshot()))
@@ -369,6 +383,39 @@ def _process_main(role: str, ctrl: mpc.Connection, authkey: bytes, program: Call
         except OSError:
             pass
         os._exit(1)
+
+
+def run_configured(role: str, config: dict, program: Callable, *args: Any, frac_bits: int = DEFAULT_FRAC_BITS,
+                   timeout: float = DEFAULT_TIMEOUT) -> tuple[Any, dict]:
+    """Run this process as party ``role`` of a deployment described by ``config`` (for parties on separate hosts):
+    ``{"L": "host:port", "R": "host:port", "authkey": hex}``. L and R bind their own address; R connects to L; the
+    dealer connects to both. Returns (result, traffic snapshot)."""
+    if role not in ROLES:
+        raise AloeError(f"unknown role {role!r} (L, R or D)")
+    try:
+        authkey = bytes.fromhex(config["authkey"])
+        addr = {}
+        for who in ("L", "R"):
+            host, port = config[who].rsplit(":", 1)
+            addr[who] = (host, int(port))
+    except (KeyError, ValueError, AttributeError) as exc:
+        raise AloeError(f"bad MPC config: {exc}") from None
+    if len(authkey) < 16:
+        raise AloeError("bad MPC config: the authkey must have at least 16 bytes")
+    listen = None
+    if role in ("L", "R"):
+        try:
+            listen = socket.create_server(addr[role])
+        except OSError as exc:
+            raise AloeError(f"cannot listen on {config[role]}: {exc.strerror or exc}") from None
+    party = connect(role, authkey, timeout, frac_bits=frac_bits, listen=listen, addr_l=addr["L"],
+                    addr_r=addr["R"])
+    try:
+        party.setup_keys()
+        result = program(party, *args)
+        return result, party.stats.snapshot()
+    finally:
+        party.close()
 
 
 def run_processes(
