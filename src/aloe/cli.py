@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "aloe.assets.commands",
     "aloe.obfuscation.commands",
     "aloe.serving.commands",
+    "aloe.mpc.commands",
     "aloe.demo",
 ]
 

@@ -1,0 +1,378 @@
+"""Channels between parties: message framing, validation, byte and round accounting, timeouts.
+
+Transport: :mod:`multiprocessing.connection` (length-prefixed framing, HMAC challenge authentication with a shared
+key) over TCP; in-process queues for unit tests. Both carry the same encoded messages, so validation and accounting
+are identical.
+
+A message is a list of tensors, each tagged with its modulus ``m``: ``m = 0`` is a raw int64 ring element, a power of
+two ``m = 2^k`` is packed at ``k`` bits per element, any other ``m`` is packed as base-``m`` digits,
+``floor(64 / log2 m)`` per 64-bit word (p = 67: 10 per word, 6.4 bits each). The receiver states what it expects
+(shapes and moduli); a message with a wrong magic, sequence number, count, shape, modulus, length or an out-of-range
+digit is rejected with :class:`MalformedMessage`.
+
+Rounds are counted as the depth of the message-dependency chain: a message leaves with depth ``d + 1`` where ``d`` is
+its sender's depth, and receiving it raises the receiver's depth to at least that. Two parties that send to each
+other at once therefore spend one round together.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import socket
+import struct
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from aloe import AloeError
+
+MAGIC = b"ALMP"
+_HEAD = struct.Struct("!4sIIH")  # magic, sequence number, depth, number of tensors
+_TENSOR = struct.Struct("!QBQ")  # modulus, ndim, payload bytes
+_DIM = struct.Struct("!I")
+LENGTH_PREFIX_BYTES = 4  # what multiprocessing.connection adds to every message
+
+
+class ChannelError(AloeError):
+    """Base class of the communication errors."""
+
+
+class PartyTimeout(ChannelError):
+    """A party did not send (or accept) a message within the timeout."""
+
+
+class PartyDisconnected(ChannelError):
+    """A party closed its connection or died."""
+
+
+class MalformedMessage(ChannelError):
+    """A message did not match what the protocol expects."""
+
+
+# ---------------------------------------------------------------- packing
+
+
+def word_bits(m: int) -> int:
+    """Base-``m`` digits are packed into 32-bit words for ``m < 2^16`` (decoded exactly with float64 arithmetic,
+    much faster than 64-bit integer division; p = 67 still packs 5 per 32 bits = 6.4 bits each), else 64-bit."""
+    return 32 if m < 1 << 16 else 64
+
+
+def digits_per_word(m: int) -> int:
+    """How many base-``m`` digits fit in one packing word (``m`` not a power of two)."""
+    bits = word_bits(m)
+    d = int(bits / math.log2(m))
+    while m ** (d + 1) <= 1 << bits:
+        d += 1
+    while m**d > 1 << bits:
+        d -= 1
+    return d
+
+
+def _is_pow2(m: int) -> bool:
+    return m > 1 and m & (m - 1) == 0
+
+
+def packed_nbytes(n: int, m: int) -> int:
+    if m == 0:
+        return 8 * n
+    if _is_pow2(m):
+        return (n * (m.bit_length() - 1) + 7) // 8
+    return word_bits(m) // 8 * ((n + digits_per_word(m) - 1) // digits_per_word(m))
+
+
+def pack(t: torch.Tensor, m: int) -> bytes:
+    if m == 0:
+        return t.to(torch.int64).contiguous().numpy().tobytes()
+    if m == 2:
+        return np.packbits(t.reshape(-1).to(torch.uint8).numpy() & 1, bitorder="little").tobytes()
+    v = t.reshape(-1).to(torch.int64).numpy().view(np.uint64)
+    if _is_pow2(m):
+        k = m.bit_length() - 1
+        if k == 1:
+            return np.packbits(v.astype(np.uint8) & 1, bitorder="little").tobytes()
+        bits = np.unpackbits(v.view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")[:, :k]
+        return np.packbits(bits.reshape(-1), bitorder="little").tobytes()
+    d = digits_per_word(m)
+    pad = (-v.size) % d
+    if pad:
+        v = np.concatenate([v, np.zeros(pad, dtype=np.uint64)])
+    v = v.reshape(-1, d)
+    if word_bits(m) == 32:
+        word32 = np.zeros(v.shape[0], dtype=np.float64)
+        for j in range(d - 1, -1, -1):
+            word32 = word32 * m + v[:, j]  # exact: below 2^32
+        return word32.astype(np.uint32).tobytes()
+    word = np.zeros(v.shape[0], dtype=np.uint64)
+    mm = np.uint64(m)
+    for j in range(d - 1, -1, -1):
+        word = word * mm + v[:, j]
+    return word.tobytes()
+
+
+def unpack(buf: memoryview, n: int, m: int, shape: tuple[int, ...]) -> torch.Tensor:
+    if m == 0:
+        arr = np.frombuffer(buf, dtype=np.int64, count=n).copy()
+        return torch.from_numpy(arr).reshape(shape)
+    if _is_pow2(m):
+        k = m.bit_length() - 1
+        bits = np.unpackbits(np.frombuffer(buf, dtype=np.uint8), bitorder="little")[: n * k]
+        if k == 1:
+            return torch.from_numpy(bits.copy()).reshape(shape)  # uint8 0/1
+        else:
+            bits = bits.reshape(n, k)
+            full = np.zeros((n, 64), dtype=np.uint8)
+            full[:, :k] = bits
+            out = np.packbits(full, axis=1, bitorder="little").reshape(-1).view(np.uint64).astype(np.int64)
+        return torch.from_numpy(out).reshape(shape)
+    d = digits_per_word(m)
+    if word_bits(m) == 32:
+        x = np.frombuffer(buf, dtype=np.uint32).astype(np.float64)
+        digits = np.empty((x.size, d), dtype=np.float64)
+        for j in range(d):
+            q = np.floor(x / m)  # exact for x < 2^32
+            digits[:, j] = x - q * m
+            x = q
+        words = x
+    else:
+        words = np.frombuffer(buf, dtype=np.uint64).copy()
+        mm = np.uint64(m)
+        digits = np.empty((words.size, d), dtype=np.uint64)
+        for j in range(d):
+            digits[:, j] = words % mm
+            words //= mm
+    if words.any():
+        raise MalformedMessage(f"packed word out of range for modulus {m}")
+    flat = digits.reshape(-1)
+    if flat[n:].any():
+        raise MalformedMessage("non-zero padding in a packed message")
+    small = np.int16 if m < 1 << 15 else np.int64
+    return torch.from_numpy(flat[:n].astype(small)).reshape(shape)
+
+
+def encode_message(seq: int, depth: int, items: list[tuple[torch.Tensor, int]]) -> bytes:
+    heads = [_HEAD.pack(MAGIC, seq, depth, len(items))]
+    payloads = []
+    for t, m in items:
+        body = pack(t, m)
+        heads.append(_TENSOR.pack(m, t.dim(), len(body)))
+        heads.extend(_DIM.pack(s) for s in t.shape)
+        payloads.append(body)
+    return b"".join(heads + payloads)
+
+
+def decode_message(
+    data: bytes, seq: int, expect: list[tuple[tuple[int, ...], int]]
+) -> tuple[int, list[torch.Tensor]]:
+    """Check ``data`` against the expected (shape, modulus) list; return (depth, tensors)."""
+    view = memoryview(data)
+    if len(view) < _HEAD.size:
+        raise MalformedMessage(f"message of {len(view)} bytes is shorter than a header")
+    magic, got_seq, depth, count = _HEAD.unpack_from(view, 0)
+    if magic != MAGIC:
+        raise MalformedMessage("bad magic number")
+    if got_seq != seq:
+        raise MalformedMessage(f"out-of-order message: sequence {got_seq}, expected {seq}")
+    if count != len(expect):
+        raise MalformedMessage(f"message holds {count} tensors, expected {len(expect)}")
+    off = _HEAD.size
+    metas = []
+    for shape, m in expect:
+        if len(view) < off + _TENSOR.size:
+            raise MalformedMessage("truncated tensor header")
+        got_m, ndim, nbytes = _TENSOR.unpack_from(view, off)
+        off += _TENSOR.size
+        if len(view) < off + ndim * _DIM.size:
+            raise MalformedMessage("truncated shape")
+        got_shape = tuple(_DIM.unpack_from(view, off + i * _DIM.size)[0] for i in range(ndim))
+        off += ndim * _DIM.size
+        if got_m != m or got_shape != tuple(shape):
+            raise MalformedMessage(f"got a tensor {got_shape} mod {got_m}, expected {tuple(shape)} mod {m}")
+        n = math.prod(shape)
+        if nbytes != packed_nbytes(n, m):
+            raise MalformedMessage(f"payload of {nbytes} bytes, expected {packed_nbytes(n, m)}")
+        metas.append((shape, m, n, nbytes))
+    total = off + sum(meta[3] for meta in metas)
+    if len(view) != total:
+        raise MalformedMessage(f"message is {len(view)} bytes, expected {total} (truncated or padded)")
+    out = []
+    for shape, m, n, nbytes in metas:
+        out.append(unpack(view[off : off + nbytes], n, m, tuple(shape)))
+        off += nbytes
+    return depth, out
+
+
+# ---------------------------------------------------------------- accounting
+
+
+@dataclass
+class Counter:
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    messages_sent: int = 0
+
+    def copy(self) -> Counter:
+        return Counter(self.bytes_sent, self.bytes_received, self.messages_sent)
+
+
+@dataclass
+class Stats:
+    """Traffic of one party: ``online`` is the L<->R channel, ``offline`` the dealer's channels."""
+
+    online: Counter = field(default_factory=Counter)
+    offline: Counter = field(default_factory=Counter)
+    depth: int = 0
+
+    def snapshot(self) -> dict:
+        return {
+            "online_bytes_sent": self.online.bytes_sent,
+            "online_bytes_received": self.online.bytes_received,
+            "online_messages_sent": self.online.messages_sent,
+            "offline_bytes_sent": self.offline.bytes_sent,
+            "offline_bytes_received": self.offline.bytes_received,
+            "depth": self.depth,
+        }
+
+
+# ---------------------------------------------------------------- endpoints
+
+
+_CLOSED = object()
+
+
+class Endpoint:
+    """One end of a bidirectional channel to one other party, carrying encoded messages in order."""
+
+    def __init__(self, name: str, timeout: float) -> None:
+        self.name = name  # the other party's role, for messages
+        self.timeout = timeout
+        self.send_seq = 0
+        self.recv_seq = 0
+        self._pending: list[bytes] = []  # messages read ahead by :meth:`recv_out_of_band`
+        self._skip: set[int] = set()  # sequence numbers already consumed out of band
+
+    def _send_bytes(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _recv_bytes(self) -> bytes:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def send(self, depth: int, items: list[tuple[torch.Tensor, int]]) -> int:
+        data = encode_message(self.send_seq, depth, items)
+        self.send_seq += 1
+        self._send_bytes(data)
+        return len(data) + LENGTH_PREFIX_BYTES
+
+    def recv(self, expect: list[tuple[tuple[int, ...], int]]) -> tuple[int, list[torch.Tensor], int]:
+        while self.recv_seq in self._skip:
+            self._skip.discard(self.recv_seq)
+            self.recv_seq += 1
+        data = self._pending.pop(0) if self._pending else self._recv_bytes()
+        depth, out = decode_message(data, self.recv_seq, expect)
+        self.recv_seq += 1
+        return depth, out, len(data) + LENGTH_PREFIX_BYTES
+
+    def recv_out_of_band(self, expect: list[tuple[tuple[int, ...], int]]) -> tuple[list[torch.Tensor], int]:
+        """Receive the next message matching ``expect`` while keeping the messages before it, in order, for
+        :meth:`recv` (used for a barrier token that follows data the protocol has not consumed yet)."""
+        while True:
+            seq = self.recv_seq + len(self._pending) + len(self._skip)
+            data = self._recv_bytes()
+            try:
+                _, out = decode_message(data, seq, expect)
+            except MalformedMessage:
+                self._pending.append(data)
+                continue
+            self._skip.add(seq)
+            return out, len(data) + LENGTH_PREFIX_BYTES
+
+
+class QueueEndpoint(Endpoint):
+    """In-process endpoint (unit tests): a pair of queues."""
+
+    def __init__(self, name: str, timeout: float, inbox: queue.Queue, outbox: queue.Queue) -> None:
+        super().__init__(name, timeout)
+        self.inbox, self.outbox = inbox, outbox
+
+    @staticmethod
+    def pair(a: str, b: str, timeout: float) -> tuple[QueueEndpoint, QueueEndpoint]:
+        """Endpoints held by ``a`` (talking to ``b``) and by ``b`` (talking to ``a``)."""
+        q1: queue.Queue = queue.Queue()
+        q2: queue.Queue = queue.Queue()
+        return QueueEndpoint(b, timeout, q1, q2), QueueEndpoint(a, timeout, q2, q1)
+
+    def _send_bytes(self, data: bytes) -> None:
+        self.outbox.put(data)
+
+    def _recv_bytes(self) -> bytes:
+        try:
+            item = self.inbox.get(timeout=self.timeout)
+        except queue.Empty:
+            raise PartyTimeout(f"no message from party {self.name} within {self.timeout:g} s") from None
+        if item is _CLOSED:
+            self.inbox.put(_CLOSED)
+            raise PartyDisconnected(f"party {self.name} closed the connection")
+        return item
+
+    def close(self) -> None:
+        self.outbox.put(_CLOSED)
+
+
+class ConnectionEndpoint(Endpoint):
+    """A :class:`multiprocessing.connection.Connection` over TCP. A reader thread drains the socket into a queue
+    (so simultaneous large sends cannot deadlock) and the receive waits on that queue with the timeout; sends time out
+    through ``SO_SNDTIMEO`` when the other party stops reading."""
+
+    def __init__(self, name: str, timeout: float, conn, sock: socket.socket) -> None:
+        super().__init__(name, timeout)
+        self.conn = conn
+        self._sock = sock  # a dup of the connection's socket, kept to set options and shut it down
+        sec = int(timeout)
+        self._sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", sec, int((timeout - sec) * 1e6))
+        )
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):  # large messages should not block on a busy reader
+            self._sock.setsockopt(socket.SOL_SOCKET, opt, 8 << 20)
+        self.inbox: queue.Queue = queue.Queue()
+        self._reader = threading.Thread(target=self._read_loop, name=f"recv-{name}", daemon=True)
+        self._reader.start()
+
+    def _read_loop(self) -> None:
+        try:
+            while True:
+                self.inbox.put(self.conn.recv_bytes())
+        except (EOFError, OSError) as exc:
+            self.inbox.put((_CLOSED, str(exc) or type(exc).__name__))
+
+    def _send_bytes(self, data: bytes) -> None:
+        try:
+            self.conn.send_bytes(data)
+        except BlockingIOError:
+            raise PartyTimeout(f"party {self.name} stopped reading for {self.timeout:g} s") from None
+        except OSError as exc:
+            raise PartyDisconnected(f"party {self.name} closed the connection ({exc})") from None
+
+    def _recv_bytes(self) -> bytes:
+        try:
+            item = self.inbox.get(timeout=self.timeout)
+        except queue.Empty:
+            raise PartyTimeout(f"no message from party {self.name} within {self.timeout:g} s") from None
+        if isinstance(item, tuple) and item[0] is _CLOSED:
+            self.inbox.put(item)
+            raise PartyDisconnected(f"party {self.name} closed the connection ({item[1]})")
+        return item
+
+    def close(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+        self.conn.close()

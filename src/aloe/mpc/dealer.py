@@ -1,0 +1,95 @@
+"""The dealer's correlated randomness (paper (a): the random server RS with PRF seeds).
+
+The dealer draws one AES-128 key per computing party with :func:`secrets.token_bytes` and hands each party its own
+key once, over that party's channel. Everything a party needs that can be derived from its key is expanded locally
+by AES in counter mode (``cryptography``), in the same order on the dealer and on that party, so only *correction
+terms* (values depending on both keys) travel, always from the dealer to one party.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import secrets
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+KEY_BYTES = 16
+
+
+@functools.lru_cache(maxsize=16)
+def _residues(m: int) -> np.ndarray:
+    return (np.arange(1 << 16, dtype=np.int64) % m).astype(np.int16)
+
+
+def small_mod(v: torch.Tensor, m: int) -> torch.Tensor:
+    """``v mod m`` as int16 for integer tensors with ``-m^2 <= v < 2^16 - m^2`` and ``m <= 256``.
+
+    The value is shifted by ``m^2`` (a multiple of m) into [0, 2^16) and looked up in a 64K-entry table of residues,
+    a single cache-resident gather that is several times faster than an integer division on CPU (checked
+    exhaustively over the whole range in the tests)."""
+    if m > 256:
+        raise ValueError("small_mod needs m <= 256")
+    w = (v.to(torch.int16) + m * m).contiguous().numpy().view(np.uint16)
+    return torch.from_numpy(np.take(_residues(m), w))
+
+
+def new_key() -> bytes:
+    return secrets.token_bytes(KEY_BYTES)
+
+
+class PRG:
+    """A pseudo-random stream: AES-128-CTR keystream (zero IV) of a secret key, cut into tensors."""
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) != KEY_BYTES:
+            raise ValueError("PRG key must be 16 bytes")
+        self._enc = Cipher(algorithms.AES(key), modes.CTR(b"\0" * 16)).encryptor()
+        self.bytes_drawn = 0
+
+    def _bytes(self, n: int) -> bytes:
+        self.bytes_drawn += n
+        return self._enc.update(bytes(n))
+
+    def int64(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """Uniform elements of Z_2^64."""
+        n = math.prod(shape)
+        arr = np.frombuffer(self._bytes(8 * n), dtype=np.int64).copy()
+        return torch.from_numpy(arr).reshape(shape)
+
+    def bits(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """Uniform bits as uint8 0/1 (8 bits of keystream per byte)."""
+        n = math.prod(shape)
+        raw = np.frombuffer(self._bytes((n + 7) // 8), dtype=np.uint8)
+        arr = np.unpackbits(raw, bitorder="little")[:n]
+        return torch.from_numpy(arr).reshape(shape)
+
+    def below(self, shape: tuple[int, ...], m: int) -> torch.Tensor:
+        """Uniform elements of Z_m (``m`` < 2^62) as int64 (int16 for ``m`` < 256 not a power of two).
+
+        Powers of two are masked words; ``m < 256`` is exact rejection sampling on bytes (keep a byte below the
+        largest multiple of m, reduce it mod m; the dealer and the party draw the same stream, so they stay in step);
+        larger ``m`` reduces 64-bit words (statistical distance <= m / 2^64)."""
+        n = math.prod(shape)
+        if m & (m - 1) == 0:
+            if m <= 256:
+                raw = np.frombuffer(self._bytes(n), dtype=np.uint8) & np.uint8(m - 1)
+                return torch.from_numpy(raw.astype(np.int64)).reshape(shape)
+            return self.int64(shape) & (m - 1)
+        if m < 256:
+            # exact: 16-bit words below the largest multiple of m are kept; the few others are redrawn in place
+            limit = (65536 // m) * m
+            words = np.frombuffer(self._bytes(2 * n), dtype=np.uint16).copy()
+            bad = np.flatnonzero(words >= limit)
+            while bad.size:
+                words[bad] = np.frombuffer(self._bytes(2 * bad.size), dtype=np.uint16)
+                bad = bad[words[bad] >= limit]
+            return small_mod(torch.from_numpy(words.view(np.int16)) - m * m, m).reshape(shape)
+        arr = np.frombuffer(self._bytes(8 * n), dtype=np.uint64) % np.uint64(m)
+        return torch.from_numpy(arr.astype(np.int64)).reshape(shape)
+
+    def nonzero_below(self, shape: tuple[int, ...], m: int) -> torch.Tensor:
+        """Elements of Z_m \\ {0}."""
+        return self.below(shape, m - 1) + 1

@@ -1,0 +1,502 @@
+"""The three parties and how they are launched: two computing parties L and R and the dealer D (RS in the paper).
+
+Every party runs the same program (a function ``program(party, *args)``); protocol code branches on
+``party.role``. The dealer runs the offline half of each protocol (it draws the same PRF streams and sends correction
+terms) and never receives data shares, so it runs ahead of L and R and its messages add no online rounds.
+
+Two launchers: :func:`run_local` (three threads, in-process queues; unit tests) and :func:`run_processes` (three
+OS processes talking over TCP on loopback with :mod:`multiprocessing.connection`). A party that fails closes its
+connections, so the others stop with :class:`~aloe.mpc.comm.PartyDisconnected` instead of hanging; a party that
+stalls makes the others raise :class:`~aloe.mpc.comm.PartyTimeout` after ``timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import multiprocessing.connection as mpc
+import os
+import secrets
+import socket
+import struct
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from aloe import AloeError
+from aloe.mpc.comm import (
+    ConnectionEndpoint,
+    Endpoint,
+    PartyDisconnected,
+    PartyTimeout,
+    QueueEndpoint,
+    Stats,
+)
+from aloe.mpc.dealer import KEY_BYTES, PRG, new_key, small_mod
+from aloe.mpc.ring import DEFAULT_FRAC_BITS, FixedPoint
+
+ROLES = ("L", "R", "D")
+DEFAULT_TIMEOUT = 60.0
+
+
+class Party:
+    """One party's view: its role, its channels, its PRF streams and its traffic counters."""
+
+    def __init__(self, role: str, fp: FixedPoint, peer: Endpoint | None, dealer: dict[str, Endpoint]) -> None:
+        if role not in ROLES:
+            raise AloeError(f"unknown party role {role!r}")
+        self.role = role
+        self.fp = fp
+        self.peer = peer  # L <-> R
+        self.dealer_links = dealer  # on L/R: {"D": ep}; on D: {"L": ep, "R": ep}
+        self.stats = Stats()
+        self.prg: dict[str, PRG] = {}
+
+    # ------------------------------------------------------------ roles
+    @property
+    def is_dealer(self) -> bool:
+        return self.role == "D"
+
+    @property
+    def index(self) -> int:
+        """0 for L, 1 for R (the share index); -1 for the dealer."""
+        return {"L": 0, "R": 1, "D": -1}[self.role]
+
+    # ------------------------------------------------------------ set-up
+    def setup_keys(self) -> None:
+        """The dealer draws one key per computing party and sends it; each party seeds its PRF stream."""
+        if self.is_dealer:
+            for who in ("L", "R"):
+                key = new_key()
+                self.prg[who] = PRG(key)
+                self._dealer_send(who, [(torch.tensor(list(key), dtype=torch.int64), 256)])
+        else:
+            (key,) = self._dealer_recv([((KEY_BYTES,), 256)])
+            self.prg[self.role] = PRG(bytes(key.tolist()))
+
+    def close(self) -> None:
+        for ep in [self.peer, *self.dealer_links.values()]:
+            if ep is not None:
+                try:
+                    ep.close()
+                except Exception:  # noqa: BLE001 - closing after a failure must not mask it
+                    pass
+
+    # ------------------------------------------------------------ online channel (L <-> R)
+    def send_peer(self, items: list[tuple[torch.Tensor, int]]) -> None:
+        n = self.peer.send(self.stats.depth + 1, items)
+        self.stats.online.bytes_sent += n
+        self.stats.online.messages_sent += 1
+
+    def recv_peer(self, expect: list[tuple[tuple[int, ...], int]]) -> list[torch.Tensor]:
+        depth, out, n = self.peer.recv(expect)
+        self.stats.online.bytes_received += n
+        self.stats.depth = max(self.stats.depth, depth)
+        return out
+
+    def exchange(self, items: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
+        """Send ``items`` to the other computing party and receive its tensors of the same shapes (one round)."""
+        self.send_peer(items)
+        return self.recv_peer([(tuple(t.shape), m) for t, m in items])
+
+    def sync(self) -> None:
+        """A barrier between L and R (one round, two 8-byte payloads); the dealer does nothing. Afterwards both
+        parties' round counters equal the larger of the two, so rounds after the barrier are counted from a common
+        start."""
+        if not self.is_dealer:
+            mine = self.stats.depth
+            (other,) = self.exchange([(torch.tensor([mine]), 0)])
+            self.stats.depth = max(mine, int(other[0]))
+
+    def dealer_sync(self) -> None:
+        """A barrier of all three parties: L and R tell the dealer they are ready, the dealer answers both (used by
+        benchmarks to start the dealer together with the computing parties; its bytes count as offline)."""
+        token = [(torch.zeros(1, dtype=torch.int64), 2)]
+        if self.is_dealer:
+            for who in ("L", "R"):
+                _, _, n = self.dealer_links[who].recv([((1,), 2)])
+                self.stats.offline.bytes_received += n
+            for who in ("L", "R"):
+                self._dealer_send(who, token)
+        else:
+            n = self.dealer_links["D"].send(0, token)
+            self.stats.offline.bytes_sent += n
+            _, n = self.dealer_links["D"].recv_out_of_band([((1,), 2)])
+            self.stats.offline.bytes_received += n
+
+    # ------------------------------------------------------------ dealer channels (offline)
+    def _dealer_send(self, to: str, items: list[tuple[torch.Tensor, int]]) -> None:
+        n = self.dealer_links[to].send(0, items)
+        self.stats.offline.bytes_sent += n
+        self.stats.offline.messages_sent += 1
+
+    def _dealer_recv(self, expect: list[tuple[tuple[int, ...], int]]) -> list[torch.Tensor]:
+        _, out, n = self.dealer_links["D"].recv(expect)
+        self.stats.offline.bytes_received += n
+        return out
+
+    def draw(self, owner: str, shape: tuple[int, ...], m: int = 0, *, nonzero: bool = False) -> torch.Tensor | None:
+        """A value from ``owner``'s PRF stream: known to ``owner`` and the dealer, ``None`` for the other party.
+
+        ``m = 0``: uniform in Z_2^64; ``m = 2``: bits; otherwise uniform in Z_m (or Z_m \\ {0} with ``nonzero``)."""
+        if self.role != owner and not self.is_dealer:
+            return None
+        prg = self.prg[owner]
+        shape = tuple(shape)
+        if m == 0:
+            return prg.int64(shape)
+        if m == 2:
+            return prg.bits(shape)
+        return prg.nonzero_below(shape, m) if nonzero else prg.below(shape, m)
+
+    def give(self, to: str, value: torch.Tensor | None, shape: tuple[int, ...], m: int = 0) -> torch.Tensor | None:
+        """The dealer sends ``value`` (mod ``m``) to party ``to``; returns it on ``to``, ``None`` elsewhere."""
+        if self.is_dealer:
+            self._dealer_send(to, [(value, m)])
+            return None
+        if self.role != to:
+            return None
+        (out,) = self._dealer_recv([(tuple(shape), m)])
+        return out
+
+    def split(self, secret: torch.Tensor | None, shape: tuple[int, ...], m: int = 0, seeded: str = "L") -> Any:
+        """Share a value the dealer computed: the ``seeded`` party draws its share from its stream, the dealer sends
+        the other party the correction ``secret - share`` (mod ``m``; XOR for ``m = 2``). Returns the party's share,
+        ``None`` on the dealer."""
+        other = "R" if seeded == "L" else "L"
+        shape = tuple(shape)
+        if self.role == seeded:
+            return self.draw(seeded, shape, m)
+        if self.is_dealer:
+            mine = self.draw(seeded, shape, m)
+            if m == 0:
+                corr = secret - mine
+            elif m == 2:
+                corr = secret ^ mine
+            elif m < 1 << 14:
+                corr = small_mod(secret.to(torch.int16) - mine.to(torch.int16), m)
+            else:
+                corr = (secret - mine) % m
+            self._dealer_send(other, [(corr, m)])
+            return None
+        (corr,) = self._dealer_recv([(shape, m)])
+        return corr
+
+
+# ---------------------------------------------------------------- in-process launcher
+
+
+def _run_party(party: Party, program: Callable, args: tuple, out: dict, lock: threading.Lock) -> None:
+    try:
+        party.setup_keys()
+        result = program(party, *args)
+        with lock:
+            out[party.role] = ("ok", result, party.stats)
+    except BaseException as exc:  # noqa: BLE001 - reported to the launcher
+        with lock:
+            out[party.role] = ("error", exc, party.stats)
+        party.close()
+
+
+def run_local(
+    program: Callable,
+    *args: Any,
+    frac_bits: int = DEFAULT_FRAC_BITS,
+    timeout: float = DEFAULT_TIMEOUT,
+    return_stats: bool = False,
+) -> dict[str, Any]:
+    """Run ``program(party, *args)`` as three threads (L, R, dealer) joined by in-process queues.
+
+    Returns ``{role: result}`` (and ``{role: Stats}`` too with ``return_stats``); re-raises the root-cause error of a
+    failing party (a non-channel error first)."""
+    fp = FixedPoint(frac_bits)
+    lr_l, lr_r = QueueEndpoint.pair("L", "R", timeout)
+    dl_d, dl_l = QueueEndpoint.pair("D", "L", timeout)
+    dr_d, dr_r = QueueEndpoint.pair("D", "R", timeout)
+    parties = [
+        Party("L", fp, lr_l, {"D": dl_l}),
+        Party("R", fp, lr_r, {"D": dr_r}),
+        Party("D", fp, None, {"L": dl_d, "R": dr_d}),
+    ]
+    out: dict = {}
+    lock = threading.Lock()
+    threads = [
+        threading.Thread(target=_run_party, args=(p, program, args, out, lock), daemon=True) for p in parties
+    ]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10 * timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() for t in threads):
+        raise PartyTimeout("a party did not finish")
+    errors = [v[1] for v in out.values() if v[0] == "error"]
+    if errors:
+        root = [e for e in errors if not isinstance(e, PartyDisconnected | PartyTimeout)]
+        raise (root or errors)[0]
+    results = {role: out[role][1] for role in ROLES}
+    if return_stats:
+        return results, {role: out[role][2] for role in ROLES}
+    return results
+
+
+# ---------------------------------------------------------------- multi-process launcher (TCP)
+
+
+def _listen(host: str) -> socket.socket:
+    srv = socket.create_server((host, 0))
+    return srv
+
+
+def _timeouts(sock: socket.socket, seconds: float) -> None:
+    """Kernel-level send/receive timeouts (0 = none); unlike ``settimeout`` they keep the socket blocking, which
+    the raw reads and writes of :class:`multiprocessing.connection.Connection` need."""
+    sec = int(seconds)
+    val = struct.pack("ll", sec, int((seconds - sec) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, val)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, val)
+
+
+def _authenticate(sock: socket.socket, authkey: bytes, server: bool, timeout: float) -> tuple:
+    sock.settimeout(None)
+    _timeouts(sock, timeout)
+    conn = mpc.Connection(os.dup(sock.fileno()))
+    try:
+        if server:
+            mpc.deliver_challenge(conn, authkey)
+            mpc.answer_challenge(conn, authkey)
+        else:
+            mpc.answer_challenge(conn, authkey)
+            mpc.deliver_challenge(conn, authkey)
+    except BlockingIOError:
+        raise PartyTimeout(f"authentication did not finish within {timeout:g} s") from None
+    except mpc.AuthenticationError as exc:
+        raise AloeError(f"party authentication failed: {exc}") from None
+    _timeouts(sock, 0.0)
+    return conn, sock
+
+
+def _accept(srv: socket.socket, authkey: bytes, timeout: float) -> tuple:
+    srv.settimeout(timeout)
+    try:
+        sock, _ = srv.accept()
+    except TimeoutError:
+        raise PartyTimeout(f"no party connected within {timeout:g} s") from None
+    return _authenticate(sock, authkey, True, timeout)
+
+
+def _connect(addr: tuple[str, int], authkey: bytes, timeout: float) -> tuple:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            sock = socket.create_connection(addr, timeout=timeout)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise PartyTimeout(f"could not connect to {addr[0]}:{addr[1]} within {timeout:g} s") from None
+            time.sleep(0.05)
+    return _authenticate(sock, authkey, False, timeout)
+
+
+def _hello(conn: mpc.Connection, role: str) -> None:
+    conn.send_bytes(role.encode())
+
+
+def _who(conn: mpc.Connection, allowed: set[str], timeout: float) -> str:
+    if not conn.poll(timeout):
+        raise PartyTimeout(f"a connected party did not say who it is within {timeout:g} s")
+    who = conn.recv_bytes(16).decode(errors="replace")
+    if who not in allowed:
+        raise AloeError(f"unexpected party {who!r} connected (expected one of {sorted(allowed)})")
+    return who
+
+
+def _endpoint(conn_sock: tuple, name: str, timeout: float) -> ConnectionEndpoint:
+    conn, sock = conn_sock
+    return ConnectionEndpoint(name, timeout, conn, sock)
+
+
+def connect(role: str, authkey: bytes, timeout: float, *, frac_bits: int = DEFAULT_FRAC_BITS,
+            listen: socket.socket | None = None, addr_l=None, addr_r=None, announce=None) -> Party:
+    """Open this party's channels and return its :class:`Party` (keys not yet set up).
+
+    L listens (for R and the dealer), R connects to L and listens (for the dealer), the dealer connects to both.
+    ``listen`` is the listening socket of L or R; ``addr_l``/``addr_r`` are the addresses to connect to, or
+    callables returning them (the local launcher learns them only after L and R have bound). ``announce`` is called
+    with the bound address once listening."""
+    links: dict[str, ConnectionEndpoint] = {}
+    if role in ("L", "R") and announce is not None:
+        announce(listen.getsockname()[:2])
+    resolve = (lambda a: a() if callable(a) else a)  # noqa: E731
+    if role == "L":
+        for _ in range(2):
+            cs = _accept(listen, authkey, timeout)
+            who = _who(cs[0], {"R", "D"} - set(links), timeout)
+            links[who] = _endpoint(cs, who, timeout)
+        listen.close()
+    elif role == "R":
+        cs = _connect(tuple(resolve(addr_l)), authkey, timeout)
+        _hello(cs[0], "R")
+        links["L"] = _endpoint(cs, "L", timeout)
+        cs = _accept(listen, authkey, timeout)
+        who = _who(cs[0], {"D"}, timeout)
+        links[who] = _endpoint(cs, who, timeout)
+        listen.close()
+    else:
+        for who, addr in (("L", resolve(addr_l)), ("R", resolve(addr_r))):
+            cs = _connect(tuple(addr), authkey, timeout)
+            _hello(cs[0], "D")
+            links[who] = _endpoint(cs, who, timeout)
+    fp = FixedPoint(frac_bits)
+    if role == "D":
+        return Party("D", fp, None, {"L": links["L"], "R": links["R"]})
+    other = "R" if role == "L" else "L"
+    return Party(role, fp, links[other], {"D": links["D"]})
+
+
+def _process_main(role: str, ctrl: mpc.Connection, authkey: bytes, program: Callable, args: tuple,
+                  frac_bits: int, timeout: float, host: str) -> None:
+    torch.set_num_threads(1)
+    party = None
+    try:
+        srv = _listen(host) if role in ("L", "R") else None
+        if role == "D":
+            addrs = ctrl.recv()
+            party = connect(role, authkey, timeout, frac_bits=frac_bits, addr_l=addrs[0], addr_r=addrs[1])
+        else:
+            party = connect(role, authkey, timeout, frac_bits=frac_bits, listen=srv,
+                            addr_l=ctrl.recv if role == "R" else None,
+                            announce=lambda addr: ctrl.send(("addr", addr)))
+        party.setup_keys()
+        result = program(party, *args)
+        ctrl.send(("ok", result, party.stats.snapshot()))
+        party.close()
+    except BaseException as exc:  # noqa: BLE001 - reported to the launcher, then exit non-zero
+        if party is not None:
+            party.close()
+        msg = str(exc) if isinstance(exc, AloeError) else f"{type(exc).__name__}: {exc}"
+        try:
+            ctrl.send(("error", msg, type(exc).__name__, traceback.format_exc()))
+        except OSError:
+            pass
+        os._exit(1)
+
+
+def run_configured(role: str, config: dict, program: Callable, *args: Any, frac_bits: int = DEFAULT_FRAC_BITS,
+                   timeout: float = DEFAULT_TIMEOUT) -> tuple[Any, dict]:
+    """Run this process as party ``role`` of a deployment described by ``config`` (for parties on separate hosts):
+    ``{"L": "host:port", "R": "host:port", "authkey": hex}``. L and R bind their own address; R connects to L; the
+    dealer connects to both. Returns (result, traffic snapshot)."""
+    if role not in ROLES:
+        raise AloeError(f"unknown role {role!r} (L, R or D)")
+    try:
+        authkey = bytes.fromhex(config["authkey"])
+        addr = {}
+        for who in ("L", "R"):
+            host, port = config[who].rsplit(":", 1)
+            addr[who] = (host, int(port))
+    except (KeyError, ValueError, AttributeError) as exc:
+        raise AloeError(f"bad MPC config: {exc}") from None
+    if len(authkey) < 16:
+        raise AloeError("bad MPC config: the authkey must have at least 16 bytes")
+    listen = None
+    if role in ("L", "R"):
+        try:
+            listen = socket.create_server(addr[role])
+        except OSError as exc:
+            raise AloeError(f"cannot listen on {config[role]}: {exc.strerror or exc}") from None
+    party = connect(role, authkey, timeout, frac_bits=frac_bits, listen=listen, addr_l=addr["L"],
+                    addr_r=addr["R"])
+    try:
+        party.setup_keys()
+        result = program(party, *args)
+        return result, party.stats.snapshot()
+    finally:
+        party.close()
+
+
+def run_processes(
+    program: Callable,
+    *args: Any,
+    frac_bits: int = DEFAULT_FRAC_BITS,
+    timeout: float = DEFAULT_TIMEOUT,
+    host: str = "127.0.0.1",
+    return_stats: bool = False,
+) -> dict[str, Any]:
+    """Run ``program(party, *args)`` in three OS processes (L, R, dealer) connected by authenticated TCP.
+
+    ``program`` and ``args`` must be picklable (a module-level function). Raises :class:`AloeError` with every
+    party's error if any party fails; a party that neither finishes nor fails within ``timeout`` after another
+    party's failure is terminated."""
+    ctx = mp.get_context("spawn")
+    authkey = secrets.token_bytes(32)
+    ctrls, procs = {}, {}
+    for role in ROLES:
+        parent, child = ctx.Pipe()
+        p = ctx.Process(
+            target=_process_main,
+            args=(role, child, authkey, program, args, frac_bits, timeout, host),
+            name=f"aloe-mpc-{role}",
+            daemon=True,
+        )
+        p.start()
+        child.close()
+        ctrls[role], procs[role] = parent, p
+    results: dict[str, Any] = {}
+    try:
+        start_wait = 30.0 + timeout  # interpreter start-up (torch import) on a busy machine
+        addrs = {}
+        for role in ("L", "R"):
+            if not ctrls[role].poll(start_wait):
+                raise PartyTimeout(f"party {role} did not start within {start_wait:g} s")
+            msg = ctrls[role].recv()
+            if msg[0] != "addr":
+                raise AloeError(f"party {role} failed during start-up: {msg[1]}")
+            addrs[role] = msg[1]
+        ctrls["R"].send(addrs["L"])
+        ctrls["D"].send((addrs["L"], addrs["R"]))
+        pending = set(ROLES)
+        errors: dict[str, str] = {}
+        deadline = None
+        while pending:
+            ready = mpc.wait([ctrls[r] for r in pending], timeout=1.0)
+            for conn in ready:
+                role = next(r for r in pending if ctrls[r] is conn)
+                pending.discard(role)
+                try:
+                    msg = conn.recv()
+                except EOFError:
+                    errors[role] = f"party {role} exited (code {procs[role].exitcode}) without a result"
+                    continue
+                if msg[0] == "ok":
+                    results[role] = (msg[1], msg[2])
+                else:
+                    errors[role] = msg[1]
+            for role in list(pending):
+                if not procs[role].is_alive() and not ctrls[role].poll():
+                    pending.discard(role)
+                    errors[role] = f"party {role} died (exit code {procs[role].exitcode})"
+            if errors and deadline is None:
+                deadline = time.monotonic() + timeout + 5.0
+            if deadline is not None and time.monotonic() > deadline:
+                for role in pending:
+                    errors[role] = f"party {role} did not stop within {timeout:g} s after a failure; terminated"
+                break
+        if errors:
+            order = sorted(errors, key=lambda r: ("closed the connection" in errors[r], r))
+            raise AloeError("; ".join(f"{r}: {errors[r]}" for r in order))
+    finally:
+        for p in procs.values():
+            p.join(timeout=2.0)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=2.0)
+        for c in ctrls.values():
+            c.close()
+    out = {role: results[role][0] for role in ROLES}
+    if return_stats:
+        return out, {role: results[role][1] for role in ROLES}
+    return out

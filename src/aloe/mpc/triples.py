@@ -1,0 +1,159 @@
+"""Bilinear-map Beaver triples and the extended ("triangle") triple (paper (a), sections 2.1 and 2.2).
+
+All functions work on *raw shares* in Z_2^64 (int64 tensors; the dealer passes ``meta`` tensors that carry shapes
+only) and return raw shares of the exact ring product: fixed-point truncation is the caller's business.
+
+Bilinear maps are given as functions ``f(a, b)``; :data:`MUL`, :func:`matmul_maps` and :func:`conv2d_maps` give the
+forward map with its two backward maps for the layers (``g1(W, dY) = dX`` and ``g2(dY, x) = dW``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from aloe.mpc.party import Party
+
+Bilinear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _shape_of(f: Bilinear, a: torch.Tensor, b: torch.Tensor) -> tuple[int, ...]:
+    return tuple(f(torch.empty(a.shape, dtype=torch.int64, device="meta"),
+                   torch.empty(b.shape, dtype=torch.int64, device="meta")).shape)
+
+
+def meta(shape: tuple[int, ...]) -> torch.Tensor:
+    """The dealer's stand-in for a share: shape only."""
+    return torch.empty(tuple(shape), dtype=torch.int64, device="meta")
+
+
+def beaver(party: Party, f: Bilinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Shares of ``f(x, y)`` for shared ``x``, ``y`` and bilinear ``f``: one round, each party sends
+    ``64(|x| + |y|)`` bits; the dealer sends ``64 |f(x, y)|`` bits to R."""
+    xs, ys = tuple(x.shape), tuple(y.shape)
+    zs = _shape_of(f, x, y)
+    if party.is_dealer:
+        xl, xr = party.draw("L", xs), party.draw("R", xs)
+        yl, yr = party.draw("L", ys), party.draw("R", ys)
+        party.split(f(xl + xr, yl + yr), zs)
+        return meta(zs)
+    xm, ym = party.draw(party.role, xs), party.draw(party.role, ys)
+    u = party.split(None, zs)
+    dx, dy = x - xm, y - ym
+    px, py = party.exchange([(dx, 0), (dy, 0)])
+    dx, dy = dx + px, dy + py
+    if party.role == "L":
+        return f(dx + xm, dy) + f(dx, ym) + u
+    return f(xm, dy) + f(dx, ym) + u
+
+
+class TriangleTriple:
+    """The extended triple of one layer ``y = f(x, W)`` with backward maps ``dX = g1(W, dY)``, ``dW = g2(dY, x)``.
+
+    :meth:`forward` opens the masked ``x`` and ``W`` once and keeps them; :meth:`backward` opens only the masked
+    ``dY``. Both parties together send ``128(|x| + |W| + |dY|)`` bits for forward plus backward, about half of three
+    independent triples; the dealer sends ``64(|y| + |x| + |W|)`` bits."""
+
+    def __init__(self, party: Party, f: Bilinear, g1: Bilinear, g2: Bilinear) -> None:
+        self.party, self.f, self.g1, self.g2 = party, f, g1, g2
+        self._state: tuple | None = None
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        p = self.party
+        xs, ws = tuple(x.shape), tuple(w.shape)
+        ys = _shape_of(self.f, x, w)
+        if p.is_dealer:
+            xl, xr = p.draw("L", xs), p.draw("R", xs)
+            wl, wr = p.draw("L", ws), p.draw("R", ws)
+            zl, zr = p.draw("L", ys), p.draw("R", ys)
+            xm, wm, zm = xl + xr, wl + wr, zl + zr
+            p.split(self.f(xm, wm), ys)
+            p.split(self.g1(wm, zm), xs)
+            p.split(self.g2(zm, xm), ws)
+            self._state = (xs, ws, ys)
+            return meta(ys)
+        xm, wm, zm = p.draw(p.role, xs), p.draw(p.role, ws), p.draw(p.role, ys)
+        u, v, w_ = p.split(None, ys), p.split(None, xs), p.split(None, ws)
+        dx, dw = x - xm, w - wm
+        px, pw = p.exchange([(dx, 0), (dw, 0)])
+        dx, dw = dx + px, dw + pw
+        self._state = (xm, wm, zm, v, w_, dx, dw)
+        if p.role == "L":
+            return self.f(dx + xm, dw) + self.f(dx, wm) + u
+        return self.f(xm, dw) + self.f(dx, wm) + u
+
+    def backward(self, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shares of ``g1(W, dY)`` and ``g2(dY, x)`` (the input and weight gradients)."""
+        if self._state is None:
+            raise RuntimeError("backward before forward")
+        p = self.party
+        if p.is_dealer:
+            xs, ws, _ = self._state
+            return meta(xs), meta(ws)
+        xm, wm, zm, v, w_, dx, dw = self._state
+        dz = dy - zm
+        (pz,) = p.exchange([(dz, 0)])
+        dz = dz + pz
+        grad_x = self.g1(dw, dy) + self.g1(wm, dz) + v
+        grad_w = self.g2(dy, dx) + self.g2(dz, xm) + w_
+        return grad_x, grad_w
+
+
+# ---------------------------------------------------------------- the bilinear maps of the layers
+
+
+def MUL(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # noqa: N802 - a constant-like name for the map
+    return a * b
+
+
+@dataclass(frozen=True)
+class Maps:
+    f: Bilinear
+    g1: Bilinear  # (W, dY) -> dX
+    g2: Bilinear  # (dY, x) -> dW
+
+
+def matmul_maps() -> Maps:
+    """Dense: ``y = x @ W``, ``dX = dY @ W^T``, ``dW = x^T @ dY``."""
+    return Maps(
+        f=lambda x, w: x @ w,
+        g1=lambda w, dy: dy @ w.transpose(-1, -2),
+        g2=lambda dy, x: x.transpose(-1, -2) @ dy,
+    )
+
+
+def conv2d_input_grad(dy: torch.Tensor, w: torch.Tensor, x_shape: tuple[int, ...], stride: int = 1,
+                      padding: int = 0) -> torch.Tensor:
+    """``dX`` of ``conv2d(x, w)`` written with a forward convolution (int64 has no CPU conv backward)."""
+    n, o, h, wd = dy.shape
+    k1, k2 = w.shape[2], w.shape[3]
+    if stride > 1:
+        d = dy.new_zeros((n, o, (h - 1) * stride + 1, (wd - 1) * stride + 1))
+        d[:, :, ::stride, ::stride] = dy
+        dy = d
+    big_h, big_w = x_shape[2], x_shape[3]
+    ph, pw = k1 - 1 - padding, k2 - 1 - padding
+    out_h = dy.shape[2] + 2 * ph - k1 + 1
+    out_w = dy.shape[3] + 2 * pw - k2 + 1
+    if big_h > out_h or big_w > out_w:
+        dy = F.pad(dy, (0, big_w - out_w, 0, big_h - out_h))
+    return F.conv2d(dy, w.flip(2, 3).transpose(0, 1), padding=(ph, pw))
+
+
+def conv2d_weight_grad(dy: torch.Tensor, x: torch.Tensor, w_shape: tuple[int, ...], stride: int = 1,
+                       padding: int = 0) -> torch.Tensor:
+    """``dW`` of ``conv2d(x, w)`` written with a forward (dilated) convolution."""
+    g = F.conv2d(x.transpose(0, 1), dy.transpose(0, 1), padding=padding, dilation=stride)
+    return g.transpose(0, 1)[:, :, : w_shape[2], : w_shape[3]]
+
+
+def conv2d_maps(x_shape: tuple[int, ...], w_shape: tuple[int, ...], stride: int = 1, padding: int = 0) -> Maps:
+    """Conv2d (NCHW, groups 1): forward, input gradient and weight gradient."""
+    return Maps(
+        f=lambda x, w: F.conv2d(x, w, stride=stride, padding=padding),
+        g1=lambda w, dy: conv2d_input_grad(dy, w, x_shape, stride, padding),
+        g2=lambda dy, x: conv2d_weight_grad(dy, x, w_shape, stride, padding),
+    )
