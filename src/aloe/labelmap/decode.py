@@ -15,6 +15,7 @@ Every soft decoder scores every label exactly and keeps a running top-k over chu
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import torch
@@ -131,13 +132,16 @@ def topk_logits(logits: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.T
     return logits.topk(min(k, logits.shape[1]), dim=1)
 
 
-def crt_decode(log_probs: list[torch.Tensor], lmap: LabelMap) -> np.ndarray:
+def crt_decode(log_probs: list[torch.Tensor], lmap: LabelMap, *, max_subsets: int = 512,
+               seed: int = 0) -> np.ndarray:
     """Hard decoding of a number-theoretic map.
 
     Each head votes its argmax residue. For every subset of r heads (r = the map's order) the CRT gives the
     unique candidate below prod k (kept if < N); a candidate's support is the number of heads whose argmax agrees
     with it; ties go to the higher sum of log-probabilities. A label with at most ``floor((m - r) / 2)`` wrong
-    heads is always recovered. If no subset gives a candidate below N the answer is label 0.
+    heads is always recovered. If no subset gives a candidate below N the answer is label 0. When there are more
+    than ``max_subsets`` subsets of r heads, a fixed random sample of that many is tried instead (the guarantee
+    then holds only with high probability).
     """
     if lmap.kind != "number-theoretic":
         raise ValueError("CRT decoding needs a number-theoretic map")
@@ -149,7 +153,11 @@ def crt_decode(log_probs: list[torch.Tensor], lmap: LabelMap) -> np.ndarray:
     batch, m = res.shape
     best = np.zeros(batch, dtype=np.int64)
     best_key = np.full((batch, 2), -np.inf)
-    for subset in itertools.combinations(range(m), r):
+    subsets = list(itertools.combinations(range(m), r)) if math.comb(m, r) <= max_subsets else None
+    if subsets is None:
+        rng = np.random.default_rng(seed)
+        subsets = sorted({tuple(sorted(rng.choice(m, size=r, replace=False).tolist())) for _ in range(max_subsets)})
+    for subset in subsets:
         cand = np.asarray(crt(res[:, list(subset)], [moduli[j] for j in subset]), dtype=np.int64)
         valid = cand < n
         c = np.where(valid, cand, 0)

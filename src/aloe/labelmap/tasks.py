@@ -174,7 +174,7 @@ def synthetic_task(n_classes: int = 10_000, *, n_train: int = 200_000, n_test: i
         raise AloeError(f"need at least 2 classes, got {n_classes}")
     if not 0.0 < keep <= 1.0:
         raise AloeError(f"keep must be in (0, 1], got {keep}")
-    vocab = int(vocab or min(1 << 18, max(4096, 4 * n_classes)))
+    vocab = int(vocab or min(1 << 16, max(4096, 4 * n_classes)))
     pad = vocab
     if zipf > 0:
         w = 1.0 / np.arange(1, n_classes + 1, dtype=np.float64) ** zipf
@@ -211,7 +211,7 @@ def synthetic_task(n_classes: int = 10_000, *, n_train: int = 200_000, n_test: i
         make_trunk=lambda: MLPTrunk(vocab + 1, embed, None, width, pad=pad),
         train_batches=train, test_batches=test, n_train=n_train, n_test=n_test,
         info={"tokens_per_class": q, "keep": keep, "noise_tokens": noise, "feature_vocabulary": vocab,
-              "zipf": zipf},
+              "zipf": zipf, "top_class_probability": 1.0 / n_classes if cdf is None else float(cdf[0])},
         label_weights=None if cdf is None else np.diff(cdf, prepend=0.0),
     )
 
