@@ -9,6 +9,7 @@ and lm-nt's training steps side by side at N = 10^4, 10^5, 10^6.
 
     python benchmarks/labelmap.py --quick          # a few minutes on one CPU thread
     python benchmarks/labelmap.py                  # the full run (tens of minutes)
+    python benchmarks/labelmap.py --tasks words,scaling   # a subset
 
 Writes ``benchmarks/results/labelmap[-quick].{json,md,png}``.
 """
@@ -53,9 +54,9 @@ CONFIGS = {
         "scaling": {"sizes": [10_000, 100_000, 1_000_000], "steps": 2, "train_big": 60_000, "test_big": 500},
     },
     "full": {
-        "words": {"task": {"n_classes": 10_000, "max_train": 600_000, "max_test": 10_000}, "epochs": 1,
+        "words": {"task": {"n_classes": 10_000, "max_train": 300_000, "max_test": 5000}, "epochs": 1,
                   "lr": 5e-3, "fractions": [10, 50, 100]},
-        "synthetic": {"task": {"n_classes": 10_000, "n_train": 400_000, "n_test": 4000}, "epochs": 1, "lr": 1e-2,
+        "synthetic": {"task": {"n_classes": 10_000, "n_train": 300_000, "n_test": 3000}, "epochs": 1, "lr": 1e-2,
                       "fractions": [10, 50]},
         "chars": {"task": {"n_classes": 1000, "train_per_font": 6}, "epochs": 4, "lr": 2e-3, "fractions": [4]},
         "scaling": {"sizes": [10_000, 100_000, 1_000_000], "steps": 4, "train_big": 300_000, "test_big": 2000},
@@ -241,7 +242,10 @@ def main() -> int:
         print(f"error: unknown task(s) {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
     explicit_chars = "--tasks" in " ".join(sys.argv) and "chars" in wanted
-    result = {"mode": mode, "command": "python benchmarks/labelmap.py" + (" --quick" if args.quick else ""),
+    command = "python benchmarks/labelmap.py" + (" --quick" if args.quick else "")
+    if "--tasks" in " ".join(sys.argv):
+        command += f" --tasks {args.tasks}"
+    result = {"mode": mode, "command": command,
               "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "torch": torch.__version__,
               "tasks": {}}
 

@@ -234,7 +234,7 @@ def tiny_task():
 def test_training_beats_chance_by_a_wide_margin(tiny_task, method):
     res = train(tiny_task, method, 65 * 40, epochs=2, lr=1e-2, batch_size=128)
     assert res["output_params"] <= 65 * 40
-    assert res["top1"] > 20 / 64, res  # chance is 1/64
+    assert res["top1"] > 0.8, res  # chance is 1/64
     assert res["top5"] >= res["top1"]
     for key in ("top1", "top5", "output_params", "n_classes"):
         assert key in res
@@ -243,7 +243,7 @@ def test_training_beats_chance_by_a_wide_margin(tiny_task, method):
 def test_independent_variant_trains(tiny_task):
     res = train(tiny_task, "lm-nt", 65 * 40, epochs=1, lr=1e-2, batch_size=128, independent=True,
                 report_map=False)
-    assert res["independent"] and res["top1"] > 10 / 64
+    assert res["independent"] and res["top1"] > 0.5
 
 
 def test_onehot_budget_gives_low_rank_softmax():
