@@ -11,7 +11,7 @@ and lm-nt's training steps side by side at N = 10^4, 10^5, 10^6.
     python benchmarks/labelmap.py                  # the full run (tens of minutes)
     python benchmarks/labelmap.py --tasks words,scaling   # a subset
 
-Writes ``benchmarks/results/labelmap[-quick].{json,md,png}``.
+Writes ``benchmarks/results/labelmap[-quick][-TASKS].{json,md,png}`` (TASKS when ``--tasks`` names a subset).
 """
 
 from __future__ import annotations
@@ -273,6 +273,8 @@ def main() -> int:
     result["seconds"] = time.perf_counter() - t0
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "labelmap" + ("-quick" if args.quick else "")
+    if "--tasks" in " ".join(sys.argv) and set(wanted) != {"words", "synthetic", "chars", "scaling"}:
+        stem += "-" + "-".join(wanted)  # a subset gets its own files
     atomic_write_json(args.out / f"{stem}.json", result)
     atomic_write_text(args.out / f"{stem}.md", markdown(result))
     plot(result, args.out / f"{stem}.png")
