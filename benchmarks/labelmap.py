@@ -148,6 +148,10 @@ def run_scaling(cfg: dict, log) -> dict:
     return out
 
 
+def _ordered(tasks: dict) -> list:
+    return [(k, tasks[k]) for k in ("words", "synthetic", "chars") if k in tasks]
+
+
 def fmt(v, digits=4):
     return "-" if v is None else f"{v:.{digits}f}"
 
@@ -157,7 +161,7 @@ def markdown(result: dict) -> str:
              f"`{result['command']}` on {result['machine']}, torch {result['torch']}, 1 thread. "
              "Output params = weights + biases of the output layer; one-hot below its full size is a low-rank "
              "softmax. Throughput = training examples/s relative to full one-hot on the same task, same run.", ""]
-    for name, rows in result["tasks"].items():
+    for name, rows in _ordered(result["tasks"]):
         if isinstance(rows, dict):
             lines += [f"## {name}", "", f"not run: {rows['skipped']}", ""]
             continue
@@ -206,20 +210,24 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = {k: v for k, v in result["tasks"].items() if isinstance(v, list)}
-    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(5.2 * max(1, len(tasks)), 4), squeeze=False)
+    tasks = {k: v for k, v in _ordered(result["tasks"]) if isinstance(v, list)}
+    cols = max(1, len(tasks))
+    fig, axes = plt.subplots(2, cols, figsize=(5.2 * cols, 7.5), squeeze=False)
     markers = {"lm-nt": "o", "lm-it": "s", "ecoc": "^", "mach": "v", "onehot": "D"}
-    for ax, (name, rows) in zip(axes[0], tasks.items()):
-        for method in METHODS:
-            pts = sorted((r["output_params"], r["top1"]) for r in rows if r.get("method") == method and "top1" in r)
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[method], label=method)
-        ax.set_xscale("log")
-        ax.set_xlabel("output-layer parameters")
-        ax.set_ylabel("top-1 accuracy")
-        ax.set_title(f"{name} (N = {rows[0]['n_classes']:,})")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    for col, (name, rows) in enumerate(tasks.items()):
+        for row, metric in enumerate(("top1", "top5")):
+            ax = axes[row][col]
+            for method in METHODS:
+                pts = sorted((r["output_params"], r[metric]) for r in rows
+                             if r.get("method") == method and r.get(metric) is not None)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[method], label=method)
+            ax.set_xscale("log")
+            ax.set_xlabel("output-layer parameters")
+            ax.set_ylabel(f"{metric[:3]}-{metric[3:]} accuracy")
+            ax.set_title(f"{name} (N = {rows[0]['n_classes']:,})")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -232,7 +240,13 @@ def main() -> int:
                     help="comma-separated subset of words,synthetic,chars,scaling")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--replot", type=Path, help="re-render the markdown and PNG of a result JSON and exit")
     args = ap.parse_args()
+    if args.replot:
+        result = json.loads(args.replot.read_text())
+        atomic_write_text(args.replot.with_suffix(".md"), markdown(result))
+        plot(result, args.replot.with_suffix(".png"))
+        return 0
     torch.set_num_threads(1)
     mode = "quick" if args.quick else "full"
     cfgs = CONFIGS[mode]
