@@ -168,7 +168,7 @@ def markdown(result: dict) -> str:
         info = next((r.get("task_info") for r in rows if "task_info" in r), {})
         n = next(r["n_classes"] for r in rows if "n_classes" in r)
         ntr = next(r.get("train_examples") for r in rows if "train_examples" in r)
-        lines += [f"## {name} (N = {n:,}, {ntr:,} training examples per epoch x {rows[0]['epochs']} epoch(s))", "",
+        lines += [f"## {name} (N = {n:,}, {ntr:,} training examples seen in {rows[0]['epochs']} epoch(s))", "",
                   f"task: {json.dumps(info, ensure_ascii=False)}", "",
                   "| budget | method | output params | heads / bits | top-1 | top-5 | other decoders (top-1) | "
                   "throughput vs one-hot |",
