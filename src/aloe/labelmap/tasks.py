@@ -217,7 +217,7 @@ def synthetic_task(n_classes: int = 10_000, *, n_train: int = 200_000, n_test: i
 
 
 # -------------------------------------------------------------------------------------------------------- chars
-CJK_FONT_PACKAGES = ("fonts-noto-cjk", "fonts-wqy-microhei", "fonts-wqy-zenhei", "fonts-arphic-ukai")
+CJK_FONT_PACKAGES = ("fonts-noto-cjk", "fonts-wqy-microhei", "fonts-wqy-zenhei")
 # (path, face index): Noto CJK .ttc face 2 is Simplified Chinese
 CJK_FONTS = (
     ("/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc", 2),
