@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "aloe.obfuscation.commands",
     "aloe.serving.commands",
     "aloe.mpc.commands",
+    "aloe.labelmap.commands",
     "aloe.demo",
 ]
 
