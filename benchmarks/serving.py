@@ -19,7 +19,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from common import load_json, markdown_table, median_seconds, write_results
 
 from aloe.assets.cache import cache_root
 from aloe.assets.smollm2 import smollm2_path
@@ -28,6 +27,7 @@ from aloe.obfuscation.model import obfuscate_checkpoint
 from aloe.obfuscation.profiles import get_profile
 from aloe.obfuscation.secret import load_secret
 from aloe.serving.local import aloe_serve_command, free_port, server_process
+from common import load_json, markdown_table, median_seconds, write_results
 
 
 def flops_per_token(cfg: dict, d: int) -> float:
