@@ -2,7 +2,7 @@
 side by side in one run (requests alternate between the two servers), for the embedded transformers server and
 llama.cpp's llama-server; the client's own cost; and a bounded loopback load test.
 
-    python benchmarks/serving.py [--profile balanced] [--h 126] [--engines transformers,llama.cpp]
+    python benchmarks/serving.py [--profile balanced] [--h 18,126] [--engines transformers,llama.cpp]
         [--requests 5] [--new-tokens 48] [--load-seconds 60] [--json]
 
 Writes benchmarks/results/serving.json and serving.md.
@@ -27,7 +27,7 @@ from aloe.obfuscation.model import obfuscate_checkpoint
 from aloe.obfuscation.profiles import get_profile
 from aloe.obfuscation.secret import load_secret
 from aloe.serving.local import aloe_serve_command, free_port, server_process
-from common import load_json, markdown_table, median_seconds, write_results
+from common import markdown_table, median_seconds, write_results
 
 
 def flops_per_token(cfg: dict, d: int) -> float:
@@ -140,7 +140,7 @@ def load_test(obf_dir: Path, seconds: float, clients: int, threads: int) -> dict
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="balanced")
-    ap.add_argument("--h", type=int, help="override the profile's expansion")
+    ap.add_argument("--h", default="", help="comma-separated expansions to measure (default: the profile's)")
     ap.add_argument("--engines", default="transformers,llama.cpp")
     ap.add_argument("--requests", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=48)
@@ -151,53 +151,51 @@ def main() -> int:
     args = ap.parse_args()
 
     plain_dir = smollm2_path(progress=not args.json)
-    profile = get_profile(args.profile)
-    if args.h is not None:
-        profile = profile.with_overrides(name=f"{profile.name}-h{args.h}", h=args.h)
-    work = cache_root() / "bench" / "serving"
-    obf_dir, secret_path = work / profile.name, work / f"{profile.name}.secret"
-    summary = obfuscate_checkpoint(plain_dir, obf_dir, secret_path, profile, progress=not args.json)
+    base = get_profile(args.profile)
     cfg = json.loads((plain_dir / "config.json").read_text())
-    secret = load_secret(secret_path)
-    tmap = TokenMap(secret)
 
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(plain_dir))
     prompt = tok.apply_chat_template([{"role": "user", "content": "Tell me a long story about a lighthouse."}],
                                      add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-    ids = np.random.default_rng(0).integers(17, cfg["vocab_size"], 1000).tolist()
-    map_ms = 1000 * median_seconds(lambda: tmap.from_server(tmap.to_server(ids)), repeats=21)
-    d, d_out = summary["hidden_size"], summary["obfuscated_hidden_size"]
-    flop_ratio = flops_per_token(cfg, d_out) / flops_per_token(cfg, d)
-    rows = []
-    for engine in args.engines.split(","):
-        rows.append(compare(engine, plain_dir, obf_dir, list(prompt), tmap.to_server(prompt), args.new_tokens,
-                            args.requests, args.threads))
+    work = cache_root() / "bench" / "serving"
+    rows, obf_dir, map_ms = [], None, None
+    for h in [int(x) for x in args.h.split(",") if x] or [base.h]:
+        profile = base.with_overrides(name=f"{base.name}-h{h}", h=h)
+        obf_dir, secret_path = work / profile.name, work / f"{profile.name}.secret"
+        summary = obfuscate_checkpoint(plain_dir, obf_dir, secret_path, profile, progress=not args.json)
+        tmap = TokenMap(load_secret(secret_path))
+        if map_ms is None:
+            ids = np.random.default_rng(0).integers(17, cfg["vocab_size"], 1000).tolist()
+            map_ms = 1000 * median_seconds(lambda m=tmap, x=ids: m.from_server(m.to_server(x)), repeats=21)
+        d, d_out = summary["hidden_size"], summary["obfuscated_hidden_size"]
+        flop_ratio = flops_per_token(cfg, d_out) / flops_per_token(cfg, d)
+        for engine in args.engines.split(","):
+            row = compare(engine, plain_dir, obf_dir, list(prompt), tmap.to_server(prompt), args.new_tokens,
+                          args.requests, args.threads)
+            row.update(h=summary["expansion"]["effective"], hidden=f"{d} -> {d_out}", flop_ratio=flop_ratio,
+                       flop_speed_limit=1 / flop_ratio)
+            rows.append(row)
     payload = {
-        "profile": profile.name, "hidden_size": d, "obfuscated_hidden_size": d_out,
-        "flop_ratio": flop_ratio, "speed_limit_from_flops": 1 / flop_ratio,
-        "client_map_ms_per_1000_tokens": map_ms, "engines": rows,
+        "profile": base.name, "client_map_ms_per_1000_tokens": map_ms, "engines": rows,
         "settings": {"requests": args.requests, "new_tokens": args.new_tokens, "threads": args.threads,
                      "prompt_tokens": len(prompt)},
     }
     if args.load_seconds > 0:
         payload["load_test"] = load_test(obf_dir, args.load_seconds, args.load_clients, args.threads)
-    previous = load_json(Path(__file__).parent / "results" / "serving.json")
-    if previous and previous.get("profile") != profile.name:
-        payload["previous_profile_run"] = {k: previous.get(k) for k in ("profile", "engines", "flop_ratio")}
     md = [
         "# Serving: plain vs obfuscated SmolLM2-135M-Instruct on the same engine\n",
-        f"Profile `{profile.name}` (hidden size {d} -> {d_out}); greedy, {args.new_tokens} new tokens, prompt of "
-        f"{len(prompt)} tokens, {args.threads} threads, median of {args.requests} requests alternating between the "
-        "two servers. Produced by `python benchmarks/serving.py`.\n",
-        markdown_table(rows, [("engine", "engine"), ("plain_tokens_per_s", "plain tok/s"),
-                              ("obfuscated_tokens_per_s", "obf. tok/s"), ("speed_ratio", "obf/plain"),
+        f"Greedy, {args.new_tokens} new tokens, prompt of {len(prompt)} tokens, {args.threads} threads, median of "
+        f"{args.requests} requests alternating between the plain and the obfuscated server (both up at once). "
+        "`flop limit` = 1 / (matmul FLOPs per decoded token, obfuscated / plain): the best speed ratio where decoding "
+        "is compute- or weight-bandwidth-bound. Produced by `python benchmarks/serving.py`.\n",
+        markdown_table(rows, [("engine", "engine"), ("h", "h"), ("hidden", "hidden size"),
+                              ("plain_tokens_per_s", "plain tok/s"), ("obfuscated_tokens_per_s", "obf. tok/s"),
+                              ("speed_ratio", "obf/plain"), ("flop_speed_limit", "flop limit"),
                               ("plain_ttft_ms", "plain TTFT ms"), ("obfuscated_ttft_ms", "obf. TTFT ms"),
                               ("ttft_ratio", "TTFT ratio")]),
-        f"\nFLOP ratio of a decoded token (matmuls): {flop_ratio:.3f}, so the speed ratio cannot exceed "
-        f"{1 / flop_ratio:.3f} where decoding is compute-bound.\n",
-        f"Client cost (map 1,000 ids to the server and back): {map_ms:.3f} ms.\n",
+        f"\nClient cost (map 1,000 ids to the server and back): {map_ms:.3f} ms.\n",
     ]
     if "load_test" in payload:
         lt = payload["load_test"]
