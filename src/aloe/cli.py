@@ -13,6 +13,7 @@ from aloe import AloeError, __version__
 # parser default ``func`` and receives the parsed arguments.
 COMMAND_MODULES = [
     "aloe.assets.commands",
+    "aloe.recsys.commands",
     "aloe.demo",
 ]
 
