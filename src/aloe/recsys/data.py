@@ -351,3 +351,21 @@ def load_dataset(name: str, *, cache: Path | None = None, files: list[Path] | No
             atomic_write_json(tmp / "meta.json", {"n_items": data.n_items, "stats": data.stats,
                                                    "files": [str(f) for f in files]})
     return data
+
+
+def movielens_genres() -> dict[int, frozenset[str]]:
+    """Raw MovieLens item id -> its genres (the ``class`` column of ``ml-100k.item`` in the recbole wheel)."""
+    path = movielens_dir() / "ml-100k.item"
+    out: dict[int, frozenset[str]] = {}
+    with open(path, encoding="utf-8", errors="replace", newline="") as fh:
+        reader = csv.reader(fh, delimiter="\t")
+        header = [h.split(":")[0] for h in next(reader, [])]
+        if "item_id" not in header or "class" not in header:
+            raise AloeError(f"{path}, row 1: missing column(s) item_id, class")
+        i_id, i_cls = header.index("item_id"), header.index("class")
+        for row_no, row in enumerate(reader, start=2):
+            try:
+                out[int(row[i_id])] = frozenset(row[i_cls].split())
+            except (ValueError, IndexError):
+                raise AloeError(f"{path}, row {row_no}: cannot parse item_id/class") from None
+    return out

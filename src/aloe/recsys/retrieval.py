@@ -7,8 +7,10 @@
 - :func:`eigen_topk` answers one matrix query from an exact MIPS index over the item *vectors* e (dimension n, not
   n(n+1)/2). With A = sum_k lam_k u_k u_k^T, each positive eigenvector queries the index with +u_k and -u_k for its
   m best items; candidates are re-ranked exactly. An item outside every list has |u_k^T e| <= t_k (the m-th value of
-  list k), so its score is at most ``sum_{lam_k > 0} lam_k t_k^2``; when the k-th best candidate reaches that bound
-  the answer is exact, otherwise m doubles (at m = number of items it is exhaustive).
+  list k), so its score is at most ``sum_{lam_k > 0} lam_k t_k^2``; since also sum_k (u_k^T e)^2 <= |e|^2 <= R^2 (R
+  the largest item norm), the bound tightens to the fractional knapsack ``max sum lam_k c_k`` over
+  0 <= c_k <= t_k^2, sum c_k <= R^2 (fill the largest eigenvalues first). When the k-th best candidate reaches the
+  bound the answer is exact, otherwise m doubles (at m = number of items it is exhaustive).
 """
 
 from __future__ import annotations
@@ -92,8 +94,20 @@ class EigenResult:
     bound: float  # the score bound for every item outside the candidates
 
 
+def pruning_bound(lam_pos: np.ndarray, t: np.ndarray, r2: float) -> float:
+    """Largest ``sum lam_k c_k`` with ``0 <= c_k <= t_k^2`` and ``sum c_k <= r2`` (``lam_pos`` > 0)."""
+    bound, budget = 0.0, float(r2)
+    for j in np.argsort(-lam_pos):
+        c = min(float(t[j]) ** 2, budget)
+        bound += float(lam_pos[j]) * c
+        budget -= c
+        if budget <= 0:
+            break
+    return bound
+
+
 def eigen_topk(a: np.ndarray, vectors: np.ndarray, k: int, index: MipsIndex | None = None,
-               start: int | None = None) -> EigenResult:
+               start: int | None = None, max_norm2: float | None = None) -> EigenResult:
     """Exact top-k of ``x^T A x`` over the rows x of ``vectors`` via the eigenvector route (see module doc).
     ``index`` must be an exact MIPS index over ``vectors`` (kind ``flat``); built here if not given."""
     a = np.asarray(a, dtype=np.float64)
@@ -103,6 +117,7 @@ def eigen_topk(a: np.ndarray, vectors: np.ndarray, k: int, index: MipsIndex | No
     index = index or MipsIndex(x, "flat")
     if index.kind != "flat" or index.n != n_items:
         raise AloeError("the eigenvector route needs an exact (flat) index over the same item vectors")
+    r2 = float((x.astype(np.float64) ** 2).sum(1).max()) * (1 + 1e-6) if max_norm2 is None else max_norm2
     lam, u = np.linalg.eigh((a + a.T) / 2)
     pos = lam > 0
     lam_p, u_p = lam[pos], u[:, pos]
@@ -117,7 +132,7 @@ def eigen_topk(a: np.ndarray, vectors: np.ndarray, k: int, index: MipsIndex | No
             cand = np.unique(ids[ids >= 0])
             p = len(lam_p)
             t = np.maximum(np.maximum(vals[:p, -1], vals[p:, -1]), 0.0).astype(np.float64)
-            bound = float((lam_p * t * t).sum())
+            bound = pruning_bound(lam_p, t, r2)
         else:  # no positive eigenvalue: every score is <= 0
             cand, bound = np.arange(min(m, n_items)), 0.0
         xc = x[cand].astype(np.float64)
