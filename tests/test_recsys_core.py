@@ -10,7 +10,14 @@ from aloe import AloeError
 from aloe.recsys.interests import session_interests
 from aloe.recsys.metrics import mrr_at, recall_at, target_ranks
 from aloe.recsys.models import build_model, count_params
-from aloe.recsys.retrieval import MipsIndex, eigen_topk, exact_topk, recall_vs_exact, same_topk
+from aloe.recsys.retrieval import (
+    MipsIndex,
+    eigen_topk,
+    exact_topk,
+    pruning_bound,
+    recall_vs_exact,
+    same_topk,
+)
 from aloe.recsys.symmetric import augment, n_pairs, phi, sym_from_z, z_from_sym
 
 torch.set_num_threads(1)
@@ -158,6 +165,13 @@ def test_eigenvector_route_equals_exact_topk(case):
         assert res.scores[-1] >= res.bound or res.candidates == len(e)
     if case == "low-rank":
         assert res.candidates < len(e) // 2  # the bound prunes most of the catalogue
+
+
+def test_pruning_bound_hand_computed():
+    lam, t = np.array([1.0, 3.0]), np.array([2.0, 1.0])
+    assert pruning_bound(lam, t, r2=100.0) == pytest.approx(3 * 1 + 1 * 4)  # norm not binding: sum lam t^2
+    assert pruning_bound(lam, t, r2=2.0) == pytest.approx(3 * 1 + 1 * 1)  # largest eigenvalue filled first
+    assert pruning_bound(lam, t, r2=0.5) == pytest.approx(3 * 0.5)
 
 
 def test_interests_recover_known_eigenvectors():
