@@ -150,3 +150,12 @@ def test_tiny_training_beats_popularity(tmp_path):
     assert pop["params"] == 0
     assert vec["recall@20"] > pop["recall@20"] + 0.1
     assert mat["recall@20"] > pop["recall@20"] + 0.1
+
+
+def test_movielens_item_metadata():
+    from aloe.recsys.data import item_titles, movielens_genres
+
+    titles, genres = item_titles("ml100k"), movielens_genres()
+    assert len(titles) == len(genres) == 1682
+    assert titles[1] == "Toy Story" and genres[1] == {"Animation", "Children's", "Comedy"}
+    assert item_titles("yoochoose") == {}

@@ -54,16 +54,23 @@ def _interests(args: argparse.Namespace) -> int:
     with torch.no_grad():
         z = model.queries(torch.from_numpy(s[None, :]))[0, -1]
         interests = session_interests(model.session_matrix(z), model.item_vectors(), args.top, args.items)
-    raw = data.item_raw
+    from aloe.recsys.data import item_titles
+
+    raw, titles = data.item_raw, item_titles(args.data)
     out = {"data": args.data, "session": args.session, "clicks": raw[s].tolist(),
            "interests": [{"eigenvalue": it.eigenvalue, "share": it.share, "items": raw[it.items].tolist()}
                          for it in interests]}
+    if titles:
+        out["click_titles"] = [titles.get(int(i), "") for i in out["clicks"]]
+        for it in out["interests"]:
+            it["titles"] = [titles.get(int(i), "") for i in it["items"]]
     if args.json:
         print_json(out)
     else:
-        print(f"session {args.session}: clicked items {out['clicks']}")
+        print(f"session {args.session}: clicked items {out.get('click_titles', out['clicks'])}")
         for j, it in enumerate(out["interests"]):
-            print(f"interest {j}: eigenvalue {it['eigenvalue']:.3f} ({it['share']:.0%}) -> items {it['items']}")
+            print(f"interest {j}: eigenvalue {it['eigenvalue']:.3f} ({it['share']:.0%}) -> items "
+                  f"{it.get('titles', it['items'])}")
     return 0
 
 

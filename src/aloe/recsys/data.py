@@ -353,19 +353,29 @@ def load_dataset(name: str, *, cache: Path | None = None, files: list[Path] | No
     return data
 
 
-def movielens_genres() -> dict[int, frozenset[str]]:
-    """Raw MovieLens item id -> its genres (the ``class`` column of ``ml-100k.item`` in the recbole wheel)."""
+def _movielens_items() -> list[tuple[int, str, frozenset[str]]]:
+    """(raw item id, title, genres) from ``ml-100k.item`` in the recbole wheel."""
     path = movielens_dir() / "ml-100k.item"
-    out: dict[int, frozenset[str]] = {}
+    out: list[tuple[int, str, frozenset[str]]] = []
     with open(path, encoding="utf-8", errors="replace", newline="") as fh:
         reader = csv.reader(fh, delimiter="\t")
         header = [h.split(":")[0] for h in next(reader, [])]
-        if "item_id" not in header or "class" not in header:
-            raise AloeError(f"{path}, row 1: missing column(s) item_id, class")
-        i_id, i_cls = header.index("item_id"), header.index("class")
+        if not {"item_id", "movie_title", "class"} <= set(header):
+            raise AloeError(f"{path}, row 1: missing column(s) item_id, movie_title, class")
+        i_id, i_title, i_cls = header.index("item_id"), header.index("movie_title"), header.index("class")
         for row_no, row in enumerate(reader, start=2):
             try:
-                out[int(row[i_id])] = frozenset(row[i_cls].split())
+                out.append((int(row[i_id]), row[i_title], frozenset(row[i_cls].split())))
             except (ValueError, IndexError):
-                raise AloeError(f"{path}, row {row_no}: cannot parse item_id/class") from None
+                raise AloeError(f"{path}, row {row_no}: cannot parse item_id/movie_title/class") from None
     return out
+
+
+def movielens_genres() -> dict[int, frozenset[str]]:
+    """Raw MovieLens item id -> its genres (the ``class`` column of ``ml-100k.item``)."""
+    return {i: g for i, _, g in _movielens_items()}
+
+
+def item_titles(name: str) -> dict[int, str]:
+    """Raw item id -> a readable title where the dataset has one (MovieLens), else an empty dict."""
+    return {i: t for i, t, _ in _movielens_items()} if name == "ml100k" else {}
