@@ -1,6 +1,6 @@
 """Matrix vs vector session embedding: Recall@20 / MRR@20 on every dataset, retrieval latency, interests.
 
-    python benchmarks/recsys.py --quick      # 3 seeds x 4 epochs, 20k-item catalogue: a few minutes, 1 thread
+    python benchmarks/recsys.py --quick      # 3 seeds x 3 epochs, 20k-item catalogue: a few minutes, 1 thread
     python benchmarks/recsys.py              # 5 seeds x 10 epochs, 100k-item catalogue
 
 Writes benchmarks/results/recsys[_quick].{json,md,png}. Everything runs on one thread (torch and faiss).
@@ -274,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
     seeds = args.seeds or (3 if args.quick else 5)
-    epochs = args.epochs or (4 if args.quick else 10)
-    n_queries, big = (100, 20_000) if args.quick else (200, 100_000)
+    epochs = args.epochs or (3 if args.quick else 10)
+    n_queries, big = (60, 20_000) if args.quick else (200, 100_000)
     datasets = args.datasets.split(",")
     log = sys.stderr
     t_start = time.perf_counter()
