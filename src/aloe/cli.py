@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "aloe.serving.commands",
     "aloe.mpc.commands",
     "aloe.labelmap.commands",
+    "aloe.recsys.commands",
     "aloe.demo",
 ]
 

@@ -1,0 +1,144 @@
+"""Retrieval for the match stage: exact top-k, a faiss MIPS index over the item features, and the eigenvector route.
+
+- :func:`exact_topk` scores every item (one matmul) and sorts; ties go to the lower item id.
+- :class:`MipsIndex` is a faiss index over the item features (phi(e) for the matrix model, e for the vector model):
+  ``flat`` is faiss's exact inner-product search, ``hnsw`` its graph index (approximate; measure its recall with
+  :func:`recall_vs_exact`).
+- :func:`eigen_topk` answers one matrix query from an exact MIPS index over the item *vectors* e (dimension n, not
+  n(n+1)/2). With A = sum_k lam_k u_k u_k^T, each positive eigenvector queries the index with +u_k and -u_k for its
+  m best items; candidates are re-ranked exactly. An item outside every list has |u_k^T e| <= t_k (the m-th value of
+  list k), so its score is at most ``sum_{lam_k > 0} lam_k t_k^2``; since also sum_k (u_k^T e)^2 <= |e|^2 <= R^2 (R
+  the largest item norm), the bound tightens to the fractional knapsack ``max sum lam_k c_k`` over
+  0 <= c_k <= t_k^2, sum c_k <= R^2 (fill the largest eigenvalues first). When the k-th best candidate reaches the
+  bound the answer is exact, otherwise m doubles (at m = number of items it is exhaustive).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from aloe import AloeError
+
+
+def _f32(x) -> np.ndarray:
+    x = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _sort_rows(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = np.lexsort((ids, -scores), axis=-1) if scores.ndim == 1 else np.stack(
+        [np.lexsort((i, -s)) for s, i in zip(scores, ids)])
+    return np.take_along_axis(scores, order, -1), np.take_along_axis(ids, order, -1)
+
+
+def exact_topk(queries, features, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(Q, D) queries, (V, D) item features -> (Q, k) scores and item ids, best first."""
+    q, f = _f32(queries), _f32(features)
+    k = min(k, len(f))
+    scores = q @ f.T
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    return _sort_rows(np.take_along_axis(scores, part, 1), part)
+
+
+class MipsIndex:
+    """A faiss maximum-inner-product index over item features."""
+
+    def __init__(self, features, kind: str = "flat", hnsw_m: int = 32, ef_construction: int = 200,
+                 ef_search: int = 128):
+        f = _f32(features)
+        if f.ndim != 2 or not len(f):
+            raise AloeError("the index needs a non-empty (items, dim) feature matrix")
+        self.kind, self.n, self.dim = kind, len(f), f.shape[1]
+        if kind == "flat":
+            self.index = faiss.IndexFlatIP(self.dim)
+        elif kind == "hnsw":
+            self.index = faiss.IndexHNSWFlat(self.dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            self.index.hnsw.efConstruction = ef_construction
+            self.index.hnsw.efSearch = ef_search
+        else:
+            raise AloeError(f"unknown index kind {kind!r}; choose flat or hnsw")
+        self.index.add(f)
+
+    def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, ids = self.index.search(_f32(queries), min(k, self.n))
+        return scores, ids.astype(np.int64)
+
+
+def recall_vs_exact(ids: np.ndarray, exact_ids: np.ndarray) -> float:
+    """Mean fraction of the exact top-k ids that the index returned."""
+    return float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(ids, exact_ids)]))
+
+
+def same_topk(ids: np.ndarray, scores: np.ndarray, exact_ids: np.ndarray, exact_scores: np.ndarray,
+              rtol: float = 1e-5) -> np.ndarray:
+    """Per query: the index result equals the exact top-k -- same ids in the same order, except that items whose exact
+    scores tie (within float32 rounding) may swap places."""
+    out = np.zeros(len(ids), dtype=bool)
+    for r, (a, sa, b, sb) in enumerate(zip(ids, scores, exact_ids, exact_scores)):
+        tol = rtol * max(1.0, float(np.abs(sb).max()))
+        # a swapped pair of ids is a tie: the k-th best scores must still agree position by position
+        out[r] = bool(np.array_equal(a, b) or (len(a) == len(b) and np.allclose(sa, sb, rtol=0, atol=tol)))
+    return out
+
+
+@dataclass
+class EigenResult:
+    ids: np.ndarray
+    scores: np.ndarray
+    candidates: int  # items scored exactly
+    rounds: int
+    list_size: int  # final m per eigenvector and sign
+    bound: float  # the score bound for every item outside the candidates
+
+
+def pruning_bound(lam_pos: np.ndarray, t: np.ndarray, r2: float) -> float:
+    """Largest ``sum lam_k c_k`` with ``0 <= c_k <= t_k^2`` and ``sum c_k <= r2`` (``lam_pos`` > 0)."""
+    bound, budget = 0.0, float(r2)
+    for j in np.argsort(-lam_pos):
+        c = min(float(t[j]) ** 2, budget)
+        bound += float(lam_pos[j]) * c
+        budget -= c
+        if budget <= 0:
+            break
+    return bound
+
+
+def eigen_topk(a: np.ndarray, vectors: np.ndarray, k: int, index: MipsIndex | None = None,
+               start: int | None = None, max_norm2: float | None = None) -> EigenResult:
+    """Exact top-k of ``x^T A x`` over the rows x of ``vectors`` via the eigenvector route (see module doc).
+    ``index`` must be an exact MIPS index over ``vectors`` (kind ``flat``); built here if not given."""
+    a = np.asarray(a, dtype=np.float64)
+    x = _f32(vectors)
+    n_items = len(x)
+    k = min(k, n_items)
+    index = index or MipsIndex(x, "flat")
+    if index.kind != "flat" or index.n != n_items:
+        raise AloeError("the eigenvector route needs an exact (flat) index over the same item vectors")
+    r2 = float((x.astype(np.float64) ** 2).sum(1).max()) * (1 + 1e-6) if max_norm2 is None else max_norm2
+    lam, u = np.linalg.eigh((a + a.T) / 2)
+    pos = lam > 0
+    lam_p, u_p = lam[pos], u[:, pos]
+    queries = np.concatenate([u_p.T, -u_p.T]).astype(np.float32)
+    m = max(start or k, 1)
+    rounds = 0
+    while True:
+        rounds += 1
+        m = min(m, n_items)
+        if len(queries):
+            vals, ids = index.search(queries, m)
+            cand = np.unique(ids[ids >= 0])
+            p = len(lam_p)
+            t = np.maximum(np.maximum(vals[:p, -1], vals[p:, -1]), 0.0).astype(np.float64)
+            bound = pruning_bound(lam_p, t, r2)
+        else:  # no positive eigenvalue: every score is <= 0
+            cand, bound = np.arange(min(m, n_items)), 0.0
+        xc = x[cand].astype(np.float64)
+        sc = np.einsum("vi,ij,vj->v", xc, a, xc)
+        top = np.lexsort((cand, -sc))[:k]
+        exhaustive = len(cand) == n_items or m >= n_items
+        if exhaustive or (len(top) == k and sc[top[-1]] >= bound):
+            return EigenResult(cand[top], sc[top], int(len(cand)), rounds, int(m), bound)
+        m *= 2
