@@ -1,6 +1,8 @@
 """Secure layers against PyTorch autograd (threads; tiny shapes): forward, input and weight gradients, and the
 momentum SGD step with the fixed-point learning rate."""
 
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -100,3 +102,21 @@ def test_plain_models_have_the_suite_shapes():
     sizes = {n: sum(p.numel() for p in plain_model(n).parameters()) for n in "abcd"}
     assert sizes["a"] == 784 * 128 + 128 + 128 * 128 + 128 + 1290
     assert sizes["c"] > sizes["b"]
+
+
+def _shaped_rounds(party, name, rounds):
+    from aloe.mpc.nn.wan import shape_links
+
+    shape_links(party, name)
+    party.sync()
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        party.exchange([(torch.zeros(4, dtype=torch.int64), 0)]) if not party.is_dealer else None
+    return time.perf_counter() - t0
+
+
+def test_wan_profile_delays_each_round():
+    seconds = run_local(_shaped_rounds, "100mbit-25ms", 4)["L"]
+    assert 4 * 0.025 <= seconds < 4 * 0.025 + 2.0
+    with pytest.raises(AloeError, match="unknown network profile"):
+        run_local(_shaped_rounds, "dialup", 1)
