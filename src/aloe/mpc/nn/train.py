@@ -213,10 +213,24 @@ def _share_batch(party: Party, cfg: TrainConfig, lay: D.Layout, own_x, own_y, id
     return x, y
 
 
+def _warm_up() -> None:
+    """Run the shape-only (``meta``) operations once: their first use imports large parts of torch (dynamo, sympy;
+    seconds per process), a start-up cost that must not land inside the first training step."""
+    from aloe.mpc.triples import conv2d_maps, meta
+
+    a, w = meta((2, 1, 6, 6)), meta((1, 1, 3, 3))
+    maps = conv2d_maps((2, 1, 6, 6), (1, 1, 3, 3))
+    maps.g1(w, maps.f(a, w))
+    maps.g2(maps.f(a, w), a)
+    torch.cat([meta((2, 3)), meta((2, 3))], 1) @ meta((6, 1))
+    torch.cat([torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 3, dtype=torch.int64)], 1).sum(0)
+
+
 def train_program(party: Party, cfg: TrainConfig, lay: D.Layout, progress) -> dict | None:
     """One party's training run. ``lay`` holds the public facts about the data (count, feature shapes); the dealer
     reads no data at all."""
     torch.set_num_threads(1)
+    _warm_up()
     if cfg.wan:
         shape_links(party, cfg.wan)
     own_x, own_y = D.party_data(party.role, cfg.model, cfg.dataset, cfg.limit, cfg.seed, cfg.blobs)
