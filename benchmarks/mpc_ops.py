@@ -105,6 +105,8 @@ def measure(ops: list[str], reps: int) -> dict:
             "aloe_online_ms": a.get("online_ms"),
             "crypten_ms": c["ms"],
             "ratio_ms": a["ms"] / c["ms"],
+            "aloe_cpu_ms": a["cpu_ms"],
+            "crypten_cpu_ms_parties": c["cpu_ms"],
             "aloe_rounds": a["rounds"],
             "crypten_rounds": c["rounds"],
             "morse_rounds": target_rounds,
@@ -123,15 +125,17 @@ def measure(ops: list[str], reps: int) -> dict:
 
 def markdown(result: dict, title: str, wan: bool = False) -> str:
     lines = [f"### {title}", ""]
-    head = ("| op | shape | aloe ms | aloe online ms | CrypTen ms | aloe/CrypTen | rounds aloe / CrypTen / Morse | "
-            "online bits/elt aloe / CrypTen / Morse | aloe offline bits/elt | max err aloe / CrypTen |")
-    lines += [head, "|" + "---|" * 10]
+    head = ("| op | shape | aloe ms | aloe online ms | CrypTen ms | aloe/CrypTen | CPU ms aloe (3 procs) / CrypTen "
+            "(2 parties) | rounds aloe / CrypTen / Morse | online bits/elt aloe / CrypTen / Morse | "
+            "aloe offline bits/elt | max err aloe / CrypTen |")
+    lines += [head, "|" + "---|" * 11]
     for r in result["rows"]:
         morse_bits = "-" if r["morse_online_bits_per_element"] is None else f"{r['morse_online_bits_per_element']:,}"
         online = "-" if r["aloe_online_ms"] is None else f"{r['aloe_online_ms']:.1f}"
         lines.append(
             f"| {r['op']} | {r['shape']} | {r['aloe_ms']:.1f} | {online} | {r['crypten_ms']:.1f} | "
-            f"{r['ratio_ms']:.2f} | {r['aloe_rounds']} / {r['crypten_rounds']} / {r['morse_rounds']} | "
+            f"{r['ratio_ms']:.2f} | {r['aloe_cpu_ms']:.0f} / {r['crypten_cpu_ms_parties']:.0f} | "
+            f"{r['aloe_rounds']} / {r['crypten_rounds']} / {r['morse_rounds']} | "
             f"{r['aloe_online_bits_per_element']:,.0f} / {r['crypten_online_bits_per_element']:,.0f} / {morse_bits} | "
             f"{r['aloe_offline_bits_per_element']:,.0f} | {r['aloe_max_abs_error']:.2g} / "
             f"{r['crypten_max_abs_error']:.2g} |"

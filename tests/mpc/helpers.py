@@ -6,7 +6,8 @@ from aloe.mpc.triples import meta
 
 
 def share_raw(party, x: torch.Tensor) -> torch.Tensor:
-    """Additive shares of int64 ``x`` (test inputs only: the split uses a fresh OS-random mask per call)."""
+    """Additive shares of int64 ``x`` for tests only: the mask comes from torch's generator, which is fine for test
+    data but not for real secrets (real inputs go through ``SharedTensor.from_private``)."""
     if party.is_dealer:
         return meta(tuple(x.shape))
     # both parties need the same mask here, so L draws it and sends it (counted like any message)

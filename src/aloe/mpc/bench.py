@@ -120,9 +120,10 @@ def bench_program(party: Party, op: str, shapes, reps: int, seed: int, together:
             party.dealer_sync()  # preprocessed: L and R wait here until the dealer has sent everything
         party.sync()
         before = party.stats.snapshot()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = _run_op(op, a, b, steps)
         ms = (time.perf_counter() - t0) * 1e3
+        cpu_ms = (time.process_time() - c0) * 1e3
         after = party.stats.snapshot()
         if party.is_dealer and not together:
             party.dealer_sync()
@@ -132,6 +133,7 @@ def bench_program(party: Party, op: str, shapes, reps: int, seed: int, together:
         row = {k: after[k] - before[k] for k in after}
         row["depth_before"], row["depth_after"] = before["depth"], after["depth"]
         row["ms"] = ms
+        row["cpu_ms"] = cpu_ms
         if party.role == "L":
             row["max_abs_error"] = float((value.double() - reference(op, xs)).abs().max().item())
         rows.append(row)
@@ -152,6 +154,7 @@ def summarize(op: str, shapes, results: dict) -> dict:
     offline = [8 * rows["D"][i]["offline_bytes_sent"] for i in range(reps)]
     rounds = [results["L"]["rounds"][i] for i in range(reps)]
     ms = [max(rows["L"][i]["ms"], rows["R"][i]["ms"]) for i in range(reps)]
+    cpu = [sum(rows[r][i]["cpu_ms"] for r in ("L", "R", "D")) for i in range(reps)]
     out = {
         "op": op,
         "shape": "," .join("x".join(str(d) for d in s) for s in shapes),
@@ -160,6 +163,7 @@ def summarize(op: str, shapes, results: dict) -> dict:
         "ms": statistics.median(ms),
         "ms_all": ms,
         "rounds": max(rounds),
+        "cpu_ms": statistics.median(cpu),
         "online_bits": statistics.median(online),
         "offline_bits": statistics.median(offline),
         "online_bits_per_element": statistics.median(online) / n,

@@ -8,6 +8,7 @@ terms* (values depending on both keys) travel, always from the dealer to one par
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 
@@ -18,18 +19,21 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 KEY_BYTES = 16
 
 
+@functools.lru_cache(maxsize=16)
+def _residues(m: int) -> np.ndarray:
+    return (np.arange(1 << 16, dtype=np.int64) % m).astype(np.int16)
+
+
 def small_mod(v: torch.Tensor, m: int) -> torch.Tensor:
     """``v mod m`` as int16 for integer tensors with ``-m^2 <= v < 2^16 - m^2`` and ``m <= 256``.
 
-    The value is shifted by ``m^2`` into [0, 2^16) and reduced with a float32 quotient: ``w / m`` is off by at most
-    1.2e-4 in float32 while distinct fractional parts of ``w / m`` are at least ``1/m >= 0.0039`` apart, so adding
-    1e-3 before the floor gives the exact quotient (checked exhaustively over all 2^16 inputs in the tests). It is
-    several times faster than an integer division on CPU."""
+    The value is shifted by ``m^2`` (a multiple of m) into [0, 2^16) and looked up in a 64K-entry table of residues,
+    a single cache-resident gather that is several times faster than an integer division on CPU (checked
+    exhaustively over the whole range in the tests)."""
     if m > 256:
         raise ValueError("small_mod needs m <= 256")
-    w = (v.to(torch.int16) + m * m).numpy().view(np.uint16)
-    q = np.floor(w.astype(np.float32) * np.float32(1.0 / m) + np.float32(1e-3)).astype(np.uint16)
-    return torch.from_numpy((w - q * np.uint16(m)).view(np.int16))
+    w = (v.to(torch.int16) + m * m).contiguous().numpy().view(np.uint16)
+    return torch.from_numpy(np.take(_residues(m), w))
 
 
 def new_key() -> bytes:

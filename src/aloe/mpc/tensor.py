@@ -367,6 +367,3 @@ class TriangleLayer:
         return (SharedTensor(self.party, fn.truncate(self.party, gx)),
                 SharedTensor(self.party, fn.truncate(self.party, gw)))
 
-
-def numel(shape) -> int:
-    return math.prod(shape)
