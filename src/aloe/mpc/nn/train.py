@@ -31,6 +31,7 @@ from torch import nn
 
 from aloe import AloeError
 from aloe.assets.cache import cache_root
+from aloe.mpc.functions import sigmoid_coefficients
 from aloe.mpc.nn import data as D
 from aloe.mpc.nn.layers import DEFAULT_CHUNK
 from aloe.mpc.nn.losses import sigmoid_bce_grad, softmax_ce_grad
@@ -224,6 +225,7 @@ def _warm_up() -> None:
     maps.g2(maps.f(a, w), a)
     torch.cat([meta((2, 3)), meta((2, 3))], 1) @ meta((6, 1))
     torch.cat([torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 3, dtype=torch.int64)], 1).sum(0)
+    sigmoid_coefficients()  # a least-squares fit, cached after the first call
 
 
 def train_program(party: Party, cfg: TrainConfig, lay: D.Layout, progress) -> dict | None:
@@ -245,6 +247,7 @@ def train_program(party: Party, cfg: TrainConfig, lay: D.Layout, progress) -> di
     party.sync()
     t0 = time.perf_counter()
     depth0 = party.stats.depth
+    checkpoint_seconds = 0.0
     for epoch in range(start, cfg.epochs):
         order = epoch_order(lay.n, cfg.seed, epoch)
         for step in range(steps):
@@ -261,7 +264,9 @@ def train_program(party: Party, cfg: TrainConfig, lay: D.Layout, progress) -> di
             if progress is not None and party.role == "L":
                 progress.put((epoch, step + 1, steps))
         if not party.is_dealer:
+            t1 = time.perf_counter()
             _save_checkpoint(cfg, party.role, epoch + 1, net, opt)
+            checkpoint_seconds += time.perf_counter() - t1
     train_seconds = time.perf_counter() - t0
     rounds = party.stats.depth - depth0
     weights = {}
@@ -273,6 +278,7 @@ def train_program(party: Party, cfg: TrainConfig, lay: D.Layout, progress) -> di
             weights[q.name] = v.numpy()
     if party.role == "L":
         return {"weights": weights, "start_epoch": start, "train_seconds": train_seconds, "rounds": rounds,
+                "checkpoint_seconds": checkpoint_seconds,
                 "steps_per_epoch": steps}
     return {"start_epoch": start} if party.role == "R" else None
 
@@ -384,6 +390,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, out: Path | None = None, p
         "accuracy": accuracy(cfg, secure),
         "seconds": seconds,
         "train_seconds": res_l["train_seconds"],
+        "checkpoint_seconds": res_l["checkpoint_seconds"],
         "online_bytes": online,
         "offline_bytes": offline,
         "rounds": res_l["rounds"],
