@@ -118,3 +118,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--timeout", type=float, default=60.0)
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=_party)
+
+    from aloe.mpc.nn.commands import register_train
+
+    register_train(g)

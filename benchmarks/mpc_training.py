@@ -1,0 +1,213 @@
+"""Secure training, aloe vs CrypTen, side by side in one run.
+
+Workloads (the reference's W2 and W3):
+- ``lr``: one epoch of logistic regression on 5,000 x 20 Gaussian clusters, full batch (CrypTen's benchmark
+  default), features split between the two data owners, labels owned by one;
+- ``b-avg`` / ``b-max``: one training step of Network B (conv 16 5x5, ReLU, pool, conv 16 5x5, ReLU, pool, FC 100,
+  ReLU, FC 10) at batch 128 on MNIST, with average or max pooling; softmax + cross-entropy, momentum SGD.
+
+aloe runs ``aloe.mpc.nn.train.train`` (three processes: L, R and the dealer; the dealer starts with them, so its
+work is inside the timed span) and reports the training loop's time on L (from after the parties' start-up to the
+end of the step, including sharing the batch; the time to write the epoch checkpoint is subtracted and recorded
+separately, since CrypTen writes none), its rounds, and the bytes on the
+L-R channel (online) and from the dealer (offline). CrypTen 0.4.1 (two parties plus its trusted third party,
+provider TTP, momentum SGD) runs in its own virtual environment (see ``benchmarks/mpc_ops.py``) and reports the
+same step's time, rounds, and rank 1's byte counter (the traffic between the two parties).
+
+``--wan`` repeats both inside a network namespace whose loopback is limited to 100 Mbit/s (``tbf``; the kernel has no
+``netem``), and adds a projection ``seconds + rounds x one-way delay`` for 2.5 ms and 25 ms (labelled as such).
+One measurement per workload (each is a full training step; the machine is shared and slow).
+
+Usage: python benchmarks/mpc_training.py [--quick] [--workloads lr,b-avg,b-max] [--wan [--wan-workloads lr]] [--json]
+``--quick``: lr and b-avg only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(HERE))
+
+import torch  # noqa: E402
+
+from aloe import AloeError  # noqa: E402
+from aloe.assets.cache import atomic_write_json, atomic_write_text  # noqa: E402
+from aloe.mpc.nn import data as D  # noqa: E402
+from aloe.mpc.nn.train import TrainConfig, train  # noqa: E402
+
+WORKLOADS = ("lr", "b-avg", "b-max")
+GOALS = {"lr": 0.25, "b-avg": 0.2, "b-max": 0.2}
+WAN_DELAYS_MS = (2.5, 25.0)
+BLOBS = (5000, 20)
+
+
+def aloe_config(w: str, ckpt: str) -> TrainConfig:
+    if w == "lr":
+        return TrainConfig(model="lr", dataset="blobs", limit=BLOBS[0], batch=BLOBS[0], epochs=1, lr=0.1,
+                           blobs=BLOBS, checkpoint_dir=ckpt, timeout=600.0)
+    return TrainConfig(model="b", pool=w.split("-")[1], limit=128, batch=128, epochs=1, lr=0.01, checkpoint_dir=ckpt,
+                       timeout=600.0)
+
+
+def run_aloe(w: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        rep = train(aloe_config(w, tmp), progress=False, plain=False)
+    # the step without writing the epoch checkpoint (CrypTen writes none); that time is reported beside it
+    return {"seconds": rep["train_seconds"] - rep["checkpoint_seconds"], "launch_seconds": rep["seconds"],
+            "checkpoint_seconds": rep["checkpoint_seconds"], "rounds": rep["rounds"],
+            "online_bytes": rep["online_bytes"], "offline_bytes": rep["offline_bytes"]}
+
+
+def crypten_data(path: Path) -> None:
+    xl, _ = D.blobs_columns(BLOBS[0], BLOBS[1], 0, "L")
+    xr, y = D.blobs_columns(BLOBS[0], BLOBS[1], 0, "R")
+    torch.save({"lr_xl": xl, "lr_xr": xr, "lr_y": y, "b_x": D.mnist_images("train", 128),
+                "b_y": D.mnist_labels("train", 128)}, path)
+
+
+def run_crypten(workloads: list[str]) -> dict:
+    from mpc_ops import crypten_python
+
+    py = crypten_python()
+    with tempfile.TemporaryDirectory() as tmp:
+        data, out = Path(tmp) / "data.pt", Path(tmp) / "crypten.json"
+        crypten_data(data)
+        proc = subprocess.run([str(py), str(HERE / "crypten_training_harness.py"), str(data), str(out),
+                               ",".join(workloads)], capture_output=True, text=True, timeout=3600)
+        if proc.returncode != 0 or not out.exists():
+            raise AloeError(f"CrypTen harness failed: {proc.stderr.strip().splitlines()[-3:]}")
+        return json.loads(out.read_text())
+
+
+def measure(workloads: list[str]) -> dict:
+    aloe = {w: run_aloe(w) for w in workloads}
+    crypten = run_crypten(workloads)
+    rows = []
+    for w in workloads:
+        a, c = aloe[w], crypten["workloads"][w]
+        rows.append({
+            "workload": w,
+            "aloe_seconds": a["seconds"],
+            "aloe_launch_seconds": a["launch_seconds"],
+            "aloe_checkpoint_seconds": a["checkpoint_seconds"],
+            "crypten_seconds": c["seconds"],
+            "ratio": a["seconds"] / c["seconds"],
+            "goal": GOALS[w],
+            "aloe_rounds": a["rounds"],
+            "crypten_rounds": c["rounds"],
+            "aloe_online_bytes": a["online_bytes"],
+            "aloe_offline_bytes": a["offline_bytes"],
+            "crypten_online_bytes": c["online_bytes"],
+            "crypten_rank0_bytes": c["rank0_bytes"],
+        })
+    return {"crypten_version": crypten["crypten"], "torch": crypten["torch"], "rows": rows}
+
+
+NAMES = {"lr": "LR epoch, 5,000 x 20, full batch", "b-avg": "Network B step, b=128, avg-pool",
+         "b-max": "Network B step, b=128, max-pool"}
+
+
+def markdown(result: dict, title: str, wan: bool = False) -> str:
+    lines = [f"### {title}", "",
+             "| workload | aloe s | CrypTen s | aloe/CrypTen (goal) | rounds aloe / CrypTen | "
+             "online MB aloe / CrypTen | aloe offline MB |", "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(
+            f"| {NAMES[r['workload']]} | {r['aloe_seconds']:.2f} | {r['crypten_seconds']:.2f} | {r['ratio']:.2f} "
+            f"(<= {r['goal']}) | {r['aloe_rounds']} / {r['crypten_rounds']} | {r['aloe_online_bytes'] / 1e6:,.1f} / "
+            f"{r['crypten_online_bytes'] / 1e6:,.1f} | {r['aloe_offline_bytes'] / 1e6:,.1f} |")
+    if wan:
+        lines += ["", "Projection with latency (not a measurement): seconds + rounds x one-way delay.", "",
+                  "| workload | " + " | ".join(f"aloe @{d} ms | CrypTen @{d} ms" for d in WAN_DELAYS_MS) + " |",
+                  "|---|" + "---|---|" * len(WAN_DELAYS_MS)]
+        for r in result["rows"]:
+            cells = []
+            for d in WAN_DELAYS_MS:
+                cells += [f"{r['aloe_seconds'] + r['aloe_rounds'] * d / 1e3:.2f}",
+                          f"{r['crypten_seconds'] + r['crypten_rounds'] * d / 1e3:.2f}"]
+            lines.append(f"| {r['workload']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    x = range(len(rows))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "seconds", "wall seconds per step"), (axes[1], "online_bytes", "online bytes")):
+        ax.bar([i - 0.2 for i in x], [r[f"aloe_{key}"] for r in rows], 0.4, label="aloe")
+        ax.bar([i + 0.2 for i in x], [r[f"crypten_{key}"] for r in rows], 0.4, label="CrypTen (TTP)")
+        ax.set_yscale("log")
+        ax.set_ylabel(label)
+        ax.set_xticks(list(x))
+        ax.set_xticklabels([r["workload"] for r in rows])
+        ax.legend()
+    fig.suptitle("secure training, aloe vs CrypTen (LAN, one run)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="lr and b-avg only")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--wan", action="store_true", help="also run inside a 100 Mbit/s network namespace")
+    ap.add_argument("--wan-workloads", help="workloads for the WAN run (default: the LAN ones)")
+    ap.add_argument("--inner", choices=["wan"], help=argparse.SUPPRESS)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    workloads = ["lr", "b-avg"] if args.quick else [w for w in args.workloads.split(",") if w]
+    if any(w not in WORKLOADS for w in workloads):
+        raise SystemExit(f"unknown workload in {args.workloads}")
+    torch.set_num_threads(1)
+    if args.inner == "wan":
+        print(json.dumps(measure(workloads)))
+        return 0
+    lan = measure(workloads)
+    cmd_line = "python benchmarks/mpc_training.py"
+    cmd_line += " --quick" if args.quick else f" --workloads {','.join(workloads)}"
+    report = {"lan": lan, "machine": f"{os.cpu_count()} CPU cores (shared), loopback"}
+    md = ["# Secure training: aloe vs CrypTen (side by side, one run)", "",
+          f"CrypTen {lan['crypten_version']} with provider TTP, torch {lan['torch']}. One measurement per workload. "
+          "aloe s: the training loop on L (batch sharing, forward, backward, update; the epoch checkpoint's "
+          "write is excluded and recorded in the JSON), dealer running alongside; CrypTen s: the same step. "
+          "Online MB: traffic between the two computing parties "
+          "(aloe: both directions of the L-R channel incl. frames; CrypTen: rank 1's counter). aloe offline MB: the "
+          "dealer's corrections.", "", markdown(lan, "LAN (loopback)")]
+    if args.wan:
+        wl = args.wan_workloads or ",".join(workloads)
+        cmd_line += f" --wan --wan-workloads {wl}"
+        cmd = ("ip link set lo up && tc qdisc add dev lo root tbf rate 100mbit burst 1mbit latency 100ms && "
+               f"{sys.executable} {Path(__file__).resolve()} --inner wan --workloads {wl}")
+        proc = subprocess.run(["unshare", "-n", "sh", "-c", cmd], capture_output=True, text=True, timeout=7200)
+        if proc.returncode != 0:
+            raise AloeError(f"WAN run failed: {proc.stderr.strip().splitlines()[-3:]}")
+        wan = json.loads(proc.stdout.strip().splitlines()[-1])
+        report["wan_100mbit"] = wan
+        md.append(markdown(wan, "WAN: 100 Mbit/s loopback (tbf) in a private network namespace", wan=True))
+    md.insert(2, f"Command: `{cmd_line}`")
+    md.insert(3, "")
+    out_dir = HERE / "results"
+    atomic_write_json(out_dir / "mpc_training.json", report)
+    atomic_write_text(out_dir / "mpc_training.md", "\n".join(md))
+    plot(lan, out_dir / "mpc_training.png")
+    print(json.dumps(report, indent=2) if args.json else "\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

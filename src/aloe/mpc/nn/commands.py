@@ -1,0 +1,65 @@
+"""``aloe mpc train``: secure training with three local processes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from aloe import AloeError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from aloe.cli import print_json
+    from aloe.mpc.nn.train import TrainConfig, train
+
+    if args.timeout <= 0:
+        raise AloeError("--timeout must be positive")
+    cfg = TrainConfig(
+        model=args.model, epochs=args.epochs, limit=args.limit, dataset=args.data, batch=args.batch, lr=args.lr,
+        momentum=args.momentum, pool=args.pool, seed=args.seed, frac_bits=args.frac_bits,
+        softmax_steps=args.softmax_steps, wan=args.wan,
+        checkpoint_dir=None if args.checkpoint_dir is None else str(args.checkpoint_dir), resume=args.resume,
+        timeout=args.timeout, test_limit=args.test_limit,
+    )
+    report = train(cfg, progress=not args.json and sys.stderr.isatty() or args.progress, out=args.out,
+                   plain=not args.no_plain)
+    if args.json:
+        print_json(report)
+    else:
+        plain = report.get("plain_accuracy")
+        print(f"{report['model']}: accuracy {report['accuracy']:.4f}"
+              + ("" if plain is None else f" (plain PyTorch {plain:.4f})")
+              + f", {report['seconds']:.1f} s, online {report['online_bytes'] / 1e6:.1f} MB, "
+              f"offline {report['offline_bytes'] / 1e6:.1f} MB, {report['rounds']} rounds")
+    return 0
+
+
+def register_train(g: argparse._SubParsersAction) -> None:
+    from aloe.mpc.nn.models import MODELS, POOLS
+    from aloe.mpc.nn.wan import PROFILES
+
+    t = g.add_parser("train", help="train a model securely (L and R own the data, a dealer helps; 3 processes)")
+    t.add_argument("--model", required=True, choices=MODELS, help="lr (features split L/R) or Networks a-d")
+    t.add_argument("--epochs", type=int, default=1)
+    t.add_argument("--limit", type=int, help="use the first N training examples")
+    t.add_argument("--data", choices=["mnist", "blobs"], default="mnist",
+                   help="mnist (default) or blobs (5000 x 20 Gaussian clusters, lr only)")
+    t.add_argument("--batch", type=int, default=128)
+    t.add_argument("--lr", type=float, help="learning rate (default 0.1 for lr, 0.01 for networks)")
+    t.add_argument("--momentum", type=float, default=0.9)
+    t.add_argument("--pool", choices=POOLS, default="max", help="pooling of Networks B and C (default max)")
+    t.add_argument("--seed", type=int, default=0, help="public seed of the initialisation and the batch order")
+    t.add_argument("--frac-bits", type=int, default=14)
+    t.add_argument("--softmax-steps", type=int, default=32, help="Euler steps of the ODE softmax (power of two)")
+    t.add_argument("--wan", choices=list(PROFILES), help="emulate a network profile on the parties' links")
+    t.add_argument("--checkpoint-dir", type=Path,
+                   help="where each party keeps its per-epoch share checkpoints (default: under the aloe cache)")
+    t.add_argument("--resume", action="store_true", help="continue from the last epoch both parties checkpointed")
+    t.add_argument("--out", type=Path, help="write the revealed model (the owner's copy) here")
+    t.add_argument("--test-limit", type=int, help="evaluate on the first N test examples (default all)")
+    t.add_argument("--no-plain", action="store_true", help="skip the plain PyTorch baseline")
+    t.add_argument("--timeout", type=float, default=60.0, help="seconds a party waits for a message (default 60)")
+    t.add_argument("--progress", action="store_true", help="show the progress bar even with --json")
+    t.add_argument("--json", action="store_true", help="print JSON")
+    t.set_defaults(func=_train)

@@ -1,0 +1,406 @@
+"""Secure training end to end: the three parties' program, checkpoints, the launcher and the plain baseline.
+
+:func:`train` launches L, R and the dealer as three OS processes (:func:`aloe.mpc.party.run_processes`). Each party
+loads only its own data (:mod:`aloe.mpc.nn.data`), builds the secure model from the public seeded initialisation,
+and runs mini-batch SGD with momentum: per step the data owners share the batch (no online traffic), the model runs
+forward and backward on shared tensors, and the update is local. After each completed epoch L and R each write a
+checkpoint holding only their own shares (atomically). At the end only the model owner L gets the weights revealed.
+The launcher then trains the same model in plain PyTorch on the same data, initialisation, batch order and
+(quantised) learning rate, and evaluates both on the held-out set.
+
+A party that dies makes the others stop with a channel error within the timeout; the launcher then raises with every
+party's error and writes no model. ``resume=True`` continues from the last epoch both L and R have checkpointed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import os
+import queue
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from aloe import AloeError
+from aloe.assets.cache import cache_root
+from aloe.mpc.functions import sigmoid_coefficients
+from aloe.mpc.nn import data as D
+from aloe.mpc.nn.layers import DEFAULT_CHUNK
+from aloe.mpc.nn.losses import sigmoid_bce_grad, softmax_ce_grad
+from aloe.mpc.nn.models import MODELS, POOLS, load_weights, plain_model, secure_model
+from aloe.mpc.nn.optim import SGD, quantize_rate
+from aloe.mpc.nn.wan import profile, shape_links
+from aloe.mpc.party import Party, run_processes
+from aloe.mpc.tensor import SharedTensor
+
+DEFAULT_LR = {"lr": 0.1, "a": 0.01, "b": 0.01, "c": 0.01, "d": 0.01}
+KEEP_CHECKPOINTS = 2
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str
+    epochs: int = 1
+    limit: int | None = None
+    dataset: str = "mnist"
+    batch: int = 128
+    lr: float | None = None  # default per model (DEFAULT_LR)
+    momentum: float = 0.9
+    pool: str = "max"
+    seed: int = 0
+    frac_bits: int = 14
+    softmax_steps: int = 32
+    wan: str | None = None
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    timeout: float = 60.0
+    chunk: int = DEFAULT_CHUNK
+    test_limit: int | None = None
+    blobs: tuple[int, int] = (5000, 20)
+    # fault injection for tests: (role, epoch, step) at which that party exits abruptly
+    fail_at: tuple[str, int, int] | None = None
+
+    @property
+    def rate(self) -> float:
+        return DEFAULT_LR[self.model] if self.lr is None else self.lr
+
+    def fingerprint(self) -> str:
+        """What defines the training run (checkpoints of another run are refused)."""
+        keys = ("model", "limit", "dataset", "batch", "momentum", "pool", "seed", "frac_bits", "softmax_steps",
+                "blobs")
+        d = {k: getattr(self, k) for k in keys}
+        d["lr"] = self.rate
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+    def validate(self) -> None:
+        if self.model not in MODELS:
+            raise AloeError(f"unknown model {self.model!r} (one of {', '.join(MODELS)})")
+        if self.pool not in POOLS:
+            raise AloeError(f"unknown pooling {self.pool!r} (max or avg)")
+        if self.epochs < 1:
+            raise AloeError("--epochs must be at least 1")
+        if self.limit is not None and self.limit < 1:
+            raise AloeError("--limit must be positive")
+        if self.batch < 1:
+            raise AloeError("--batch must be positive")
+        if self.softmax_steps < 1 or self.softmax_steps & (self.softmax_steps - 1):
+            raise AloeError("--softmax-steps must be a power of two")
+        if self.wan is not None:
+            profile(self.wan)
+        quantize_rate(self.rate / self.batch)
+
+
+def batch_size(cfg: TrainConfig, n: int) -> int:
+    return min(cfg.batch, n)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The public example order of an epoch (both parties and the plain baseline use it)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def plain_features(cfg: TrainConfig, lay: D.Layout) -> int:
+    return lay.l_shape[0] + lay.r_shape[0] if cfg.model == "lr" else 784
+
+
+# ---------------------------------------------------------------- checkpoints (each party: its own shares only)
+
+
+def _ckpt_dir(cfg: TrainConfig, role: str) -> Path:
+    base = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else cache_root() / "mpc-train" / cfg.fingerprint()
+    return base / role
+
+
+def _atomic_save(path: Path, obj) -> None:
+    """``torch.save`` through a temporary file and a rename: a reader never sees a half-written file."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(buf.getvalue())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _save_checkpoint(cfg: TrainConfig, role: str, epoch: int, net, opt: SGD) -> None:
+    d = _ckpt_dir(cfg, role)
+    d.mkdir(parents=True, exist_ok=True)
+    state = {
+        "fingerprint": cfg.fingerprint(),
+        "role": role,
+        "epoch": epoch,
+        "shares": {q.name: q.share for q in net.params},
+        "momentum": opt.state(),
+    }
+    _atomic_save(d / f"epoch-{epoch:04d}.pt", state)
+    for old in sorted(d.glob("epoch-*.pt"))[:-KEEP_CHECKPOINTS]:
+        old.unlink(missing_ok=True)
+
+
+def _available(cfg: TrainConfig, role: str) -> dict[int, Path]:
+    out = {}
+    for path in _ckpt_dir(cfg, role).glob("epoch-*.pt"):
+        try:
+            out[int(path.stem.split("-")[1])] = path
+        except ValueError:
+            continue
+    return out
+
+
+def _agree_start(party: Party, cfg: TrainConfig) -> tuple[int, Path | None]:
+    """L and R agree on the last epoch both have checkpointed (0 without ``resume``) and tell the dealer."""
+    if party.is_dealer:
+        _, (start,), n = party.dealer_links["L"].recv([((1,), 0)])
+        party.stats.offline.bytes_received += n
+        return int(start), None
+    have = _available(cfg, party.role) if cfg.resume else {}
+    mine = torch.zeros(cfg.epochs + 1, dtype=torch.int64)
+    mine[0] = 1
+    for e in have:
+        if 0 < e <= cfg.epochs:
+            mine[e] = 1
+    (other,) = party.exchange([(mine, 0)])
+    common = (mine * other).nonzero().flatten()
+    start = int(common.max())
+    if party.role == "L":
+        party.stats.offline.bytes_sent += party.dealer_links["D"].send(0, [(torch.tensor([start]), 0)])
+    return start, have.get(start)
+
+
+def _load_checkpoint(cfg: TrainConfig, role: str, path: Path, net, epoch: int) -> None:
+    state = torch.load(path, weights_only=True)
+    if state.get("fingerprint") != cfg.fingerprint() or state.get("role") != role or state.get("epoch") != epoch:
+        raise AloeError(f"checkpoint {path} belongs to another training run")
+    for q in net.params:
+        q.share = state["shares"][q.name]
+        q.momentum = state["momentum"][q.name]
+
+
+# ---------------------------------------------------------------- the parties' program
+
+
+def _share_batch(party: Party, cfg: TrainConfig, lay: D.Layout, own_x, own_y, idx: torch.Tensor):
+    b = idx.shape[0]
+    mine = party.role
+
+    def take(t):
+        return None if t is None else t[idx]
+
+    if cfg.model == "lr":
+        xl = SharedTensor.from_private(party, take(own_x) if mine == "L" else None, "L", (b, *lay.l_shape))
+        xr = SharedTensor.from_private(party, take(own_x) if mine == "R" else None, "R", (b, *lay.r_shape))
+        x = SharedTensor(party, torch.cat([xl.share, xr.share], 1))
+        y = SharedTensor.from_private(party, take(own_y).unsqueeze(1) if mine == "R" else None, "R", (b, 1))
+        return x, y
+    x = SharedTensor.from_private(party, take(own_x) if mine == "L" else None, "L", (b, *lay.l_shape))
+    onehot = None
+    if mine == "R":
+        onehot = torch.nn.functional.one_hot(take(own_y), lay.classes).double()
+    y = SharedTensor.from_private(party, onehot, "R", (b, lay.classes))
+    return x, y
+
+
+def _warm_up() -> None:
+    """Run the shape-only (``meta``) operations once: their first use imports large parts of torch (dynamo, sympy;
+    seconds per process), a start-up cost that must not land inside the first training step."""
+    from aloe.mpc.triples import conv2d_maps, meta
+
+    a, w = meta((2, 1, 6, 6)), meta((1, 1, 3, 3))
+    maps = conv2d_maps((2, 1, 6, 6), (1, 1, 3, 3))
+    maps.g1(w, maps.f(a, w))
+    maps.g2(maps.f(a, w), a)
+    torch.cat([meta((2, 3)), meta((2, 3))], 1) @ meta((6, 1))
+    torch.cat([torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 3, dtype=torch.int64)], 1).sum(0)
+    sigmoid_coefficients()  # a least-squares fit, cached after the first call
+
+
+def train_program(party: Party, cfg: TrainConfig, lay: D.Layout, progress) -> dict | None:
+    """One party's training run. ``lay`` holds the public facts about the data (count, feature shapes); the dealer
+    reads no data at all."""
+    torch.set_num_threads(1)
+    _warm_up()
+    if cfg.wan:
+        shape_links(party, cfg.wan)
+    own_x, own_y = D.party_data(party.role, cfg.model, cfg.dataset, cfg.limit, cfg.seed, cfg.blobs)
+    plain = plain_model(cfg.model, features=plain_features(cfg, lay), pool=cfg.pool, seed=cfg.seed)
+    net = secure_model(party, plain, chunk=cfg.chunk)
+    bsz = batch_size(cfg, lay.n)
+    opt = SGD(party, net.params, cfg.rate, bsz, cfg.momentum)
+    start, path = _agree_start(party, cfg)
+    if start and not party.is_dealer:
+        _load_checkpoint(cfg, party.role, path, net, start)
+    steps = lay.n // bsz
+    party.sync()
+    t0 = time.perf_counter()
+    depth0 = party.stats.depth
+    checkpoint_seconds = 0.0
+    for epoch in range(start, cfg.epochs):
+        order = epoch_order(lay.n, cfg.seed, epoch)
+        for step in range(steps):
+            if cfg.fail_at is not None and cfg.fail_at == (party.role, epoch, step):
+                os._exit(3)  # fault injection: die without closing anything
+            x, y = _share_batch(party, cfg, lay, own_x, own_y, order[step * bsz:(step + 1) * bsz])
+            logits = net.forward(x)
+            if cfg.model == "lr":
+                grad = sigmoid_bce_grad(logits, y)
+            else:
+                grad = softmax_ce_grad(logits, y, steps=cfg.softmax_steps)
+            net.backward(grad)
+            opt.step()
+            if progress is not None and party.role == "L":
+                progress.put((epoch, step + 1, steps))
+        if not party.is_dealer:
+            t1 = time.perf_counter()
+            _save_checkpoint(cfg, party.role, epoch + 1, net, opt)
+            checkpoint_seconds += time.perf_counter() - t1
+    train_seconds = time.perf_counter() - t0
+    rounds = party.stats.depth - depth0
+    weights = {}
+    for q in net.params:
+        v = q.tensor().reveal(to="L")
+        if party.role == "L":
+            # numpy, not torch: torch's pickling of tensors between processes would pass shared-memory handles
+            # that die with this process
+            weights[q.name] = v.numpy()
+    if party.role == "L":
+        return {"weights": weights, "start_epoch": start, "train_seconds": train_seconds, "rounds": rounds,
+                "checkpoint_seconds": checkpoint_seconds,
+                "steps_per_epoch": steps}
+    return {"start_epoch": start} if party.role == "R" else None
+
+
+# ---------------------------------------------------------------- plain baseline and evaluation
+
+
+def train_plain(cfg: TrainConfig) -> nn.Sequential:
+    """The same model in plain PyTorch: same data, initialisation, batch order, momentum and (quantised) rate."""
+    torch.set_num_threads(1)
+    lay = D.layout(cfg.model, cfg.dataset, cfg.limit, cfg.blobs)
+    xl, _ = D.party_data("L", cfg.model, cfg.dataset, cfg.limit, cfg.seed, cfg.blobs)
+    xr, y = D.party_data("R", cfg.model, cfg.dataset, cfg.limit, cfg.seed, cfg.blobs)
+    x = torch.cat([xl, xr], 1) if cfg.model == "lr" else xl
+    model = plain_model(cfg.model, features=plain_features(cfg, lay), pool=cfg.pool, seed=cfg.seed)
+    bsz = batch_size(cfg, lay.n)
+    rate = quantize_rate(cfg.rate / bsz).value * bsz
+    opt = torch.optim.SGD(model.parameters(), lr=rate, momentum=cfg.momentum)
+    loss_fn = nn.BCEWithLogitsLoss() if cfg.model == "lr" else nn.CrossEntropyLoss()
+    for epoch in range(cfg.epochs):
+        order = epoch_order(lay.n, cfg.seed, epoch)
+        for step in range(lay.n // bsz):
+            idx = order[step * bsz:(step + 1) * bsz]
+            out = model(x[idx])
+            target = y[idx].unsqueeze(1) if cfg.model == "lr" else y[idx]
+            loss = loss_fn(out, target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model
+
+
+@torch.no_grad()
+def accuracy(cfg: TrainConfig, model: nn.Sequential) -> float:
+    x, y = D.test_data(cfg.model, cfg.dataset, cfg.seed, cfg.test_limit, cfg.blobs)
+    out = model(x)
+    pred = (out.squeeze(1) > 0).float() if cfg.model == "lr" else out.argmax(1)
+    return float((pred == y).float().mean())
+
+
+# ---------------------------------------------------------------- launcher
+
+
+def _write_model(path: Path, weights: dict, meta: dict) -> None:
+    _atomic_save(path, {"weights": weights, "meta": meta})
+
+
+def train(cfg: TrainConfig, *, progress: bool = True, out: Path | None = None, plain: bool = True) -> dict:
+    """Run secure training with three processes, then the plain baseline; return the report."""
+    cfg.validate()
+    if cfg.checkpoint_dir is None:
+        cfg = replace(cfg, checkpoint_dir=str(cache_root() / "mpc-train" / cfg.fingerprint()))
+    lay = D.layout(cfg.model, cfg.dataset, cfg.limit, cfg.blobs)
+    bsz = batch_size(cfg, lay.n)
+    steps = lay.n // bsz
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue() if progress else None
+    box: dict = {}
+
+    def launch() -> None:
+        try:
+            box["result"] = run_processes(train_program, cfg, lay, q, frac_bits=cfg.frac_bits, timeout=cfg.timeout,
+                                          return_stats=True)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = exc
+
+    t0 = time.perf_counter()
+    thread = threading.Thread(target=launch, daemon=True)
+    thread.start()
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps * cfg.epochs, desc=f"mpc train {cfg.model}", unit="step")
+        done = 0
+        while thread.is_alive():
+            try:
+                epoch, step, _ = q.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            now = epoch * steps + step
+            bar.update(max(0, now - done))
+            done = max(done, now)
+        bar.close()
+    thread.join()
+    seconds = time.perf_counter() - t0
+    if "error" in box:
+        err = box["error"]
+        raise err if isinstance(err, AloeError) else AloeError(f"secure training failed: {err}")
+    results, stats = box["result"]
+    res_l = results["L"]
+    online = stats["L"]["online_bytes_sent"] + stats["R"]["online_bytes_sent"]
+    offline = sum(stats[r]["offline_bytes_sent"] for r in ("L", "R", "D"))
+    secure = load_weights(plain_model(cfg.model, features=plain_features(cfg, lay), pool=cfg.pool, seed=cfg.seed),
+                          res_l["weights"])
+    report = {
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "pool": cfg.pool if cfg.model in ("b", "c") else None,
+        "examples": lay.n,
+        "epochs": cfg.epochs,
+        "start_epoch": res_l["start_epoch"],
+        "batch": bsz,
+        "steps_per_epoch": steps,
+        "lr": cfg.rate,
+        "lr_quantized": quantize_rate(cfg.rate / bsz).value * bsz,
+        "momentum": cfg.momentum,
+        "frac_bits": cfg.frac_bits,
+        "wan": cfg.wan,
+        "accuracy": accuracy(cfg, secure),
+        "seconds": seconds,
+        "train_seconds": res_l["train_seconds"],
+        "checkpoint_seconds": res_l["checkpoint_seconds"],
+        "online_bytes": online,
+        "offline_bytes": offline,
+        "rounds": res_l["rounds"],
+        "checkpoint_dir": cfg.checkpoint_dir,
+        "config": {k: v for k, v in asdict(cfg).items() if k != "fail_at"},
+    }
+    if plain:
+        report["plain_accuracy"] = accuracy(cfg, train_plain(cfg))
+    if out is not None:
+        weights = {k: torch.from_numpy(v) for k, v in res_l["weights"].items()}
+        _write_model(Path(out), weights, {k: report[k] for k in ("model", "epochs", "accuracy")})
+        report["model_path"] = str(out)
+    return report

@@ -1,0 +1,76 @@
+"""Secure training through three OS processes: accuracy against plain PyTorch, a party killed mid-epoch, resume."""
+
+import json
+import time
+
+import pytest
+import torch
+
+from aloe import AloeError
+from aloe.cli import main
+from aloe.mpc.nn.train import TrainConfig, train
+
+torch.set_num_threads(1)
+
+
+def test_cli_lr_matches_plain_pytorch(tmp_path, capsys):
+    out = tmp_path / "model.pt"
+    code = main(["mpc", "train", "--model", "lr", "--epochs", "1", "--limit", "1024", "--batch", "64",
+                 "--test-limit", "1000", "--checkpoint-dir", str(tmp_path / "ckpt"), "--out", str(out), "--json"])
+    assert code == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["examples"] == 1024 and rep["steps_per_epoch"] == 16
+    assert rep["plain_accuracy"] > 0.65  # the task is learnable in 16 steps
+    assert abs(rep["accuracy"] - rep["plain_accuracy"]) <= 0.015
+    assert rep["online_bytes"] > 0 and rep["offline_bytes"] > 0 and rep["rounds"] >= 16 * 3
+    saved = torch.load(out, weights_only=True)
+    assert saved["weights"]["0.weight"].shape == (784, 1)
+    # each party's checkpoint holds its own shares only: neither share alone is the model
+    ck_l = torch.load(tmp_path / "ckpt" / "L" / "epoch-0001.pt", weights_only=True)
+    ck_r = torch.load(tmp_path / "ckpt" / "R" / "epoch-0001.pt", weights_only=True)
+    assert ck_l["role"] == "L" and ck_r["role"] == "R"
+    w = saved["weights"]["0.weight"]
+    joint = (ck_l["shares"]["0.weight"] + ck_r["shares"]["0.weight"]).double() / 2**14
+    assert (joint - w).abs().max() < 1e-3
+    assert (ck_l["shares"]["0.weight"].double() / 2**14 - w).abs().max() > 1e3
+
+
+def test_killed_party_stops_everyone_then_resume(tmp_path):
+    cfg = TrainConfig(model="lr", epochs=2, limit=256, batch=64, test_limit=500, timeout=10.0,
+                      checkpoint_dir=str(tmp_path / "ckpt"), fail_at=("R", 1, 2))
+    out = tmp_path / "model.pt"
+    t0 = time.monotonic()
+    with pytest.raises(AloeError) as err:
+        train(cfg, progress=False, out=out, plain=False)
+    assert time.monotonic() - t0 < 120
+    msg = str(err.value)
+    # the dead party and the one that lost its peer are both reported (the dealer may already have finished: it
+    # runs ahead of L and R)
+    assert "R: party R" in msg and "L: party R closed the connection" in msg
+    assert not out.exists()  # no model written for a failed run
+    assert sorted(p.name for p in (tmp_path / "ckpt" / "L").iterdir()) == ["epoch-0001.pt"]
+    assert sorted(p.name for p in (tmp_path / "ckpt" / "R").iterdir()) == ["epoch-0001.pt"]
+    resumed = TrainConfig(**{**cfg.__dict__, "fail_at": None, "resume": True})
+    rep = train(resumed, progress=False, out=out, plain=True)
+    assert rep["start_epoch"] == 1 and rep["epochs"] == 2
+    assert rep["rounds"] < 6 * 4 * 2  # only the second epoch ran (about 8 rounds a step, 4 steps)
+    assert out.exists()
+    assert abs(rep["accuracy"] - rep["plain_accuracy"]) <= 0.03
+
+
+def test_resume_refuses_another_runs_checkpoint(tmp_path):
+    ck = tmp_path / "ckpt"
+    for role in ("L", "R"):
+        (ck / role).mkdir(parents=True)
+        torch.save({"fingerprint": "other", "role": role, "epoch": 1, "shares": {}, "momentum": {}},
+                   ck / role / "epoch-0001.pt")
+    cfg = TrainConfig(model="lr", epochs=2, limit=128, batch=64, timeout=10.0, checkpoint_dir=str(ck), resume=True)
+    with pytest.raises(AloeError, match="another training run"):
+        train(cfg, progress=False, plain=False)
+
+
+def test_cli_rejects_bad_arguments(capsys):
+    assert main(["mpc", "train", "--model", "lr", "--epochs", "0"]) == 2
+    assert main(["mpc", "train", "--model", "b", "--data", "blobs"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(e.startswith("aloe: error:") for e in err)
