@@ -14,6 +14,7 @@ from aloe import AloeError, __version__
 COMMAND_MODULES = [
     "aloe.assets.commands",
     "aloe.obfuscation.commands",
+    "aloe.attacks.commands",
     "aloe.demo",
 ]
 
