@@ -2,6 +2,7 @@
 (noise off, no block permutation), recovers fewer from a strong one, and is scored the same way."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -23,6 +24,18 @@ WEAK = PROFILES["exact"].with_overrides(name="weak", h=8)
 STRONG = PROFILES["paper"].with_overrides(name="strong", h=8, alpha_e=3.0, alpha_h=3.0, beta=4, gamma=10.0)
 BUDGET = dict(columns=64, quantiles=16, topk=5, sequences=3, seq_len=10, isa_steps=30, ima_tokens=2048,
               ima_steps=150, tfma_tokens=4000, behaviour_rows=97, seed=1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def private_cache(tmp_path_factory):
+    """Keep the attacker's cached assets (own artifact, plain behaviour) out of the user's cache."""
+    old = os.environ.get("ALOE_CACHE")
+    os.environ["ALOE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("ALOE_CACHE")
+    else:
+        os.environ["ALOE_CACHE"] = old
 
 
 @pytest.fixture(scope="module")

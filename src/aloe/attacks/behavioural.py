@@ -119,7 +119,7 @@ def attack(t: Target, received: np.ndarray, progress=None, rounds: int = 2, C: i
     b, n = t.budget, t.arch.vocab
     show = progress is not None
     rows = b.behaviour_rows or max(256, min(n, b.queries or n))
-    q_ids = t.query_ids(must=received)
+    q_ids, _ = t.query_ids(must=received)
     plain = plain_side(t, rows, show)
     obf_rows = np.sort(b.rng("behaviour").choice(n, size=min(rows, n), replace=False))
     forward = np.union1d(q_ids, obf_rows)

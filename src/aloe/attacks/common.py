@@ -126,16 +126,17 @@ class Target:
             return list(range(n))
         return sorted({int(round(x)) for x in np.linspace(0, n - 1, k)})
 
-    def query_ids(self, must: np.ndarray | None = None) -> np.ndarray:
-        """The obfuscated ids attacked: every movable id, or a uniform sample of them plus ``must``."""
+    def query_ids(self, must: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The obfuscated ids attacked: every movable id, or a uniform sample of them plus ``must`` (the ids the
+        server received). Also returns the mask of the uniform sample, over which full-vocabulary recovery is
+        estimated."""
         movable = self.movable_ids
         q = self.budget.queries
         if q <= 0 or q >= len(movable):
-            return movable
+            return movable, np.ones(len(movable), dtype=bool)
         pick = self.budget.rng("queries").choice(movable, size=q, replace=False)
-        if must is not None:
-            pick = np.union1d(pick, np.intersect1d(must, movable))
-        return np.sort(pick)
+        ids = np.union1d(pick, np.intersect1d(must, movable)) if must is not None else np.sort(pick)
+        return ids, np.isin(ids, pick)
 
     def noised_plain(self, w: torch.Tensor, alpha: float, label: str) -> torch.Tensor:
         """The attacker imitates the mechanism's public noise level with its own draws (matches the spread of the

@@ -27,7 +27,7 @@ def _pair_norms(x: torch.Tensor, n_kv: int, hd: int) -> torch.Tensor:
 @torch.no_grad()
 def attack(t: Target, received: np.ndarray, progress=None) -> IdGuess:
     a, prof = t.arch, t.profile
-    q_ids = t.query_ids(must=received)
+    q_ids, uniform = t.query_ids(must=received)
     qi = torch.as_tensor(q_ids)
     E = t.noised_plain(t.plain_embed, float(prof.get("alpha_e", 0.0)), "ia-e")
     Eq = t.obf_embed[qi]
@@ -46,5 +46,6 @@ def attack(t: Target, received: np.ndarray, progress=None) -> IdGuess:
     attn_pred = nearest(*reversed(pca_project(ap, ao, 128)), 1)[:, 0]
     p, o = pca_project(torch.cat([gp, ap], 1), torch.cat([go, ao], 1), 128)
     cand = nearest(o, p, k)
-    return IdGuess(q_ids, cand.numpy(), {"layers": len(t.layer_subset()), "gate_ia_pred": gate_pred.numpy(),
-                                         "attention_ia_pred": attn_pred.numpy()})
+    extra = {"layers": len(t.layer_subset()), "gate_ia_pred": gate_pred.numpy(),
+             "attention_ia_pred": attn_pred.numpy()}
+    return IdGuess(q_ids, cand.numpy(), uniform=uniform, extra=extra)

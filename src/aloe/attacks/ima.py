@@ -16,9 +16,9 @@ decodes by nearest neighbour over the full vocabulary.
 
 from __future__ import annotations
 
-import secrets
+import hashlib
+import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -66,8 +66,10 @@ class Inverter(torch.nn.Module):
         return self.out(self.enc(self.inp(x) + pos))
 
 
-def own_obfuscation(t: Target, workdir: Path) -> tuple[Path, np.ndarray]:
-    """The attacker's own artifact of the plain model, with the public profile and a key it draws itself."""
+def own_obfuscation(t: Target) -> tuple[Path, np.ndarray]:
+    """The attacker's own artifact of the plain model, with the public profile and a key it drew itself (built once
+    per plain model and profile, and kept in the cache: it is the attacker's asset, unrelated to the victim's key)."""
+    from aloe.assets.cache import cache_root
     from aloe.obfuscation.model import obfuscate_checkpoint
     from aloe.obfuscation.profiles import Profile
     from aloe.obfuscation.secret import load_secret
@@ -75,13 +77,19 @@ def own_obfuscation(t: Target, workdir: Path) -> tuple[Path, np.ndarray]:
     prof = dict(t.profile)
     prof["qk_scale"], prof["ffn_scale"] = tuple(prof["qk_scale"]), tuple(prof["ffn_scale"])
     profile = Profile(**prof)
-    calib = None
-    if profile.keys == "paper":
-        from aloe.obfuscation.commands import calibration_ids
+    key = hashlib.sha256(json.dumps([t._plain.fingerprint(), profile.to_dict()], sort_keys=True).encode())
+    folder = cache_root() / "attacks" / "own" / key.hexdigest()[:20]
+    out, sec = folder / "artifact", folder / "attacker-secret.json"
+    if not (out / "aloe.json").is_file():
+        calib = None
+        if profile.keys == "paper":
+            from aloe.obfuscation.commands import calibration_ids
 
-        calib = calibration_ids(t.plain_dir)
-    out, sec = workdir / f"own-{secrets.token_hex(4)}", workdir / "own-secret.json"
-    obfuscate_checkpoint(t.plain_dir, out, sec, profile, dtype="float32", calibration_ids=calib, progress=False)
+            calib = calibration_ids(t.plain_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            shutil.rmtree(out)
+        obfuscate_checkpoint(t.plain_dir, out, sec, profile, dtype="float32", calibration_ids=calib, progress=False)
     return out, load_secret(sec).tau
 
 
@@ -97,35 +105,31 @@ def attack(t: Target, public_ids: np.ndarray, vocab_seqs: list[np.ndarray], prom
     g = torch.Generator().manual_seed(int(b.rng("ima").integers(1 << 62)))
     victim = load(t.obf_dir)
     results = {}
-    workdir = Path(tempfile.mkdtemp(prefix="aloe-ima-"))
-    try:
-        own_dir, own_tau = own_obfuscation(t, workdir)
-        own = load(own_dir)
-        chunks = _chunks(public_ids[: b.ima_tokens], b.seq_len)
-        X = torch.stack([invariant_features(hidden(own, own_tau[c])) for c in
-                         tqdm(chunks, desc="ima/features", disable=not show, leave=False)])
-        Y = torch.as_tensor(np.stack(chunks))
-        mu, sd = X.mean((0, 1)), X.std((0, 1)).clamp_min(1e-6)
-        inv = Inverter(X.shape[-1], t.arch.vocab)
-        opt = torch.optim.AdamW(inv.parameters(), lr=2e-3)
-        for _ in tqdm(range(b.ima_steps), desc="ima/train", disable=not show, leave=False):
-            idx = torch.randint(0, len(X), (min(32, len(X)),), generator=g)
-            loss = torch.nn.functional.cross_entropy(inv((X[idx] - mu) / sd).flatten(0, 1), Y[idx].flatten())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        inv.eval()
+    own_dir, own_tau = own_obfuscation(t)
+    own = load(own_dir)
+    chunks = _chunks(public_ids[: b.ima_tokens], b.seq_len)
+    X = torch.stack([invariant_features(hidden(own, own_tau[c])) for c in
+                     tqdm(chunks, desc="ima/features", disable=not show, leave=False)])
+    Y = torch.as_tensor(np.stack(chunks))
+    mu, sd = X.mean((0, 1)), X.std((0, 1)).clamp_min(1e-6)
+    inv = Inverter(X.shape[-1], t.arch.vocab)
+    opt = torch.optim.AdamW(inv.parameters(), lr=2e-3)
+    for _ in tqdm(range(b.ima_steps), desc="ima/train", disable=not show, leave=False):
+        idx = torch.randint(0, len(X), (min(32, len(X)),), generator=g)
+        loss = torch.nn.functional.cross_entropy(inv((X[idx] - mu) / sd).flatten(0, 1), Y[idx].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    inv.eval()
 
-        def predict(seq):
-            with torch.no_grad():
-                f = (invariant_features(hidden(victim, seq)) - mu) / sd
-                return inv(f[None])[0].topk(b.topk, -1).indices.numpy()
+    def predict(seq):
+        with torch.no_grad():
+            f = (invariant_features(hidden(victim, seq)) - mu) / sd
+            return inv(f[None])[0].topk(b.topk, -1).indices.numpy()
 
-        results["ima"] = SeqGuess([predict(s) for s in vocab_seqs], [predict(s) for s in prompt_seqs],
-                                  {"variant": "own keys, key-invariant features", "train_tokens": int(Y.numel()),
-                                   "steps": b.ima_steps, "final_loss": float(loss.detach())})
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    results["ima"] = SeqGuess([predict(s) for s in vocab_seqs], [predict(s) for s in prompt_seqs],
+                              {"variant": "own keys, key-invariant features", "train_tokens": int(Y.numel()),
+                               "steps": b.ima_steps, "final_loss": float(loss.detach())})
 
     if victim_known is not None:
         L = max(0, min(b.isa_layer, t.arch.n_layers))

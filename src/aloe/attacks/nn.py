@@ -48,7 +48,7 @@ def _margin_candidates(queries: torch.Tensor, table: torch.Tensor, k: int, batch
 
 @torch.no_grad()
 def attack(t: Target, received: np.ndarray, progress=None, rounds: int = 3, r0: int = 64) -> IdGuess:
-    q_ids = t.query_ids(must=received)
+    q_ids, uniform = t.query_ids(must=received)
     qi = torch.as_tensor(q_ids)
     E, Et = t.plain_embed, t.obf_embed
     d = E.shape[1]
@@ -71,4 +71,4 @@ def attack(t: Target, received: np.ndarray, progress=None, rounds: int = 3, r0: 
         cand, margin = _margin_candidates(Et_c[qi] @ W, E, k)
         if progress is not None:
             progress.update(1)
-    return IdGuess(q_ids, cand.numpy(), {"pca_only_pred": first.numpy(), "rounds": rounds})
+    return IdGuess(q_ids, cand.numpy(), uniform=uniform, extra={"pca_only_pred": first.numpy(), "rounds": rounds})

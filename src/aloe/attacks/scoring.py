@@ -26,6 +26,7 @@ class IdGuess:
     obf_ids: np.ndarray           # (m,) attacked obfuscated ids
     candidates: np.ndarray        # (m, k) plain ids, best first
     extra: dict = field(default_factory=dict)
+    uniform: np.ndarray | None = None  # (m,) rows of the uniform sample of the vocabulary (None: all rows)
 
 
 @dataclass
@@ -45,8 +46,9 @@ def score_ids(guess: IdGuess, tau: np.ndarray, prompts: list[np.ndarray], fixed:
     cand = np.asarray(guess.candidates)
     k = cand.shape[1]
     truth = inv[guess.obf_ids]
-    top1 = cand[:, 0] == truth
-    topk = (cand == truth[:, None]).any(1)
+    uni = np.ones(len(truth), dtype=bool) if guess.uniform is None else np.asarray(guess.uniform, dtype=bool)
+    top1 = (cand[:, 0] == truth)[uni]
+    topk = (cand == truth[:, None]).any(1)[uni]
     row = {int(o): i for i, o in enumerate(guess.obf_ids)}
     toks = np.concatenate(prompts) if prompts else np.zeros(0, dtype=np.int64)
     toks = toks[~np.isin(toks, fixed)]
@@ -56,13 +58,13 @@ def score_ids(guess: IdGuess, tau: np.ndarray, prompts: list[np.ndarray], fixed:
     for key, val in guess.extra.items():
         if key.endswith("_pred"):  # a secondary guess (one plain id per attacked id), scored the same way
             val = np.asarray(val)
-            mask = val >= 0      # -1: this secondary guess made no claim on the id
+            mask = (val >= 0) & uni      # -1: this secondary guess made no claim on the id
             extra[key[:-5] + "_token_recovery"] = _rates(val[mask] == truth[mask])
         else:
             extra[key] = val
     return {"token_recovery": _rates(top1), f"token_recovery_top{k}": _rates(topk),
             "prompt_token_recovery": _rates(p1), f"prompt_token_recovery_top{k}": _rates(pk),
-            "queries": int(len(guess.obf_ids)), "candidates": int(len(tau)), "prompt_tokens": int(len(toks)),
+            "queries": int(uni.sum()), "candidates": int(len(tau)), "prompt_tokens": int(len(toks)),
             **extra}
 
 

@@ -82,9 +82,10 @@ def match(P: list[torch.Tensor], O: list[torch.Tensor], k: int, dim: int = 128) 
 
 @torch.no_grad()
 def attack(t: Target, received: np.ndarray, progress=None) -> IdGuess:
-    q_ids = t.query_ids(must=received)
+    q_ids, uniform = t.query_ids(must=received)
     P, O, names = signatures(t, q_ids, progress)
     cand = match(P, O, t.budget.topk)
     eh = nearest(torch.cat(O[:2], 1), torch.cat(P[:2], 1), 1)[:, 0]
-    return IdGuess(q_ids, cand.numpy(), {"pairs": len(names), "layers": len(t.layer_subset()),
-                                         "columns": t.budget.columns, "embed_head_only_pred": eh.numpy()})
+    extra = {"pairs": len(names), "layers": len(t.layer_subset()), "columns": t.budget.columns,
+             "embed_head_only_pred": eh.numpy()}
+    return IdGuess(q_ids, cand.numpy(), uniform=uniform, extra=extra)
