@@ -41,7 +41,8 @@ SWEEP = [
     ("paper-lam0.1", "paper", {"lam": 0.1}),
 ]
 QUICK = dict(queries=2048, layers=6, columns=128, sequences=2, seq_len=16, isa_steps=20, isa_shortlist=64,
-             ima_tokens=4096, ima_steps=200, tfma_tokens=20000, behaviour_rows=1024)
+             ima_tokens=4096, ima_steps=200, tfma_tokens=20000, behaviour_rows=1024,
+             behaviour_queries=128)
 REALISTIC = ("vma", "ia", "nn", "isa", "ima", "tfma", "behavioural")
 
 

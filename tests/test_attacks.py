@@ -146,3 +146,28 @@ def test_cli_prints_every_attack_in_json(plain_dir, weak, capsys, tmp_path):
     assert "fingerprint mismatch" in capsys.readouterr().err
     with pytest.raises(AloeError):
         Target(plain_dir, tmp_path, Budget())
+
+
+def test_client_held_vocabulary_keeps_the_logits_and_defeats_the_table_attacks(plain_dir, weak, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from aloe.attacks.mitigation import ClientVocabulary, split_vocabulary
+
+    obf, tau = weak
+    split_vocabulary(obf, tmp_path / "server", tmp_path / "client.safetensors")
+    assert os.stat(tmp_path / "client.safetensors").st_mode & 0o777 == 0o600
+    full = AutoModelForCausalLM.from_pretrained(obf, dtype=torch.float64).eval()
+    server = AutoModelForCausalLM.from_pretrained(tmp_path / "server", dtype=torch.float64).eval()
+    client = ClientVocabulary(tmp_path / "client.safetensors")
+    ids = torch.as_tensor(tau[np.arange(3, 15)])[None]
+    with torch.no_grad():
+        hidden = server.model(inputs_embeds=client.embed(ids).double()).last_hidden_state
+        assert (client.logits(hidden.float()).double() - full(ids).logits).abs().max() < 1e-4
+        assert server.model.embed_tokens.weight.abs().max() == 0 and server.lm_head.weight.abs().max() == 0
+    names = ["vma", "nn", "ia", "behavioural"]
+    before = attack(plain_dir, weak, names)
+    after = attack(plain_dir, (tmp_path / "server", tau), names)
+    for name in names:
+        assert before[name]["token_recovery"] >= 0.9 and after[name]["token_recovery"] <= 0.1
+    with pytest.raises(AloeError):
+        split_vocabulary(obf, tmp_path / "server", tmp_path / "c2.safetensors")

@@ -15,7 +15,7 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
                   sequences=args.sequences, seq_len=args.seq_len, isa_steps=args.isa_steps, isa_layer=args.isa_layer,
                   isa_shortlist=args.isa_shortlist,
                   ima_tokens=args.ima_tokens, ima_steps=args.ima_steps, tfma_tokens=args.tfma_tokens,
-                  behaviour_rows=args.behaviour_rows, seed=args.attacker_seed)
+                  behaviour_rows=args.behaviour_rows, behaviour_queries=args.behaviour_queries, seed=args.attacker_seed)
 
 
 def add_budget_flags(p: argparse.ArgumentParser) -> None:
@@ -33,6 +33,7 @@ def add_budget_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ima-steps", type=int, default=300)
     g.add_argument("--tfma-tokens", type=int, default=20000)
     g.add_argument("--behaviour-rows", type=int, default=0, help="single-token contexts per side (0 = queries)")
+    g.add_argument("--behaviour-queries", type=int, default=0, help="ids given an input-side pass (0 = queries)")
     g.add_argument("--attacker-seed", type=int, default=None, help="seed of the attacker's own (non-secret) draws")
 
 

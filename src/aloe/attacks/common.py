@@ -33,7 +33,8 @@ class Budget:
     ima_tokens: int = 4096      # public training tokens for the inverter
     ima_steps: int = 300
     tfma_tokens: int = 20000    # length of the victim's obfuscated prompt stream
-    behaviour_rows: int = 0     # single-token forwards on the obfuscated model (0 = the queries)
+    behaviour_rows: int = 0     # single-token contexts per side for the output side (0 = the queries)
+    behaviour_queries: int = 0  # ids given an input-side pass (0 = the queries)
     batch: int = 256
     seed: int | None = None     # attacker's own (non-secret) randomness; None = fresh
 
@@ -126,12 +127,12 @@ class Target:
             return list(range(n))
         return sorted({int(round(x)) for x in np.linspace(0, n - 1, k)})
 
-    def query_ids(self, must: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def query_ids(self, must: np.ndarray | None = None, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The obfuscated ids attacked: every movable id, or a uniform sample of them plus ``must`` (the ids the
         server received). Also returns the mask of the uniform sample, over which full-vocabulary recovery is
         estimated."""
         movable = self.movable_ids
-        q = self.budget.queries
+        q = self.budget.queries if size is None else size
         if q <= 0 or q >= len(movable):
             return movable, np.ones(len(movable), dtype=bool)
         pick = self.budget.rng("queries").choice(movable, size=q, replace=False)
