@@ -28,6 +28,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from aloe.assets.cache import atomic_write_json, atomic_write_text, cache_root  # noqa: E402
 from aloe.attacks.commands import add_budget_flags, budget_from_args  # noqa: E402
 from aloe.attacks.common import Target  # noqa: E402
+from aloe.attacks.risk import table_from_state  # noqa: E402
 from aloe.attacks.suite import ATTACKS, run, texts_for  # noqa: E402
 from aloe.attacks.theorem6 import theorem6  # noqa: E402
 from aloe.obfuscation.profiles import PROFILES  # noqa: E402
@@ -35,8 +36,8 @@ from aloe.obfuscation.profiles import PROFILES  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 # the sweep over alpha_e / alpha_h / lambda (name, base profile, overrides)
 SWEEP = [
+    ("balanced-ae0.03", "balanced", {"alpha_e": 0.03, "alpha_h": 0.02}),
     ("balanced-ae0.1", "balanced", {"alpha_e": 0.1, "alpha_h": 0.05}),
-    ("balanced-ae0.6", "balanced", {"alpha_e": 0.6, "alpha_h": 0.2}),
     ("balanced-ae1.0", "balanced", {"alpha_e": 1.0, "alpha_h": 0.2}),
     ("paper-lam0.1", "paper", {"lam": 0.1}),
 ]
@@ -200,6 +201,7 @@ def main(argv=None) -> int:
     steps.close()
     write_report(state)
     write_plot(state)
+    atomic_write_json(ROOT / "src" / "aloe" / "attacks" / "privacy_table.json", table_from_state(state))
     if args.json:
         print(json.dumps(state, indent=2, sort_keys=True, default=str))
     return 0

@@ -171,3 +171,19 @@ def test_client_held_vocabulary_keeps_the_logits_and_defeats_the_table_attacks(p
         assert before[name]["token_recovery"] >= 0.9 and after[name]["token_recovery"] <= 0.1
     with pytest.raises(AloeError):
         split_vocabulary(obf, tmp_path / "server", tmp_path / "c2.safetensors")
+
+
+def test_measured_risk_matches_profiles_exactly(tmp_path):
+    from aloe.attacks.risk import measured_risk, table_from_state
+
+    prof = PROFILES["balanced"].to_dict()
+    state = {"budget": {"queries": 8}, "profiles": {"balanced": {
+        "profile": prof, "fidelity": {"ppl_ratio": 1.5},
+        "attacks": {"vma": {"token_recovery": 0.25}, "ima": {"token_recovery": 0.0,
+                                                            "known_plaintext": {"token_recovery": 0.5}}}}}}
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(table_from_state(state)))
+    r = measured_risk(dict(prof, name="renamed"), path)
+    assert r["status"] == "measured" and r["recovery"] == {"vma": 0.25, "ima": 0.0, "ima_known_plaintext": 0.5}
+    assert measured_risk(dict(prof, alpha_e=0.31), path) == {"status": "not measured"}
+    assert measured_risk(prof, tmp_path / "missing.json") == {"status": "not measured"}
