@@ -133,6 +133,31 @@ def write_plot(state: dict) -> None:
     tmp.replace(RESULTS / "privacy.png")
 
 
+def mitigate(model: Path, prof, state: dict, budget, attacks: list[str], path: Path, show: bool) -> None:
+    """balanced behind a client-held vocabulary: the same artifact, the server holding neither table."""
+    from aloe.attacks.mitigation import split_vocabulary
+    from aloe.obfuscation.secret import load_secret
+
+    obf, secret = build(model, prof, show)
+    server, client = obf.parent / f"{prof.name}-split", obf.parent / f"{prof.name}-split.client.safetensors"
+    if not server.is_dir():
+        split_vocabulary(obf, server, client)
+    name = f"{prof.name}+client-vocabulary"
+    e = state["profiles"].setdefault(name, {})
+    e["profile"], e["mitigation"] = prof.to_dict(), "client-held vocabulary"
+    e["fidelity"] = dict(state["profiles"][prof.name]["fidelity"], note="identical logits (tested exactness)")
+    e["theorem6"] = state["profiles"][prof.name].get("theorem6", {})
+    done = e.setdefault("attacks", {})
+    target = Target(model, server, budget)
+    tau = load_secret(secret).tau
+    texts = texts_for(target)
+    for a in attacks:
+        if a not in done:
+            done[a] = run(target, [a], tau, texts, progress=show)[a]
+            atomic_write_json(path, state)
+            write_report(state)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the reduced budget (overrides the budget flags)")
@@ -140,6 +165,8 @@ def main(argv=None) -> int:
     ap.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS))
     ap.add_argument("--fidelity-tokens", type=int, default=512)
     ap.add_argument("--fidelity-prompts", type=int, default=2)
+    ap.add_argument("--mitigation", action="store_true",
+                    help="also attack balanced deployed with the client-held vocabulary (aloe.attacks.mitigation)")
     ap.add_argument("--json", action="store_true")
     add_budget_flags(ap)
     args = ap.parse_args(argv)
@@ -199,6 +226,8 @@ def main(argv=None) -> int:
                 write_report(state)
             steps.update(1)
     steps.close()
+    if args.mitigation:
+        mitigate(model, profiles["balanced"], state, budget, args.attacks, path, show)
     write_report(state)
     write_plot(state)
     atomic_write_json(ROOT / "src" / "aloe" / "attacks" / "privacy_table.json", table_from_state(state))

@@ -35,7 +35,7 @@ def table_from_state(state: dict) -> dict:
     """The compact table shipped with the package, from the benchmark's full state."""
     out = {"source": "benchmarks/results/privacy.md", "budget": state.get("budget"), "profiles": {}}
     for name, e in state.get("profiles", {}).items():
-        if not e.get("attacks"):
+        if not e.get("attacks") or e.get("mitigation"):
             continue
         rec = {a: r["token_recovery"] for a, r in e["attacks"].items()}
         kp = e["attacks"].get("ima", {}).get("known_plaintext")
