@@ -187,3 +187,13 @@ def test_measured_risk_matches_profiles_exactly(tmp_path):
     assert r["status"] == "measured" and r["recovery"] == {"vma": 0.25, "ima": 0.0, "ima_known_plaintext": 0.5}
     assert measured_risk(dict(prof, alpha_e=0.31), path) == {"status": "not measured"}
     assert measured_risk(prof, tmp_path / "missing.json") == {"status": "not measured"}
+
+
+def test_wide_secret_scales_do_not_stop_the_column_normalised_attacks(plain_dir, tmp_path_factory):
+    # H_qk and H_ffn are exact, so widening their range costs no fidelity; it is no defence either: each scale
+    # multiplies a whole column, which the attacks normalise away.
+    wide = deploy(plain_dir, tmp_path_factory, WEAK.with_overrides(name="wide", h=8, qk_scale=(0.25, 4.0),
+                                                                   ffn_scale=(0.25, 4.0)))
+    r = attack(plain_dir, wide, ["vma", "ia"])
+    assert r["vma"]["token_recovery"] >= 0.9
+    assert r["ia"]["attention_ia_token_recovery"] >= 0.9

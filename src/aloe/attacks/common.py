@@ -156,6 +156,12 @@ def row_quantiles(x: torch.Tensor, q: int) -> torch.Tensor:
     return s[:, idx]
 
 
+def column_normalise(x: torch.Tensor) -> torch.Tensor:
+    """Divide each column by its root mean square over the rows (tokens). A secret per-column scale (the FFN unit
+    scales H_ffn, the q/k pair scales H_qk) multiplies a whole column, so this removes it before rows are sorted."""
+    return x / x.pow(2).mean(0, keepdim=True).sqrt().clamp_min(1e-12)
+
+
 def standardise(plain: torch.Tensor, obf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale both feature blocks by the plain block's column statistics, and the block to unit total variance."""
     mu, sd = plain.mean(0, keepdim=True), plain.std(0, keepdim=True).clamp_min(1e-12)

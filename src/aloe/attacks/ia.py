@@ -3,8 +3,9 @@
 - *gate-IA*: the average of a token's gate pre-activations over all FFN units, ``mean_u (e W_gate)_u``, does not
   depend on the unit permutation Z_ffn; one exact scalar per layer (all units, no sampling).
 - *attention-IA*: for a RoPE pair block j of a key head, ``||e W_k[:, j]||^2`` is unchanged by the pair rotation R
-  and changed only by the pair scale H^-2 (close to 1); the head and block permutations are removed by sorting the
-  values of a layer (all KV heads and pairs).
+  and multiplied by the pair scale H^-2, a factor common to the whole (head, pair) column, so each column is divided
+  by its RMS over the tokens (the scale goes, however wide its range); the head and block permutations are removed
+  by sorting the values of a layer (all KV heads and pairs).
 
 Both run on plain weights carrying the artifact's public noise level (imitated with the attacker's own draws), and
 tokens are matched by nearest neighbour over the full vocabulary.
@@ -15,13 +16,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from aloe.attacks.common import Target, nearest, pca_project, standardise
+from aloe.attacks.common import Target, column_normalise, nearest, pca_project, standardise
 from aloe.attacks.scoring import IdGuess
 
 
 def _pair_norms(x: torch.Tensor, n_kv: int, hd: int) -> torch.Tensor:
     x = x.reshape(x.shape[0], n_kv, 2, hd // 2)
-    return torch.sort((x * x).sum(2).reshape(x.shape[0], -1), dim=1).values
+    return torch.sort(column_normalise((x * x).sum(2).reshape(x.shape[0], -1)), dim=1).values
 
 
 @torch.no_grad()

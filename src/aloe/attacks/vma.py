@@ -11,10 +11,11 @@ obfuscated product matches its sorted row in the plain product. Pairs used, per 
 
 To run on the whole 49,152-token vocabulary on two cores, each row is sorted over a uniform random subset of its
 columns (``budget.columns``: a uniform subset of a permuted set is a uniform subset of the plain set, so the
-evenly spaced order statistics estimate the same row quantiles on both sides), and the attacker imitates the
-artifact's public noise level on its plain weights. The per-pair signatures are standardised and concatenated, so
-the squared distance is the sum of the per-pair distances: a soft vote over pairs and layers. Matching is exact
-nearest neighbour over the full vocabulary.
+evenly spaced order statistics estimate the same row quantiles on both sides), the attacker imitates the
+artifact's public noise level on its plain weights, and each column is first divided by its RMS over the tokens,
+which removes the secret per-unit scales (H_ffn on up and down) however wide their range. The per-pair signatures
+are standardised and concatenated, so the squared distance is the sum of the per-pair distances: a soft vote over
+pairs and layers. Matching is exact nearest neighbour over the full vocabulary.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from aloe.attacks.common import Target, nearest, pca_project, row_quantiles, standardise
+from aloe.attacks.common import Target, column_normalise, nearest, pca_project, row_quantiles, standardise
 from aloe.attacks.scoring import IdGuess
 
 
@@ -66,10 +67,12 @@ def signatures(t: Target, q_ids: np.ndarray, progress=None) -> tuple[list[torch.
         for proj in ("gate", "up"):
             Wp, Wo = t.plain_layer(layer, f"mlp.{proj}_proj"), t.obf_layer(layer, f"mlp.{proj}_proj")
             up, uo = _pick(rng, a.ffn, K), _pick(rng, a.ffn, K)
-            add(f"L{layer}/{proj}", row_quantiles(E @ Wp[up].T, Q), row_quantiles(Eq @ Wo[uo].T, Q))
+            add(f"L{layer}/{proj}", row_quantiles(column_normalise(E @ Wp[up].T), Q),
+                row_quantiles(column_normalise(Eq @ Wo[uo].T), Q))
         Wd, Wdo = t.plain_layer(layer, "mlp.down_proj"), t.obf_layer(layer, "mlp.down_proj")
         up, uo = _pick(rng, a.ffn, K), _pick(rng, a.ffn, K)
-        add(f"L{layer}/down-head", row_quantiles(H @ Wd[:, up], Q), row_quantiles(Hq @ Wdo[:, uo], Q))
+        add(f"L{layer}/down-head", row_quantiles(column_normalise(H @ Wd[:, up]), Q),
+            row_quantiles(column_normalise(Hq @ Wdo[:, uo]), Q))
         if progress is not None:
             progress.update(1)
     return P, O, names
