@@ -124,6 +124,7 @@ def write_plot(state: dict) -> None:
         ax.scatter([x], [y])
         ax.annotate(name, (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
     ax.axhline(1.03, ls="--", lw=0.8, color="grey")
+    ax.set_yscale("log")
     ax.set_xlabel("worst-attack token recovery (% of the full vocabulary)")
     ax.set_ylabel("perplexity ratio (obfuscated / plain)")
     ax.set_title("AloePri on SmolLM2-135M: accuracy vs privacy")
