@@ -40,6 +40,8 @@ SWEEP = [
     ("balanced-ae0.1", "balanced", {"alpha_e": 0.1, "alpha_h": 0.05}),
     ("balanced-ae1.0", "balanced", {"alpha_e": 1.0, "alpha_h": 0.2}),
     ("paper-lam0.1", "paper", {"lam": 0.1}),
+    # the balanced profile as redefined on main (light noise, gamma 1e5)
+    ("balanced-light", "balanced", {"alpha_e": 0.01, "alpha_h": 0.005, "gamma": 1e5}),
 ]
 QUICK = dict(queries=2048, layers=6, columns=128, sequences=2, seq_len=16, isa_steps=20, isa_shortlist=64,
              ima_tokens=4096, ima_steps=200, tfma_tokens=20000, behaviour_rows=1024,
