@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "aloe.mpc.commands",
     "aloe.labelmap.commands",
     "aloe.recsys.commands",
+    "aloe.attacks.commands",
     "aloe.demo",
 ]
 

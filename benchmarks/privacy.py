@@ -1,0 +1,243 @@
+"""AloePri accuracy-vs-privacy table: every profile through the fidelity measure and every attack.
+
+    python benchmarks/privacy.py --quick           # the reduced budget the committed results were measured with
+    python benchmarks/privacy.py --profiles balanced --attacks vma behavioural
+
+Artifacts are built once under ``$ALOE_CACHE/privacy/artifacts`` (the secret files beside them) and every finished
+(profile, step) is saved to ``benchmarks/results/privacy.json`` at once, so an interrupted run resumes where it
+stopped (a changed budget starts the affected entries again). Writes ``privacy.json``, ``privacy.md`` and
+``privacy.png`` (perplexity ratio vs the worst attack's recovery, one point per profile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from aloe.assets.cache import atomic_write_json, atomic_write_text, cache_root  # noqa: E402
+from aloe.attacks.commands import add_budget_flags, budget_from_args  # noqa: E402
+from aloe.attacks.common import Target  # noqa: E402
+from aloe.attacks.risk import table_from_state  # noqa: E402
+from aloe.attacks.suite import ATTACKS, run, texts_for  # noqa: E402
+from aloe.attacks.theorem6 import theorem6  # noqa: E402
+from aloe.obfuscation.profiles import PROFILES  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+# the sweep over alpha_e / alpha_h / lambda (name, base profile, overrides)
+SWEEP = [
+    ("balanced-ae0.03", "balanced", {"alpha_e": 0.03, "alpha_h": 0.02}),
+    ("balanced-ae0.1", "balanced", {"alpha_e": 0.1, "alpha_h": 0.05}),
+    ("balanced-ae1.0", "balanced", {"alpha_e": 1.0, "alpha_h": 0.2}),
+    ("paper-lam0.1", "paper", {"lam": 0.1}),
+    # the balanced profile as redefined on main (light noise, gamma 1e5)
+    ("balanced-light", "balanced", {"alpha_e": 0.01, "alpha_h": 0.005, "gamma": 1e5}),
+]
+QUICK = dict(queries=2048, layers=6, columns=128, sequences=2, seq_len=16, isa_steps=20, isa_shortlist=64,
+             ima_tokens=4096, ima_steps=200, tfma_tokens=20000, behaviour_rows=1024,
+             behaviour_queries=128)
+REALISTIC = ("vma", "ia", "nn", "isa", "ima", "tfma", "behavioural")
+
+
+def all_profiles() -> dict:
+    out = {name: PROFILES[name] for name in ("exact", "balanced", "paper")}
+    for name, base, kw in SWEEP:
+        out[name] = PROFILES[base].with_overrides(name=name, **kw)
+    return out
+
+
+def build(model: Path, profile, progress: bool) -> tuple[Path, Path]:
+    from aloe.obfuscation.commands import calibration_ids
+    from aloe.obfuscation.model import obfuscate_checkpoint
+
+    folder = cache_root() / "privacy" / "artifacts"
+    folder.mkdir(parents=True, exist_ok=True)
+    out, secret = folder / profile.name, folder / f"{profile.name}.secret.json"
+    calib = calibration_ids(model) if profile.keys == "paper" else None
+    obfuscate_checkpoint(model, out, secret, profile, calibration_ids=calib, progress=progress)
+    return out, secret
+
+
+def worst(attacks: dict) -> float:
+    vals = [attacks[a]["token_recovery"] for a in REALISTIC if a in attacks]
+    return max(vals) if vals else float("nan")
+
+
+def pct(x) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
+
+
+def write_report(state: dict) -> None:
+    rows = []
+    head = ("| profile | keys | α_e | α_h | β | λ | ppl ratio | greedy agr. | VMA | IA | NN | ISA | IMA | IMA (known "
+            "plaintext) | TFMA | behavioural | worst | Thm 6 max p_s |")
+    rows.append(head)
+    rows.append("|" + "---|" * head.count("|")[:-1] if False else "|" + "|".join(["---"] * (head.count("|") - 1)) + "|")
+    prompt_rows = []
+    for name, e in state["profiles"].items():
+        p, a, f = e["profile"], e.get("attacks", {}), e.get("fidelity", {})
+
+        def g(k, field="token_recovery", a=a):
+            return a.get(k, {}).get(field)
+
+        kp = a.get("ima", {}).get("known_plaintext", {}).get("token_recovery")
+        rows.append(f"| {name} | {p['keys']} | {p['alpha_e']} | {p['alpha_h']} | {p['beta']} | "
+                    f"{p['lam'] if p['keys'] == 'paper' else '–'} | "
+                    f"{f.get('ppl_ratio', float('nan')):.4f} | {pct(f.get('greedy_agreement'))} | "
+                    + " | ".join(pct(g(k)) for k in ("vma", "ia", "nn", "isa", "ima")) + f" | {pct(kp)} | "
+                    + f"{pct(g('tfma'))} | {pct(g('behavioural'))} | {pct(worst(a))} | "
+                    + f"{e.get('theorem6', {}).get('max_single_token_success', float('nan')):.3g} |")
+        prompt_rows.append(f"| {name} | " + " | ".join(pct(g(k, 'prompt_token_recovery')) for k in ATTACKS) + " |")
+    b = state["budget"]
+    md = ["# AloePri privacy table (SmolLM2-135M-Instruct, full vocabulary of 49,152 ids)", "",
+          "Produced by `python benchmarks/privacy.py " + state.get("command", "") + "` on a shared 2-core CPU.",
+          "Recovery (TTRSR) in % of tokens, candidate pool = the whole vocabulary; fixed special ids excluded.",
+          "Worst = the largest of the seven attacks (the known-plaintext IMA is listed apart).", "",
+          "Budget: " + ", ".join(f"{k}={v}" for k, v in b.items()), "", *rows, "",
+          "## Recovery on the tokens of real prompts (%)", "",
+          "| profile | " + " | ".join(ATTACKS) + " |", "|" + "|".join(["---"] * (len(ATTACKS) + 1)) + "|",
+          *prompt_rows, "", "## Per-attack details", "", "```json",
+          json.dumps({n: e.get("attacks", {}) for n, e in state["profiles"].items()}, indent=1, sort_keys=True,
+                     default=str)[:60000], "```", ""]
+    atomic_write_text(RESULTS / "privacy.md", "\n".join(md))
+
+
+def write_plot(state: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, e in state["profiles"].items():
+        if "fidelity" not in e or not e.get("attacks"):
+            continue
+        x, y = 100 * worst(e["attacks"]), e["fidelity"]["ppl_ratio"]
+        ax.scatter([x], [y])
+        ax.annotate(name, (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(1.03, ls="--", lw=0.8, color="grey")
+    ax.set_yscale("log")
+    ax.set_xlabel("worst-attack token recovery (% of the full vocabulary)")
+    ax.set_ylabel("perplexity ratio (obfuscated / plain)")
+    ax.set_title("AloePri on SmolLM2-135M: accuracy vs privacy")
+    fig.tight_layout()
+    tmp = RESULTS / ".privacy.png.tmp.png"
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(RESULTS / "privacy.png")
+
+
+def mitigate(model: Path, prof, state: dict, budget, attacks: list[str], path: Path, show: bool) -> None:
+    """balanced behind a client-held vocabulary: the same artifact, the server holding neither table."""
+    from aloe.attacks.mitigation import split_vocabulary
+    from aloe.obfuscation.secret import load_secret
+
+    obf, secret = build(model, prof, show)
+    server, client = obf.parent / f"{prof.name}-split", obf.parent / f"{prof.name}-split.client.safetensors"
+    if not server.is_dir():
+        split_vocabulary(obf, server, client)
+    name = f"{prof.name}+client-vocabulary"
+    e = state["profiles"].setdefault(name, {})
+    e["profile"], e["mitigation"] = prof.to_dict(), "client-held vocabulary"
+    e["fidelity"] = dict(state["profiles"][prof.name]["fidelity"], note="identical logits (tested exactness)")
+    e["theorem6"] = state["profiles"][prof.name].get("theorem6", {})
+    done = e.setdefault("attacks", {})
+    target = Target(model, server, budget)
+    tau = load_secret(secret).tau
+    texts = texts_for(target)
+    for a in attacks:
+        if a not in done:
+            done[a] = run(target, [a], tau, texts, progress=show)[a]
+            atomic_write_json(path, state)
+            write_report(state)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="the reduced budget (overrides the budget flags)")
+    ap.add_argument("--profiles", nargs="+", default=None, help="default: exact, balanced, paper and the sweep")
+    ap.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS))
+    ap.add_argument("--fidelity-tokens", type=int, default=512)
+    ap.add_argument("--fidelity-prompts", type=int, default=2)
+    ap.add_argument("--mitigation", action="store_true",
+                    help="also attack balanced deployed with the client-held vocabulary (aloe.attacks.mitigation)")
+    ap.add_argument("--json", action="store_true")
+    add_budget_flags(ap)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
+    budget = budget_from_args(args)
+    bdict = {k: v for k, v in asdict(budget).items() if k != "seed"}
+    profiles = all_profiles()
+    names = args.profiles or list(profiles)
+    unknown = [n for n in names if n not in profiles]
+    if unknown:
+        ap.error(f"unknown profile(s) {unknown}; choose from {list(profiles)}")
+
+    from aloe.obfuscation.commands import resolve_model
+    from aloe.obfuscation.fidelity import measure_fidelity
+    from aloe.obfuscation.secret import load_secret
+
+    model = resolve_model("smollm2")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "privacy.json"
+    state = json.loads(path.read_text()) if path.is_file() else {"profiles": {}}
+    if state.get("budget") != bdict:
+        for e in state["profiles"].values():
+            e.pop("attacks", None)
+    state["budget"] = bdict
+    state["command"] = " ".join(sys.argv[1:])
+    show = not args.json
+    steps = tqdm(total=len(names) * (2 + len(args.attacks)), desc="privacy", disable=not show)
+    for name in names:
+        prof = profiles[name]
+        e = state["profiles"].setdefault(name, {})
+        if e.get("profile") != prof.to_dict():
+            e.clear()
+        e["profile"] = prof.to_dict()
+        obf, secret = build(model, prof, show)
+        target = Target(model, obf, budget)
+        if "fidelity" not in e:
+            steps.set_postfix_str(f"{name}: fidelity")
+            e["fidelity"] = measure_fidelity(model, obf, secret, n_tokens=args.fidelity_tokens,
+                                             n_prompts=args.fidelity_prompts, max_new_tokens=16, progress=False)
+            e["theorem6"] = theorem6(target.plain_embed, target.plain_head, prof.alpha_e, prof.alpha_h)
+            atomic_write_json(path, state)
+        steps.update(2)
+        attacks = e.setdefault("attacks", {})
+        tau = load_secret(secret).tau
+        texts = None
+        for a in args.attacks:
+            if a not in attacks:
+                steps.set_postfix_str(f"{name}: {a}")
+                texts = texts or texts_for(target)
+                t0 = time.perf_counter()
+                attacks[a] = run(target, [a], tau, texts, progress=show)[a]
+                attacks[a]["seconds"] = time.perf_counter() - t0
+                atomic_write_json(path, state)
+                write_report(state)
+            steps.update(1)
+    steps.close()
+    if args.mitigation:
+        mitigate(model, profiles["balanced"], state, budget, args.attacks, path, show)
+    write_report(state)
+    write_plot(state)
+    atomic_write_json(ROOT / "src" / "aloe" / "attacks" / "privacy_table.json", table_from_state(state))
+    if args.json:
+        print(json.dumps(state, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

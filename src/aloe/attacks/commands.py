@@ -1,0 +1,102 @@
+"""``aloe attack`` and ``aloe privacy-bound``."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from aloe.attacks.common import Budget
+from aloe.attacks.suite import ATTACKS
+
+
+def budget_from_args(args: argparse.Namespace) -> Budget:
+    return Budget(queries=args.queries, layers=args.layers, columns=args.columns, topk=args.topk,
+                  sequences=args.sequences, seq_len=args.seq_len, isa_steps=args.isa_steps, isa_layer=args.isa_layer,
+                  isa_shortlist=args.isa_shortlist,
+                  ima_tokens=args.ima_tokens, ima_steps=args.ima_steps, tfma_tokens=args.tfma_tokens,
+                  behaviour_rows=args.behaviour_rows, behaviour_queries=args.behaviour_queries, seed=args.attacker_seed)
+
+
+def add_budget_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("budget (defaults: full vocabulary, all layers)")
+    g.add_argument("--queries", type=int, default=0, help="obfuscated ids attacked (0 = every movable id)")
+    g.add_argument("--layers", type=int, default=0, help="layers used by VMA/IA (0 = all)")
+    g.add_argument("--columns", type=int, default=256, help="sampled columns per sorted row (VMA)")
+    g.add_argument("--topk", type=int, default=10)
+    g.add_argument("--sequences", type=int, default=4, help="random-id sequences for ISA/IMA")
+    g.add_argument("--seq-len", type=int, default=16)
+    g.add_argument("--isa-steps", type=int, default=60)
+    g.add_argument("--isa-layer", type=int, default=1)
+    g.add_argument("--isa-shortlist", type=int, default=256)
+    g.add_argument("--ima-tokens", type=int, default=4096)
+    g.add_argument("--ima-steps", type=int, default=300)
+    g.add_argument("--tfma-tokens", type=int, default=20000)
+    g.add_argument("--behaviour-rows", type=int, default=0, help="single-token contexts per side (0 = queries)")
+    g.add_argument("--behaviour-queries", type=int, default=0, help="ids given an input-side pass (0 = queries)")
+    g.add_argument("--attacker-seed", type=int, default=None, help="seed of the attacker's own (non-secret) draws")
+
+
+def _attack(args: argparse.Namespace) -> int:
+    from aloe.attacks.common import Target
+    from aloe.attacks.suite import run, texts_for
+    from aloe.cli import print_json
+    from aloe.obfuscation.commands import resolve_model
+    from aloe.obfuscation.secret import check_artifact_secret, load_secret
+
+    model = resolve_model(args.model)
+    secret = load_secret(args.secret)
+    check_artifact_secret(args.obfuscated, secret)
+    target = Target(model, args.obfuscated, budget_from_args(args))
+    names = list(ATTACKS) if args.name == "all" else [args.name]
+    res = run(target, names, secret.tau, texts_for(target), progress=not args.json)
+    if args.json:
+        print_json(res)
+    else:
+        for name, r in res.items():
+            print(f"{name:12s} token_recovery {r['token_recovery']:.4f}  prompt_token_recovery "
+                  f"{r['prompt_token_recovery']:.4f}  ({r['seconds']:.0f}s)")
+    return 0
+
+
+def _bound(args: argparse.Namespace) -> int:
+    import torch
+
+    from aloe.attacks.theorem6 import theorem6
+    from aloe.cli import print_json
+    from aloe.obfuscation.checkpoint import CheckpointReader, read_config
+    from aloe.obfuscation.commands import resolve_model
+
+    model = resolve_model(args.model)
+    read_config(model)
+    reader = CheckpointReader(model)
+    embed = torch.from_numpy(reader.get("model.embed_tokens.weight")).float()
+    head_name = "lm_head.weight" if "lm_head.weight" in reader else "model.embed_tokens.weight"
+    head = torch.from_numpy(reader.get(head_name)).float() * torch.from_numpy(reader.get("model.norm.weight")).float()
+    rows = [theorem6(embed, head, ae, ah) for ae in args.alpha_e for ah in args.alpha_h]
+    if args.json:
+        print_json(rows)
+    else:
+        for r in rows:
+            b = r["kl_bound"]
+            print(f"alpha_e {r['alpha_e']:<5} alpha_h {r['alpha_h']:<5} KL bound {b if math.isinf(b) else round(b, 4)}"
+                  f"  max single-token success {r['max_single_token_success']:.4g}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("attack", help="AloePri: run privacy attacks on an obfuscated artifact and score them")
+    p.add_argument("name", choices=[*ATTACKS, "all"])
+    p.add_argument("--model", required=True, help="plain model folder, or 'smollm2'")
+    p.add_argument("--obfuscated", type=Path, required=True)
+    p.add_argument("--secret", type=Path, required=True, help="the client's secret (used only to score)")
+    add_budget_flags(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_attack)
+
+    b = sub.add_parser("privacy-bound", help="AloePri: Theorem 6 bound on single-token recovery for alpha_e/alpha_h")
+    b.add_argument("--model", required=True, help="plain model folder, or 'smollm2'")
+    b.add_argument("--alpha-e", type=float, nargs="+", default=[1.0])
+    b.add_argument("--alpha-h", type=float, nargs="+", default=[0.2])
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=_bound)

@@ -1,0 +1,201 @@
+"""What the attacker holds, loaded once: plain and obfuscated weights (float32 torch), the public profile of the
+artifact, the fixed (public) special ids, and the shared nearest-neighbour and signature helpers."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from aloe import AloeError
+from aloe.obfuscation.checkpoint import CheckpointReader, read_config
+from aloe.obfuscation.model import Arch, special_token_ids
+
+
+@dataclass
+class Budget:
+    """Knobs that bound the cost of every attack (tests use tiny values; see ``docs/attacks.md``)."""
+
+    queries: int = 0            # obfuscated ids attacked by the per-id attacks (0 = the whole vocabulary)
+    layers: int = 0             # layers used by VMA/IA (0 = all), spread evenly over the depth
+    columns: int = 256          # random columns/units per product row (VMA)
+    quantiles: int = 16         # order statistics kept per sorted row
+    topk: int = 10              # candidates kept per guess
+    seq_len: int = 16           # ISA/IMA sequence length
+    sequences: int = 4          # ISA/IMA evaluation sequences of random vocabulary ids
+    isa_steps: int = 60
+    isa_layer: int = 1
+    isa_shortlist: int = 256   # tokens tried exactly per position (ISA)
+    ima_tokens: int = 4096      # public training tokens for the inverter
+    ima_steps: int = 300
+    tfma_tokens: int = 20000    # length of the victim's obfuscated prompt stream
+    behaviour_rows: int = 0     # single-token contexts per side for the output side (0 = the queries)
+    behaviour_queries: int = 0  # ids given an input-side pass (0 = the queries)
+    batch: int = 256
+    seed: int | None = None     # attacker's own (non-secret) randomness; None = fresh
+
+    def rng(self, label: str = "") -> np.random.Generator:
+        if self.seed is None:
+            return np.random.default_rng()
+        return np.random.default_rng([self.seed, sum(label.encode())])
+
+
+@dataclass
+class Target:
+    """The attacker's view of one deployment."""
+
+    plain_dir: Path
+    obf_dir: Path
+    budget: Budget = field(default_factory=Budget)
+
+    def __post_init__(self) -> None:
+        self.plain_dir, self.obf_dir = Path(self.plain_dir), Path(self.obf_dir)
+        self.config = read_config(self.plain_dir)
+        self.arch = Arch.from_config(self.config)
+        try:
+            self.manifest = json.loads((self.obf_dir / "aloe.json").read_text())
+        except FileNotFoundError:
+            raise AloeError(f"{self.obf_dir} is not an aloe artifact (no aloe.json)") from None
+        except (OSError, ValueError) as exc:
+            raise AloeError(f"{self.obf_dir}/aloe.json is unreadable: {exc}") from None
+        self.obf_config = read_config(self.obf_dir)
+        if int(self.obf_config["vocab_size"]) != self.arch.vocab:
+            raise AloeError("the obfuscated model's vocabulary differs from the plain model's")
+        self._plain = CheckpointReader(self.plain_dir)
+        self._obf = CheckpointReader(self.obf_dir)
+
+    # ---- public facts -------------------------------------------------------------------------------------------
+    @property
+    def profile(self) -> dict:
+        return self.manifest.get("profile", {})
+
+    @cached_property
+    def fixed_ids(self) -> np.ndarray:
+        """Ids the mechanism leaves in place (public: the tokenizer's special tokens and padding rows)."""
+        return np.array(sorted(special_token_ids(self.plain_dir, self.config)), dtype=np.int64)
+
+    @cached_property
+    def movable_ids(self) -> np.ndarray:
+        return np.setdiff1d(np.arange(self.arch.vocab), self.fixed_ids)
+
+    # ---- weights ------------------------------------------------------------------------------------------------
+    def plain(self, name: str) -> torch.Tensor:
+        return torch.from_numpy(self._plain.get(name)).float()
+
+    def obf(self, name: str) -> torch.Tensor:
+        return torch.from_numpy(self._obf.get(name)).float()
+
+    @cached_property
+    def plain_embed(self) -> torch.Tensor:
+        return self.plain("model.embed_tokens.weight")
+
+    @cached_property
+    def plain_head(self) -> torch.Tensor:
+        """The plain LM head with the final norm's gamma folded in, as the mechanism does before obfuscating."""
+        name = "lm_head.weight" if "lm_head.weight" in self._plain else "model.embed_tokens.weight"
+        return self.plain(name) * self.plain("model.norm.weight")[None, :]
+
+    @cached_property
+    def obf_embed(self) -> torch.Tensor:
+        return self.obf("model.embed_tokens.weight")
+
+    @cached_property
+    def obf_head(self) -> torch.Tensor:
+        return self.obf("lm_head.weight")
+
+    def plain_layer(self, layer: int, name: str) -> torch.Tensor:
+        """A plain projection of a layer, HF layout, with its input RMSNorm gamma folded in where the mechanism
+        folds it (q, k, v, gate, up)."""
+        p = f"model.layers.{layer}."
+        w = self.plain(p + name + ".weight")
+        if name.startswith("self_attn.") and name != "self_attn.o_proj":
+            w = w * self.plain(p + "input_layernorm.weight")[None, :]
+        elif name in ("mlp.gate_proj", "mlp.up_proj"):
+            w = w * self.plain(p + "post_attention_layernorm.weight")[None, :]
+        return w
+
+    def obf_layer(self, layer: int, name: str) -> torch.Tensor:
+        return self.obf(f"model.layers.{layer}.{name}.weight")
+
+    def layer_subset(self) -> list[int]:
+        n, k = self.arch.n_layers, self.budget.layers
+        if k <= 0 or k >= n:
+            return list(range(n))
+        return sorted({int(round(x)) for x in np.linspace(0, n - 1, k)})
+
+    def query_ids(self, must: np.ndarray | None = None, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The obfuscated ids attacked: every movable id, or a uniform sample of them plus ``must`` (the ids the
+        server received). Also returns the mask of the uniform sample, over which full-vocabulary recovery is
+        estimated."""
+        movable = self.movable_ids
+        q = self.budget.queries if size is None else size
+        if q <= 0 or q >= len(movable):
+            return movable, np.ones(len(movable), dtype=bool)
+        pick = self.budget.rng("queries").choice(movable, size=q, replace=False)
+        ids = np.union1d(pick, np.intersect1d(must, movable)) if must is not None else np.sort(pick)
+        return ids, np.isin(ids, pick)
+
+    def noised_plain(self, w: torch.Tensor, alpha: float, label: str) -> torch.Tensor:
+        """The attacker imitates the mechanism's public noise level with its own draws (matches the spread of the
+        observed products; the draws themselves are unrelated to the victim's)."""
+        if alpha <= 0:
+            return w
+        g = torch.Generator().manual_seed(int(self.budget.rng(label).integers(1 << 62)))
+        return w + alpha * float(w.std()) * torch.randn(w.shape, generator=g)
+
+
+# ---- shared numerics --------------------------------------------------------------------------------------------
+def row_quantiles(x: torch.Tensor, q: int) -> torch.Tensor:
+    """Evenly spaced order statistics of each row (a permutation-invariant row signature)."""
+    s, _ = torch.sort(x, dim=1)
+    idx = torch.linspace(0, x.shape[1] - 1, q).round().long()
+    return s[:, idx]
+
+
+def column_normalise(x: torch.Tensor) -> torch.Tensor:
+    """Divide each column by its root mean square over the rows (tokens). A secret per-column scale (the FFN unit
+    scales H_ffn, the q/k pair scales H_qk) multiplies a whole column, so this removes it before rows are sorted."""
+    return x / x.pow(2).mean(0, keepdim=True).sqrt().clamp_min(1e-12)
+
+
+def standardise(plain: torch.Tensor, obf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale both feature blocks by the plain block's column statistics, and the block to unit total variance."""
+    mu, sd = plain.mean(0, keepdim=True), plain.std(0, keepdim=True).clamp_min(1e-12)
+    p, o = (plain - mu) / sd, (obf - mu) / sd
+    w = 1.0 / np.sqrt(max(1, plain.shape[1]))
+    return p * w, o * w
+
+
+def nearest(queries: torch.Tensor, table: torch.Tensor, k: int, metric: str = "l2", batch: int = 2048
+            ) -> torch.Tensor:
+    """Indices of the ``k`` nearest table rows for each query row (exact search, in batches)."""
+    k = min(k, table.shape[0])
+    if metric == "cos":
+        table = torch.nn.functional.normalize(table, dim=1)
+        queries = torch.nn.functional.normalize(queries, dim=1)
+        tn = None
+    else:
+        tn = (table * table).sum(1)
+    out = []
+    for s in range(0, queries.shape[0], batch):
+        q = queries[s:s + batch]
+        score = q @ table.T
+        if tn is not None:
+            score = 2 * score - tn[None, :]
+        out.append(score.topk(k, dim=1).indices)
+    return torch.cat(out) if out else torch.zeros((0, k), dtype=torch.long)
+
+
+def pca_project(plain: torch.Tensor, obf: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Project both feature sets on the top principal axes of the plain set (the attacker's own data)."""
+    if plain.shape[1] <= dim:
+        return plain, obf
+    mu = plain.mean(0, keepdim=True)
+    sample = plain[torch.randperm(plain.shape[0])[:8192]] - mu
+    _, _, v = torch.linalg.svd(sample, full_matrices=False)
+    basis = v[:dim].T
+    return (plain - mu) @ basis, (obf - mu) @ basis

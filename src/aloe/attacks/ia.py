@@ -1,0 +1,52 @@
+"""IA, invariant attacks (Lin et al.; design notes section 4).
+
+- *gate-IA*: the average of a token's gate pre-activations over all FFN units, ``mean_u (e W_gate)_u``, does not
+  depend on the unit permutation Z_ffn; one exact scalar per layer (all units, no sampling).
+- *attention-IA*: for a RoPE pair block j of a key head, ``||e W_k[:, j]||^2`` is unchanged by the pair rotation R
+  and multiplied by the pair scale H^-2, a factor common to the whole (head, pair) column, so each column is divided
+  by its RMS over the tokens (the scale goes, however wide its range); the head and block permutations are removed
+  by sorting the values of a layer (all KV heads and pairs).
+
+Both run on plain weights carrying the artifact's public noise level (imitated with the attacker's own draws), and
+tokens are matched by nearest neighbour over the full vocabulary.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from aloe.attacks.common import Target, column_normalise, nearest, pca_project, standardise
+from aloe.attacks.scoring import IdGuess
+
+
+def _pair_norms(x: torch.Tensor, n_kv: int, hd: int) -> torch.Tensor:
+    x = x.reshape(x.shape[0], n_kv, 2, hd // 2)
+    return torch.sort(column_normalise((x * x).sum(2).reshape(x.shape[0], -1)), dim=1).values
+
+
+@torch.no_grad()
+def attack(t: Target, received: np.ndarray, progress=None) -> IdGuess:
+    a, prof = t.arch, t.profile
+    q_ids, uniform = t.query_ids(must=received)
+    qi = torch.as_tensor(q_ids)
+    E = t.noised_plain(t.plain_embed, float(prof.get("alpha_e", 0.0)), "ia-e")
+    Eq = t.obf_embed[qi]
+    gate_p, gate_o, attn_p, attn_o = [], [], [], []
+    for layer in t.layer_subset():
+        gate_p.append(E @ t.plain_layer(layer, "mlp.gate_proj").mean(0))
+        gate_o.append(Eq @ t.obf_layer(layer, "mlp.gate_proj").mean(0))
+        attn_p.append(_pair_norms(E @ t.plain_layer(layer, "self_attn.k_proj").T, a.n_kv, a.head_dim))
+        attn_o.append(_pair_norms(Eq @ t.obf_layer(layer, "self_attn.k_proj").T, a.n_kv, a.head_dim))
+        if progress is not None:
+            progress.update(1)
+    gp, go = standardise(torch.stack(gate_p, 1), torch.stack(gate_o, 1))
+    ap, ao = standardise(torch.cat(attn_p, 1).log1p(), torch.cat(attn_o, 1).log1p())
+    k = t.budget.topk
+    gate_pred = nearest(go, gp, 1)[:, 0]
+    attn_pred = nearest(*reversed(pca_project(ap, ao, 128)), 1)[:, 0]
+    p, o = pca_project(torch.cat([gp, ap], 1), torch.cat([go, ao], 1), 128)
+    cand = nearest(o, p, k)
+    extra = {"layers": len(t.layer_subset()), "gate_ia_pred": gate_pred.numpy(),
+             "attention_ia_pred": attn_pred.numpy()}
+    return IdGuess(q_ids, cand.numpy(), uniform=uniform, extra=extra)

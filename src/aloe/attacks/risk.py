@@ -1,0 +1,46 @@
+"""The measured risk of a profile, for an artifact to carry (``aloe.json``) and for ``aloe obfuscate`` to print.
+
+``privacy_table.json`` beside this module is written by ``benchmarks/privacy.py``: for every measured profile, its
+fidelity and the full-vocabulary recovery of each attack, with the budget it was measured at. A profile whose
+parameters match none of the measured ones is reported as "not measured".
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+TABLE = Path(__file__).with_name("privacy_table.json")
+IGNORED = ("name", "description")
+
+
+def _key(profile: dict) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in profile.items() if k not in IGNORED}
+
+
+def measured_risk(profile: dict, table: Path = TABLE) -> dict:
+    """The measured recovery of a profile with exactly these parameters, or ``{"status": "not measured"}``."""
+    try:
+        rows = json.loads(Path(table).read_text())
+    except (OSError, ValueError):
+        return {"status": "not measured"}
+    for name, row in rows.get("profiles", {}).items():
+        if _key(row["profile"]) == _key(profile):
+            return {"status": "measured", "measured_as": name, "recovery": row["recovery"],
+                    "ppl_ratio": row.get("ppl_ratio"), "budget": rows.get("budget"), "source": rows.get("source")}
+    return {"status": "not measured"}
+
+
+def table_from_state(state: dict) -> dict:
+    """The compact table shipped with the package, from the benchmark's full state."""
+    out = {"source": "benchmarks/results/privacy.md", "budget": state.get("budget"), "profiles": {}}
+    for name, e in state.get("profiles", {}).items():
+        if not e.get("attacks") or e.get("mitigation"):
+            continue
+        rec = {a: r["token_recovery"] for a, r in e["attacks"].items()}
+        kp = e["attacks"].get("ima", {}).get("known_plaintext")
+        if kp:
+            rec["ima_known_plaintext"] = kp["token_recovery"]
+        out["profiles"][name] = {"profile": e["profile"], "ppl_ratio": e.get("fidelity", {}).get("ppl_ratio"),
+                                 "recovery": rec}
+    return out

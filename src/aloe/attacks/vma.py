@@ -1,0 +1,94 @@
+"""VMA, vocabulary matching (Thomas et al.; design notes section 4).
+
+Every pair of published obfuscated weights whose product cancels the key (P Q = I) is a plain product with its rows
+and columns permuted: ``Pi X Z``. Sorting a row removes the column permutation Z, so a token's sorted row in the
+obfuscated product matches its sorted row in the plain product. Pairs used, per layer where they exist:
+
+- embed x head (rows: tokens through the embedding; columns: tokens through the head),
+- per-head q-k: ``(E W_q^(i)) (E W_k^(g))^T`` (heads pooled, so the head permutation does not matter),
+- gate and up: ``E W_gate``, ``E W_up`` (columns permuted by Z_ffn, up also scaled),
+- down x head: ``W_down W_head^T`` (tokens are its columns).
+
+To run on the whole 49,152-token vocabulary on two cores, each row is sorted over a uniform random subset of its
+columns (``budget.columns``: a uniform subset of a permuted set is a uniform subset of the plain set, so the
+evenly spaced order statistics estimate the same row quantiles on both sides), the attacker imitates the
+artifact's public noise level on its plain weights, and each column is first divided by its RMS over the tokens,
+which removes the secret per-unit scales (H_ffn on up and down) however wide their range. The per-pair signatures
+are standardised and concatenated, so the squared distance is the sum of the per-pair distances: a soft vote over
+pairs and layers. Matching is exact nearest neighbour over the full vocabulary.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from aloe.attacks.common import Target, column_normalise, nearest, pca_project, row_quantiles, standardise
+from aloe.attacks.scoring import IdGuess
+
+
+def _pick(rng: np.random.Generator, n: int, k: int) -> torch.Tensor:
+    return torch.as_tensor(rng.choice(n, size=min(k, n), replace=False))
+
+
+def signatures(t: Target, q_ids: np.ndarray, progress=None) -> tuple[list[torch.Tensor], list[torch.Tensor],
+                                                                        list[str]]:
+    b, a = t.budget, t.arch
+    rng = b.rng("vma")
+    K, Q, n = b.columns, b.quantiles, a.vocab
+    prof = t.profile
+    E = t.noised_plain(t.plain_embed, float(prof.get("alpha_e", 0.0)), "vma-e")
+    H = t.noised_plain(t.plain_head, float(prof.get("alpha_h", 0.0)), "vma-h")
+    qi = torch.as_tensor(q_ids)
+    Et, Ht = t.obf_embed, t.obf_head
+    Eq, Hq = Et[qi], Ht[qi]
+    P, O, names = [], [], []
+
+    def add(name, fp, fo):
+        p, o = standardise(fp, fo)
+        P.append(p)
+        O.append(o)
+        names.append(name)
+
+    add("embed-head/rows", row_quantiles(E @ H[_pick(rng, n, K)].T, Q), row_quantiles(Eq @ Ht[_pick(rng, n, K)].T, Q))
+    add("embed-head/cols", row_quantiles(H @ E[_pick(rng, n, K)].T, Q), row_quantiles(Hq @ Et[_pick(rng, n, K)].T, Q))
+    hd, G = a.head_dim, a.n_heads // a.n_kv
+    Kh = max(4, K // a.n_heads)
+    for layer in t.layer_subset():
+        # q-k per head, heads pooled: rows of (E W_q^(i)) (E_S W_k^(g))^T = E [W_q^(i)T W_k^(g) E_S^T]
+        Wq, Wk = t.plain_layer(layer, "self_attn.q_proj"), t.plain_layer(layer, "self_attn.k_proj")
+        Wqt, Wkt = t.obf_layer(layer, "self_attn.q_proj"), t.obf_layer(layer, "self_attn.k_proj")
+        Sp, So = E[_pick(rng, n, Kh)], Et[_pick(rng, n, Kh)]
+        Mp = torch.cat([Wq[i * hd:(i + 1) * hd].T @ (Wk[(i // G) * hd:(i // G + 1) * hd] @ Sp.T)
+                        for i in range(a.n_heads)], 1)
+        Mo = torch.cat([Wqt[i * hd:(i + 1) * hd].T @ (Wkt[(i // G) * hd:(i // G + 1) * hd] @ So.T)
+                        for i in range(a.n_heads)], 1)
+        add(f"L{layer}/qk", row_quantiles(E @ Mp, Q), row_quantiles(Eq @ Mo, Q))
+        for proj in ("gate", "up"):
+            Wp, Wo = t.plain_layer(layer, f"mlp.{proj}_proj"), t.obf_layer(layer, f"mlp.{proj}_proj")
+            up, uo = _pick(rng, a.ffn, K), _pick(rng, a.ffn, K)
+            add(f"L{layer}/{proj}", row_quantiles(column_normalise(E @ Wp[up].T), Q),
+                row_quantiles(column_normalise(Eq @ Wo[uo].T), Q))
+        Wd, Wdo = t.plain_layer(layer, "mlp.down_proj"), t.obf_layer(layer, "mlp.down_proj")
+        up, uo = _pick(rng, a.ffn, K), _pick(rng, a.ffn, K)
+        add(f"L{layer}/down-head", row_quantiles(column_normalise(H @ Wd[:, up]), Q),
+            row_quantiles(column_normalise(Hq @ Wdo[:, uo]), Q))
+        if progress is not None:
+            progress.update(1)
+    return P, O, names
+
+
+def match(P: list[torch.Tensor], O: list[torch.Tensor], k: int, dim: int = 128) -> torch.Tensor:
+    p, o = pca_project(torch.cat(P, 1), torch.cat(O, 1), dim)
+    return nearest(o, p, k)
+
+
+@torch.no_grad()
+def attack(t: Target, received: np.ndarray, progress=None) -> IdGuess:
+    q_ids, uniform = t.query_ids(must=received)
+    P, O, names = signatures(t, q_ids, progress)
+    cand = match(P, O, t.budget.topk)
+    eh = nearest(torch.cat(O[:2], 1), torch.cat(P[:2], 1), 1)[:, 0]
+    extra = {"pairs": len(names), "layers": len(t.layer_subset()), "columns": t.budget.columns,
+             "embed_head_only_pred": eh.numpy()}
+    return IdGuess(q_ids, cand.numpy(), uniform=uniform, extra=extra)

@@ -1,0 +1,199 @@
+"""The attack suite on a tiny random Llama: every attack recovers tokens from a deliberately weak obfuscation
+(noise off, no block permutation), recovers fewer from a strong one, and is scored the same way."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from aloe import AloeError
+from aloe.attacks import tfma
+from aloe.attacks.common import Budget, Target
+from aloe.attacks.scoring import IdGuess, SeqGuess, score_ids, score_sequences
+from aloe.attacks.suite import run, synthetic_texts
+from aloe.attacks.theorem6 import binary_kl, max_success, theorem6
+from aloe.cli import main
+from aloe.obfuscation.model import obfuscate_checkpoint
+from aloe.obfuscation.profiles import PROFILES
+from aloe.obfuscation.secret import load_secret
+from obfuscation_helpers import tiny_model
+
+WEAK = PROFILES["exact"].with_overrides(name="weak", h=8)
+STRONG = PROFILES["paper"].with_overrides(name="strong", h=8, alpha_e=3.0, alpha_h=3.0, beta=4, gamma=10.0)
+BUDGET = dict(columns=64, quantiles=16, topk=5, sequences=3, seq_len=10, isa_steps=30, ima_tokens=2048,
+              ima_steps=150, tfma_tokens=4000, behaviour_rows=97, seed=1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def private_cache(tmp_path_factory):
+    """Keep the attacker's cached assets (own artifact, plain behaviour) out of the user's cache."""
+    old = os.environ.get("ALOE_CACHE")
+    os.environ["ALOE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("ALOE_CACHE")
+    else:
+        os.environ["ALOE_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def plain_dir(tmp_path_factory):
+    return tiny_model("llama-gqa-tied", tmp_path_factory.mktemp("plain") / "plain")
+
+
+def deploy(plain_dir, tmp_path_factory, profile):
+    d = tmp_path_factory.mktemp(profile.name)
+    calib = np.arange(3, 97).repeat(3) if profile.keys == "paper" else None
+    obfuscate_checkpoint(plain_dir, d / "obf", d / "secret.json", profile, progress=False, calibration_ids=calib)
+    return d / "obf", load_secret(d / "secret.json").tau
+
+
+@pytest.fixture(scope="module")
+def weak(plain_dir, tmp_path_factory):
+    return deploy(plain_dir, tmp_path_factory, WEAK)
+
+
+@pytest.fixture(scope="module")
+def strong(plain_dir, tmp_path_factory):
+    return deploy(plain_dir, tmp_path_factory, STRONG)
+
+
+def attack(plain_dir, deployment, names):
+    obf, tau = deployment
+    t = Target(plain_dir, obf, Budget(**BUDGET))
+    return run(t, names, tau, synthetic_texts(97, t.fixed_ids, t.budget), progress=False)
+
+
+@pytest.mark.parametrize("name", ["vma", "ia", "nn", "behavioural"])
+def test_weight_and_behaviour_attacks_break_a_weak_obfuscation_on_the_full_vocabulary(plain_dir, weak, name):
+    r = attack(plain_dir, weak, [name])[name]
+    assert r["candidates"] == 97 and r["queries"] == 95            # every movable id, against the whole vocabulary
+    assert r["token_recovery"] >= 0.9 and r["prompt_token_recovery"] >= 0.9
+
+
+def test_strong_noise_and_paper_keys_cut_the_weight_attacks(plain_dir, weak, strong):
+    weak_r = attack(plain_dir, weak, ["vma", "nn", "ia"])
+    strong_r = attack(plain_dir, strong, ["vma", "nn", "ia"])
+    for name in ("vma", "nn", "ia"):
+        assert strong_r[name]["token_recovery"] < weak_r[name]["token_recovery"] - 0.3
+
+
+def test_isa_and_both_ima_variants_recover_tokens_from_a_weak_obfuscation(plain_dir, weak):
+    r = attack(plain_dir, weak, ["isa", "ima"])
+    chance = 1 / 95
+    assert r["isa"]["token_recovery"] >= 0.8 and r["isa"]["prompt_token_recovery"] >= 0.8
+    assert r["ima"]["known_plaintext"]["token_recovery"] >= 0.8
+    assert r["ima"]["prompt_token_recovery"] > 5 * chance         # own keys: key-invariant features transfer
+    assert r["ima"]["queries"] == 30 and r["isa"]["prompt_tokens"] == 40
+
+
+def test_tfma_recovers_the_frequent_tokens_of_a_stream():
+    rng = np.random.default_rng(0)
+    n, fixed = 50, np.array([0])
+    p = 1 / np.arange(1, n) ** 1.5
+    p /= p.sum()
+    tau = np.concatenate([[0], 1 + rng.permutation(n - 1)])
+    stream, prior = 1 + rng.choice(n - 1, 20000, p=p), 1 + rng.choice(n - 1, 20000, p=p)
+    r = score_ids(tfma.attack(tau[stream], prior, n, fixed, k=3), tau, [stream[:100]], fixed)
+    assert r["prompt_token_recovery"] > 0.5                      # the head of a Zipf stream is recovered
+    assert r["token_recovery"] < r["prompt_token_recovery"]      # the tail is not
+    assert r["token_recovery_top3"] >= r["token_recovery"]
+
+
+def test_scoring_counts_exactly_and_ignores_fixed_ids():
+    tau = np.array([0, 3, 1, 2])                                 # id 0 fixed
+    guess = IdGuess(np.array([1, 2, 3]), np.array([[2, 0], [0, 3], [1, 2]]),
+                    {"other_pred": np.array([2, -1, 0])})
+    r = score_ids(guess, tau, [np.array([0, 1, 2, 2, 3])], np.array([0]))
+    # truth: obf 1 <- plain 2, obf 2 <- plain 3, obf 3 <- plain 1
+    assert r["token_recovery"] == pytest.approx(2 / 3) and r["token_recovery_top2"] == pytest.approx(1.0)
+    assert r["prompt_token_recovery"] == pytest.approx(3 / 4) and r["prompt_tokens"] == 4
+    assert r["other_token_recovery"] == pytest.approx(0.5)
+    seq = SeqGuess([np.array([[1, 2], [3, 0]])], [np.array([[0, 1], [2, 3]])])
+    s = score_sequences(seq, [np.array([1, 0])], [np.array([0, 3])], np.array([0]))
+    assert s["token_recovery"] == 1.0 and s["prompt_token_recovery"] == 0.0 and s["prompt_token_recovery_top2"] == 1.0
+
+
+def test_theorem6_bound_falls_with_noise_and_is_infinite_without():
+    g = torch.Generator().manual_seed(0)
+    E, H = torch.randn(200, 8, generator=g), torch.randn(200, 8, generator=g)
+    assert theorem6(E, H, 0.0, 0.2)["max_single_token_success"] == 1.0
+    rows = [theorem6(E, H, a, a) for a in (0.5, 1.0, 4.0)]
+    bounds = [r["kl_bound"] for r in rows]
+    assert bounds[0] > bounds[1] > bounds[2] > 0
+    ps = [r["max_single_token_success"] for r in rows]
+    assert ps[0] >= ps[1] >= ps[2] >= 1 / 200
+    p = max_success(0.05, 1000)
+    assert binary_kl(p, 1e-3) == pytest.approx(0.05, abs=1e-6)
+
+
+def test_cli_prints_every_attack_in_json(plain_dir, weak, capsys, tmp_path):
+    obf, _ = weak
+    secret = obf.parent / "secret.json"
+    argv = ["attack", "all", "--model", str(plain_dir), "--obfuscated", str(obf), "--secret", str(secret),
+            "--columns", "32", "--isa-steps", "5", "--ima-steps", "5", "--ima-tokens", "256", "--sequences", "1",
+            "--seq-len", "6", "--tfma-tokens", "500", "--isa-shortlist", "8", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"vma", "ia", "nn", "isa", "ima", "tfma", "behavioural"}
+    for r in out.values():
+        assert 0.0 <= r["token_recovery"] <= 1.0 and 0.0 <= r["prompt_token_recovery"] <= 1.0
+    other = tmp_path / "other.json"
+    obfuscate_checkpoint(plain_dir, tmp_path / "o2", other, WEAK, progress=False)
+    assert main(argv[:6] + ["--secret", str(other), "--json"]) == 2
+    assert "fingerprint mismatch" in capsys.readouterr().err
+    with pytest.raises(AloeError):
+        Target(plain_dir, tmp_path, Budget())
+
+
+def test_client_held_vocabulary_keeps_the_logits_and_defeats_the_table_attacks(plain_dir, weak, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from aloe.attacks.mitigation import ClientVocabulary, split_vocabulary
+
+    obf, tau = weak
+    split_vocabulary(obf, tmp_path / "server", tmp_path / "client.safetensors")
+    assert os.stat(tmp_path / "client.safetensors").st_mode & 0o777 == 0o600
+    full = AutoModelForCausalLM.from_pretrained(obf, dtype=torch.float64).eval()
+    server = AutoModelForCausalLM.from_pretrained(tmp_path / "server", dtype=torch.float64).eval()
+    client = ClientVocabulary(tmp_path / "client.safetensors")
+    ids = torch.as_tensor(tau[np.arange(3, 15)])[None]
+    with torch.no_grad():
+        hidden = server.model(inputs_embeds=client.embed(ids).double()).last_hidden_state
+        assert (client.logits(hidden.float()).double() - full(ids).logits).abs().max() < 1e-4
+        assert server.model.embed_tokens.weight.abs().max() == 0 and server.lm_head.weight.abs().max() == 0
+    names = ["vma", "nn", "ia", "behavioural"]
+    before = attack(plain_dir, weak, names)
+    after = attack(plain_dir, (tmp_path / "server", tau), names)
+    for name in names:
+        assert before[name]["token_recovery"] >= 0.9 and after[name]["token_recovery"] <= 0.1
+    with pytest.raises(AloeError):
+        split_vocabulary(obf, tmp_path / "server", tmp_path / "c2.safetensors")
+
+
+def test_measured_risk_matches_profiles_exactly(tmp_path):
+    from aloe.attacks.risk import measured_risk, table_from_state
+
+    prof = PROFILES["balanced"].to_dict()
+    state = {"budget": {"queries": 8}, "profiles": {"balanced": {
+        "profile": prof, "fidelity": {"ppl_ratio": 1.5},
+        "attacks": {"vma": {"token_recovery": 0.25}, "ima": {"token_recovery": 0.0,
+                                                            "known_plaintext": {"token_recovery": 0.5}}}}}}
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(table_from_state(state)))
+    r = measured_risk(dict(prof, name="renamed"), path)
+    assert r["status"] == "measured" and r["recovery"] == {"vma": 0.25, "ima": 0.0, "ima_known_plaintext": 0.5}
+    assert measured_risk(dict(prof, alpha_e=0.31), path) == {"status": "not measured"}
+    assert measured_risk(prof, tmp_path / "missing.json") == {"status": "not measured"}
+
+
+def test_wide_secret_scales_do_not_stop_the_column_normalised_attacks(plain_dir, tmp_path_factory):
+    # H_qk and H_ffn are exact, so widening their range costs no fidelity; it is no defence either: each scale
+    # multiplies a whole column, which the attacks normalise away.
+    wide = deploy(plain_dir, tmp_path_factory, WEAK.with_overrides(name="wide", h=8, qk_scale=(0.25, 4.0),
+                                                                   ffn_scale=(0.25, 4.0)))
+    r = attack(plain_dir, wide, ["vma", "ia"])
+    assert r["vma"]["token_recovery"] >= 0.9
+    assert r["ia"]["attention_ia_token_recovery"] >= 0.9
