@@ -51,7 +51,16 @@ def _obfuscate(args: argparse.Namespace) -> int:
         print(f"{state} {args.out} (profile {profile.name}, hidden size {summary['hidden_size']} -> "
               f"{summary['obfuscated_hidden_size']}); secret: {args.secret} (fingerprint "
               f"{summary['secret_fingerprint'][:16]}...)")
+        print(risk_line(summary.get("measured_risk") or {}))
     return 0
+
+
+def risk_line(risk: dict) -> str:
+    """One line saying how much of the vocabulary each attack recovered on this profile (benchmarks/privacy.py)."""
+    if risk.get("status") != "measured":
+        return "privacy risk: not measured for these parameters (run benchmarks/privacy.py)"
+    parts = ", ".join(f"{k} {100 * v:.1f}%" for k, v in sorted(risk["recovery"].items()))
+    return f"privacy risk (attack recovery over the full vocabulary, measured as '{risk['measured_as']}'): {parts}"
 
 
 def _fidelity(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from aloe import AloeError, __version__
 from aloe.assets.cache import atomic_directory, atomic_write_json
+from aloe.attacks.risk import measured_risk
 from aloe.obfuscation.attention import obfuscate_attention
 from aloe.obfuscation.checkpoint import DTYPES, CheckpointReader, ShardWriter, read_config
 from aloe.obfuscation.embedding import obfuscate_embedding, obfuscate_head, vocab_permutation
@@ -346,6 +347,7 @@ def obfuscate_checkpoint(model_dir: Path, out_dir: Path, secret_path: Path, prof
             "rms_norm_eps": eps_out,
             "fixed_token_ids": int(np.sum(plan.secret.tau == np.arange(arch.vocab))),
             "secret_fingerprint": plan.secret.fingerprint,
+            "measured_risk": measured_risk(profile.to_dict()),
             "source": source,
             "shards": shards,
         }
