@@ -22,15 +22,7 @@ import crypten  # noqa: E402
 import crypten.communicator as comm  # noqa: E402
 import crypten.mpc as mpc  # noqa: E402
 
-SHAPES = {
-    "mul": ((100, 100), (100, 100)),
-    "matmul": ((100, 100), (100, 100)),
-    "gt": ((100, 100), (100, 100)),
-    "relu": ((100, 100),),
-    "sigmoid": ((100, 100),),
-    "softmax": ((128, 10),),
-    "conv2d": ((32, 1, 28, 28), (16, 1, 5, 5)),
-}
+SHAPES: dict[str, list[list[int]]] = {}  # filled from the command line: the shapes aloe's side uses
 
 
 def inputs(op):
@@ -80,6 +72,7 @@ def run(op, a, b):
 
 def main():
     out_path, reps, ops = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(",")
+    SHAPES.update(json.loads(sys.argv[4]))
     crypten.cfg.mpc.provider = "TTP"
     crypten.cfg.communicator.verbose = True
 

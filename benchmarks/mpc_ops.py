@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from aloe import AloeError  # noqa: E402
 from aloe.assets.cache import atomic_write_json, atomic_write_text, cache_root  # noqa: E402
-from aloe.mpc.bench import OPS, run_suite  # noqa: E402
+from aloe.mpc.bench import DEFAULT_SHAPES, OPS, run_suite  # noqa: E402
 
 CRYPTEN_PINS = [
     "crypten==0.4.1",
@@ -84,7 +84,9 @@ def run_crypten(ops: list[str], reps: int) -> dict:
     py = crypten_python()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "crypten.json"
-        proc = subprocess.run([str(py), str(HERE / "crypten_ops_harness.py"), str(out), str(reps), ",".join(ops)],
+        shapes = json.dumps({op: DEFAULT_SHAPES[op] for op in ops})  # the same shapes as aloe's side
+        proc = subprocess.run([str(py), str(HERE / "crypten_ops_harness.py"), str(out), str(reps), ",".join(ops),
+                               shapes],
                               capture_output=True, text=True, timeout=1800)
         if proc.returncode != 0 or not out.exists():
             raise AloeError(f"CrypTen harness failed: {proc.stderr.strip().splitlines()[-1:]}")
