@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
@@ -138,7 +139,7 @@ def write_plot(state: dict) -> None:
 
 def mitigate(model: Path, prof, state: dict, budget, attacks: list[str], path: Path, show: bool) -> None:
     """balanced behind a client-held vocabulary: the same artifact, the server holding neither table."""
-    from aloe.attacks.mitigation import split_vocabulary
+    from aloe.attacks.mitigation import received_rows_view, split_vocabulary
     from aloe.obfuscation.secret import load_secret
 
     obf, secret = build(model, prof, show)
@@ -154,6 +155,11 @@ def mitigate(model: Path, prof, state: dict, budget, attacks: list[str], path: P
     target = Target(model, server, budget)
     tau = load_secret(secret).tau
     texts = texts_for(target)
+    # the server keeps every embedding vector the client sends: the prompt stream and the prompts themselves
+    sent = tau[np.concatenate([texts.stream, *texts.prompts])]
+    received_rows_view(target, obf, sent)
+    target.prior_plain_ids = texts.prior
+    e["received_rows"] = int(len(np.unique(sent)))
     for a in attacks:
         if a not in done:
             done[a] = run(target, [a], tau, texts, progress=show)[a]

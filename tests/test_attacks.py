@@ -173,6 +173,29 @@ def test_client_held_vocabulary_keeps_the_logits_and_defeats_the_table_attacks(p
         split_vocabulary(obf, tmp_path / "server", tmp_path / "c2.safetensors")
 
 
+def test_received_rows_still_leak_to_nn_when_the_keys_are_isometric(plain_dir, weak, tmp_path):
+    """A client-held vocabulary hides only the rows never sent: the vectors the server receives are, under the
+    exact-norm keys, an isometric copy of the plain rows, and NN aligns them."""
+    from aloe.attacks.mitigation import received_rows_view, split_vocabulary
+    from aloe.attacks.nn import attack as nn_attack
+
+    obf, tau = weak
+    split_vocabulary(obf, tmp_path / "server", tmp_path / "client.safetensors")
+    t = Target(plain_dir, tmp_path / "server", Budget(**BUDGET))
+    sent_plain = np.arange(3, 80)                       # the client has sent these tokens so far
+    received_rows_view(t, obf, tau[sent_plain])
+    t.prior_plain_ids = sent_plain
+    guess = nn_attack(t, tau[sent_plain])
+    inv = np.empty_like(tau)
+    inv[tau] = np.arange(len(tau))
+    hit = guess.candidates[:, 0] == inv[guess.obf_ids]
+    sent = np.isin(guess.obf_ids, tau[sent_plain])
+    assert hit[sent].mean() >= 0.8                      # the received vectors are recovered
+    assert not hit[~sent].any()                          # rows never sent stay unknown
+    empty = Target(plain_dir, tmp_path / "server", Budget(**BUDGET))
+    assert (nn_attack(empty, tau[sent_plain]).candidates == -1).all()  # nothing held, nothing claimed
+
+
 def test_measured_risk_matches_profiles_exactly(tmp_path):
     from aloe.attacks.risk import measured_risk, table_from_state
 

@@ -51,6 +51,9 @@ class Target:
     plain_dir: Path
     obf_dir: Path
     budget: Budget = field(default_factory=Budget)
+    # plain ids of the attacker's prior corpus (public text of the victim's kind); used where the server holds only
+    # the obfuscated rows it was sent (client-held vocabulary), to compare like with like
+    prior_plain_ids: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.plain_dir, self.obf_dir = Path(self.plain_dir), Path(self.obf_dir)

@@ -66,6 +66,20 @@ def split_vocabulary(artifact: Path, server_dir: Path, client_file: Path) -> dic
     return {"server": str(server_dir), "client": str(client_file)}
 
 
+def received_rows_view(target, artifact: Path, sent_obf_ids):
+    """The server's view of a client-held-vocabulary deployment after it has served a stream: ``target`` (built on
+    the server folder, tables zeroed) gets back exactly the embedding rows the client sent (the obfuscated ids in
+    ``sent_obf_ids``; identical tokens give identical vectors, so the server can index them). The LM head stays
+    unseen. Attacks that use the embedding table (VMA, IA, NN) then measure what those received vectors leak."""
+    reader = CheckpointReader(Path(artifact))
+    full = torch.from_numpy(reader.get(TABLES[0])).float()
+    ids = torch.as_tensor(sorted({int(i) for i in sent_obf_ids}), dtype=torch.long)
+    rows = torch.zeros_like(full)
+    rows[ids] = full[ids]
+    target.__dict__["obf_embed"] = rows  # replaces the zeroed table (a cached property of Target)
+    return target
+
+
 class ClientVocabulary:
     """The client's half: embedding lookup before the request, LM head after it."""
 

@@ -12,6 +12,10 @@ alignment first. The attacker builds one without any secret:
    is fitted on them and the nearest neighbour is taken again (``rounds`` times).
 
 Against the paper's non-isometric keys the PCA step finds no alignment and the attack falls to chance.
+
+When the server holds only *some* obfuscated rows (the client-held vocabulary, where it sees just the vectors the
+client sends), the zero rows are left out of the PCA and the plain side is taken over the tokens of the attacker's
+prior corpus (``Target.prior_plain_ids``), so both sides describe the same population of frequent tokens.
 """
 
 from __future__ import annotations
@@ -23,15 +27,21 @@ from aloe.attacks.common import Target
 from aloe.attacks.scoring import IdGuess
 
 
-def _principal(x: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _axes(x: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre and the top-``r`` principal axes of the rows of ``x``, each axis signed by its third moment."""
     mu = x.mean(0, keepdim=True)
     xc = x - mu
     evals, evecs = torch.linalg.eigh((xc.T.double() @ xc.double()) / x.shape[0])
     v = evecs[:, -r:].flip(1).float()
-    coords = xc @ v
-    sign = torch.sign((coords ** 3).mean(0))
+    sign = torch.sign(((xc @ v) ** 3).mean(0))
     sign[sign == 0] = 1
-    return coords * sign, mu
+    return mu, v * sign
+
+
+def _project(x: torch.Tensor, rows: torch.Tensor, r: int) -> torch.Tensor:
+    """Principal coordinates of every row of ``x`` on the axes (and centre) of the rows selected by ``rows``."""
+    mu, v = _axes(x[rows], r)
+    return (x - mu) @ v
 
 
 def _margin_candidates(queries: torch.Tensor, table: torch.Tensor, k: int, batch: int = 1024):
@@ -53,15 +63,25 @@ def attack(t: Target, received: np.ndarray, progress=None, rounds: int = 3, r0: 
     E, Et = t.plain_embed, t.obf_embed
     d = E.shape[1]
     r = min(r0, d)
-    A, _ = _principal(E, r)
-    At, _ = _principal(Et, r)
+    held = Et.abs().sum(1) > 0
     k = t.budget.topk
+    if int(held.sum()) <= r:  # the server holds (almost) no obfuscated row: nothing to align
+        return IdGuess(q_ids, -np.ones((len(q_ids), k), dtype=np.int64), uniform=uniform, extra={"rows_held": 0})
+    plain_rows = torch.ones(E.shape[0], dtype=torch.bool)
+    if not bool(held.all()) and t.prior_plain_ids is not None:
+        plain_rows = torch.zeros(E.shape[0], dtype=torch.bool)
+        plain_rows[torch.as_tensor(np.unique(t.prior_plain_ids))] = True
+    A = _project(E, plain_rows, r)
+    At = _project(Et, held, r)
     cand, margin = _margin_candidates(At[qi], A, k)
+    margin[~held[qi]] = -1.0  # an id whose row the server never saw cannot anchor the refinement
     first = cand[:, 0].clone()
     fixed = torch.as_tensor(t.fixed_ids)
+    fixed = fixed[held[fixed]]
+    n_held = int(held[qi].sum())
     Et_c = torch.cat([Et, torch.ones(Et.shape[0], 1)], 1)
     for _ in range(rounds):
-        n_anchor = min(len(q_ids), max(4 * d, len(q_ids) // 4))
+        n_anchor = min(n_held, max(4 * d, n_held // 4))
         best = margin.argsort(descending=True)[:n_anchor]
         src = torch.cat([qi[best], fixed])
         dst = torch.cat([cand[best, 0], fixed])
@@ -69,6 +89,10 @@ def attack(t: Target, received: np.ndarray, progress=None, rounds: int = 3, r0: 
         lam = 1e-3 * float((X * X).sum(1).mean())
         W = torch.linalg.solve(X.T @ X + lam * torch.eye(X.shape[1]), X.T @ Y)
         cand, margin = _margin_candidates(Et_c[qi] @ W, E, k)
+        margin[~held[qi]] = -1.0
         if progress is not None:
             progress.update(1)
-    return IdGuess(q_ids, cand.numpy(), uniform=uniform, extra={"pca_only_pred": first.numpy(), "rounds": rounds})
+    cand[~held[qi]] = -1  # no claim on ids whose row the server never held
+    first[~held[qi]] = -1
+    return IdGuess(q_ids, cand.numpy(), uniform=uniform,
+                   extra={"pca_only_pred": first.numpy(), "rounds": rounds, "rows_held": int(held.sum())})
