@@ -29,7 +29,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from aloe.assets.cache import atomic_write_json, atomic_write_text, cache_root  # noqa: E402
 from aloe.attacks.commands import add_budget_flags, budget_from_args  # noqa: E402
 from aloe.attacks.common import Target  # noqa: E402
-from aloe.attacks.risk import table_from_state  # noqa: E402
+from aloe.attacks.risk import profile_key, table_from_state  # noqa: E402
 from aloe.attacks.suite import ATTACKS, run, texts_for  # noqa: E402
 from aloe.attacks.theorem6 import theorem6  # noqa: E402
 from aloe.obfuscation.profiles import PROFILES  # noqa: E402
@@ -38,11 +38,11 @@ RESULTS = ROOT / "benchmarks" / "results"
 # the sweep over alpha_e / alpha_h / lambda (name, base profile, overrides)
 SWEEP = [
     ("balanced-ae0.03", "balanced", {"alpha_e": 0.03, "alpha_h": 0.02}),
-    ("balanced-ae0.1", "balanced", {"alpha_e": 0.1, "alpha_h": 0.05}),
+    ("balanced-ae0.1", "balanced", {"alpha_e": 0.1, "alpha_h": 0.05, "gamma": 1e3}),
     ("balanced-ae1.0", "balanced", {"alpha_e": 1.0, "alpha_h": 0.2}),
     ("paper-lam0.1", "paper", {"lam": 0.1}),
-    # the balanced profile as redefined on main (light noise, gamma 1e5)
-    ("balanced-light", "balanced", {"alpha_e": 0.01, "alpha_h": 0.005, "gamma": 1e5}),
+    ("balanced-ae0.3", "balanced", {"alpha_e": 0.3, "alpha_h": 0.1, "gamma": 1e3}),
+    ("balanced-light", "balanced", {"alpha_e": 0.01, "alpha_h": 0.005}),
 ]
 QUICK = dict(queries=2048, layers=6, columns=128, sequences=2, seq_len=16, isa_steps=20, isa_shortlist=64,
              ima_tokens=4096, ima_steps=200, tfma_tokens=20000, behaviour_rows=1024,
@@ -209,7 +209,7 @@ def main(argv=None) -> int:
     for name in names:
         prof = profiles[name]
         e = state["profiles"].setdefault(name, {})
-        if e.get("profile") != prof.to_dict():
+        if profile_key(e.get("profile", {})) != profile_key(prof.to_dict()):  # parameters changed: measure again
             e.clear()
         e["profile"] = prof.to_dict()
         obf, secret = build(model, prof, show)

@@ -110,6 +110,32 @@ class Target:
     def obf_head(self) -> torch.Tensor:
         return self.obf("lm_head.weight")
 
+    # ---- a server that holds only some obfuscated rows (client-held vocabulary: the rows it was sent) -----------
+    @cached_property
+    def held_rows(self) -> torch.Tensor:
+        """Which obfuscated embedding rows the server holds (all of them, unless the client keeps the tables)."""
+        return self.obf_embed.abs().sum(1) > 0
+
+    @cached_property
+    def head_held(self) -> bool:
+        return bool(self.obf_head.abs().sum() > 0)
+
+    @cached_property
+    def plain_population(self) -> torch.Tensor:
+        """The plain rows whose statistics match those of the held obfuscated rows: every row, or, when the server
+        holds only the rows it was sent, the tokens of the attacker's prior corpus (the same kind of text)."""
+        if bool(self.held_rows.all()) or self.prior_plain_ids is None:
+            return torch.ones(self.arch.vocab, dtype=torch.bool)
+        mask = torch.zeros(self.arch.vocab, dtype=torch.bool)
+        mask[torch.as_tensor(np.unique(self.prior_plain_ids))] = True
+        return mask
+
+    def no_claim_on_unheld(self, q_ids: np.ndarray, cand: torch.Tensor) -> torch.Tensor:
+        """Candidates of -1 (no claim) for attacked ids whose row the server never held."""
+        cand = cand.clone()
+        cand[~self.held_rows[torch.as_tensor(q_ids)]] = -1
+        return cand
+
     def plain_layer(self, layer: int, name: str) -> torch.Tensor:
         """A plain projection of a layer, HF layout, with its input RMSNorm gamma folded in where the mechanism
         folds it (q, k, v, gate, up)."""
@@ -159,10 +185,12 @@ def row_quantiles(x: torch.Tensor, q: int) -> torch.Tensor:
     return s[:, idx]
 
 
-def column_normalise(x: torch.Tensor) -> torch.Tensor:
-    """Divide each column by its root mean square over the rows (tokens). A secret per-column scale (the FFN unit
-    scales H_ffn, the q/k pair scales H_qk) multiplies a whole column, so this removes it before rows are sorted."""
-    return x / x.pow(2).mean(0, keepdim=True).sqrt().clamp_min(1e-12)
+def column_normalise(x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Divide each column by its root mean square over the rows (tokens), or over the rows selected by ``rows``. A
+    secret per-column scale (the FFN unit scales H_ffn, the q/k pair scales H_qk) multiplies a whole column, so this
+    removes it before rows are sorted."""
+    ref = x if rows is None else x[rows]
+    return x / ref.pow(2).mean(0, keepdim=True).sqrt().clamp_min(1e-12)
 
 
 def standardise(plain: torch.Tensor, obf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

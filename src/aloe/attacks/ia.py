@@ -20,24 +20,27 @@ from aloe.attacks.common import Target, column_normalise, nearest, pca_project, 
 from aloe.attacks.scoring import IdGuess
 
 
-def _pair_norms(x: torch.Tensor, n_kv: int, hd: int) -> torch.Tensor:
+def _pair_norms(x: torch.Tensor, n_kv: int, hd: int, rows: torch.Tensor) -> torch.Tensor:
     x = x.reshape(x.shape[0], n_kv, 2, hd // 2)
-    return torch.sort(column_normalise((x * x).sum(2).reshape(x.shape[0], -1)), dim=1).values
+    return torch.sort(column_normalise((x * x).sum(2).reshape(x.shape[0], -1), rows), dim=1).values
 
 
 @torch.no_grad()
 def attack(t: Target, received: np.ndarray, progress=None) -> IdGuess:
     a, prof = t.arch, t.profile
     q_ids, uniform = t.query_ids(must=received)
+    if not bool(t.held_rows.any()):  # the client holds both tables and sent nothing yet: nothing to match
+        return IdGuess(q_ids, -np.ones((len(q_ids), t.budget.topk), dtype=np.int64), uniform=uniform)
     qi = torch.as_tensor(q_ids)
     E = t.noised_plain(t.plain_embed, float(prof.get("alpha_e", 0.0)), "ia-e")
     Eq = t.obf_embed[qi]
+    pop, held = t.plain_population, t.held_rows[qi]
     gate_p, gate_o, attn_p, attn_o = [], [], [], []
     for layer in t.layer_subset():
         gate_p.append(E @ t.plain_layer(layer, "mlp.gate_proj").mean(0))
         gate_o.append(Eq @ t.obf_layer(layer, "mlp.gate_proj").mean(0))
-        attn_p.append(_pair_norms(E @ t.plain_layer(layer, "self_attn.k_proj").T, a.n_kv, a.head_dim))
-        attn_o.append(_pair_norms(Eq @ t.obf_layer(layer, "self_attn.k_proj").T, a.n_kv, a.head_dim))
+        attn_p.append(_pair_norms(E @ t.plain_layer(layer, "self_attn.k_proj").T, a.n_kv, a.head_dim, pop))
+        attn_o.append(_pair_norms(Eq @ t.obf_layer(layer, "self_attn.k_proj").T, a.n_kv, a.head_dim, held))
         if progress is not None:
             progress.update(1)
     gp, go = standardise(torch.stack(gate_p, 1), torch.stack(gate_o, 1))
@@ -46,7 +49,7 @@ def attack(t: Target, received: np.ndarray, progress=None) -> IdGuess:
     gate_pred = nearest(go, gp, 1)[:, 0]
     attn_pred = nearest(*reversed(pca_project(ap, ao, 128)), 1)[:, 0]
     p, o = pca_project(torch.cat([gp, ap], 1), torch.cat([go, ao], 1), 128)
-    cand = nearest(o, p, k)
+    cand = t.no_claim_on_unheld(q_ids, nearest(o, p, k))
     extra = {"layers": len(t.layer_subset()), "gate_ia_pred": gate_pred.numpy(),
              "attention_ia_pred": attn_pred.numpy()}
     return IdGuess(q_ids, cand.numpy(), uniform=uniform, extra=extra)

@@ -63,15 +63,11 @@ def attack(t: Target, received: np.ndarray, progress=None, rounds: int = 3, r0: 
     E, Et = t.plain_embed, t.obf_embed
     d = E.shape[1]
     r = min(r0, d)
-    held = Et.abs().sum(1) > 0
+    held = t.held_rows
     k = t.budget.topk
     if int(held.sum()) <= r:  # the server holds (almost) no obfuscated row: nothing to align
         return IdGuess(q_ids, -np.ones((len(q_ids), k), dtype=np.int64), uniform=uniform, extra={"rows_held": 0})
-    plain_rows = torch.ones(E.shape[0], dtype=torch.bool)
-    if not bool(held.all()) and t.prior_plain_ids is not None:
-        plain_rows = torch.zeros(E.shape[0], dtype=torch.bool)
-        plain_rows[torch.as_tensor(np.unique(t.prior_plain_ids))] = True
-    A = _project(E, plain_rows, r)
+    A = _project(E, t.plain_population, r)
     At = _project(Et, held, r)
     cand, margin = _margin_candidates(At[qi], A, k)
     margin[~held[qi]] = -1.0  # an id whose row the server never saw cannot anchor the refinement
@@ -92,7 +88,6 @@ def attack(t: Target, received: np.ndarray, progress=None, rounds: int = 3, r0: 
         margin[~held[qi]] = -1.0
         if progress is not None:
             progress.update(1)
-    cand[~held[qi]] = -1  # no claim on ids whose row the server never held
-    first[~held[qi]] = -1
+    cand = t.no_claim_on_unheld(q_ids, cand)
     return IdGuess(q_ids, cand.numpy(), uniform=uniform,
                    extra={"pca_only_pred": first.numpy(), "rounds": rounds, "rows_held": int(held.sum())})

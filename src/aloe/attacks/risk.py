@@ -14,7 +14,7 @@ TABLE = Path(__file__).with_name("privacy_table.json")
 IGNORED = ("name", "description")
 
 
-def _key(profile: dict) -> dict:
+def profile_key(profile: dict) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in profile.items() if k not in IGNORED}
 
 
@@ -25,7 +25,7 @@ def measured_risk(profile: dict, table: Path = TABLE) -> dict:
     except (OSError, ValueError):
         return {"status": "not measured"}
     for name, row in rows.get("profiles", {}).items():
-        if _key(row["profile"]) == _key(profile):
+        if profile_key(row["profile"]) == profile_key(profile):
             return {"status": "measured", "measured_as": name, "recovery": row["recovery"],
                     "ppl_ratio": row.get("ppl_ratio"), "budget": rows.get("budget"), "source": rows.get("source")}
     return {"status": "not measured"}

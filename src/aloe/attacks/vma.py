@@ -33,6 +33,10 @@ def _pick(rng: np.random.Generator, n: int, k: int) -> torch.Tensor:
 
 def signatures(t: Target, q_ids: np.ndarray, progress=None) -> tuple[list[torch.Tensor], list[torch.Tensor],
                                                                         list[str]]:
+    """Per-pair row signatures of every plain token and of the attacked obfuscated ids. Where the server holds only
+    the embedding rows it was sent (client-held vocabulary), the pairs that need the LM head are skipped, key-side
+    samples are drawn from the held rows (and, on the plain side, from the prior's tokens), and column statistics
+    come from those two populations."""
     b, a = t.budget, t.arch
     rng = b.rng("vma")
     K, Q, n = b.columns, b.quantiles, a.vocab
@@ -42,6 +46,9 @@ def signatures(t: Target, q_ids: np.ndarray, progress=None) -> tuple[list[torch.
     qi = torch.as_tensor(q_ids)
     Et, Ht = t.obf_embed, t.obf_head
     Eq, Hq = Et[qi], Ht[qi]
+    pop, held = t.plain_population, t.held_rows
+    pop_ids, held_ids = pop.nonzero()[:, 0], held.nonzero()[:, 0]
+    held_q = held[qi]
     P, O, names = [], [], []
 
     def add(name, fp, fo):
@@ -50,15 +57,19 @@ def signatures(t: Target, q_ids: np.ndarray, progress=None) -> tuple[list[torch.
         O.append(o)
         names.append(name)
 
-    add("embed-head/rows", row_quantiles(E @ H[_pick(rng, n, K)].T, Q), row_quantiles(Eq @ Ht[_pick(rng, n, K)].T, Q))
-    add("embed-head/cols", row_quantiles(H @ E[_pick(rng, n, K)].T, Q), row_quantiles(Hq @ Et[_pick(rng, n, K)].T, Q))
+    if t.head_held:
+        add("embed-head/rows", row_quantiles(E @ H[_pick(rng, n, K)].T, Q),
+            row_quantiles(Eq @ Ht[_pick(rng, n, K)].T, Q))
+        add("embed-head/cols", row_quantiles(H @ E[_pick(rng, n, K)].T, Q),
+            row_quantiles(Hq @ Et[_pick(rng, n, K)].T, Q))
     hd, G = a.head_dim, a.n_heads // a.n_kv
     Kh = max(4, K // a.n_heads)
     for layer in t.layer_subset():
         # q-k per head, heads pooled: rows of (E W_q^(i)) (E_S W_k^(g))^T = E [W_q^(i)T W_k^(g) E_S^T]
         Wq, Wk = t.plain_layer(layer, "self_attn.q_proj"), t.plain_layer(layer, "self_attn.k_proj")
         Wqt, Wkt = t.obf_layer(layer, "self_attn.q_proj"), t.obf_layer(layer, "self_attn.k_proj")
-        Sp, So = E[_pick(rng, n, Kh)], Et[_pick(rng, n, Kh)]
+        Sp = E[pop_ids[_pick(rng, len(pop_ids), Kh)]]
+        So = Et[held_ids[_pick(rng, len(held_ids), Kh)]]
         Mp = torch.cat([Wq[i * hd:(i + 1) * hd].T @ (Wk[(i // G) * hd:(i // G + 1) * hd] @ Sp.T)
                         for i in range(a.n_heads)], 1)
         Mo = torch.cat([Wqt[i * hd:(i + 1) * hd].T @ (Wkt[(i // G) * hd:(i // G + 1) * hd] @ So.T)
@@ -67,12 +78,13 @@ def signatures(t: Target, q_ids: np.ndarray, progress=None) -> tuple[list[torch.
         for proj in ("gate", "up"):
             Wp, Wo = t.plain_layer(layer, f"mlp.{proj}_proj"), t.obf_layer(layer, f"mlp.{proj}_proj")
             up, uo = _pick(rng, a.ffn, K), _pick(rng, a.ffn, K)
-            add(f"L{layer}/{proj}", row_quantiles(column_normalise(E @ Wp[up].T), Q),
-                row_quantiles(column_normalise(Eq @ Wo[uo].T), Q))
-        Wd, Wdo = t.plain_layer(layer, "mlp.down_proj"), t.obf_layer(layer, "mlp.down_proj")
-        up, uo = _pick(rng, a.ffn, K), _pick(rng, a.ffn, K)
-        add(f"L{layer}/down-head", row_quantiles(column_normalise(H @ Wd[:, up]), Q),
-            row_quantiles(column_normalise(Hq @ Wdo[:, uo]), Q))
+            add(f"L{layer}/{proj}", row_quantiles(column_normalise(E @ Wp[up].T, pop), Q),
+                row_quantiles(column_normalise(Eq @ Wo[uo].T, held_q), Q))
+        if t.head_held:
+            Wd, Wdo = t.plain_layer(layer, "mlp.down_proj"), t.obf_layer(layer, "mlp.down_proj")
+            up, uo = _pick(rng, a.ffn, K), _pick(rng, a.ffn, K)
+            add(f"L{layer}/down-head", row_quantiles(column_normalise(H @ Wd[:, up]), Q),
+                row_quantiles(column_normalise(Hq @ Wdo[:, uo]), Q))
         if progress is not None:
             progress.update(1)
     return P, O, names
@@ -86,9 +98,11 @@ def match(P: list[torch.Tensor], O: list[torch.Tensor], k: int, dim: int = 128) 
 @torch.no_grad()
 def attack(t: Target, received: np.ndarray, progress=None) -> IdGuess:
     q_ids, uniform = t.query_ids(must=received)
+    if not bool(t.held_rows.any()):  # the client holds both tables and sent nothing yet: nothing to match
+        return IdGuess(q_ids, -np.ones((len(q_ids), t.budget.topk), dtype=np.int64), uniform=uniform)
     P, O, names = signatures(t, q_ids, progress)
-    cand = match(P, O, t.budget.topk)
-    eh = nearest(torch.cat(O[:2], 1), torch.cat(P[:2], 1), 1)[:, 0]
-    extra = {"pairs": len(names), "layers": len(t.layer_subset()), "columns": t.budget.columns,
-             "embed_head_only_pred": eh.numpy()}
+    cand = t.no_claim_on_unheld(q_ids, match(P, O, t.budget.topk))
+    extra = {"pairs": len(names), "layers": len(t.layer_subset()), "columns": t.budget.columns}
+    if t.head_held:
+        extra["embed_head_only_pred"] = nearest(torch.cat(O[:2], 1), torch.cat(P[:2], 1), 1)[:, 0].numpy()
     return IdGuess(q_ids, cand.numpy(), uniform=uniform, extra=extra)
