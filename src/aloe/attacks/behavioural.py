@@ -9,10 +9,11 @@ stages, all without the secret:
    and order statistics of its column over the R contexts. This averages the input noise away and gives a
    signature for every id of the vocabulary, forwarded or not; each is matched against the whole vocabulary and
    its ``C`` best candidates kept.
-2. **Input side.** For each attacked obfuscated id, one forward pass on that single token; signature = the sorted
-   top-``S`` log-probabilities and the entropy of the next-token distribution (label-free). It re-ranks the id's
+2. **Input side.** For each attacked obfuscated id, forward passes on that token alone and in short contexts after
+   each of a few fixed special ids (identical in both spaces, e.g. ``<|im_start|> x``); signature = the sorted
+   top-``S`` log-probabilities and the entropy of each next-token distribution (label-free). It re-ranks the id's
    candidates (plain forward passes are spent only on candidates, so the cost is ``R + queries * C`` plain passes
-   instead of the whole vocabulary).
+   per context instead of the whole vocabulary).
 3. **Graph refinement, seeded.** The fixed special ids are anchors (identity). Each id is a node with out-edges to
    its top-``T`` next tokens (input side) and in-edges from the contexts that rank it in their top-``T`` (output
    side). Given the current mapping, each candidate (of the top ``C`` by signature) is re-scored by how many mapped
@@ -36,6 +37,7 @@ from aloe.attacks.scoring import IdGuess
 S_TOP = 32          # sorted log-probs kept in the input-side signature
 T_EDGES = 16        # top next tokens kept as graph edges
 OUT_Q = 8           # order statistics of an output id's column
+N_PREFIX = 2        # short contexts per id: the id after each of the first fixed special ids
 
 
 def load_model(path: Path):
@@ -45,25 +47,32 @@ def load_model(path: Path):
 
 
 @torch.no_grad()
-def single_token_pass(model, ids: np.ndarray, rows: np.ndarray, batch: int, desc: str, progress: bool):
-    """Input-side signatures and top edges for ``ids``; full log-prob rows only for the ids in ``rows``."""
+def single_token_pass(model, ids: np.ndarray, rows: np.ndarray, batch: int, desc: str, progress: bool,
+                      prefixes: tuple[int, ...] = ()):
+    """Input-side signatures and top edges for ``ids``; full log-prob rows only for the ids in ``rows``. The
+    signature has one block per context: the token alone, then the token after each id of ``prefixes``."""
     n = int(model.config.vocab_size)
-    sig = torch.zeros(len(ids), S_TOP + 1)
+    width = S_TOP + 1
+    sig = torch.zeros(len(ids), width * (1 + len(prefixes)))
     edges = torch.zeros(len(ids), T_EDGES, dtype=torch.long)
     keep = np.isin(ids, rows)
     full = torch.zeros(int(keep.sum()), n, dtype=torch.float16)
     at = 0
     for s in tqdm(range(0, len(ids), batch), desc=desc, disable=not progress, unit="batch"):
         x = torch.as_tensor(ids[s:s + batch])[:, None]
-        lp = torch.log_softmax(model(x).logits[:, -1].float(), -1)
-        top = lp.topk(max(S_TOP, T_EDGES), dim=1)
-        sig[s:s + len(x), :S_TOP] = top.values[:, :S_TOP]
-        sig[s:s + len(x), S_TOP] = -(lp.exp() * lp).sum(1)
-        edges[s:s + len(x)] = top.indices[:, :T_EDGES]
-        m = torch.as_tensor(keep[s:s + batch])
-        if m.any():
-            full[at:at + int(m.sum())] = lp[m].half()
-            at += int(m.sum())
+        for c, prefix in enumerate((None, *prefixes)):
+            inp = x if prefix is None else torch.cat([torch.full_like(x, prefix), x], 1)
+            lp = torch.log_softmax(model(inp).logits[:, -1].float(), -1)
+            top = lp.topk(max(S_TOP, T_EDGES), dim=1)
+            sig[s:s + len(x), c * width:c * width + S_TOP] = top.values[:, :S_TOP]
+            sig[s:s + len(x), c * width + S_TOP] = -(lp.exp() * lp).sum(1)
+            if prefix is not None:
+                continue
+            edges[s:s + len(x)] = top.indices[:, :T_EDGES]
+            m = torch.as_tensor(keep[s:s + batch])
+            if m.any():
+                full[at:at + int(m.sum())] = lp[m].half()
+                at += int(m.sum())
     return sig, edges, full
 
 
@@ -80,22 +89,24 @@ class PlainSide:
     depend on any victim): input-side signatures and top edges per id, and the output-side column signature over a
     fixed uniform sample of ``rows`` contexts."""
 
-    def __init__(self, t: Target, rows: int, progress: bool):
+    def __init__(self, t: Target, rows: int, progress: bool, prefixes: tuple[int, ...] = ()):
         from aloe.assets.cache import cache_root
 
         self.n, self.batch, self.progress, self.dir = t.arch.vocab, t.budget.batch, progress, t.plain_dir
-        key = hashlib.sha256(f"{t._plain.fingerprint()}|{S_TOP}|{T_EDGES}|{OUT_Q}|v2".encode()).hexdigest()[:20]
+        self.prefixes = prefixes
+        key = hashlib.sha256(f"{t._plain.fingerprint()}|{S_TOP}|{T_EDGES}|{OUT_Q}|{prefixes}|v3".encode()
+                             ).hexdigest()[:20]
         self.path = cache_root() / "attacks" / f"behaviour-{key}-{rows}.pt"
         self._model = None
         if self.path.is_file():
             self.data = torch.load(self.path)
             return
         n = self.n
-        self.data = {"sig": torch.zeros(n, S_TOP + 1), "edges": torch.zeros(n, T_EDGES, dtype=torch.long),
-                     "done": torch.zeros(n, dtype=torch.bool)}
+        self.data = {"sig": torch.zeros(n, (S_TOP + 1) * (1 + len(prefixes))),
+                     "edges": torch.zeros(n, T_EDGES, dtype=torch.long), "done": torch.zeros(n, dtype=torch.bool)}
         sample = np.sort(np.random.default_rng().choice(n, size=min(rows, n), replace=False))
         sig, edges, full = single_token_pass(self.model, sample, sample, self.batch, "behaviour/plain contexts",
-                                             progress)
+                                             progress, prefixes)
         self.data["col"] = column_signature(full)
         self._store(sample, sig, edges)
 
@@ -117,7 +128,7 @@ class PlainSide:
         todo = np.setdiff1d(np.unique(ids), np.flatnonzero(self.data["done"].numpy()))
         if len(todo):
             sig, edges, _ = single_token_pass(self.model, todo, np.zeros(0, np.int64), self.batch,
-                                              "behaviour/plain ids", self.progress)
+                                              "behaviour/plain ids", self.progress, self.prefixes)
             self._store(todo, sig, edges)
 
 
@@ -147,11 +158,12 @@ def attack(t: Target, received: np.ndarray, progress=None, rounds: int = 2, C: i
     show = progress is not None
     rows = b.behaviour_rows or max(256, min(n, b.queries or n))
     q_ids, _ = t.query_ids(must=received, size=b.behaviour_queries or b.queries)
-    plain = PlainSide(t, rows, show)
+    prefixes = tuple(int(i) for i in t.fixed_ids[:N_PREFIX])  # public: fixed ids mean the same on both sides
+    plain = PlainSide(t, rows, show, prefixes)
     obf_rows = np.sort(b.rng("behaviour").choice(n, size=min(rows, n), replace=False))
     forward = np.union1d(q_ids, obf_rows)
     sig_o, edges_o, full_o = single_token_pass(load_model(t.obf_dir), forward, obf_rows, b.batch,
-                                               "behaviour/obfuscated", show)
+                                               "behaviour/obfuscated", show, prefixes)
     col_o = column_signature(full_o)
     fixed, movable = t.fixed_ids, t.movable_ids
     k = max(b.topk, C)
@@ -207,5 +219,6 @@ def attack(t: Target, received: np.ndarray, progress=None, rounds: int = 2, C: i
         if progress is not None:
             progress.update(1)
     return IdGuess(movable, cand[:, :b.topk], extra={
-        "forwarded": int(len(forward)), "context_rows": int(len(obf_rows)), "plain_forwarded": int(len(done)),
+        "forwarded": int(len(forward)), "short_contexts": len(prefixes),
+        "context_rows": int(len(obf_rows)), "plain_forwarded": int(len(done)),
         "output_side_pred": out_side_pred, "input_side_pred": in_pred, "signature_pred": sig_pred})
