@@ -329,3 +329,19 @@ def test_gmodule_actions_pm1_and_cyclic_shift():
     res, _ = run(program)
     assert torch.equal(res["L"][0], torch.where(t.bool(), -x, x))
     assert torch.equal(res["L"][1], G.shift_left(v, i))
+
+
+@pytest.mark.parametrize("n", [64, 7, 65])
+def test_shift_left_and_bit_rotation_match_the_definition(n):
+    """``out[r, k] = v[r, (k + i[r]) mod n]`` for every shift (0 and n - 1 included), with leading dimensions."""
+    v = torch.randint(0, 67, (3, n, n), dtype=torch.int16)
+    i = torch.arange(n).repeat(3, 1)[torch.arange(3)].roll(1, 1).reshape(3, n)
+    expect = torch.empty_like(v)
+    for a in range(3):
+        for r in range(n):
+            for k in range(n):
+                expect[a, r, k] = v[a, r, (k + int(i[a, r])) % n]
+    assert torch.equal(G.shift_left(v, i), expect)
+    bits = (v & 1).to(torch.uint8)
+    assert torch.equal(G.rotate_bits(bits, i), (expect & 1).to(torch.uint8))
+    assert torch.equal(G.shift_left(v.to(torch.int64), i), expect.to(torch.int64))

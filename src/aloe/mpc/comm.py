@@ -89,6 +89,19 @@ def pack(t: torch.Tensor, m: int) -> bytes:
         return t.to(torch.int64).contiguous().numpy().tobytes()
     if m == 2:
         return np.packbits(t.reshape(-1).to(torch.uint8).numpy() & 1, bitorder="little").tobytes()
+    if word_bits(m) == 32 and not _is_pow2(m):
+        # digits in [0, m) < 2^16; Horner's rule in uint32 stays below m^d <= 2^32, so it is exact
+        d = digits_per_word(m)
+        flat = t.reshape(-1)
+        v = np.zeros(-(-flat.numel() // d) * d, dtype=np.uint32)
+        v[: flat.numel()] = flat.numpy()
+        v = v.reshape(-1, d)
+        word32 = v[:, d - 1].copy()
+        mm = np.uint32(m)
+        for j in range(d - 2, -1, -1):
+            word32 *= mm
+            word32 += v[:, j]
+        return word32.tobytes()
     v = t.reshape(-1).to(torch.int64).numpy().view(np.uint64)
     if _is_pow2(m):
         k = m.bit_length() - 1
@@ -101,11 +114,6 @@ def pack(t: torch.Tensor, m: int) -> bytes:
     if pad:
         v = np.concatenate([v, np.zeros(pad, dtype=np.uint64)])
     v = v.reshape(-1, d)
-    if word_bits(m) == 32:
-        word32 = np.zeros(v.shape[0], dtype=np.float64)
-        for j in range(d - 1, -1, -1):
-            word32 = word32 * m + v[:, j]  # exact: below 2^32
-        return word32.astype(np.uint32).tobytes()
     word = np.zeros(v.shape[0], dtype=np.uint64)
     mm = np.uint64(m)
     for j in range(d - 1, -1, -1):
@@ -130,11 +138,14 @@ def unpack(buf: memoryview, n: int, m: int, shape: tuple[int, ...]) -> torch.Ten
         return torch.from_numpy(out).reshape(shape)
     d = digits_per_word(m)
     if word_bits(m) == 32:
-        x = np.frombuffer(buf, dtype=np.uint32).astype(np.float64)
-        digits = np.empty((x.size, d), dtype=np.float64)
+        # numpy divides uint32 by a scalar with a multiply-and-shift (exact)
+        x = np.frombuffer(buf, dtype=np.uint32)
+        small = np.int16 if m < 1 << 15 else np.int64
+        digits = np.empty((x.size, d), dtype=small)
+        mm = np.uint32(m)
         for j in range(d):
-            q = np.floor(x / m)  # exact for x < 2^32
-            digits[:, j] = x - q * m
+            q = x // mm
+            digits[:, j] = x - q * mm
             x = q
         words = x
     else:
@@ -150,7 +161,7 @@ def unpack(buf: memoryview, n: int, m: int, shape: tuple[int, ...]) -> torch.Ten
     if flat[n:].any():
         raise MalformedMessage("non-zero padding in a packed message")
     small = np.int16 if m < 1 << 15 else np.int64
-    return torch.from_numpy(flat[:n].astype(small)).reshape(shape)
+    return torch.from_numpy(flat[:n].astype(small, copy=False)).reshape(shape)
 
 
 def encode_message(seq: int, depth: int, items: list[tuple[torch.Tensor, int]]) -> bytes:

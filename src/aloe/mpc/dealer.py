@@ -8,7 +8,6 @@ terms* (values depending on both keys) travel, always from the dealer to one par
 
 from __future__ import annotations
 
-import functools
 import math
 import secrets
 
@@ -19,21 +18,16 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 KEY_BYTES = 16
 
 
-@functools.lru_cache(maxsize=16)
-def _residues(m: int) -> np.ndarray:
-    return (np.arange(1 << 16, dtype=np.int64) % m).astype(np.int16)
-
-
 def small_mod(v: torch.Tensor, m: int) -> torch.Tensor:
     """``v mod m`` as int16 for integer tensors with ``-m^2 <= v < 2^16 - m^2`` and ``m <= 256``.
 
-    The value is shifted by ``m^2`` (a multiple of m) into [0, 2^16) and looked up in a 64K-entry table of residues,
-    a single cache-resident gather that is several times faster than an integer division on CPU (checked
-    exhaustively over the whole range in the tests)."""
+    The value is shifted by ``m^2`` (a multiple of m) into [0, 2^16) and reduced as an unsigned 16-bit integer by
+    numpy's division by a scalar (a multiply-and-shift, vectorised), which is several times faster than a 64-bit
+    division or a table gather on CPU (checked exhaustively over the whole range in the tests)."""
     if m > 256:
         raise ValueError("small_mod needs m <= 256")
     w = (v.to(torch.int16) + m * m).contiguous().numpy().view(np.uint16)
-    return torch.from_numpy(np.take(_residues(m), w))
+    return torch.from_numpy(np.remainder(w, np.uint16(m)).view(np.int16))
 
 
 def new_key() -> bytes:
