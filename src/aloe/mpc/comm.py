@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from aloe import AloeError
+from aloe.mpc import kernels
 
 MAGIC = b"ALMP"
 _HEAD = struct.Struct("!4sIIH")  # magic, sequence number, depth, number of tensors
@@ -90,18 +91,8 @@ def pack(t: torch.Tensor, m: int) -> bytes:
     if m == 2:
         return np.packbits(t.reshape(-1).to(torch.uint8).numpy() & 1, bitorder="little").tobytes()
     if word_bits(m) == 32 and not _is_pow2(m):
-        # digits in [0, m) < 2^16; Horner's rule in uint32 stays below m^d <= 2^32, so it is exact
-        d = digits_per_word(m)
-        flat = t.reshape(-1)
-        v = np.zeros(-(-flat.numel() // d) * d, dtype=np.uint32)
-        v[: flat.numel()] = flat.numpy()
-        v = v.reshape(-1, d)
-        word32 = v[:, d - 1].copy()
-        mm = np.uint32(m)
-        for j in range(d - 2, -1, -1):
-            word32 *= mm
-            word32 += v[:, j]
-        return word32.tobytes()
+        # digits in [0, m) < 2^16, Horner's rule below m^d <= 2^32: exact, one compiled pass
+        return kernels.pack_digits(t.reshape(-1).numpy(), m, digits_per_word(m)).tobytes()
     v = t.reshape(-1).to(torch.int64).numpy().view(np.uint64)
     if _is_pow2(m):
         k = m.bit_length() - 1
@@ -138,23 +129,17 @@ def unpack(buf: memoryview, n: int, m: int, shape: tuple[int, ...]) -> torch.Ten
         return torch.from_numpy(out).reshape(shape)
     d = digits_per_word(m)
     if word_bits(m) == 32:
-        # numpy divides uint32 by a scalar with a multiply-and-shift (exact)
-        x = np.frombuffer(buf, dtype=np.uint32)
         small = np.int16 if m < 1 << 15 else np.int64
-        digits = np.empty((x.size, d), dtype=small)
-        mm = np.uint32(m)
-        for j in range(d):
-            q = x // mm
-            digits[:, j] = x - q * mm
-            x = q
-        words = x
-    else:
-        words = np.frombuffer(buf, dtype=np.uint64).copy()
-        mm = np.uint64(m)
-        digits = np.empty((words.size, d), dtype=np.uint64)
-        for j in range(d):
-            digits[:, j] = words % mm
-            words //= mm
+        out = np.empty(n, dtype=small)
+        if not kernels.unpack_digits(np.frombuffer(buf, dtype=np.uint32), n, m, d, out):
+            raise MalformedMessage(f"packed word out of range for modulus {m}, or non-zero padding")
+        return torch.from_numpy(out).reshape(shape)
+    words = np.frombuffer(buf, dtype=np.uint64).copy()
+    mm = np.uint64(m)
+    digits = np.empty((words.size, d), dtype=np.uint64)
+    for j in range(d):
+        digits[:, j] = words % mm
+        words //= mm
     if words.any():
         raise MalformedMessage(f"packed word out of range for modulus {m}")
     flat = digits.reshape(-1)

@@ -15,7 +15,10 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from aloe.mpc import kernels
+
 KEY_BYTES = 16
+_NO_POSITIONS = np.zeros(0, dtype=np.int64)
 
 
 def small_mod(v: torch.Tensor, m: int) -> torch.Tensor:
@@ -63,8 +66,8 @@ class PRG:
     def below(self, shape: tuple[int, ...], m: int) -> torch.Tensor:
         """Uniform elements of Z_m (``m`` < 2^62) as int64 (int16 for ``m`` < 256 not a power of two).
 
-        Powers of two are masked words; ``m < 256`` is exact rejection sampling on bytes (keep a byte below the
-        largest multiple of m, reduce it mod m; the dealer and the party draw the same stream, so they stay in step);
+        Powers of two are masked words; ``m < 256`` is exact rejection sampling on 16-bit words (Lemire's
+        multiply-and-reject; the dealer and the party draw the same stream, so they stay in step);
         larger ``m`` reduces 64-bit words (statistical distance <= m / 2^64)."""
         n = math.prod(shape)
         if m & (m - 1) == 0:
@@ -73,14 +76,16 @@ class PRG:
                 return torch.from_numpy(raw.astype(np.int64)).reshape(shape)
             return self.int64(shape) & (m - 1)
         if m < 256:
-            # exact: 16-bit words below the largest multiple of m are kept; the few others are redrawn in place
-            limit = (65536 // m) * m
-            words = np.frombuffer(self._bytes(2 * n), dtype=np.uint16).copy()
-            bad = np.flatnonzero(words >= limit)
+            # exact: Lemire's multiply-and-reject on 16-bit words (a word is rejected with probability
+            # (2^16 mod m) / 2^16 < 0.4%); rejected positions are redrawn in order, the same on every party that
+            # draws this stream
+            out = np.empty(n, dtype=np.int16)
+            words = np.frombuffer(self._bytes(2 * n), dtype=np.uint16)
+            bad = kernels.lemire_below(words, m, out, _NO_POSITIONS)
             while bad.size:
-                words[bad] = np.frombuffer(self._bytes(2 * bad.size), dtype=np.uint16)
-                bad = bad[words[bad] >= limit]
-            return small_mod(torch.from_numpy(words.view(np.int16)) - m * m, m).reshape(shape)
+                words = np.frombuffer(self._bytes(2 * bad.size), dtype=np.uint16)
+                bad = kernels.lemire_below(words, m, out, bad)
+            return torch.from_numpy(out).reshape(shape)
         arr = np.frombuffer(self._bytes(8 * n), dtype=np.uint64) % np.uint64(m)
         return torch.from_numpy(arr.astype(np.int64)).reshape(shape)
 

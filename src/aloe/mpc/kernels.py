@@ -1,0 +1,210 @@
+"""Compiled (numba) kernels for the local steps of the G-module compare.
+
+A DReLU expands every element into 64 positions mod p, and the steps between two messages are chains of small
+operations on them (a select, a reduction mod p, a running sum, a product, a cyclic shift). Written with numpy or
+torch, each operation is a pass over tens of megabytes; here each chain is one pass over the rows, with the values in
+registers. Every kernel computes exactly what its plain counterpart in :mod:`aloe.mpc.gmodule` computes (the tests
+compare them on random inputs and edge values); they change no message and no random draw.
+
+The kernels take and return numpy arrays (``torch.Tensor.numpy()`` views, no copy), are compiled on first use and
+cached on disk (``cache=True``), and release the GIL, so the in-process parties of the tests run them in parallel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_OPTS = {"cache": True, "nogil": True, "boundscheck": False}
+
+
+@njit(**_OPTS)
+def transform_fnz(delta: np.ndarray, b: np.ndarray, left: bool, p: int) -> np.ndarray:
+    """Module transform's last step, the sentinel, and first-non-zero's local step, fused.
+
+    ``delta`` (rows, n) uint8 is the opened ``bits xor a``; ``b`` (rows, n) int16 in [0, p) this party's share of
+    the dealer's bits mod p. The transformed share is ``z = (-1)^delta b (+ delta on R)`` mod p; the sentinel
+    appends ``0`` on L and ``1`` on R; the output (rows, n + 1) int16 is ``y_k = sum_{j<=k} z_j - 2 z_k (+1 on L)``
+    mod p."""
+    rows, n = b.shape
+    out = np.empty((rows, n + 1), dtype=np.int16)
+    one = 1 if left else 0
+    for r in range(rows):
+        acc = 0
+        for k in range(n):
+            z = np.int64(b[r, k])
+            if delta[r, k]:
+                z = (p - z) if left else (p + 1 - z)
+                if z >= p:
+                    z -= p
+            acc += z
+            if acc >= p:
+                acc -= p
+            y = acc - 2 * z + one  # in [-2p + 2, p]
+            while y < 0:
+                y += p
+            if y >= p:
+                y -= p
+            out[r, k] = y
+        z = 1 - one  # the sentinel: 0 on L, 1 on R
+        acc += z
+        if acc >= p:
+            acc -= p
+        y = acc - 2 * z + one
+        while y < 0:
+            y += p
+        if y >= p:
+            y -= p
+        out[r, n] = y
+    return out
+
+
+@njit(**_OPTS)
+def scaled_rotation(i: np.ndarray, u: np.ndarray, a: np.ndarray, b: np.ndarray, sign_b: int, c: np.ndarray,
+                    has_c: bool, p: int) -> np.ndarray:
+    """``L_i(u * v mod p)`` per row with ``v = a + sign_b b (+ c)`` mod p (the semidirect action of recover):
+    ``a``, ``b``, ``c`` int16 in [0, p), ``sign_b`` is 1 or -1, ``u`` in [1, p), ``i`` the row shifts (>= 0);
+    ``out[r, k] = u[r, s] v[r, s] mod p`` with ``s = (k + i[r]) mod N``."""
+    rows, n = a.shape
+    out = np.empty((rows, n), dtype=np.int16)
+    inv = 1.0 / p
+    for r in range(rows):
+        sh = i[r] % n
+        for s in range(n):
+            v = np.int64(a[r, s]) + sign_b * np.int64(b[r, s])
+            if has_c:
+                v += np.int64(c[r, s])
+            while v < 0:
+                v += p
+            while v >= p:
+                v -= p
+            t = np.int64(u[r, s]) * v
+            t -= np.int64(t * inv) * p  # t < p^2 < 2^20: the float quotient is off by at most one
+            if t < 0:
+                t += p
+            elif t >= p:
+                t -= p
+            k = s - sh
+            if k < 0:
+                k += n
+            out[r, k] = t
+    return out
+
+
+@njit(**_OPTS)
+def sub_mod(a: np.ndarray, b: np.ndarray, p: int) -> np.ndarray:
+    """``(a - b) mod p`` as int16 for ``a``, ``b`` in [0, p) (any shape, flattened)."""
+    fa, fb = a.ravel(), b.ravel()
+    out = np.empty(fa.size, dtype=np.int16)
+    for k in range(fa.size):
+        v = np.int64(fa[k]) - np.int64(fb[k])
+        if v < 0:
+            v += p
+        out[k] = v
+    return out.reshape(a.shape)
+
+
+@njit(**_OPTS)
+def first_min_of_sum(w: np.ndarray, big_u: np.ndarray, p: int) -> np.ndarray:
+    """Per row, the first index of the minimum of ``(w + big_u) mod p`` (R's step of first-non-zero: the index of
+    the unique zero), as int64."""
+    rows, n = w.shape
+    out = np.empty(rows, dtype=np.int64)
+    for r in range(rows):
+        best, arg = p, 0
+        for k in range(n):
+            v = np.int64(w[r, k]) + np.int64(big_u[r, k])
+            if v >= p:
+                v -= p
+            if v < best:
+                best, arg = v, k
+        out[r] = arg
+    return out
+
+
+@njit(**_OPTS)
+def lemire_below(words: np.ndarray, m: int, out: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Lemire's exact rejection sampling of Z_m from uniform 16-bit words: ``x = w m``; reject if
+    ``x mod 2^16 < 2^16 mod m``, else ``out = x >> 16`` (exactly uniform on [0, m)). Word ``k`` fills
+    ``out[positions[k]]`` (or ``out[k]`` where ``positions`` is empty). Returns the positions that were rejected,
+    in order, to be redrawn."""
+    limit = 65536 % m
+    bad = 0
+    for k in range(words.size):
+        if np.int64(words[k]) * m & 0xFFFF < limit:
+            bad += 1
+    rejected = np.empty(bad, dtype=np.int64)
+    j = 0
+    indirect = positions.size > 0
+    for k in range(words.size):
+        x = np.int64(words[k]) * m
+        pos = positions[k] if indirect else k
+        if x & 0xFFFF < limit:
+            rejected[j] = pos
+            j += 1
+        else:
+            out[pos] = x >> 16
+    return rejected
+
+
+@njit(**_OPTS)
+def pack_digits(v: np.ndarray, m: int, d: int) -> np.ndarray:
+    """Base-``m`` digits (``v`` flat, values in [0, m)) packed ``d`` per uint32 word, least significant first,
+    zero padded (``m^d <= 2^32``)."""
+    n = v.size
+    words = (n + d - 1) // d
+    out = np.empty(words, dtype=np.uint32)
+    for w in range(words):
+        acc = 0
+        for j in range(d - 1, -1, -1):
+            k = w * d + j
+            acc = acc * m + (np.int64(v[k]) if k < n else 0)
+        out[w] = acc
+    return out
+
+
+@njit(**_OPTS)
+def unpack_digits(x: np.ndarray, n: int, m: int, d: int, out: np.ndarray) -> bool:
+    """The inverse of :func:`pack_digits` into ``out`` (``n`` digits); False if a word is out of range or the
+    padding is not zero (a malformed message)."""
+    ok = True
+    inv = 1.0 / m
+    for w in range(x.size):
+        acc = np.int64(x[w])
+        for j in range(d):
+            q = np.int64(acc * inv)  # acc < 2^32: the float quotient is off by at most one, corrected below
+            digit = acc - q * m
+            if digit < 0:
+                q -= 1
+                digit += m
+            elif digit >= m:
+                q += 1
+                digit -= m
+            acc = q
+            k = w * d + j
+            if k < n:
+                out[k] = digit
+            elif digit != 0:
+                ok = False
+        if acc != 0:
+            ok = False
+    return ok
+
+
+def warm_up() -> None:
+    """Compile (or load from the on-disk cache) every kernel for the argument types the protocols pass, so that the
+    first protocol call does not pay for it. Received and drawn buffers are read-only numpy views, which numba types
+    separately."""
+    d = np.zeros((2, 3), dtype=np.uint8)
+    b = np.ones((2, 3), dtype=np.int16)
+    transform_fnz(d, b, True, 67)
+    i = np.zeros(2, dtype=np.int64)
+    scaled_rotation(i, b, b, b, -1, b, True, 67)
+    sub_mod(b, b, 67)
+    first_min_of_sum(b, b, 67)
+    out = np.zeros(4, dtype=np.int16)
+    bad = lemire_below(np.frombuffer(bytes(8), dtype=np.uint16), 67, out, np.zeros(0, dtype=np.int64))
+    lemire_below(np.frombuffer(bytes(8), dtype=np.uint16), 67, out, bad)
+    for v in (b.ravel(), np.zeros(3, dtype=np.int64)):
+        words = pack_digits(v, 67, 5)
+        unpack_digits(np.frombuffer(words.tobytes(), dtype=np.uint32), v.size, 67, 5, np.empty(v.size, np.int16))
