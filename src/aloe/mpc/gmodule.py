@@ -236,7 +236,8 @@ def _scaled_rotation(i: torch.Tensor, u: torch.Tensor, a: torch.Tensor, b: torch
 
 def _sub_mod(a: torch.Tensor, b: torch.Tensor, p: int) -> torch.Tensor:
     """``(a - b) mod p`` (int16) for shares in [0, p)."""
-    return torch.from_numpy(kernels.sub_mod(a.contiguous().numpy(), b.contiguous().numpy(), p))
+    out = kernels.sub_mod(a.reshape(-1).numpy(), b.reshape(-1).numpy(), p)
+    return torch.from_numpy(out).reshape(a.shape)
 
 
 def fnz_input(z: torch.Tensor, p: int, party: Party) -> torch.Tensor:

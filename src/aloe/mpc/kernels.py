@@ -25,37 +25,28 @@ def transform_fnz(delta: np.ndarray, b: np.ndarray, left: bool, p: int) -> np.nd
     ``delta`` (rows, n) uint8 is the opened ``bits xor a``; ``b`` (rows, n) int16 in [0, p) this party's share of
     the dealer's bits mod p. The transformed share is ``z = (-1)^delta b (+ delta on R)`` mod p; the sentinel
     appends ``0`` on L and ``1`` on R; the output (rows, n + 1) int16 is ``y_k = sum_{j<=k} z_j - 2 z_k (+1 on L)``
-    mod p."""
+    mod p. Branch-free: ``delta`` is a uniformly random bit, which a branch would mispredict half the time."""
     rows, n = b.shape
     out = np.empty((rows, n + 1), dtype=np.int16)
-    one = 1 if left else 0
+    one = np.int64(1 if left else 0)
+    top = np.int64(p) + 1 - one  # (-1)^delta b + delta for delta = 1: p - b on L, p + 1 - b on R
     for r in range(rows):
-        acc = 0
-        for k in range(n):
-            z = np.int64(b[r, k])
-            if delta[r, k]:
-                z = (p - z) if left else (p + 1 - z)
-                if z >= p:
-                    z -= p
+        acc = np.int64(0)
+        for k in range(n + 1):
+            if k < n:
+                bv = np.int64(b[r, k])
+                dl = np.int64(delta[r, k] & 1)
+                z = bv + dl * (top - 2 * bv)  # in [0, p + 1]
+                z -= p * (z >= p)
+            else:
+                z = 1 - one  # the sentinel: 0 on L, 1 on R
             acc += z
-            if acc >= p:
-                acc -= p
+            acc -= p * (acc >= p)
             y = acc - 2 * z + one  # in [-2p + 2, p]
-            while y < 0:
-                y += p
-            if y >= p:
-                y -= p
+            y += p * (y < 0)
+            y += p * (y < 0)
+            y -= p * (y >= p)
             out[r, k] = y
-        z = 1 - one  # the sentinel: 0 on L, 1 on R
-        acc += z
-        if acc >= p:
-            acc -= p
-        y = acc - 2 * z + one
-        while y < 0:
-            y += p
-        if y >= p:
-            y -= p
-        out[r, n] = y
     return out
 
 
@@ -64,44 +55,35 @@ def scaled_rotation(i: np.ndarray, u: np.ndarray, a: np.ndarray, b: np.ndarray, 
                     has_c: bool, p: int) -> np.ndarray:
     """``L_i(u * v mod p)`` per row with ``v = a + sign_b b (+ c)`` mod p (the semidirect action of recover):
     ``a``, ``b``, ``c`` int16 in [0, p), ``sign_b`` is 1 or -1, ``u`` in [1, p), ``i`` the row shifts (>= 0);
-    ``out[r, k] = u[r, s] v[r, s] mod p`` with ``s = (k + i[r]) mod N``."""
+    ``out[r, k] = u[r, s] v[r, s] mod p`` with ``s = (k + i[r]) mod N``. Branch-free reductions."""
     rows, n = a.shape
     out = np.empty((rows, n), dtype=np.int16)
     inv = 1.0 / p
+    cs = np.int64(1 if has_c else 0)
     for r in range(rows):
         sh = i[r] % n
         for s in range(n):
-            v = np.int64(a[r, s]) + sign_b * np.int64(b[r, s])
-            if has_c:
-                v += np.int64(c[r, s])
-            while v < 0:
-                v += p
-            while v >= p:
-                v -= p
+            v = np.int64(a[r, s]) + sign_b * np.int64(b[r, s]) + cs * np.int64(c[r, s])  # in (-p, 2p)
+            v += p * (v < 0)
+            v -= p * (v >= p)
             t = np.int64(u[r, s]) * v
             t -= np.int64(t * inv) * p  # t < p^2 < 2^20: the float quotient is off by at most one
-            if t < 0:
-                t += p
-            elif t >= p:
-                t -= p
+            t += p * (t < 0)
+            t -= p * (t >= p)
             k = s - sh
-            if k < 0:
-                k += n
+            k += n * (k < 0)
             out[r, k] = t
     return out
 
 
 @njit(**_OPTS)
 def sub_mod(a: np.ndarray, b: np.ndarray, p: int) -> np.ndarray:
-    """``(a - b) mod p`` as int16 for ``a``, ``b`` in [0, p) (any shape, flattened)."""
-    fa, fb = a.ravel(), b.ravel()
-    out = np.empty(fa.size, dtype=np.int16)
-    for k in range(fa.size):
-        v = np.int64(fa[k]) - np.int64(fb[k])
-        if v < 0:
-            v += p
-        out[k] = v
-    return out.reshape(a.shape)
+    """``(a - b) mod p`` as int16 for flat ``a``, ``b`` in [0, p)."""
+    out = np.empty(a.size, dtype=np.int16)
+    for k in range(a.size):
+        v = np.int64(a[k]) - np.int64(b[k])
+        out[k] = v + p * (v < 0)
+    return out
 
 
 @njit(**_OPTS)
@@ -111,13 +93,13 @@ def first_min_of_sum(w: np.ndarray, big_u: np.ndarray, p: int) -> np.ndarray:
     rows, n = w.shape
     out = np.empty(rows, dtype=np.int64)
     for r in range(rows):
-        best, arg = p, 0
+        best, arg = np.int64(p), 0
         for k in range(n):
             v = np.int64(w[r, k]) + np.int64(big_u[r, k])
-            if v >= p:
-                v -= p
-            if v < best:
-                best, arg = v, k
+            v -= p * (v >= p)
+            better = v < best
+            best = v if better else best
+            arg = k if better else arg
         out[r] = arg
     return out
 
@@ -200,7 +182,7 @@ def warm_up() -> None:
     transform_fnz(d, b, True, 67)
     i = np.zeros(2, dtype=np.int64)
     scaled_rotation(i, b, b, b, -1, b, True, 67)
-    sub_mod(b, b, 67)
+    sub_mod(b.ravel(), b.ravel(), 67)
     first_min_of_sum(b, b, 67)
     out = np.zeros(4, dtype=np.int16)
     bad = lemire_below(np.frombuffer(bytes(8), dtype=np.uint16), 67, out, np.zeros(0, dtype=np.int64))
