@@ -55,6 +55,10 @@ def test_sub_mod_and_first_min_of_sum():
     assert torch.equal(got.to(torch.int64), torch.remainder(a.to(torch.int64) - b, P))
     w, big_u = _edges(100, 64, P), _edges(100, 64, P).roll(3, 1)
     w[5] = (P - big_u[5]) % P  # a row that is all zeros: the first index wins
+    w[6] = (P - big_u[6] + 1) % P  # all ones but a single zero at 40
+    w[6, 40] = (P - big_u[6, 40]) % P
+    w[7] = (P - big_u[7] + 2) % P  # no zero: the first minimum (1, at 50 and 60)
+    w[7, 50], w[7, 60] = (P - big_u[7, 50] + 1) % P, (P - big_u[7, 60] + 1) % P
     expect = torch.argmin(G._modp(w + big_u, P), dim=-1)
     assert torch.equal(torch.from_numpy(K.first_min_of_sum(w.numpy(), big_u.numpy(), P)), expect)
 
@@ -83,3 +87,13 @@ def test_prg_below_is_uniform_and_the_same_on_both_ends_of_a_stream():
     assert torch.equal(a.below((10,), 5), b.below((10,), 5))  # still in step after the rejections
     nz = a.nonzero_below((50_000,), P)
     assert int(nz.min()) == 1 and int(nz.max()) == P - 1
+
+
+@pytest.mark.parametrize("n", [63, 64, 5])
+def test_bits_msb_first_matches_the_integers(n):
+    edges = torch.tensor([0, 1, -1, 2**62, -(2**63), 2**63 - 1, 12345])
+    v = torch.cat([edges, torch.randint(-(2**63), 2**63 - 1, (50,))])
+    bits = G._bits_msb_first(v.reshape(-1, 1), n)
+    assert bits.shape == (57, 1, n) and bits.dtype == torch.uint8
+    for x, row in zip(v.tolist(), bits.reshape(-1, n).tolist(), strict=True):
+        assert row == [((x % 2**64) >> (n - 1 - k)) & 1 for k in range(n)]

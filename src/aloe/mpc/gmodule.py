@@ -273,9 +273,8 @@ def _fnz_recover(party: Party, y: torch.Tensor, p: int, piggyback=None) -> tuple
 
 def _bits_msb_first(v: torch.Tensor, n: int) -> torch.Tensor:
     """The low ``n`` bits of each int64, most significant first, as uint8 (shape ``(*v.shape, n)``)."""
-    be = v.contiguous().numpy().astype(">i8").view(np.uint8).reshape(-1, 8)
-    bits = np.unpackbits(be, axis=1)[:, 64 - n :]
-    return torch.from_numpy(np.ascontiguousarray(bits)).reshape(*v.shape, n)
+    bits = kernels.bits_msb_first(v.reshape(-1).to(torch.int64).numpy(), n)
+    return torch.from_numpy(bits).reshape(*v.shape, n)
 
 
 def private_compare(party: Party, value: torch.Tensor, n: int = COMPARE_BITS, op: str = "gt",

@@ -19,6 +19,17 @@ _OPTS = {"cache": True, "nogil": True, "boundscheck": False}
 
 
 @njit(**_OPTS)
+def bits_msb_first(v: np.ndarray, n: int) -> np.ndarray:
+    """The low ``n`` bits of each int64 of flat ``v``, most significant first: (len(v), n) uint8 0/1."""
+    out = np.empty((v.size, n), dtype=np.uint8)
+    for r in range(v.size):
+        x = v[r]
+        for k in range(n):
+            out[r, k] = (x >> (n - 1 - k)) & 1
+    return out
+
+
+@njit(**_OPTS)
 def transform_fnz(delta: np.ndarray, b: np.ndarray, left: bool, p: int) -> np.ndarray:
     """Module transform's last step, the sentinel, and first-non-zero's local step, fused.
 
@@ -30,7 +41,10 @@ def transform_fnz(delta: np.ndarray, b: np.ndarray, left: bool, p: int) -> np.nd
     out = np.empty((rows, n + 1), dtype=np.int16)
     one = np.int64(1 if left else 0)
     top = np.int64(p) + 1 - one  # (-1)^delta b + delta for delta = 1: p - b on L, p + 1 - b on R
+    inv = 1.0 / p
     for r in range(rows):
+        # the running sum is kept unreduced (below (n + 1) p), so the only dependency between positions is one
+        # addition; each y is reduced on its own
         acc = np.int64(0)
         for k in range(n + 1):
             if k < n:
@@ -41,9 +55,8 @@ def transform_fnz(delta: np.ndarray, b: np.ndarray, left: bool, p: int) -> np.nd
             else:
                 z = 1 - one  # the sentinel: 0 on L, 1 on R
             acc += z
-            acc -= p * (acc >= p)
-            y = acc - 2 * z + one  # in [-2p + 2, p]
-            y += p * (y < 0)
+            y = acc - 2 * z + one + 2 * p  # in [2, (n + 3) p]
+            y -= np.int64(y * inv) * p  # the float quotient is off by at most one
             y += p * (y < 0)
             y -= p * (y >= p)
             out[r, k] = y
@@ -93,13 +106,21 @@ def first_min_of_sum(w: np.ndarray, big_u: np.ndarray, p: int) -> np.ndarray:
     rows, n = w.shape
     out = np.empty(rows, dtype=np.int64)
     for r in range(rows):
-        best, arg = np.int64(p), 0
+        # 0 is the least residue: the first zero is the answer (the protocol's rows have exactly one)
+        arg = -1
         for k in range(n):
             v = np.int64(w[r, k]) + np.int64(big_u[r, k])
-            v -= p * (v >= p)
-            better = v < best
-            best = v if better else best
-            arg = k if better else arg
+            if v == 0 or v == p:
+                arg = k
+                break
+        if arg < 0:  # no zero: the first minimum, as argmin
+            best, arg = np.int64(p), 0
+            for k in range(n):
+                v = np.int64(w[r, k]) + np.int64(big_u[r, k])
+                v -= p * (v >= p)
+                better = v < best
+                best = v if better else best
+                arg = k if better else arg
         out[r] = arg
     return out
 
@@ -177,6 +198,7 @@ def warm_up() -> None:
     """Compile (or load from the on-disk cache) every kernel for the argument types the protocols pass, so that the
     first protocol call does not pay for it. Received and drawn buffers are read-only numpy views, which numba types
     separately."""
+    bits_msb_first(np.zeros(2, dtype=np.int64), 63)
     d = np.zeros((2, 3), dtype=np.uint8)
     b = np.ones((2, 3), dtype=np.int16)
     transform_fnz(d, b, True, 67)
