@@ -97,3 +97,17 @@ def test_bits_msb_first_matches_the_integers(n):
     assert bits.shape == (57, 1, n) and bits.dtype == torch.uint8
     for x, row in zip(v.tolist(), bits.reshape(-1, n).tolist(), strict=True):
         assert row == [((x % 2**64) >> (n - 1 - k)) & 1 for k in range(n)]
+
+
+@pytest.mark.parametrize("d", [3, 66, 67, 131, 255])
+def test_division_magic_is_exact(d):
+    """Exhaustive below 2^16; for 67's packed words (below 67^5 < 2^31) on the edges and random words."""
+    m, s = K.division_magic(d, 16)
+    x = np.arange(1 << 16, dtype=np.int64)
+    assert ((x * m) >> s == x // d).all()
+    if d == 67:
+        m, s = K.division_magic(67, (67**5 - 1).bit_length())
+        x = np.concatenate([np.arange(1 << 16), 67**5 - 1 - np.arange(1 << 16), np.random.randint(0, 67**5, 10**6)])
+        x = x.astype(np.int64)
+        assert ((x * m) >> s == x // 67).all()
+    assert K.division_magic(65521, 32) == (0, 0)  # the product would leave int64: the float path is used

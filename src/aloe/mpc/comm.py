@@ -17,6 +17,7 @@ other at once therefore spend one round together.
 
 from __future__ import annotations
 
+import functools
 import math
 import queue
 import socket
@@ -77,6 +78,13 @@ def _is_pow2(m: int) -> bool:
     return m > 1 and m & (m - 1) == 0
 
 
+@functools.lru_cache(maxsize=64)
+def _digit_magic(m: int, d: int) -> tuple[int, int]:
+    """Multiply-shift division by ``m`` for words of ``d`` base-``m`` digits (below ``m^d``; the decoder refuses a
+    word at or above it before dividing)."""
+    return kernels.division_magic(m, (m**d - 1).bit_length())
+
+
 def packed_nbytes(n: int, m: int) -> int:
     if m == 0:
         return 8 * n
@@ -131,7 +139,8 @@ def unpack(buf: memoryview, n: int, m: int, shape: tuple[int, ...]) -> torch.Ten
     if word_bits(m) == 32:
         small = np.int16 if m < 1 << 15 else np.int64
         out = np.empty(n, dtype=small)
-        if not kernels.unpack_digits(np.frombuffer(buf, dtype=np.uint32), n, m, d, out):
+        magic, shift = _digit_magic(m, d)
+        if not kernels.unpack_digits(np.frombuffer(buf, dtype=np.uint32), n, m, d, out, magic, shift):
             raise MalformedMessage(f"packed word out of range for modulus {m}, or non-zero padding")
         return torch.from_numpy(out).reshape(shape)
     words = np.frombuffer(buf, dtype=np.uint64).copy()

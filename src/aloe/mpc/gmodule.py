@@ -142,9 +142,16 @@ def _module_transform_open(party: Party, bits: torch.Tensor, p: int) -> tuple[to
         return None
     a = party.draw(party.role, shape, 2).to(torch.uint8)
     b = party.split(None, shape, p, seeded="L").to(torch.int16)
-    mine = bits.to(torch.uint8) ^ a
+    # large temporaries are numpy-allocated: glibc reuses numpy's freed blocks, but not torch's 64-byte-aligned
+    # ones, whose fresh pages the kernel must zero on first touch
+    mine = _xor(bits.to(torch.uint8), a)
     (theirs,) = party.exchange([(mine, 2)])
-    return mine ^ theirs.to(torch.uint8), b
+    return _xor(mine, theirs.to(torch.uint8)), b
+
+
+def _xor(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a ^ b`` into a numpy-allocated result (see :func:`_module_transform_open`)."""
+    return torch.from_numpy(np.bitwise_xor(a.numpy(), b.numpy()))
 
 
 def module_transform(party: Party, bits: torch.Tensor, p: int) -> torch.Tensor:
@@ -172,6 +179,8 @@ def transform_and_fnz_input(party: Party, bits: torch.Tensor, p: int) -> torch.T
         return meta(full)
     delta, b = opened
     n = shape[-1]
+    if (n + 3) * p >= 1 << 16:
+        raise ValueError("the compiled first-non-zero input needs (n + 3) p < 2^16")
     y = kernels.transform_fnz(delta.reshape(-1, n).numpy(), b.reshape(-1, n).numpy(), party.role == "L", p)
     return torch.from_numpy(y).reshape(full)
 
@@ -228,6 +237,8 @@ def _scaled_rotation(i: torch.Tensor, u: torch.Tensor, a: torch.Tensor, b: torch
                      c: torch.Tensor | None, p: int) -> torch.Tensor:
     """``semidirect_act(i, u, a + sign_b b (+ c) mod p)`` for shares in [0, p), one compiled pass (int16)."""
     n = a.shape[-1]
+    if p * p > 1 << 16:
+        raise ValueError("the compiled scaled rotation needs p^2 <= 2^16")
     flat = (lambda t: t.reshape(-1, n).numpy())  # noqa: E731
     cc = flat(c) if c is not None else flat(a)
     out = kernels.scaled_rotation(i.reshape(-1).numpy(), flat(u), flat(a), flat(b), sign_b, cc, c is not None, p)
@@ -318,14 +329,11 @@ def private_compare(party: Party, value: torch.Tensor, n: int = COMPARE_BITS, op
     x2 = party.draw("R", full, 2)
     y_r = party.split(None, full, 2, seeded="L")
     (delta_g,) = rec.extra
-    if op in ("lt", "le"):
-        answer = bits
-    else:
-        answer = 1 - bits
-    last = torch.full((*shape, 1), 1 if op in ("le", "ge") else 0, dtype=torch.uint8)
-    answer = torch.cat([answer, last], dim=-1)
-    w = rotate_bits(answer, j_r)
-    party.send_peer([(w ^ x2.to(torch.uint8), 2)])
+    answer = np.empty(full, dtype=np.uint8)
+    answer[..., :n] = bits.numpy() if op in ("lt", "le") else 1 - bits.numpy()
+    answer[..., n] = 1 if op in ("le", "ge") else 0
+    w = rotate_bits(torch.from_numpy(answer), j_r)
+    party.send_peer([(_xor(w, x2.to(torch.uint8)), 2)])
     return y_r.gather(-1, delta_g.unsqueeze(-1)).squeeze(-1)
 
 

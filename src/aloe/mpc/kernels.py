@@ -18,6 +18,16 @@ from numba import njit
 _OPTS = {"cache": True, "nogil": True, "boundscheck": False}
 
 
+@njit(cache=True)
+def _small_magic(p: int) -> tuple[int, int]:
+    """Multiply-shift division by ``p`` exact for dividends below 2^16 (see :func:`division_magic`)."""
+    bits = 0
+    while (1 << bits) < p:
+        bits += 1
+    shift = 16 + bits
+    return ((1 << shift) + p - 1) // p, shift
+
+
 @njit(**_OPTS)
 def bits_msb_first(v: np.ndarray, n: int) -> np.ndarray:
     """The low ``n`` bits of each int64 of flat ``v``, most significant first: (len(v), n) uint8 0/1."""
@@ -41,7 +51,7 @@ def transform_fnz(delta: np.ndarray, b: np.ndarray, left: bool, p: int) -> np.nd
     out = np.empty((rows, n + 1), dtype=np.int16)
     one = np.int64(1 if left else 0)
     top = np.int64(p) + 1 - one  # (-1)^delta b + delta for delta = 1: p - b on L, p + 1 - b on R
-    inv = 1.0 / p
+    magic, shift = _small_magic(p)  # exact below 2^16 > (n + 3) p
     for r in range(rows):
         # the running sum is kept unreduced (below (n + 1) p), so the only dependency between positions is one
         # addition; each y is reduced on its own
@@ -56,9 +66,7 @@ def transform_fnz(delta: np.ndarray, b: np.ndarray, left: bool, p: int) -> np.nd
                 z = 1 - one  # the sentinel: 0 on L, 1 on R
             acc += z
             y = acc - 2 * z + one + 2 * p  # in [2, (n + 3) p]
-            y -= np.int64(y * inv) * p  # the float quotient is off by at most one
-            y += p * (y < 0)
-            y -= p * (y >= p)
+            y -= ((y * magic) >> shift) * p
             out[r, k] = y
     return out
 
@@ -71,7 +79,7 @@ def scaled_rotation(i: np.ndarray, u: np.ndarray, a: np.ndarray, b: np.ndarray, 
     ``out[r, k] = u[r, s] v[r, s] mod p`` with ``s = (k + i[r]) mod N``. Branch-free reductions."""
     rows, n = a.shape
     out = np.empty((rows, n), dtype=np.int16)
-    inv = 1.0 / p
+    magic, shift = _small_magic(p)  # exact below 2^16 > p^2
     cs = np.int64(1 if has_c else 0)
     for r in range(rows):
         sh = i[r] % n
@@ -80,9 +88,7 @@ def scaled_rotation(i: np.ndarray, u: np.ndarray, a: np.ndarray, b: np.ndarray, 
             v += p * (v < 0)
             v -= p * (v >= p)
             t = np.int64(u[r, s]) * v
-            t -= np.int64(t * inv) * p  # t < p^2 < 2^20: the float quotient is off by at most one
-            t += p * (t < 0)
-            t -= p * (t >= p)
+            t -= ((t * magic) >> shift) * p
             k = s - sh
             k += n * (k < 0)
             out[r, k] = t
@@ -166,32 +172,61 @@ def pack_digits(v: np.ndarray, m: int, d: int) -> np.ndarray:
     return out
 
 
+def division_magic(d: int, nbits: int) -> tuple[int, int]:
+    """``(M, s)`` with ``floor(x / d) = (x M) >> s`` for every ``0 <= x < 2^nbits`` (Granlund and Montgomery's
+    round-up method: ``s = nbits + ceil(log2 d)``, ``M = ceil(2^s / d)``), or ``(0, 0)`` when ``x M`` could leave
+    a signed 64-bit integer."""
+    s = nbits + (d - 1).bit_length()
+    m = -(-(1 << s) // d)
+    if nbits + m.bit_length() > 63:
+        return 0, 0
+    return m, s
+
+
 @njit(**_OPTS)
-def unpack_digits(x: np.ndarray, n: int, m: int, d: int, out: np.ndarray) -> bool:
-    """The inverse of :func:`pack_digits` into ``out`` (``n`` digits); False if a word is out of range or the
-    padding is not zero (a malformed message)."""
+def unpack_digits(x: np.ndarray, n: int, m: int, d: int, out: np.ndarray, magic: int, shift: int) -> bool:
+    """The inverse of :func:`pack_digits` into ``out`` (``n`` digits); False if a word is at or above ``m^d`` or
+    the padding is not zero (a malformed message). ``(magic, shift) = division_magic(m, bits of m^d - 1)`` divides
+    by ``m`` with a multiply and a shift; ``magic = 0`` divides through a float reciprocal instead."""
     ok = True
     inv = 1.0 / m
+    limit = np.int64(1)
+    for _ in range(d):
+        limit *= m
     for w in range(x.size):
         acc = np.int64(x[w])
+        if acc >= limit:
+            ok = False
+            acc = 0
+        base = w * d
         for j in range(d):
-            q = np.int64(acc * inv)  # acc < 2^32: the float quotient is off by at most one, corrected below
+            if magic:
+                q = (acc * magic) >> shift
+            else:
+                q = np.int64(acc * inv)  # acc < 2^32: the float quotient is off by at most one
+                q -= np.int64(q * m > acc)
+                q += np.int64((q + 1) * m <= acc)
             digit = acc - q * m
-            if digit < 0:
-                q -= 1
-                digit += m
-            elif digit >= m:
-                q += 1
-                digit -= m
             acc = q
-            k = w * d + j
+            k = base + j
             if k < n:
                 out[k] = digit
-            elif digit != 0:
-                ok = False
-        if acc != 0:
-            ok = False
+            else:
+                ok = ok and digit == 0
+        ok = ok and acc == 0
     return ok
+
+
+@njit(**_OPTS)
+def mod_16bit(v: np.ndarray, m: int, magic: int, shift: int) -> np.ndarray:
+    """``v mod m`` (int16) for flat int16 ``v`` in [-m^2, 2^16 - m^2): shifted by ``m^2`` into [0, 2^16) and divided
+    with ``(magic, shift) = division_magic(m, 16)``."""
+    out = np.empty(v.size, dtype=np.int16)
+    mm = np.int64(m) * m
+    for k in range(v.size):
+        t = (np.int64(v[k]) + mm) & 0xFFFF
+        out[k] = t - ((t * magic) >> shift) * m
+    return out
 
 
 def warm_up() -> None:
@@ -207,8 +242,11 @@ def warm_up() -> None:
     sub_mod(b.ravel(), b.ravel(), 67)
     first_min_of_sum(b, b, 67)
     out = np.zeros(4, dtype=np.int16)
-    bad = lemire_below(np.frombuffer(bytes(8), dtype=np.uint16), 67, out, np.zeros(0, dtype=np.int64))
-    lemire_below(np.frombuffer(bytes(8), dtype=np.uint16), 67, out, bad)
+    bad = lemire_below(np.zeros(4, dtype=np.uint16), 67, out, np.zeros(0, dtype=np.int64))
+    lemire_below(np.zeros(4, dtype=np.uint16), 67, out, bad)
     for v in (b.ravel(), np.zeros(3, dtype=np.int64)):
         words = pack_digits(v, 67, 5)
-        unpack_digits(np.frombuffer(words.tobytes(), dtype=np.uint32), v.size, 67, 5, np.empty(v.size, np.int16))
+        magic, shift = division_magic(67, (67**5 - 1).bit_length())
+        unpack_digits(np.frombuffer(words.tobytes(), dtype=np.uint32), v.size, 67, 5, np.empty(v.size, np.int16),
+                      magic, shift)
+    mod_16bit(b.ravel(), 67, *division_magic(67, 16))
