@@ -1,10 +1,11 @@
 """Where one secure Network B training step spends its time, per layer and per party.
 
 Runs one step of Network B at batch 128 (the ``b-avg`` / ``b-max`` workload of ``benchmarks/mpc_training.py``) with
-the three parties as OS processes, and times every layer's forward and backward pass, the softmax loss and the
-update on each party: wall seconds (which include waiting for the other parties) and CPU seconds of that process
-(which do not). The parties' CPU seconds summed over a component is what the component costs the machine; on a
-2-core machine shared by three processes, that sum bounds the wall time from below.
+the three parties as OS processes, and times every layer's forward and backward pass (``[i]``: the layer's index in
+the secure model), the softmax loss and the update on each party: wall seconds (which include waiting for the other
+parties) and CPU seconds of that process (which do not). The parties' CPU seconds summed over a component is what
+the component costs the machine; on a 2-core machine shared by three processes, that sum bounds the wall time from
+below (at half of it).
 
 Usage: python benchmarks/mpc_step_profile.py [--pool avg|max] [--quick] [--json]
 ``--quick`` runs a batch of 16 instead of 128.
@@ -90,7 +91,8 @@ def measure(pool: str, batch: int) -> dict:
     keys = sorted(res["L"]["times"], key=order)
     rows = []
     for k in keys:
-        row = {"component": k[3:]}
+        name = k[3:]
+        row = {"component": name if not name.endswith(("forward", "backward")) else f"{name} [{int(k[:2])}]"}
         for r in ROLES:
             wall, cpu = res[r]["times"].get(k, (0.0, 0.0))
             row[f"{r}_wall"], row[f"{r}_cpu"] = wall, cpu
