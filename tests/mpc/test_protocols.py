@@ -329,3 +329,69 @@ def test_gmodule_actions_pm1_and_cyclic_shift():
     res, _ = run(program)
     assert torch.equal(res["L"][0], torch.where(t.bool(), -x, x))
     assert torch.equal(res["L"][1], G.shift_left(v, i))
+
+
+@pytest.mark.parametrize("n", [64, 7, 65])
+def test_shift_left_and_bit_rotation_match_the_definition(n):
+    """``out[r, k] = v[r, (k + i[r]) mod n]`` for every shift (0 and n - 1 included), with leading dimensions."""
+    v = torch.randint(0, 67, (3, n, n), dtype=torch.int16)
+    i = torch.arange(n).repeat(3, 1)[torch.arange(3)].roll(1, 1).reshape(3, n)
+    expect = torch.empty_like(v)
+    for a in range(3):
+        for r in range(n):
+            for k in range(n):
+                expect[a, r, k] = v[a, r, (k + int(i[a, r])) % n]
+    assert torch.equal(G.shift_left(v, i), expect)
+    bits = (v & 1).to(torch.uint8)
+    assert torch.equal(G.rotate_bits(bits, i), (expect & 1).to(torch.uint8))
+    assert torch.equal(G.shift_left(v.to(torch.int64), i), expect.to(torch.int64))
+
+
+def _padded_forward_input_grad(dy, w, x_shape, stride, padding):
+    """The input gradient as a forward convolution of the zero-stuffed, padded ``dy`` (the former formulation)."""
+    n, o, h, wd = dy.shape
+    k1, k2 = w.shape[2], w.shape[3]
+    if stride > 1:
+        d = dy.new_zeros((n, o, (h - 1) * stride + 1, (wd - 1) * stride + 1))
+        d[:, :, ::stride, ::stride] = dy
+        dy = d
+    ph, pw = k1 - 1 - padding, k2 - 1 - padding
+    out_h, out_w = dy.shape[2] + 2 * ph - k1 + 1, dy.shape[3] + 2 * pw - k2 + 1
+    if x_shape[2] > out_h or x_shape[3] > out_w:
+        dy = torch.nn.functional.pad(dy, (0, x_shape[3] - out_w, 0, x_shape[2] - out_h))
+    return torch.nn.functional.conv2d(dy, w.flip(2, 3).transpose(0, 1), padding=(ph, pw))
+
+
+@pytest.mark.parametrize("xs,ws,stride,padding", [
+    ((3, 2, 9, 9), (4, 2, 5, 5), 1, 0), ((2, 3, 8, 7), (2, 3, 3, 3), 2, 1),
+    ((2, 1, 28, 28), (5, 1, 5, 5), 2, 2), ((2, 2, 6, 6), (3, 2, 3, 3), 1, 1),
+])
+def test_conv_input_gradient_is_exact_in_the_ring(xs, ws, stride, padding):
+    w = rand64(*ws)
+    y = torch.nn.functional.conv2d(torch.zeros(xs, dtype=torch.int64), w, stride=stride, padding=padding)
+    dy = rand64(*y.shape)
+    got = T.conv2d_input_grad(dy, w, xs, stride, padding)
+    assert got.shape == xs
+    assert torch.equal(got, _padded_forward_input_grad(dy, w, xs, stride, padding))
+
+
+def test_triangle_triple_without_the_input_gradient():
+    """A first layer's triple leaves out dX: the same y and dW, no dX, and less from the dealer."""
+    xs, ws = (2, 2, 7, 7), (3, 2, 3, 3)
+    maps = T.conv2d_maps(xs, ws)
+    x, w = rand64(*xs), rand64(*ws)
+    dy = rand64(*torch.nn.functional.conv2d(x, w).shape)
+
+    def program(party, need):
+        tri = T.TriangleTriple(party, maps.f, maps.g1, maps.g2, need_g1=need)
+        y = tri.forward(share_raw(party, x), share_raw(party, w))
+        gx, gw = tri.backward(share_raw(party, dy))
+        return [reveal_raw(party, y), gx is None, reveal_raw(party, gw)]
+
+    full, s_full = run(program, True)
+    part, s_part = run(program, False)
+    assert torch.equal(part["L"][0], torch.nn.functional.conv2d(x, w)) and torch.equal(part["L"][0], full["L"][0])
+    assert torch.equal(part["L"][2], full["L"][2])
+    assert part["L"][1] and part["R"][1] and not full["L"][1]
+    saved = s_full["D"].offline.bytes_sent - s_part["D"].offline.bytes_sent
+    assert 8 * math.prod(xs) <= saved <= 8 * math.prod(xs) + 64  # one ring element per input element + a frame

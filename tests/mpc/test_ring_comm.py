@@ -156,3 +156,22 @@ def test_small_mod_is_exact_on_its_whole_range(m):
     v = torch.arange(-m * m, 2**16 - m * m, dtype=torch.int32)
     got = small_mod(v, m)
     assert torch.equal(got.to(torch.int64), torch.remainder(v.to(torch.int64), m))
+
+
+@pytest.mark.parametrize("m", [3, 67, 131, 255, 1000, 32749, 65521])
+def test_packed_words_are_base_m_digits_little_endian(m):
+    """The wire format of the uint32 packing is ``sum_j v_j m^j`` per word of ``d`` digits (zero padded), whatever
+    the implementation; checked against Python integers, with every digit value, 0 and m - 1 at every position."""
+    d = comm.digits_per_word(m)
+    t = torch.cat([torch.arange(m) % m, torch.full((d,), m - 1), torch.zeros(d), torch.randint(0, m, (101,))])
+    t = t.to(torch.int16 if m < 1 << 15 else torch.int64)
+    words = np.frombuffer(comm.pack(t, m), dtype=np.uint32)
+    vals = [int(v) for v in t] + [0] * ((-t.numel()) % d)
+    expect = [sum(vals[k * d + j] * m**j for j in range(d)) for k in range(len(vals) // d)]
+    assert words.tolist() == expect
+    back = comm.unpack(memoryview(comm.pack(t, m)), t.numel(), m, (t.numel(),))
+    assert torch.equal(back.to(torch.int64), t.to(torch.int64))
+    bad = np.array(expect[:1] + [m**d], dtype=np.uint64)
+    if m**d < 2**32:  # a word at m^d encodes a digit past the last one: refused
+        with pytest.raises(comm.MalformedMessage):
+            comm.unpack(memoryview(bad.astype(np.uint32).tobytes()), 2 * d, m, (2 * d,))

@@ -17,6 +17,7 @@ other at once therefore spend one round together.
 
 from __future__ import annotations
 
+import functools
 import math
 import queue
 import socket
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from aloe import AloeError
+from aloe.mpc import kernels
 
 MAGIC = b"ALMP"
 _HEAD = struct.Struct("!4sIIH")  # magic, sequence number, depth, number of tensors
@@ -76,6 +78,13 @@ def _is_pow2(m: int) -> bool:
     return m > 1 and m & (m - 1) == 0
 
 
+@functools.lru_cache(maxsize=64)
+def _digit_magic(m: int, d: int) -> tuple[int, int]:
+    """Multiply-shift division by ``m`` for words of ``d`` base-``m`` digits (below ``m^d``; the decoder refuses a
+    word at or above it before dividing)."""
+    return kernels.division_magic(m, (m**d - 1).bit_length())
+
+
 def packed_nbytes(n: int, m: int) -> int:
     if m == 0:
         return 8 * n
@@ -89,6 +98,9 @@ def pack(t: torch.Tensor, m: int) -> bytes:
         return t.to(torch.int64).contiguous().numpy().tobytes()
     if m == 2:
         return np.packbits(t.reshape(-1).to(torch.uint8).numpy() & 1, bitorder="little").tobytes()
+    if word_bits(m) == 32 and not _is_pow2(m):
+        # digits in [0, m) < 2^16, Horner's rule below m^d <= 2^32: exact, one compiled pass
+        return kernels.pack_digits(t.reshape(-1).numpy(), m, digits_per_word(m)).tobytes()
     v = t.reshape(-1).to(torch.int64).numpy().view(np.uint64)
     if _is_pow2(m):
         k = m.bit_length() - 1
@@ -101,11 +113,6 @@ def pack(t: torch.Tensor, m: int) -> bytes:
     if pad:
         v = np.concatenate([v, np.zeros(pad, dtype=np.uint64)])
     v = v.reshape(-1, d)
-    if word_bits(m) == 32:
-        word32 = np.zeros(v.shape[0], dtype=np.float64)
-        for j in range(d - 1, -1, -1):
-            word32 = word32 * m + v[:, j]  # exact: below 2^32
-        return word32.astype(np.uint32).tobytes()
     word = np.zeros(v.shape[0], dtype=np.uint64)
     mm = np.uint64(m)
     for j in range(d - 1, -1, -1):
@@ -130,27 +137,25 @@ def unpack(buf: memoryview, n: int, m: int, shape: tuple[int, ...]) -> torch.Ten
         return torch.from_numpy(out).reshape(shape)
     d = digits_per_word(m)
     if word_bits(m) == 32:
-        x = np.frombuffer(buf, dtype=np.uint32).astype(np.float64)
-        digits = np.empty((x.size, d), dtype=np.float64)
-        for j in range(d):
-            q = np.floor(x / m)  # exact for x < 2^32
-            digits[:, j] = x - q * m
-            x = q
-        words = x
-    else:
-        words = np.frombuffer(buf, dtype=np.uint64).copy()
-        mm = np.uint64(m)
-        digits = np.empty((words.size, d), dtype=np.uint64)
-        for j in range(d):
-            digits[:, j] = words % mm
-            words //= mm
+        small = np.int16 if m < 1 << 15 else np.int64
+        out = np.empty(n, dtype=small)
+        magic, shift = _digit_magic(m, d)
+        if not kernels.unpack_digits(np.frombuffer(buf, dtype=np.uint32), n, m, d, out, magic, shift):
+            raise MalformedMessage(f"packed word out of range for modulus {m}, or non-zero padding")
+        return torch.from_numpy(out).reshape(shape)
+    words = np.frombuffer(buf, dtype=np.uint64).copy()
+    mm = np.uint64(m)
+    digits = np.empty((words.size, d), dtype=np.uint64)
+    for j in range(d):
+        digits[:, j] = words % mm
+        words //= mm
     if words.any():
         raise MalformedMessage(f"packed word out of range for modulus {m}")
     flat = digits.reshape(-1)
     if flat[n:].any():
         raise MalformedMessage("non-zero padding in a packed message")
     small = np.int16 if m < 1 << 15 else np.int64
-    return torch.from_numpy(flat[:n].astype(small)).reshape(shape)
+    return torch.from_numpy(flat[:n].astype(small, copy=False)).reshape(shape)
 
 
 def encode_message(seq: int, depth: int, items: list[tuple[torch.Tensor, int]]) -> bytes:

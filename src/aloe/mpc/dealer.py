@@ -16,24 +16,38 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from aloe.mpc import kernels
+
 KEY_BYTES = 16
+_NO_POSITIONS = np.zeros(0, dtype=np.int64)
 
 
-@functools.lru_cache(maxsize=16)
-def _residues(m: int) -> np.ndarray:
-    return (np.arange(1 << 16, dtype=np.int64) % m).astype(np.int16)
+@functools.lru_cache(maxsize=64)
+def _mod_magic(m: int) -> tuple[int, int]:
+    return kernels.division_magic(m, 16)
 
 
 def small_mod(v: torch.Tensor, m: int) -> torch.Tensor:
     """``v mod m`` as int16 for integer tensors with ``-m^2 <= v < 2^16 - m^2`` and ``m <= 256``.
 
-    The value is shifted by ``m^2`` (a multiple of m) into [0, 2^16) and looked up in a 64K-entry table of residues,
-    a single cache-resident gather that is several times faster than an integer division on CPU (checked
-    exhaustively over the whole range in the tests)."""
+    The value is shifted by ``m^2`` (a multiple of m) into [0, 2^16) and divided by a multiply and a shift in one
+    compiled pass, several times faster than a 64-bit division or a table gather on CPU (checked exhaustively over
+    the whole range in the tests)."""
     if m > 256:
         raise ValueError("small_mod needs m <= 256")
-    w = (v.to(torch.int16) + m * m).contiguous().numpy().view(np.uint16)
-    return torch.from_numpy(np.take(_residues(m), w))
+    flat = v.to(torch.int16).reshape(-1).numpy()
+    return torch.from_numpy(kernels.mod_16bit(flat, m, *_mod_magic(m))).reshape(v.shape)
+
+
+_ZEROS = bytearray()
+
+
+def _zeros(n: int) -> memoryview:
+    """``n`` zero bytes, the plaintext of the CTR keystream (one buffer, grown as needed, never written)."""
+    global _ZEROS
+    if len(_ZEROS) < n:
+        _ZEROS = bytearray(max(n, 2 * len(_ZEROS)))
+    return memoryview(_ZEROS)[:n]
 
 
 def new_key() -> bytes:
@@ -49,28 +63,30 @@ class PRG:
         self._enc = Cipher(algorithms.AES(key), modes.CTR(b"\0" * 16)).encryptor()
         self.bytes_drawn = 0
 
-    def _bytes(self, n: int) -> bytes:
+    def _bytes(self, n: int) -> np.ndarray:
+        """The next ``n`` keystream bytes, encrypted straight into a new writable array (no copy)."""
         self.bytes_drawn += n
-        return self._enc.update(bytes(n))
+        out = np.empty(n + 15, dtype=np.uint8)  # CTR's update_into wants room for one more block
+        self._enc.update_into(_zeros(n), out)
+        return out[:n]
 
     def int64(self, shape: tuple[int, ...]) -> torch.Tensor:
         """Uniform elements of Z_2^64."""
         n = math.prod(shape)
-        arr = np.frombuffer(self._bytes(8 * n), dtype=np.int64).copy()
-        return torch.from_numpy(arr).reshape(shape)
+        return torch.from_numpy(self._bytes(8 * n).view(np.int64)).reshape(shape)
 
     def bits(self, shape: tuple[int, ...]) -> torch.Tensor:
         """Uniform bits as uint8 0/1 (8 bits of keystream per byte)."""
         n = math.prod(shape)
-        raw = np.frombuffer(self._bytes((n + 7) // 8), dtype=np.uint8)
+        raw = self._bytes((n + 7) // 8)
         arr = np.unpackbits(raw, bitorder="little")[:n]
         return torch.from_numpy(arr).reshape(shape)
 
     def below(self, shape: tuple[int, ...], m: int) -> torch.Tensor:
         """Uniform elements of Z_m (``m`` < 2^62) as int64 (int16 for ``m`` < 256 not a power of two).
 
-        Powers of two are masked words; ``m < 256`` is exact rejection sampling on bytes (keep a byte below the
-        largest multiple of m, reduce it mod m; the dealer and the party draw the same stream, so they stay in step);
+        Powers of two are masked words; ``m < 256`` is exact rejection sampling on 16-bit words (Lemire's
+        multiply-and-reject; the dealer and the party draw the same stream, so they stay in step);
         larger ``m`` reduces 64-bit words (statistical distance <= m / 2^64)."""
         n = math.prod(shape)
         if m & (m - 1) == 0:
@@ -79,14 +95,14 @@ class PRG:
                 return torch.from_numpy(raw.astype(np.int64)).reshape(shape)
             return self.int64(shape) & (m - 1)
         if m < 256:
-            # exact: 16-bit words below the largest multiple of m are kept; the few others are redrawn in place
-            limit = (65536 // m) * m
-            words = np.frombuffer(self._bytes(2 * n), dtype=np.uint16).copy()
-            bad = np.flatnonzero(words >= limit)
+            # exact: Lemire's multiply-and-reject on 16-bit words (a word is rejected with probability
+            # (2^16 mod m) / 2^16 < 0.4%); rejected positions are redrawn in order, the same on every party that
+            # draws this stream
+            out = np.empty(n, dtype=np.int16)
+            bad = kernels.lemire_below(self._bytes(2 * n).view(np.uint16), m, out, _NO_POSITIONS)
             while bad.size:
-                words[bad] = np.frombuffer(self._bytes(2 * bad.size), dtype=np.uint16)
-                bad = bad[words[bad] >= limit]
-            return small_mod(torch.from_numpy(words.view(np.int16)) - m * m, m).reshape(shape)
+                bad = kernels.lemire_below(self._bytes(2 * bad.size).view(np.uint16), m, out, bad)
+            return torch.from_numpy(out).reshape(shape)
         arr = np.frombuffer(self._bytes(8 * n), dtype=np.uint64) % np.uint64(m)
         return torch.from_numpy(arr.astype(np.int64)).reshape(shape)
 

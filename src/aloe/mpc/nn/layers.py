@@ -88,7 +88,7 @@ class Dense(Layer):
     def forward(self, x: SharedTensor) -> SharedTensor:
         p = self.party
         maps = matmul_maps()
-        self._triple = TriangleTriple(p, maps.f, maps.g1, maps.g2)
+        self._triple = TriangleTriple(p, maps.f, maps.g1, maps.g2, need_g1=self.need_input_grad)
         y = _trunc(p, self._triple.forward(x.share, self.weight.share))
         if self.bias is not None:
             y = y + self.bias.share
@@ -119,7 +119,7 @@ class Conv2d(Layer):
     def forward(self, x: SharedTensor) -> SharedTensor:
         p = self.party
         maps = conv2d_maps(tuple(x.shape), self.weight.shape, self.stride, self.padding)
-        self._triple = TriangleTriple(p, maps.f, maps.g1, maps.g2)
+        self._triple = TriangleTriple(p, maps.f, maps.g1, maps.g2, need_g1=self.need_input_grad)
         y = _trunc(p, self._triple.forward(x.share, self.weight.share))
         if self.bias is not None:
             y = y + self.bias.share.reshape(1, -1, 1, 1)

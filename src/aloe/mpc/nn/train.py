@@ -31,6 +31,7 @@ from torch import nn
 
 from aloe import AloeError
 from aloe.assets.cache import cache_root
+from aloe.mpc import kernels
 from aloe.mpc.functions import sigmoid_coefficients
 from aloe.mpc.nn import data as D
 from aloe.mpc.nn.layers import DEFAULT_CHUNK
@@ -226,6 +227,7 @@ def _warm_up() -> None:
     torch.cat([meta((2, 3)), meta((2, 3))], 1) @ meta((6, 1))
     torch.cat([torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 3, dtype=torch.int64)], 1).sum(0)
     sigmoid_coefficients()  # a least-squares fit, cached after the first call
+    kernels.warm_up()  # compiled kernels: loaded from numba's on-disk cache (compiled on the very first run)
 
 
 def train_program(party: Party, cfg: TrainConfig, lay: D.Layout, progress) -> dict | None:

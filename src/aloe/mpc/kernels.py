@@ -1,0 +1,252 @@
+"""Compiled (numba) kernels for the local steps of the G-module compare.
+
+A DReLU expands every element into 64 positions mod p, and the steps between two messages are chains of small
+operations on them (a select, a reduction mod p, a running sum, a product, a cyclic shift). Written with numpy or
+torch, each operation is a pass over tens of megabytes; here each chain is one pass over the rows, with the values in
+registers. Every kernel computes exactly what its plain counterpart in :mod:`aloe.mpc.gmodule` computes (the tests
+compare them on random inputs and edge values); they change no message and no random draw.
+
+The kernels take and return numpy arrays (``torch.Tensor.numpy()`` views, no copy), are compiled on first use and
+cached on disk (``cache=True``), and release the GIL, so the in-process parties of the tests run them in parallel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_OPTS = {"cache": True, "nogil": True, "boundscheck": False}
+
+
+@njit(cache=True)
+def _small_magic(p: int) -> tuple[int, int]:
+    """Multiply-shift division by ``p`` exact for dividends below 2^16 (see :func:`division_magic`)."""
+    bits = 0
+    while (1 << bits) < p:
+        bits += 1
+    shift = 16 + bits
+    return ((1 << shift) + p - 1) // p, shift
+
+
+@njit(**_OPTS)
+def bits_msb_first(v: np.ndarray, n: int) -> np.ndarray:
+    """The low ``n`` bits of each int64 of flat ``v``, most significant first: (len(v), n) uint8 0/1."""
+    out = np.empty((v.size, n), dtype=np.uint8)
+    for r in range(v.size):
+        x = v[r]
+        for k in range(n):
+            out[r, k] = (x >> (n - 1 - k)) & 1
+    return out
+
+
+@njit(**_OPTS)
+def transform_fnz(delta: np.ndarray, b: np.ndarray, left: bool, p: int) -> np.ndarray:
+    """Module transform's last step, the sentinel, and first-non-zero's local step, fused.
+
+    ``delta`` (rows, n) uint8 is the opened ``bits xor a``; ``b`` (rows, n) int16 in [0, p) this party's share of
+    the dealer's bits mod p. The transformed share is ``z = (-1)^delta b (+ delta on R)`` mod p; the sentinel
+    appends ``0`` on L and ``1`` on R; the output (rows, n + 1) int16 is ``y_k = sum_{j<=k} z_j - 2 z_k (+1 on L)``
+    mod p. Branch-free: ``delta`` is a uniformly random bit, which a branch would mispredict half the time."""
+    rows, n = b.shape
+    out = np.empty((rows, n + 1), dtype=np.int16)
+    one = np.int64(1 if left else 0)
+    top = np.int64(p) + 1 - one  # (-1)^delta b + delta for delta = 1: p - b on L, p + 1 - b on R
+    magic, shift = _small_magic(p)  # exact below 2^16 > (n + 3) p
+    for r in range(rows):
+        # the running sum is kept unreduced (below (n + 1) p), so the only dependency between positions is one
+        # addition; each y is reduced on its own
+        acc = np.int64(0)
+        for k in range(n + 1):
+            if k < n:
+                bv = np.int64(b[r, k])
+                dl = np.int64(delta[r, k] & 1)
+                z = bv + dl * (top - 2 * bv)  # in [0, p + 1]
+                z -= p * (z >= p)
+            else:
+                z = 1 - one  # the sentinel: 0 on L, 1 on R
+            acc += z
+            y = acc - 2 * z + one + 2 * p  # in [2, (n + 3) p]
+            y -= ((y * magic) >> shift) * p
+            out[r, k] = y
+    return out
+
+
+@njit(**_OPTS)
+def scaled_rotation(i: np.ndarray, u: np.ndarray, a: np.ndarray, b: np.ndarray, sign_b: int, c: np.ndarray,
+                    has_c: bool, p: int) -> np.ndarray:
+    """``L_i(u * v mod p)`` per row with ``v = a + sign_b b (+ c)`` mod p (the semidirect action of recover):
+    ``a``, ``b``, ``c`` int16 in [0, p), ``sign_b`` is 1 or -1, ``u`` in [1, p), ``i`` the row shifts (>= 0);
+    ``out[r, k] = u[r, s] v[r, s] mod p`` with ``s = (k + i[r]) mod N``. Branch-free reductions."""
+    rows, n = a.shape
+    out = np.empty((rows, n), dtype=np.int16)
+    magic, shift = _small_magic(p)  # exact below 2^16 > p^2
+    cs = np.int64(1 if has_c else 0)
+    for r in range(rows):
+        sh = i[r] % n
+        for s in range(n):
+            v = np.int64(a[r, s]) + sign_b * np.int64(b[r, s]) + cs * np.int64(c[r, s])  # in (-p, 2p)
+            v += p * (v < 0)
+            v -= p * (v >= p)
+            t = np.int64(u[r, s]) * v
+            t -= ((t * magic) >> shift) * p
+            k = s - sh
+            k += n * (k < 0)
+            out[r, k] = t
+    return out
+
+
+@njit(**_OPTS)
+def sub_mod(a: np.ndarray, b: np.ndarray, p: int) -> np.ndarray:
+    """``(a - b) mod p`` as int16 for flat ``a``, ``b`` in [0, p)."""
+    out = np.empty(a.size, dtype=np.int16)
+    for k in range(a.size):
+        v = np.int64(a[k]) - np.int64(b[k])
+        out[k] = v + p * (v < 0)
+    return out
+
+
+@njit(**_OPTS)
+def first_min_of_sum(w: np.ndarray, big_u: np.ndarray, p: int) -> np.ndarray:
+    """Per row, the first index of the minimum of ``(w + big_u) mod p`` (R's step of first-non-zero: the index of
+    the unique zero), as int64."""
+    rows, n = w.shape
+    out = np.empty(rows, dtype=np.int64)
+    for r in range(rows):
+        # 0 is the least residue: the first zero is the answer (the protocol's rows have exactly one)
+        arg = -1
+        for k in range(n):
+            v = np.int64(w[r, k]) + np.int64(big_u[r, k])
+            if v == 0 or v == p:
+                arg = k
+                break
+        if arg < 0:  # no zero: the first minimum, as argmin
+            best, arg = np.int64(p), 0
+            for k in range(n):
+                v = np.int64(w[r, k]) + np.int64(big_u[r, k])
+                v -= p * (v >= p)
+                better = v < best
+                best = v if better else best
+                arg = k if better else arg
+        out[r] = arg
+    return out
+
+
+@njit(**_OPTS)
+def lemire_below(words: np.ndarray, m: int, out: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Lemire's exact rejection sampling of Z_m from uniform 16-bit words: ``x = w m``; reject if
+    ``x mod 2^16 < 2^16 mod m``, else ``out = x >> 16`` (exactly uniform on [0, m)). Word ``k`` fills
+    ``out[positions[k]]`` (or ``out[k]`` where ``positions`` is empty). Returns the positions that were rejected,
+    in order, to be redrawn."""
+    limit = 65536 % m
+    bad = 0
+    for k in range(words.size):
+        if np.int64(words[k]) * m & 0xFFFF < limit:
+            bad += 1
+    rejected = np.empty(bad, dtype=np.int64)
+    j = 0
+    indirect = positions.size > 0
+    for k in range(words.size):
+        x = np.int64(words[k]) * m
+        pos = positions[k] if indirect else k
+        if x & 0xFFFF < limit:
+            rejected[j] = pos
+            j += 1
+        else:
+            out[pos] = x >> 16
+    return rejected
+
+
+@njit(**_OPTS)
+def pack_digits(v: np.ndarray, m: int, d: int) -> np.ndarray:
+    """Base-``m`` digits (``v`` flat, values in [0, m)) packed ``d`` per uint32 word, least significant first,
+    zero padded (``m^d <= 2^32``)."""
+    n = v.size
+    words = (n + d - 1) // d
+    out = np.empty(words, dtype=np.uint32)
+    for w in range(words):
+        acc = 0
+        for j in range(d - 1, -1, -1):
+            k = w * d + j
+            acc = acc * m + (np.int64(v[k]) if k < n else 0)
+        out[w] = acc
+    return out
+
+
+def division_magic(d: int, nbits: int) -> tuple[int, int]:
+    """``(M, s)`` with ``floor(x / d) = (x M) >> s`` for every ``0 <= x < 2^nbits`` (Granlund and Montgomery's
+    round-up method: ``s = nbits + ceil(log2 d)``, ``M = ceil(2^s / d)``), or ``(0, 0)`` when ``x M`` could leave
+    a signed 64-bit integer."""
+    s = nbits + (d - 1).bit_length()
+    m = -(-(1 << s) // d)
+    if nbits + m.bit_length() > 63:
+        return 0, 0
+    return m, s
+
+
+@njit(**_OPTS)
+def unpack_digits(x: np.ndarray, n: int, m: int, d: int, out: np.ndarray, magic: int, shift: int) -> bool:
+    """The inverse of :func:`pack_digits` into ``out`` (``n`` digits); False if a word is at or above ``m^d`` or
+    the padding is not zero (a malformed message). ``(magic, shift) = division_magic(m, bits of m^d - 1)`` divides
+    by ``m`` with a multiply and a shift; ``magic = 0`` divides through a float reciprocal instead."""
+    ok = True
+    inv = 1.0 / m
+    limit = np.int64(1)
+    for _ in range(d):
+        limit *= m
+    for w in range(x.size):
+        acc = np.int64(x[w])
+        if acc >= limit:
+            ok = False
+            acc = 0
+        base = w * d
+        for j in range(d):
+            if magic:
+                q = (acc * magic) >> shift
+            else:
+                q = np.int64(acc * inv)  # acc < 2^32: the float quotient is off by at most one
+                q -= np.int64(q * m > acc)
+                q += np.int64((q + 1) * m <= acc)
+            digit = acc - q * m
+            acc = q
+            k = base + j
+            if k < n:
+                out[k] = digit
+            else:
+                ok = ok and digit == 0
+        ok = ok and acc == 0
+    return ok
+
+
+@njit(**_OPTS)
+def mod_16bit(v: np.ndarray, m: int, magic: int, shift: int) -> np.ndarray:
+    """``v mod m`` (int16) for flat int16 ``v`` in [-m^2, 2^16 - m^2): shifted by ``m^2`` into [0, 2^16) and divided
+    with ``(magic, shift) = division_magic(m, 16)``."""
+    out = np.empty(v.size, dtype=np.int16)
+    mm = np.int64(m) * m
+    for k in range(v.size):
+        t = (np.int64(v[k]) + mm) & 0xFFFF
+        out[k] = t - ((t * magic) >> shift) * m
+    return out
+
+
+def warm_up() -> None:
+    """Compile (or load from the on-disk cache) every kernel for the argument types the protocols pass, so that the
+    first protocol call does not pay for it. Received and drawn buffers are read-only numpy views, which numba types
+    separately."""
+    bits_msb_first(np.zeros(2, dtype=np.int64), 63)
+    d = np.zeros((2, 3), dtype=np.uint8)
+    b = np.ones((2, 3), dtype=np.int16)
+    transform_fnz(d, b, True, 67)
+    i = np.zeros(2, dtype=np.int64)
+    scaled_rotation(i, b, b, b, -1, b, True, 67)
+    sub_mod(b.ravel(), b.ravel(), 67)
+    first_min_of_sum(b, b, 67)
+    out = np.zeros(4, dtype=np.int16)
+    bad = lemire_below(np.zeros(4, dtype=np.uint16), 67, out, np.zeros(0, dtype=np.int64))
+    lemire_below(np.zeros(4, dtype=np.uint16), 67, out, bad)
+    for v in (b.ravel(), np.zeros(3, dtype=np.int64)):
+        words = pack_digits(v, 67, 5)
+        magic, shift = division_magic(67, (67**5 - 1).bit_length())
+        unpack_digits(np.frombuffer(words.tobytes(), dtype=np.uint32), v.size, 67, 5, np.empty(v.size, np.int16),
+                      magic, shift)
+    mod_16bit(b.ravel(), 67, *division_magic(67, 16))
