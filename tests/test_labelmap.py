@@ -341,7 +341,7 @@ def test_cli_interrupt_leaves_no_result_file(tmp_path):
             seen += os.read(proc.stderr.fileno(), 4096).decode(errors="replace")
         assert "step" in seen
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
+        proc.communicate(timeout=60)  # keep draining both pipes: a full pipe must not stall the child's exit
     finally:
         if proc.poll() is None:
             proc.kill()
