@@ -2,6 +2,7 @@ import itertools
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -337,11 +338,12 @@ def test_cli_interrupt_leaves_no_result_file(tmp_path):
     try:
         deadline = time.time() + 120
         seen = ""
-        while time.time() < deadline and "step" not in seen:  # wait for the progress bar
+        done = re.compile(r"\| *[1-9]\d*/\d+ \[")  # the progress bar shows at least one finished step
+        while time.time() < deadline and not done.search(seen):
             seen += os.read(proc.stderr.fileno(), 4096).decode(errors="replace")
-        assert "step" in seen
+        assert done.search(seen), seen[-500:]
         proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=60)  # keep draining both pipes: a full pipe must not stall the child's exit
+        proc.communicate(timeout=120)  # keep draining both pipes: a full pipe must not stall the child's exit
     finally:
         if proc.poll() is None:
             proc.kill()
