@@ -334,7 +334,9 @@ def test_cli_interrupt_leaves_no_result_file(tmp_path):
     out = tmp_path / "res.json"
     proc = subprocess.Popen([*ALOE, "labelmap", "train", "--task", "synthetic", "--method", "lm-nt",
                              "--train-examples", "50000000", "--threads", "1", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a runner started in the background may ignore SIGINT, and children inherit that
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         seen = ""
