@@ -10,7 +10,12 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import re
+import shutil
 import time
+from pathlib import Path
 
 QUESTION = "What is the capital of France?"
 
@@ -29,6 +34,19 @@ def plain_answer(model_path: str, question: str, max_new_tokens: int = 48) -> st
     return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
+def _demo_paths(work: Path, profile) -> tuple[Path, Path]:
+    """The demo's own artifact and secret for this profile, named by the profile's parameters, so that a profile
+    whose definition changed gets a fresh artifact; the demo's artifacts of older definitions are removed."""
+    key = hashlib.sha256(json.dumps(profile.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    stem = f"{profile.name}-{key}"
+    ours = re.compile(rf"{re.escape(profile.name)}(-[0-9a-f]{{12}})?(\.secret)?")
+    if work.is_dir():
+        for old in work.iterdir():
+            if ours.fullmatch(old.name) and old.name.split(".")[0] != stem:
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+    return work / stem, work / f"{stem}.secret"
+
+
 def _demo(args: argparse.Namespace) -> int:
     from aloe.assets.cache import cache_root
     from aloe.assets.smollm2 import build_smollm2
@@ -41,8 +59,7 @@ def _demo(args: argparse.Namespace) -> int:
     built = build_smollm2(progress=True)
     print(f"[1/4] model: {built.path} ({built.n_params:,} parameters)")
     profile = get_profile(args.profile)
-    work = cache_root() / "demo"
-    out, secret = work / profile.name, work / f"{profile.name}.secret"
+    out, secret = _demo_paths(cache_root() / "demo", profile)
     calib = None
     if profile.keys == "paper":
         from aloe.obfuscation.commands import calibration_ids
