@@ -72,67 +72,72 @@ class Layer:
         raise NotImplementedError
 
 
-class Dense(Layer):
-    """``y = x W + b`` on one triangle triple per step. ``need_input_grad=False`` (the first layer) returns no input
-    gradient, which ends the backward pass there."""
+class TriangleLayer(Layer):
+    """A bilinear layer ``y = f(x, W) + b`` on one triangle triple per step: forward opens masked ``x`` and ``W`` once,
+    backward reuses both openings for the input and weight gradients. ``need_input_grad=False`` (the first layer)
+    returns no input gradient, which ends the backward pass there. Subclasses give the bilinear maps and the bias's
+    broadcast."""
+
+    bias_dims: tuple[int, ...] = (0,)   # the dimensions of y that the bias is broadcast over
+
+    def __init__(self, party: Party, weight: torch.Tensor, bias: torch.Tensor | None, name: str,
+                 need_input_grad: bool) -> None:
+        self.party = party
+        self.weight = Parameter(party, f"{name}.weight", weight)
+        self.bias = None if bias is None else Parameter(party, f"{name}.bias", bias)
+        self.params = [self.weight] + ([self.bias] if self.bias is not None else [])
+        self.need_input_grad = need_input_grad
+        self._triple: TriangleTriple | None = None
+
+    def maps(self, x: SharedTensor):
+        raise NotImplementedError
+
+    def _bias_view(self, y: torch.Tensor) -> torch.Tensor:
+        shape = [1 if d in self.bias_dims else n for d, n in enumerate(y.shape)]
+        return self.bias.share.reshape(shape)
+
+    def forward(self, x: SharedTensor) -> SharedTensor:
+        p = self.party
+        maps = self.maps(x)
+        self._triple = TriangleTriple(p, maps.f, maps.g1, maps.g2, need_g1=self.need_input_grad)
+        y = _trunc(p, self._triple.forward(x.share, self.weight.share))
+        if self.bias is not None:
+            y = y + self._bias_view(y)
+        return SharedTensor(p, y)
+
+    def backward(self, dy: SharedTensor) -> SharedTensor | None:
+        p = self.party
+        gx, gw = self._triple.backward(dy.share)
+        self._triple = None
+        self.weight.grad = gw
+        if self.bias is not None:
+            self.bias.grad = dy.share.sum(self.bias_dims) * p.fp.scale
+        return SharedTensor(p, _trunc(p, gx)) if self.need_input_grad else None
+
+
+class Dense(TriangleLayer):
+    """``y = x W + b``, W of shape (in, out)."""
 
     def __init__(self, party: Party, weight: torch.Tensor, bias: torch.Tensor | None, name: str = "dense",
                  need_input_grad: bool = True) -> None:
-        self.party = party
-        self.weight = Parameter(party, f"{name}.weight", weight)  # (in, out)
-        self.bias = None if bias is None else Parameter(party, f"{name}.bias", bias)
-        self.params = [self.weight] + ([self.bias] if self.bias is not None else [])
-        self.need_input_grad = need_input_grad
-        self._triple: TriangleTriple | None = None
+        super().__init__(party, weight, bias, name, need_input_grad)
 
-    def forward(self, x: SharedTensor) -> SharedTensor:
-        p = self.party
-        maps = matmul_maps()
-        self._triple = TriangleTriple(p, maps.f, maps.g1, maps.g2, need_g1=self.need_input_grad)
-        y = _trunc(p, self._triple.forward(x.share, self.weight.share))
-        if self.bias is not None:
-            y = y + self.bias.share
-        return SharedTensor(p, y)
-
-    def backward(self, dy: SharedTensor) -> SharedTensor | None:
-        p = self.party
-        gx, gw = self._triple.backward(dy.share)
-        self._triple = None
-        self.weight.grad = gw
-        if self.bias is not None:
-            self.bias.grad = dy.share.sum(0) * p.fp.scale
-        return SharedTensor(p, _trunc(p, gx)) if self.need_input_grad else None
+    def maps(self, x: SharedTensor):
+        return matmul_maps()
 
 
-class Conv2d(Layer):
-    """NCHW convolution (groups 1) on one triangle triple per step: forward, input gradient and weight gradient."""
+class Conv2d(TriangleLayer):
+    """NCHW convolution (groups 1), W of shape (out, in, k, k)."""
+
+    bias_dims = (0, 2, 3)
 
     def __init__(self, party: Party, weight: torch.Tensor, bias: torch.Tensor | None, stride: int = 1,
                  padding: int = 0, name: str = "conv", need_input_grad: bool = True) -> None:
-        self.party, self.stride, self.padding = party, stride, padding
-        self.weight = Parameter(party, f"{name}.weight", weight)  # (out, in, k, k)
-        self.bias = None if bias is None else Parameter(party, f"{name}.bias", bias)
-        self.params = [self.weight] + ([self.bias] if self.bias is not None else [])
-        self.need_input_grad = need_input_grad
-        self._triple: TriangleTriple | None = None
+        super().__init__(party, weight, bias, name, need_input_grad)
+        self.stride, self.padding = stride, padding
 
-    def forward(self, x: SharedTensor) -> SharedTensor:
-        p = self.party
-        maps = conv2d_maps(tuple(x.shape), self.weight.shape, self.stride, self.padding)
-        self._triple = TriangleTriple(p, maps.f, maps.g1, maps.g2, need_g1=self.need_input_grad)
-        y = _trunc(p, self._triple.forward(x.share, self.weight.share))
-        if self.bias is not None:
-            y = y + self.bias.share.reshape(1, -1, 1, 1)
-        return SharedTensor(p, y)
-
-    def backward(self, dy: SharedTensor) -> SharedTensor | None:
-        p = self.party
-        gx, gw = self._triple.backward(dy.share)
-        self._triple = None
-        self.weight.grad = gw
-        if self.bias is not None:
-            self.bias.grad = dy.share.sum((0, 2, 3)) * p.fp.scale
-        return SharedTensor(p, _trunc(p, gx)) if self.need_input_grad else None
+    def maps(self, x: SharedTensor):
+        return conv2d_maps(tuple(x.shape), self.weight.shape, self.stride, self.padding)
 
 
 def _chunks(n: int, size: int) -> list[slice]:
