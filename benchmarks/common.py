@@ -52,3 +52,24 @@ def load_json(path: Path) -> dict:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return {}
+
+
+WAN_DELAYS_MS = (2.5, 25.0)
+
+
+def latency_projection(rows: list[dict], name_key: str, aloe_key: str, crypten_key: str, ms_per_unit: float,
+                       digits: int, caption: str) -> list[str]:
+    """Markdown lines of the projection ``time + rounds x one-way delay`` for each delay of ``WAN_DELAYS_MS``
+    (``ms_per_unit``: milliseconds per unit of the time columns). A projection, not a measurement: this kernel
+    has no ``netem`` to emulate latency."""
+    lines = ["", caption, "",
+             f"| {name_key.replace('_', ' ')} | " + " | ".join(f"aloe @{d} ms | CrypTen @{d} ms"
+                                                               for d in WAN_DELAYS_MS) + " |",
+             "|---|" + "---|---|" * len(WAN_DELAYS_MS)]
+    for r in rows:
+        cells = []
+        for d in WAN_DELAYS_MS:
+            cells += [f"{r[aloe_key] + r['aloe_rounds'] * d / ms_per_unit:.{digits}f}",
+                      f"{r[crypten_key] + r['crypten_rounds'] * d / ms_per_unit:.{digits}f}"]
+        lines.append(f"| {r[name_key]} | " + " | ".join(cells) + " |")
+    return lines

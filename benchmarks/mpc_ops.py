@@ -30,10 +30,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(HERE))
 
 from aloe import AloeError  # noqa: E402
 from aloe.assets.cache import atomic_write_json, atomic_write_text, cache_root  # noqa: E402
 from aloe.mpc.bench import DEFAULT_SHAPES, OPS, run_suite  # noqa: E402
+from common import latency_projection  # noqa: E402
 
 CRYPTEN_PINS = [
     "crypten==0.4.1",
@@ -57,7 +59,6 @@ MORSE_TARGETS = {
     "matmul": (None, 1),
     "conv2d": (None, 1),
 }
-WAN_DELAYS_MS = (2.5, 25.0)
 
 
 def crypten_python() -> Path:
@@ -143,15 +144,8 @@ def markdown(result: dict, title: str, wan: bool = False) -> str:
             f"{r['crypten_max_abs_error']:.2g} |"
         )
     if wan:
-        lines += ["", "Projection with latency (no netem on this kernel): ms + rounds x one-way delay.", "",
-                  "| op | " + " | ".join(f"aloe @{d} ms | CrypTen @{d} ms" for d in WAN_DELAYS_MS) + " |",
-                  "|---|" + "---|---|" * len(WAN_DELAYS_MS)]
-        for r in result["rows"]:
-            cells = []
-            for d in WAN_DELAYS_MS:
-                cells += [f"{r['aloe_ms'] + r['aloe_rounds'] * d:.0f}",
-                          f"{r['crypten_ms'] + r['crypten_rounds'] * d:.0f}"]
-            lines.append(f"| {r['op']} | " + " | ".join(cells) + " |")
+        lines += latency_projection(result["rows"], "op", "aloe_ms", "crypten_ms", 1.0, 0,
+                                    "Projection with latency (no netem on this kernel): ms + rounds x one-way delay.")
     return "\n".join(lines) + "\n"
 
 

@@ -43,10 +43,10 @@ from aloe import AloeError  # noqa: E402
 from aloe.assets.cache import atomic_write_json, atomic_write_text  # noqa: E402
 from aloe.mpc.nn import data as D  # noqa: E402
 from aloe.mpc.nn.train import TrainConfig, train  # noqa: E402
+from common import latency_projection  # noqa: E402
 
 WORKLOADS = ("lr", "b-avg", "b-max")
 GOALS = {"lr": 0.25, "b-avg": 0.2, "b-max": 0.2}
-WAN_DELAYS_MS = (2.5, 25.0)
 BLOBS = (5000, 20)
 
 
@@ -126,15 +126,8 @@ def markdown(result: dict, title: str, wan: bool = False) -> str:
             f"(<= {r['goal']}) | {r['aloe_rounds']} / {r['crypten_rounds']} | {r['aloe_online_bytes'] / 1e6:,.1f} / "
             f"{r['crypten_online_bytes'] / 1e6:,.1f} | {r['aloe_offline_bytes'] / 1e6:,.1f} |")
     if wan:
-        lines += ["", "Projection with latency (not a measurement): seconds + rounds x one-way delay.", "",
-                  "| workload | " + " | ".join(f"aloe @{d} ms | CrypTen @{d} ms" for d in WAN_DELAYS_MS) + " |",
-                  "|---|" + "---|---|" * len(WAN_DELAYS_MS)]
-        for r in result["rows"]:
-            cells = []
-            for d in WAN_DELAYS_MS:
-                cells += [f"{r['aloe_seconds'] + r['aloe_rounds'] * d / 1e3:.2f}",
-                          f"{r['crypten_seconds'] + r['crypten_rounds'] * d / 1e3:.2f}"]
-            lines.append(f"| {r['workload']} | " + " | ".join(cells) + " |")
+        lines += latency_projection(result["rows"], "workload", "aloe_seconds", "crypten_seconds", 1e3, 2,
+                                    "Projection with latency (not a measurement): seconds + rounds x one-way delay.")
     return "\n".join(lines) + "\n"
 
 
