@@ -35,6 +35,19 @@ def test_cli_lr_matches_plain_pytorch(tmp_path, capsys):
     assert (ck_l["shares"]["0.weight"].double() / 2**14 - w).abs().max() > 1e3
 
 
+def test_cli_network_a_matches_plain_pytorch_with_the_shorter_sign_compare(tmp_path, capsys):
+    """Network A (two ReLU layers) on 1,024 MNIST examples: within 1.5 points of plain PyTorch, with the ReLU sign
+    read from bit 31, and the plain run's ReLU inputs far inside the range that reads exactly."""
+    code = main(["mpc", "train", "--model", "a", "--lr", "0.1", "--limit", "1024", "--batch", "64",
+                 "--test-limit", "1000", "--checkpoint-dir", str(tmp_path / "ckpt"), "--json"])
+    assert code == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["plain_accuracy"] > 0.4  # 16 steps are enough to learn something
+    assert abs(rep["accuracy"] - rep["plain_accuracy"]) <= 0.015
+    assert rep["sign_bits"] == 31 and rep["compare_input_range"] == 2.0**17
+    assert 0 < rep["plain_compare_input_max"] < rep["compare_input_range"] / 1000
+
+
 def test_killed_party_stops_everyone_then_resume(tmp_path):
     cfg = TrainConfig(model="lr", epochs=2, limit=256, batch=64, test_limit=500, timeout=10.0,
                       checkpoint_dir=str(tmp_path / "ckpt"), fail_at=("R", 1, 2))
@@ -72,5 +85,6 @@ def test_resume_refuses_another_runs_checkpoint(tmp_path):
 def test_cli_rejects_bad_arguments(capsys):
     assert main(["mpc", "train", "--model", "lr", "--epochs", "0"]) == 2
     assert main(["mpc", "train", "--model", "b", "--data", "blobs"]) == 2
+    assert main(["mpc", "train", "--model", "a", "--sign-bits", "15"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(e.startswith("aloe: error:") for e in err)
+    assert len(err) == 3 and all(e.startswith("aloe: error:") for e in err)

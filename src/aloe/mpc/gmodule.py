@@ -30,6 +30,15 @@ PRIME = 67  # smallest prime >= 63 + 3 (SecureNN's p)
 LOW63 = (1 << 63) - 1
 
 
+def prime_for(n: int) -> int:
+    """The smallest prime ``p >= n + 3``: first-non-zero over the ``n + 1`` positions of an ``n``-bit compare needs
+    every non-zero ``y_i`` in ``[1, n + 2]`` to stay non-zero mod ``p``."""
+    p = n + 3
+    while any(p % d == 0 for d in range(2, int(p**0.5) + 1)):
+        p += 1
+    return p
+
+
 def _rows(shape: tuple[int, ...]) -> int:
     n = 1
     for s in shape:
@@ -53,17 +62,22 @@ def shift_left(v: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(windows[np.arange(rows.shape[0]), shifts]).reshape(v.shape)
 
 
+_WORDS = {8: np.uint8, 16: np.uint16, 32: np.uint32, 64: np.uint64}
+
+
 def rotate_bits(v: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
-    """:func:`shift_left` for rows of 64 bits (uint8 0/1): each row is packed into one 64-bit word and rotated
-    right by ``i``, 30 times faster than moving bytes. Other row lengths go to :func:`shift_left`."""
-    if v.shape[-1] != 64:
+    """:func:`shift_left` for rows of 8, 16, 32 or 64 bits (uint8 0/1): each row is packed into one machine word and
+    rotated right by ``i``, 30 times faster than moving bytes. Other row lengths go to :func:`shift_left`."""
+    n = v.shape[-1]
+    if n not in _WORDS:
         return shift_left(v, i)
-    words = np.packbits(v.reshape(-1, 64).numpy(), axis=1, bitorder="little").view(np.uint64).reshape(-1)
-    s = (i.reshape(-1).to(torch.int64) & 63).numpy().astype(np.uint64)
-    wrapped = np.where(s == 0, np.uint64(0), words << ((np.uint64(64) - s) & np.uint64(63)))
+    word = _WORDS[n]
+    words = np.packbits(v.reshape(-1, n).numpy(), axis=1, bitorder="little").view(word).reshape(-1)
+    s = (i.reshape(-1).to(torch.int64) & (n - 1)).numpy().astype(word)
+    wrapped = np.where(s == 0, word(0), words << ((word(n) - s) & word(n - 1)))
     out = (words >> s) | wrapped
-    return torch.from_numpy(np.unpackbits(out.view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")).reshape(
-        v.shape)
+    return torch.from_numpy(np.unpackbits(out.view(np.uint8).reshape(-1, n // 8), axis=1,
+                                          bitorder="little")).reshape(v.shape)
 
 
 def semidirect_act(i: torch.Tensor, u: torch.Tensor, v: torch.Tensor, p: int) -> torch.Tensor:
@@ -289,7 +303,7 @@ def _bits_msb_first(v: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def private_compare(party: Party, value: torch.Tensor, n: int = COMPARE_BITS, op: str = "gt",
-                    p: int = PRIME) -> torch.Tensor:
+                    p: int | None = None) -> torch.Tensor:
     """Millionaires' compare: L holds ``a`` and R holds ``b`` (non-negative, < 2^n); returns XOR shares of
     ``a op b`` for op in gt/ge/lt/le. Each party passes its own value (the dealer a meta tensor of the shape).
 
@@ -297,6 +311,9 @@ def private_compare(party: Party, value: torch.Tensor, n: int = COMPARE_BITS, op
     first differing position (1 round): 4 rounds."""
     if op not in ("gt", "ge", "lt", "le"):
         raise ValueError(f"unknown comparison {op!r}")
+    if not 1 <= n <= 63:
+        raise ValueError(f"a compare takes 1 to 63 bits, got {n}")
+    p = prime_for(n) if p is None else p
     shape = tuple(value.shape)
     big_n = n + 1
     rows = shape
@@ -323,7 +340,7 @@ def private_compare(party: Party, value: torch.Tensor, n: int = COMPARE_BITS, op
         y_l = party.split(None, full, 2, seeded="L")
         (dx,) = party.recv_peer([(full, 2)])
         delta_g = (i_l - drawn["i2"]) % big_n
-        pick = lambda v, k: v.gather(-1, k.unsqueeze(-1)).squeeze(-1)  # noqa: E731
+        pick = lambda v, k: v.gather(-1, k.to(torch.int64).unsqueeze(-1)).squeeze(-1)  # noqa: E731
         return pick(dx, i_l) ^ pick(y_l, delta_g)
     j_r, rec = _fnz_recover(party, y, p, piggyback=(None, [(rows, big_n)]))
     x2 = party.draw("R", full, 2)
@@ -334,27 +351,36 @@ def private_compare(party: Party, value: torch.Tensor, n: int = COMPARE_BITS, op
     answer[..., n] = 1 if op in ("le", "ge") else 0
     w = rotate_bits(torch.from_numpy(answer), j_r)
     party.send_peer([(_xor(w, x2.to(torch.uint8)), 2)])
-    return y_r.gather(-1, delta_g.unsqueeze(-1)).squeeze(-1)
+    return y_r.gather(-1, delta_g.to(torch.int64).unsqueeze(-1)).squeeze(-1)
 
 
 # ---------------------------------------------------------------- MSB, DReLU, compare of shared values
 
 
-def msb(party: Party, x: torch.Tensor) -> torch.Tensor:
-    """XOR shares of the sign bit of shared ``x``: ``msb(x_L) xor msb(x_R) xor carry`` where the carry of the low
-    63 bits is a private compare ``low(x_L) > 2^63 - 1 - low(x_R)``."""
+def msb(party: Party, x: torch.Tensor, bits: int = COMPARE_BITS) -> torch.Tensor:
+    """XOR shares of bit ``bits`` of shared ``x``: ``bit(x_L) xor bit(x_R) xor carry`` where the carry out of the
+    low ``bits`` bits is a private compare ``low(x_L) > 2^bits - 1 - low(x_R)``.
+
+    With ``bits = 63`` (the default) this is the sign bit of any ring element. With fewer bits it is the sign bit of
+    every ``x`` in ``[-2^bits, 2^bits)`` (there, bits ``bits`` to 63 all equal the sign), and the compare is that
+    much shorter: 31 bits need 32 positions mod 37 instead of 64 mod 67, less than half the traffic and work. The
+    answer for an ``x`` outside that range is the bit, not the sign: the caller states the bound."""
+    if not 1 <= bits <= COMPARE_BITS:
+        raise ValueError(f"the sign is read from bit 1 to 63, got {bits}")
     if party.is_dealer:
-        private_compare(party, x, COMPARE_BITS, "gt")
+        private_compare(party, x, bits, "gt")
         return meta(tuple(x.shape))
-    low = x & LOW63
-    mine = low if party.role == "L" else LOW63 - low
-    carry = private_compare(party, mine, COMPARE_BITS, "gt")
-    return carry ^ (x < 0).to(torch.int64)
+    mask = (1 << bits) - 1
+    low = x & mask
+    mine = low if party.role == "L" else mask - low
+    carry = private_compare(party, mine, bits, "gt")
+    return carry ^ ((x >> bits) & 1)
 
 
-def drelu(party: Party, x: torch.Tensor) -> torch.Tensor:
-    """XOR shares of ``[x >= 0]`` (4 rounds)."""
-    s = msb(party, x)
+def drelu(party: Party, x: torch.Tensor, bits: int = COMPARE_BITS) -> torch.Tensor:
+    """XOR shares of ``[x >= 0]`` (4 rounds); exact for every ``x`` with the default ``bits = 63``, and for ``x`` in
+    ``[-2^bits, 2^bits)`` otherwise (see :func:`msb`)."""
+    s = msb(party, x, bits)
     if party.role == "L":
         return s ^ 1
     return s
@@ -426,9 +452,10 @@ def select(party: Party, s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.hi if party.role == "L" else v.hi + v.lo
 
 
-def relu(party: Party, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shares of ``max(x, 0)`` and the XOR-shared bit ``[x >= 0]`` (kept for the backward pass). 5 rounds."""
-    s = drelu(party, x)
+def relu(party: Party, x: torch.Tensor, bits: int = COMPARE_BITS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shares of ``max(x, 0)`` and the XOR-shared bit ``[x >= 0]`` (kept for the backward pass). 5 rounds. ``bits``
+    as in :func:`drelu`."""
+    s = drelu(party, x, bits)
     return select(party, s, x), s
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from aloe import AloeError
+from aloe.mpc.gmodule import COMPARE_BITS
 from aloe.mpc.nn import layers as L
 from aloe.mpc.party import Party
 
@@ -56,8 +57,11 @@ def plain_model(name: str, *, features: int = 784, pool: str = "max", seed: int 
     raise AloeError(f"unknown model {name!r} (one of {', '.join(MODELS)})")
 
 
-def secure_model(party: Party, plain: nn.Sequential, *, chunk: int = L.DEFAULT_CHUNK) -> L.Sequential:
-    """The secure twin of ``plain`` with the same initial weights (public, seeded) as trivial shares."""
+def secure_model(party: Party, plain: nn.Sequential, *, chunk: int = L.DEFAULT_CHUNK,
+                 sign_bits: int = COMPARE_BITS) -> L.Sequential:
+    """The secure twin of ``plain`` with the same initial weights (public, seeded) as trivial shares. ``sign_bits``
+    goes to every ReLU and max-pool (see :class:`~aloe.mpc.nn.layers.ReLU`)."""
+    cmp = {"chunk": chunk, "sign_bits": sign_bits}
     mods = list(plain)
     layers: list[L.Layer] = []
     first = True
@@ -77,13 +81,13 @@ def secure_model(party: Party, plain: nn.Sequential, *, chunk: int = L.DEFAULT_C
         elif isinstance(m, nn.ReLU):
             if i + 1 < len(mods) and isinstance(mods[i + 1], nn.MaxPool2d):
                 # relu then max-pool == max-pool then relu, with 4x fewer ReLUs
-                layers.append(L.MaxPool2d(party, mods[i + 1].kernel_size, chunk=chunk))
-                layers.append(L.ReLU(party, chunk=chunk))
+                layers.append(L.MaxPool2d(party, mods[i + 1].kernel_size, **cmp))
+                layers.append(L.ReLU(party, **cmp))
                 i += 2
                 continue
-            layers.append(L.ReLU(party, chunk=chunk))
+            layers.append(L.ReLU(party, **cmp))
         elif isinstance(m, nn.MaxPool2d):
-            layers.append(L.MaxPool2d(party, m.kernel_size, chunk=chunk))
+            layers.append(L.MaxPool2d(party, m.kernel_size, **cmp))
         elif isinstance(m, nn.AvgPool2d):
             layers.append(L.AvgPool2d(party, m.kernel_size))
         elif isinstance(m, nn.Flatten):

@@ -20,6 +20,7 @@ import json
 import multiprocessing as mp
 import os
 import queue
+import sys
 import tempfile
 import threading
 import time
@@ -33,6 +34,7 @@ from aloe import AloeError
 from aloe.assets.cache import cache_root
 from aloe.mpc import kernels
 from aloe.mpc.functions import sigmoid_coefficients
+from aloe.mpc.gmodule import COMPARE_BITS
 from aloe.mpc.nn import data as D
 from aloe.mpc.nn.layers import DEFAULT_CHUNK
 from aloe.mpc.nn.losses import sigmoid_bce_grad, softmax_ce_grad
@@ -42,6 +44,8 @@ from aloe.mpc.nn.wan import profile, shape_links
 from aloe.mpc.party import Party, run_processes
 from aloe.mpc.tensor import SharedTensor
 
+# the bit the ReLU and max-pool compares read the sign from (see TrainConfig.sign_bits)
+DEFAULT_SIGN_BITS = 31
 DEFAULT_LR = {"lr": 0.1, "a": 0.01, "b": 0.01, "c": 0.01, "d": 0.01}
 KEEP_CHECKPOINTS = 2
 
@@ -64,6 +68,9 @@ class TrainConfig:
     resume: bool = False
     timeout: float = 60.0
     chunk: int = DEFAULT_CHUNK
+    # the ReLU and max-pool compares read the sign from this bit: exact while their inputs stay below
+    # 2^(sign_bits - frac_bits) in absolute value (2^17 = 131,072 by default); 63 is exact for every value
+    sign_bits: int = DEFAULT_SIGN_BITS
     test_limit: int | None = None
     blobs: tuple[int, int] = (5000, 20)
     # fault injection for tests: (role, epoch, step) at which that party exits abruptly
@@ -92,6 +99,8 @@ class TrainConfig:
             raise AloeError("--limit must be positive")
         if self.batch < 1:
             raise AloeError("--batch must be positive")
+        if not self.frac_bits + 2 <= self.sign_bits <= COMPARE_BITS:
+            raise AloeError(f"--sign-bits must be in [{self.frac_bits + 2}, {COMPARE_BITS}] (frac bits + 2 to 63)")
         if self.softmax_steps < 1 or self.softmax_steps & (self.softmax_steps - 1):
             raise AloeError("--softmax-steps must be a power of two")
         if self.wan is not None:
@@ -239,7 +248,7 @@ def train_program(party: Party, cfg: TrainConfig, lay: D.Layout, progress) -> di
         shape_links(party, cfg.wan)
     own_x, own_y = D.party_data(party.role, cfg.model, cfg.dataset, cfg.limit, cfg.seed, cfg.blobs)
     plain = plain_model(cfg.model, features=plain_features(cfg, lay), pool=cfg.pool, seed=cfg.seed)
-    net = secure_model(party, plain, chunk=cfg.chunk)
+    net = secure_model(party, plain, chunk=cfg.chunk, sign_bits=cfg.sign_bits)
     bsz = batch_size(cfg, lay.n)
     opt = SGD(party, net.params, cfg.rate, bsz, cfg.momentum)
     start, path = _agree_start(party, cfg)
@@ -288,8 +297,18 @@ def train_program(party: Party, cfg: TrainConfig, lay: D.Layout, progress) -> di
 # ---------------------------------------------------------------- plain baseline and evaluation
 
 
-def train_plain(cfg: TrainConfig) -> nn.Sequential:
-    """The same model in plain PyTorch: same data, initialisation, batch order, momentum and (quantised) rate."""
+def compare_input_range(cfg: TrainConfig) -> float:
+    """The largest absolute value a secure ReLU input (or a max-pool difference) may take for the sign read at
+    ``cfg.sign_bits`` to be exact."""
+    return float(2 ** (cfg.sign_bits - cfg.frac_bits))
+
+
+def train_plain(cfg: TrainConfig, observed: dict | None = None) -> nn.Sequential:
+    """The same model in plain PyTorch: same data, initialisation, batch order, momentum and (quantised) rate.
+
+    ``observed``, if given, receives ``compare_input_max``: the largest absolute value that a ReLU input, or twice a
+    max-pool input (a bound on the differences its compares see), took during training: the figure to hold against
+    :func:`compare_input_range`."""
     torch.set_num_threads(1)
     lay = D.layout(cfg.model, cfg.dataset, cfg.limit, cfg.blobs)
     xl, _ = D.party_data("L", cfg.model, cfg.dataset, cfg.limit, cfg.seed, cfg.blobs)
@@ -300,6 +319,16 @@ def train_plain(cfg: TrainConfig) -> nn.Sequential:
     rate = quantize_rate(cfg.rate / bsz).value * bsz
     opt = torch.optim.SGD(model.parameters(), lr=rate, momentum=cfg.momentum)
     loss_fn = nn.BCEWithLogitsLoss() if cfg.model == "lr" else nn.CrossEntropyLoss()
+    peak = [0.0]
+
+    def watch(factor: float):
+        def hook(_module, inputs):
+            peak[0] = max(peak[0], factor * float(inputs[0].detach().abs().max()))
+        return hook
+
+    for m in model:
+        if isinstance(m, (nn.ReLU, nn.MaxPool2d)):
+            m.register_forward_pre_hook(watch(2.0 if isinstance(m, nn.MaxPool2d) else 1.0))
     for epoch in range(cfg.epochs):
         order = epoch_order(lay.n, cfg.seed, epoch)
         for step in range(lay.n // bsz):
@@ -310,6 +339,8 @@ def train_plain(cfg: TrainConfig) -> nn.Sequential:
             opt.zero_grad()
             loss.backward()
             opt.step()
+    if observed is not None:
+        observed["compare_input_max"] = peak[0]
     return model
 
 
@@ -399,8 +430,16 @@ def train(cfg: TrainConfig, *, progress: bool = True, out: Path | None = None, p
         "checkpoint_dir": cfg.checkpoint_dir,
         "config": {k: v for k, v in asdict(cfg).items() if k != "fail_at"},
     }
+    report["sign_bits"] = cfg.sign_bits
+    report["compare_input_range"] = compare_input_range(cfg)
     if plain:
-        report["plain_accuracy"] = accuracy(cfg, train_plain(cfg))
+        observed: dict = {}
+        report["plain_accuracy"] = accuracy(cfg, train_plain(cfg, observed))
+        report["plain_compare_input_max"] = observed["compare_input_max"]
+        if observed["compare_input_max"] >= report["compare_input_range"]:
+            print(f"warning: the plain run's ReLU/max-pool inputs reached {observed['compare_input_max']:.4g}, "
+                  f"beyond the {report['compare_input_range']:.4g} that --sign-bits {cfg.sign_bits} reads exactly; "
+                  "rerun with a larger --sign-bits", file=sys.stderr)
     if out is not None:
         weights = {k: torch.from_numpy(v) for k, v in res_l["weights"].items()}
         _write_model(Path(out), weights, {k: report[k] for k in ("model", "epochs", "accuracy")})
