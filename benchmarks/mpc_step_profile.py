@@ -75,8 +75,8 @@ def profiled_program(party, cfg: T.TrainConfig, lay) -> dict:
     return {"times": times, "train_seconds": (res or {}).get("train_seconds")}
 
 
-def measure(pool: str, batch: int) -> dict:
-    cfg = T.TrainConfig(model="b", pool=pool, limit=batch, batch=batch, epochs=1, lr=0.01,
+def measure(pool: str, batch: int, sign_bits: int = T.DEFAULT_SIGN_BITS) -> dict:
+    cfg = T.TrainConfig(model="b", pool=pool, limit=batch, batch=batch, epochs=1, lr=0.01, sign_bits=sign_bits,
                         checkpoint_dir=tempfile.mkdtemp(prefix="aloe-profile-"), timeout=600.0)
     lay = D.layout(cfg.model, cfg.dataset, cfg.limit, cfg.blobs)
     res, stats = run_processes(profiled_program, cfg, lay, timeout=600.0, return_stats=True)
@@ -98,13 +98,14 @@ def measure(pool: str, batch: int) -> dict:
             row[f"{r}_wall"], row[f"{r}_cpu"] = wall, cpu
         row["cpu_sum"] = sum(row[f"{r}_cpu"] for r in ROLES)
         rows.append(row)
-    return {"pool": pool, "batch": batch, "train_seconds": res["L"]["train_seconds"], "rounds": stats["L"]["depth"],
+    return {"pool": pool, "batch": batch, "sign_bits": sign_bits, "train_seconds": res["L"]["train_seconds"], "rounds": stats["L"]["depth"],
             "online_bytes": stats["L"]["online_bytes_sent"] + stats["R"]["online_bytes_sent"], "rows": rows,
             "load_average": os.getloadavg()[0]}
 
 
 def markdown(r: dict) -> str:
-    lines = [f"Network B step, batch {r['batch']}, {r['pool']}-pool: L's training loop {r['train_seconds']:.2f} s "
+    lines = [f"Network B step, batch {r['batch']}, {r['pool']}-pool, sign read from bit {r['sign_bits']}: "
+             f"L's training loop {r['train_seconds']:.2f} s "
              f"(load average {r['load_average']:.1f} on {os.cpu_count()} cores).", "",
              "| component | L wall | L CPU | R wall | R CPU | dealer wall | dealer CPU | CPU, 3 parties |",
              "|---|---|---|---|---|---|---|---|"]
@@ -143,13 +144,16 @@ def plot(r: dict, path: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pool", choices=["avg", "max"], default="avg")
+    ap.add_argument("--sign-bits", type=int, default=T.DEFAULT_SIGN_BITS,
+                    help=f"the ReLU/max-pool compare's sign bit (default {T.DEFAULT_SIGN_BITS}; 63: the full compare)")
     ap.add_argument("--quick", action="store_true", help="batch 16 instead of 128")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    result = measure(args.pool, 16 if args.quick else 128)
+    result = measure(args.pool, 16 if args.quick else 128, args.sign_bits)
     out = HERE / "results"
-    cmd = "python benchmarks/mpc_step_profile.py" + (" --quick" if args.quick else "") + f" --pool {args.pool}"
+    cmd = ("python benchmarks/mpc_step_profile.py" + (" --quick" if args.quick else "") + f" --pool {args.pool}"
+           + ("" if args.sign_bits == T.DEFAULT_SIGN_BITS else f" --sign-bits {args.sign_bits}"))
     atomic_write_json(out / "mpc_step_profile.json", {**result, "command": cmd})
     md = f"# Secure Network B step: time per layer and party\n\nCommand: `{cmd}`\n\n" + markdown(result)
     atomic_write_text(out / "mpc_step_profile.md", md)

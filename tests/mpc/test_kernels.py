@@ -110,4 +110,22 @@ def test_division_magic_is_exact(d):
         x = np.concatenate([np.arange(1 << 16), 67**5 - 1 - np.arange(1 << 16), np.random.randint(0, 67**5, 10**6)])
         x = x.astype(np.int64)
         assert ((x * m) >> s == x // 67).all()
-    assert K.division_magic(65521, 32) == (0, 0)  # the product would leave int64: the float path is used
+    assert K.division_magic(65521, 32) == (0, 0)  # the product would leave int64: the words are split first
+
+
+@pytest.mark.parametrize("m", [3, 37, 65521])
+def test_unpack_of_split_words_is_exact_at_every_boundary(m):
+    """Moduli whose whole-word division needs the split (m^d above 2^31): words just below, at and above each
+    multiple of the split point m^h, and at the top of the range, decode to Python's digits."""
+    from aloe.mpc import comm
+
+    d = comm.digits_per_word(m)
+    magic, shift, h = K.unpack_plan(m, d)
+    assert h > 0
+    top = m**d
+    ks = np.unique(np.concatenate([np.arange(64), np.random.randint(0, top // m**h, 4000), [top // m**h - 1]]))
+    words = np.unique(np.clip(np.concatenate([ks * m**h - 1, ks * m**h, ks * m**h + 1, [top - 1]]), 0, top - 1))
+    out = np.empty(words.size * d, dtype=np.int16 if m < 1 << 15 else np.int64)
+    assert K.unpack_digits(words.astype(np.uint32), out.size, m, d, out, magic, shift, h)
+    expect = [(int(w) // m**j) % m for w in words for j in range(d)]
+    assert out.tolist() == expect

@@ -58,7 +58,7 @@ def test_local_truncation_error_is_one_ulp_on_many_random_splits():
     assert int(err.max()) <= 1
 
 
-@pytest.mark.parametrize("m", [0, 2, 64, 67, 3, 2**19, 1000003])
+@pytest.mark.parametrize("m", [0, 2, 64, 67, 37, 3, 2**19, 1000003])
 def test_pack_unpack_round_trip(m):
     shape = (7, 13)
     t = rand64(*shape) if m == 0 else torch.randint(0, m, shape)
@@ -158,7 +158,7 @@ def test_small_mod_is_exact_on_its_whole_range(m):
     assert torch.equal(got.to(torch.int64), torch.remainder(v.to(torch.int64), m))
 
 
-@pytest.mark.parametrize("m", [3, 67, 131, 255, 1000, 32749, 65521])
+@pytest.mark.parametrize("m", [3, 29, 37, 67, 131, 255, 1000, 32749, 65521])
 def test_packed_words_are_base_m_digits_little_endian(m):
     """The wire format of the uint32 packing is ``sum_j v_j m^j`` per word of ``d`` digits (zero padded), whatever
     the implementation; checked against Python integers, with every digit value, 0 and m - 1 at every position."""

@@ -79,10 +79,9 @@ def _is_pow2(m: int) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def _digit_magic(m: int, d: int) -> tuple[int, int]:
-    """Multiply-shift division by ``m`` for words of ``d`` base-``m`` digits (below ``m^d``; the decoder refuses a
-    word at or above it before dividing)."""
-    return kernels.division_magic(m, (m**d - 1).bit_length())
+def _digit_plan(m: int, d: int) -> tuple[int, int, int]:
+    """How the decoder divides words of ``d`` base-``m`` digits by ``m`` (:func:`kernels.unpack_plan`)."""
+    return kernels.unpack_plan(m, d)
 
 
 def packed_nbytes(n: int, m: int) -> int:
@@ -139,8 +138,7 @@ def unpack(buf: memoryview, n: int, m: int, shape: tuple[int, ...]) -> torch.Ten
     if word_bits(m) == 32:
         small = np.int16 if m < 1 << 15 else np.int64
         out = np.empty(n, dtype=small)
-        magic, shift = _digit_magic(m, d)
-        if not kernels.unpack_digits(np.frombuffer(buf, dtype=np.uint32), n, m, d, out, magic, shift):
+        if not kernels.unpack_digits(np.frombuffer(buf, dtype=np.uint32), n, m, d, out, *_digit_plan(m, d)):
             raise MalformedMessage(f"packed word out of range for modulus {m}, or non-zero padding")
         return torch.from_numpy(out).reshape(shape)
     words = np.frombuffer(buf, dtype=np.uint64).copy()

@@ -183,37 +183,69 @@ def division_magic(d: int, nbits: int) -> tuple[int, int]:
     return m, s
 
 
+def unpack_plan(m: int, d: int) -> tuple[int, int, int]:
+    """How :func:`unpack_digits` divides words of ``d`` base-``m`` digits by ``m``: ``(magic, shift, 0)`` when one
+    multiply-shift is exact for the whole word; otherwise ``(magic, shift, h)``: each word is first split at
+    ``m^h`` (``h = d // 2``, one float64 division with an exact correction) and the two parts, below
+    ``m^(d - h)``, are divided with the multiply-shift (two independent chains)."""
+    magic, shift = division_magic(m, (m**d - 1).bit_length())
+    if magic:
+        return magic, shift, 0
+    h = d // 2
+    magic, shift = division_magic(m, (m ** (d - h) - 1).bit_length())
+    if not magic:
+        raise ValueError(f"no multiply-shift division for base {m}")
+    return magic, shift, h
+
+
 @njit(**_OPTS)
-def unpack_digits(x: np.ndarray, n: int, m: int, d: int, out: np.ndarray, magic: int, shift: int) -> bool:
+def unpack_digits(x: np.ndarray, n: int, m: int, d: int, out: np.ndarray, magic: int, shift: int,
+                  split: int) -> bool:
     """The inverse of :func:`pack_digits` into ``out`` (``n`` digits); False if a word is at or above ``m^d`` or
-    the padding is not zero (a malformed message). ``(magic, shift) = division_magic(m, bits of m^d - 1)`` divides
-    by ``m`` with a multiply and a shift; ``magic = 0`` divides through a float reciprocal instead."""
-    ok = True
-    inv = 1.0 / m
+    the padding is not zero (a malformed message). ``(magic, shift, split) = unpack_plan(m, d)``. Each digit of a
+    word depends on the previous quotient, so a whole-word chain is latency-bound; the split halves it."""
     limit = np.int64(1)
     for _ in range(d):
         limit *= m
-    for w in range(x.size):
+    mh = np.int64(1)
+    for _ in range(split):
+        mh *= m
+    inv = 1.0 / mh
+    ok = True
+    full = n // d  # words with no padding digit
+    for w in range(full):
         acc = np.int64(x[w])
-        if acc >= limit:
-            ok = False
-            acc = 0
+        ok = ok and acc < limit
         base = w * d
-        for j in range(d):
-            if magic:
+        if split == 0:
+            for j in range(d):
                 q = (acc * magic) >> shift
-            else:
-                q = np.int64(acc * inv)  # acc < 2^32: the float quotient is off by at most one
-                q -= np.int64(q * m > acc)
-                q += np.int64((q + 1) * m <= acc)
-            digit = acc - q * m
-            acc = q
-            k = base + j
+                out[base + j] = acc - q * m
+                acc = q
+        else:
+            hi = np.int64(acc * inv)  # acc < 2^32: the float quotient is off by at most one
+            hi -= np.int64(hi * mh > acc)
+            hi += np.int64((hi + 1) * mh <= acc)
+            lo = acc - hi * mh
+            for j in range(d - split):
+                qh = (hi * magic) >> shift
+                if j < split:
+                    ql = (lo * magic) >> shift
+                    out[base + j] = lo - ql * m
+                    lo = ql
+                out[base + split + j] = hi - qh * m
+                hi = qh
+    for w in range(full, x.size):  # the last word, with its zero padding (plain integer division)
+        acc = np.int64(x[w])
+        ok = ok and acc < limit
+        for j in range(d):
+            k = w * d + j
+            digit = acc % m
+            acc //= m
             if k < n:
                 out[k] = digit
             else:
                 ok = ok and digit == 0
-        ok = ok and acc == 0
     return ok
 
 
@@ -246,7 +278,6 @@ def warm_up() -> None:
     lemire_below(np.zeros(4, dtype=np.uint16), 67, out, bad)
     for v in (b.ravel(), np.zeros(3, dtype=np.int64)):
         words = pack_digits(v, 67, 5)
-        magic, shift = division_magic(67, (67**5 - 1).bit_length())
         unpack_digits(np.frombuffer(words.tobytes(), dtype=np.uint32), v.size, 67, 5, np.empty(v.size, np.int16),
-                      magic, shift)
+                      *unpack_plan(67, 5))
     mod_16bit(b.ravel(), 67, *division_magic(67, 16))
