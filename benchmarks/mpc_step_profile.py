@@ -98,7 +98,8 @@ def measure(pool: str, batch: int, sign_bits: int = T.DEFAULT_SIGN_BITS) -> dict
             row[f"{r}_wall"], row[f"{r}_cpu"] = wall, cpu
         row["cpu_sum"] = sum(row[f"{r}_cpu"] for r in ROLES)
         rows.append(row)
-    return {"pool": pool, "batch": batch, "sign_bits": sign_bits, "train_seconds": res["L"]["train_seconds"], "rounds": stats["L"]["depth"],
+    return {"pool": pool, "batch": batch, "sign_bits": sign_bits, "train_seconds": res["L"]["train_seconds"],
+            "rounds": stats["L"]["depth"],
             "online_bytes": stats["L"]["online_bytes_sent"] + stats["R"]["online_bytes_sent"], "rows": rows,
             "load_average": os.getloadavg()[0]}
 

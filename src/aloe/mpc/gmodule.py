@@ -251,8 +251,8 @@ def _scaled_rotation(i: torch.Tensor, u: torch.Tensor, a: torch.Tensor, b: torch
                      c: torch.Tensor | None, p: int) -> torch.Tensor:
     """``semidirect_act(i, u, a + sign_b b (+ c) mod p)`` for shares in [0, p), one compiled pass (int16)."""
     n = a.shape[-1]
-    if p * p > 1 << 16:
-        raise ValueError("the compiled scaled rotation needs p^2 <= 2^16")
+    if 2 * p * p >= 1 << 16:
+        raise ValueError("the compiled scaled rotation needs 2 p^2 < 2^16")
     flat = (lambda t: t.reshape(-1, n).numpy())  # noqa: E731
     cc = flat(c) if c is not None else flat(a)
     out = kernels.scaled_rotation(i.reshape(-1).numpy(), flat(u), flat(a), flat(b), sign_b, cc, c is not None, p)

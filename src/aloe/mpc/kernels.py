@@ -46,28 +46,30 @@ def transform_fnz(delta: np.ndarray, b: np.ndarray, left: bool, p: int) -> np.nd
     ``delta`` (rows, n) uint8 is the opened ``bits xor a``; ``b`` (rows, n) int16 in [0, p) this party's share of
     the dealer's bits mod p. The transformed share is ``z = (-1)^delta b (+ delta on R)`` mod p; the sentinel
     appends ``0`` on L and ``1`` on R; the output (rows, n + 1) int16 is ``y_k = sum_{j<=k} z_j - 2 z_k (+1 on L)``
-    mod p. Branch-free: ``delta`` is a uniformly random bit, which a branch would mispredict half the time."""
+    mod p. Branch-free (``delta`` is a uniformly random bit, which a branch would mispredict half the time), and
+    per row in three passes (transform, running sum, reduction) so that the first and last vectorise."""
     rows, n = b.shape
     out = np.empty((rows, n + 1), dtype=np.int16)
-    one = np.int64(1 if left else 0)
-    top = np.int64(p) + 1 - one  # (-1)^delta b + delta for delta = 1: p - b on L, p + 1 - b on R
+    one = np.int32(1 if left else 0)
+    pp = np.int32(p)
+    top = pp + 1 - one  # (-1)^delta b + delta for delta = 1: p - b on L, p + 1 - b on R
     magic, shift = _small_magic(p)  # exact below 2^16 > (n + 3) p
+    z = np.empty(n + 1, dtype=np.int32)
+    acc = np.empty(n + 1, dtype=np.int32)
     for r in range(rows):
-        # the running sum is kept unreduced (below (n + 1) p), so the only dependency between positions is one
-        # addition; each y is reduced on its own
-        acc = np.int64(0)
+        br, dr, o = b[r], delta[r], out[r]
+        for k in range(n):
+            bv = np.int32(br[k])
+            zz = bv + np.int32(dr[k] & 1) * (top - 2 * bv)  # in [0, p + 1]
+            z[k] = zz - pp * (zz >= pp)
+        z[n] = 1 - one  # the sentinel: 0 on L, 1 on R
+        run = np.int32(0)  # kept unreduced (below (n + 1) p)
         for k in range(n + 1):
-            if k < n:
-                bv = np.int64(b[r, k])
-                dl = np.int64(delta[r, k] & 1)
-                z = bv + dl * (top - 2 * bv)  # in [0, p + 1]
-                z -= p * (z >= p)
-            else:
-                z = 1 - one  # the sentinel: 0 on L, 1 on R
-            acc += z
-            y = acc - 2 * z + one + 2 * p  # in [2, (n + 3) p]
-            y -= ((y * magic) >> shift) * p
-            out[r, k] = y
+            run += z[k]
+            acc[k] = run
+        for k in range(n + 1):
+            y = acc[k] - 2 * z[k] + one + 2 * pp  # in [2, (n + 3) p]
+            o[k] = y - np.int32((np.int64(y) * magic) >> shift) * pp
     return out
 
 
@@ -76,22 +78,28 @@ def scaled_rotation(i: np.ndarray, u: np.ndarray, a: np.ndarray, b: np.ndarray, 
                     has_c: bool, p: int) -> np.ndarray:
     """``L_i(u * v mod p)`` per row with ``v = a + sign_b b (+ c)`` mod p (the semidirect action of recover):
     ``a``, ``b``, ``c`` int16 in [0, p), ``sign_b`` is 1 or -1, ``u`` in [1, p), ``i`` the row shifts (>= 0);
-    ``out[r, k] = u[r, s] v[r, s] mod p`` with ``s = (k + i[r]) mod N``. Branch-free reductions."""
+    ``out[r, k] = u[r, s] v[r, s] mod p`` with ``s = (k + i[r]) mod N``. The products are computed in order (a
+    vectorised pass) and then copied out as the two contiguous pieces of the rotation. Needs ``2 p^2 < 2^16``."""
     rows, n = a.shape
     out = np.empty((rows, n), dtype=np.int16)
-    magic, shift = _small_magic(p)  # exact below 2^16 > p^2
-    cs = np.int64(1 if has_c else 0)
+    prod = np.empty(n, dtype=np.int16)
+    magic, shift = _small_magic(p)  # exact below 2^16 > 2 p^2
+    cs = np.int32(1 if has_c else 0)
+    sb = np.int32(sign_b)
+    pp = np.int32(p)
     for r in range(rows):
-        sh = i[r] % n
+        ar, br, cr, ur, o = a[r], b[r], c[r], u[r], out[r]
         for s in range(n):
-            v = np.int64(a[r, s]) + sign_b * np.int64(b[r, s]) + cs * np.int64(c[r, s])  # in (-p, 2p)
-            v += p * (v < 0)
-            v -= p * (v >= p)
-            t = np.int64(u[r, s]) * v
-            t -= ((t * magic) >> shift) * p
-            k = s - sh
-            k += n * (k < 0)
-            out[r, k] = t
+            v = np.int32(ar[s]) + sb * np.int32(br[s]) + cs * np.int32(cr[s]) + pp  # in [1, 4p)
+            v -= pp * (v >= pp)
+            v -= pp * (v >= pp)  # in [0, 2p)
+            t = np.int32(ur[s]) * v
+            prod[s] = t - np.int32((np.int64(t) * magic) >> shift) * pp
+        sh = i[r] % n
+        for s in range(sh, n):
+            o[s - sh] = prod[s]
+        for s in range(sh):
+            o[s - sh + n] = prod[s]
     return out
 
 
