@@ -68,11 +68,24 @@ def test_lemire_sampling_is_exactly_uniform_over_all_words(m):
     """Over all 2^16 words, the accepted ones map onto each residue exactly floor(2^16 / m) times."""
     words = np.arange(1 << 16, dtype=np.uint16)
     out = np.full(words.size, -1, dtype=np.int16)
-    rejected = K.lemire_below(words, m, out, np.zeros(0, dtype=np.int64))
+    rejected = K.lemire_below(words, m, 0, out, np.zeros(0, dtype=np.int64))
     assert rejected.size == (1 << 16) % m
     kept = np.delete(out, rejected)
     assert (kept >= 0).all() and (kept < m).all()
     assert (np.bincount(kept, minlength=m) == (1 << 16) // m).all()
+    shifted = np.full(words.size, -1, dtype=np.int16)
+    assert np.array_equal(K.lemire_below(words, m, 1, shifted, np.zeros(0, dtype=np.int64)), rejected)
+    assert np.array_equal(np.delete(shifted, rejected), kept + 1)
+
+
+def test_lemire_rejections_beyond_the_buffer_are_all_reported():
+    """A draw with more rejections than the one-pass buffer holds (all words rejected) is counted and redone."""
+    m = 255  # 2^16 mod 255 = 1: only the word 0 is rejected
+    words = np.zeros(10_000, dtype=np.uint16)
+    out = np.zeros(words.size, dtype=np.int16)
+    assert np.array_equal(K.lemire_below(words, m, 0, out, np.zeros(0, dtype=np.int64)), np.arange(words.size))
+    pos = np.arange(words.size, dtype=np.int64)[::-1].copy()
+    assert np.array_equal(K.lemire_below(words, m, 0, out, pos), pos)
 
 
 def test_prg_below_is_uniform_and_the_same_on_both_ends_of_a_stream():

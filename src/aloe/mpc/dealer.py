@@ -82,30 +82,32 @@ class PRG:
         arr = np.unpackbits(raw, bitorder="little")[:n]
         return torch.from_numpy(arr).reshape(shape)
 
-    def below(self, shape: tuple[int, ...], m: int) -> torch.Tensor:
+    def below(self, shape: tuple[int, ...], m: int, offset: int = 0) -> torch.Tensor:
         """Uniform elements of Z_m (``m`` < 2^62) as int64 (int16 for ``m`` < 256 not a power of two).
 
         Powers of two are masked words; ``m < 256`` is exact rejection sampling on 16-bit words (Lemire's
         multiply-and-reject; the dealer and the party draw the same stream, so they stay in step);
-        larger ``m`` reduces 64-bit words (statistical distance <= m / 2^64)."""
+        larger ``m`` reduces 64-bit words (statistical distance <= m / 2^64). ``offset`` is added to every value."""
         n = math.prod(shape)
+        if offset and not m < 256:
+            return self.below(shape, m) + offset
         if m & (m - 1) == 0:
             if m <= 256:
                 raw = np.frombuffer(self._bytes(n), dtype=np.uint8) & np.uint8(m - 1)
-                return torch.from_numpy(raw.astype(np.int64)).reshape(shape)
+                return torch.from_numpy(raw.astype(np.int64) + offset).reshape(shape)
             return self.int64(shape) & (m - 1)
         if m < 256:
             # exact: Lemire's multiply-and-reject on 16-bit words (a word is rejected with probability
             # (2^16 mod m) / 2^16 < 0.4%); rejected positions are redrawn in order, the same on every party that
             # draws this stream
             out = np.empty(n, dtype=np.int16)
-            bad = kernels.lemire_below(self._bytes(2 * n).view(np.uint16), m, out, _NO_POSITIONS)
+            bad = kernels.lemire_below(self._bytes(2 * n).view(np.uint16), m, offset, out, _NO_POSITIONS)
             while bad.size:
-                bad = kernels.lemire_below(self._bytes(2 * bad.size).view(np.uint16), m, out, bad)
+                bad = kernels.lemire_below(self._bytes(2 * bad.size).view(np.uint16), m, offset, out, bad)
             return torch.from_numpy(out).reshape(shape)
         arr = np.frombuffer(self._bytes(8 * n), dtype=np.uint64) % np.uint64(m)
         return torch.from_numpy(arr.astype(np.int64)).reshape(shape)
 
     def nonzero_below(self, shape: tuple[int, ...], m: int) -> torch.Tensor:
         """Elements of Z_m \\ {0}."""
-        return self.below(shape, m - 1) + 1
+        return self.below(shape, m - 1, offset=1)

@@ -140,27 +140,44 @@ def first_min_of_sum(w: np.ndarray, big_u: np.ndarray, p: int) -> np.ndarray:
 
 
 @njit(**_OPTS)
-def lemire_below(words: np.ndarray, m: int, out: np.ndarray, positions: np.ndarray) -> np.ndarray:
+def lemire_below(words: np.ndarray, m: int, offset: int, out: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """Lemire's exact rejection sampling of Z_m from uniform 16-bit words: ``x = w m``; reject if
-    ``x mod 2^16 < 2^16 mod m``, else ``out = x >> 16`` (exactly uniform on [0, m)). Word ``k`` fills
-    ``out[positions[k]]`` (or ``out[k]`` where ``positions`` is empty). Returns the positions that were rejected,
-    in order, to be redrawn."""
+    ``x mod 2^16 < 2^16 mod m``, else ``out = (x >> 16) + offset`` (exactly uniform on [offset, offset + m)).
+    Word ``k`` fills ``out[positions[k]]`` (or ``out[k]`` where ``positions`` is empty). Returns the positions that
+    were rejected, in order, to be redrawn (their ``out`` is overwritten then).
+
+    One pass; rejections (below 0.4% of the words for m < 256, so their branch is predicted) are collected in a
+    buffer of a 64th of the words, and only a draw that overflows it is counted first and redone."""
     limit = 65536 % m
-    bad = 0
-    for k in range(words.size):
-        if np.int64(words[k]) * m & 0xFFFF < limit:
-            bad += 1
-    rejected = np.empty(bad, dtype=np.int64)
-    j = 0
     indirect = positions.size > 0
-    for k in range(words.size):
-        x = np.int64(words[k]) * m
-        pos = positions[k] if indirect else k
-        if x & 0xFFFF < limit:
-            rejected[j] = pos
+    n = words.size
+    cap = n // 64 + 64
+    rejected = np.empty(cap, dtype=np.int64)
+    j = 0
+    if indirect:
+        for k in range(n):
+            x = np.int64(words[k]) * m
+            out[positions[k]] = (x >> 16) + offset
+            if x & 0xFFFF < limit:
+                if j < cap:
+                    rejected[j] = positions[k]
+                j += 1
+    else:
+        for k in range(n):
+            x = np.int64(words[k]) * m
+            out[k] = (x >> 16) + offset
+            if x & 0xFFFF < limit:  # rare: the branch is predicted
+                if j < cap:
+                    rejected[j] = k
+                j += 1
+    if j <= cap:
+        return rejected[:j]
+    rejected = np.empty(j, dtype=np.int64)
+    j = 0
+    for k in range(n):
+        if np.int64(words[k]) * m & 0xFFFF < limit:
+            rejected[j] = positions[k] if indirect else k
             j += 1
-        else:
-            out[pos] = x >> 16
     return rejected
 
 
@@ -282,8 +299,8 @@ def warm_up() -> None:
     sub_mod(b.ravel(), b.ravel(), 67)
     first_min_of_sum(b, b, 67)
     out = np.zeros(4, dtype=np.int16)
-    bad = lemire_below(np.zeros(4, dtype=np.uint16), 67, out, np.zeros(0, dtype=np.int64))
-    lemire_below(np.zeros(4, dtype=np.uint16), 67, out, bad)
+    bad = lemire_below(np.zeros(4, dtype=np.uint16), 67, 0, out, np.zeros(0, dtype=np.int64))
+    lemire_below(np.zeros(4, dtype=np.uint16), 67, 1, out, bad)
     for v in (b.ravel(), np.zeros(3, dtype=np.int64)):
         words = pack_digits(v, 67, 5)
         unpack_digits(np.frombuffer(words.tobytes(), dtype=np.uint32), v.size, 67, 5, np.empty(v.size, np.int16),
