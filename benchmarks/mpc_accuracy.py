@@ -19,13 +19,13 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 
-from aloe.assets.cache import atomic_write_json, atomic_write_text  # noqa: E402
 from aloe.mpc.nn.train import TrainConfig, train  # noqa: E402
+from common import RESULTS, write_results  # noqa: E402
 
 RUNS = ("lr", "a", "b-avg", "b-max")
 NAMES = {"lr": "LR (pixels split L/R, label digit >= 5)", "a": "Network A", "b-avg": "Network B, avg-pool",
@@ -108,11 +108,9 @@ def main() -> int:
     cmd = f"python benchmarks/mpc_accuracy.py --runs {','.join(runs)} --epochs {args.epochs}"
     if args.limit:
         cmd += f" --limit {args.limit}"
-    out = HERE / "results"
-    atomic_write_json(out / "mpc_accuracy.json", {"command": cmd, "rows": rows})
     md = markdown(rows, cmd)
-    atomic_write_text(out / "mpc_accuracy.md", md)
-    plot(rows, out / "mpc_accuracy.png")
+    write_results("mpc_accuracy", {"command": cmd, "rows": rows}, md)
+    plot(rows, RESULTS / "mpc_accuracy.png")
     print(json.dumps(rows, indent=2) if args.json else md)
     return 0
 

@@ -7,7 +7,7 @@ parties) and CPU seconds of that process (which do not). The parties' CPU second
 the component costs the machine; on a 2-core machine shared by three processes, that sum bounds the wall time from
 below (at half of it).
 
-Usage: python benchmarks/mpc_step_profile.py [--pool avg|max] [--quick] [--json]
+Usage: python benchmarks/mpc_step_profile.py [--pool avg|max] [--sign-bits 31] [--quick] [--json]
 ``--quick`` runs a batch of 16 instead of 128.
 """
 
@@ -24,13 +24,14 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 
-from aloe.assets.cache import atomic_write_json, atomic_write_text  # noqa: E402
 from aloe.mpc.nn import data as D  # noqa: E402
 from aloe.mpc.nn import train as T  # noqa: E402
 from aloe.mpc.party import run_processes  # noqa: E402
+from common import RESULTS, write_results  # noqa: E402
 
 ROLES = ("L", "R", "D")
 
@@ -152,13 +153,11 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(1)
     result = measure(args.pool, 16 if args.quick else 128, args.sign_bits)
-    out = HERE / "results"
     cmd = ("python benchmarks/mpc_step_profile.py" + (" --quick" if args.quick else "") + f" --pool {args.pool}"
            + ("" if args.sign_bits == T.DEFAULT_SIGN_BITS else f" --sign-bits {args.sign_bits}"))
-    atomic_write_json(out / "mpc_step_profile.json", {**result, "command": cmd})
     md = f"# Secure Network B step: time per layer and party\n\nCommand: `{cmd}`\n\n" + markdown(result)
-    atomic_write_text(out / "mpc_step_profile.md", md)
-    plot(result, out / "mpc_step_profile.png")
+    write_results("mpc_step_profile", {**result, "command": cmd}, md)
+    plot(result, RESULTS / "mpc_step_profile.png")
     print(json.dumps(result, indent=2) if args.json else md)
     return 0
 
