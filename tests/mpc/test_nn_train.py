@@ -48,6 +48,21 @@ def test_cli_network_a_matches_plain_pytorch_with_the_shorter_sign_compare(tmp_p
     assert 0 < rep["plain_compare_input_max"] < rep["compare_input_range"] / 1000
 
 
+def test_preprocessed_steps_time_the_online_phase_alone(tmp_path):
+    """With the dealer's material delivered before each step, the run is the same training (accuracy within 1.5
+    points of plain) and reports the steps' online time, which excludes the waits for the dealer."""
+    cfg = TrainConfig(model="lr", epochs=1, limit=256, batch=64, test_limit=500, timeout=30.0, preprocess=True,
+                      checkpoint_dir=str(tmp_path / "ckpt"))
+    rep = train(cfg, progress=False, plain=True)
+    assert rep["steps_per_epoch"] == 4
+    assert 0 < rep["online_seconds"] < rep["train_seconds"]
+    assert abs(rep["accuracy"] - rep["plain_accuracy"]) <= 0.015
+    plain_run = train(TrainConfig(**{**cfg.__dict__, "preprocess": False, "checkpoint_dir": str(tmp_path / "c2")}),
+                      progress=False, plain=False)
+    assert plain_run["online_seconds"] is None
+    assert plain_run["rounds"] == rep["rounds"] and plain_run["online_bytes"] == rep["online_bytes"]
+
+
 def test_killed_party_stops_everyone_then_resume(tmp_path):
     cfg = TrainConfig(model="lr", epochs=2, limit=256, batch=64, test_limit=500, timeout=10.0,
                       checkpoint_dir=str(tmp_path / "ckpt"), fail_at=("R", 1, 2))

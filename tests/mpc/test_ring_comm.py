@@ -175,3 +175,37 @@ def test_packed_words_are_base_m_digits_little_endian(m):
     if m**d < 2**32:  # a word at m^d encodes a digit past the last one: refused
         with pytest.raises(comm.MalformedMessage):
             comm.unpack(memoryview(bad.astype(np.uint32).tobytes()), 2 * d, m, (2 * d,))
+
+
+def test_a_connection_holds_a_bounded_backlog_and_the_sender_waits():
+    """A sender far ahead of its receiver (the dealer) is held back once the receiver holds ``max_queued`` bytes,
+    then every message arrives, in order, as the receiver catches up."""
+    import socket
+    import threading
+    from multiprocessing.connection import Connection
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        sa = socket.create_connection(server.getsockname())
+        sb, _ = server.accept()
+    sender = comm.ConnectionEndpoint("R", 30.0, Connection(sa.dup().detach()), sa)
+    receiver = comm.ConnectionEndpoint("D", 30.0, Connection(sb.dup().detach()), sb, max_queued=4 << 20)
+    payload = [(torch.full((1 << 17,), i, dtype=torch.int64), 0) for i in range(80)]  # 80 messages of 1 MiB
+    done = threading.Event()
+
+    def send_all():
+        for item in payload:
+            sender.send(0, [item])
+        done.set()
+
+    t = threading.Thread(target=send_all, daemon=True)
+    t.start()
+    time.sleep(1.0)
+    assert not done.is_set()  # held back: the receiver holds about 4 MiB, the sockets a little more
+    assert receiver._queued <= (4 << 20) + (1 << 20) + 4096
+    for i in range(80):
+        _, (v,), _ = receiver.recv([((1 << 17,), 0)])
+        assert int(v[0]) == i and int(v[-1]) == i
+    t.join(10)
+    assert done.is_set()
+    sender.close()
+    receiver.close()

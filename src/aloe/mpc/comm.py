@@ -36,6 +36,9 @@ _HEAD = struct.Struct("!4sIIH")  # magic, sequence number, depth, number of tens
 _TENSOR = struct.Struct("!QBQ")  # modulus, ndim, payload bytes
 _DIM = struct.Struct("!I")
 LENGTH_PREFIX_BYTES = 4  # what multiprocessing.connection adds to every message
+# how many received bytes a connection holds before its reader stops taking more from the socket (the sender then
+# blocks): the dealer never waits for L or R and would otherwise run ahead by a whole epoch of corrections
+MAX_QUEUED_BYTES = 1 << 30
 
 
 class ChannelError(AloeError):
@@ -330,10 +333,16 @@ class QueueEndpoint(Endpoint):
 class ConnectionEndpoint(Endpoint):
     """A :class:`multiprocessing.connection.Connection` over TCP. A reader thread drains the socket into a queue
     (so simultaneous large sends cannot deadlock) and the receive waits on that queue with the timeout; sends time out
-    through ``SO_SNDTIMEO`` when the other party stops reading."""
+    through ``SO_SNDTIMEO`` when the other party stops reading. The queue holds at most ``max_queued`` bytes (plus
+    one message, however large): beyond that the reader waits until the program takes a message, the socket fills,
+    and a sender that runs ahead (the dealer) blocks until the receiver catches up."""
 
-    def __init__(self, name: str, timeout: float, conn, sock: socket.socket) -> None:
+    def __init__(self, name: str, timeout: float, conn, sock: socket.socket,
+                 max_queued: int = MAX_QUEUED_BYTES) -> None:
         super().__init__(name, timeout)
+        self.max_queued = max_queued
+        self._queued = 0
+        self._room = threading.Condition()
         self.conn = conn
         self._sock = sock  # a dup of the connection's socket, kept to set options and shut it down
         sec = int(timeout)
@@ -350,7 +359,13 @@ class ConnectionEndpoint(Endpoint):
     def _read_loop(self) -> None:
         try:
             while True:
-                self.inbox.put(self.conn.recv_bytes())
+                with self._room:
+                    while self._queued > self.max_queued:
+                        self._room.wait()
+                data = self.conn.recv_bytes()
+                with self._room:
+                    self._queued += len(data)
+                self.inbox.put(data)
         except (EOFError, OSError) as exc:
             self.inbox.put((_CLOSED, str(exc) or type(exc).__name__))
 
@@ -370,6 +385,9 @@ class ConnectionEndpoint(Endpoint):
         if isinstance(item, tuple) and item[0] is _CLOSED:
             self.inbox.put(item)
             raise PartyDisconnected(f"party {self.name} closed the connection ({item[1]})")
+        with self._room:
+            self._queued -= len(item)
+            self._room.notify()
         return item
 
     def close(self) -> None:

@@ -20,7 +20,7 @@ def _train(args: argparse.Namespace) -> int:
         momentum=args.momentum, pool=args.pool, seed=args.seed, frac_bits=args.frac_bits,
         softmax_steps=args.softmax_steps, sign_bits=args.sign_bits, wan=args.wan,
         checkpoint_dir=None if args.checkpoint_dir is None else str(args.checkpoint_dir), resume=args.resume,
-        timeout=args.timeout, test_limit=args.test_limit,
+        timeout=args.timeout, test_limit=args.test_limit, preprocess=args.preprocess,
     )
     report = train(cfg, progress=not args.json and sys.stderr.isatty() or args.progress, out=args.out,
                    plain=not args.no_plain)
@@ -31,7 +31,8 @@ def _train(args: argparse.Namespace) -> int:
         print(f"{report['model']}: accuracy {report['accuracy']:.4f}"
               + ("" if plain is None else f" (plain PyTorch {plain:.4f})")
               + f", {report['seconds']:.1f} s, online {report['online_bytes'] / 1e6:.1f} MB, "
-              f"offline {report['offline_bytes'] / 1e6:.1f} MB, {report['rounds']} rounds")
+              f"offline {report['offline_bytes'] / 1e6:.1f} MB, {report['rounds']} rounds"
+              + ("" if report["online_seconds"] is None else f", online phase {report['online_seconds']:.1f} s"))
     return 0
 
 
@@ -62,6 +63,9 @@ def register_train(g: argparse._SubParsersAction) -> None:
                    help="where each party keeps its per-epoch share checkpoints (default: under the aloe cache)")
     t.add_argument("--resume", action="store_true", help="continue from the last epoch both parties checkpointed")
     t.add_argument("--out", type=Path, help="write the revealed model (the owner's copy) here")
+    t.add_argument("--preprocess", action="store_true",
+                   help="the dealer delivers each step's correlated randomness before L and R start the step; "
+                        "reports online_seconds, the steps' time without the dealer's part")
     t.add_argument("--test-limit", type=int, help="evaluate on the first N test examples (default all)")
     t.add_argument("--no-plain", action="store_true", help="skip the plain PyTorch baseline")
     t.add_argument("--timeout", type=float, default=60.0, help="seconds a party waits for a message (default 60)")

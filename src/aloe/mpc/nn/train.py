@@ -72,6 +72,9 @@ class TrainConfig:
     # 2^(sign_bits - frac_bits) in absolute value (2^17 = 131,072 by default); 63 is exact for every value
     sign_bits: int = DEFAULT_SIGN_BITS
     test_limit: int | None = None
+    # before each step the dealer delivers all of that step's correlated randomness, and L and R start the step
+    # only then: the offline/online split of the protocols, with the online phase timed on its own
+    preprocess: bool = False
     blobs: tuple[int, int] = (5000, 20)
     # fault injection for tests: (role, epoch, step) at which that party exits abruptly
     fail_at: tuple[str, int, int] | None = None
@@ -259,11 +262,15 @@ def train_program(party: Party, cfg: TrainConfig, lay: D.Layout, progress) -> di
     t0 = time.perf_counter()
     depth0 = party.stats.depth
     checkpoint_seconds = 0.0
+    online_seconds = 0.0
     for epoch in range(start, cfg.epochs):
         order = epoch_order(lay.n, cfg.seed, epoch)
         for step in range(steps):
             if cfg.fail_at is not None and cfg.fail_at == (party.role, epoch, step):
                 os._exit(3)  # fault injection: die without closing anything
+            if cfg.preprocess and not party.is_dealer:
+                party.dealer_sync()  # wait until the dealer has sent everything this step needs
+            s0 = time.perf_counter()
             x, y = _share_batch(party, cfg, lay, own_x, own_y, order[step * bsz:(step + 1) * bsz])
             logits = net.forward(x)
             if cfg.model == "lr":
@@ -272,6 +279,9 @@ def train_program(party: Party, cfg: TrainConfig, lay: D.Layout, progress) -> di
                 grad = softmax_ce_grad(logits, y, steps=cfg.softmax_steps)
             net.backward(grad)
             opt.step()
+            online_seconds += time.perf_counter() - s0
+            if cfg.preprocess and party.is_dealer:
+                party.dealer_sync()
             if progress is not None and party.role == "L":
                 progress.put((epoch, step + 1, steps))
         if not party.is_dealer:
@@ -290,6 +300,7 @@ def train_program(party: Party, cfg: TrainConfig, lay: D.Layout, progress) -> di
     if party.role == "L":
         return {"weights": weights, "start_epoch": start, "train_seconds": train_seconds, "rounds": rounds,
                 "checkpoint_seconds": checkpoint_seconds,
+                "online_seconds": online_seconds if cfg.preprocess else None,
                 "steps_per_epoch": steps}
     return {"start_epoch": start} if party.role == "R" else None
 
@@ -424,6 +435,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, out: Path | None = None, p
         "seconds": seconds,
         "train_seconds": res_l["train_seconds"],
         "checkpoint_seconds": res_l["checkpoint_seconds"],
+        "online_seconds": res_l["online_seconds"],
         "online_bytes": online,
         "offline_bytes": offline,
         "rounds": res_l["rounds"],
