@@ -103,3 +103,25 @@ def test_cli_rejects_bad_arguments(capsys):
     assert main(["mpc", "train", "--model", "a", "--sign-bits", "15"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(e.startswith("aloe: error:") for e in err)
+
+
+def test_plain_compare_input_peak_counts_pre_activation_differences_before_a_max_pool():
+    """One plain step of Network B with max-pool: the peak is the largest of twice each pooled ReLU's input (the
+    secure model pools first and compares differences of pre-activations, negative ones included) and the plain
+    input of the unpooled ReLU, computed here layer by layer from the same initialisation and batch."""
+    from aloe.mpc.nn import data as D
+    from aloe.mpc.nn.models import plain_model
+    from aloe.mpc.nn.train import epoch_order, train_plain
+
+    cfg = TrainConfig(model="b", pool="max", limit=64, batch=64)
+    observed = {}
+    train_plain(cfg, observed)
+    x = D.mnist_images("train", 64)[epoch_order(64, 0, 0)]
+    m = plain_model("b", pool="max", seed=0)
+    with torch.no_grad():
+        c0 = m[0](x)
+        c1 = m[3](m[2](m[1](c0)))
+        f1 = m[7](m[6](m[5](m[4](c1))))
+    expect = max(2 * float(c0.abs().max()), 2 * float(c1.abs().max()), float(f1.abs().max()))
+    assert observed["compare_input_max"] == pytest.approx(expect, rel=1e-6)
+    assert float(c0.min()) < 0  # negative pre-activations exist: the pool's (non-negative) input alone misses them

@@ -317,9 +317,10 @@ def compare_input_range(cfg: TrainConfig) -> float:
 def train_plain(cfg: TrainConfig, observed: dict | None = None) -> nn.Sequential:
     """The same model in plain PyTorch: same data, initialisation, batch order, momentum and (quantised) rate.
 
-    ``observed``, if given, receives ``compare_input_max``: the largest absolute value that a ReLU input, or twice a
-    max-pool input (a bound on the differences its compares see), took during training: the figure to hold against
-    :func:`compare_input_range`."""
+    ``observed``, if given, receives ``compare_input_max``: the largest absolute value that a secure compare's input
+    would take during training, the figure to hold against :func:`compare_input_range`. That is a ReLU input, or
+    twice it where the ReLU feeds a max-pool: the secure model pools first, so its compares see differences of
+    those inputs (pre-activations, negative ones included)."""
     torch.set_num_threads(1)
     lay = D.layout(cfg.model, cfg.dataset, cfg.limit, cfg.blobs)
     xl, _ = D.party_data("L", cfg.model, cfg.dataset, cfg.limit, cfg.seed, cfg.blobs)
@@ -337,9 +338,13 @@ def train_plain(cfg: TrainConfig, observed: dict | None = None) -> nn.Sequential
             peak[0] = max(peak[0], factor * float(inputs[0].detach().abs().max()))
         return hook
 
-    for m in model:
-        if isinstance(m, (nn.ReLU, nn.MaxPool2d)):
-            m.register_forward_pre_hook(watch(2.0 if isinstance(m, nn.MaxPool2d) else 1.0))
+    mods = list(model)
+    for i, m in enumerate(mods):
+        if isinstance(m, nn.ReLU):
+            pooled = i + 1 < len(mods) and isinstance(mods[i + 1], nn.MaxPool2d)
+            m.register_forward_pre_hook(watch(2.0 if pooled else 1.0))
+        elif isinstance(m, nn.MaxPool2d):
+            m.register_forward_pre_hook(watch(2.0))
     for epoch in range(cfg.epochs):
         order = epoch_order(lay.n, cfg.seed, epoch)
         for step in range(lay.n // bsz):
