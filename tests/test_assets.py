@@ -106,3 +106,22 @@ def test_unknown_corpus_and_missing_data(monkeypatch, tmp_path):
     monkeypatch.setenv("ALOE_DATA", str(tmp_path))
     with pytest.raises(AloeError, match="missing"):
         load_corpus("kjv")
+
+
+def test_a_clone_finds_the_data_beside_the_checkout_it_was_cloned_from(tmp_path):
+    from aloe.assets.corpus import _origin_checkout
+
+    origin = tmp_path / "work" / "main"
+    origin.mkdir(parents=True)
+    clone = tmp_path / "scratch" / "clone"
+    (clone / ".git").mkdir(parents=True)
+    config = clone / ".git" / "config"
+    config.write_text('[core]\n\tbare = false\n[remote "upstream"]\n\turl = /elsewhere\n'
+                      f'[remote "origin"]\n\turl = {origin}\n\tfetch = +refs/heads/*:refs/remotes/origin/*\n')
+    assert _origin_checkout(clone) == origin
+    config.write_text(f'[remote "origin"]\n\turl = file://{origin}\n')
+    assert _origin_checkout(clone) == origin
+    config.write_text('[remote "origin"]\n\turl = https://example.org/aloe.git\n')
+    assert _origin_checkout(clone) is None  # not a local folder
+    config.unlink()
+    assert _origin_checkout(clone) is None

@@ -11,12 +11,37 @@ from pathlib import Path
 from aloe import AloeError
 
 
+def _origin_checkout(repo: Path) -> Path | None:
+    """The local checkout ``repo`` was cloned from (its ``origin`` remote, when that is a folder), or None."""
+    try:
+        lines = (repo / ".git" / "config").read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    in_origin = False
+    for line in lines:
+        text = line.strip()
+        if text.startswith("["):
+            in_origin = text.replace(" ", "") == '[remote"origin"]'
+        elif in_origin and text.startswith("url") and "=" in text:
+            url = text.split("=", 1)[1].strip().removeprefix("file://")
+            path = Path(url).expanduser()
+            return path if path.is_absolute() and path.is_dir() else None
+    return None
+
+
 def data_root() -> Path:
-    """``$ALOE_DATA`` if set, else the ``shared/data`` folder beside the repository checkout."""
+    """``$ALOE_DATA`` if set, else the ``shared/data`` folder beside the repository checkout, or else beside the
+    local checkout this one was cloned from (a scratch clone elsewhere still finds the project's data)."""
     env = os.environ.get("ALOE_DATA")
     if env:
         return Path(env).expanduser()
-    return Path(__file__).resolve().parents[4] / "shared" / "data"
+    repo = Path(__file__).resolve().parents[3]
+    beside = repo.parent / "shared" / "data"
+    if not beside.is_dir():
+        origin = _origin_checkout(repo)
+        if origin is not None and (origin.parent / "shared" / "data").is_dir():
+            return origin.parent / "shared" / "data"
+    return beside
 
 
 def _gensim_file(name: str) -> Path:
