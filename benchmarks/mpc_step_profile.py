@@ -7,7 +7,8 @@ parties) and CPU seconds of that process (which do not). The parties' CPU second
 the component costs the machine; on a 2-core machine shared by three processes, that sum bounds the wall time from
 below (at half of it).
 
-Usage: python benchmarks/mpc_step_profile.py [--pool avg|max] [--sign-bits 31] [--quick] [--json]
+Usage: python benchmarks/mpc_step_profile.py [--pool avg|max] [--sign-bits 31] [--drelu gmodule|prefix] [--quick]
+[--json]
 ``--quick`` runs a batch of 16 instead of 128.
 """
 
@@ -76,8 +77,9 @@ def profiled_program(party, cfg: T.TrainConfig, lay) -> dict:
     return {"times": times, "train_seconds": (res or {}).get("train_seconds")}
 
 
-def measure(pool: str, batch: int, sign_bits: int = T.DEFAULT_SIGN_BITS) -> dict:
+def measure(pool: str, batch: int, sign_bits: int = T.DEFAULT_SIGN_BITS, drelu: str = T.DEFAULT_DRELU) -> dict:
     cfg = T.TrainConfig(model="b", pool=pool, limit=batch, batch=batch, epochs=1, lr=0.01, sign_bits=sign_bits,
+                        drelu=drelu,
                         checkpoint_dir=tempfile.mkdtemp(prefix="aloe-profile-"), timeout=600.0)
     lay = D.layout(cfg.model, cfg.dataset, cfg.limit, cfg.blobs)
     res, stats = run_processes(profiled_program, cfg, lay, timeout=600.0, return_stats=True)
@@ -99,14 +101,16 @@ def measure(pool: str, batch: int, sign_bits: int = T.DEFAULT_SIGN_BITS) -> dict
             row[f"{r}_wall"], row[f"{r}_cpu"] = wall, cpu
         row["cpu_sum"] = sum(row[f"{r}_cpu"] for r in ROLES)
         rows.append(row)
-    return {"pool": pool, "batch": batch, "sign_bits": sign_bits, "train_seconds": res["L"]["train_seconds"],
+    return {"pool": pool, "batch": batch, "sign_bits": sign_bits, "drelu": drelu,
+            "train_seconds": res["L"]["train_seconds"],
             "rounds": stats["L"]["depth"],
             "online_bytes": stats["L"]["online_bytes_sent"] + stats["R"]["online_bytes_sent"], "rows": rows,
             "load_average": os.getloadavg()[0]}
 
 
 def markdown(r: dict) -> str:
-    lines = [f"Network B step, batch {r['batch']}, {r['pool']}-pool, sign read from bit {r['sign_bits']}: "
+    lines = [f"Network B step, batch {r['batch']}, {r['pool']}-pool, sign read from bit {r['sign_bits']} "
+             f"({r['drelu']} DReLU): "
              f"L's training loop {r['train_seconds']:.2f} s "
              f"(load average {r['load_average']:.1f} on {os.cpu_count()} cores).", "",
              "| component | L wall | L CPU | R wall | R CPU | dealer wall | dealer CPU | CPU, 3 parties |",
@@ -148,13 +152,16 @@ def main() -> int:
     ap.add_argument("--pool", choices=["avg", "max"], default="avg")
     ap.add_argument("--sign-bits", type=int, default=T.DEFAULT_SIGN_BITS,
                     help=f"the ReLU/max-pool compare's sign bit (default {T.DEFAULT_SIGN_BITS}; 63: the full compare)")
+    ap.add_argument("--drelu", choices=["gmodule", "prefix"], default=T.DEFAULT_DRELU,
+                    help=f"how ReLU and max-pool compute the sign (default {T.DEFAULT_DRELU})")
     ap.add_argument("--quick", action="store_true", help="batch 16 instead of 128")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    result = measure(args.pool, 16 if args.quick else 128, args.sign_bits)
+    result = measure(args.pool, 16 if args.quick else 128, args.sign_bits, args.drelu)
     cmd = ("python benchmarks/mpc_step_profile.py" + (" --quick" if args.quick else "") + f" --pool {args.pool}"
-           + ("" if args.sign_bits == T.DEFAULT_SIGN_BITS else f" --sign-bits {args.sign_bits}"))
+           + ("" if args.sign_bits == T.DEFAULT_SIGN_BITS else f" --sign-bits {args.sign_bits}")
+           + ("" if args.drelu == T.DEFAULT_DRELU else f" --drelu {args.drelu}"))
     md = f"# Secure Network B step: time per layer and party\n\nCommand: `{cmd}`\n\n" + markdown(result)
     write_results("mpc_step_profile", {**result, "command": cmd}, md)
     plot(result, RESULTS / "mpc_step_profile.png")

@@ -25,8 +25,8 @@ def _tiny(pool: str) -> nn.Sequential:
                          nn.Linear(4, 2)).double()
 
 
-def _program(party, plain, x, dy, sign_bits=63):
-    net = secure_model(party, plain, sign_bits=sign_bits)
+def _program(party, plain, x, dy, sign_bits=63, drelu="gmodule"):
+    net = secure_model(party, plain, sign_bits=sign_bits, drelu=drelu)
     xs = SharedTensor.from_private(party, x if party.role == "L" else None, "L", tuple(x.shape))
     out = net.forward(xs)
     g = SharedTensor.from_private(party, dy if party.role == "R" else None, "R", tuple(dy.shape))
@@ -38,13 +38,16 @@ def _program(party, plain, x, dy, sign_bits=63):
     return out.reveal(to="L"), grads
 
 
-@pytest.mark.parametrize(("pool", "sign_bits"), [("max", 63), ("avg", 63), ("max", 31), ("avg", 31)])
-def test_forward_and_gradients_match_autograd(pool, sign_bits):
+@pytest.mark.parametrize(("pool", "sign_bits", "drelu"), [
+    ("max", 63, "gmodule"), ("avg", 63, "gmodule"), ("max", 31, "gmodule"), ("avg", 31, "gmodule"),
+    ("max", 31, "prefix"), ("avg", 31, "prefix"), ("max", 63, "prefix"),
+])
+def test_forward_and_gradients_match_autograd(pool, sign_bits, drelu):
     plain = _tiny(pool)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(3, 1, 8, 8, generator=g, dtype=torch.float64)
     dy = torch.randn(3, 2, generator=g, dtype=torch.float64)
-    out, grads = run_local(_program, plain, x, dy, sign_bits)["L"]
+    out, grads = run_local(_program, plain, x, dy, sign_bits, drelu)["L"]
     ref = plain(x)
     ref.backward(dy)
     assert (out - ref.detach()).abs().max() < 5e-3

@@ -251,11 +251,12 @@ def _unwindows(v: torch.Tensor, k: int, shape: tuple) -> torch.Tensor:
 
 
 def maxpool2d(party: Party, x: torch.Tensor, kernel: int = 2,
-              sign_bits: int = gmodule.COMPARE_BITS) -> tuple[torch.Tensor, PoolState]:
+              sign_bits: int = gmodule.COMPARE_BITS, method: str = "gmodule") -> tuple[torch.Tensor, PoolState]:
     """Shares of non-overlapping ``kernel x kernel`` max-pooling (NCHW) by a tournament: each level compares pairs
     (``max(a, b) = b + [a >= b](a - b)``: DReLU + select, 5 rounds) and halves the candidates; ``ceil(log2 k^2)``
     levels. Returns the output and the choice bits for :func:`maxpool2d_backward`. With ``sign_bits < 63`` the
-    differences must lie in ``[-2^sign_bits, 2^sign_bits)`` (see :func:`~aloe.mpc.gmodule.msb`)."""
+    differences must lie in ``[-2^sign_bits, 2^sign_bits)`` (see :func:`~aloe.mpc.gmodule.msb`). ``method``: the
+    DReLU's (:func:`~aloe.mpc.gmodule.drelu`)."""
     shape = tuple(x.shape)
     if shape[2] % kernel or shape[3] % kernel:
         raise ValueError("max-pool needs the spatial size divisible by the kernel")
@@ -267,7 +268,7 @@ def maxpool2d(party: Party, x: torch.Tensor, kernel: int = 2,
             cand = torch.cat([cand, cand[-1:]])  # a repeated candidate never wins a strict comparison twice
         a, b = cand[0::2], cand[1::2]
         diff = a - b
-        s = gmodule.drelu(party, diff, sign_bits)
+        s = gmodule.drelu(party, diff, sign_bits, method)
         chosen = gmodule.select(party, s, diff)
         bits.append(s)
         shapes.append(tuple(cand.shape))

@@ -20,12 +20,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from aloe.mpc import kernels
+from aloe.mpc import kernels, prefix
 from aloe.mpc.dealer import small_mod
 from aloe.mpc.party import Party
 from aloe.mpc.triples import meta
 
 COMPARE_BITS = 63
+DRELU_METHODS = ("gmodule", "prefix")
 PRIME = 67  # smallest prime >= 63 + 3 (SecureNN's p)
 LOW63 = (1 << 63) - 1
 
@@ -377,10 +378,17 @@ def msb(party: Party, x: torch.Tensor, bits: int = COMPARE_BITS) -> torch.Tensor
     return carry ^ ((x >> bits) & 1)
 
 
-def drelu(party: Party, x: torch.Tensor, bits: int = COMPARE_BITS) -> torch.Tensor:
-    """XOR shares of ``[x >= 0]`` (4 rounds); exact for every ``x`` with the default ``bits = 63``, and for ``x`` in
-    ``[-2^bits, 2^bits)`` otherwise (see :func:`msb`)."""
-    s = msb(party, x, bits)
+def drelu(party: Party, x: torch.Tensor, bits: int = COMPARE_BITS, method: str = "gmodule") -> torch.Tensor:
+    """XOR shares of ``[x >= 0]``; exact for every ``x`` with the default ``bits = 63``, and for ``x`` in
+    ``[-2^bits, 2^bits)`` otherwise (see :func:`msb`). ``method``: ``"gmodule"``, the G-module compare (4 rounds),
+    or ``"prefix"``, the parallel-prefix carry of :mod:`aloe.mpc.prefix` (``1 + ceil(log2 bits)`` rounds, less
+    than half the traffic and far less local work); both give the same bit."""
+    if method == "gmodule":
+        s = msb(party, x, bits)
+    elif method == "prefix":
+        s = prefix.msb(party, x, bits)
+    else:
+        raise ValueError(f"unknown DReLU method {method!r} (one of {', '.join(DRELU_METHODS)})")
     if party.role == "L":
         return s ^ 1
     return s
@@ -452,10 +460,11 @@ def select(party: Party, s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.hi if party.role == "L" else v.hi + v.lo
 
 
-def relu(party: Party, x: torch.Tensor, bits: int = COMPARE_BITS) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shares of ``max(x, 0)`` and the XOR-shared bit ``[x >= 0]`` (kept for the backward pass). 5 rounds. ``bits``
-    as in :func:`drelu`."""
-    s = drelu(party, x, bits)
+def relu(party: Party, x: torch.Tensor, bits: int = COMPARE_BITS,
+         method: str = "gmodule") -> tuple[torch.Tensor, torch.Tensor]:
+    """Shares of ``max(x, 0)`` and the XOR-shared bit ``[x >= 0]`` (kept for the backward pass): the DReLU's rounds
+    plus one. ``bits`` and ``method`` as in :func:`drelu`."""
+    s = drelu(party, x, bits, method)
     return select(party, s, x), s
 
 

@@ -40,6 +40,25 @@ def bits_msb_first(v: np.ndarray, n: int) -> np.ndarray:
 
 
 @njit(**_OPTS)
+def bit_planes(v: np.ndarray, k: int) -> np.ndarray:
+    """Bit planes of the low ``k`` bits of flat int64 ``v``: ``out[j, w]`` holds bit ``j`` of elements
+    ``64 w .. 64 w + 63`` (element ``64 w + e`` at bit ``e``), zero beyond the last element. (k, ceil(n / 64))
+    uint64."""
+    n = v.size
+    words = (n + 63) // 64
+    out = np.zeros((k, words), dtype=np.uint64)
+    for w in range(words):
+        base = w * 64
+        end = min(64, n - base)
+        for j in range(k):
+            acc = np.uint64(0)
+            for e in range(end):
+                acc |= np.uint64((v[base + e] >> j) & 1) << np.uint64(e)
+            out[j, w] = acc
+    return out
+
+
+@njit(**_OPTS)
 def transform_fnz(delta: np.ndarray, b: np.ndarray, left: bool, p: int) -> np.ndarray:
     """Module transform's last step, the sentinel, and first-non-zero's local step, fused.
 
@@ -291,6 +310,7 @@ def warm_up() -> None:
     first protocol call does not pay for it. Received and drawn buffers are read-only numpy views, which numba types
     separately."""
     bits_msb_first(np.zeros(2, dtype=np.int64), 63)
+    bit_planes(np.zeros(2, dtype=np.int64), 31)
     d = np.zeros((2, 3), dtype=np.uint8)
     b = np.ones((2, 3), dtype=np.int16)
     transform_fnz(d, b, True, 67)

@@ -18,7 +18,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         model=args.model, epochs=args.epochs, limit=args.limit, dataset=args.data, batch=args.batch, lr=args.lr,
         momentum=args.momentum, pool=args.pool, seed=args.seed, frac_bits=args.frac_bits,
-        softmax_steps=args.softmax_steps, sign_bits=args.sign_bits, wan=args.wan,
+        softmax_steps=args.softmax_steps, sign_bits=args.sign_bits, drelu=args.drelu, wan=args.wan,
         checkpoint_dir=None if args.checkpoint_dir is None else str(args.checkpoint_dir), resume=args.resume,
         timeout=args.timeout, test_limit=args.test_limit, preprocess=args.preprocess,
     )
@@ -37,8 +37,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def register_train(g: argparse._SubParsersAction) -> None:
+    from aloe.mpc.gmodule import DRELU_METHODS
     from aloe.mpc.nn.models import MODELS, POOLS
-    from aloe.mpc.nn.train import DEFAULT_SIGN_BITS
+    from aloe.mpc.nn.train import DEFAULT_DRELU, DEFAULT_SIGN_BITS
     from aloe.mpc.nn.wan import PROFILES
 
     t = g.add_parser("train", help="train a model securely (L and R own the data, a dealer helps; 3 processes)")
@@ -57,6 +58,10 @@ def register_train(g: argparse._SubParsersAction) -> None:
                    help="ReLU and max-pool read the sign from this bit: exact for inputs below 2^(bits - frac bits) "
                         f"in absolute value (default {DEFAULT_SIGN_BITS}: 131,072 at 14 fractional bits; 63: "
                         "any value); the report gives the plain run's largest input beside the range")
+    t.add_argument("--drelu", choices=DRELU_METHODS, default=DEFAULT_DRELU,
+                   help="how ReLU and max-pool compute the sign: gmodule (the G-module compare, 4 rounds) or "
+                        "prefix (parallel-prefix carry over AND gates, 6 rounds at bit 31, less traffic and work); "
+                        f"the same bit either way (default {DEFAULT_DRELU})")
     t.add_argument("--softmax-steps", type=int, default=32, help="Euler steps of the ODE softmax (power of two)")
     t.add_argument("--wan", choices=list(PROFILES), help="emulate a network profile on the parties' links")
     t.add_argument("--checkpoint-dir", type=Path,

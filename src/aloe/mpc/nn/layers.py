@@ -6,10 +6,13 @@ keeps what its backward pass needs:
 - :class:`Dense` and :class:`Conv2d` run one extended ("triangle") triple per training step (section 2.2): forward
   opens the masked input and weight once, backward opens only the masked output gradient and reuses both openings
   for the input gradient and the weight gradient;
-- :class:`ReLU` (G-module DReLU + select, 5 rounds) keeps the XOR-shared sign bit, and its backward is one select of
-  the gradient by that bit (1 round, no new comparison);
+- :class:`ReLU` (DReLU + select) keeps the XOR-shared sign bit, and its backward is one select of the gradient by
+  that bit (1 round, no new comparison);
 - ``sign_bits`` (ReLU and max-pool): the compare reads the sign from that bit, which is exact for inputs (max-pool:
   differences) in ``[-2^sign_bits, 2^sign_bits)`` as ring integers; 63, the default, is exact for every value;
+- ``drelu`` (ReLU and max-pool): how the sign bit is computed, ``"gmodule"`` (the G-module compare, 4 rounds) or
+  ``"prefix"`` (the parallel-prefix carry of :mod:`aloe.mpc.prefix`, ``1 + ceil(log2 sign_bits)`` rounds); both
+  give the same bit;
 - :class:`MaxPool2d` (tournament of compares; backward routes the gradient with the stored choice bits),
   :class:`AvgPool2d` and :class:`Flatten` (local).
 
@@ -147,10 +150,12 @@ def _chunks(n: int, size: int) -> list[slice]:
 
 
 class ReLU(Layer):
-    """G-module ReLU; the backward pass selects the gradient by the stored sign bit (one round, no compare)."""
+    """ReLU (DReLU by ``drelu``, then a select); the backward pass selects the gradient by the stored sign bit (one
+    round, no compare)."""
 
-    def __init__(self, party: Party, chunk: int = DEFAULT_CHUNK, sign_bits: int = gmodule.COMPARE_BITS) -> None:
-        self.party, self.chunk, self.sign_bits = party, chunk, sign_bits
+    def __init__(self, party: Party, chunk: int = DEFAULT_CHUNK, sign_bits: int = gmodule.COMPARE_BITS,
+                 drelu: str = "gmodule") -> None:
+        self.party, self.chunk, self.sign_bits, self.drelu = party, chunk, sign_bits, drelu
         self._bits: list[torch.Tensor] | None = None
         self._shape: tuple[int, ...] | None = None
 
@@ -160,7 +165,7 @@ class ReLU(Layer):
         flat = x.share.reshape(-1)
         outs, bits = [], []
         for sl in _chunks(flat.shape[0], self.chunk):
-            o, s = gmodule.relu(p, flat[sl], self.sign_bits)
+            o, s = gmodule.relu(p, flat[sl], self.sign_bits, self.drelu)
             outs.append(o)
             bits.append(s)
         self._bits = bits
@@ -180,8 +185,8 @@ class MaxPool2d(Layer):
     the stored choice bits. Large inputs are pooled in batch chunks."""
 
     def __init__(self, party: Party, kernel: int = 2, chunk: int = DEFAULT_CHUNK,
-                 sign_bits: int = gmodule.COMPARE_BITS) -> None:
-        self.party, self.kernel, self.chunk, self.sign_bits = party, kernel, chunk, sign_bits
+                 sign_bits: int = gmodule.COMPARE_BITS, drelu: str = "gmodule") -> None:
+        self.party, self.kernel, self.chunk, self.sign_bits, self.drelu = party, kernel, chunk, sign_bits, drelu
         self._states: list | None = None
 
     def forward(self, x: SharedTensor) -> SharedTensor:
@@ -190,7 +195,7 @@ class MaxPool2d(Layer):
         per = max(1, self.chunk // max(1, math.prod(tuple(x.shape)[1:])))
         outs, states = [], []
         for sl in _chunks(n, per):
-            o, st = fn.maxpool2d(p, x.share[sl], self.kernel, self.sign_bits)
+            o, st = fn.maxpool2d(p, x.share[sl], self.kernel, self.sign_bits, self.drelu)
             outs.append(o)
             states.append((sl, st))
         self._states = states

@@ -58,10 +58,10 @@ def plain_model(name: str, *, features: int = 784, pool: str = "max", seed: int 
 
 
 def secure_model(party: Party, plain: nn.Sequential, *, chunk: int = L.DEFAULT_CHUNK,
-                 sign_bits: int = COMPARE_BITS) -> L.Sequential:
+                 sign_bits: int = COMPARE_BITS, drelu: str = "gmodule") -> L.Sequential:
     """The secure twin of ``plain`` with the same initial weights (public, seeded) as trivial shares. ``sign_bits``
-    goes to every ReLU and max-pool (see :class:`~aloe.mpc.nn.layers.ReLU`)."""
-    cmp = {"chunk": chunk, "sign_bits": sign_bits}
+    and the DReLU method ``drelu`` go to every ReLU and max-pool (see :class:`~aloe.mpc.nn.layers.ReLU`)."""
+    cmp = {"chunk": chunk, "sign_bits": sign_bits, "drelu": drelu}
     mods = list(plain)
     layers: list[L.Layer] = []
     first = True

@@ -34,7 +34,7 @@ from aloe import AloeError
 from aloe.assets.cache import cache_root
 from aloe.mpc import kernels
 from aloe.mpc.functions import sigmoid_coefficients
-from aloe.mpc.gmodule import COMPARE_BITS
+from aloe.mpc.gmodule import COMPARE_BITS, DRELU_METHODS
 from aloe.mpc.nn import data as D
 from aloe.mpc.nn.layers import DEFAULT_CHUNK
 from aloe.mpc.nn.losses import sigmoid_bce_grad, softmax_ce_grad
@@ -46,6 +46,7 @@ from aloe.mpc.tensor import SharedTensor
 
 # the bit the ReLU and max-pool compares read the sign from (see TrainConfig.sign_bits)
 DEFAULT_SIGN_BITS = 31
+DEFAULT_DRELU = "gmodule"
 DEFAULT_LR = {"lr": 0.1, "a": 0.01, "b": 0.01, "c": 0.01, "d": 0.01}
 KEEP_CHECKPOINTS = 2
 
@@ -71,6 +72,8 @@ class TrainConfig:
     # the ReLU and max-pool compares read the sign from this bit: exact while their inputs stay below
     # 2^(sign_bits - frac_bits) in absolute value (2^17 = 131,072 by default); 63 is exact for every value
     sign_bits: int = DEFAULT_SIGN_BITS
+    # how ReLU and max-pool compute the sign bit: the G-module compare or the parallel-prefix carry (same bit)
+    drelu: str = DEFAULT_DRELU
     test_limit: int | None = None
     # before each step the dealer delivers all of that step's correlated randomness, and L and R start the step
     # only then: the offline/online split of the protocols, with the online phase timed on its own
@@ -104,6 +107,8 @@ class TrainConfig:
             raise AloeError("--batch must be positive")
         if not self.frac_bits + 2 <= self.sign_bits <= COMPARE_BITS:
             raise AloeError(f"--sign-bits must be in [{self.frac_bits + 2}, {COMPARE_BITS}] (frac bits + 2 to 63)")
+        if self.drelu not in DRELU_METHODS:
+            raise AloeError(f"unknown DReLU method {self.drelu!r} (one of {', '.join(DRELU_METHODS)})")
         if self.softmax_steps < 1 or self.softmax_steps & (self.softmax_steps - 1):
             raise AloeError("--softmax-steps must be a power of two")
         if self.wan is not None:
@@ -251,7 +256,7 @@ def train_program(party: Party, cfg: TrainConfig, lay: D.Layout, progress) -> di
         shape_links(party, cfg.wan)
     own_x, own_y = D.party_data(party.role, cfg.model, cfg.dataset, cfg.limit, cfg.seed, cfg.blobs)
     plain = plain_model(cfg.model, features=plain_features(cfg, lay), pool=cfg.pool, seed=cfg.seed)
-    net = secure_model(party, plain, chunk=cfg.chunk, sign_bits=cfg.sign_bits)
+    net = secure_model(party, plain, chunk=cfg.chunk, sign_bits=cfg.sign_bits, drelu=cfg.drelu)
     bsz = batch_size(cfg, lay.n)
     opt = SGD(party, net.params, cfg.rate, bsz, cfg.momentum)
     start, path = _agree_start(party, cfg)
@@ -448,6 +453,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, out: Path | None = None, p
         "config": {k: v for k, v in asdict(cfg).items() if k != "fail_at"},
     }
     report["sign_bits"] = cfg.sign_bits
+    report["drelu"] = cfg.drelu
     report["compare_input_range"] = compare_input_range(cfg)
     if plain:
         observed: dict = {}
