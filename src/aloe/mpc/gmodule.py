@@ -452,12 +452,27 @@ def cross_action(party: Party, t: torch.Tensor, x: Int65) -> Int65 | None:
 def select(party: Party, s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Shares of ``s * x`` for XOR-shared bits ``s`` and arithmetic ``x``: ``(x - (-1)^s x) / 2`` computed in
     Z_2^65 (where the halving of the even result is exact) with one cross action. One round."""
+    shape = tuple(x.shape)
     if party.is_dealer:
         cross_action(party, s, None)
-        return meta(tuple(x.shape))
-    xt = Int65.lift(x)
-    v = xt - cross_action(party, s, xt)
-    return v.hi if party.role == "L" else v.hi + v.lo
+        return meta(shape)
+    # the cross action on the lifted x (the same draws and message as :func:`cross_action`), with its local steps
+    # and the halving fused into two compiled passes
+    tm = party.draw(party.role, shape, 2)
+    xm_hi, xm_lo = party.draw(party.role, shape), party.draw(party.role, shape, 2)
+    if party.role == "L":
+        y_hi, y_lo = party.draw("L", shape), party.draw("L", shape, 2)
+    else:
+        y_hi, y_lo = party._dealer_recv([(shape, 0), (shape, 2)])
+    flat = (lambda v: v.reshape(-1).numpy())  # noqa: E731
+    xf, sf = flat(x.to(torch.int64).contiguous()), flat(s.contiguous())
+    dt, z_hi, z_lo = kernels.select_open(xf, sf, flat(tm), flat(xm_hi), flat(xm_lo))
+    other_dt, other_hi, other_lo = party.exchange([(torch.from_numpy(dt).reshape(shape), 2),
+                                                   (torch.from_numpy(z_hi).reshape(shape), 0),
+                                                   (torch.from_numpy(z_lo).reshape(shape), 2)])
+    out = kernels.select_finish(xf, sf, dt, flat(other_dt), flat(other_hi), flat(other_lo), flat(y_hi), flat(y_lo),
+                                party.role == "R")
+    return torch.from_numpy(out).reshape(shape)
 
 
 def relu(party: Party, x: torch.Tensor, bits: int = COMPARE_BITS,

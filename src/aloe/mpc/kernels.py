@@ -123,6 +123,54 @@ def scaled_rotation(i: np.ndarray, u: np.ndarray, a: np.ndarray, b: np.ndarray, 
 
 
 @njit(**_OPTS)
+def select_open(x: np.ndarray, t: np.ndarray, tm: np.ndarray, xm_hi: np.ndarray, xm_lo: np.ndarray):
+    """The message of select's cross action, fused: for this party's share ``x`` (int64, read as the unsigned
+    Z_2^65 value ``2 hi + lo``), bits ``t`` and its masks ``tm``, ``(xm_hi, xm_lo)``, returns
+    ``dt = t xor tm`` and ``z = (-1)^t (x - xm)`` in Z_2^65 as ``(z_hi, z_lo)``."""
+    n = x.size
+    dt = np.empty(n, dtype=np.uint8)
+    z_hi = np.empty(n, dtype=np.int64)
+    z_lo = np.empty(n, dtype=np.uint8)
+    for k in range(n):
+        v = x[k]
+        xh = (v >> 1) & 0x7FFFFFFFFFFFFFFF
+        xl = v & 1
+        ml = np.int64(xm_lo[k] & 1)
+        hi = xh - xm_hi[k] - ml + (xl & ml)  # x + (-xm), with -(2h + l) = 2(-h - l) + l
+        lo = xl ^ ml
+        tk = np.int64(t[k] & 1)
+        z_hi[k] = hi if tk == 0 else -hi - lo
+        z_lo[k] = lo
+        dt[k] = np.uint8(tk ^ (tm[k] & 1))
+    return dt, z_hi, z_lo
+
+
+@njit(**_OPTS)
+def select_finish(x: np.ndarray, t: np.ndarray, dt: np.ndarray, other_dt: np.ndarray, other_hi: np.ndarray,
+                  other_lo: np.ndarray, y_hi: np.ndarray, y_lo: np.ndarray, right: bool) -> np.ndarray:
+    """Select's last local step, fused: the cross action's share ``c = (-1)^t z' + (-1)^(dt xor dt') y`` (``z'``
+    the other party's message), then ``v = x - c`` in Z_2^65 and the halving: ``hi`` on L, ``hi + lo`` on R."""
+    n = x.size
+    out = np.empty(n, dtype=np.int64)
+    for k in range(n):
+        tk = np.int64(t[k] & 1)
+        oh, ol = other_hi[k], np.int64(other_lo[k] & 1)
+        ah = oh if tk == 0 else -oh - ol
+        sk = np.int64((dt[k] ^ other_dt[k]) & 1)
+        yh, yl = y_hi[k], np.int64(y_lo[k] & 1)
+        bh = yh if sk == 0 else -yh - yl
+        ch = ah + bh + (ol & yl)  # c = a + b
+        cl = ol ^ yl
+        v = x[k]
+        xh = (v >> 1) & 0x7FFFFFFFFFFFFFFF
+        xl = v & 1
+        hi = xh - ch - cl + (xl & cl)  # x - c
+        lo = xl ^ cl
+        out[k] = hi + lo if right else hi
+    return out
+
+
+@njit(**_OPTS)
 def sub_mod(a: np.ndarray, b: np.ndarray, p: int) -> np.ndarray:
     """``(a - b) mod p`` as int16 for flat ``a``, ``b`` in [0, p)."""
     out = np.empty(a.size, dtype=np.int16)
@@ -311,6 +359,10 @@ def warm_up() -> None:
     separately."""
     bits_msb_first(np.zeros(2, dtype=np.int64), 63)
     bit_planes(np.zeros(2, dtype=np.int64), 31)
+    x64, x8 = np.zeros(2, dtype=np.int64), np.zeros(2, dtype=np.uint8)
+    for t in (x8, x64):
+        dt, zh, zl = select_open(x64, t, x8, x64, x8)
+        select_finish(x64, t, dt, x8, x64, x8, x64, x8, True)
     d = np.zeros((2, 3), dtype=np.uint8)
     b = np.ones((2, 3), dtype=np.int16)
     transform_fnz(d, b, True, 67)
