@@ -21,8 +21,10 @@ offline phase).
 ``netem``), and adds a projection ``seconds + rounds x one-way delay`` for 2.5 ms and 25 ms (labelled as such).
 One measurement per workload (each is a full training step; the machine is shared and slow).
 
-Usage: python benchmarks/mpc_training.py [--quick] [--workloads lr,b-avg,b-max] [--wan [--wan-workloads lr]] [--json]
-``--quick``: lr and b-avg only.
+Usage: python benchmarks/mpc_training.py [--quick] [--workloads lr,b-avg,b-max] [--drelu prefix,gmodule]
+[--wan [--wan-workloads lr]] [--json]
+``--quick``: lr and b-avg only. ``--drelu``: the DReLU methods the network workloads run with, each beside the same
+CrypTen measurement (default both); LR runs with the first.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ import torch  # noqa: E402
 from aloe import AloeError  # noqa: E402
 from aloe.assets.cache import atomic_write_json, atomic_write_text  # noqa: E402
 from aloe.mpc.nn import data as D  # noqa: E402
-from aloe.mpc.nn.train import TrainConfig, train  # noqa: E402
+from aloe.mpc.nn.train import DEFAULT_DRELU, TrainConfig, train  # noqa: E402
 from common import latency_projection  # noqa: E402
 
 WORKLOADS = ("lr", "b-avg", "b-max")
@@ -53,19 +55,19 @@ GOALS = {"lr": 0.25, "b-avg": 0.2, "b-max": 0.2}
 BLOBS = (5000, 20)
 
 
-def aloe_config(w: str, ckpt: str, preprocess: bool = False) -> TrainConfig:
+def aloe_config(w: str, ckpt: str, preprocess: bool = False, drelu: str = DEFAULT_DRELU) -> TrainConfig:
     if w == "lr":
         return TrainConfig(model="lr", dataset="blobs", limit=BLOBS[0], batch=BLOBS[0], epochs=1, lr=0.1,
-                           blobs=BLOBS, checkpoint_dir=ckpt, timeout=600.0, preprocess=preprocess)
+                           blobs=BLOBS, checkpoint_dir=ckpt, timeout=600.0, preprocess=preprocess, drelu=drelu)
     return TrainConfig(model="b", pool=w.split("-")[1], limit=128, batch=128, epochs=1, lr=0.01, checkpoint_dir=ckpt,
-                       timeout=600.0, preprocess=preprocess)
+                       timeout=600.0, preprocess=preprocess, drelu=drelu)
 
 
-def run_aloe(w: str) -> dict:
+def run_aloe(w: str, drelu: str = DEFAULT_DRELU) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        rep = train(aloe_config(w, tmp), progress=False, plain=False)
+        rep = train(aloe_config(w, tmp, drelu=drelu), progress=False, plain=False)
     with tempfile.TemporaryDirectory() as tmp:
-        pre = train(aloe_config(w, tmp, preprocess=True), progress=False, plain=False)
+        pre = train(aloe_config(w, tmp, preprocess=True, drelu=drelu), progress=False, plain=False)
     # the step without writing the epoch checkpoint (CrypTen writes none); that time is reported beside it
     return {"seconds": rep["train_seconds"] - rep["checkpoint_seconds"], "launch_seconds": rep["seconds"],
             "checkpoint_seconds": rep["checkpoint_seconds"], "rounds": rep["rounds"],
@@ -94,14 +96,17 @@ def run_crypten(workloads: list[str]) -> dict:
         return json.loads(out.read_text())
 
 
-def measure(workloads: list[str]) -> dict:
-    aloe = {w: run_aloe(w) for w in workloads}
+def measure(workloads: list[str], drelus: list[str]) -> dict:
+    # each network workload once per DReLU method; LR (whose only compares are the sigmoid's clamp) with the first
+    runs = [(w, d) for w in workloads for d in (drelus if w != "lr" else drelus[:1])]
+    aloe = {(w, d): run_aloe(w, d) for w, d in runs}
     crypten = run_crypten(workloads)
     rows = []
-    for w in workloads:
-        a, c = aloe[w], crypten["workloads"][w]
+    for w, d in runs:
+        a, c = aloe[(w, d)], crypten["workloads"][w]
         rows.append({
             "workload": w,
+            "drelu": d,
             "aloe_seconds": a["seconds"],
             "aloe_launch_seconds": a["launch_seconds"],
             "aloe_checkpoint_seconds": a["checkpoint_seconds"],
@@ -126,17 +131,19 @@ NAMES = {"lr": "LR epoch, 5,000 x 20, full batch", "b-avg": "Network B step, b=1
 
 def markdown(result: dict, title: str, wan: bool = False) -> str:
     lines = [f"### {title}", "",
-             "| workload | aloe s | CrypTen s | aloe/CrypTen (goal) | rounds aloe / CrypTen | "
+             "| workload | aloe DReLU | aloe s | CrypTen s | aloe/CrypTen (goal) | rounds aloe / CrypTen | "
              "online MB aloe / CrypTen | aloe offline MB | aloe online phase s (/CrypTen) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(
-            f"| {NAMES[r['workload']]} | {r['aloe_seconds']:.2f} | {r['crypten_seconds']:.2f} | {r['ratio']:.2f} "
+            f"| {NAMES[r['workload']]} | {r['drelu']} | {r['aloe_seconds']:.2f} | "
+            f"{r['crypten_seconds']:.2f} | {r['ratio']:.2f} "
             f"(<= {r['goal']}) | {r['aloe_rounds']} / {r['crypten_rounds']} | {r['aloe_online_bytes'] / 1e6:,.1f} / "
             f"{r['crypten_online_bytes'] / 1e6:,.1f} | {r['aloe_offline_bytes'] / 1e6:,.1f} | "
             f"{r['aloe_online_seconds']:.2f} ({r['online_ratio']:.2f}) |")
     if wan:
-        lines += latency_projection(result["rows"], "workload", "aloe_seconds", "crypten_seconds", 1e3, 2,
+        rows = [{**r, "workload": f"{r['workload']} ({r['drelu']})"} for r in result["rows"]]
+        lines += latency_projection(rows, "workload", "aloe_seconds", "crypten_seconds", 1e3, 2,
                                     "Projection with latency (not a measurement): seconds + rounds x one-way delay.")
     return "\n".join(lines) + "\n"
 
@@ -156,7 +163,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_yscale("log")
         ax.set_ylabel(label)
         ax.set_xticks(list(x))
-        ax.set_xticklabels([r["workload"] for r in rows])
+        ax.set_xticklabels([f"{r['workload']}\n{r['drelu']}" for r in rows])
         ax.legend()
     fig.suptitle("secure training, aloe vs CrypTen (LAN, one run)")
     fig.tight_layout()
@@ -170,19 +177,26 @@ def main() -> int:
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--wan", action="store_true", help="also run inside a 100 Mbit/s network namespace")
     ap.add_argument("--wan-workloads", help="workloads for the WAN run (default: the LAN ones)")
+    ap.add_argument("--drelu", default=f"{DEFAULT_DRELU},gmodule",
+                    help="DReLU methods to run the network workloads with (comma list of prefix, gmodule; "
+                         f"default {DEFAULT_DRELU},gmodule)")
     ap.add_argument("--inner", choices=["wan"], help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     workloads = ["lr", "b-avg"] if args.quick else [w for w in args.workloads.split(",") if w]
     if any(w not in WORKLOADS for w in workloads):
         raise SystemExit(f"unknown workload in {args.workloads}")
+    drelus = list(dict.fromkeys(d for d in args.drelu.split(",") if d))
+    if not drelus or any(d not in ("prefix", "gmodule") for d in drelus):
+        raise SystemExit(f"unknown DReLU method in {args.drelu}")
     torch.set_num_threads(1)
     if args.inner == "wan":
-        print(json.dumps(measure(workloads)))
+        print(json.dumps(measure(workloads, drelus)))
         return 0
-    lan = measure(workloads)
+    lan = measure(workloads, drelus)
     cmd_line = "python benchmarks/mpc_training.py"
     cmd_line += " --quick" if args.quick else f" --workloads {','.join(workloads)}"
+    cmd_line += f" --drelu {','.join(drelus)}"
     report = {"lan": lan, "machine": f"{os.cpu_count()} CPU cores (shared), loopback"}
     md = ["# Secure training: aloe vs CrypTen (side by side, one run)", "",
           f"CrypTen {lan['crypten_version']} with provider TTP, torch {lan['torch']}. One measurement per workload. "
@@ -198,7 +212,7 @@ def main() -> int:
         wl = args.wan_workloads or ",".join(workloads)
         cmd_line += f" --wan --wan-workloads {wl}"
         cmd = ("ip link set lo up && tc qdisc add dev lo root tbf rate 100mbit burst 1mbit latency 100ms && "
-               f"{sys.executable} {Path(__file__).resolve()} --inner wan --workloads {wl}")
+               f"{sys.executable} {Path(__file__).resolve()} --inner wan --workloads {wl} --drelu {','.join(drelus)}")
         proc = subprocess.run(["unshare", "-n", "sh", "-c", cmd], capture_output=True, text=True, timeout=7200)
         if proc.returncode != 0:
             raise AloeError(f"WAN run failed: {proc.stderr.strip().splitlines()[-3:]}")

@@ -5,6 +5,7 @@
 - :mod:`aloe.mpc.comm` -- framed, validated, counted channels; :mod:`aloe.mpc.party` -- parties and launchers;
 - :mod:`aloe.mpc.triples` -- bilinear-map Beaver triples and the triangle triple;
 - :mod:`aloe.mpc.gmodule` -- G-module action / cross action / recover, compare, DReLU, select, ReLU;
+- :mod:`aloe.mpc.prefix` -- DReLU by a parallel-prefix carry over AND gates on bit planes;
 - :mod:`aloe.mpc.functions` -- Fourier sigmoid, ODE softmax, max-pool;
 - :mod:`aloe.mpc.tensor` -- the shared tensor.
 """

@@ -155,16 +155,17 @@ def sigmoid(party: Party, x: torch.Tensor, terms: int = SIGMOID_TERMS,
     return y
 
 
-def clip(party: Party, x: torch.Tensor, bound: float) -> torch.Tensor:
+def clip(party: Party, x: torch.Tensor, bound: float, method: str = "gmodule") -> torch.Tensor:
     """Shares of ``clamp(x, -bound, bound) = -bound + relu(x + bound) - relu(x - bound)``: the two ReLUs run in
-    parallel (5 rounds)."""
+    parallel (5 rounds with the G-module DReLU, 8 with ``method="prefix"``), each reading the full 63-bit sign (the
+    clamp is there for inputs of any size)."""
     c = party.fp.encode(bound)
     if party.is_dealer:
         stacked = meta((2, *x.shape))
     else:
         cc = c if party.role == "L" else 0
         stacked = torch.stack([x + cc, x - cc])
-    r, _ = gmodule.relu(party, stacked)
+    r, _ = gmodule.relu(party, stacked, gmodule.COMPARE_BITS, method)
     if party.is_dealer:
         return meta(tuple(x.shape))
     out = r[0] - r[1]

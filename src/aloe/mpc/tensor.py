@@ -301,12 +301,12 @@ class SharedTensor:
         out, s = gmodule.relu(self.party, self.share)
         return self._wrap(out), SharedBits(self.party, s)
 
-    def sigmoid(self, *, clip: bool = False) -> SharedTensor:
-        """The one-round Fourier sigmoid; inputs must be in (-16, 16) unless ``clip`` (clamps to +-12 first,
-        5 more rounds)."""
+    def sigmoid(self, *, clip: bool = False, drelu: str = "gmodule") -> SharedTensor:
+        """The one-round Fourier sigmoid; inputs must be in (-16, 16) unless ``clip`` (clamps to +-12 first with
+        two ReLUs whose sign bit comes from the DReLU method ``drelu``: 5 more rounds, 8 with ``"prefix"``)."""
         x = self.share
         if clip:
-            x = fn.clip(self.party, x, fn.SIGMOID_FIT_RANGE)
+            x = fn.clip(self.party, x, fn.SIGMOID_FIT_RANGE, drelu)
         return self._wrap(fn.sigmoid(self.party, x), 1.0)
 
     def softmax(self, dim: int = -1, *, logit_range: float | None = None, steps: int | None = None) -> SharedTensor:

@@ -14,9 +14,11 @@ SIGMOID_CLIP = True
 SOFTMAX_STEPS = 32
 
 
-def sigmoid_bce_grad(logits: SharedTensor, labels: SharedTensor, *, clip: bool = SIGMOID_CLIP) -> SharedTensor:
-    """d(BCE(sigmoid(z), t))/dz = sigmoid(z) - t (one sigmoid round, plus 5 for the clamp)."""
-    return logits.sigmoid(clip=clip) - labels
+def sigmoid_bce_grad(logits: SharedTensor, labels: SharedTensor, *, clip: bool = SIGMOID_CLIP,
+                     drelu: str = "gmodule") -> SharedTensor:
+    """d(BCE(sigmoid(z), t))/dz = sigmoid(z) - t (one sigmoid round, plus the clamp's: 5 with the G-module DReLU,
+    8 with ``drelu="prefix"``)."""
+    return logits.sigmoid(clip=clip, drelu=drelu) - labels
 
 
 def softmax_ce_grad(logits: SharedTensor, onehot: SharedTensor, *, steps: int = SOFTMAX_STEPS) -> SharedTensor:

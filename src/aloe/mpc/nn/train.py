@@ -46,7 +46,7 @@ from aloe.mpc.tensor import SharedTensor
 
 # the bit the ReLU and max-pool compares read the sign from (see TrainConfig.sign_bits)
 DEFAULT_SIGN_BITS = 31
-DEFAULT_DRELU = "gmodule"
+DEFAULT_DRELU = "prefix"
 DEFAULT_LR = {"lr": 0.1, "a": 0.01, "b": 0.01, "c": 0.01, "d": 0.01}
 KEEP_CHECKPOINTS = 2
 
@@ -279,7 +279,7 @@ def train_program(party: Party, cfg: TrainConfig, lay: D.Layout, progress) -> di
             x, y = _share_batch(party, cfg, lay, own_x, own_y, order[step * bsz:(step + 1) * bsz])
             logits = net.forward(x)
             if cfg.model == "lr":
-                grad = sigmoid_bce_grad(logits, y)
+                grad = sigmoid_bce_grad(logits, y, drelu=cfg.drelu)
             else:
                 grad = softmax_ce_grad(logits, y, steps=cfg.softmax_steps)
             net.backward(grad)
