@@ -83,13 +83,13 @@ def test_prefix_traffic_per_element_and_masked_openings():
     def program(party, method):
         sent = []
         if party.role == "L":
-            exchange = party.exchange
+            send = party.send_peer
 
             def recording(items):
                 sent.extend(t for t, _ in items)
-                return exchange(items)
+                return send(items)
 
-            party.exchange = recording
+            party.send_peer = recording
         x = T.meta((n,)) if party.is_dealer else zero
         b_on, b_off = party.stats.online.bytes_sent, party.stats.offline.bytes_sent
         G.drelu(party, x, bits, method)

@@ -156,11 +156,13 @@ def _module_transform_open(party: Party, bits: torch.Tensor, p: int) -> tuple[to
         party.split(a_l ^ a_r, shape, p, seeded="L")
         return None
     a = party.draw(party.role, shape, 2).to(torch.uint8)
-    b = party.split(None, shape, p, seeded="L").to(torch.int16)
     # large temporaries are numpy-allocated: glibc reuses numpy's freed blocks, but not torch's 64-byte-aligned
     # ones, whose fresh pages the kernel must zero on first touch
     mine = _xor(bits.to(torch.uint8), a)
-    (theirs,) = party.exchange([(mine, 2)])
+    party.send_peer([(mine, 2)])
+    # R reads its correction after its message has left (the dealer may still be computing it)
+    b = party.split(None, shape, p, seeded="L").to(torch.int16)
+    (theirs,) = party.recv_peer([(shape, 2)])
     return _xor(mine, theirs.to(torch.uint8)), b
 
 
@@ -238,8 +240,8 @@ def recover(party: Party, b: torch.Tensor, p: int, piggyback=None, first_zero: b
         party.send_peer([(w, p), *extra])
         return Recovered(shift=i, scale=u)
     bm = party.draw("R", shape, p).to(torch.int16)
-    big_u = party.give("R", None, shape, p).to(torch.int16)
     party.send_peer([(_sub_mod(b, bm, p), p)])
+    big_u = party.give("R", None, shape, p).to(torch.int16)
     extra_expect = piggyback[1] if piggyback else []
     w, *extra = party.recv_peer([(shape, p), *extra_expect])
     if first_zero:
@@ -345,13 +347,13 @@ def private_compare(party: Party, value: torch.Tensor, n: int = COMPARE_BITS, op
         return pick(dx, i_l) ^ pick(y_l, delta_g)
     j_r, rec = _fnz_recover(party, y, p, piggyback=(None, [(rows, big_n)]))
     x2 = party.draw("R", full, 2)
-    y_r = party.split(None, full, 2, seeded="L")
     (delta_g,) = rec.extra
     answer = np.empty(full, dtype=np.uint8)
     answer[..., :n] = bits.numpy() if op in ("lt", "le") else 1 - bits.numpy()
     answer[..., n] = 1 if op in ("le", "ge") else 0
     w = rotate_bits(torch.from_numpy(answer), j_r)
     party.send_peer([(_xor(w, x2.to(torch.uint8)), 2)])
+    y_r = party.split(None, full, 2, seeded="L")
     return y_r.gather(-1, delta_g.to(torch.int64).unsqueeze(-1)).squeeze(-1)
 
 
@@ -462,14 +464,15 @@ def select(party: Party, s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     xm_hi, xm_lo = party.draw(party.role, shape), party.draw(party.role, shape, 2)
     if party.role == "L":
         y_hi, y_lo = party.draw("L", shape), party.draw("L", shape, 2)
-    else:
-        y_hi, y_lo = party._dealer_recv([(shape, 0), (shape, 2)])
     flat = (lambda v: v.reshape(-1).numpy())  # noqa: E731
     xf, sf = flat(x.to(torch.int64).contiguous()), flat(s.contiguous())
     dt, z_hi, z_lo = kernels.select_open(xf, sf, flat(tm), flat(xm_hi), flat(xm_lo))
-    other_dt, other_hi, other_lo = party.exchange([(torch.from_numpy(dt).reshape(shape), 2),
-                                                   (torch.from_numpy(z_hi).reshape(shape), 0),
-                                                   (torch.from_numpy(z_lo).reshape(shape), 2)])
+    items = [(torch.from_numpy(dt).reshape(shape), 2), (torch.from_numpy(z_hi).reshape(shape), 0),
+             (torch.from_numpy(z_lo).reshape(shape), 2)]
+    party.send_peer(items)
+    if party.role == "R":  # read after R's message has left: the dealer may still be computing it
+        y_hi, y_lo = party._dealer_recv([(shape, 0), (shape, 2)])
+    other_dt, other_hi, other_lo = party.recv_peer([(shape, m) for _, m in items])
     out = kernels.select_finish(xf, sf, dt, flat(other_dt), flat(other_hi), flat(other_lo), flat(y_hi), flat(y_lo),
                                 party.role == "R")
     return torch.from_numpy(out).reshape(shape)

@@ -99,27 +99,27 @@ class _Round:
         role = party.role
         total, offsets = self._layout(role)
         drawn = _u64(party.draw(role, (total, words)))
-        n_corr = sum(count for _, count, _, _ in self.gates)
-        if role == "R":
-            (corr,) = party._dealer_recv([((n_corr, words), 0)])
-            corr = _u64(corr)
         opened, masks = [], []
-        c_off = 0
         for (kind, count, x, y), off in zip(self.gates, offsets, strict=True):
             if kind == "private":
                 mask = drawn[off : off + count]
-                c = drawn[off + count : off + 2 * count] if role == "L" else corr[c_off : c_off + count]
                 opened.append(x ^ mask)
-                masks.append((mask, c))
+                masks.append((mask, drawn[off + count : off + 2 * count] if role == "L" else None))
             else:
                 u, w = drawn[off : off + count], drawn[off + count : off + 2 * count]
-                c = drawn[off + 2 * count : off + 3 * count] if role == "L" else corr[c_off : c_off + count]
                 opened.append(x ^ u)
                 opened.append(y ^ w)
-                masks.append((u, w, c))
-            c_off += count
+                masks.append((u, w, drawn[off + 2 * count : off + 3 * count] if role == "L" else None))
         mine = np.concatenate(opened)
-        (theirs,) = party.exchange([(torch.from_numpy(mine.view(np.int64)), 0)])
+        party.send_peer([(torch.from_numpy(mine.view(np.int64)), 0)])
+        if role == "R":  # read after R's message has left: the dealer may still be computing it
+            n_corr = sum(count for _, count, _, _ in self.gates)
+            (corr,) = party._dealer_recv([((n_corr, words), 0)])
+            corr, c_off = _u64(corr), 0
+            for i, (_, count, _, _) in enumerate(self.gates):
+                masks[i] = (*masks[i][:-1], corr[c_off : c_off + count])
+                c_off += count
+        (theirs,) = party.recv_peer([(tuple(mine.shape), 0)])
         theirs = _u64(theirs)
         out, pos = [], 0
         for (kind, count, x, _), m in zip(self.gates, masks, strict=True):

@@ -80,11 +80,13 @@ class TriangleTriple:
             self._state = (xs, ws, ys)
             return meta(ys)
         xm, wm, zm = p.draw(p.role, xs), p.draw(p.role, ws), p.draw(p.role, ys)
+        dx, dw = x - xm, w - wm
+        p.send_peer([(dx, 0), (dw, 0)])
+        # R's corrections are read after its message has left: the dealer may still be computing them
         u = p.split(None, ys)
         v = p.split(None, xs) if self.need_g1 else None
         w_ = p.split(None, ws)
-        dx, dw = x - xm, w - wm
-        px, pw = p.exchange([(dx, 0), (dw, 0)])
+        px, pw = p.recv_peer([(xs, 0), (ws, 0)])
         dx, dw = dx + px, dw + pw
         self._state = (xm, wm, zm, v, w_, dx, dw)
         if p.role == "L":
