@@ -1,7 +1,8 @@
 """Secure training accuracy on full MNIST: each model trained securely and in plain PyTorch, side by side.
 
 Every run is ``aloe.mpc.nn.train.train`` with its defaults (three processes: L owns the images, R the labels, the
-dealer helps; momentum SGD 0.9, batch 128, the default learning rate, the sign of ReLU and max-pool read at bit 31).
+dealer helps; momentum SGD 0.9, batch 128, the default learning rate, the sign of ReLU and max-pool read at bit 31
+by the parallel-prefix carry).
 The plain baseline is the same model trained in plain PyTorch on the same data, initialisation, batch order and
 quantised learning rate. Both are evaluated on the 10,000 MNIST test images. The report also gives the largest value
 the plain run fed a ReLU or a max-pool compare, beside the range the secure compare reads exactly.
@@ -45,7 +46,7 @@ def measure(runs: list[str], epochs: int, limit: int | None) -> list[dict]:
             rep = train(config(run, epochs, limit, tmp), progress=True, plain=True)
         rows.append({"run": run, **{k: rep[k] for k in (
             "examples", "epochs", "batch", "steps_per_epoch", "lr", "accuracy", "plain_accuracy", "train_seconds",
-            "online_bytes", "offline_bytes", "rounds", "sign_bits", "compare_input_range",
+            "online_bytes", "offline_bytes", "rounds", "sign_bits", "drelu", "compare_input_range",
             "plain_compare_input_max")}})
         r = rows[-1]
         print(f"{run}: secure {r['accuracy']:.4f}, plain {r['plain_accuracy']:.4f}", file=sys.stderr)
