@@ -85,6 +85,49 @@ def test_triangle_triple_forward_and_both_backward_products(kind):
         assert torch.equal(got, exp)
 
 
+@pytest.mark.parametrize("owners", [[("L", 4)], [("L", 3), ("R", 5)], [("R", 2), ("L", 2), ("R", 4)]])
+def test_triangle_triple_with_an_input_its_owners_hold(owners):
+    """A first layer's input held in the clear by its owners (column blocks): the same products as with a shared
+    input, each block opened by its owner alone (half the opening of a shared input)."""
+    n_in = sum(w for _, w in owners)
+    maps = T.matmul_maps()
+    x, w, dy = rand64(6, n_in), rand64(n_in, 3), rand64(6, 3)
+
+    def program(party):
+        if party.is_dealer:
+            xo = T.meta((6, n_in))
+        else:  # each party holds its own blocks in the clear and zero elsewhere
+            cols = torch.split(x, [width for _, width in owners], -1)
+            xo = torch.cat([c if who == party.role else torch.zeros_like(c) for (who, _), c in zip(owners, cols)], -1)
+        tri = T.TriangleTriple(party, maps.f, maps.g1, maps.g2)
+        ws = share_raw(party, w)
+        b0 = party.stats.online.bytes_sent
+        y = tri.forward(xo, ws, owners)
+        sent = party.stats.online.bytes_sent - b0
+        gx, gw = tri.backward(share_raw(party, dy))
+        return [reveal_raw(party, t) for t in (y, gx, gw)], sent
+
+    res, _ = run(program)
+    for got, exp in zip(res["L"][0], (x @ w, dy @ w.T, x.T @ dy), strict=True):
+        assert torch.equal(got, exp)
+    mine = {r: sum(width for who, width in owners if who == r) for r in ("L", "R")}
+    for r in ("L", "R"):  # the forward's message: this party's own columns and its share of W, plus framing
+        assert 8 * (6 * mine[r] + n_in * 3) <= res[r][1] < 8 * (6 * mine[r] + n_in * 3) + 120
+    from aloe import AloeError
+    from aloe.mpc.tensor import OwnedInput
+
+    def bad_shape(party):
+        return OwnedInput.from_blocks(party, [("L", torch.zeros(6, 3) if party.role == "L" else None, (6, 4))])
+
+    with pytest.raises(AloeError, match="declared"):
+        run(bad_shape)
+    with pytest.raises(AloeError, match="belong to L or R"):
+        OwnedInput.from_blocks(None, [("D", None, (6, 4))])
+    with pytest.raises(ValueError, match="cover the input"):
+        run(lambda party: T.TriangleTriple(party, maps.f, maps.g1, maps.g2).forward(
+            T.meta((6, n_in)) if party.is_dealer else x, share_raw(party, w), [("L", 1)]))
+
+
 def test_module_transform_and_first_nonzero():
     p, n = 67, 64
     z = (torch.rand(300, n) < 0.1).long()

@@ -367,3 +367,38 @@ class TriangleLayer:
         return (SharedTensor(self.party, fn.truncate(self.party, gx)),
                 SharedTensor(self.party, fn.truncate(self.party, gw)))
 
+
+class OwnedInput(SharedTensor):
+    """A private input that its owners hold in the clear, as column blocks ``(owner, width)`` along the last
+    dimension: on each block the owner's share is the encoded value and the other party's is zero. This trivial
+    sharing costs nothing to make; a first bilinear layer (:class:`~aloe.mpc.triples.TriangleTriple` with
+    ``owners``) masks and opens each block from its owner's side alone. Used as an ordinary shared tensor it is a
+    valid sharing too (each party's share is what it already knows)."""
+
+    def __init__(self, party: Party, share: torch.Tensor, owners: list[tuple[str, int]],
+                 bound: float | None = None) -> None:
+        super().__init__(party, share, bound)
+        self.owners = list(owners)
+
+    @classmethod
+    def from_blocks(cls, party: Party, blocks: list[tuple[str, torch.Tensor | None, tuple[int, ...]]]) -> OwnedInput:
+        """``blocks``: ``(owner, value, shape)`` in column order; the owner passes its values (float), the others
+        None. The shapes agree except in the last dimension. Raises :class:`~aloe.mpc.ring.OverflowRisk` if an
+        owner's values are outside the safe fixed-point range."""
+        owners = [(who, tuple(shape)[-1]) for who, _, shape in blocks]
+        if any(who not in ("L", "R") for who, _ in owners):
+            raise AloeError("private inputs belong to L or R")
+        full = (*tuple(blocks[0][2])[:-1], sum(width for _, width in owners))
+        if party.is_dealer:
+            return cls(party, meta(full), owners)
+        parts = []
+        for who, value, shape in blocks:
+            if who == party.role:
+                v = torch.as_tensor(value, dtype=torch.float64)
+                if tuple(v.shape) != tuple(shape):
+                    raise AloeError(f"private input of shape {tuple(v.shape)}, declared {tuple(shape)}")
+                check_encodable(v, party.fp, what="private input")
+                parts.append(party.fp.encode(v))
+            else:
+                parts.append(torch.zeros(tuple(shape), dtype=torch.int64))
+        return cls(party, torch.cat(parts, -1), owners)

@@ -64,30 +64,62 @@ class TriangleTriple:
         self.need_g1 = need_g1
         self._state: tuple | None = None
 
-    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, w: torch.Tensor, owners: list[tuple[str, int]] | None = None) -> torch.Tensor:
+        """Shares of ``f(x, W)``. ``owners`` declares ``x`` a private input held in the clear: column blocks
+        ``(owner, width)`` along its last dimension, where the owner's share is the (encoded) value and the other
+        party's is zero. Each block's mask then comes from its owner's stream alone, and only the owner opens the
+        block (the Morse-STF code's private-operand triple): half the opening of a shared ``x``, and no sharing."""
         p = self.party
         xs, ws = tuple(x.shape), tuple(w.shape)
         ys = _shape_of(self.f, x, w)
+        if owners is not None and sum(width for _, width in owners) != xs[-1]:
+            raise ValueError("the owners' blocks must cover the input's last dimension")
         if p.is_dealer:
-            xl, xr = p.draw("L", xs), p.draw("R", xs)
+            if owners is None:
+                xl, xr = p.draw("L", xs), p.draw("R", xs)
+                xm = xl + xr
+            else:
+                xm = torch.cat([p.draw(who, (*xs[:-1], width)) for who, width in owners], -1)
             wl, wr = p.draw("L", ws), p.draw("R", ws)
             zl, zr = p.draw("L", ys), p.draw("R", ys)
-            xm, wm, zm = xl + xr, wl + wr, zl + zr
+            wm, zm = wl + wr, zl + zr
             p.split(self.f(xm, wm), ys)
             if self.need_g1:
                 p.split(self.g1(wm, zm), xs)
             p.split(self.g2(zm, xm), ws)
             self._state = (xs, ws, ys)
             return meta(ys)
-        xm, wm, zm = p.draw(p.role, xs), p.draw(p.role, ws), p.draw(p.role, ys)
+        if owners is None:
+            xm = p.draw(p.role, xs)
+            blocks = None
+        else:
+            # this party's mask share: its own blocks' masks, zero on the other party's blocks
+            blocks = list(zip(owners, torch.split(x, [width for _, width in owners], -1), strict=True))
+            xm = torch.cat([p.draw(who, tuple(b.shape)) if who == p.role else torch.zeros_like(b)
+                            for (who, _), b in blocks], -1)
+        wm, zm = p.draw(p.role, ws), p.draw(p.role, ys)
         dx, dw = x - xm, w - wm
-        p.send_peer([(dx, 0), (dw, 0)])
+        if blocks is None:
+            p.send_peer([(dx, 0), (dw, 0)])
+        else:
+            widths = [width for _, width in owners]
+            mine = [d for (who, _), d in zip(owners, torch.split(dx, widths, -1), strict=True) if who == p.role]
+            p.send_peer([*[(d.contiguous(), 0) for d in mine], (dw, 0)])
         # R's corrections are read after its message has left: the dealer may still be computing them
         u = p.split(None, ys)
         v = p.split(None, xs) if self.need_g1 else None
         w_ = p.split(None, ws)
-        px, pw = p.recv_peer([(xs, 0), (ws, 0)])
-        dx, dw = dx + px, dw + pw
+        if blocks is None:
+            px, pw = p.recv_peer([(xs, 0), (ws, 0)])
+            dx, dw = dx + px, dw + pw
+        else:
+            theirs = [(*xs[:-1], width) for who, width in owners if who != p.role]
+            *got, pw = p.recv_peer([*[(s, 0) for s in theirs], (ws, 0)])
+            got = iter(got)
+            parts = torch.split(dx, [width for _, width in owners], -1)
+            dx = torch.cat([part if who == p.role else next(got) for (who, _), part in zip(owners, parts, strict=True)],
+                           -1)
+            dw = dw + pw
         self._state = (xm, wm, zm, v, w_, dx, dw)
         if p.role == "L":
             return self.f(dx + xm, dw) + self.f(dx, wm) + u

@@ -105,7 +105,7 @@ class TriangleLayer(Layer):
         p = self.party
         maps = self.maps(x)
         self._triple = TriangleTriple(p, maps.f, maps.g1, maps.g2, need_g1=self.need_input_grad)
-        y = _trunc(p, self._triple.forward(x.share, self.weight.share))
+        y = _trunc(p, self._triple.forward(x.share, self.weight.share, getattr(x, "owners", None)))
         if self.bias is not None:
             y = y + self._bias_view(y)
         return SharedTensor(p, y)

@@ -42,7 +42,7 @@ from aloe.mpc.nn.models import MODELS, POOLS, load_weights, plain_model, secure_
 from aloe.mpc.nn.optim import SGD, quantize_rate
 from aloe.mpc.nn.wan import profile, shape_links
 from aloe.mpc.party import Party, run_processes
-from aloe.mpc.tensor import SharedTensor
+from aloe.mpc.tensor import OwnedInput, SharedTensor
 
 # the bit the ReLU and max-pool compares read the sign from (see TrainConfig.sign_bits)
 DEFAULT_SIGN_BITS = 31
@@ -218,13 +218,13 @@ def _share_batch(party: Party, cfg: TrainConfig, lay: D.Layout, own_x, own_y, id
     def take(t):
         return None if t is None else t[idx]
 
+    # the features stay with their owners: the first layer masks and opens each owner's block from its side alone
     if cfg.model == "lr":
-        xl = SharedTensor.from_private(party, take(own_x) if mine == "L" else None, "L", (b, *lay.l_shape))
-        xr = SharedTensor.from_private(party, take(own_x) if mine == "R" else None, "R", (b, *lay.r_shape))
-        x = SharedTensor(party, torch.cat([xl.share, xr.share], 1))
+        x = OwnedInput.from_blocks(party, [("L", take(own_x) if mine == "L" else None, (b, *lay.l_shape)),
+                                           ("R", take(own_x) if mine == "R" else None, (b, *lay.r_shape))])
         y = SharedTensor.from_private(party, take(own_y).unsqueeze(1) if mine == "R" else None, "R", (b, 1))
         return x, y
-    x = SharedTensor.from_private(party, take(own_x) if mine == "L" else None, "L", (b, *lay.l_shape))
+    x = OwnedInput.from_blocks(party, [("L", take(own_x) if mine == "L" else None, (b, *lay.l_shape))])
     onehot = None
     if mine == "R":
         onehot = torch.nn.functional.one_hot(take(own_y), lay.classes).double()
