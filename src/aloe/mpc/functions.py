@@ -254,7 +254,8 @@ def _unwindows(v: torch.Tensor, k: int, shape: tuple) -> torch.Tensor:
 def maxpool2d(party: Party, x: torch.Tensor, kernel: int = 2,
               sign_bits: int = gmodule.COMPARE_BITS, method: str = "gmodule") -> tuple[torch.Tensor, PoolState]:
     """Shares of non-overlapping ``kernel x kernel`` max-pooling (NCHW) by a tournament: each level compares pairs
-    (``max(a, b) = b + [a >= b](a - b)``: DReLU + select, 5 rounds) and halves the candidates; ``ceil(log2 k^2)``
+    (``max(a, b) = b + [a >= b](a - b)``: DReLU + select, 5 rounds with the G-module DReLU, 7 with the prefix
+    one) and halves the candidates; ``ceil(log2 k^2)``
     levels. Returns the output and the choice bits for :func:`maxpool2d_backward`. With ``sign_bits < 63`` the
     differences must lie in ``[-2^sign_bits, 2^sign_bits)`` (see :func:`~aloe.mpc.gmodule.msb`). ``method``: the
     DReLU's (:func:`~aloe.mpc.gmodule.drelu`)."""

@@ -1,4 +1,5 @@
-"""Compiled (numba) kernels for the local steps of the G-module compare.
+"""Compiled (numba) kernels for the local steps of the G-module compare, the bit planes of the prefix DReLU and
+select's cross action.
 
 A DReLU expands every element into 64 positions mod p, and the steps between two messages are chains of small
 operations on them (a select, a reduction mod p, a running sum, a product, a cyclic shift). Written with numpy or

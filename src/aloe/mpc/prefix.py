@@ -26,6 +26,8 @@ fresh keystream bit of its own PRF stream, which the other computing party never
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -76,8 +78,6 @@ class _Round:
 
     def run(self) -> list[np.ndarray] | None:
         party, words = self.party, self.words
-        if not self.gates:
-            return [] if not party.is_dealer else None
         if party.is_dealer:
             nl, off_l = self._layout("L")
             nr, off_r = self._layout("R")
@@ -151,32 +151,31 @@ def _pairs(m: int) -> tuple[np.ndarray, np.ndarray]:
 def carry_planes(party: Party, planes: np.ndarray | None, k: int, words: int) -> np.ndarray | None:
     """XOR shares (one plane of ``words`` words) of the carry out of ``a + b``, where L passes the ``k`` bit planes
     of ``a`` (least significant first) and R those of ``b``; None on the dealer."""
-    dealer = party.is_dealer
-    g = None  # generates of the current level (None until round 1 has run)
+    dealer = party.is_dealer  # the dealer runs the same rounds on shapes alone (its g, p and p_next stay None)
+    first = True  # round 1 computes the level-0 generates
+    g = None  # generates of the current level
     p = planes  # propagates of the current level (row 0 unused)
     m = k  # groups at the current level
     p_next = None  # propagates of the next level, computed one round ahead
     while True:
         rnd = _Round(party, words)
         # the generates: level 0 by private ANDs, level l + 1 from level l
-        if g is None:
+        if first:
             g_gate = rnd.private(planes, k)
-            lo, hi = None, None
         else:
             lo, hi = _pairs(m)
             g_gate = rnd.beaver(None if dealer else p[hi], None if dealer else g[lo], len(lo))
         # the propagates one level above the level the generates are now moving to
-        src_p, src_m = (p, m) if g is None else (p_next, (m + 1) // 2)
+        src_p, src_m = (p, m) if first else (p_next, (m + 1) // 2)
         want_p = src_m > 2  # the level above has more than one group, so its propagates will be used
         if want_p:
             plo, phi = _pairs(src_m)
             plo, phi = plo[1:], phi[1:]  # the lowest group's propagate is never used
             p_gate = rnd.beaver(None if dealer else src_p[phi], None if dealer else src_p[plo], len(plo))
         res = rnd.run()
-        if g is None:
+        if first:
             g = None if dealer else res[g_gate]
-            if dealer:
-                g = np.empty(0)
+            first = False
         else:
             new_m = (m + 1) // 2
             if not dealer:
@@ -194,8 +193,6 @@ def carry_planes(party: Party, planes: np.ndarray | None, k: int, words: int) ->
                 if src_m % 2:
                     pn[-1] = src_p[src_m - 1]
                 p_next = pn
-            else:
-                p_next = np.empty(0)
         else:
             p_next = None
         if m == 1:
@@ -209,9 +206,7 @@ def msb(party: Party, x: torch.Tensor, bits: int = 63) -> torch.Tensor:
     if not 1 <= bits <= 63:
         raise ValueError(f"the sign is read from bit 1 to 63, got {bits}")
     shape = tuple(x.shape)
-    n = 1
-    for s in shape:
-        n *= s
+    n = math.prod(shape)
     words = _words(n)
     if party.is_dealer:
         carry_planes(party, None, bits, words)

@@ -91,33 +91,32 @@ class TriangleTriple:
             return meta(ys)
         if owners is None:
             xm = p.draw(p.role, xs)
-            blocks = None
         else:
             # this party's mask share: its own blocks' masks, zero on the other party's blocks
-            blocks = list(zip(owners, torch.split(x, [width for _, width in owners], -1), strict=True))
+            widths = [width for _, width in owners]
             xm = torch.cat([p.draw(who, tuple(b.shape)) if who == p.role else torch.zeros_like(b)
-                            for (who, _), b in blocks], -1)
+                            for (who, _), b in zip(owners, torch.split(x, widths, -1), strict=True)], -1)
         wm, zm = p.draw(p.role, ws), p.draw(p.role, ys)
         dx, dw = x - xm, w - wm
-        if blocks is None:
+        if owners is None:
             p.send_peer([(dx, 0), (dw, 0)])
         else:
-            widths = [width for _, width in owners]
-            mine = [d for (who, _), d in zip(owners, torch.split(dx, widths, -1), strict=True) if who == p.role]
-            p.send_peer([*[(d.contiguous(), 0) for d in mine], (dw, 0)])
+            dx_parts = torch.split(dx, widths, -1)
+            mine = [d.contiguous() for (who, _), d in zip(owners, dx_parts, strict=True) if who == p.role]
+            p.send_peer([*[(d, 0) for d in mine], (dw, 0)])
         # R's corrections are read after its message has left: the dealer may still be computing them
         u = p.split(None, ys)
         v = p.split(None, xs) if self.need_g1 else None
         w_ = p.split(None, ws)
-        if blocks is None:
+        if owners is None:
             px, pw = p.recv_peer([(xs, 0), (ws, 0)])
             dx, dw = dx + px, dw + pw
         else:
+            # the opened input: this party's own blocks, and the other party's as it opened them
             theirs = [(*xs[:-1], width) for who, width in owners if who != p.role]
             *got, pw = p.recv_peer([*[(s, 0) for s in theirs], (ws, 0)])
             got = iter(got)
-            parts = torch.split(dx, [width for _, width in owners], -1)
-            dx = torch.cat([part if who == p.role else next(got) for (who, _), part in zip(owners, parts, strict=True)],
+            dx = torch.cat([d if who == p.role else next(got) for (who, _), d in zip(owners, dx_parts, strict=True)],
                            -1)
             dw = dw + pw
         self._state = (xm, wm, zm, v, w_, dx, dw)
