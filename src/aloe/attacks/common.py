@@ -173,8 +173,11 @@ class Target:
         observed products; the draws themselves are unrelated to the victim's)."""
         if alpha <= 0:
             return w
+        from aloe.obfuscation.embedding import noise_std
+
+        std = torch.from_numpy(noise_std(w.double().numpy(), alpha, self.profile.get("noise_shape", "entry"))).float()
         g = torch.Generator().manual_seed(int(self.budget.rng(label).integers(1 << 62)))
-        return w + alpha * float(w.std()) * torch.randn(w.shape, generator=g)
+        return w + std[:, None] * torch.randn(w.shape, generator=g)
 
 
 # ---- shared numerics --------------------------------------------------------------------------------------------

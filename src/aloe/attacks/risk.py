@@ -11,11 +11,16 @@ import json
 from pathlib import Path
 
 TABLE = Path(__file__).with_name("privacy_table.json")
-IGNORED = ("name", "description")
+IGNORED = ("name", "description", "protects")
 
 
 def profile_key(profile: dict) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in profile.items() if k not in IGNORED}
+    """The parameters that define a profile; a parameter a stored row predates takes its default value."""
+    from aloe.obfuscation.profiles import Profile
+
+    full = Profile(name="").to_dict()
+    full.update(profile)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in full.items() if k not in IGNORED}
 
 
 def measured_risk(profile: dict, table: Path = TABLE) -> dict:

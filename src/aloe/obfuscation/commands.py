@@ -36,7 +36,11 @@ def _obfuscate(args: argparse.Namespace) -> int:
 
     profile = get_profile(args.profile)
     overrides = {k: v for k, v in (("h", args.h), ("alpha_e", args.alpha_e), ("alpha_h", args.alpha_h),
-                                   ("beta", args.beta), ("lam", args.lam), ("keys", args.keys)) if v is not None}
+                                   ("beta", args.beta), ("lam", args.lam), ("keys", args.keys),
+                                   ("noise_shape", args.noise_shape), ("embed_shear", args.embed_shear),
+                                   ("adapt_steps", args.adapt_steps)) if v is not None}
+    if args.adapt_steps is not None and args.adapt_steps < 0:
+        raise AloeError("--adapt-steps must be >= 0")
     if overrides:
         profile = profile.with_overrides(name=f"{profile.name}+custom", **overrides)
     model = resolve_model(args.model)
@@ -51,6 +55,8 @@ def _obfuscate(args: argparse.Namespace) -> int:
         print(f"{state} {args.out} (profile {profile.name}, hidden size {summary['hidden_size']} -> "
               f"{summary['obfuscated_hidden_size']}); secret: {args.secret} (fingerprint "
               f"{summary['secret_fingerprint'][:16]}...)")
+        if profile.protects:
+            print(f"protects against: {profile.protects}")
         print(risk_line(summary.get("measured_risk") or {}))
     return 0
 
@@ -94,6 +100,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--beta", type=int, help="override the block-permutation window")
     p.add_argument("--lam", type=float, help="override lambda (paper keys)")
     p.add_argument("--keys", choices=["paper", "exact-norm"], help="override the key design")
+    p.add_argument("--noise-shape", choices=["entry", "row"], help="override the noise shape (one sigma per table, "
+                   "or each row's own RMS)")
+    p.add_argument("--embed-shear", type=float, help="override the non-isometric shear of the embedding key")
+    p.add_argument("--adapt-steps", type=int, help="override the number of distillation steps after the noise "
+                   "(0: none); an interrupted adaptation resumes when the same command is run again")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_obfuscate)
 

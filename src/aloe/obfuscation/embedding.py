@@ -32,27 +32,46 @@ def inverse_permutation(tau: np.ndarray) -> np.ndarray:
     return inv
 
 
-def add_noise(weight: np.ndarray, alpha: float, rng: SecureRandom) -> np.ndarray:
-    """``W* = W + alpha * N(0, sigma^2)`` with sigma the standard deviation of W itself (i.i.d. per entry)."""
+NOISE_SHAPES = ("entry", "row")
+
+
+def noise_std(weight: np.ndarray, alpha: float, shape: str = "entry") -> np.ndarray:
+    """Per-row standard deviation of the noise on an n x d table.
+
+    ``entry`` (the paper): one sigma for every entry, the standard deviation of the whole table, so rows of small norm
+    get relatively more noise than rows of large norm. ``row``: sigma_i = alpha * ||w_i|| / sqrt(d), the same
+    signal-to-noise ratio for every row (the table's mean noise energy stays that of ``entry`` up to the spread of the
+    row norms)."""
+    if shape not in NOISE_SHAPES:
+        raise ValueError(f"unknown noise shape {shape!r}; choose one of {NOISE_SHAPES}")
+    n, d = weight.shape
+    if shape == "entry":
+        return np.full(n, alpha * float(weight.std()))
+    return alpha * np.linalg.norm(weight, axis=1) / np.sqrt(d)
+
+
+def add_noise(weight: np.ndarray, alpha: float, rng: SecureRandom, shape: str = "entry") -> np.ndarray:
+    """``W* = W + alpha * N(0, sigma^2)``: with ``entry`` sigma is the standard deviation of W itself (i.i.d. per
+    entry); with ``row`` it is each row's own RMS (see :func:`noise_std`)."""
     if alpha == 0:
         return weight
-    return weight + rng.normal(weight.shape, std=alpha * float(weight.std()))
+    return weight + rng.normal(weight.shape) * noise_std(weight, alpha, shape)[:, None]
 
 
 def obfuscate_embedding(weight: np.ndarray, tau: np.ndarray, P: np.ndarray, alpha_e: float,
-                        rng: SecureRandom) -> np.ndarray:
+                        rng: SecureRandom, noise_shape: str = "entry") -> np.ndarray:
     """n x d plain embedding -> n x d' obfuscated embedding."""
-    noised = add_noise(weight, alpha_e, rng)
+    noised = add_noise(weight, alpha_e, rng, noise_shape)
     out = np.empty((weight.shape[0], P.shape[1]))
     out[tau] = noised @ P
     return out
 
 
 def obfuscate_head(weight: np.ndarray, final_norm: np.ndarray, tau: np.ndarray, Q: np.ndarray, alpha_h: float,
-                   rng: SecureRandom) -> np.ndarray:
+                   rng: SecureRandom, noise_shape: str = "entry") -> np.ndarray:
     """n x d plain LM head (the final RMSNorm's gamma folded in first) -> n x d' obfuscated head."""
     folded = weight * final_norm[None, :]
-    noised = add_noise(folded, alpha_h, rng)
+    noised = add_noise(folded, alpha_h, rng, noise_shape)
     out = np.empty((weight.shape[0], Q.shape[0]))
     out[tau] = noised @ Q.T
     return out

@@ -67,6 +67,21 @@ class KeyBases:
             C = r.normal((self.d, self.h // 2), std=self.d ** -0.5) @ self.C_rows
         return np.concatenate([self.B, C, self.E], axis=1) @ self.Z
 
+    def sheared_writer(self, rng: SecureRandom, shear: float) -> np.ndarray:
+        """A writer key for the embedding that is *not* a scaled isometry: the shared P with its C block moved by
+        ``shear * G C_rows`` (G d x h/2 Gaussian with variance 2/h, so ``||e Delta|| ~ shear ||e||``).
+
+        It still inverts exactly under every reader (``(C + Delta) F = 0`` because the rows of ``C_rows`` span the
+        left null space of F), so ``P_e Q_j = I``; but ``P_e P_e^T != c^2 I`` and ``P_e P^T != c^2 I``: the stock
+        RMSNorm is no longer exact on any residual that holds an embedding component (see docs/aloepri.md)."""
+        base = self.keymat_gen(rng.child("base"))
+        if shear == 0 or self.h == 0:
+            return base
+        G = rng.child("shear").normal((self.d, self.h // 2), std=(2.0 / self.h) ** 0.5)
+        delta = np.zeros((self.d, self.d_out))
+        delta[:, self.d:self.d + self.h] = shear * (G @ self.C_rows)
+        return base + delta @ self.Z
+
     def inv_keymat_gen(self, rng: SecureRandom | None = None) -> np.ndarray:
         """InvKeyMatGen: a reader key Q (d' x d) with a fresh D; inverts every writer key."""
         r = rng or self.rng

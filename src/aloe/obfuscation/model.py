@@ -19,7 +19,7 @@ from aloe.assets.cache import atomic_directory, atomic_write_json
 from aloe.attacks.risk import measured_risk
 from aloe.obfuscation.attention import obfuscate_attention
 from aloe.obfuscation.checkpoint import DTYPES, CheckpointReader, ShardWriter, read_config
-from aloe.obfuscation.embedding import obfuscate_embedding, obfuscate_head, vocab_permutation
+from aloe.obfuscation.embedding import NOISE_SHAPES, obfuscate_embedding, obfuscate_head, vocab_permutation
 from aloe.obfuscation.ffn import obfuscate_ffn
 from aloe.obfuscation.keys import KeyBases, init_keys
 from aloe.obfuscation.norm import calibrated_kappa, exact_kappa, scaled_eps
@@ -136,8 +136,9 @@ def make_plan(seed: bytes, arch: Arch, profile: Profile, fixed_ids: set[int]) ->
     h = compatible_expansion(profile.h, arch.n_heads) if arch.d % arch.n_heads == 0 else profile.h
     keys = init_keys(rng.child("keys"), arch.d, h, design=profile.keys, lam=profile.lam,
                      sv_floor=profile.sv_floor)
-    return Plan(Secret(seed, tau), keys, rng, keys.keymat_gen(rng.child("embed/writer")),
-                keys.inv_keymat_gen(rng.child("head/reader")))
+    embed_writer = (keys.keymat_gen(rng.child("embed/writer")) if profile.embed_shear == 0
+                    else keys.sheared_writer(rng.child("embed/writer"), profile.embed_shear))
+    return Plan(Secret(seed, tau), keys, rng, embed_writer, keys.inv_keymat_gen(rng.child("head/reader")))
 
 
 def calibrate_kappas(model_dir: Path, arch: Arch, plan: Plan, token_ids: np.ndarray) -> list[float]:
@@ -212,11 +213,15 @@ def _source_summary(reader: CheckpointReader, model_dir: Path) -> dict:
 
 def obfuscate_checkpoint(model_dir: Path, out_dir: Path, secret_path: Path, profile: Profile, *,
                          seed_from_os: bool = False, dtype: str = "float32", max_shard_bytes: int = 2 << 30,
-                         calibration_ids: np.ndarray | None = None, progress: bool = True) -> dict:
+                         calibration_ids: np.ndarray | None = None, progress: bool = True,
+                         adapt_token_ids: np.ndarray | None = None, adapt_options: dict | None = None) -> dict:
     """Convert ``model_dir`` into an obfuscated stock checkpoint at ``out_dir``; see the module docstring.
 
     The master seed comes from ``secret_path`` when it exists (the conversion is then reproducible), else fresh from
-    the OS CSPRNG. ``seed_from_os`` insists on a fresh seed and refuses to overwrite an existing secret file.
+    the OS CSPRNG. ``seed_from_os`` insists on a fresh seed and refuses to overwrite an existing secret file (unless
+    an interrupted adaptation made with that secret is waiting at ``OUT.partial``: it resumes).
+    A profile with ``adapt_steps > 0`` converts into ``OUT.partial/base`` first, saves the secret, then distils
+    (:mod:`aloe.obfuscation.adapt`, resumable from ``OUT.partial/adapt-state.pt``) and writes ``out_dir`` last.
     Returns the summary that is also stored (without secrets) in ``aloe.json``.
     """
     t0 = time.perf_counter()
@@ -229,12 +234,13 @@ def obfuscate_checkpoint(model_dir: Path, out_dir: Path, secret_path: Path, prof
     arch = Arch.from_config(config)
     reader = CheckpointReader(model_dir)
     source = _source_summary(reader, model_dir)
+    partial = out_dir.with_name(out_dir.name + ".partial")
 
     if secret_path.exists():
-        if seed_from_os:
+        existing = load_secret(secret_path)
+        if seed_from_os and not _resumable(partial, existing):
             raise AloeError(f"secret file {secret_path} exists; --seed-from-os would replace a key that artifacts "
                             "may depend on; choose a new path")
-        existing = load_secret(secret_path)
         seed = existing.seed
     else:
         existing, seed = None, new_seed()
@@ -256,6 +262,8 @@ def obfuscate_checkpoint(model_dir: Path, out_dir: Path, secret_path: Path, prof
     plan = make_plan(seed, arch, profile, special_token_ids(model_dir, config))
     if existing is not None and not np.array_equal(existing.tau, plan.secret.tau):
         raise AloeError(f"secret file {secret_path} was made for another model or tokenizer (its tau differs)")
+    if profile.noise_shape not in NOISE_SHAPES:
+        raise AloeError(f"unknown noise shape {profile.noise_shape!r}; choose one of {', '.join(NOISE_SHAPES)}")
 
     d_out = plan.keys.d_out
     if profile.keys == "exact-norm":
@@ -269,90 +277,145 @@ def obfuscate_checkpoint(model_dir: Path, out_dir: Path, secret_path: Path, prof
     if len(inv_freq) != arch.head_dim // 2:
         raise AloeError("partial rotary embeddings are not supported")
 
-    d, hd = arch.d, arch.head_dim
-    steps = tqdm(total=arch.n_layers + 2, desc="obfuscate", unit="part", disable=not progress)
+    summary = {
+        "format": "aloe-artifact-v1",
+        "aloe_version": __version__,
+        "architecture": config["architectures"][0],
+        "profile": profile.to_dict(),
+        "dtype": dtype,
+        "hidden_size": arch.d, "obfuscated_hidden_size": d_out,
+        "expansion": {"requested": profile.h, "effective": plan.keys.h},
+        "kappa": {"min": float(min(kappas)), "max": float(max(kappas))},
+        "rms_norm_eps": eps_out,
+        "fixed_token_ids": int(np.sum(plan.secret.tau == np.arange(arch.vocab))),
+        "secret_fingerprint": plan.secret.fingerprint,
+        "measured_risk": measured_risk(profile.to_dict()),
+        "source": source,
+    }
+
+    def convert(folder: Path, out_dtype: str) -> None:
+        steps = tqdm(total=arch.n_layers + 2, desc="obfuscate", unit="part", disable=not progress)
+        shards = _write_weights(folder, reader, arch, plan, profile, kappas, inv_freq, out_dtype, max_shard_bytes,
+                                steps)
+        steps.close()
+        _write_side_files(folder, model_dir, config, d_out, arch.head_dim, eps_out, out_dtype)
+        atomic_write_json(folder / MANIFEST, dict(summary, dtype=out_dtype, shards=shards))
+
+    if profile.adapt_steps <= 0:
+        with atomic_directory(out_dir) as tmp:
+            convert(tmp, dtype)
+            summary["shards"] = json.loads((tmp / MANIFEST).read_text())["shards"]
+            if existing is None:
+                save_secret(secret_path, plan.secret)
+        return dict(summary, reused=False, seconds=time.perf_counter() - t0, path=str(out_dir))
+
+    from aloe.obfuscation.adapt import AdaptConfig, adapt_model
+
+    base = partial / "base"
+    if not _resumable(partial, plan.secret, profile, source):
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+        with atomic_directory(base) as tmp:
+            convert(tmp, "float32")
+    if existing is None:  # an interrupted adaptation must find the same key when it is run again
+        save_secret(secret_path, plan.secret)
+    cfg = AdaptConfig(steps=profile.adapt_steps, lr=profile.adapt_lr, rank=profile.adapt_rank,
+                      **(adapt_options or {}))
+    merged, stats = adapt_model(model_dir, base, plan.secret.tau, cfg, partial / "adapt-state.pt",
+                                token_ids=adapt_token_ids, progress=progress)
+    summary["adaptation"] = stats
     with atomic_directory(out_dir) as tmp:
         writer = ShardWriter(tmp, dtype, max_shard_bytes)
-        embed = reader.get("model.embed_tokens.weight", (arch.vocab, d))
-        writer.add("model.embed_tokens.weight", obfuscate_embedding(
-            embed, plan.secret.tau, plan.embed_writer, profile.alpha_e, plan.rng.child("embed/noise")))
-        steps.update(1)
-        for layer in range(arch.n_layers):
-            p = f"model.layers.{layer}."
-            w = {
-                "q": reader.get(p + "self_attn.q_proj.weight", (arch.n_heads * hd, d)),
-                "k": reader.get(p + "self_attn.k_proj.weight", (arch.n_kv * hd, d)),
-                "v": reader.get(p + "self_attn.v_proj.weight", (arch.n_kv * hd, d)),
-                "o": reader.get(p + "self_attn.o_proj.weight", (d, arch.n_heads * hd)),
-            }
-            for name, n in (("q", arch.n_heads * hd), ("k", arch.n_kv * hd), ("v", arch.n_kv * hd), ("o", d)):
-                if p + f"self_attn.{name}_proj.bias" in reader:
-                    w[f"{name}_bias"] = reader.get(p + f"self_attn.{name}_proj.bias", (n,))
-            gamma_attn = reader.get(p + "input_layernorm.weight", (d,))
-            attn = obfuscate_attention(
-                w, gamma_attn, n_heads=arch.n_heads, n_kv=arch.n_kv, head_dim=hd, keys=plan.keys,
-                rng=plan.rng.child(f"layer{layer}/attn"), inv_freq=inv_freq, beta=profile.beta,
-                gamma_bp=profile.gamma, qk_scale=profile.qk_scale, vo_spread=profile.vo_spread,
-                writer_keys=plan.attn_writers(layer, arch.n_heads))
-            writer.add(p + "input_layernorm.weight", np.full(d_out, kappas[2 * layer]))
-            for name in ("q", "k", "v", "o"):
-                writer.add(p + f"self_attn.{name}_proj.weight", attn[name])
-                if f"{name}_bias" in attn:
-                    writer.add(p + f"self_attn.{name}_proj.bias", attn[f"{name}_bias"])
-            mw = {
-                "gate": reader.get(p + "mlp.gate_proj.weight", (arch.ffn, d)),
-                "up": reader.get(p + "mlp.up_proj.weight", (arch.ffn, d)),
-                "down": reader.get(p + "mlp.down_proj.weight", (d, arch.ffn)),
-            }
-            for name, n in (("gate", arch.ffn), ("up", arch.ffn), ("down", d)):
-                if p + f"mlp.{name}_proj.bias" in reader:
-                    mw[f"{name}_bias"] = reader.get(p + f"mlp.{name}_proj.bias", (n,))
-            gamma_ffn = reader.get(p + "post_attention_layernorm.weight", (d,))
-            ffn = obfuscate_ffn(mw, gamma_ffn, keys=plan.keys, rng=plan.rng.child(f"layer{layer}/ffn"),
-                                scale=profile.ffn_scale, writer_key=plan.ffn_writer(layer))
-            writer.add(p + "post_attention_layernorm.weight", np.full(d_out, kappas[2 * layer + 1]))
-            for name in ("gate", "up", "down"):
-                writer.add(p + f"mlp.{name}_proj.weight", ffn[name])
-                if f"{name}_bias" in ffn:
-                    writer.add(p + f"mlp.{name}_proj.bias", ffn[f"{name}_bias"])
-            steps.update(1)
-        final_norm = reader.get("model.norm.weight", (d,))
-        head_name = "lm_head.weight" if "lm_head.weight" in reader else "model.embed_tokens.weight"
-        if head_name != "lm_head.weight" and not arch.tied:
-            raise AloeError("tensor lm_head.weight is missing and the config does not tie the embeddings")
-        head = reader.get(head_name, (arch.vocab, d))
-        writer.add("model.norm.weight", np.full(d_out, kappas[-1]))
-        writer.add("lm_head.weight", obfuscate_head(head, final_norm, plan.secret.tau, plan.head_reader,
-                                                    profile.alpha_h, plan.rng.child("head/noise")))
-        shards = writer.close()
-        steps.update(1)
-
-        out_config = dict(config)
-        out_config.update(hidden_size=d_out, head_dim=hd, tie_word_embeddings=False, rms_norm_eps=eps_out,
-                          dtype=dtype)
-        out_config.pop("torch_dtype", None)
-        (tmp / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
-        for f in model_dir.iterdir():
-            if f.is_file() and f.name not in SKIP_FILES and f.suffix not in (".safetensors", ".bin", ".gguf"):
-                shutil.copy2(f, tmp / f.name)
-        summary = {
-            "format": "aloe-artifact-v1",
-            "aloe_version": __version__,
-            "architecture": config["architectures"][0],
-            "profile": profile.to_dict(),
-            "dtype": dtype,
-            "hidden_size": d, "obfuscated_hidden_size": d_out,
-            "expansion": {"requested": profile.h, "effective": plan.keys.h},
-            "kappa": {"min": float(min(kappas)), "max": float(max(kappas))},
-            "rms_norm_eps": eps_out,
-            "fixed_token_ids": int(np.sum(plan.secret.tau == np.arange(arch.vocab))),
-            "secret_fingerprint": plan.secret.fingerprint,
-            "measured_risk": measured_risk(profile.to_dict()),
-            "source": source,
-            "shards": shards,
-        }
+        for name, tensor in merged.state_dict().items():
+            writer.add(name, tensor.detach().double().numpy())
+        summary["shards"] = writer.close()
+        _write_side_files(tmp, model_dir, config, d_out, arch.head_dim, eps_out, dtype)
         atomic_write_json(tmp / MANIFEST, summary)
-        if existing is None:
-            save_secret(secret_path, plan.secret)
-    steps.close()
+    shutil.rmtree(partial, ignore_errors=True)
     return dict(summary, reused=False, seconds=time.perf_counter() - t0, path=str(out_dir))
+
+
+def _resumable(partial: Path, secret: Secret, profile: Profile | None = None, source: dict | None = None) -> bool:
+    """Whether ``partial`` holds a finished base conversion made with this secret (and, when given, this profile and
+    source): an adaptation to resume."""
+    try:
+        manifest = json.loads((partial / "base" / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return (manifest.get("secret_fingerprint") == secret.fingerprint
+            and (profile is None or manifest.get("profile") == profile.to_dict())
+            and (source is None or manifest.get("source", {}).get("sha256") == source["sha256"]))
+
+
+def _write_side_files(folder: Path, model_dir: Path, config: dict, d_out: int, head_dim: int, eps_out: float,
+                      dtype: str) -> None:
+    out_config = dict(config)
+    out_config.update(hidden_size=d_out, head_dim=head_dim, tie_word_embeddings=False, rms_norm_eps=eps_out,
+                      dtype=dtype)
+    out_config.pop("torch_dtype", None)
+    (folder / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
+    for f in Path(model_dir).iterdir():
+        if f.is_file() and f.name not in SKIP_FILES and f.suffix not in (".safetensors", ".bin", ".gguf"):
+            shutil.copy2(f, folder / f.name)
+
+
+def _write_weights(folder: Path, reader: CheckpointReader, arch: Arch, plan: Plan, profile: Profile,
+                   kappas: list[float], inv_freq: np.ndarray, dtype: str, max_shard_bytes: int, steps) -> list[str]:
+    d, hd, d_out = arch.d, arch.head_dim, plan.keys.d_out
+    writer = ShardWriter(folder, dtype, max_shard_bytes)
+    embed = reader.get("model.embed_tokens.weight", (arch.vocab, d))
+    writer.add("model.embed_tokens.weight", obfuscate_embedding(
+        embed, plan.secret.tau, plan.embed_writer, profile.alpha_e, plan.rng.child("embed/noise"),
+        profile.noise_shape))
+    steps.update(1)
+    for layer in range(arch.n_layers):
+        p = f"model.layers.{layer}."
+        w = {
+            "q": reader.get(p + "self_attn.q_proj.weight", (arch.n_heads * hd, d)),
+            "k": reader.get(p + "self_attn.k_proj.weight", (arch.n_kv * hd, d)),
+            "v": reader.get(p + "self_attn.v_proj.weight", (arch.n_kv * hd, d)),
+            "o": reader.get(p + "self_attn.o_proj.weight", (d, arch.n_heads * hd)),
+        }
+        for name, n in (("q", arch.n_heads * hd), ("k", arch.n_kv * hd), ("v", arch.n_kv * hd), ("o", d)):
+            if p + f"self_attn.{name}_proj.bias" in reader:
+                w[f"{name}_bias"] = reader.get(p + f"self_attn.{name}_proj.bias", (n,))
+        gamma_attn = reader.get(p + "input_layernorm.weight", (d,))
+        attn = obfuscate_attention(
+            w, gamma_attn, n_heads=arch.n_heads, n_kv=arch.n_kv, head_dim=hd, keys=plan.keys,
+            rng=plan.rng.child(f"layer{layer}/attn"), inv_freq=inv_freq, beta=profile.beta,
+            gamma_bp=profile.gamma, qk_scale=profile.qk_scale, vo_spread=profile.vo_spread,
+            writer_keys=plan.attn_writers(layer, arch.n_heads))
+        writer.add(p + "input_layernorm.weight", np.full(d_out, kappas[2 * layer]))
+        for name in ("q", "k", "v", "o"):
+            writer.add(p + f"self_attn.{name}_proj.weight", attn[name])
+            if f"{name}_bias" in attn:
+                writer.add(p + f"self_attn.{name}_proj.bias", attn[f"{name}_bias"])
+        mw = {
+            "gate": reader.get(p + "mlp.gate_proj.weight", (arch.ffn, d)),
+            "up": reader.get(p + "mlp.up_proj.weight", (arch.ffn, d)),
+            "down": reader.get(p + "mlp.down_proj.weight", (d, arch.ffn)),
+        }
+        for name, n in (("gate", arch.ffn), ("up", arch.ffn), ("down", d)):
+            if p + f"mlp.{name}_proj.bias" in reader:
+                mw[f"{name}_bias"] = reader.get(p + f"mlp.{name}_proj.bias", (n,))
+        gamma_ffn = reader.get(p + "post_attention_layernorm.weight", (d,))
+        ffn = obfuscate_ffn(mw, gamma_ffn, keys=plan.keys, rng=plan.rng.child(f"layer{layer}/ffn"),
+                            scale=profile.ffn_scale, writer_key=plan.ffn_writer(layer))
+        writer.add(p + "post_attention_layernorm.weight", np.full(d_out, kappas[2 * layer + 1]))
+        for name in ("gate", "up", "down"):
+            writer.add(p + f"mlp.{name}_proj.weight", ffn[name])
+            if f"{name}_bias" in ffn:
+                writer.add(p + f"mlp.{name}_proj.bias", ffn[f"{name}_bias"])
+        steps.update(1)
+    final_norm = reader.get("model.norm.weight", (d,))
+    head_name = "lm_head.weight" if "lm_head.weight" in reader else "model.embed_tokens.weight"
+    if head_name != "lm_head.weight" and not arch.tied:
+        raise AloeError("tensor lm_head.weight is missing and the config does not tie the embeddings")
+    head = reader.get(head_name, (arch.vocab, d))
+    writer.add("model.norm.weight", np.full(d_out, kappas[-1]))
+    writer.add("lm_head.weight", obfuscate_head(head, final_norm, plan.secret.tau, plan.head_reader,
+                                                profile.alpha_h, plan.rng.child("head/noise"), profile.noise_shape))
+    shards = writer.close()
+    steps.update(1)
+    return shards

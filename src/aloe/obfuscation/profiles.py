@@ -12,6 +12,13 @@ Every parameter is documented here; the measured fidelity of each profile is in 
 - ``beta`` / ``gamma``: block-permutation window and temperature (beta = 1: no block permutation).
 - ``qk_scale``, ``ffn_scale``: ranges of the per-pair q/k scales H_qk and the per-unit FFN scales H_ffn.
 - ``vo_spread``: singular values of U_vo lie in [1/spread, spread].
+- ``noise_shape``: ``entry`` (one sigma for the whole table, the paper's) or ``row`` (each row's own RMS, the same
+  signal-to-noise ratio for every token); see :func:`aloe.obfuscation.embedding.noise_std`.
+- ``embed_shear``: a secret non-isometric shear of the embedding's writer key, in units of the row norm (0: the shared
+  writer key). Exact as a linear map (every reader still inverts it); the stock RMSNorm becomes approximate.
+- ``adapt_steps``: distillation steps after the noise (0: none); ``adapt_lr``, ``adapt_rank``: learning rate and LoRA
+  rank of that fine-tuning (:mod:`aloe.obfuscation.adapt`).
+- ``protects``: one plain sentence on what the profile protects against, printed by ``aloe obfuscate``.
 """
 
 from __future__ import annotations
@@ -35,7 +42,13 @@ class Profile:
     qk_scale: tuple[float, float] = (0.95, 1.05)
     ffn_scale: tuple[float, float] = (0.95, 1.05)
     vo_spread: float = 2.0
+    noise_shape: str = "entry"
+    embed_shear: float = 0.0
+    adapt_steps: int = 0
+    adapt_lr: float = 1e-3
+    adapt_rank: int = 8
     description: str = ""
+    protects: str = ""
 
     def to_dict(self) -> dict:
         d = asdict(self)

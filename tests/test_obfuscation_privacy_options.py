@@ -1,0 +1,192 @@
+"""The privacy options of the conversion on tiny random models: shaped noise, the non-isometric embedding key, and
+adaptation by distillation (what each keeps exact, what it changes, resumability, stock output)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from aloe import AloeError
+from aloe.obfuscation import adapt as adapt_mod
+from aloe.obfuscation.embedding import add_noise, noise_std
+from aloe.obfuscation.keys import init_keys
+from aloe.obfuscation.model import obfuscate_checkpoint
+from aloe.obfuscation.profiles import PROFILES
+from aloe.obfuscation.rng import SecureRandom
+from aloe.obfuscation.secret import load_secret
+from obfuscation_helpers import float64_norms, tiny_model
+
+EXACT = PROFILES["exact"].with_overrides(name="exact-tiny", h=8)
+SEED = bytes(range(32))  # test-only key material
+
+
+def test_row_noise_gives_every_row_the_same_signal_to_noise_ratio():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(400, 64)) * rng.uniform(0.1, 3.0, size=(400, 1))  # rows of very different norms
+    entry, row = noise_std(w, 0.5, "entry"), noise_std(w, 0.5, "row")
+    assert np.allclose(entry, 0.5 * w.std())
+    assert np.allclose(row * np.sqrt(64) / np.linalg.norm(w, axis=1), 0.5)
+    noised = add_noise(w, 0.5, SecureRandom(SEED, "t"), "row")
+    snr = np.linalg.norm(w, axis=1) / np.linalg.norm(noised - w, axis=1)
+    assert abs(np.median(snr) - 2.0) < 0.1 and snr.std() < 0.3
+    # entry mode is the paper's formula: the same draws as W + alpha * sigma * N(0, 1)
+    a = add_noise(w, 0.5, SecureRandom(SEED, "t"), "entry")
+    b = w + SecureRandom(SEED, "t").normal(w.shape, std=0.5 * float(w.std()))
+    assert np.array_equal(a, b)
+    with pytest.raises(ValueError):
+        noise_std(w, 0.5, "column")
+
+
+def test_sheared_embedding_key_inverts_exactly_but_is_not_an_isometry():
+    keys = init_keys(SecureRandom(SEED, "k"), 48, 12, design="exact-norm")
+    P = keys.keymat_gen(SecureRandom(SEED, "p"))
+    Pe = keys.sheared_writer(SecureRandom(SEED, "e"), 1.0)
+    c2 = keys.scale ** 2
+    assert np.abs(P @ P.T - c2 * np.eye(48)).max() < 1e-10           # the shared key is a scaled isometry
+    for i in range(3):
+        Q = keys.inv_keymat_gen(SecureRandom(SEED, f"q{i}"))
+        assert np.abs(Pe @ Q - np.eye(48)).max() < 1e-10              # every reader still inverts the sheared key
+    gram = Pe @ Pe.T
+    assert np.abs(gram - c2 * np.eye(48)).max() > 0.1                 # ... which is not an isometry
+    x = SecureRandom(SEED, "x").normal((200, 48))
+    ratio = np.linalg.norm(x @ Pe, axis=1) / np.linalg.norm(x @ P, axis=1)
+    assert ratio.std() > 0.05                                          # so RMSNorm sees other norms per row
+    unsheared = keys.sheared_writer(SecureRandom(SEED, "e"), 0.0)
+    assert np.array_equal(unsheared, keys.keymat_gen(SecureRandom(SEED, "e").child("base")))
+
+
+def _logit_gap(plain, obf, tau, ids):
+    with torch.no_grad():
+        return (plain(ids).logits - obf(tau[ids]).logits[..., tau]).abs().max().item()
+
+
+def test_embedding_shear_keeps_the_model_close_and_breaks_the_isometry_of_the_table(tmp_path, monkeypatch):
+    float64_norms(monkeypatch)
+    plain_dir = tiny_model("llama-gqa-tied", tmp_path / "plain")
+    plain = AutoModelForCausalLM.from_pretrained(plain_dir, dtype=torch.float64).eval()
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    gaps, grams = {}, {}
+    for shear in (0.0, 0.3):
+        d = tmp_path / f"s{shear}"
+        prof = EXACT.with_overrides(name=f"shear{shear}", embed_shear=shear)
+        obfuscate_checkpoint(plain_dir, d / "obf", d / "secret.json", prof, dtype="float64", progress=False)
+        obf = AutoModelForCausalLM.from_pretrained(d / "obf", dtype=torch.float64).eval()
+        tau = torch.as_tensor(load_secret(d / "secret.json").tau)
+        gaps[shear] = _logit_gap(plain, obf, tau, ids)
+        e_plain = plain.model.embed_tokens.weight.detach()
+        e_obf = obf.model.embed_tokens.weight.detach()[tau]
+        grams[shear] = (e_obf @ e_obf.T) / (e_plain @ e_plain.T).abs().mean()
+        grams[f"plain{shear}"] = (e_plain @ e_plain.T) / (e_plain @ e_plain.T).abs().mean()
+        assert json.loads((d / "obf" / "aloe.json").read_text())["profile"]["embed_shear"] == shear
+    assert gaps[0.0] < 1e-9                         # no shear: exact
+    assert 1e-6 < gaps[0.3] < 0.5 * plain(ids).logits.abs().max().item()  # approximate, not destroyed
+    # the table's Gram is a scaled copy of the plain one without shear, and is not one with it
+    c2 = (grams[0.0] / grams["plain0.0"]).median()
+    assert torch.allclose(grams[0.0], c2 * grams["plain0.0"], atol=1e-8)
+    assert (grams[0.3] - c2 * grams["plain0.3"]).abs().max() > 0.05
+
+
+def _adapt_profile(steps):
+    return EXACT.with_overrides(name="adapt-tiny", alpha_e=0.5, alpha_h=0.3, noise_shape="row", adapt_steps=steps,
+                                adapt_lr=2e-2, adapt_rank=4)
+
+
+def _kl(plain, obf, tau, ids):
+    with torch.no_grad():
+        return adapt_mod.distillation_loss(plain(ids).logits, obf(tau[ids]).logits, tau).item()
+
+
+def _tensors(folder):
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_adaptation_recovers_fidelity_keeps_the_noisy_tables_and_writes_a_stock_checkpoint(tmp_path):
+    plain_dir = tiny_model("llama-gqa-tied", tmp_path / "plain")
+    train = np.random.default_rng(0).integers(0, 97, size=4096)
+    common = dict(dtype="float32", progress=False, adapt_token_ids=train,
+                  adapt_options=dict(seq_len=16, batch=8, save_every=10))
+    obfuscate_checkpoint(plain_dir, tmp_path / "noisy", tmp_path / "s.json", _adapt_profile(0), dtype="float32",
+                         progress=False)
+    obfuscate_checkpoint(plain_dir, tmp_path / "adapted", tmp_path / "s.json", _adapt_profile(60), **common)
+    assert not (tmp_path / "adapted.partial").exists()
+    plain = AutoModelForCausalLM.from_pretrained(plain_dir, dtype=torch.float32).eval()
+    noisy = AutoModelForCausalLM.from_pretrained(tmp_path / "noisy", dtype=torch.float32).eval()
+    adapted = AutoModelForCausalLM.from_pretrained(tmp_path / "adapted", dtype=torch.float32).eval()
+    assert type(adapted).__name__ == "LlamaForCausalLM"
+    tau = torch.as_tensor(load_secret(tmp_path / "s.json").tau)
+    held_out = torch.as_tensor(np.random.default_rng(1).integers(0, 97, size=(8, 16)))
+    kl_noisy, kl_adapted = _kl(plain, noisy, tau, held_out), _kl(plain, adapted, tau, held_out)
+    assert kl_adapted < 0.7 * kl_noisy, (kl_noisy, kl_adapted)
+    a, n = _tensors(tmp_path / "adapted"), _tensors(tmp_path / "noisy")
+    assert set(a) == set(n)                                  # same stock tensors, LoRA merged away
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(a[name], n[name])                 # the noisy tables stay as the profile made them
+    assert not torch.equal(a["model.layers.0.mlp.gate_proj.weight"], n["model.layers.0.mlp.gate_proj.weight"])
+    manifest = json.loads((tmp_path / "adapted" / "aloe.json").read_text())
+    assert manifest["adaptation"]["steps"] == 60 and manifest["adaptation"]["kl_last"] < manifest["adaptation"][
+        "kl_first"]
+
+
+def test_interrupted_adaptation_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    plain_dir = tiny_model("llama-gqa-tied", tmp_path / "plain")
+    train = np.random.default_rng(0).integers(0, 97, size=2048)
+    common = dict(dtype="float32", progress=False, adapt_token_ids=train,
+                  adapt_options=dict(seq_len=16, batch=4, save_every=3))
+    monkeypatch.setattr(adapt_mod.secrets, "randbits", lambda _bits: 12345)  # same window order in both runs
+    torch.manual_seed(0)  # LoRA's initial A (not a secret) alike in both runs
+    obfuscate_checkpoint(plain_dir, tmp_path / "whole", tmp_path / "s.json", _adapt_profile(8), **common)
+
+    calls = {"n": 0}
+    real = adapt_mod.distillation_loss
+
+    def failing(*a):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(adapt_mod, "distillation_loss", failing)
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        obfuscate_checkpoint(plain_dir, tmp_path / "broken", tmp_path / "s.json", _adapt_profile(8), **common)
+    assert not (tmp_path / "broken").exists() and (tmp_path / "broken.partial" / "adapt-state.pt").is_file()
+    monkeypatch.setattr(adapt_mod, "distillation_loss", real)
+    torch.manual_seed(99)  # a resumed run takes its adapters from the saved state, not from a fresh init
+    summary = obfuscate_checkpoint(plain_dir, tmp_path / "broken", tmp_path / "s.json", _adapt_profile(8),
+                                   seed_from_os=True, **common)
+    assert summary["adaptation"]["resumed_from"] == 3
+    a, b = _tensors(tmp_path / "whole"), _tensors(tmp_path / "broken")
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+
+
+def test_adaptation_refuses_bad_settings_and_a_state_of_another_configuration(tmp_path, monkeypatch):
+    with pytest.raises(AloeError):
+        adapt_mod.AdaptConfig(steps=0)
+    with pytest.raises(AloeError):
+        adapt_mod.AdaptConfig(steps=5, lr=-1.0)
+    plain_dir = tiny_model("llama-gqa-tied", tmp_path / "plain")
+    train = np.random.default_rng(0).integers(0, 97, size=512)
+    real = adapt_mod.distillation_loss
+    calls = {"n": 0}
+
+    def failing(*a):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(adapt_mod, "distillation_loss", failing)
+    kw = dict(progress=False, adapt_token_ids=train)
+    with pytest.raises(KeyboardInterrupt):
+        obfuscate_checkpoint(plain_dir, tmp_path / "out", tmp_path / "s.json", _adapt_profile(4),
+                             adapt_options=dict(seq_len=16, batch=2, save_every=1), **kw)
+    monkeypatch.setattr(adapt_mod, "distillation_loss", real)
+    with pytest.raises(AloeError, match="another artifact or configuration"):
+        obfuscate_checkpoint(plain_dir, tmp_path / "out", tmp_path / "s.json", _adapt_profile(4),
+                             adapt_options=dict(seq_len=16, batch=3, save_every=1), **kw)
+    assert not (tmp_path / "out").exists()
