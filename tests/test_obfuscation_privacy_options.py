@@ -190,3 +190,19 @@ def test_adaptation_refuses_bad_settings_and_a_state_of_another_configuration(tm
         obfuscate_checkpoint(plain_dir, tmp_path / "out", tmp_path / "s.json", _adapt_profile(4),
                              adapt_options=dict(seq_len=16, batch=3, save_every=1), **kw)
     assert not (tmp_path / "out").exists()
+
+
+def test_obfuscate_prints_what_the_profile_protects_against(tmp_path, capsys):
+    from aloe.cli import main
+
+    plain_dir = tiny_model("llama-gqa-tied", tmp_path / "plain")
+    assert main(["obfuscate", str(plain_dir), str(tmp_path / "obf"), "--secret", str(tmp_path / "s.json"),
+                 "--profile", "balanced", "--h", "8", "--noise-shape", "row", "--alpha-e", "0.1"]) == 0
+    out = capsys.readouterr().out
+    assert "protects against: not stated for these custom parameters" in out
+    assert json.loads((tmp_path / "obf" / "aloe.json").read_text())["profile"]["noise_shape"] == "row"
+    for name in PROFILES:
+        assert PROFILES[name].protects, name   # every named profile says it in one sentence
+    assert main(["obfuscate", str(plain_dir), str(tmp_path / "o2"), "--secret", str(tmp_path / "s2.json"),
+                 "--adapt-steps", "-1"]) == 2
+    assert "--adapt-steps must be >= 0" in capsys.readouterr().err

@@ -55,8 +55,8 @@ def _obfuscate(args: argparse.Namespace) -> int:
         print(f"{state} {args.out} (profile {profile.name}, hidden size {summary['hidden_size']} -> "
               f"{summary['obfuscated_hidden_size']}); secret: {args.secret} (fingerprint "
               f"{summary['secret_fingerprint'][:16]}...)")
-        if profile.protects:
-            print(f"protects against: {profile.protects}")
+        custom = "not stated for these custom parameters; see the measured risk below"
+        print(f"protects against: {profile.protects or custom}")
         print(risk_line(summary.get("measured_risk") or {}))
     return 0
 

@@ -60,6 +60,7 @@ class Profile:
         unknown = set(kw) - set(self.__dataclass_fields__)
         if unknown:
             raise AloeError(f"unknown profile parameter(s): {', '.join(sorted(unknown))}")
+        kw.setdefault("protects", "")  # the base profile's sentence does not speak for other parameters
         return replace(self, name=kw.pop("name", "custom"), **kw)
 
 
@@ -68,11 +69,15 @@ PROFILES: dict[str, Profile] = {
         name="exact", keys="exact-norm", h=128, alpha_e=0.0, alpha_h=0.0, beta=1,
         description="no noise, no block permutation, exact-norm keys: equal to the plain model up to float rounding. "
                     "It proves fidelity; it is NOT private against a server that runs the model.",
+        protects="only a passive observer of the traffic, who sees permuted token ids; a server holding the public "
+                 "model reads the whole vocabulary (VMA, IA, NN).",
     ),
     "paper": Profile(
         name="paper", keys="paper", h=128, lam=0.3, alpha_e=1.0, alpha_h=0.2, beta=8, gamma=1e3,
         description="the paper's default working point (lambda 0.3, h 128, alpha_e 1.0, alpha_h 0.2, beta 8, "
                     "gamma 1e3) with its approximate norm; small models lose accuracy at alpha_e = 1.0.",
+        protects="most of the vocabulary against the weight attacks (VMA over all columns still reads 6%), at a cost "
+                 "that destroys a small model (SmolLM2: perplexity x130-220).",
     ),
     "balanced": Profile(
         name="balanced", keys="exact-norm", h=128, sv_floor=0.5, alpha_e=0.0, alpha_h=0.0, beta=8, gamma=1e5,
@@ -81,7 +86,21 @@ PROFILES: dict[str, Profile] = {
                     "from measurements on SmolLM2-135M: greedy decoding already diverges at alpha_e 0.003 / alpha_h "
                     "0.0015, while the lightest noise measured against the attacks (alpha_e 0.01, already past that "
                     "point) still leaves IA and NN at 100%. The weight attacks (VMA, IA, NN) recover this profile's "
-                    "vocabulary: see the README.",
+                    "vocabulary: see the README. It keeps the model exact; it is not private against the server.",
+        protects="only a passive observer of the traffic, who sees permuted token ids; a server holding the public "
+                 "model reads the whole vocabulary (VMA, IA, NN), and the prompts' frequent tokens by frequency.",
+    ),
+    "private": Profile(
+        name="private", keys="exact-norm", h=128, sv_floor=0.5, alpha_e=0.6, alpha_h=0.25, noise_shape="row",
+        beta=8, gamma=1e5, adapt_steps=200, adapt_lr=2e-3, adapt_rank=16,
+        description="privacy first: row-shaped noise (alpha_e 0.6 on the embedding, alpha_h 0.25 on the head, each "
+                    "row at the same signal-to-noise ratio), then 200 steps of distillation from the plain model "
+                    "(LoRA rank 16 on every projection + the norms, merged back; the noisy tables stay frozen). "
+                    "About 25 minutes on a 2-core CPU for SmolLM2. Chosen from the measured frontier in "
+                    "docs/attacks.md; on SmolLM2-135M it does NOT reach the fidelity goal.",
+        protects="the table attacks (VMA, IA, NN, learned) read a few percent of the vocabulary, not all of it; the "
+                 "prompts' frequent tokens still leak (token frequencies, NN) and the model is measurably worse than "
+                 "the plain one on a model this small (see the README).",
     ),
 }
 
