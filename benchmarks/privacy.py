@@ -70,7 +70,7 @@ def method_of(profile: dict) -> str:
 QUICK = dict(queries=2048, layers=6, columns=128, sequences=2, seq_len=16, isa_steps=20, isa_shortlist=64,
              ima_tokens=4096, ima_steps=200, tfma_tokens=20000, behaviour_rows=1024,
              behaviour_queries=128)
-REALISTIC = ("vma", "ia", "nn", "isa", "ima", "tfma", "behavioural")
+REALISTIC = ("vma", "ia", "nn", "isa", "ima", "tfma", "behavioural", "learned")
 
 
 def all_profiles() -> dict:

@@ -22,8 +22,9 @@ from obfuscation_helpers import tiny_model
 
 WEAK = PROFILES["exact"].with_overrides(name="weak", h=8)
 STRONG = PROFILES["paper"].with_overrides(name="strong", h=8, alpha_e=3.0, alpha_h=3.0, beta=4, gamma=10.0)
+NOISY = PROFILES["exact"].with_overrides(name="noisy", h=8, alpha_e=3.0, alpha_h=3.0)
 BUDGET = dict(columns=64, quantiles=16, topk=5, sequences=3, seq_len=10, isa_steps=30, ima_tokens=2048,
-              ima_steps=150, tfma_tokens=4000, behaviour_rows=97, seed=1)
+              ima_steps=150, tfma_tokens=4000, behaviour_rows=97, learned_steps=60, seed=1)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -60,9 +61,14 @@ def strong(plain_dir, tmp_path_factory):
     return deploy(plain_dir, tmp_path_factory, STRONG)
 
 
-def attack(plain_dir, deployment, names):
+@pytest.fixture(scope="module")
+def noisy(plain_dir, tmp_path_factory):
+    return deploy(plain_dir, tmp_path_factory, NOISY)
+
+
+def attack(plain_dir, deployment, names, **budget):
     obf, tau = deployment
-    t = Target(plain_dir, obf, Budget(**BUDGET))
+    t = Target(plain_dir, obf, Budget(**{**BUDGET, **budget}))
     return run(t, names, tau, synthetic_texts(97, t.fixed_ids, t.budget), progress=False)
 
 
@@ -87,6 +93,71 @@ def test_isa_and_both_ima_variants_recover_tokens_from_a_weak_obfuscation(plain_
     assert r["ima"]["known_plaintext"]["token_recovery"] >= 0.8
     assert r["ima"]["prompt_token_recovery"] > 5 * chance         # own keys: key-invariant features transfer
     assert r["ima"]["queries"] == 30 and r["isa"]["prompt_tokens"] == 40
+
+
+def test_learned_matching_trained_on_own_copies_breaks_a_weak_obfuscation(plain_dir, weak):
+    r = attack(plain_dir, weak, ["learned"])["learned"]
+    assert r["candidates"] == 97 and r["queries"] == 95
+    assert r["token_recovery"] >= 0.9 and r["prompt_token_recovery"] >= 0.9
+    assert r["whitened_token_recovery"] >= 0.9                 # the non-neural baseline, scored as a secondary guess
+    assert r["own_copies"] == 2 and r["own_copy_adapted"] is False and r["state_rows"] == 95
+    # the states block on a uniform sample of ids only, and no states block at all
+    part = attack(plain_dir, weak, ["learned"], learned_state_ids=20)["learned"]
+    assert part["state_rows"] == 20 and part["token_recovery"] >= 0.9
+    off = attack(plain_dir, weak, ["learned"], learned_state_ids=-1, learned_draws=1)["learned"]
+    assert off["state_rows"] == 0 and off["own_copies"] == 1 and off["token_recovery"] >= 0.9
+
+
+def test_heavy_noise_cuts_the_learned_matching(plain_dir, weak, noisy):
+    weak_r = attack(plain_dir, weak, ["learned"])["learned"]
+    noisy_r = attack(plain_dir, noisy, ["learned"])["learned"]
+    assert noisy_r["token_recovery"] <= weak_r["token_recovery"] - 0.5
+    assert noisy_r["whitened_token_recovery"] <= weak_r["whitened_token_recovery"] - 0.5
+
+
+def test_learning_what_the_noise_does_beats_the_hand_made_signatures(plain_dir, tmp_path_factory):
+    medium = deploy(plain_dir, tmp_path_factory, PROFILES["exact"].with_overrides(name="medium", h=8, alpha_e=0.6,
+                                                                                  alpha_h=0.6))
+    r = attack(plain_dir, medium, ["learned", "vma"])
+    assert r["learned"]["token_recovery"] >= r["vma"]["token_recovery"] + 0.25
+
+
+def test_cli_runs_the_learned_attack_alone(plain_dir, weak, capsys):
+    obf, _ = weak
+    argv = ["attack", "learned", "--model", str(plain_dir), "--obfuscated", str(obf), "--secret",
+            str(obf.parent / "secret.json"), "--columns", "32", "--learned-steps", "10", "--learned-state-ids", "30",
+            "--attacker-seed", "0", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"learned"}
+    r = out["learned"]
+    for key in ("token_recovery", "prompt_token_recovery", "whitened_token_recovery"):
+        assert 0.0 <= r[key] <= 1.0
+    assert r["token_recovery"] >= 0.5 and r["state_rows"] == 30
+    assert main(argv[:-1] + ["--learned-draws", "0", "--json"]) == 2
+    assert "learned_draws must be >= 1" in capsys.readouterr().err
+
+
+def test_own_copies_are_cached_per_draw_and_skip_the_adaptation(plain_dir, weak, tmp_path):
+    from aloe.attacks.ima import own_obfuscation, own_profile
+
+    obf, _ = weak
+    t = Target(plain_dir, obf, Budget(**BUDGET))
+    d0, tau0 = own_obfuscation(t)
+    again, tau_again = own_obfuscation(t, draw=0)                 # cached: the same copy (IMA's) every time
+    assert again == d0 and np.array_equal(tau_again, tau0)
+    d1, tau1 = own_obfuscation(t, draw=1)
+    assert d1 != d0 and not np.array_equal(tau0, tau1)
+    manifest = json.loads((obf / "aloe.json").read_text())
+    manifest["profile"]["adapt_steps"] = 50
+    t.manifest = manifest
+    assert own_profile(t).adapt_steps == 50 and own_profile(t, adapt=False).adapt_steps == 0
+    assert own_profile(t).qk_scale == tuple(manifest["profile"]["qk_scale"])
+    manifest["profile"]["not_a_field"] = 1
+    with pytest.raises(AloeError, match="does not fit"):
+        own_profile(t)
+    with pytest.raises(AloeError):
+        own_obfuscation(t, draw=-1)
 
 
 def test_tfma_recovers_the_frequent_tokens_of_a_stream():
@@ -134,10 +205,10 @@ def test_cli_prints_every_attack_in_json(plain_dir, weak, capsys, tmp_path):
     secret = obf.parent / "secret.json"
     argv = ["attack", "all", "--model", str(plain_dir), "--obfuscated", str(obf), "--secret", str(secret),
             "--columns", "32", "--isa-steps", "5", "--ima-steps", "5", "--ima-tokens", "256", "--sequences", "1",
-            "--seq-len", "6", "--tfma-tokens", "500", "--isa-shortlist", "8", "--json"]
+            "--seq-len", "6", "--tfma-tokens", "500", "--isa-shortlist", "8", "--learned-steps", "5", "--json"]
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {"vma", "ia", "nn", "isa", "ima", "tfma", "behavioural"}
+    assert set(out) == {"vma", "ia", "nn", "isa", "ima", "tfma", "behavioural", "learned"}
     for r in out.values():
         assert 0.0 <= r["token_recovery"] <= 1.0 and 0.0 <= r["prompt_token_recovery"] <= 1.0
     other = tmp_path / "other.json"

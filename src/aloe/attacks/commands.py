@@ -15,7 +15,9 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
                   sequences=args.sequences, seq_len=args.seq_len, isa_steps=args.isa_steps, isa_layer=args.isa_layer,
                   isa_shortlist=args.isa_shortlist,
                   ima_tokens=args.ima_tokens, ima_steps=args.ima_steps, tfma_tokens=args.tfma_tokens,
-                  behaviour_rows=args.behaviour_rows, behaviour_queries=args.behaviour_queries, seed=args.attacker_seed)
+                  behaviour_rows=args.behaviour_rows, behaviour_queries=args.behaviour_queries,
+                  learned_steps=args.learned_steps, learned_state_ids=args.learned_state_ids,
+                  learned_draws=args.learned_draws, seed=args.attacker_seed)
 
 
 def add_budget_flags(p: argparse.ArgumentParser) -> None:
@@ -34,6 +36,11 @@ def add_budget_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tfma-tokens", type=int, default=20000)
     g.add_argument("--behaviour-rows", type=int, default=0, help="single-token contexts per side (0 = queries)")
     g.add_argument("--behaviour-queries", type=int, default=0, help="ids given an input-side pass (0 = queries)")
+    g.add_argument("--learned-steps", type=int, default=400, help="training steps of the learned matcher")
+    g.add_argument("--learned-state-ids", type=int, default=0,
+                   help="ids given a forward pass for the learned states block (0 = all attacked ids, -1 = none)")
+    g.add_argument("--learned-draws", type=int, default=2,
+                   help="own copies the learned matcher trains on (the last validates when 2+)")
     g.add_argument("--attacker-seed", type=int, default=None, help="seed of the attacker's own (non-secret) draws")
 
 

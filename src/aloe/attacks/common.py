@@ -35,6 +35,9 @@ class Budget:
     tfma_tokens: int = 20000    # length of the victim's obfuscated prompt stream
     behaviour_rows: int = 0     # single-token contexts per side for the output side (0 = the queries)
     behaviour_queries: int = 0  # ids given an input-side pass (0 = the queries)
+    learned_steps: int = 400    # training steps of the learned matcher
+    learned_state_ids: int = 0  # attacked ids (and own-copy rows) given a forward pass for the states block (0 = all)
+    learned_draws: int = 2      # own copies the learned matcher trains on (the last one validates when there are 2+)
     batch: int = 256
     seed: int | None = None     # attacker's own (non-secret) randomness; None = fresh
 
@@ -224,12 +227,14 @@ def nearest(queries: torch.Tensor, table: torch.Tensor, k: int, metric: str = "l
     return torch.cat(out) if out else torch.zeros((0, k), dtype=torch.long)
 
 
-def pca_project(plain: torch.Tensor, obf: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Project both feature sets on the top principal axes of the plain set (the attacker's own data)."""
+def pca_project(plain: torch.Tensor, obf: torch.Tensor, dim: int, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Project both feature sets on the top principal axes of the plain set (the attacker's own data), fitted on a
+    sample of at most 8,192 plain rows (drawn with ``generator`` when given)."""
     if plain.shape[1] <= dim:
         return plain, obf
     mu = plain.mean(0, keepdim=True)
-    sample = plain[torch.randperm(plain.shape[0])[:8192]] - mu
+    sample = plain[torch.randperm(plain.shape[0], generator=generator)[:8192]] - mu
     _, _, v = torch.linalg.svd(sample, full_matrices=False)
     basis = v[:dim].T
     return (plain - mu) @ basis, (obf - mu) @ basis

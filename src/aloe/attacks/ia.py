@@ -25,26 +25,43 @@ def _pair_norms(x: torch.Tensor, n_kv: int, hd: int, rows: torch.Tensor) -> torc
     return torch.sort(column_normalise((x * x).sum(2).reshape(x.shape[0], -1), rows), dim=1).values
 
 
+def view_invariants(t: Target, views: list[tuple[Target, np.ndarray]], progress=None, plain_noise: bool = True
+                    ) -> tuple[tuple[torch.Tensor, torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Gate-IA and attention-IA features, standardised on the plain side: those of every plain token (``t``'s plain
+    model, noised as its profile says unless ``plain_noise=False``) and those of the rows ``ids`` of each view
+    ``(target, ids)``, an artifact of the same plain model (the victim's, or an attacker's own copy). Returns
+    ``(gate, attention)`` for the plain side and for each view."""
+    a, prof = t.arch, t.profile
+    E = t.noised_plain(t.plain_embed, float(prof.get("alpha_e", 0.0)) if plain_noise else 0.0, "ia-e")
+    pop = t.plain_population
+    gate_p, attn_p = [], []
+    gate_o, attn_o = [[] for _ in views], [[] for _ in views]
+    for layer in t.layer_subset():
+        gate_p.append(E @ t.plain_layer(layer, "mlp.gate_proj").mean(0))
+        attn_p.append(_pair_norms(E @ t.plain_layer(layer, "self_attn.k_proj").T, a.n_kv, a.head_dim, pop))
+        for i, (v, ids) in enumerate(views):
+            qi = torch.as_tensor(ids)
+            Eq = v.obf_embed[qi]
+            gate_o[i].append(Eq @ v.obf_layer(layer, "mlp.gate_proj").mean(0))
+            attn_o[i].append(_pair_norms(Eq @ v.obf_layer(layer, "self_attn.k_proj").T, a.n_kv, a.head_dim,
+                                         v.held_rows[qi]))
+        if progress is not None:
+            progress.update(1)
+    gp, ap = torch.stack(gate_p, 1), torch.cat(attn_p, 1).log1p()
+    out = []
+    for go, ao in zip(gate_o, attn_o):
+        g = standardise(gp, torch.stack(go, 1))
+        at = standardise(ap, torch.cat(ao, 1).log1p())
+        out.append((g[1], at[1]))
+    return (standardise(gp, gp)[0], standardise(ap, ap)[0]), out
+
+
 @torch.no_grad()
 def attack(t: Target, received: np.ndarray, progress=None) -> IdGuess:
-    a, prof = t.arch, t.profile
     q_ids, uniform = t.query_ids(must=received)
     if not bool(t.held_rows.any()):  # the client holds both tables and sent nothing yet: nothing to match
         return IdGuess(q_ids, -np.ones((len(q_ids), t.budget.topk), dtype=np.int64), uniform=uniform)
-    qi = torch.as_tensor(q_ids)
-    E = t.noised_plain(t.plain_embed, float(prof.get("alpha_e", 0.0)), "ia-e")
-    Eq = t.obf_embed[qi]
-    pop, held = t.plain_population, t.held_rows[qi]
-    gate_p, gate_o, attn_p, attn_o = [], [], [], []
-    for layer in t.layer_subset():
-        gate_p.append(E @ t.plain_layer(layer, "mlp.gate_proj").mean(0))
-        gate_o.append(Eq @ t.obf_layer(layer, "mlp.gate_proj").mean(0))
-        attn_p.append(_pair_norms(E @ t.plain_layer(layer, "self_attn.k_proj").T, a.n_kv, a.head_dim, pop))
-        attn_o.append(_pair_norms(Eq @ t.obf_layer(layer, "self_attn.k_proj").T, a.n_kv, a.head_dim, held))
-        if progress is not None:
-            progress.update(1)
-    gp, go = standardise(torch.stack(gate_p, 1), torch.stack(gate_o, 1))
-    ap, ao = standardise(torch.cat(attn_p, 1).log1p(), torch.cat(attn_o, 1).log1p())
+    (gp, ap), [(go, ao)] = view_invariants(t, [(t, q_ids)], progress)
     k = t.budget.topk
     gate_pred = nearest(go, gp, 1)[:, 0]
     attn_pred = nearest(*reversed(pca_project(ap, ao, 128)), 1)[:, 0]

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from aloe import AloeError
 from aloe.attacks.common import Target, nearest
 from aloe.attacks.scoring import SeqGuess
 
@@ -66,31 +67,56 @@ class Inverter(torch.nn.Module):
         return self.out(self.enc(self.inp(x) + pos))
 
 
-def own_obfuscation(t: Target) -> tuple[Path, np.ndarray]:
+def own_profile(t: Target, adapt: bool = True):
+    """The artifact's public profile as a :class:`~aloe.obfuscation.profiles.Profile`: every field ``aloe.json``
+    records is passed through (lists back to tuples). ``adapt=False`` drops the profile's fine-tuning
+    (``adapt_steps`` 0): the client's expensive step, which an attacker building many copies may skip."""
+    from aloe.obfuscation.profiles import Profile
+
+    prof = {k: tuple(v) if isinstance(v, list) else v for k, v in t.profile.items()}
+    if not adapt and int(prof.get("adapt_steps", 0) or 0) > 0:
+        prof["adapt_steps"] = 0
+    try:
+        return Profile(**prof)
+    except TypeError as exc:
+        raise AloeError(f"{t.obf_dir}/aloe.json: its profile does not fit this aloe version ({exc})") from None
+
+
+def own_obfuscation(t: Target, draw: int = 0, adapt: bool = True) -> tuple[Path, np.ndarray]:
     """The attacker's own artifact of the plain model, with the public profile and a key it drew itself (built once
-    per plain model and profile, and kept in the cache: it is the attacker's asset, unrelated to the victim's key)."""
+    per plain model, profile and draw number, and kept in the cache: it is the attacker's asset, unrelated to the
+    victim's key). ``draw`` k > 0 builds the k-th further copy, with its own key and noise; ``adapt`` as in
+    :func:`own_profile`."""
     from aloe.assets.cache import cache_root
     from aloe.obfuscation.model import obfuscate_checkpoint
-    from aloe.obfuscation.profiles import Profile
     from aloe.obfuscation.secret import load_secret
 
-    prof = dict(t.profile)
-    prof["qk_scale"], prof["ffn_scale"] = tuple(prof["qk_scale"]), tuple(prof["ffn_scale"])
-    profile = Profile(**prof)
-    key = hashlib.sha256(json.dumps([t._plain.fingerprint(), profile.to_dict()], sort_keys=True).encode())
+    if draw < 0:
+        raise AloeError(f"own copy number {draw} is negative")
+    profile = own_profile(t, adapt)
+    ident = [t._plain.fingerprint(), profile.to_dict()] + ([draw] if draw else [])
+    key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode())
     folder = cache_root() / "attacks" / "own" / key.hexdigest()[:20]
     out, sec = folder / "artifact", folder / "attacker-secret.json"
     if not (out / "aloe.json").is_file():
         calib = None
         if profile.keys == "paper":
-            from aloe.obfuscation.commands import calibration_ids
-
-            calib = calibration_ids(t.plain_dir)
+            calib = _calibration(t)
         folder.mkdir(parents=True, exist_ok=True)
         if out.exists():
             shutil.rmtree(out)
         obfuscate_checkpoint(t.plain_dir, out, sec, profile, dtype="float32", calibration_ids=calib, progress=False)
     return out, load_secret(sec).tau
+
+
+def _calibration(t: Target) -> np.ndarray:
+    """Calibration text for the paper keys' kappa: the public held-out text when the model has a tokenizer, else
+    (tiny test models) the attacker's own uniform draw of movable ids."""
+    if (t.plain_dir / "tokenizer.json").is_file() or (t.plain_dir / "tokenizer_config.json").is_file():
+        from aloe.obfuscation.commands import calibration_ids
+
+        return calibration_ids(t.plain_dir)
+    return t.budget.rng("own-calibration").choice(t.movable_ids, size=512)
 
 
 def _chunks(ids: np.ndarray, T: int) -> list[np.ndarray]:
