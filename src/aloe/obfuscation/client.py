@@ -68,6 +68,70 @@ class Completion:
     timings: dict = field(default_factory=dict)
 
 
+class ServerError(AloeError):
+    """The untrusted server could not be reached (``kind`` "unreachable"), was too slow ("timeout"), or answered
+    with an error (``kind`` "status", its HTTP code in ``status``)."""
+
+    def __init__(self, message: str, kind: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.kind, self.status = kind, status
+
+
+def server_error(exc: httpx.HTTPError, server: str) -> ServerError:
+    if isinstance(exc, httpx.TimeoutException):
+        return ServerError(f"the server at {server} did not answer in time ({type(exc).__name__})", "timeout")
+    return ServerError(f"cannot reach the server at {server}: {exc}", "unreachable")
+
+
+class IncrementalDecoder:
+    """Plain ids in, new text out: a piece is released only once it no longer ends inside a UTF-8 character."""
+
+    def __init__(self, decode) -> None:
+        self.decode, self.ids, self.shown = decode, [], ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        text = self.decode(self.ids)
+        if len(text) > len(self.shown) and not text.endswith("\ufffd"):
+            piece, self.shown = text[len(self.shown):], text
+            return piece
+        return ""
+
+    def flush(self) -> str:
+        text = self.decode(self.ids)
+        piece = text[len(self.shown):] if len(text) > len(self.shown) else ""
+        self.shown = text if piece else self.shown
+        return piece
+
+
+class TokenStream:
+    """One streamed request. Iterating sends it and yields the answer's plain ids; afterwards ``finish_reason``,
+    ``token_ids`` (plain) and ``server_output_ids`` (what the server sent) are set. ``server_prompt_ids`` is what
+    the server receives."""
+
+    def __init__(self, client: PrivateClient, prompt_ids: list[int], server_prompt_ids: list[int], body: dict,
+                 stops: set[int]) -> None:
+        self.client, self.prompt_ids, self.server_prompt_ids = client, prompt_ids, server_prompt_ids
+        self.body, self.stops = body, stops
+        self.token_ids: list[int] = []
+        self.server_output_ids: list[int] = []
+        self.finish_reason: str | None = None
+
+    def __iter__(self) -> Iterator[int]:
+        events = self.client._stream_server_ids(self.body, self.stops)
+        try:  # leaving early (a consumer's stop string, a closed connection) closes the server's stream too
+            for sid, finish in events:
+                if finish is not None:
+                    self.finish_reason = finish
+                    return
+                pid = self.client.map.from_server([sid])[0]
+                self.server_output_ids.append(sid)
+                self.token_ids.append(pid)
+                yield pid
+        finally:
+            events.close()
+
+
 class PrivateClient:
     def __init__(self, server: str, secret: Path | Secret, tokenizer, *, backend: str = "openai",
                  model: str | None = None, timeout: float = 300.0) -> None:
@@ -107,9 +171,9 @@ class PrivateClient:
                 return self.http.stream("POST", url, json=body)
             resp = self.http.post(url, json=body)
         except httpx.HTTPError as exc:
-            raise AloeError(f"cannot reach the server at {self.server}: {exc}") from None
+            raise server_error(exc, self.server) from None
         if resp.status_code != 200:
-            raise AloeError(f"server answered {resp.status_code}: {resp.text[:300]}")
+            raise ServerError(f"server answered {resp.status_code}: {resp.text[:300]}", "status", resp.status_code)
         return resp.json()
 
     def verify(self) -> dict:
@@ -117,9 +181,9 @@ class PrivateClient:
         try:
             resp = self.http.get(self.server + ("/v1/models" if self.backend == "openai" else "/health"))
         except httpx.HTTPError as exc:
-            raise AloeError(f"cannot reach the server at {self.server}: {exc}") from None
+            raise server_error(exc, self.server) from None
         if resp.status_code != 200:
-            raise AloeError(f"server answered {resp.status_code} on its health check")
+            raise ServerError(f"server answered {resp.status_code} on its health check", "status", resp.status_code)
         info = resp.json()
         if self.backend == "openai":
             models = info.get("data") or [{}]
@@ -164,7 +228,8 @@ class PrivateClient:
             with self._post(path, body, stream=True) as resp:
                 if resp.status_code != 200:
                     resp.read()
-                    raise AloeError(f"server answered {resp.status_code}: {resp.text[:300]}")
+                    raise ServerError(f"server answered {resp.status_code}: {resp.text[:300]}", "status",
+                                      resp.status_code)
                 for line in resp.iter_lines():
                     if not line.startswith("data:"):
                         continue
@@ -186,26 +251,26 @@ class PrivateClient:
                         yield -1, finish
                         return
         except httpx.HTTPError as exc:
-            raise AloeError(f"connection to the server failed: {exc}") from None
+            raise server_error(exc, self.server) from None
 
-    def stream(self, prompt: list[dict] | str | list[int], *, max_tokens: int = 256, temperature: float = 0.0,
-               top_p: float = 1.0, top_k: int = -1, repetition_penalty: float = 1.0, seed: int | None = None,
-               stop_token_ids: list[int] = (), logit_bias: dict | None = None, **extra) -> Iterator[str]:
-        """Yield the answer's text incrementally (decoded from the plain ids so far)."""
+    def open_stream(self, prompt: list[dict] | str | list[int], *, max_tokens: int = 256, temperature: float = 0.0,
+                    top_p: float = 1.0, top_k: int = -1, repetition_penalty: float = 1.0, seed: int | None = None,
+                    stop_token_ids: list[int] = (), logit_bias: dict | None = None, **extra) -> TokenStream:
+        """A streamed request, not yet sent: iterate it for the answer's plain ids as the server sends them."""
         plain = list(prompt) if _is_ids(prompt) else self.chat_ids(prompt)
-        body = self._body(self.map.to_server(plain), max_tokens, temperature, top_p, top_k, repetition_penalty,
-                          seed, list(stop_token_ids), logit_bias, True, extra)
-        stops = set(self.map.to_server(stop_token_ids))
-        ids: list[int] = []
-        shown = ""
-        for sid, finish in self._stream_server_ids(body, stops):
-            if finish is not None:
-                break
-            ids.extend(self.map.from_server([sid]))
-            text = self.detokenize(ids)
-            if len(text) > len(shown) and not text.endswith("\ufffd"):
-                yield text[len(shown):]
-                shown = text
+        server_prompt = self.map.to_server(plain)
+        body = self._body(server_prompt, max_tokens, temperature, top_p, top_k, repetition_penalty, seed,
+                          list(stop_token_ids), logit_bias, True, extra)
+        return TokenStream(self, plain, server_prompt, body, set(self.map.to_server(stop_token_ids)))
+
+    def stream(self, prompt: list[dict] | str | list[int], **params) -> Iterator[str]:
+        """Yield the answer's text incrementally (decoded from the plain ids so far); ``params`` as for complete."""
+        decoder = IncrementalDecoder(self.detokenize)
+        for pid in self.open_stream(prompt, **params):
+            if piece := decoder.push(pid):
+                yield piece
+        if tail := decoder.flush():
+            yield tail
 
     def complete(self, prompt: list[dict] | str | list[int], *, max_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = -1, repetition_penalty: float = 1.0, seed: int | None = None,

@@ -68,6 +68,17 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _proxy(args: argparse.Namespace) -> int:
+    from aloe.obfuscation.commands import resolve_model
+    from aloe.serving.proxy import run_proxy
+
+    if args.timeout <= 0:
+        raise AloeError("--timeout must be positive")
+    run_proxy(args.server, args.secret, resolve_model(args.tokenizer), args.backend, args.host, args.port,
+              args.timeout, args.log_level)
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="AloePri: serve a (obfuscated) checkpoint on a stock engine")
     s.add_argument("model", type=Path, help="model folder (as written by aloe obfuscate)")
@@ -83,6 +94,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--outtype", choices=["f32", "f16"], default="f32", help="llama.cpp GGUF type")
     s.add_argument("--log-level", default="warning")
     s.set_defaults(func=_serve)
+
+    p = sub.add_parser("proxy", help="AloePri: a local plain-text OpenAI-compatible proxy (and chat page) in front "
+                                     "of an untrusted server")
+    p.add_argument("--server", required=True, help="the untrusted server's base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--secret", type=Path, required=True)
+    p.add_argument("--tokenizer", required=True, help="plain model/tokenizer folder, or 'smollm2'")
+    p.add_argument("--backend", choices=["openai", "llama.cpp"], default="openai",
+                   help="openai: /v1/completions (aloe serve, vLLM); llama.cpp: llama-server's /completion")
+    p.add_argument("--host", default="127.0.0.1", help="loopback only")
+    p.add_argument("--port", type=int, default=8100)
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds to wait on the server (to connect, and for each next piece of its answer)")
+    p.add_argument("--log-level", default="warning")
+    p.set_defaults(func=_proxy)
 
     e = sub.add_parser("export", help="export a model folder to another format")
     g = e.add_subparsers(dest="export_format", metavar="FORMAT")

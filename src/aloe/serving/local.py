@@ -22,13 +22,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+def wait_healthy(url: str, timeout: float, proc: subprocess.Popen | None = None, path: str = "/health") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise AloeError(f"the server exited with code {proc.returncode} before it was ready")
         try:
-            if httpx.get(url + "/health", timeout=2.0).status_code == 200:
+            if httpx.get(url + path, timeout=2.0).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -62,21 +62,27 @@ def aloe_serve_command(model_dir: Path, port: int, *extra: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def server_thread(model_dir: Path, limits=None, threads: int | None = None) -> Iterator[str]:
-    """The embedded server in this process (uvicorn in a thread): for tests."""
+def app_thread(app, health: str = "/health") -> Iterator[str]:
+    """An ASGI app on a free loopback port (uvicorn in a thread of this process): for tests."""
     import uvicorn
 
-    from aloe.serving.server import create_app
-
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(model_dir, limits, threads), host="127.0.0.1", port=port,
-                                           log_level="error"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, 60.0)
+        wait_healthy(url, 60.0, path=health)
         yield url
     finally:
         server.should_exit = True
         thread.join(timeout=15)
+
+
+@contextlib.contextmanager
+def server_thread(model_dir: Path, limits=None, threads: int | None = None) -> Iterator[str]:
+    """The embedded server in this process (uvicorn in a thread): for tests."""
+    from aloe.serving.server import create_app
+
+    with app_thread(create_app(model_dir, limits, threads)) as url:
+        yield url

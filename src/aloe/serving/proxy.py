@@ -1,0 +1,362 @@
+"""``aloe proxy``: a local OpenAI-compatible endpoint in plain text in front of an untrusted AloePri server.
+
+Apps talk to the proxy as to any OpenAI server (``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``;
+streaming or not). The proxy holds the secret: it applies the chat template, maps the prompt ids with tau, sends
+token ids to the untrusted server through :class:`~aloe.obfuscation.client.PrivateClient`, maps the answer back,
+detokenizes incrementally and applies stop *strings* on the plain text. It listens on loopback only; the secret
+never appears in a response or a log line. ``/`` is a chat page and ``/aloe/last-exchange`` shows what the server
+saw and sent for the latest request (obfuscated ids and their meaningless text).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from importlib import resources
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field
+
+from aloe import AloeError
+from aloe.obfuscation.client import IncrementalDecoder, PrivateClient, ServerError
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+MAX_BODY_BYTES = 1 << 20
+
+
+class ProxyError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(-1, ge=-1)                      # extensions that commute with the permutation
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stream: bool = False
+    stream_options: dict | None = None
+    n: int = Field(1, ge=1, le=1)
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0)
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)
+    logprobs: bool | int | None = None
+    user: str | None = None
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict]
+
+
+class ChatRequest(_Sampling):
+    messages: list[_Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class TextRequest(_Sampling):
+    prompt: str | list[str] | list[int]
+    echo: bool = False
+
+
+def _stops(stop: str | list[str] | None) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > 4 or any(not s for s in stops):
+        raise ProxyError(400, "stop: give at most 4 non-empty strings")
+    return stops
+
+
+def _text_of(message: _Message) -> str:
+    if isinstance(message.content, str):
+        return message.content
+    parts = []
+    for part in message.content:
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise ProxyError(400, "messages: only text content parts are supported")
+        parts.append(part["text"])
+    return "".join(parts)
+
+
+class StopCutter:
+    """Plain text in pieces in, text safe to show out: cut before the first stop string, and hold back a tail that
+    could still grow into one."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops, self.text, self.sent, self.stopped = stops, "", 0, False
+
+    def push(self, piece: str) -> str:
+        self.text += piece
+        hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped, self.text = True, self.text[:min(hits)]
+            return self._release(len(self.text))
+        hold = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        return self._release(len(self.text) - hold)
+
+    def flush(self) -> str:
+        return self._release(len(self.text))
+
+    def _release(self, upto: int) -> str:
+        if upto <= self.sent:
+            return ""
+        piece, self.sent = self.text[self.sent:upto], upto
+        return piece
+
+
+class Proxy:
+    """The proxy's state: one PrivateClient (the secret), the model name, and the latest exchange's server view."""
+
+    def __init__(self, client: PrivateClient, default_max_tokens: int = 256) -> None:
+        self.client = client
+        self.default_max_tokens = default_max_tokens
+        self.model = client.model or "aloe-private"
+        self.lock = threading.Lock()
+        self.last: dict | None = None
+
+    def record(self, stream, finish: str) -> None:
+        sent, got, view = list(stream.server_prompt_ids), list(stream.server_output_ids), self.client.server_view
+        last = {"server_prompt_ids": sent, "server_output_ids": got, "server_prompt_text": view(sent),
+                "server_output_text": view(got), "finish_reason": finish, "time": time.time()}
+        with self.lock:
+            self.last = last
+
+    def run(self, prompt, req: _Sampling, max_tokens: int | None) -> Iterator[str | dict]:
+        """Yield the answer's plain text pieces, then one dict: finish reason and usage."""
+        stops = _stops(req.stop)
+        stream = self.client.open_stream(prompt, max_tokens=max_tokens or self.default_max_tokens,
+                                         temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                                         repetition_penalty=req.repetition_penalty, seed=req.seed)
+        decoder, cutter = IncrementalDecoder(self.client.detokenize), StopCutter(stops)
+        tokens = iter(stream)
+        try:
+            for pid in tokens:
+                if piece := cutter.push(decoder.push(pid)):
+                    yield piece
+                if cutter.stopped:
+                    break
+            if not cutter.stopped and (piece := cutter.push(decoder.flush()) + cutter.flush()):
+                yield piece
+        finally:
+            tokens.close()
+        finish = "stop" if cutter.stopped else (stream.finish_reason or "length")
+        self.record(stream, finish)
+        n_out = len(stream.token_ids)
+        yield {"finish_reason": finish, "usage": {"prompt_tokens": len(stream.prompt_ids), "completion_tokens": n_out,
+                                                  "total_tokens": len(stream.prompt_ids) + n_out}}
+
+
+def _server_failure(exc: Exception) -> ProxyError:
+    if isinstance(exc, ServerError):
+        if exc.kind == "timeout":
+            return ProxyError(504, str(exc), "timeout_error")
+        if exc.kind == "status" and exc.status is not None and 400 <= exc.status < 500:
+            return ProxyError(400, f"the untrusted server refused the request: {exc}")
+        if exc.kind == "status" and exc.status == 503:
+            return ProxyError(503, str(exc), "server_busy")
+        return ProxyError(502, str(exc), "upstream_error")
+    if isinstance(exc, ProxyError):
+        return exc
+    if isinstance(exc, AloeError):
+        return ProxyError(400, str(exc))
+    return ProxyError(502, f"bad answer from the untrusted server ({type(exc).__name__})", "upstream_error")
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())[:500]
+
+
+def _error_body(err: ProxyError) -> dict:
+    return {"error": {"message": _one_line(err.message), "type": err.kind}}
+
+
+def create_proxy_app(client: PrivateClient, default_max_tokens: int = 256) -> FastAPI:
+    """The proxy as an ASGI app around an already verified client."""
+    proxy = Proxy(client, default_max_tokens)
+    app = FastAPI(title="aloe privacy proxy", version="1", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.proxy = proxy
+    static = resources.files("aloe.serving") / "static"
+
+    @app.middleware("http")
+    async def bound_body(request: Request, call_next):
+        host = request.headers.get("host", "")
+        name = host.split("]")[0] + "]" if host.startswith("[") else host.split(":")[0]
+        if name not in LOOPBACK_NAMES:  # a page elsewhere reaching us through a rebound DNS name
+            return JSONResponse(_error_body(ProxyError(403, "the proxy answers only requests addressed to "
+                                                            "127.0.0.1, localhost or [::1]")), 403)
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > MAX_BODY_BYTES):
+            return JSONResponse(_error_body(ProxyError(413, f"request body over {MAX_BODY_BYTES} bytes")), 413)
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError):
+        errs = exc.errors()
+        first = errs[0] if errs else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        msg = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            msg = "the body is not valid JSON"
+        return JSONResponse(_error_body(ProxyError(400, f"{where}: {msg}" if where else msg)), 400)
+
+    @app.exception_handler(ProxyError)
+    async def proxy_error(_request: Request, exc: ProxyError):
+        return JSONResponse(_error_body(exc), exc.status)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, exc: Exception):
+        return JSONResponse(_error_body(ProxyError(500, f"internal error ({type(exc).__name__})", "server_error")),
+                            500)
+
+    def respond(pieces: Iterator[str | dict], req: _Sampling, chunk, final) -> object:
+        """Non-streaming: collect. Streaming: SSE. Failures before the first piece get a status code; later ones
+        an error event in the stream."""
+        try:
+            first = next(pieces)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a one-line JSON error
+            raise _server_failure(exc) from None
+        if not req.stream:
+            text, end = [], first
+            try:
+                while isinstance(end, str):
+                    text.append(end)
+                    end = next(pieces)
+            except Exception as exc:  # noqa: BLE001
+                raise _server_failure(exc) from None
+            return final("".join(text), end)
+        created, rid = int(time.time()), uuid.uuid4().hex
+
+        def events():
+            item = first
+            try:
+                yield chunk(rid, created, None, None)
+                while isinstance(item, str):
+                    yield chunk(rid, created, item, None)
+                    item = next(pieces)
+                yield chunk(rid, created, None, item)
+            except Exception as exc:  # noqa: BLE001
+                yield f"data: {json.dumps(_error_body(_server_failure(exc)))}\n\n"
+            finally:
+                pieces.close()
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+
+    @app.get("/v1/models")
+    def models():
+        return {"object": "list", "data": [{"id": proxy.model, "object": "model", "created": 0, "owned_by": "aloe"}]}
+
+    @app.post("/v1/chat/completions")
+    def chat(req: ChatRequest):
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text_of(m)}
+                    for m in req.messages]
+        try:
+            prompt = client.chat_ids(messages)
+        except Exception as exc:  # noqa: BLE001 - a template that refuses this conversation
+            raise ProxyError(400, f"messages: the chat template refused them ({exc})") from None
+        pieces = proxy.run(prompt, req, req.max_completion_tokens or req.max_tokens)
+
+        def chunk(rid, created, text, end):
+            if end is not None:
+                delta, finish = {}, end["finish_reason"]
+            else:
+                delta, finish = ({"content": text} if text is not None else {"role": "assistant", "content": ""}), None
+            body = {"id": f"chatcmpl-{rid}", "object": "chat.completion.chunk", "created": created,
+                    "model": proxy.model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                                                       "logprobs": None}]}
+            if end is not None:
+                body["usage"] = end["usage"]
+            return f"data: {json.dumps(body)}\n\n"
+
+        def final(text, end):
+            return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                    "model": proxy.model, "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                                       "finish_reason": end["finish_reason"], "logprobs": None}],
+                    "usage": end["usage"]}
+
+        return respond(pieces, req, chunk, final)
+
+    @app.post("/v1/completions")
+    def completions(req: TextRequest):
+        prompt = req.prompt
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            if len(prompt) != 1:
+                raise ProxyError(400, "prompt: give one string (batches are not supported)")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            prompt = list(client.tokenizer(prompt)["input_ids"])
+        if not prompt:
+            raise ProxyError(400, "prompt: empty")
+        vocab = len(client.map.tau)
+        if any(not 0 <= i < vocab for i in prompt):
+            raise ProxyError(400, f"prompt: token ids must lie in 0..{vocab - 1}")
+        if req.echo:
+            raise ProxyError(400, "echo is not supported")
+        pieces = proxy.run(prompt, req, req.max_tokens)
+
+        def choice(text, finish):
+            return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+
+        def chunk(rid, created, text, end):
+            if text is None and end is None:
+                return ""
+            body = {"id": f"cmpl-{rid}", "object": "text_completion", "created": created, "model": proxy.model,
+                    "choices": [choice(text or "", end and end["finish_reason"])]}
+            if end is not None:
+                body["usage"] = end["usage"]
+            return f"data: {json.dumps(body)}\n\n"
+
+        def final(text, end):
+            return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                    "model": proxy.model, "choices": [choice(text, end["finish_reason"])], "usage": end["usage"]}
+
+        return respond(pieces, req, chunk, final)
+
+    @app.get("/aloe/last-exchange")
+    def last_exchange():
+        with proxy.lock:
+            return {"exchange": proxy.last}
+
+    @app.get("/")
+    def page():
+        return FileResponse(str(static / "index.html"), media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=str(static)), name="static")
+    return app
+
+
+def connect(server: str, secret, tokenizer, backend: str = "openai", timeout: float = 300.0) -> PrivateClient:
+    """A client that has checked the server: reachable, and (where it says) serving this secret's artifact."""
+    client = PrivateClient(server, secret, tokenizer, backend=backend, timeout=timeout)
+    info = client.verify()
+    fp = ((info.get("data") or [{}])[0].get("aloe") or {}).get("secret_fingerprint") if backend == "openai" else None
+    if fp is None:
+        print("aloe proxy: note: the server does not say which artifact it serves; not checked", file=sys.stderr)
+    return client
+
+
+def run_proxy(server: str, secret, tokenizer, backend: str = "openai", host: str = "127.0.0.1", port: int = 8100,
+              timeout: float = 300.0, log_level: str = "warning") -> None:
+    import uvicorn
+
+    if host not in LOOPBACK:
+        raise AloeError("the proxy speaks plain text: it listens on loopback only (127.0.0.1, localhost or ::1)")
+    client = connect(server, secret, tokenizer, backend, timeout)
+    print(f"aloe proxy: http://{host}:{port}/ (OpenAI API at /v1) -> {client.server} [{backend}]", file=sys.stderr)
+    uvicorn.run(create_proxy_app(client), host=host, port=port, log_level=log_level)

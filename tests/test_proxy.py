@@ -1,0 +1,262 @@
+"""``aloe proxy`` in front of ``aloe serve`` on obfuscated SmolLM2: the stock ``openai`` package talks plain text to
+the proxy and gets the plain model's answer while the server receives only obfuscated ids; stop strings cut on the
+plain side; faults give one-line JSON errors; the chat page works in a real headless browser."""
+
+import asyncio
+import json
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi import FastAPI
+
+from aloe.cli import main as aloe_main
+from aloe.obfuscation.client import IncrementalDecoder
+from aloe.obfuscation.secret import Secret, load_secret, save_secret
+from aloe.serving.local import app_thread, free_port
+from aloe.serving.proxy import StopCutter, connect, create_proxy_app
+from aloe.serving.server import Limits, create_app
+
+pytestmark = pytest.mark.real_model
+QUESTION = "What is the capital of France?"
+
+
+class Recorder:
+    """ASGI wrapper around the untrusted server keeping every request body it received."""
+
+    def __init__(self, app) -> None:
+        self.app, self.bodies = app, []
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        parts = []
+
+        async def recording():
+            msg = await receive()
+            if msg["type"] == "http.request":
+                parts.append(msg.get("body", b""))
+                if not msg.get("more_body"):
+                    self.bodies.append(b"".join(parts))
+            return msg
+
+        return await self.app(scope, recording, send)
+
+
+@pytest.fixture(scope="module")
+def stack(smollm2_exact, smollm2_path):
+    """One untrusted server (recording what it receives) and one proxy in front of it, for the whole module."""
+    obf_dir, secret = smollm2_exact
+    recorder = Recorder(create_app(obf_dir, Limits(max_new_tokens=64)))
+    with app_thread(recorder) as server_url:
+        client = connect(server_url, secret, smollm2_path, timeout=120.0)
+        with app_thread(create_proxy_app(client), health="/v1/models") as proxy_url:
+            yield {"proxy": proxy_url, "server": server_url, "recorder": recorder, "client": client}
+
+
+@pytest.fixture(scope="module")
+def openai_client(stack):
+    import openai
+
+    return openai.OpenAI(base_url=stack["proxy"] + "/v1", api_key="unused", max_retries=0, timeout=120.0)
+
+
+def _assert_server_saw_no_plain_prompt(stack, since: int):
+    client = stack["client"]
+    question_ids = list(client.tokenizer(QUESTION, add_special_tokens=False)["input_ids"])
+    bodies = stack["recorder"].bodies[since:]
+    prompts = [json.loads(b)["prompt"] for b in bodies if b.startswith(b"{") and b'"prompt"' in b]
+    assert prompts, "the server received no completion request"
+    for body, prompt in zip(bodies, prompts, strict=False):
+        assert b"France" not in body and b"capital" not in body
+        assert not _is_subsequence(question_ids, prompt)
+        assert "France" not in client.server_view(prompt)
+
+
+def _is_subsequence(needle: list[int], hay: list[int]) -> bool:
+    it = iter(hay)
+    return all(any(x == y for y in it) for x in needle)
+
+
+def test_openai_package_chat_non_streaming_and_streaming(stack, openai_client):
+    since = len(stack["recorder"].bodies)
+    models = openai_client.models.list()
+    assert [m.id for m in models.data]
+    res = openai_client.chat.completions.create(model=models.data[0].id, temperature=0, max_tokens=16,
+                                                messages=[{"role": "user", "content": QUESTION}])
+    answer = res.choices[0].message.content
+    assert "Paris" in answer, answer
+    assert res.usage.prompt_tokens > 5 and 1 <= res.usage.completion_tokens <= 16
+    pieces, finish, usage = [], None, None
+    for chunk in openai_client.chat.completions.create(model="any", temperature=0, max_tokens=16, stream=True,
+                                                       messages=[{"role": "user", "content": QUESTION}]):
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+        usage = chunk.usage or usage
+    assert "".join(pieces) == answer and len([p for p in pieces if p]) > 1
+    assert finish == res.choices[0].finish_reason and usage.completion_tokens == res.usage.completion_tokens
+    _assert_server_saw_no_plain_prompt(stack, since)
+    last = httpx.get(stack["proxy"] + "/aloe/last-exchange").json()["exchange"]
+    assert last["server_prompt_ids"] == stack["client"].map.to_server(stack["client"].chat_ids(QUESTION))
+    assert "Paris" not in last["server_output_text"] and len(last["server_output_ids"]) == usage.completion_tokens
+
+
+def test_text_completion_and_stop_string_cut_on_the_plain_side(stack, openai_client):
+    prompt = "The capital of France is"
+    full = openai_client.completions.create(model="any", prompt=prompt, max_tokens=8, temperature=0)
+    text = full.choices[0].text
+    words = text.split()
+    assert len(words) >= 2, text
+    stop = words[1]  # a plain word the untrusted server never sees as text
+    cut = openai_client.completions.create(model="any", prompt=prompt, max_tokens=8, temperature=0, stop=[stop])
+    assert cut.choices[0].text == text[:text.index(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in openai_client.completions.create(
+        model="any", prompt=prompt, max_tokens=8, temperature=0, stop=stop, stream=True) if c.choices)
+    assert streamed == cut.choices[0].text
+
+
+def test_stop_cutter_and_incremental_decoder():
+    cutter = StopCutter(["END", "\n\n"])
+    out = [cutter.push(p) for p in ["ab", "cE", "N", "xyz E", "ND more"]]
+    assert "".join(out) == "abcENxyz " and out[1] == "c" and cutter.stopped
+    decoder = IncrementalDecoder(lambda ids: bytes(ids).decode("utf-8", errors="replace"))
+    euro = list("€".encode())
+    assert [decoder.push(b) for b in [104, *euro]] == ["h", "", "", "€"] and decoder.flush() == ""
+
+
+@pytest.mark.parametrize("body,reason", [
+    (b"{not json", "JSON"),
+    (b'{"model": "x"}', "messages"),
+    (b'{"messages": []}', "messages"),
+    (b'{"messages": "hello"}', "messages"),
+    (b'{"messages": [{"role": "wizard", "content": "hi"}]}', "role"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}', "max_tokens"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}', "temperature"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}', "n"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}', "stop"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000}', "refused"),
+    (b'[1, 2]', "input"),
+])
+def test_malformed_requests_get_a_one_line_4xx(stack, body, reason):
+    r = httpx.post(stack["proxy"] + "/v1/chat/completions", content=body, headers={"content-type": "application/json"},
+                   timeout=60)
+    assert 400 <= r.status_code < 500, r.text
+    message = r.json()["error"]["message"]
+    assert reason.lower() in message.lower() and "\n" not in message and "Traceback" not in r.text
+
+
+def test_requests_addressed_to_another_host_are_refused(stack):
+    r = httpx.get(stack["proxy"] + "/v1/models", headers={"host": "attacker.example:8100"})
+    assert r.status_code == 403 and "127.0.0.1" in r.json()["error"]["message"]
+    assert httpx.get(stack["proxy"] + "/v1/models", headers={"host": "localhost:8100"}).status_code == 200
+
+
+def test_malformed_text_completion_requests(stack):
+    for body in ({"prompt": ["a", "b"]}, {"prompt": [1, 10**9]}, {"prompt": ""}, {"prompt": 3}):
+        r = httpx.post(stack["proxy"] + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 400, (body, r.text)
+        assert r.json()["error"]["message"]
+
+
+def test_slow_server_gives_504_and_a_dead_one_502(smollm2_exact, smollm2_path):
+    _, secret_path = smollm2_exact
+    fingerprint = load_secret(secret_path).fingerprint
+    fake = FastAPI()
+
+    @fake.get("/v1/models")
+    def models():
+        return {"object": "list", "data": [{"id": "slow", "aloe": {"secret_fingerprint": fingerprint}}]}
+
+    @fake.post("/v1/completions")
+    async def slow():
+        await asyncio.sleep(2.0)
+        return {}
+
+    with app_thread(fake, health="/v1/models") as fake_url:
+        proxy_app = create_proxy_app(connect(fake_url, secret_path, smollm2_path, timeout=0.5))
+        with app_thread(proxy_app, health="/v1/models") as proxy_url:
+            for stream in (False, True):
+                r = httpx.post(proxy_url + "/v1/chat/completions", timeout=30,
+                               json={"messages": [{"role": "user", "content": "hi"}], "stream": stream})
+                assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error", r.text
+    with app_thread(proxy_app, health="/v1/models") as proxy_url:  # the fake server is gone now
+        r = httpx.post(proxy_url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]},
+                       timeout=30)
+        assert r.status_code == 502 and "cannot reach" in r.json()["error"]["message"], r.text
+        assert httpx.get(proxy_url + "/v1/models").status_code == 200
+        assert httpx.get(proxy_url + "/").status_code == 200
+
+
+def test_wrong_secret_is_refused_at_start(stack, smollm2_exact, smollm2_path, tmp_path, capsys, monkeypatch):
+    import uvicorn
+
+    good = load_secret(smollm2_exact[1])
+    tau = np.array(good.tau, copy=True)
+    tau[[10, 11]] = tau[[11, 10]]
+    save_secret(tmp_path / "other.json", Secret(good.seed, tau))
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("the proxy started with a wrong secret"))
+    rc = aloe_main(["proxy", "--server", stack["server"], "--secret", str(tmp_path / "other.json"),
+                    "--tokenizer", str(smollm2_path), "--port", str(free_port())])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "fingerprint mismatch" in err and len(err.splitlines()) == 1
+    rc = aloe_main(["proxy", "--server", stack["server"], "--secret", str(smollm2_exact[1]), "--tokenizer",
+                    str(smollm2_path), "--host", "0.0.0.0"])
+    assert rc == 2 and "loopback" in capsys.readouterr().err
+
+
+def _chromium() -> tuple[str, str] | None:
+    browser = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)),
+                   None)
+    driver = shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
+
+
+@pytest.mark.skipif(_chromium() is None, reason="chromium and chromedriver not found (apt-get install -y chromium "
+                                                "chromium-driver; `make setup` does this as root)")
+def test_chat_page_in_a_headless_browser(stack, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser, driver_path = _chromium()
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,800"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        driver.get(stack["proxy"] + "/")
+        box = driver.find_element(By.ID, "question")
+        driver.find_element(By.ID, "max-tokens").clear()
+        driver.find_element(By.ID, "max-tokens").send_keys("16")
+        box.send_keys(QUESTION)
+        box.send_keys(Keys.ENTER)
+        wait = WebDriverWait(driver, 180)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant.done, .msg.error"))
+        assert not driver.find_elements(By.CSS_SELECTOR, ".msg.error"), driver.find_element(By.ID, "history").text
+        answer = driver.find_element(By.CSS_SELECTOR, ".msg.assistant .body").text
+        assert "Paris" in answer
+        wait.until(lambda d: d.find_element(By.ID, "server-output-ids").text.startswith("["))
+        ids = json.loads(driver.find_element(By.ID, "server-prompt-ids").text)
+        assert ids == stack["client"].map.to_server(stack["client"].chat_ids(QUESTION))
+        assert driver.find_element(By.ID, "server-prompt-text").text
+        assert "France" not in driver.find_element(By.ID, "server-pane").text
+        shot = Path(os.environ.get("ALOE_PROXY_SCREENSHOT") or tmp_path / "proxy-page.png")
+        part = shot.with_name(shot.name + ".part")
+        part.write_bytes(driver.get_screenshot_as_png())
+        os.replace(part, shot)
+        # an error is shown to the person: a request the server refuses
+        driver.find_element(By.ID, "max-tokens").clear()
+        driver.find_element(By.ID, "max-tokens").send_keys("100")  # over the server's limit of 64
+        box.send_keys("Again?")
+        box.send_keys(Keys.ENTER)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.error"))
+        assert "refused" in driver.find_element(By.CSS_SELECTOR, ".msg.error").text
+    finally:
+        driver.quit()
