@@ -139,7 +139,7 @@ def test_stop_cutter_and_incremental_decoder():
     (b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}', "n"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}', "stop"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000}', "refused"),
-    (b'[1, 2]', "input"),
+    (b'[1, 2]', "JSON object"),
 ])
 def test_malformed_requests_get_a_one_line_4xx(stack, body, reason):
     r = httpx.post(stack["proxy"] + "/v1/chat/completions", content=body, headers={"content-type": "application/json"},
@@ -153,6 +153,12 @@ def test_requests_addressed_to_another_host_are_refused(stack):
     r = httpx.get(stack["proxy"] + "/v1/models", headers={"host": "attacker.example:8100"})
     assert r.status_code == 403 and "127.0.0.1" in r.json()["error"]["message"]
     assert httpx.get(stack["proxy"] + "/v1/models", headers={"host": "localhost:8100"}).status_code == 200
+
+
+def test_a_form_body_is_refused_with_a_reason(stack):
+    r = httpx.post(stack["proxy"] + "/v1/chat/completions", content=b"{bad",
+                   headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
 
 
 def test_malformed_text_completion_requests(stack):

@@ -213,6 +213,8 @@ def create_proxy_app(client: PrivateClient, default_max_tokens: int = 256) -> Fa
         msg = first.get("msg", "invalid request")
         if first.get("type") == "json_invalid":
             msg = "the body is not valid JSON"
+        elif tuple(first.get("loc", ())) == ("body",) and first.get("type") in ("model_attributes_type", "dict_type"):
+            where, msg = "", "the body must be a JSON object (content-type: application/json)"
         return JSONResponse(_error_body(ProxyError(400, f"{where}: {msg}" if where else msg)), 400)
 
     @app.exception_handler(ProxyError)
