@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from aloe import AloeError
 from aloe.obfuscation.client import IncrementalDecoder, PrivateClient, ServerError
+from aloe.serving.errors import validation_message
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
@@ -207,15 +208,7 @@ def create_proxy_app(client: PrivateClient, default_max_tokens: int = 256) -> Fa
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError):
-        errs = exc.errors()
-        first = errs[0] if errs else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        msg = first.get("msg", "invalid request")
-        if first.get("type") == "json_invalid":
-            msg = "the body is not valid JSON"
-        elif tuple(first.get("loc", ())) == ("body",) and first.get("type") in ("model_attributes_type", "dict_type"):
-            where, msg = "", "the body must be a JSON object (content-type: application/json)"
-        return JSONResponse(_error_body(ProxyError(400, f"{where}: {msg}" if where else msg)), 400)
+        return JSONResponse(_error_body(ProxyError(400, validation_message(exc))), 400)
 
     @app.exception_handler(ProxyError)
     async def proxy_error(_request: Request, exc: ProxyError):

@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, 
 from transformers.generation.streamers import BaseStreamer
 
 from aloe import AloeError
+from aloe.serving.errors import validation_message
 
 
 @dataclass
@@ -186,11 +187,8 @@ def create_app(model_dir: Path, limits: Limits | None = None, threads: int | Non
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError):
-        errs = exc.errors()
-        first = errs[0] if errs else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        msg = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
-        return JSONResponse({"error": {"message": msg, "type": "invalid_request_error"}}, status_code=422)
+        return JSONResponse({"error": {"message": validation_message(exc), "type": "invalid_request_error"}},
+                            status_code=422)
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}}, status_code=status)
