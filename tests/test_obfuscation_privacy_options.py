@@ -206,3 +206,16 @@ def test_obfuscate_prints_what_the_profile_protects_against(tmp_path, capsys):
     assert main(["obfuscate", str(plain_dir), str(tmp_path / "o2"), "--secret", str(tmp_path / "s2.json"),
                  "--adapt-steps", "-1"]) == 2
     assert "--adapt-steps must be >= 0" in capsys.readouterr().err
+
+
+def test_an_artifact_is_reused_when_only_the_wording_of_its_profile_changed(tmp_path):
+    from dataclasses import replace
+
+    plain_dir = tiny_model("llama-gqa-tied", tmp_path / "plain")
+    first = obfuscate_checkpoint(plain_dir, tmp_path / "obf", tmp_path / "s.json", EXACT, progress=False)
+    reworded = replace(EXACT, description="other words", protects="another sentence")
+    again = obfuscate_checkpoint(plain_dir, tmp_path / "obf", tmp_path / "s.json", reworded, progress=False)
+    assert not first["reused"] and again["reused"]
+    with pytest.raises(AloeError, match="already exists"):  # a changed parameter is another artifact
+        obfuscate_checkpoint(plain_dir, tmp_path / "obf", tmp_path / "s.json", replace(EXACT, alpha_e=0.1),
+                             progress=False)

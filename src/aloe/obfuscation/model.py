@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from aloe import AloeError, __version__
 from aloe.assets.cache import atomic_directory, atomic_write_json
-from aloe.attacks.risk import measured_risk
+from aloe.attacks.risk import measured_risk, profile_key
 from aloe.obfuscation.attention import obfuscate_attention
 from aloe.obfuscation.checkpoint import DTYPES, CheckpointReader, ShardWriter, read_config
 from aloe.obfuscation.embedding import NOISE_SHAPES, obfuscate_embedding, obfuscate_head, vocab_permutation
@@ -253,7 +253,8 @@ def obfuscate_checkpoint(model_dir: Path, out_dir: Path, secret_path: Path, prof
         same = (manifest is not None and existing is not None
                 and manifest.get("secret_fingerprint") == existing.fingerprint
                 and manifest.get("source", {}).get("sha256") == source["sha256"]
-                and manifest.get("profile") == profile.to_dict() and manifest.get("dtype") == dtype)
+                and profile_key(manifest.get("profile") or {}) == profile_key(profile.to_dict())
+                and manifest.get("dtype") == dtype)
         if same:
             return dict(manifest, reused=True, seconds=time.perf_counter() - t0)
         raise AloeError(f"output folder {out_dir} already exists and was not made from these inputs; "
@@ -344,7 +345,7 @@ def _resumable(partial: Path, secret: Secret, profile: Profile | None = None, so
     except (OSError, ValueError):
         return False
     return (manifest.get("secret_fingerprint") == secret.fingerprint
-            and (profile is None or manifest.get("profile") == profile.to_dict())
+            and (profile is None or profile_key(manifest.get("profile") or {}) == profile_key(profile.to_dict()))
             and (source is None or manifest.get("source", {}).get("sha256") == source["sha256"]))
 
 
