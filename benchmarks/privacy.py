@@ -53,8 +53,6 @@ SWEEP = [
     ("adapt-row-ae0.6", "balanced", {"alpha_e": 0.6, "alpha_h": 0.25, "noise_shape": "row", "adapt_steps": 200,
                                      "adapt_lr": 2e-3, "adapt_rank": 16}),
     ("noise-row-ae0.4", "balanced", {"alpha_e": 0.4, "alpha_h": 0.15, "noise_shape": "row"}),
-    ("adapt-row-ae0.4", "balanced", {"alpha_e": 0.4, "alpha_h": 0.15, "noise_shape": "row", "adapt_steps": 200,
-                                     "adapt_lr": 2e-3, "adapt_rank": 16}),
 ]
 
 
@@ -69,7 +67,7 @@ def method_of(profile: dict) -> str:
     return "noise only (exact-norm keys)"
 QUICK = dict(queries=2048, layers=6, columns=128, sequences=2, seq_len=16, isa_steps=20, isa_shortlist=64,
              ima_tokens=4096, ima_steps=200, tfma_tokens=20000, behaviour_rows=1024,
-             behaviour_queries=128)
+             behaviour_queries=128, learned_state_ids=2048)
 REALISTIC = ("vma", "ia", "nn", "isa", "ima", "tfma", "behavioural", "learned")
 
 

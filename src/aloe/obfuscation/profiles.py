@@ -98,9 +98,9 @@ PROFILES: dict[str, Profile] = {
                     "(LoRA rank 16 on every projection + the norms, merged back; the noisy tables stay frozen). "
                     "About 25 minutes on a 2-core CPU for SmolLM2. Chosen from the measured frontier in "
                     "docs/attacks.md; on SmolLM2-135M it does NOT reach the fidelity goal.",
-        protects="the table attacks (VMA, IA, NN, learned) read a few percent of the vocabulary, not all of it; the "
-                 "prompts' frequent tokens still leak (token frequencies, NN) and the model is measurably worse than "
-                 "the plain one on a model this small (see the README).",
+        protects="partly: on SmolLM2 IA and NN read under 2% of the vocabulary, but VMA over all FFN columns reads "
+                 "a third of it and the learned matcher half, frequent prompt tokens leak, and perplexity doubles "
+                 "(see the README).",
     ),
 }
 
