@@ -71,6 +71,22 @@ QUICK = dict(queries=2048, layers=6, columns=128, sequences=2, seq_len=16, isa_s
 REALISTIC = ("vma", "ia", "nn", "isa", "ima", "tfma", "behavioural", "learned")
 
 
+# the attacks each attack-specific budget knob affects; any other knob affects every attack
+KNOB_ATTACKS = {"learned_": ("learned",), "behaviour_": ("behavioural",), "isa_": ("isa",), "ima_": ("ima",),
+                "tfma_": ("tfma",)}
+
+
+def stale_attacks(old: dict, new: dict) -> set[str]:
+    """The attacks whose stored results were measured at another value of a budget knob. A knob the stored budget
+    does not name (added since) stales nothing: its results predate it and used its default."""
+    out: set[str] = set()
+    for k, v in new.items():
+        if k in old and old[k] != v:
+            hit = [a for prefix, a in KNOB_ATTACKS.items() if k.startswith(prefix)]
+            out.update(hit[0] if hit else (*ATTACKS, "vma_all_columns"))
+    return out
+
+
 def all_profiles() -> dict:
     out = {name: PROFILES[name] for name in ("exact", "balanced", "paper")}
     for name, base, kw in SWEEP:
@@ -239,10 +255,11 @@ def main(argv=None) -> int:
     path = RESULTS / "privacy.json"
     state = json.loads(path.read_text()) if path.is_file() else {"profiles": {}}
     old = state.get("budget") or {}
-    if any(old.get(k, v) != v for k, v in bdict.items()):  # a changed knob (a new one keeps the results)
-        for e in state["profiles"].values():
-            e.pop("attacks", None)
-    state["budget"] = bdict
+    stale = stale_attacks(old, bdict)
+    for e in state["profiles"].values():
+        for a in stale:
+            e.get("attacks", {}).pop(a, None)
+    state["budget"] = dict(old, **bdict)
     command = " ".join(sys.argv[1:] if argv is None else argv)
     state.pop("command", None)
     if command not in state.setdefault("commands", []):

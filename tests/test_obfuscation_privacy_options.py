@@ -131,6 +131,19 @@ def test_adaptation_recovers_fidelity_keeps_the_noisy_tables_and_writes_a_stock_
         "kl_first"]
 
 
+def _interrupted_at(call: int, real):
+    """``real`` that raises KeyboardInterrupt on its ``call``-th call (a run stopped mid-training)."""
+    calls = {"n": 0}
+
+    def failing(*a):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return real(*a)
+
+    return failing
+
+
 def test_interrupted_adaptation_resumes_to_the_same_weights(tmp_path, monkeypatch):
     plain_dir = tiny_model("llama-gqa-tied", tmp_path / "plain")
     train = np.random.default_rng(0).integers(0, 97, size=2048)
@@ -140,16 +153,8 @@ def test_interrupted_adaptation_resumes_to_the_same_weights(tmp_path, monkeypatc
     torch.manual_seed(0)  # LoRA's initial A (not a secret) alike in both runs
     obfuscate_checkpoint(plain_dir, tmp_path / "whole", tmp_path / "s.json", _adapt_profile(8), **common)
 
-    calls = {"n": 0}
     real = adapt_mod.distillation_loss
-
-    def failing(*a):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real(*a)
-
-    monkeypatch.setattr(adapt_mod, "distillation_loss", failing)
+    monkeypatch.setattr(adapt_mod, "distillation_loss", _interrupted_at(5, real))
     torch.manual_seed(0)
     with pytest.raises(KeyboardInterrupt):
         obfuscate_checkpoint(plain_dir, tmp_path / "broken", tmp_path / "s.json", _adapt_profile(8), **common)
@@ -172,15 +177,7 @@ def test_adaptation_refuses_bad_settings_and_a_state_of_another_configuration(tm
     plain_dir = tiny_model("llama-gqa-tied", tmp_path / "plain")
     train = np.random.default_rng(0).integers(0, 97, size=512)
     real = adapt_mod.distillation_loss
-    calls = {"n": 0}
-
-    def failing(*a):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*a)
-
-    monkeypatch.setattr(adapt_mod, "distillation_loss", failing)
+    monkeypatch.setattr(adapt_mod, "distillation_loss", _interrupted_at(3, real))
     kw = dict(progress=False, adapt_token_ids=train)
     with pytest.raises(KeyboardInterrupt):
         obfuscate_checkpoint(plain_dir, tmp_path / "out", tmp_path / "s.json", _adapt_profile(4),
