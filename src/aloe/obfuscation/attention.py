@@ -13,6 +13,12 @@ For the q heads i of group g (row-vector convention)::
 - KV heads are permuted (and their q-head groups with them), and q heads are permuted within each group: exact.
 
 R, H, Z_block and U_vo are shared by the q heads of one group (they read the same K and V).
+
+QK-norm (Qwen3, Gemma 3: an RMSNorm over head_dim on every q and k head, before RoPE, with one weight vector shared
+by all heads; docs/aloepri.md, "QK-norm"): the map inside the norm must keep the norm, so W_q and W_k get only
+``R Z_block`` with R restricted to quarter turns, and H moves into the norm weights,
+``diag(w~) = Z^T R^T diag(w) R diag(H) Z`` (``H^-1`` for k), which is diagonal exactly for quarter turns. Because the
+weight is shared by all heads, R, H and Z_block are drawn once per layer; U_vo stays per group.
 """
 
 from __future__ import annotations
@@ -78,36 +84,60 @@ def well_conditioned(rng: SecureRandom, n: int, spread: float = 2.0) -> np.ndarr
 
 @dataclass
 class GroupTransform:
-    """The secret intra-head maps of one KV group (head_dim x head_dim each)."""
+    """The secret intra-head maps of one KV group (head_dim x head_dim each; H as the vector of its diagonal)."""
 
     A_q: np.ndarray
     A_k: np.ndarray
     A_v: np.ndarray
     A_o: np.ndarray
     sigma: np.ndarray
+    R: np.ndarray
+    H: np.ndarray
+    Zb: np.ndarray
 
 
 def group_transform(rng: SecureRandom, inv_freq: np.ndarray, *, beta: int, gamma: float,
-                    qk_scale: tuple[float, float], vo_spread: float) -> GroupTransform:
+                    qk_scale: tuple[float, float], vo_spread: float, quarter_turns: bool = False) -> GroupTransform:
+    """``quarter_turns`` restricts the pair rotations to multiples of pi/2 (the ones exact under QK-norm)."""
     half = len(inv_freq)
-    R = pair_rotation(rng.uniform((half,), 0.0, 2 * np.pi))
+    u = rng.uniform((half,), 0.0, 2 * np.pi)
+    R = pair_rotation(np.floor(u / (np.pi / 2)) * (np.pi / 2) if quarter_turns else u)
     s = rng.uniform((half,), *qk_scale)
     H = np.concatenate([s, s])
     sigma = block_permutation(rng, inv_freq, beta, gamma) if beta > 1 else np.arange(half)
     Zb = pair_permutation_matrix(sigma)
     U = well_conditioned(rng, 2 * half, vo_spread)
-    return GroupTransform(A_q=(R * H) @ Zb, A_k=(R / H) @ Zb, A_v=U, A_o=np.linalg.inv(U), sigma=sigma)
+    return GroupTransform(A_q=(R * H) @ Zb, A_k=(R / H) @ Zb, A_v=U, A_o=np.linalg.inv(U), sigma=sigma, R=R, H=H,
+                          Zb=Zb)
+
+
+def qk_norm_weight(t: GroupTransform, weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """The QK-norm weight (as a multiplier) of the obfuscated model: ``diag(w~) = Z^T R^T diag(w) R diag(scale) Z``.
+
+    With ``W~ = W R Z`` (no H) the stock engine computes ``RMSNorm(q R Z) w~ = RMSNorm(q) R Z diag(w~)``, which
+    equals ``(RMSNorm(q) w) R diag(scale) Z``, the plain normed q under the usual R H Z, iff the product is diagonal;
+    it is for quarter-turn R (a quarter turn swaps the two weights of its pair). Anything else is refused."""
+    M = t.Zb.T @ t.R.T @ (weight[:, None] * t.R) @ (scale[:, None] * t.Zb)
+    diag = np.diag(M).copy()
+    if np.abs(M - np.diag(diag)).max() > 1e-12 * max(1.0, np.abs(diag).max()):
+        raise ValueError("the pair rotation does not commute with the QK-norm weight (quarter turns only)")
+    return diag
 
 
 def obfuscate_attention(w: dict[str, np.ndarray], gamma: np.ndarray, *, n_heads: int, n_kv: int, head_dim: int,
                         keys: KeyBases, rng: SecureRandom, inv_freq: np.ndarray, beta: int, gamma_bp: float,
                         qk_scale: tuple[float, float], vo_spread: float, writer_keys: list[np.ndarray],
-                        permute_heads: bool = True) -> dict[str, np.ndarray]:
+                        permute_heads: bool = True, qk_norm: tuple[np.ndarray, np.ndarray] | None = None,
+                        qk_gain: float = 1.0) -> dict[str, np.ndarray]:
     """Obfuscate one attention block.
 
     ``w`` holds ``q``, ``k``, ``v``, ``o`` weights (HF layout) and optionally ``q_bias``, ``k_bias``, ``v_bias``,
     ``o_bias``; ``gamma`` is the weight of the RMSNorm before attention (folded into q, k, v); ``writer_keys[i]`` is
     the key P_o of plain q head i (and ``writer_keys[0]`` also carries the o bias).
+
+    ``qk_norm`` = (w_q, w_k), the QK-norm weights as multipliers (head_dim each), switches to the QK-norm transform
+    (module docstring) and adds ``q_norm`` / ``k_norm`` (multipliers) to the result. ``qk_gain`` scales q and k
+    before their norm: ``RMSNorm_{eps g^2}(g q) = RMSNorm_eps(q)``, so a norm epsilon scaled by g^2 stays exact.
     """
     G = n_heads // n_kv
     hd = head_dim
@@ -121,9 +151,19 @@ def obfuscate_attention(w: dict[str, np.ndarray], gamma: np.ndarray, *, n_heads:
         if name in w:
             out[name] = np.empty(n * hd)
     readers = rng.child("readers")
+    shared = None
+    if qk_norm is not None:
+        shared = group_transform(rng.child("qk-norm"), inv_freq, beta=beta, gamma=gamma_bp, qk_scale=qk_scale,
+                                 vo_spread=vo_spread, quarter_turns=True)
+        out["q_norm"] = qk_norm_weight(shared, qk_norm[0], shared.H)
+        out["k_norm"] = qk_norm_weight(shared, qk_norm[1], 1.0 / shared.H)
     for g in range(n_kv):
         t = group_transform(rng.child(f"group{g}"), inv_freq, beta=beta, gamma=gamma_bp, qk_scale=qk_scale,
                             vo_spread=vo_spread)
+        if shared is not None:
+            A = qk_gain * shared.R @ shared.Zb
+            t = GroupTransform(A_q=A, A_k=A, A_v=t.A_v, A_o=t.A_o, sigma=shared.sigma, R=shared.R, H=shared.H,
+                               Zb=shared.Zb)
         in_group = rng.child(f"group{g}/perm").permutation(G) if permute_heads else np.arange(G)
         gs = slice(g * hd, (g + 1) * hd)
         ks = slice(kv_slot[g] * hd, (kv_slot[g] + 1) * hd)

@@ -12,8 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from aloe import AloeError
+from aloe.obfuscation.architectures import SUPPORTED_ARCHITECTURES
 
-SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 

@@ -12,17 +12,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from aloe import AloeError, __version__
 from aloe.assets.cache import atomic_directory, atomic_write_json
 from aloe.attacks.risk import measured_risk, profile_key
+from aloe.obfuscation.architectures import ArchSpec, layer_types, rope_inv_freq, spec_for
 from aloe.obfuscation.attention import obfuscate_attention
 from aloe.obfuscation.checkpoint import DTYPES, CheckpointReader, ShardWriter, read_config
 from aloe.obfuscation.embedding import NOISE_SHAPES, obfuscate_embedding, obfuscate_head, vocab_permutation
 from aloe.obfuscation.ffn import obfuscate_ffn
 from aloe.obfuscation.keys import KeyBases, init_keys
-from aloe.obfuscation.norm import calibrated_kappa, exact_kappa, scaled_eps
+from aloe.obfuscation.moe import obfuscate_moe
+from aloe.obfuscation.norm import SandwichKeys, calibrated_kappa, exact_kappa, scaled_eps
 from aloe.obfuscation.profiles import Profile
 from aloe.obfuscation.rng import SecureRandom, new_seed
 from aloe.obfuscation.secret import Secret, load_secret, save_secret
@@ -43,37 +46,39 @@ class Arch:
     vocab: int
     eps: float
     tied: bool
+    spec: ArchSpec | None = None
+    n_experts: int = 0
+    moe_ffn: int = 0
+    shared_ffn: int = 0
+    layer_types: tuple = ()
 
     @classmethod
     def from_config(cls, c: dict) -> Arch:
+        spec = spec_for(c.get("model_type"))
         try:
             d, n_heads = int(c["hidden_size"]), int(c["num_attention_heads"])
             n_kv = int(c.get("num_key_value_heads") or n_heads)
             head_dim = int(c.get("head_dim") or d // n_heads)
-            arch = cls(c["model_type"], d, int(c["num_hidden_layers"]), n_heads, n_kv, head_dim,
+            n_layers = int(c["num_hidden_layers"])
+            arch = cls(c["model_type"], d, n_layers, n_heads, n_kv, head_dim,
                        int(c["intermediate_size"]), int(c["vocab_size"]), float(c["rms_norm_eps"]),
-                       bool(c.get("tie_word_embeddings", False)))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise AloeError(f"config.json lacks a usable field: {exc}") from None
+                       bool(c.get("tie_word_embeddings", False)), spec,
+                       layer_types=tuple(layer_types(c, n_layers)))
+            if spec.moe is not None:
+                arch.n_experts = int(next(c[f] for f in spec.n_experts_fields if c.get(f) is not None))
+                arch.moe_ffn = int(c[spec.moe_ffn_field])
+                arch.shared_ffn = int(c.get("shared_expert_intermediate_size") or 0) if spec.moe.shared else 0
+        except (KeyError, TypeError, ValueError, StopIteration) as exc:
+            raise AloeError(f"config.json lacks a usable field: {exc or 'number of experts'}") from None
         if n_heads % n_kv:
             raise AloeError(f"num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv}")
         if head_dim % 2:
             raise AloeError(f"head_dim {head_dim} is odd; RoPE needs pairs")
-        if c.get("hidden_act", "silu") != "silu":
-            raise AloeError(f"hidden_act {c.get('hidden_act')!r} is not supported (SwiGLU with silu only)")
+        act = c.get(spec.act_field, spec.activations[0])
+        if act not in spec.activations:
+            raise AloeError(f"{spec.act_field} {act!r} is not supported for {spec.architecture} "
+                            f"(gated FFN with {', '.join(spec.activations)})")
         return arch
-
-
-def rope_inv_freq(model_dir: Path, model_type: str) -> np.ndarray:
-    """The real RoPE inverse frequencies of the model (llama3 and other rope scalings included)."""
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(str(model_dir))
-    if model_type == "llama":
-        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding as Rotary
-    else:
-        from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding as Rotary
-    return Rotary(cfg).inv_freq.double().numpy()
 
 
 def special_token_ids(model_dir: Path, config: dict) -> set[int]:
@@ -134,8 +139,14 @@ def make_plan(seed: bytes, arch: Arch, profile: Profile, fixed_ids: set[int]) ->
     rng = SecureRandom(seed)
     tau = vocab_permutation(rng.child("vocab"), arch.vocab, fixed_ids)
     h = compatible_expansion(profile.h, arch.n_heads) if arch.d % arch.n_heads == 0 else profile.h
-    keys = init_keys(rng.child("keys"), arch.d, h, design=profile.keys, lam=profile.lam,
-                     sv_floor=profile.sv_floor)
+    if arch.spec is not None and arch.spec.sandwich:
+        if profile.keys != "exact-norm" or profile.embed_shear:
+            raise AloeError(f"{arch.spec.architecture} has post-sublayer norms: only the exact-norm keys without an "
+                            "embedding shear are available (docs/aloepri.md, Gemma 3)")
+        keys = SandwichKeys(rng.child("keys"), arch.d, h)
+    else:
+        keys = init_keys(rng.child("keys"), arch.d, h, design=profile.keys, lam=profile.lam,
+                         sv_floor=profile.sv_floor)
     embed_writer = (keys.keymat_gen(rng.child("embed/writer")) if profile.embed_shear == 0
                     else keys.sheared_writer(rng.child("embed/writer"), profile.embed_shear))
     return Plan(Secret(seed, tau), keys, rng, embed_writer, keys.inv_keymat_gen(rng.child("head/reader")))
@@ -183,7 +194,7 @@ def calibrate_kappas(model_dir: Path, arch: Arch, plan: Plan, token_ids: np.ndar
                 state["x~"] += bias.detach().numpy() @ writers[0]
         return hook
 
-    def on_down(layer):
+    def on_mlp(layer):
         P = plan.ffn_writer(layer)
 
         def hook(_m, _args, out):
@@ -194,8 +205,9 @@ def calibrate_kappas(model_dir: Path, arch: Arch, plan: Plan, token_ids: np.ndar
     for layer, block in enumerate(layers):
         hooks.append(block.input_layernorm.register_forward_pre_hook(norm_pre(2 * layer)))
         hooks.append(block.self_attn.o_proj.register_forward_hook(on_o(layer)))
-        hooks.append(block.post_attention_layernorm.register_forward_pre_hook(norm_pre(2 * layer + 1)))
-        hooks.append(block.mlp.down_proj.register_forward_hook(on_down(layer)))
+        pre_ffn = getattr(block, arch.spec.pre_ffn_norm if arch.spec else "post_attention_layernorm")
+        hooks.append(pre_ffn.register_forward_pre_hook(norm_pre(2 * layer + 1)))
+        hooks.append(block.mlp.register_forward_hook(on_mlp(layer)))
     hooks.append(model.model.norm.register_forward_pre_hook(norm_pre(2 * arch.n_layers)))
     try:
         with torch.no_grad():
@@ -274,8 +286,8 @@ def obfuscate_checkpoint(model_dir: Path, out_dir: Path, secret_path: Path, prof
             raise AloeError("the paper key design needs calibration text (real hidden states) for kappa")
         kappas = calibrate_kappas(model_dir, arch, plan, calibration_ids)
     eps_out = scaled_eps(arch.eps, float(np.median(kappas)))
-    inv_freq = rope_inv_freq(model_dir, arch.model_type)
-    if len(inv_freq) != arch.head_dim // 2:
+    inv_freq = {lt: rope_inv_freq(model_dir, arch.model_type, lt) for lt in set(arch.layer_types)}
+    if any(len(f) != arch.head_dim // 2 for f in inv_freq.values()):
         raise AloeError("partial rotary embeddings are not supported")
 
     summary = {
@@ -289,6 +301,7 @@ def obfuscate_checkpoint(model_dir: Path, out_dir: Path, secret_path: Path, prof
         "kappa": {"min": float(min(kappas)), "max": float(max(kappas))},
         "rms_norm_eps": eps_out,
         "fixed_token_ids": int(np.sum(plan.secret.tau == np.arange(arch.vocab))),
+        "residual_key": plan.keys.design,
         "secret_fingerprint": plan.secret.fingerprint,
         "measured_risk": measured_risk(profile.to_dict()),
         "source": source,
@@ -362,61 +375,142 @@ def _write_side_files(folder: Path, model_dir: Path, config: dict, d_out: int, h
 
 
 def _write_weights(folder: Path, reader: CheckpointReader, arch: Arch, plan: Plan, profile: Profile,
-                   kappas: list[float], inv_freq: np.ndarray, dtype: str, max_shard_bytes: int, steps) -> list[str]:
-    d, hd, d_out = arch.d, arch.head_dim, plan.keys.d_out
+                   kappas: list[float], inv_freq: dict, dtype: str, max_shard_bytes: int, steps) -> list[str]:
+    spec, d, d_out = arch.spec, arch.d, plan.keys.d_out
     writer = ShardWriter(folder, dtype, max_shard_bytes)
+    # q_norm/k_norm share the config's rms_norm_eps, which the residual norms scale by kappa^2 (median over norms)
+    qk_gain = float(np.median(kappas))
     embed = reader.get("model.embed_tokens.weight", (arch.vocab, d))
+    P_embed = plan.embed_writer
+    if spec.embed_scale:  # the engine scales by sqrt(hidden_size) in the deployment dtype: sqrt(d) must stay
+        P_embed = P_embed * (torch.tensor(d ** 0.5, dtype=DTYPES[dtype]).item()
+                             / torch.tensor(d_out ** 0.5, dtype=DTYPES[dtype]).item())
     writer.add("model.embed_tokens.weight", obfuscate_embedding(
-        embed, plan.secret.tau, plan.embed_writer, profile.alpha_e, plan.rng.child("embed/noise"),
-        profile.noise_shape))
+        embed, plan.secret.tau, P_embed, profile.alpha_e, plan.rng.child("embed/noise"), profile.noise_shape))
     steps.update(1)
     for layer in range(arch.n_layers):
         p = f"model.layers.{layer}."
-        w = {
-            "q": reader.get(p + "self_attn.q_proj.weight", (arch.n_heads * hd, d)),
-            "k": reader.get(p + "self_attn.k_proj.weight", (arch.n_kv * hd, d)),
-            "v": reader.get(p + "self_attn.v_proj.weight", (arch.n_kv * hd, d)),
-            "o": reader.get(p + "self_attn.o_proj.weight", (d, arch.n_heads * hd)),
-        }
-        for name, n in (("q", arch.n_heads * hd), ("k", arch.n_kv * hd), ("v", arch.n_kv * hd), ("o", d)):
-            if p + f"self_attn.{name}_proj.bias" in reader:
-                w[f"{name}_bias"] = reader.get(p + f"self_attn.{name}_proj.bias", (n,))
-        gamma_attn = reader.get(p + "input_layernorm.weight", (d,))
-        attn = obfuscate_attention(
-            w, gamma_attn, n_heads=arch.n_heads, n_kv=arch.n_kv, head_dim=hd, keys=plan.keys,
-            rng=plan.rng.child(f"layer{layer}/attn"), inv_freq=inv_freq, beta=profile.beta,
-            gamma_bp=profile.gamma, qk_scale=profile.qk_scale, vo_spread=profile.vo_spread,
-            writer_keys=plan.attn_writers(layer, arch.n_heads))
-        writer.add(p + "input_layernorm.weight", np.full(d_out, kappas[2 * layer]))
-        for name in ("q", "k", "v", "o"):
-            writer.add(p + f"self_attn.{name}_proj.weight", attn[name])
-            if f"{name}_bias" in attn:
-                writer.add(p + f"self_attn.{name}_proj.bias", attn[f"{name}_bias"])
-        mw = {
-            "gate": reader.get(p + "mlp.gate_proj.weight", (arch.ffn, d)),
-            "up": reader.get(p + "mlp.up_proj.weight", (arch.ffn, d)),
-            "down": reader.get(p + "mlp.down_proj.weight", (d, arch.ffn)),
-        }
-        for name, n in (("gate", arch.ffn), ("up", arch.ffn), ("down", d)):
-            if p + f"mlp.{name}_proj.bias" in reader:
-                mw[f"{name}_bias"] = reader.get(p + f"mlp.{name}_proj.bias", (n,))
-        gamma_ffn = reader.get(p + "post_attention_layernorm.weight", (d,))
-        ffn = obfuscate_ffn(mw, gamma_ffn, keys=plan.keys, rng=plan.rng.child(f"layer{layer}/ffn"),
-                            scale=profile.ffn_scale, writer_key=plan.ffn_writer(layer))
-        writer.add(p + "post_attention_layernorm.weight", np.full(d_out, kappas[2 * layer + 1]))
-        for name in ("gate", "up", "down"):
-            writer.add(p + f"mlp.{name}_proj.weight", ffn[name])
-            if f"{name}_bias" in ffn:
-                writer.add(p + f"mlp.{name}_proj.bias", ffn[f"{name}_bias"])
+        for name, tensor in _attention(reader, arch, plan, profile, kappas[2 * layer], layer,
+                                       inv_freq[arch.layer_types[layer]], qk_gain):
+            writer.add(p + name, tensor)
+        gamma = spec.norm_multiplier(reader.get(p + spec.pre_ffn_norm + ".weight", (d,)))
+        writer.add(p + spec.pre_ffn_norm + ".weight", spec.norm_stored(kappas[2 * layer + 1], d_out))
+        if spec.moe is not None and p + spec.moe.router in reader:
+            tensors = _moe(reader, arch, plan, profile, gamma, layer)
+        else:
+            tensors = _dense_mlp(reader, arch, plan, profile, gamma, layer, "mlp", arch.ffn)
+        for name, tensor in tensors:
+            writer.add(p + name, tensor)
+        if spec.post_ffn_norm:
+            writer.add(p + spec.post_ffn_norm + ".weight", _post_norm(reader, arch, plan, p + spec.post_ffn_norm))
         steps.update(1)
-    final_norm = reader.get("model.norm.weight", (d,))
+    final_norm = spec.norm_multiplier(reader.get("model.norm.weight", (d,)))
     head_name = "lm_head.weight" if "lm_head.weight" in reader else "model.embed_tokens.weight"
     if head_name != "lm_head.weight" and not arch.tied:
         raise AloeError("tensor lm_head.weight is missing and the config does not tie the embeddings")
     head = reader.get(head_name, (arch.vocab, d))
-    writer.add("model.norm.weight", np.full(d_out, kappas[-1]))
+    writer.add("model.norm.weight", spec.norm_stored(kappas[-1], d_out))
     writer.add("lm_head.weight", obfuscate_head(head, final_norm, plan.secret.tau, plan.head_reader,
                                                 profile.alpha_h, plan.rng.child("head/noise"), profile.noise_shape))
     shards = writer.close()
     steps.update(1)
     return shards
+
+
+def _biases(reader: CheckpointReader, prefix: str, sizes: dict[str, int], w: dict) -> dict:
+    """Add the optional ``{name}_bias`` tensors of ``prefix{name}_proj.bias`` to ``w``."""
+    for name, n in sizes.items():
+        if f"{prefix}{name}_proj.bias" in reader:
+            w[f"{name}_bias"] = reader.get(f"{prefix}{name}_proj.bias", (n,))
+    return w
+
+
+def _post_norm(reader: CheckpointReader, arch: Arch, plan: Plan, name: str) -> np.ndarray:
+    """A post-sublayer norm (sandwich keys only): its weight follows the plain coordinate every slot carries."""
+    g = arch.spec.norm_multiplier(reader.get(name + ".weight", (arch.d,)))
+    kappa = exact_kappa(plan.keys.scale, arch.d, plan.keys.d_out)
+    return arch.spec.norm_stored(plan.keys.post_norm_multiplier(g, kappa), plan.keys.d_out)
+
+
+def _attention(reader: CheckpointReader, arch: Arch, plan: Plan, profile: Profile, kappa: float, layer: int,
+               inv_freq: np.ndarray, qk_gain: float) -> list[tuple[str, np.ndarray]]:
+    spec, d, hd, d_out = arch.spec, arch.d, arch.head_dim, plan.keys.d_out
+    p = f"model.layers.{layer}.self_attn."
+    q_n, kv_n = arch.n_heads * hd, arch.n_kv * hd
+    w = {
+        "q": reader.get(p + "q_proj.weight", (q_n, d)),
+        "k": reader.get(p + "k_proj.weight", (kv_n, d)),
+        "v": reader.get(p + "v_proj.weight", (kv_n, d)),
+        "o": reader.get(p + "o_proj.weight", (d, q_n)),
+    }
+    _biases(reader, p, {"q": q_n, "k": kv_n, "v": kv_n, "o": d}, w)
+    qk_norm = None
+    if spec.qk_norm:
+        qk_norm = tuple(spec.norm_multiplier(reader.get(p + f"{n}_norm.weight", (hd,))) for n in ("q", "k"))
+    gamma = spec.norm_multiplier(reader.get(f"model.layers.{layer}.input_layernorm.weight", (d,)))
+    attn = obfuscate_attention(
+        w, gamma, n_heads=arch.n_heads, n_kv=arch.n_kv, head_dim=hd, keys=plan.keys,
+        rng=plan.rng.child(f"layer{layer}/attn"), inv_freq=inv_freq, beta=profile.beta,
+        gamma_bp=profile.gamma, qk_scale=profile.qk_scale, vo_spread=profile.vo_spread,
+        writer_keys=plan.attn_writers(layer, arch.n_heads), qk_norm=qk_norm,
+        qk_gain=qk_gain if qk_norm is not None else 1.0)
+    out = [("input_layernorm.weight", spec.norm_stored(kappa, d_out))]
+    for name in ("q", "k", "v", "o"):
+        out.append((f"self_attn.{name}_proj.weight", attn[name]))
+        if f"{name}_bias" in attn:
+            out.append((f"self_attn.{name}_proj.bias", attn[f"{name}_bias"]))
+    if qk_norm is not None:
+        out += [(f"self_attn.{n}_norm.weight", spec.norm_stored(attn[f"{n}_norm"], hd)) for n in ("q", "k")]
+    if spec.post_attn_norm:
+        name = f"model.layers.{layer}.{spec.post_attn_norm}"
+        out.append((spec.post_attn_norm + ".weight", _post_norm(reader, arch, plan, name)))
+    return out
+
+
+def _ffn_weights(reader: CheckpointReader, prefix: str, names: tuple[str, str, str], d: int, n: int) -> dict:
+    gate, up, down = names
+    w = {"gate": reader.get(f"{prefix}{gate}.weight", (n, d)), "up": reader.get(f"{prefix}{up}.weight", (n, d)),
+         "down": reader.get(f"{prefix}{down}.weight", (d, n))}
+    return _biases(reader, prefix, {"gate": n, "up": n, "down": d}, w)
+
+
+def _ffn_tensors(prefix: str, names: tuple[str, str, str], ffn: dict) -> list[tuple[str, np.ndarray]]:
+    out = []
+    for key, name in zip(("gate", "up", "down"), names):
+        out.append((f"{prefix}{name}.weight", ffn[key]))
+        if f"{key}_bias" in ffn:
+            out.append((f"{prefix}{name}.bias", ffn[f"{key}_bias"]))
+    return out
+
+
+DENSE_PROJ = ("gate_proj", "up_proj", "down_proj")
+
+
+def _dense_mlp(reader: CheckpointReader, arch: Arch, plan: Plan, profile: Profile, gamma: np.ndarray, layer: int,
+               module: str, n: int) -> list[tuple[str, np.ndarray]]:
+    p = f"model.layers.{layer}.{module}."
+    w = _ffn_weights(reader, p, DENSE_PROJ, arch.d, n)
+    ffn = obfuscate_ffn(w, gamma, keys=plan.keys, rng=plan.rng.child(f"layer{layer}/ffn"), scale=profile.ffn_scale,
+                        writer_key=plan.ffn_writer(layer))
+    return _ffn_tensors(f"{module}.", DENSE_PROJ, ffn)
+
+
+def _moe(reader: CheckpointReader, arch: Arch, plan: Plan, profile: Profile, gamma: np.ndarray,
+         layer: int) -> list[tuple[str, np.ndarray]]:
+    names, d, p = arch.spec.moe, arch.d, f"model.layers.{layer}."
+    experts = [_ffn_weights(reader, f"{p}{names.expert.format(e=e)}.", names.proj, d, arch.moe_ffn)
+               for e in range(arch.n_experts)]
+    shared = shared_gate = None
+    if names.shared:
+        shared = _ffn_weights(reader, f"{p}{names.shared}.", DENSE_PROJ, d, arch.shared_ffn)
+        shared_gate = reader.get(p + names.shared_gate, (1, d))
+    moe = obfuscate_moe(experts, reader.get(p + names.router, (arch.n_experts, d)), gamma, keys=plan.keys,
+                        rng=plan.rng.child(f"layer{layer}/moe"), scale=profile.ffn_scale,
+                        writer_key=plan.ffn_writer(layer), shared=shared, shared_gate=shared_gate)
+    out = [(names.router, moe["router"])]
+    for slot, ffn in enumerate(moe["experts"]):
+        out += _ffn_tensors(f"{names.expert.format(e=slot)}.", names.proj, ffn)
+    if shared is not None:
+        out += _ffn_tensors(f"{names.shared}.", DENSE_PROJ, moe["shared"])
+        out.append((names.shared_gate, moe["shared_gate"]))
+    return out

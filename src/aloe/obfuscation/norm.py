@@ -36,3 +36,49 @@ def calibrated_kappa(plain: np.ndarray, obfuscated: np.ndarray) -> float:
 def rms_norm(x: np.ndarray, weight: np.ndarray | float, eps: float) -> np.ndarray:
     """Reference RMSNorm over the last axis (as in Llama/Qwen2)."""
     return x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps) * weight
+
+
+class SandwichKeys:
+    """The residual key for models with post-sublayer (sandwich) norms, as Gemma 3 (docs/aloepri.md, "Gemma 3").
+
+    A post-sublayer norm computes ``RMSNorm(o) diag(g)`` on a sublayer's output o before it joins the residual, so
+    the obfuscated model must produce ``RMSNorm(o) diag(g) P`` from ``o P`` with a stock norm, whose weight is diagonal
+    in d': ``P diag(g~) = kappa diag(g) P`` for every post norm's generic g. With ``P P^T = c^2 I`` (the pre-norms)
+    that leaves keys whose every obfuscated coordinate carries one plain coordinate: plain coordinate i is spread
+    over a secret set of slots K_i with secret signed weights of unit norm, times c, and every reader is
+    ``P^T / c^2`` plus a fresh random part in the null space of P. It is exact; it does not mix coordinates.
+    """
+
+    design = "sandwich"
+
+    def __init__(self, rng, d: int, h: int, scale: float | None = None) -> None:
+        self.d, self.h = d, h
+        self.scale = float(scale) if scale is not None else float(np.sqrt(self.d_out / d))
+        self.rng = rng
+        owner = np.concatenate([np.arange(d), np.floor(rng.uniform((2 * h,)) * d).astype(np.int64)])
+        self.owner = owner[rng.permutation(self.d_out)]   # slot k carries plain coordinate owner[k]
+        w = rng.normal((self.d_out,))
+        norms = np.sqrt(np.bincount(self.owner, weights=w * w, minlength=d))
+        self.P = np.zeros((d, self.d_out))
+        self.P[self.owner, np.arange(self.d_out)] = self.scale * w / norms[self.owner]
+        self._null = np.eye(self.d_out) - self.P.T @ self.P / self.scale ** 2
+
+    @property
+    def d_out(self) -> int:
+        return self.d + 2 * self.h
+
+    def keymat_gen(self, rng=None) -> np.ndarray:
+        return self.P
+
+    def inv_keymat_gen(self, rng=None) -> np.ndarray:
+        r = rng or self.rng
+        return self.P.T / self.scale ** 2 + self._null @ r.normal((self.d_out, self.d), std=self.d ** -0.5)
+
+    def sheared_writer(self, rng, shear: float) -> np.ndarray:
+        if shear:
+            raise ValueError("a sheared embedding key is not available with sandwich norms")
+        return self.P
+
+    def post_norm_multiplier(self, g: np.ndarray, kappa: float) -> np.ndarray:
+        """The stock weight (as a multiplier over d') of a post-sublayer norm with plain multiplier g."""
+        return kappa * g[self.owner]

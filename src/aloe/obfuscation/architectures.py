@@ -1,0 +1,121 @@
+"""What differs between the supported architectures: tensor names, norm conventions, QK-norm, MoE layout, RoPE.
+
+The conversion in :mod:`aloe.obfuscation.model` is the same for all of them; an :class:`ArchSpec` tells it where
+each tensor lives and which variant of a transform applies (docs/aloepri.md explains why each variant is exact).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from aloe import AloeError
+
+
+@dataclass(frozen=True)
+class MoeNames:
+    """Tensor names of a sparse MoE block, relative to ``model.layers.{i}.``."""
+
+    router: str
+    expert: str                           # format string with {e}
+    proj: tuple[str, str, str]            # gate, up, down
+    shared: str | None = None             # shared expert (Qwen2-MoE), same proj names as a dense MLP
+    shared_gate: str | None = None        # sigmoid gate of the shared expert (1 x d)
+
+    def expert_weight(self, e: int, which: int) -> str:
+        return f"{self.expert.format(e=e)}.{self.proj[which]}.weight"
+
+
+QWEN_MOE = MoeNames(router="mlp.gate.weight", expert="mlp.experts.{e}", proj=("gate_proj", "up_proj", "down_proj"))
+QWEN2_MOE = MoeNames(router="mlp.gate.weight", expert="mlp.experts.{e}", proj=("gate_proj", "up_proj", "down_proj"),
+                     shared="mlp.shared_expert", shared_gate="mlp.shared_expert_gate.weight")
+MIXTRAL_MOE = MoeNames(router="block_sparse_moe.gate.weight", expert="block_sparse_moe.experts.{e}",
+                       proj=("w1", "w3", "w2"))
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """One supported architecture.
+
+    ``norm_offset``: the stock RMSNorm multiplies by ``offset + w`` (Gemma: 1). ``post_attn_norm`` /
+    ``post_ffn_norm``: sandwich norms on the sublayer outputs before they join the residual (Gemma 3); they force the
+    sandwich residual key (:class:`aloe.obfuscation.norm.SandwichKeys`). ``embed_scale``: the engine multiplies the
+    embedding by sqrt(hidden_size). ``qk_norm``: an RMSNorm over head_dim on q and k before RoPE.
+    """
+
+    model_type: str
+    architecture: str
+    module: str                             # transformers.models.<module>.modeling_<module>
+    rotary: str                             # the rotary embedding class in that module
+    activations: tuple[str, ...] = ("silu",)
+    act_field: str = "hidden_act"
+    qk_norm: bool = False
+    norm_offset: float = 0.0
+    pre_ffn_norm: str = "post_attention_layernorm"
+    post_attn_norm: str | None = None
+    post_ffn_norm: str | None = None
+    embed_scale: bool = False
+    moe: MoeNames | None = None
+    n_experts_fields: tuple[str, ...] = ("num_experts", "num_local_experts")   # the first one present counts
+    moe_ffn_field: str = "moe_intermediate_size"
+
+    @property
+    def sandwich(self) -> bool:
+        return self.post_attn_norm is not None
+
+    def norm_multiplier(self, stored: np.ndarray) -> np.ndarray:
+        """What the engine multiplies a normalised vector by, given the stored weight."""
+        return stored + self.norm_offset
+
+    def norm_stored(self, multiplier: np.ndarray | float, n: int) -> np.ndarray:
+        """The weight to store so that the engine multiplies by ``multiplier``."""
+        return np.broadcast_to(np.asarray(multiplier, dtype=np.float64) - self.norm_offset, (n,)).copy()
+
+
+SPECS: dict[str, ArchSpec] = {s.model_type: s for s in (
+    ArchSpec("llama", "LlamaForCausalLM", "llama", "LlamaRotaryEmbedding"),
+    ArchSpec("qwen2", "Qwen2ForCausalLM", "qwen2", "Qwen2RotaryEmbedding"),
+    ArchSpec("qwen3", "Qwen3ForCausalLM", "qwen3", "Qwen3RotaryEmbedding", qk_norm=True),
+    ArchSpec("qwen3_moe", "Qwen3MoeForCausalLM", "qwen3_moe", "Qwen3MoeRotaryEmbedding", qk_norm=True,
+             moe=QWEN_MOE),
+    ArchSpec("qwen2_moe", "Qwen2MoeForCausalLM", "qwen2_moe", "Qwen2MoeRotaryEmbedding", moe=QWEN2_MOE),
+    ArchSpec("mixtral", "MixtralForCausalLM", "mixtral", "MixtralRotaryEmbedding", moe=MIXTRAL_MOE,
+             moe_ffn_field="intermediate_size"),
+    ArchSpec("gemma3_text", "Gemma3ForCausalLM", "gemma3", "Gemma3RotaryEmbedding",
+             activations=("gelu_pytorch_tanh",), act_field="hidden_activation", qk_norm=True, norm_offset=1.0,
+             pre_ffn_norm="pre_feedforward_layernorm", post_attn_norm="post_attention_layernorm",
+             post_ffn_norm="post_feedforward_layernorm", embed_scale=True),
+)}
+
+SUPPORTED_ARCHITECTURES = {s.model_type: s.architecture for s in SPECS.values()}
+
+
+def spec_for(model_type: str) -> ArchSpec:
+    try:
+        return SPECS[model_type]
+    except KeyError:
+        raise AloeError(f"unsupported model_type {model_type!r}; aloe obfuscates "
+                        f"{', '.join(SUPPORTED_ARCHITECTURES.values())}") from None
+
+
+def layer_types(config: dict, n_layers: int) -> list[str | None]:
+    """The attention type of every layer (sliding/full), or None where the config does not say."""
+    types = config.get("layer_types")
+    return list(types) if types and len(types) == n_layers else [None] * n_layers
+
+
+def rope_inv_freq(model_dir: Path, model_type: str, layer_type: str | None = None) -> np.ndarray:
+    """The real RoPE inverse frequencies of the model (rope scalings included; per layer type where the model has
+    several, as Gemma 3's local and global layers)."""
+    from transformers import AutoConfig
+
+    spec = spec_for(model_type)
+    cfg = AutoConfig.from_pretrained(str(model_dir))
+    module = importlib.import_module(f"transformers.models.{spec.module}.modeling_{spec.module}")
+    rotary = getattr(module, spec.rotary)(cfg)
+    if layer_type is not None and hasattr(rotary, f"{layer_type}_inv_freq"):
+        return getattr(rotary, f"{layer_type}_inv_freq").double().numpy()
+    return rotary.inv_freq.double().numpy()

@@ -1,0 +1,244 @@
+"""More architectures on tiny random float64 models: Qwen3 (QK-norm), MoE (Qwen3-MoE, Qwen2-MoE with a shared
+expert, Mixtral) and Gemma 3 (sandwich norms, (1 + w) norms, GeGLU, scaled embedding, sliding layers).
+
+Each obfuscated checkpoint is loaded by stock transformers (``AutoModelForCausalLM``, no aloe code) and its
+de-permuted logits must equal the plain model's to 1e-9 through prefill and KV-cache decode.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    MixtralConfig,
+    Qwen2MoeConfig,
+    Qwen3Config,
+    Qwen3MoeConfig,
+)
+from transformers.models.gemma3 import modeling_gemma3
+from transformers.models.mixtral import modeling_mixtral
+from transformers.models.qwen2_moe import modeling_qwen2_moe
+from transformers.models.qwen3 import modeling_qwen3
+from transformers.models.qwen3_moe import modeling_qwen3_moe
+
+from aloe import AloeError
+from aloe.obfuscation.attention import group_transform, qk_norm_weight
+from aloe.obfuscation.model import obfuscate_checkpoint
+from aloe.obfuscation.norm import SandwichKeys, rms_norm
+from aloe.obfuscation.profiles import PROFILES
+from aloe.obfuscation.rng import SecureRandom, new_seed
+from aloe.obfuscation.secret import load_secret
+from obfuscation_helpers import _rms_norm_native_dtype
+
+EXACT = PROFILES["exact"].with_overrides(name="exact-tiny", h=8)
+
+CONFIGS = {
+    "qwen3": lambda: Qwen3Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, head_dim=8, vocab_size=97, tie_word_embeddings=False,
+                                 rope_theta=1e6),
+    "qwen3-bias-mqa-tied": lambda: Qwen3Config(hidden_size=24, intermediate_size=32, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=1, head_dim=6,
+                                               vocab_size=97, tie_word_embeddings=True, attention_bias=True),
+    "qwen3-moe": lambda: Qwen3MoeConfig(hidden_size=32, intermediate_size=40, moe_intermediate_size=12,
+                                        num_experts=6, num_experts_per_tok=2, norm_topk_prob=True,
+                                        decoder_sparse_step=1, mlp_only_layers=[1], num_hidden_layers=3,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=97),
+    "qwen2-moe-shared": lambda: Qwen2MoeConfig(hidden_size=32, intermediate_size=40, moe_intermediate_size=12,
+                                               shared_expert_intermediate_size=20, num_experts=6,
+                                               num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
+                                               num_key_value_heads=2, vocab_size=97),
+    "mixtral": lambda: MixtralConfig(hidden_size=32, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
+                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                     vocab_size=97, tie_word_embeddings=False),
+    "gemma3": lambda: Gemma3TextConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, vocab_size=97, sliding_window=4, query_pre_attn_scalar=8, tie_word_embeddings=True,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+}
+EAGER = {"experts_implementation": "eager"}   # the grouped-matmul experts take no float64 on CPU
+ROUTERS = {"qwen3-moe": "mlp.gate", "qwen2-moe-shared": "mlp.gate", "mixtral": "mlp.gate"}
+
+
+def _gemma_norm_native_dtype(self, x):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight)
+
+
+def _router_native_dtype(self, hidden_states):
+    # the stock routers take the softmax in float32; exactness tests need float64 throughout
+    logits = F.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight)
+    top, idx = torch.topk(torch.softmax(logits, dim=-1), self.top_k, dim=-1)
+    if getattr(self, "norm_topk_prob", True):
+        top = top / top.sum(dim=-1, keepdim=True)
+    return logits, top, idx
+
+
+@pytest.fixture
+def float64_everywhere(monkeypatch):
+    for cls in (modeling_qwen3.Qwen3RMSNorm, modeling_qwen3_moe.Qwen3MoeRMSNorm, modeling_qwen2_moe.Qwen2MoeRMSNorm,
+                modeling_mixtral.MixtralRMSNorm):
+        monkeypatch.setattr(cls, "forward", _rms_norm_native_dtype)
+    monkeypatch.setattr(modeling_gemma3.Gemma3RMSNorm, "forward", _gemma_norm_native_dtype)
+    for cls in (modeling_qwen3_moe.Qwen3MoeTopKRouter, modeling_qwen2_moe.Qwen2MoeTopKRouter,
+                modeling_mixtral.MixtralTopKRouter):
+        monkeypatch.setattr(cls, "forward", _router_native_dtype)
+
+
+def tiny(kind, folder):
+    """A random model (fixed, non-secret init seed) with non-trivial norms, biases and routers, saved in float64."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS[kind](), dtype=torch.float64, **EAGER).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_((0.0 if kind.startswith("gemma") else 1.0) + 0.3 * torch.randn_like(p))
+            elif "bias" in name:
+                p.copy_(0.3 * torch.randn_like(p))
+            elif name.endswith("mlp.gate.weight") or "shared_expert_gate" in name:
+                p.copy_(torch.randn_like(p))       # routers that really choose between experts
+    model.save_pretrained(folder)
+    return folder
+
+
+def convert(tmp_path, kind, profile=EXACT):
+    plain_dir = tiny(kind, tmp_path / "plain")
+    obfuscate_checkpoint(plain_dir, tmp_path / "obf", tmp_path / "secret.json", profile, dtype="float64",
+                         progress=False)
+    plain = AutoModelForCausalLM.from_pretrained(plain_dir, dtype=torch.float64, **EAGER).eval()
+    obf = AutoModelForCausalLM.from_pretrained(tmp_path / "obf", dtype=torch.float64, **EAGER).eval()
+    return plain, obf, torch.as_tensor(load_secret(tmp_path / "secret.json").tau)
+
+
+def max_diff_prefill_and_decode(plain, obf, tau, steps=4):
+    """max |plain logits - de-permuted obfuscated logits| over a prefill of 2 x 9 tokens and ``steps`` decode steps
+    from the KV cache (greedy on the plain model)."""
+    ids = torch.randint(0, plain.config.vocab_size, (2, 9))
+    worst = 0.0
+    with torch.no_grad():
+        out_p, out_o = plain(ids, use_cache=True), obf(tau[ids], use_cache=True)
+        worst = max(worst, (out_p.logits - out_o.logits[..., tau]).abs().max().item())
+        cache_p, cache_o = out_p.past_key_values, out_o.past_key_values
+        nxt = out_p.logits[:, -1:].argmax(-1)
+        for _ in range(steps):
+            step_p = plain(nxt, cache=cache_p, use_cache=True)
+            step_o = obf(tau[nxt], cache=cache_o, use_cache=True)
+            worst = max(worst, (step_p.logits - step_o.logits[..., tau]).abs().max().item())
+            cache_p, cache_o = step_p.past_key_values, step_o.past_key_values
+            nxt = step_p.logits[:, -1:].argmax(-1)
+        own_order = (out_p.logits - out_o.logits).abs().max().item()
+    return worst, own_order
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_exact_profile_is_exact_through_prefill_and_kv_cache_decode(tmp_path, float64_everywhere, kind):
+    plain, obf, tau = convert(tmp_path, kind)
+    assert type(obf) is type(plain) and obf.config.model_type == plain.config.model_type
+    assert obf.config.hidden_size == plain.config.hidden_size + 2 * 8
+    worst, own_order = max_diff_prefill_and_decode(plain, obf, tau)
+    assert worst <= 1e-9
+    assert own_order > 1e-3   # the obfuscated model in its own id order is a different model
+
+
+@pytest.mark.parametrize("kind", sorted(ROUTERS))
+def test_experts_are_reordered_and_every_token_reaches_the_same_experts(tmp_path, float64_everywhere, kind):
+    plain, obf, tau = convert(tmp_path, kind)
+    seen = {}
+
+    def keep(key):
+        def hook(_m, _i, out):
+            seen[key] = out[0]
+        return hook
+
+    moe_layers = [i for i, block in enumerate(plain.model.layers) if hasattr(block.mlp, "gate")]
+    assert moe_layers
+    if kind == "qwen3-moe":   # mlp_only_layers: a dense layer between sparse ones
+        assert len(moe_layers) < len(plain.model.layers)
+    for i in moe_layers:
+        plain.model.layers[i].mlp.gate.register_forward_hook(keep(("plain", i)))
+        obf.model.layers[i].mlp.gate.register_forward_hook(keep(("obf", i)))
+    ids = torch.randint(0, 97, (1, 24))
+    with torch.no_grad():
+        plain(ids)
+        obf(tau[ids])
+    slots = []
+    for i in moe_layers:
+        lp, lo = seen[("plain", i)], seen[("obf", i)]
+        slot = [int(torch.argmin((lo - lp[:, [e]]).abs().amax(0))) for e in range(lp.shape[1])]
+        assert (lo[:, slot] - lp).abs().max().item() <= 1e-10     # router logits: the plain ones, permuted
+        assert sorted(slot) == list(range(lp.shape[1]))
+        assert len(set(torch.topk(lp, 2, dim=-1).indices.flatten().tolist())) > 2   # really routed to several
+        slots.append(slot)
+    assert any(slot != list(range(len(slot))) for slot in slots)   # the experts were reordered
+
+
+def test_qk_norm_transform_commutes_with_rms_norm_and_rope():
+    rng = SecureRandom(new_seed())
+    hd, half = 8, 4
+    inv_freq = 1.0 / (1e4 ** (np.arange(half) / half))
+    t = group_transform(rng, inv_freq, beta=1, gamma=1e3, qk_scale=(0.5, 2.0), vo_spread=2.0, quarter_turns=True)
+    w_q, w_k = 1 + 0.3 * rng.normal((hd,)), 1 + 0.3 * rng.normal((hd,))
+    wq_t, wk_t = qk_norm_weight(t, w_q, t.H), qk_norm_weight(t, w_k, 1 / t.H)
+    q, k = rng.normal((5, hd)), rng.normal((5, hd))
+
+    def rope(x, pos):
+        ang = pos[:, None] * inv_freq[None, :]
+        c, s = np.concatenate([np.cos(ang)] * 2, 1), np.concatenate([np.sin(ang)] * 2, 1)
+        return x * c + np.concatenate([-x[:, half:], x[:, :half]], 1) * s
+
+    pos = np.array([0.0, 3, 7, 11, 40])
+    A = t.R @ t.Zb
+    plain = rope(rms_norm(q, w_q, 1e-6), pos) @ rope(rms_norm(k, w_k, 1e-6), pos).T
+    obf = rope(rms_norm(q @ A, wq_t, 1e-6), pos) @ rope(rms_norm(k @ A, wk_t, 1e-6), pos).T
+    np.testing.assert_allclose(obf, plain, atol=1e-12)
+    assert not np.allclose(wq_t, w_q)
+    general = group_transform(rng, inv_freq, beta=1, gamma=1e3, qk_scale=(0.5, 2.0), vo_spread=2.0)
+    with pytest.raises(ValueError, match="quarter turns"):
+        qk_norm_weight(general, w_q, general.H)
+
+
+def test_sandwich_keys_commute_with_pre_and_post_norms():
+    rng = SecureRandom(new_seed())
+    d, h = 12, 4
+    keys = SandwichKeys(rng, d, h)
+    P, Q = keys.keymat_gen(), keys.inv_keymat_gen(rng.child("r"))
+    np.testing.assert_allclose(P @ Q, np.eye(d), atol=1e-12)
+    np.testing.assert_allclose(P @ P.T, keys.scale ** 2 * np.eye(d), atol=1e-12)
+    x, g = rng.normal((6, d)), 1 + 0.5 * rng.normal((d,))
+    kappa = keys.scale * np.sqrt(d / keys.d_out)
+    eps_out = 1e-6 * kappa ** 2
+    np.testing.assert_allclose(rms_norm(x @ P, keys.post_norm_multiplier(g, kappa), eps_out),
+                               rms_norm(x, g, 1e-6) @ P, atol=1e-12)
+    assert (np.abs(P) > 0).sum(0).max() == 1 and (np.abs(P) > 0).sum() == keys.d_out
+    assert not np.allclose(Q, P.T / keys.scale ** 2)      # readers carry a fresh part in the null space of P
+
+
+def test_stock_configs_and_refusals(tmp_path):
+    plain_dir = tiny("gemma3", tmp_path / "plain")
+    obfuscate_checkpoint(plain_dir, tmp_path / "obf", tmp_path / "s.json", EXACT, progress=False)
+    cfg = json.loads((tmp_path / "obf" / "config.json").read_text())
+    assert cfg["model_type"] == "gemma3_text" and cfg["architectures"] == ["Gemma3ForCausalLM"]
+    assert cfg["hidden_size"] == 48 and cfg["tie_word_embeddings"] is False and cfg["head_dim"] == 8
+    assert json.loads((tmp_path / "obf" / "aloe.json").read_text())["residual_key"] == "sandwich"
+    with pytest.raises(AloeError, match="post-sublayer norms"):
+        obfuscate_checkpoint(plain_dir, tmp_path / "o2", tmp_path / "s2.json",
+                             PROFILES["paper"].with_overrides(h=8), calibration_ids=np.arange(64), progress=False)
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "s2.json").exists()
+
+    phi = tmp_path / "phi"
+    phi.mkdir()
+    (phi / "config.json").write_text(json.dumps({"model_type": "phi3", "architectures": ["Phi3ForCausalLM"]}))
+    with pytest.raises(AloeError, match="unsupported architecture.*Qwen3ForCausalLM, Qwen3MoeForCausalLM, "
+                                        "Qwen2MoeForCausalLM, MixtralForCausalLM, Gemma3ForCausalLM"):
+        obfuscate_checkpoint(phi, tmp_path / "o3", tmp_path / "s3.json", EXACT, progress=False)
+
+    relu = tmp_path / "relu"
+    tiny("qwen3", relu)
+    cfg = json.loads((relu / "config.json").read_text())
+    (relu / "config.json").write_text(json.dumps(dict(cfg, hidden_act="relu")))
+    with pytest.raises(AloeError, match="hidden_act 'relu' is not supported for Qwen3ForCausalLM"):
+        obfuscate_checkpoint(relu, tmp_path / "o4", tmp_path / "s4.json", EXACT, progress=False)
