@@ -74,6 +74,8 @@ def test_configured_parties_as_separate_commands(tmp_path):
     assert main(["mpc", "config", "--out", str(cfg), "--l", f"127.0.0.1:{_free_port()}",
                  "--r", f"127.0.0.1:{_free_port()}"]) == 0
     assert (cfg.stat().st_mode & 0o777) == 0o600
+    assert main(["mpc", "certs", str(tmp_path / "certs")]) == 0
+    cfg.write_text(json.dumps(dict(json.loads(cfg.read_text()), certs=str(tmp_path / "certs"))))
     env = dict(os.environ, PYTHONPATH=str(os.path.join(os.path.dirname(__file__), "..", "..", "src")))
     procs = {
         role: subprocess.Popen(

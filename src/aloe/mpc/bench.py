@@ -178,11 +178,16 @@ def summarize(op: str, shapes, results: dict) -> dict:
 
 
 def run_bench(op: str, shape: str | None = None, *, reps: int = 5, processes: bool = True, seed: int = 0,
-              together: bool = True, frac_bits: int = 14, timeout: float = 60.0) -> dict:
-    """Measure one op with three parties (OS processes on loopback, or threads with ``processes=False``)."""
+              together: bool = True, frac_bits: int = 14, timeout: float = 60.0, certs: str | None = None,
+              insecure_loopback: bool = False) -> dict:
+    """Measure one op with three parties (OS processes on loopback over TLS, unless ``insecure_loopback``; or
+    threads with ``processes=False``)."""
     shapes = parse_shape(op, shape)
-    launch = run_processes if processes else run_local
-    results = launch(bench_program, op, shapes, reps, seed, together, frac_bits=frac_bits, timeout=timeout)
+    if processes:
+        results = run_processes(bench_program, op, shapes, reps, seed, together, frac_bits=frac_bits,
+                                timeout=timeout, certs=certs, insecure_loopback=insecure_loopback)
+    else:
+        results = run_local(bench_program, op, shapes, reps, seed, together, frac_bits=frac_bits, timeout=timeout)
     out = summarize(op, shapes, results)
     out["parties"] = "processes" if processes else "threads"
     out["dealer"] = "synchronized" if together else "preprocessed"
@@ -197,7 +202,7 @@ def suite_program(party: Party, jobs: list) -> list:
 
 
 def run_suite(ops: list[str], *, reps: int = 5, seed: int = 0, frac_bits: int = 14, timeout: float = 120.0,
-              preprocessed: bool = True) -> list[dict]:
+              preprocessed: bool = True, insecure_loopback: bool = False) -> list[dict]:
     """Measure several ops (default shapes) in one launch of three processes: each op with the dealer synchronized
     (``ms``) and, with ``preprocessed``, again with the dealer's part done first (``online_ms``)."""
     jobs = []
@@ -206,7 +211,8 @@ def run_suite(ops: list[str], *, reps: int = 5, seed: int = 0, frac_bits: int = 
         jobs.append((op, shapes, reps, seed, True))
         if preprocessed:
             jobs.append((op, shapes, reps, seed, False))
-    results = run_processes(suite_program, jobs, frac_bits=frac_bits, timeout=timeout)
+    results = run_processes(suite_program, jobs, frac_bits=frac_bits, timeout=timeout,
+                            insecure_loopback=insecure_loopback)
     out = []
     for i, (op, shapes, *_rest, together) in enumerate(jobs):
         one = summarize(op, shapes, {r: results[r][i] for r in ("L", "R", "D")})

@@ -1,8 +1,9 @@
 """Channels between parties: message framing, validation, byte and round accounting, timeouts.
 
-Transport: :mod:`multiprocessing.connection` (length-prefixed framing, HMAC challenge authentication with a shared
-key) over TCP; in-process queues for unit tests. Both carry the same encoded messages, so validation and accounting
-are identical.
+Transport: TLS 1.3 with mutual certificate authentication over TCP (:mod:`aloe.mpc.tls`, the default), or, on
+loopback only and only when asked for, :mod:`multiprocessing.connection` (length-prefixed framing, HMAC challenge
+authentication with a shared key); in-process queues for unit tests. All carry the same encoded messages, so
+validation and accounting are identical (the byte counts are the messages', without TLS record overhead).
 
 A message is a list of tensors, each tagged with its modulus ``m``: ``m = 0`` is a raw int64 ring element, a power of
 two ``m = 2^k`` is packed at ``k`` bits per element, any other ``m`` is packed as base-``m`` digits,
@@ -21,6 +22,7 @@ import functools
 import math
 import queue
 import socket
+import ssl
 import struct
 import threading
 from dataclasses import dataclass, field
@@ -55,6 +57,10 @@ class PartyDisconnected(ChannelError):
 
 class MalformedMessage(ChannelError):
     """A message did not match what the protocol expects."""
+
+
+class TamperedMessage(ChannelError):
+    """A TLS record on a channel failed authentication (modified, replayed, reordered or dropped in transit)."""
 
 
 # ---------------------------------------------------------------- packing
@@ -366,8 +372,12 @@ class ConnectionEndpoint(Endpoint):
                 with self._room:
                     self._queued += len(data)
                 self.inbox.put(data)
+        except ssl.SSLError as exc:
+            reason = getattr(exc, "reason", None) or str(exc)
+            self.inbox.put((_CLOSED, f"a record failed TLS authentication, modified or replayed in transit: {reason}",
+                            TamperedMessage))
         except (EOFError, OSError) as exc:
-            self.inbox.put((_CLOSED, str(exc) or type(exc).__name__))
+            self.inbox.put((_CLOSED, str(exc) or type(exc).__name__, PartyDisconnected))
 
     def _send_bytes(self, data: bytes) -> None:
         try:
@@ -384,6 +394,8 @@ class ConnectionEndpoint(Endpoint):
             raise PartyTimeout(f"no message from party {self.name} within {self.timeout:g} s") from None
         if isinstance(item, tuple) and item[0] is _CLOSED:
             self.inbox.put(item)
+            if item[2] is TamperedMessage:
+                raise TamperedMessage(f"channel from party {self.name}: {item[1]}")
             raise PartyDisconnected(f"party {self.name} closed the connection ({item[1]})")
         with self._room:
             self._queued -= len(item)

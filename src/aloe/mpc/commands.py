@@ -24,6 +24,8 @@ def _bench(args: argparse.Namespace) -> int:
         together=not args.preprocessed,
         frac_bits=args.frac_bits,
         timeout=args.timeout,
+        certs=None if args.certs is None else str(args.certs),
+        insecure_loopback=args.insecure_loopback,
     )
     if args.json:
         print_json(result)
@@ -35,6 +37,28 @@ def _bench(args: argparse.Namespace) -> int:
             f"max abs error {result['max_abs_error']:.3g}"
         )
     return 0
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from aloe.cli import print_json
+    from aloe.mpc.tls import write_bundle
+
+    owners = [o for o in (args.owners or "").split(",") if o]
+    roles = write_bundle(args.dir, owners)
+    if args.json:
+        print_json({"dir": str(args.dir), "roles": roles, "ca": str(args.dir / "ca.pem")})
+    else:
+        print(f"wrote {args.dir}: ca.pem and a key (mode 0600) + certificate for each of {', '.join(roles)}; "
+              "give each host ca.pem and its own role's two files")
+    return 0
+
+
+def add_channel_options(p: argparse.ArgumentParser) -> None:
+    """How the local launcher protects the three parties' channels (TLS unless asked otherwise)."""
+    p.add_argument("--certs", type=Path, metavar="DIR",
+                   help="certificate bundle from `aloe mpc certs` (default: a fresh one in a private temp dir)")
+    p.add_argument("--insecure-loopback", action="store_true",
+                   help="plain TCP channels (HMAC-authenticated, not encrypted); loopback addresses only")
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -97,8 +121,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the dealer finishes its part before L and R start (time the online phase only)")
     b.add_argument("--frac-bits", type=int, default=14, help="fixed-point fractional bits (default 14)")
     b.add_argument("--timeout", type=float, default=60.0, help="seconds a party waits for a message (default 60)")
+    add_channel_options(b)
     b.add_argument("--json", action="store_true", help="print JSON")
     b.set_defaults(func=_bench)
+
+    k = g.add_parser("certs", help="write a deployment's TLS bundle: a CA and a key + certificate per role")
+    k.add_argument("dir", type=Path, help="new directory (refused if it exists and is not empty)")
+    k.add_argument("--owners", metavar="NAME,...", help="data owners that get certificates (owner-NAME)")
+    k.add_argument("--json", action="store_true")
+    k.set_defaults(func=_certs)
 
     c = g.add_parser("config", help="write a deployment file (addresses of L and R, a fresh shared key)")
     c.add_argument("--out", type=Path, required=True)

@@ -18,11 +18,15 @@ import multiprocessing.connection as mpc
 import os
 import secrets
 import socket
+import ssl
 import struct
+import tempfile
 import threading
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +42,7 @@ from aloe.mpc.comm import (
 )
 from aloe.mpc.dealer import KEY_BYTES, PRG, new_key, small_mod
 from aloe.mpc.ring import DEFAULT_FRAC_BITS, FixedPoint
+from aloe.mpc.tls import CA_FILE, CERT_ROLE, PLAIN_PREAMBLE, Credentials, TLSConnection, is_loopback, write_bundle
 
 ROLES = ("L", "R", "D")
 DEFAULT_TIMEOUT = 60.0
@@ -55,6 +60,7 @@ class Party:
         self.dealer_links = dealer  # on L/R: {"D": ep}; on D: {"L": ep, "R": ep}
         self.stats = Stats()
         self.prg: dict[str, PRG] = {}
+        self.owner_links: dict[str, Endpoint] = {}  # on L/R: channels from the data owners (``aloe mpc share``)
 
     # ------------------------------------------------------------ roles
     @property
@@ -252,44 +258,104 @@ def _listen(host: str) -> socket.socket:
     return srv
 
 
+@dataclass(frozen=True)
+class Security:
+    """How a party's channels are protected: TLS with ``creds`` (the default everywhere), or, only with an explicit
+    ``--insecure-loopback`` and only on loopback addresses, plain TCP authenticated by an HMAC challenge with
+    ``authkey``."""
+
+    creds: Credentials | None = None
+    authkey: bytes | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.creds is not None
+
+    def __post_init__(self) -> None:
+        if (self.creds is None) == (self.authkey is None):
+            raise AloeError("a party needs either TLS credentials or (with --insecure-loopback) a shared key")
+
+    def check_address(self, host: str, what: str) -> None:
+        if not self.tls and not is_loopback(host):
+            raise AloeError(f"--insecure-loopback allows plain channels on loopback addresses only, not {what} "
+                            f"{host}")
+
+
 def _timeouts(sock: socket.socket, seconds: float) -> None:
     """Kernel-level send/receive timeouts (0 = none); unlike ``settimeout`` they keep the socket blocking, which
-    the raw reads and writes of :class:`multiprocessing.connection.Connection` need."""
+    the raw reads and writes of the connections need."""
     sec = int(seconds)
     val = struct.pack("ll", sec, int((seconds - sec) * 1e6))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, val)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, val)
 
 
-def _authenticate(sock: socket.socket, authkey: bytes, server: bool, timeout: float) -> tuple:
+def _authenticate(sock: socket.socket, sec: Security, server: bool, timeout: float, peer: str) -> tuple:
+    """Secure one accepted or connected socket; returns (connection, socket, role named by the peer's certificate
+    or ``None`` on a plain channel). ``peer`` describes the other side for messages."""
     sock.settimeout(None)
     _timeouts(sock, timeout)
-    conn = mpc.Connection(os.dup(sock.fileno()))
     try:
-        if server:
-            mpc.deliver_challenge(conn, authkey)
-            mpc.answer_challenge(conn, authkey)
+        if sec.tls:
+            if server:
+                first = sock.recv(len(PLAIN_PREAMBLE), socket.MSG_PEEK)
+                if first[:1] != b"\x16":  # not a TLS handshake record
+                    what = "a plain channel (--insecure-loopback)" if first[:4] == PLAIN_PREAMBLE[:4] else \
+                        "something that is not TLS"
+                    raise AloeError(f"{peer} opened {what}; this party accepts TLS only")
+            conn = TLSConnection(sock, sec.creds.context(server), server)
+            try:
+                conn.handshake()
+            except (ssl.SSLError, EOFError, ConnectionError) as exc:
+                reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+                if isinstance(exc, ssl.SSLCertVerificationError):
+                    reason = f"certificate verify failed: {exc.verify_message}"
+                hint = "" if server else " (does it run without TLS, or with another deployment's certificates?)"
+                raise AloeError(f"TLS handshake with {peer} failed: {reason}{hint}") from None
+            result = conn, sock, conn.peer_role()
         else:
-            mpc.answer_challenge(conn, authkey)
-            mpc.deliver_challenge(conn, authkey)
-    except BlockingIOError:
-        raise PartyTimeout(f"authentication did not finish within {timeout:g} s") from None
+            conn = mpc.Connection(os.dup(sock.fileno()))
+            if server:
+                first = conn._recv(len(PLAIN_PREAMBLE)).getvalue()
+                if first != PLAIN_PREAMBLE:
+                    what = "a TLS channel" if first[:1] == b"\x16" else "an unknown protocol"
+                    raise AloeError(f"{peer} opened {what}; this party runs with --insecure-loopback (plain)")
+                mpc.deliver_challenge(conn, sec.authkey)
+                mpc.answer_challenge(conn, sec.authkey)
+            else:
+                conn._send(PLAIN_PREAMBLE)
+                mpc.answer_challenge(conn, sec.authkey)
+                mpc.deliver_challenge(conn, sec.authkey)
+            result = conn, sock, None
+    except (BlockingIOError, TimeoutError):
+        sock.close()
+        raise PartyTimeout(f"authentication with {peer} did not finish within {timeout:g} s") from None
     except mpc.AuthenticationError as exc:
-        raise AloeError(f"party authentication failed: {exc}") from None
+        sock.close()
+        raise AloeError(f"party authentication with {peer} failed: {exc}") from None
+    except (EOFError, ConnectionError) as exc:
+        sock.close()
+        hint = "" if server else " (does it require TLS?)"
+        raise AloeError(f"{peer} closed the connection during authentication{hint}: "
+                        f"{exc or type(exc).__name__}") from None
+    except BaseException:
+        sock.close()
+        raise
     _timeouts(sock, 0.0)
-    return conn, sock
+    return result
 
 
-def _accept(srv: socket.socket, authkey: bytes, timeout: float) -> tuple:
+def _accept(srv: socket.socket, sec: Security, timeout: float) -> tuple:
     srv.settimeout(timeout)
     try:
-        sock, _ = srv.accept()
+        sock, addr = srv.accept()
     except TimeoutError:
         raise PartyTimeout(f"no party connected within {timeout:g} s") from None
-    return _authenticate(sock, authkey, True, timeout)
+    return _authenticate(sock, sec, True, timeout, f"the party connecting from {addr[0]}")
 
 
-def _connect(addr: tuple[str, int], authkey: bytes, timeout: float) -> tuple:
+def _connect(addr: tuple[str, int], sec: Security, timeout: float, expect: str) -> tuple:
+    """Connect to party ``expect`` at ``addr`` (retrying until it listens) and check its certificate names it."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -299,29 +365,40 @@ def _connect(addr: tuple[str, int], authkey: bytes, timeout: float) -> tuple:
             if time.monotonic() > deadline:
                 raise PartyTimeout(f"could not connect to {addr[0]}:{addr[1]} within {timeout:g} s") from None
             time.sleep(0.05)
-    return _authenticate(sock, authkey, False, timeout)
+    cs = _authenticate(sock, sec, False, timeout, f"party {expect} at {addr[0]}:{addr[1]}")
+    if sec.tls and cs[2] != CERT_ROLE.get(expect, expect):
+        cs[0].close()
+        raise AloeError(f"the party at {addr[0]}:{addr[1]} presented a certificate for {cs[2]!r}, expected "
+                        f"{CERT_ROLE.get(expect, expect)!r}; refused")
+    return cs
 
 
-def _hello(conn: mpc.Connection, role: str) -> None:
+def _hello(conn, role: str) -> None:
     conn.send_bytes(role.encode())
 
 
-def _who(conn: mpc.Connection, allowed: set[str], timeout: float) -> str:
+def _who(cs: tuple, allowed: set[str], timeout: float) -> str:
+    conn, _, cert_role = cs
     if not conn.poll(timeout):
         raise PartyTimeout(f"a connected party did not say who it is within {timeout:g} s")
-    who = conn.recv_bytes(16).decode(errors="replace")
+    who = conn.recv_bytes(64).decode(errors="replace")
     if who not in allowed:
+        conn.close()
         raise AloeError(f"unexpected party {who!r} connected (expected one of {sorted(allowed)})")
+    if cert_role is not None and cert_role != CERT_ROLE.get(who, who):
+        conn.close()
+        raise AloeError(f"a party claiming to be {who} presented a certificate for {cert_role!r}; refused")
     return who
 
 
-def _endpoint(conn_sock: tuple, name: str, timeout: float) -> ConnectionEndpoint:
-    conn, sock = conn_sock
+def _endpoint(cs: tuple, name: str, timeout: float) -> ConnectionEndpoint:
+    conn, sock, _ = cs
     return ConnectionEndpoint(name, timeout, conn, sock)
 
 
-def connect(role: str, authkey: bytes, timeout: float, *, frac_bits: int = DEFAULT_FRAC_BITS,
-            listen: socket.socket | None = None, addr_l=None, addr_r=None, announce=None) -> Party:
+def connect(role: str, sec: Security, timeout: float, *, frac_bits: int = DEFAULT_FRAC_BITS,
+            listen: socket.socket | None = None, addr_l=None, addr_r=None, announce=None,
+            owners: tuple[str, ...] = ()) -> Party:
     """Open this party's channels and return its :class:`Party` (keys not yet set up).
 
     L listens (for R and the dealer), R connects to L and listens (for the dealer), the dealer connects to both.
@@ -332,30 +409,31 @@ def connect(role: str, authkey: bytes, timeout: float, *, frac_bits: int = DEFAU
     if role in ("L", "R") and announce is not None:
         announce(listen.getsockname()[:2])
     resolve = (lambda a: a() if callable(a) else a)  # noqa: E731
-    if role == "L":
-        for _ in range(2):
-            cs = _accept(listen, authkey, timeout)
-            who = _who(cs[0], {"R", "D"} - set(links), timeout)
-            links[who] = _endpoint(cs, who, timeout)
-        listen.close()
-    elif role == "R":
-        cs = _connect(tuple(resolve(addr_l)), authkey, timeout)
+    clients = {"L": {"R", "D"}, "R": {"D"}}.get(role, set()) | set(owners)
+    if role == "R":
+        cs = _connect(tuple(resolve(addr_l)), sec, timeout, "L")
         _hello(cs[0], "R")
         links["L"] = _endpoint(cs, "L", timeout)
-        cs = _accept(listen, authkey, timeout)
-        who = _who(cs[0], {"D"}, timeout)
-        links[who] = _endpoint(cs, who, timeout)
-        listen.close()
+    if role in ("L", "R"):
+        try:
+            while clients - set(links):
+                cs = _accept(listen, sec, timeout)
+                who = _who(cs, clients - set(links), timeout)
+                links[who] = _endpoint(cs, who, timeout)
+        finally:
+            listen.close()
     else:
         for who, addr in (("L", resolve(addr_l)), ("R", resolve(addr_r))):
-            cs = _connect(tuple(addr), authkey, timeout)
+            cs = _connect(tuple(addr), sec, timeout, who)
             _hello(cs[0], "D")
             links[who] = _endpoint(cs, who, timeout)
     fp = FixedPoint(frac_bits)
     if role == "D":
         return Party("D", fp, None, {"L": links["L"], "R": links["R"]})
     other = "R" if role == "L" else "L"
-    return Party(role, fp, links[other], {"D": links["D"]})
+    party = Party(role, fp, links[other], {"D": links["D"]})
+    party.owner_links = {name: links[name] for name in owners}
+    return party
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters (glibc's malloc.h)
@@ -373,27 +451,39 @@ def tune_allocator() -> bool:
         return False
 
 
-def _process_main(role: str, ctrl: mpc.Connection, authkey: bytes, program: Callable, args: tuple,
-                  frac_bits: int, timeout: float, host: str) -> None:
-    torch.set_num_threads(1)
+def run_party(role: str, sec: Security, program: Callable, args: tuple, *, listen: socket.socket | None = None,
+              addr_l=None, addr_r=None, announce=None, owners: tuple[str, ...] = (),
+              frac_bits: int = DEFAULT_FRAC_BITS, timeout: float = DEFAULT_TIMEOUT) -> tuple[Any, dict]:
+    """Run this process as party ``role``: open its channels, set up the PRF keys, run ``program(party, *args)``.
+    The one path every launcher takes (``aloe mpc party`` on each host, and the local launcher's three processes).
+    Returns (result, traffic snapshot); the channels are closed on return and on failure, which makes the other
+    parties stop with a channel error."""
     tune_allocator()
     party = None
     try:
-        srv = _listen(host) if role in ("L", "R") else None
-        if role == "D":
-            addrs = ctrl.recv()
-            party = connect(role, authkey, timeout, frac_bits=frac_bits, addr_l=addrs[0], addr_r=addrs[1])
-        else:
-            party = connect(role, authkey, timeout, frac_bits=frac_bits, listen=srv,
-                            addr_l=ctrl.recv if role == "R" else None,
-                            announce=lambda addr: ctrl.send(("addr", addr)))
+        party = connect(role, sec, timeout, frac_bits=frac_bits, listen=listen, addr_l=addr_l, addr_r=addr_r,
+                        announce=announce, owners=owners)
         party.setup_keys()
         result = program(party, *args)
-        ctrl.send(("ok", result, party.stats.snapshot()))
-        party.close()
-    except BaseException as exc:  # noqa: BLE001 - reported to the launcher, then exit non-zero
+        return result, party.stats.snapshot()
+    finally:
         if party is not None:
             party.close()
+
+
+def _process_main(role: str, ctrl: mpc.Connection, sec: Security, program: Callable, args: tuple,
+                  frac_bits: int, timeout: float, host: str) -> None:
+    torch.set_num_threads(1)
+    try:
+        if role == "D":
+            addrs = ctrl.recv()
+            kw = {"addr_l": addrs[0], "addr_r": addrs[1]}
+        else:
+            kw = {"listen": _listen(host), "addr_l": ctrl.recv if role == "R" else None,
+                  "announce": lambda addr: ctrl.send(("addr", addr))}
+        result, stats = run_party(role, sec, program, args, frac_bits=frac_bits, timeout=timeout, **kw)
+        ctrl.send(("ok", result, stats))
+    except BaseException as exc:  # noqa: BLE001 - reported to the launcher, then exit non-zero
         msg = str(exc) if isinstance(exc, AloeError) else f"{type(exc).__name__}: {exc}"
         try:
             ctrl.send(("error", msg, type(exc).__name__, traceback.format_exc()))
@@ -402,38 +492,43 @@ def _process_main(role: str, ctrl: mpc.Connection, authkey: bytes, program: Call
         os._exit(1)
 
 
+def bundle_security(role: str, certs: str | Path) -> Security:
+    """Party ``role``'s TLS credentials from a bundle written by ``aloe mpc certs``."""
+    if not Path(certs, CA_FILE).is_file():
+        raise AloeError(f"{certs} holds no certificate bundle ({CA_FILE} missing; see `aloe mpc certs`)")
+    return Security(creds=Credentials.from_bundle(certs, CERT_ROLE.get(role, role)))
+
+
 def run_configured(role: str, config: dict, program: Callable, *args: Any, frac_bits: int = DEFAULT_FRAC_BITS,
                    timeout: float = DEFAULT_TIMEOUT) -> tuple[Any, dict]:
-    """Run this process as party ``role`` of a deployment described by ``config`` (for parties on separate hosts):
-    ``{"L": "host:port", "R": "host:port", "authkey": hex}``. L and R bind their own address; R connects to L; the
-    dealer connects to both. Returns (result, traffic snapshot)."""
+    """Run this process as party ``role`` of a deployment described by ``config``: ``{"L": "host:port",
+    "R": "host:port", "certs": bundle dir}`` or, for plain loopback channels, ``"insecure_loopback": true`` and
+    ``"authkey": hex``. Returns (result, traffic snapshot)."""
     if role not in ROLES:
         raise AloeError(f"unknown role {role!r} (L, R or D)")
     try:
-        authkey = bytes.fromhex(config["authkey"])
         addr = {}
         for who in ("L", "R"):
             host, port = config[who].rsplit(":", 1)
             addr[who] = (host, int(port))
+        if config.get("insecure_loopback"):
+            sec = Security(authkey=bytes.fromhex(config["authkey"]))
+            if len(sec.authkey) < 16:
+                raise ValueError("the authkey must have at least 16 bytes")
+        else:
+            sec = bundle_security(role, config["certs"])
     except (KeyError, ValueError, AttributeError) as exc:
         raise AloeError(f"bad MPC config: {exc}") from None
-    if len(authkey) < 16:
-        raise AloeError("bad MPC config: the authkey must have at least 16 bytes")
+    for who in ("L", "R"):
+        sec.check_address(addr[who][0], f"the address of {who}")
     listen = None
     if role in ("L", "R"):
         try:
             listen = socket.create_server(addr[role])
         except OSError as exc:
             raise AloeError(f"cannot listen on {config[role]}: {exc.strerror or exc}") from None
-    tune_allocator()
-    party = connect(role, authkey, timeout, frac_bits=frac_bits, listen=listen, addr_l=addr["L"],
-                    addr_r=addr["R"])
-    try:
-        party.setup_keys()
-        result = program(party, *args)
-        return result, party.stats.snapshot()
-    finally:
-        party.close()
+    return run_party(role, sec, program, args, listen=listen, addr_l=addr["L"], addr_r=addr["R"],
+                     frac_bits=frac_bits, timeout=timeout)
 
 
 def run_processes(
@@ -443,20 +538,42 @@ def run_processes(
     timeout: float = DEFAULT_TIMEOUT,
     host: str = "127.0.0.1",
     return_stats: bool = False,
+    certs: str | Path | None = None,
+    insecure_loopback: bool = False,
 ) -> dict[str, Any]:
-    """Run ``program(party, *args)`` in three OS processes (L, R, dealer) connected by authenticated TCP.
+    """Run ``program(party, *args)`` in three OS processes (L, R, dealer) connected over TCP on ``host``.
 
-    ``program`` and ``args`` must be picklable (a module-level function). Raises :class:`AloeError` with every
-    party's error if any party fails; a party that neither finishes nor fails within ``timeout`` after another
-    party's failure is terminated."""
+    The channels are TLS with the bundle in ``certs`` (written by ``aloe mpc certs``), or, without one, with a fresh
+    bundle in a private temporary directory removed afterwards; ``insecure_loopback`` makes them plain TCP with an
+    HMAC challenge (loopback only). ``program`` and ``args`` must be picklable (a module-level function). Raises
+    :class:`AloeError` with every party's error if any party fails; a party that neither finishes nor fails within
+    ``timeout`` after another party's failure is terminated."""
+    if insecure_loopback:
+        if certs is not None:
+            raise AloeError("--insecure-loopback and a certificate directory exclude each other")
+        key = secrets.token_bytes(32)
+        secs = {role: Security(authkey=key) for role in ROLES}
+        secs["L"].check_address(host, "host")
+        return _run_processes(program, args, secs, frac_bits, timeout, host, return_stats)
+    if certs is not None:
+        secs = {role: bundle_security(role, certs) for role in ROLES}
+        return _run_processes(program, args, secs, frac_bits, timeout, host, return_stats)
+    with tempfile.TemporaryDirectory(prefix="aloe-mpc-certs-") as tmp:  # created with mode 0700
+        bundle = Path(tmp) / "certs"
+        write_bundle(bundle)
+        secs = {role: bundle_security(role, bundle) for role in ROLES}
+        return _run_processes(program, args, secs, frac_bits, timeout, host, return_stats)
+
+
+def _run_processes(program: Callable, args: tuple, secs: dict[str, Security], frac_bits: int, timeout: float,
+                   host: str, return_stats: bool) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
-    authkey = secrets.token_bytes(32)
     ctrls, procs = {}, {}
     for role in ROLES:
         parent, child = ctx.Pipe()
         p = ctx.Process(
             target=_process_main,
-            args=(role, child, authkey, program, args, frac_bits, timeout, host),
+            args=(role, child, secs[role], program, args, frac_bits, timeout, host),
             name=f"aloe-mpc-{role}",
             daemon=True,
         )

@@ -21,6 +21,7 @@ def _train(args: argparse.Namespace) -> int:
         softmax_steps=args.softmax_steps, sign_bits=args.sign_bits, drelu=args.drelu, wan=args.wan,
         checkpoint_dir=None if args.checkpoint_dir is None else str(args.checkpoint_dir), resume=args.resume,
         timeout=args.timeout, test_limit=args.test_limit, preprocess=args.preprocess,
+        certs=None if args.certs is None else str(args.certs), insecure_loopback=args.insecure_loopback,
     )
     report = train(cfg, progress=not args.json and sys.stderr.isatty() or args.progress, out=args.out,
                    plain=not args.no_plain)
@@ -74,6 +75,9 @@ def register_train(g: argparse._SubParsersAction) -> None:
     t.add_argument("--test-limit", type=int, help="evaluate on the first N test examples (default all)")
     t.add_argument("--no-plain", action="store_true", help="skip the plain PyTorch baseline")
     t.add_argument("--timeout", type=float, default=60.0, help="seconds a party waits for a message (default 60)")
+    from aloe.mpc.commands import add_channel_options
+
+    add_channel_options(t)
     t.add_argument("--progress", action="store_true", help="show the progress bar even with --json")
     t.add_argument("--json", action="store_true", help="print JSON")
     t.set_defaults(func=_train)

@@ -79,6 +79,9 @@ class TrainConfig:
     # only then: the offline/online split of the protocols, with the online phase timed on its own
     preprocess: bool = False
     blobs: tuple[int, int] = (5000, 20)
+    # the channels: TLS with this bundle (None: a fresh one per run), or plain loopback TCP
+    certs: str | None = None
+    insecure_loopback: bool = False
     # fault injection for tests: (role, epoch, step) at which that party exits abruptly
     fail_at: tuple[str, int, int] | None = None
 
@@ -395,7 +398,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, out: Path | None = None, p
     def launch() -> None:
         try:
             box["result"] = run_processes(train_program, cfg, lay, q, frac_bits=cfg.frac_bits, timeout=cfg.timeout,
-                                          return_stats=True)
+                                          return_stats=True, certs=cfg.certs,
+                                          insecure_loopback=cfg.insecure_loopback)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             box["error"] = exc
 
