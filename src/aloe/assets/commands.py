@@ -6,13 +6,17 @@ import argparse
 from pathlib import Path
 
 from aloe.assets.corpus import CORPORA, load_corpus
-from aloe.assets.smollm2 import as_dict, build_smollm2
+from aloe.assets.gemma3 import build_gemma3
+from aloe.assets.gguf_model import as_dict
+from aloe.assets.smollm2 import build_smollm2
+
+BUILDERS = {"smollm2": build_smollm2, "gemma3": build_gemma3}
 
 
 def _build(args: argparse.Namespace) -> int:
     from aloe.cli import print_json
 
-    built = build_smollm2(gguf=args.gguf, cache=args.cache, force=args.force, progress=not args.json)
+    built = BUILDERS[args.name](gguf=args.gguf, cache=args.cache, force=args.force, progress=not args.json)
     if args.json:
         print_json(as_dict(built))
     else:
@@ -39,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.required = True
 
     b = g.add_parser("build", help="build a model asset into the cache (reused when already built)")
-    b.add_argument("name", choices=["smollm2"], help="which model")
+    b.add_argument("name", choices=list(BUILDERS), help="which model")
     b.add_argument("--gguf", type=Path, help="read this GGUF file instead of the registry package's")
     b.add_argument("--cache", type=Path, help="cache folder (default $ALOE_CACHE or ~/.cache/aloe)")
     b.add_argument("--force", action="store_true", help="rebuild even if a matching build is cached")
