@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from aloe.attacks.common import Target, nearest, standardise
+from aloe.attacks.common import Target, load_causal_lm, nearest, standardise
 from aloe.attacks.scoring import IdGuess
 
 S_TOP = 32          # sorted log-probs kept in the input-side signature
@@ -41,9 +41,7 @@ N_PREFIX = 2        # short contexts per id: the id after each of the first fixe
 
 
 def load_model(path: Path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    return load_causal_lm(path)
 
 
 @torch.no_grad()

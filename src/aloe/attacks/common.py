@@ -69,7 +69,9 @@ class Target:
         except (OSError, ValueError) as exc:
             raise AloeError(f"{self.obf_dir}/aloe.json is unreadable: {exc}") from None
         self.obf_config = read_config(self.obf_dir)
-        if int(self.obf_config["vocab_size"]) != self.arch.vocab:
+        self.client_held = bool(self.manifest.get("client_held_vocabulary"))
+        obf_vocab = self.manifest.get("vocab_size") if self.client_held else self.obf_config["vocab_size"]
+        if int(obf_vocab) != self.arch.vocab:
             raise AloeError("the obfuscated model's vocabulary differs from the plain model's")
         self._plain = CheckpointReader(self.plain_dir)
         self._obf = CheckpointReader(self.obf_dir)
@@ -105,13 +107,18 @@ class Target:
         name = "lm_head.weight" if "lm_head.weight" in self._plain else "model.embed_tokens.weight"
         return self.plain(name) * self.plain("model.norm.weight")[None, :]
 
+    def _obf_table(self, name: str) -> torch.Tensor:
+        """An obfuscated table as the server holds it: all zeros when the client keeps the vocabulary."""
+        table = self.obf(name)
+        return torch.zeros(self.arch.vocab, table.shape[1]) if self.client_held else table
+
     @cached_property
     def obf_embed(self) -> torch.Tensor:
-        return self.obf("model.embed_tokens.weight")
+        return self._obf_table("model.embed_tokens.weight")
 
     @cached_property
     def obf_head(self) -> torch.Tensor:
-        return self.obf("lm_head.weight")
+        return self._obf_table("lm_head.weight")
 
     # ---- a server that holds only some obfuscated rows (client-held vocabulary: the rows it was sent) -----------
     @cached_property
@@ -238,3 +245,21 @@ def pca_project(plain: torch.Tensor, obf: torch.Tensor, dim: int, generator: tor
     _, _, v = torch.linalg.svd(sample, full_matrices=False)
     basis = v[:dim].T
     return (plain - mu) @ basis, (obf - mu) @ basis
+
+
+def load_causal_lm(path: Path, **kwargs):
+    """A stock float32 model from ``path``. A client-held-vocabulary server artifact gets both tables back at the
+    full vocabulary size, all zeros: the model as its server holds it, so attacks can run it on any id."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **kwargs).eval()
+    try:
+        manifest = json.loads((Path(path) / "aloe.json").read_text())
+    except (OSError, ValueError):
+        manifest = {}
+    if manifest.get("client_held_vocabulary"):
+        model.resize_token_embeddings(int(manifest["vocab_size"]), mean_resizing=False)
+        with torch.no_grad():
+            model.get_input_embeddings().weight.zero_()
+            model.get_output_embeddings().weight.zero_()
+    return model

@@ -26,14 +26,12 @@ import torch
 from tqdm.auto import tqdm
 
 from aloe import AloeError
-from aloe.attacks.common import Target, nearest
+from aloe.attacks.common import Target, load_causal_lm, nearest
 from aloe.attacks.scoring import SeqGuess
 
 
 def load(path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    return load_causal_lm(path)
 
 
 @torch.no_grad()

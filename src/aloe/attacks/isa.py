@@ -18,14 +18,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from aloe.attacks.common import Target
+from aloe.attacks.common import Target, load_causal_lm
 from aloe.attacks.scoring import SeqGuess
 
 
 def load_eager(path, n_layers: int | None = None):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="eager").eval()
+    model = load_causal_lm(path, attn_implementation="eager")
     if n_layers is not None:
         model.model.layers = model.model.layers[:n_layers]
     for p in model.parameters():

@@ -8,9 +8,11 @@ Sampling parameters that commute with a permutation of the vocabulary pass throu
 top-p, repetition penalty, seed); ``logit_bias`` is translated (its keys are ids); stop *strings*, grammars and JSON
 schemas act on the server's text, which is gibberish under obfuscation, so they are refused — pass stop token ids.
 
-Two wire formats: ``openai`` (``/v1/completions`` with a token-id prompt, as vLLM and ``aloe serve`` accept; ids
-come back in ``choices[0].token_ids``) and ``llama.cpp`` (llama-server's native ``/completion`` with
-``return_tokens``).
+Three wire formats: ``openai`` (``/v1/completions`` with a token-id prompt, as vLLM and ``aloe serve`` accept; ids
+come back in ``choices[0].token_ids``), ``llama.cpp`` (llama-server's native ``/completion`` with
+``return_tokens``), and ``embeds``, the client-held vocabulary mode (:mod:`aloe.obfuscation.client_vocab`): the
+client keeps both vocabulary tables, sends input vectors to ``aloe serve``'s ``/v1/aloe/embeds`` one step at a
+time, applies the head to the hidden state that comes back and samples locally; the server then sees no token id.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import numpy as np
 from aloe import AloeError
 from aloe.obfuscation.secret import Secret, load_secret
 
-BACKENDS = ("openai", "llama.cpp")
+BACKENDS = ("openai", "llama.cpp", "embeds")
 REFUSED = {
     "stop": "stop strings act on the server's text, which is gibberish under obfuscation; pass stop_token_ids",
     "grammar": "grammars constrain the server's text, which is permuted; not supported",
@@ -115,7 +117,10 @@ class TokenStream:
         self.body, self.stops = body, stops
         self.token_ids: list[int] = []
         self.server_output_ids: list[int] = []
+        self.server_vectors = 0              # embeds mode: input vectors the server received (it sees no id)
         self.finish_reason: str | None = None
+        if client.backend == "embeds":
+            self.server_prompt_ids = []
 
     def __iter__(self) -> Iterator[int]:
         events = self.client._stream_server_ids(self.body, self.stops)
@@ -125,7 +130,10 @@ class TokenStream:
                     self.finish_reason = finish
                     return
                 pid = self.client.map.from_server([sid])[0]
-                self.server_output_ids.append(sid)
+                if self.client.backend == "embeds":
+                    self.server_vectors = len(self.prompt_ids) + len(self.token_ids)
+                else:
+                    self.server_output_ids.append(sid)
                 self.token_ids.append(pid)
                 yield pid
         finally:
@@ -134,11 +142,20 @@ class TokenStream:
 
 class PrivateClient:
     def __init__(self, server: str, secret: Path | Secret, tokenizer, *, backend: str = "openai",
-                 model: str | None = None, timeout: float = 300.0) -> None:
+                 model: str | None = None, timeout: float = 300.0, client_vocab: Path | None = None) -> None:
         if backend not in BACKENDS:
             raise AloeError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         self.secret = secret if isinstance(secret, Secret) else load_secret(Path(secret))
         self.map = TokenMap(self.secret)
+        self.vocab = None
+        if backend == "embeds":
+            from aloe.obfuscation.client_vocab import ClientVocabulary
+
+            if client_vocab is None:
+                raise AloeError("the embeds backend needs the client vocabulary file (--client-vocab)")
+            self.vocab = ClientVocabulary(Path(client_vocab))
+            if self.vocab.fingerprint != self.secret.fingerprint:
+                raise AloeError("the client vocabulary file was not made with this secret (fingerprint mismatch)")
         if isinstance(tokenizer, str | Path):
             from transformers import AutoTokenizer
 
@@ -179,18 +196,24 @@ class PrivateClient:
     def verify(self) -> dict:
         """Check the server is up and, where it says which artifact it serves, that it matches our secret."""
         try:
-            resp = self.http.get(self.server + ("/v1/models" if self.backend == "openai" else "/health"))
+            resp = self.http.get(self.server + ("/health" if self.backend == "llama.cpp" else "/v1/models"))
         except httpx.HTTPError as exc:
             raise server_error(exc, self.server) from None
         if resp.status_code != 200:
             raise ServerError(f"server answered {resp.status_code} on its health check", "status", resp.status_code)
         info = resp.json()
-        if self.backend == "openai":
+        if self.backend != "llama.cpp":
             models = info.get("data") or [{}]
             self.model = self.model or models[0].get("id")
-            fp = (models[0].get("aloe") or {}).get("secret_fingerprint")
+            aloe = models[0].get("aloe") or {}
+            fp = aloe.get("secret_fingerprint")
             if fp is not None and fp != self.secret.fingerprint:
                 raise AloeError("the server's model was not made with this secret (fingerprint mismatch)")
+            if self.backend == "embeds" and not aloe.get("client_held_vocabulary"):
+                raise AloeError("the embeds backend needs an aloe server with a client-held-vocabulary artifact")
+            if self.backend == "embeds" and aloe.get("hidden_size") != self.vocab.hidden_size:
+                raise AloeError(f"the server's hidden size {aloe.get('hidden_size')} differs from the client "
+                                f"vocabulary's {self.vocab.hidden_size}")
         return info
 
     def _body(self, prompt_ids: list[int], max_tokens: int, temperature: float, top_p: float, top_k: int,
@@ -202,6 +225,9 @@ class PrivateClient:
             raise AloeError(f"unknown sampling parameter {key!r}")
         bias = {self.map.tau[int(k)]: float(v) for k, v in (logit_bias or {}).items()}
         stops = self.map.to_server(stop_token_ids)
+        if self.backend == "embeds":
+            return {"prompt": prompt_ids, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
+                    "top_k": top_k, "repetition_penalty": repetition_penalty, "seed": seed, "logit_bias": bias}
         if self.backend == "openai":
             body = {"prompt": prompt_ids, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
                     "top_k": top_k, "repetition_penalty": repetition_penalty, "stream": stream,
@@ -222,7 +248,42 @@ class PrivateClient:
             body["logit_bias"] = [[int(k), v] for k, v in bias.items()]
         return body
 
+    def _embeds_ids(self, body: dict, stops: set[int]) -> Iterator[tuple[int, str | None]]:
+        """The embeds mode's decode loop: one request per generated token, the KV cache kept by the server."""
+        import torch
+
+        from aloe.obfuscation.client_vocab import decode_array, encode_array
+
+        pick = Sampler(body)
+        ids, session = list(body["prompt"]), None
+        x, eos = self.vocab.embed(ids), set(self.vocab.eos_ids)
+        try:
+            for _ in range(body["max_tokens"]):
+                req = {"session": session, "embeds": encode_array(x)}
+                if self.model:
+                    req["model"] = self.model
+                data = self._post("/v1/aloe/embeds", req)
+                session = data["session"]
+                hidden = torch.from_numpy(decode_array(data["hidden"], self.vocab.hidden_size).copy())
+                nxt = pick(ids, self.vocab.logits(hidden))
+                ids.append(nxt)
+                yield nxt, None
+                if nxt in stops or nxt in eos:
+                    yield -1, "stop"
+                    return
+                x = self.vocab.embed([nxt])
+            yield -1, "length"
+        finally:
+            if session is not None:
+                try:
+                    self.http.delete(f"{self.server}/v1/aloe/sessions/{session}")
+                except httpx.HTTPError:
+                    pass  # the server drops idle sessions itself
+
     def _stream_server_ids(self, body: dict, stops: set[int]) -> Iterator[tuple[int, str | None]]:
+        if self.backend == "embeds":
+            yield from self._embeds_ids(body, stops)
+            return
         path = "/v1/completions" if self.backend == "openai" else "/completion"
         try:
             with self._post(path, body, stream=True) as resp:
@@ -275,6 +336,14 @@ class PrivateClient:
     def complete(self, prompt: list[dict] | str | list[int], *, max_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = -1, repetition_penalty: float = 1.0, seed: int | None = None,
                  stop_token_ids: list[int] = (), logit_bias: dict | None = None, **extra) -> Completion:
+        if self.backend == "embeds":
+            stream = self.open_stream(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                      top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
+                                      stop_token_ids=stop_token_ids, logit_bias=logit_bias, **extra)
+            t0 = time.perf_counter()
+            out = [i for i in stream if i not in set(stop_token_ids)]
+            return Completion(self.detokenize(out), out, stream.finish_reason, [], [],
+                              {"server_vectors": stream.server_vectors, "seconds": time.perf_counter() - t0})
         plain = list(prompt) if _is_ids(prompt) else self.chat_ids(prompt)
         t0 = time.perf_counter()
         server_prompt = self.map.to_server(plain)
@@ -306,6 +375,51 @@ class PrivateClient:
         text = self.detokenize(plain_out)
         return Completion(text, plain_out, finish, server_prompt, out_ids,
                           {"client_map_seconds": t_map + t_unmap, "server_seconds": t_server})
+
+
+class Sampler:
+    """Next-token choice on the client (embeds mode), with transformers' own logits processors. Temperature, top-k,
+    top-p and the repetition penalty commute with the vocabulary permutation, so they act on obfuscated-order
+    logits directly; ``logit_bias`` keys are already obfuscated ids. A request seed makes sampling reproducible;
+    without one the generator is keyed from the OS CSPRNG."""
+
+    def __init__(self, body: dict) -> None:
+        import secrets
+
+        import torch
+        from transformers import (
+            LogitsProcessorList,
+            RepetitionPenaltyLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        self.greedy = body["temperature"] == 0
+        procs = []
+        if body["repetition_penalty"] != 1.0:
+            procs.append(RepetitionPenaltyLogitsProcessor(body["repetition_penalty"]))
+        if not self.greedy:
+            procs.append(TemperatureLogitsWarper(body["temperature"]))
+            if body["top_k"] > 0:
+                procs.append(TopKLogitsWarper(body["top_k"]))
+            if body["top_p"] < 1.0:
+                procs.append(TopPLogitsWarper(body["top_p"]))
+        self.procs = LogitsProcessorList(procs)
+        self.bias = body.get("logit_bias") or {}
+        seed = body.get("seed")
+        self.gen = torch.Generator().manual_seed(int(seed) if seed is not None else secrets.randbits(63))
+
+    def __call__(self, ids: list[int], logits) -> int:
+        import torch
+
+        scores = logits.reshape(1, -1).clone()
+        for k, v in self.bias.items():
+            scores[0, int(k)] += v
+        scores = self.procs(torch.as_tensor([ids], dtype=torch.long), scores)
+        if self.greedy:
+            return int(scores.argmax(-1))
+        return int(torch.multinomial(torch.softmax(scores, -1), 1, generator=self.gen))
 
 
 def _is_ids(prompt) -> bool:

@@ -43,11 +43,27 @@ def _obfuscate(args: argparse.Namespace) -> int:
         raise AloeError("--adapt-steps must be >= 0")
     if overrides:
         profile = profile.with_overrides(name=f"{profile.name}+custom", **overrides)
+    if args.client_vocab is None and args.occurrence_noise is not None:
+        raise AloeError("--occurrence-noise applies to the client-held vocabulary only (give --client-vocab FILE)")
+    if args.client_vocab is not None:
+        if args.out.exists():
+            raise AloeError(f"output folder {args.out} already exists; choose another path")
+        if args.client_vocab.exists():
+            raise AloeError(f"client vocabulary file {args.client_vocab} already exists; choose a new path")
     model = resolve_model(args.model)
     calib = calibration_ids(model) if profile.keys == "paper" else None
-    summary = obfuscate_checkpoint(model, args.out, args.secret, profile, seed_from_os=args.seed_from_os,
+    full = args.out.with_name(args.out.name + ".full") if args.client_vocab is not None else args.out
+    summary = obfuscate_checkpoint(model, full, args.secret, profile, seed_from_os=args.seed_from_os,
                                    dtype=args.dtype, max_shard_bytes=int(args.max_shard_mb * (1 << 20)),
                                    calibration_ids=calib, progress=not args.json)
+    if args.client_vocab is not None:
+        import shutil
+
+        from aloe.obfuscation.client_vocab import split_vocabulary
+
+        summary = dict(summary, path=str(args.out), client_vocabulary=split_vocabulary(
+            full, args.out, args.client_vocab, occurrence_noise=args.occurrence_noise or 0.0))
+        shutil.rmtree(full)
     if args.json:
         print_json(summary)
     else:
@@ -58,6 +74,9 @@ def _obfuscate(args: argparse.Namespace) -> int:
         custom = "not stated for these custom parameters; see the measured risk below"
         print(f"protects against: {profile.protects or custom}")
         print(risk_line(summary.get("measured_risk") or {}))
+        if args.client_vocab is not None:
+            print(f"client-held vocabulary: {args.out} holds no vocabulary rows; the tables are in "
+                  f"{args.client_vocab} (keep it with the secret; serve with aloe serve, talk with --backend embeds)")
     return 0
 
 
@@ -105,6 +124,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--embed-shear", type=float, help="override the non-isometric shear of the embedding key")
     p.add_argument("--adapt-steps", type=int, help="override the number of distillation steps after the noise "
                    "(0: none); an interrupted adaptation resumes when the same command is run again")
+    p.add_argument("--client-vocab", type=Path, metavar="FILE",
+                   help="client-held vocabulary: write OUT without the embedding and head rows and keep both "
+                   "tables in FILE (mode 0600) for the client")
+    p.add_argument("--occurrence-noise", type=float, metavar="ALPHA",
+                   help="with --client-vocab: fresh noise the client adds to every embedding it sends (relative to "
+                   "each row's RMS; 0 keeps the logits exact)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_obfuscate)
 
@@ -126,7 +151,8 @@ def _client(args: argparse.Namespace):
     from aloe.obfuscation.client import PrivateClient
 
     tokenizer = resolve_model(args.tokenizer)
-    client = PrivateClient(args.server, args.secret, tokenizer, backend=args.backend, timeout=args.timeout)
+    client = PrivateClient(args.server, args.secret, tokenizer, backend=args.backend, timeout=args.timeout,
+                           client_vocab=args.client_vocab)
     client.verify()
     return client
 
@@ -138,7 +164,7 @@ def _complete(args: argparse.Namespace) -> int:
     res = client.complete(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, seed=args.seed)
     out = {"text": res.text, "token_ids": res.token_ids, "finish_reason": res.finish_reason,
-           "client_map_ms": 1000 * res.timings["client_map_seconds"]}
+           "client_map_ms": 1000 * res.timings.get("client_map_seconds", 0.0)}
     if args.show_server_view:
         out["server_prompt_text"] = client.server_view(res.server_prompt_ids)
         out["server_output_text"] = client.server_view(res.server_output_ids)
@@ -183,8 +209,10 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", required=True, help="base URL, e.g. http://127.0.0.1:8000")
     p.add_argument("--secret", type=Path, required=True)
     p.add_argument("--tokenizer", required=True, help="plain model/tokenizer folder, or 'smollm2'")
-    p.add_argument("--backend", choices=["openai", "llama.cpp"], default="openai",
-                   help="openai: /v1/completions (aloe serve, vLLM); llama.cpp: llama-server's /completion")
+    p.add_argument("--backend", choices=["openai", "llama.cpp", "embeds"], default="openai",
+                   help="openai: /v1/completions (aloe serve, vLLM); llama.cpp: llama-server's /completion; "
+                   "embeds: the client-held vocabulary mode (aloe serve, with --client-vocab)")
+    p.add_argument("--client-vocab", type=Path, help="the client vocabulary file (--backend embeds)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)

@@ -75,7 +75,7 @@ def _proxy(args: argparse.Namespace) -> int:
     if args.timeout <= 0:
         raise AloeError("--timeout must be positive")
     run_proxy(args.server, args.secret, resolve_model(args.tokenizer), args.backend, args.host, args.port,
-              args.timeout, args.log_level)
+              args.timeout, args.log_level, client_vocab=args.client_vocab)
     return 0
 
 
@@ -100,8 +100,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--server", required=True, help="the untrusted server's base URL, e.g. http://127.0.0.1:8000")
     p.add_argument("--secret", type=Path, required=True)
     p.add_argument("--tokenizer", required=True, help="plain model/tokenizer folder, or 'smollm2'")
-    p.add_argument("--backend", choices=["openai", "llama.cpp"], default="openai",
-                   help="openai: /v1/completions (aloe serve, vLLM); llama.cpp: llama-server's /completion")
+    p.add_argument("--backend", choices=["openai", "llama.cpp", "embeds"], default="openai",
+                   help="openai: /v1/completions (aloe serve, vLLM); llama.cpp: llama-server's /completion; "
+                   "embeds: the client-held vocabulary mode (aloe serve, with --client-vocab)")
+    p.add_argument("--client-vocab", type=Path, help="the client vocabulary file (--backend embeds)")
     p.add_argument("--host", default="127.0.0.1", help="loopback only")
     p.add_argument("--port", type=int, default=8100)
     p.add_argument("--timeout", type=float, default=300.0,

@@ -135,6 +135,11 @@ class Proxy:
         sent, got, view = list(stream.server_prompt_ids), list(stream.server_output_ids), self.client.server_view
         last = {"server_prompt_ids": sent, "server_output_ids": got, "server_prompt_text": view(sent),
                 "server_output_text": view(got), "finish_reason": finish, "time": time.time()}
+        if self.client.backend == "embeds":  # the server saw vectors and sent hidden states: no id, no text
+            d = self.client.vocab.hidden_size
+            last.update(server_prompt_text=f"[{stream.server_vectors} input vectors of {d} floats; no token id]",
+                        server_output_text=f"[{len(stream.token_ids)} final hidden states of {d} floats; the "
+                                           "head is applied by the client]")
         with self.lock:
             self.last = last
 
@@ -336,22 +341,24 @@ def create_proxy_app(client: PrivateClient, default_max_tokens: int = 256) -> Fa
     return app
 
 
-def connect(server: str, secret, tokenizer, backend: str = "openai", timeout: float = 300.0) -> PrivateClient:
+def connect(server: str, secret, tokenizer, backend: str = "openai", timeout: float = 300.0,
+            client_vocab=None) -> PrivateClient:
     """A client that has checked the server: reachable, and (where it says) serving this secret's artifact."""
-    client = PrivateClient(server, secret, tokenizer, backend=backend, timeout=timeout)
+    client = PrivateClient(server, secret, tokenizer, backend=backend, timeout=timeout, client_vocab=client_vocab)
     info = client.verify()
-    fp = ((info.get("data") or [{}])[0].get("aloe") or {}).get("secret_fingerprint") if backend == "openai" else None
+    fp = (((info.get("data") or [{}])[0].get("aloe") or {}).get("secret_fingerprint")
+          if backend != "llama.cpp" else None)
     if fp is None:
         print("aloe proxy: note: the server does not say which artifact it serves; not checked", file=sys.stderr)
     return client
 
 
 def run_proxy(server: str, secret, tokenizer, backend: str = "openai", host: str = "127.0.0.1", port: int = 8100,
-              timeout: float = 300.0, log_level: str = "warning") -> None:
+              timeout: float = 300.0, log_level: str = "warning", client_vocab=None) -> None:
     import uvicorn
 
     if host not in LOOPBACK:
         raise AloeError("the proxy speaks plain text: it listens on loopback only (127.0.0.1, localhost or ::1)")
-    client = connect(server, secret, tokenizer, backend, timeout)
+    client = connect(server, secret, tokenizer, backend, timeout, client_vocab)
     print(f"aloe proxy: http://{host}:{port}/ (OpenAI API at /v1) -> {client.server} [{backend}]", file=sys.stderr)
     uvicorn.run(create_proxy_app(client), host=host, port=port, log_level=log_level)

@@ -8,14 +8,17 @@ length and concurrency; malformed ones get a 4xx with the reason.
 
 from __future__ import annotations
 
+import base64
 import json
 import queue
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,6 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, 
 from transformers.generation.streamers import BaseStreamer
 
 from aloe import AloeError
+from aloe.obfuscation.client_vocab import decode_array
 from aloe.serving.errors import validation_message
 
 
@@ -34,6 +38,8 @@ class Limits:
     max_new_tokens: int = 1024
     max_waiting: int = 16           # requests queued behind the running one; beyond this: 503
     max_body_bytes: int = 1 << 20
+    max_sessions: int = 16          # client-held vocabulary: KV caches kept; the least recently used goes first
+    session_idle_seconds: float = 600.0
 
 
 class CompletionRequest(BaseModel):
@@ -54,6 +60,17 @@ class CompletionRequest(BaseModel):
     return_token_ids: bool = True
     skip_special_tokens: bool = True
     user: str | None = None
+
+
+class EmbedsRequest(BaseModel):
+    """One step of the client-held vocabulary mode: the next input vectors of a session (base64 float32 rows of the
+    model's hidden size); the answer is the final hidden state of the last one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    session: str | None = Field(None, max_length=64)
+    embeds: str = Field(min_length=1)
 
 
 class _IdStreamer(BaseStreamer):
@@ -113,12 +130,17 @@ class TransformersEngine:
         self.eos = [eos] if isinstance(eos, int) else list(eos or [])
         manifest = model_dir / "aloe.json"
         self.manifest = json.loads(manifest.read_text()) if manifest.is_file() else None
+        self.client_held = bool((self.manifest or {}).get("client_held_vocabulary"))
+        self.hidden_size = int(self.model.config.hidden_size)
+        self.sessions: OrderedDict[str, list] = OrderedDict()   # id -> [KV cache, length, last use]
         self.limits = limits
         self.lock = threading.Lock()
         self.waiting = 0
         self.waiting_lock = threading.Lock()
 
     def check(self, req: CompletionRequest) -> str | None:
+        if self.client_held:
+            return "this artifact holds no vocabulary: the client drives it with inputs_embeds at /v1/aloe/embeds"
         if len(req.prompt) > self.limits.max_prompt_tokens:
             return f"prompt has {len(req.prompt)} tokens; the limit is {self.limits.max_prompt_tokens}"
         if req.max_tokens > self.limits.max_new_tokens:
@@ -133,6 +155,35 @@ class TransformersEngine:
         if req.logit_bias and any(not k.isdigit() for k in req.logit_bias):
             return "logit_bias keys must be token ids"
         return None
+
+    def step(self, session: str | None, embeds: np.ndarray) -> tuple[str, np.ndarray, int]:
+        """Run the next input vectors of ``session`` (a new one when None) through the model with its KV cache;
+        the final hidden state of the last position comes back."""
+        with self.lock:
+            now = time.monotonic()
+            for sid in [s for s, v in self.sessions.items() if now - v[2] > self.limits.session_idle_seconds]:
+                del self.sessions[sid]
+            if session is None:
+                while len(self.sessions) >= self.limits.max_sessions:
+                    self.sessions.popitem(last=False)
+                session, state = uuid.uuid4().hex, [None, 0, now]
+            elif session in self.sessions:
+                state = self.sessions.pop(session)
+            else:
+                raise KeyError(session)
+            limit = min(self.context, self.limits.max_prompt_tokens + self.limits.max_new_tokens)
+            if state[1] + len(embeds) > limit:
+                raise ValueError(f"session would reach {state[1] + len(embeds)} positions; the limit is {limit}")
+            with torch.no_grad():
+                out = self.model.model(inputs_embeds=torch.from_numpy(embeds.copy())[None].to(self.model.dtype),
+                                       cache=state[0], use_cache=True)
+            state = [out.cache, state[1] + len(embeds), now]
+            self.sessions[session] = state
+            return session, out.last_hidden_state[0, -1].float().numpy(), state[1]
+
+    def close_session(self, session: str) -> bool:
+        with self.lock:
+            return self.sessions.pop(session, None) is not None
 
     def admit(self) -> bool:
         with self.waiting_lock:
@@ -202,6 +253,7 @@ def create_app(model_dir: Path, limits: Limits | None = None, threads: int | Non
         entry = {"id": engine.name, "object": "model", "owned_by": "aloe", "max_model_len": engine.context}
         if engine.manifest:
             entry["aloe"] = {k: engine.manifest.get(k) for k in ("format", "secret_fingerprint", "profile")}
+            entry["aloe"].update(client_held_vocabulary=engine.client_held, hidden_size=engine.hidden_size)
         return {"object": "list", "data": [entry]}
 
     @app.post("/v1/completions")
@@ -246,6 +298,34 @@ def create_app(model_dir: Path, limits: Limits | None = None, threads: int | Non
         body["usage"] = {"prompt_tokens": len(req.prompt), "completion_tokens": len(out),
                          "total_tokens": len(req.prompt) + len(out)}
         return body
+
+    @app.post("/v1/aloe/embeds")
+    def embeds(req: EmbedsRequest):
+        """The client-held vocabulary mode: input vectors in, the last final hidden state out (base64 float32)."""
+        try:
+            rows = decode_array(req.embeds, engine.hidden_size)
+        except AloeError as exc:
+            return error(422, str(exc))
+        if not len(rows):
+            return error(422, "embeds: give at least one row")
+        if not engine.admit():
+            return error(503, "server busy: too many requests waiting")
+        try:
+            session, hidden, length = engine.step(req.session, rows)
+        except KeyError:
+            return error(404, "unknown or expired session; start a new one")
+        except ValueError as exc:
+            return error(422, str(exc))
+        finally:
+            engine.release()
+        return {"session": session, "hidden": base64.b64encode(hidden.astype("<f4").tobytes()).decode(),
+                "length": length}
+
+    @app.delete("/v1/aloe/sessions/{session}")
+    def close(session: str):
+        if not engine.close_session(session):
+            return error(404, "unknown or expired session")
+        return {"closed": session}
 
     return app
 

@@ -1,0 +1,176 @@
+"""The client-held vocabulary deployment: the server runs the obfuscated transformer without its two vocabulary
+tables; the client keeps them beside tau.
+
+Behavioural matching works because a server that holds the whole model can run it on any token id and read the
+output distribution over ids; the table attacks (VMA, IA, NN) need the embedding or the head. Here neither is on
+the server:
+
+- the **server artifact** is the obfuscated stock checkpoint with ``embed_tokens`` and ``lm_head`` cut to a single
+  zero row (``vocab_size`` 1, no tokenizer): stock transformers still loads it, and drives it with ``inputs_embeds``,
+  returning the final (normed) hidden states, d' floats per position;
+- the **client file** (mode 0600, beside the secret) holds both tables, the end-of-sequence ids and the deployment's
+  per-occurrence noise. The client looks up its rows, adds fresh noise to every occurrence when the deployment asks
+  for it (so identical tokens no longer send identical vectors), sends them, and applies the head to what comes back:
+  n x d' multiply-adds per generated token (28 M for SmolLM2).
+
+Without occurrence noise the computation is the artifact's own, so the logits are the artifact's logits. What the
+server still sees: the vectors it receives (without occurrence noise, identical for identical tokens) and the hidden
+states (ISA/IMA). Which engines can run it: transformers (``aloe serve``) yes; llama.cpp's C API takes embeddings in
+a batch but ``llama-server`` has no request for them; vLLM takes ``prompt_embeds`` for the prompt only and applies
+its own LM head, so it cannot serve this mode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from aloe import AloeError
+from aloe.assets.cache import atomic_directory
+from aloe.obfuscation.checkpoint import CheckpointReader
+from aloe.obfuscation.embedding import NOISE_SHAPES, noise_std
+
+TABLES = ("model.embed_tokens.weight", "lm_head.weight")
+CLIENT_FORMAT = "aloe-client-vocabulary-v1"
+MANIFEST_FLAG = "client_held_vocabulary"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "added_tokens.json", "chat_template.jinja")
+
+
+def _eos_ids(artifact: Path, config: dict) -> list[int]:
+    ids: list[int] = []
+    sources = [config]
+    gen = artifact / "generation_config.json"
+    if gen.is_file():
+        sources.append(json.loads(gen.read_text()))
+    for src in sources:
+        v = src.get("eos_token_id")
+        ids.extend(v if isinstance(v, list) else [] if v is None else [v])
+    return sorted({int(i) for i in ids})
+
+
+def split_vocabulary(artifact: Path, server_dir: Path, client_file: Path, *, occurrence_noise: float = 0.0,
+                     noise_shape: str = "row") -> dict:
+    """Write the server artifact (no vocabulary rows) to ``server_dir`` and the tables to ``client_file``.
+
+    ``occurrence_noise`` (alpha, relative to each row as in :func:`~aloe.obfuscation.embedding.noise_std`) is the
+    fresh noise the client adds to every embedding it sends; 0 keeps the artifact's logits exactly."""
+    artifact, server_dir, client_file = Path(artifact), Path(server_dir), Path(client_file)
+    if not occurrence_noise >= 0:
+        raise AloeError(f"occurrence noise must be >= 0, not {occurrence_noise}")
+    if noise_shape not in NOISE_SHAPES:
+        raise AloeError(f"unknown noise shape {noise_shape!r}; choose one of {', '.join(NOISE_SHAPES)}")
+    if server_dir.exists():
+        raise AloeError(f"output folder {server_dir} already exists")
+    if client_file.exists():
+        raise AloeError(f"client vocabulary file {client_file} already exists; choose a new path")
+    if client_file.resolve().is_relative_to(server_dir.resolve()):
+        raise AloeError("the client vocabulary file must not be inside the server folder (the server would get it)")
+    try:
+        manifest = json.loads((artifact / "aloe.json").read_text())
+        config = json.loads((artifact / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise AloeError(f"{artifact} is not an aloe artifact ({exc})") from None
+    if manifest.get(MANIFEST_FLAG):
+        raise AloeError(f"{artifact} already holds no vocabulary")
+    reader = CheckpointReader(artifact)
+    missing = [t for t in TABLES if t not in reader]
+    if missing:
+        raise AloeError(f"{artifact} lacks {', '.join(missing)}")
+    tensors = {name: torch.from_numpy(reader.get(name)) for name in reader.where}
+    dtype = next(t.dtype for n, t in tensors.items() if n not in TABLES)
+    client = {name: tensors[name].float().clone() for name in TABLES}
+    for name in TABLES:
+        tensors[name] = torch.zeros((1, tensors[name].shape[1]), dtype=dtype)
+    tensors = {n: t.to(dtype) for n, t in tensors.items()}
+    vocab = int(client[TABLES[0]].shape[0])
+    server_config = dict(config, vocab_size=1, pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    with atomic_directory(server_dir) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        for f in artifact.iterdir():
+            if (f.is_file() and not f.name.startswith("model.safetensors") and f.name not in TOKENIZER_FILES
+                    and f.name not in ("aloe.json", "config.json", "generation_config.json")):
+                shutil.copy2(f, tmp / f.name)
+        (tmp / "config.json").write_text(json.dumps(server_config, indent=2) + "\n")
+        manifest.update({MANIFEST_FLAG: True, "vocabulary_rows": 0, "vocab_size": vocab})
+        manifest.pop("shards", None)
+        (tmp / "aloe.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    meta = {"format": CLIENT_FORMAT, "secret_fingerprint": str(manifest.get("secret_fingerprint")),
+            "eos_token_ids": json.dumps(_eos_ids(artifact, config)), "occurrence_noise": repr(float(occurrence_noise)),
+            "noise_shape": noise_shape, "vocab_size": str(vocab)}
+    tmp_client = client_file.with_name(client_file.name + ".tmp")
+    save_file(client, str(tmp_client), metadata=meta)
+    os.chmod(tmp_client, 0o600)
+    tmp_client.replace(client_file)
+    return {"server": str(server_dir), "client": str(client_file), "vocab_size": vocab,
+            "hidden_size": int(client[TABLES[0]].shape[1]), "occurrence_noise": float(occurrence_noise)}
+
+
+class ClientVocabulary:
+    """The client's half: embedding lookup (plus fresh per-occurrence noise) before a request, the head after it."""
+
+    def __init__(self, client_file: Path) -> None:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(client_file), "pt") as fh:
+                meta = fh.metadata() or {}
+            t = load_file(str(client_file))
+        except Exception as exc:
+            raise AloeError(f"client vocabulary file {client_file} is unreadable: {exc}") from None
+        if meta.get("format") != CLIENT_FORMAT or any(name not in t for name in TABLES):
+            raise AloeError(f"{client_file} is not a client vocabulary file ({CLIENT_FORMAT})")
+        self.embed_table, self.head = t[TABLES[0]].float(), t[TABLES[1]].float()
+        self.fingerprint = meta.get("secret_fingerprint")
+        self.eos_ids = [int(i) for i in json.loads(meta.get("eos_token_ids", "[]"))]
+        self.occurrence_noise = float(meta.get("occurrence_noise", "0"))
+        self.hidden_size = int(self.embed_table.shape[1])
+        self.vocab_size = int(self.embed_table.shape[0])
+        if self.occurrence_noise > 0:
+            self.sigma = torch.from_numpy(noise_std(self.embed_table.double().numpy(), self.occurrence_noise,
+                                                    meta.get("noise_shape", "row"))).float()
+        # fresh noise for every occurrence, drawn from a generator keyed by the OS CSPRNG (never a fixed seed)
+        self._noise = torch.Generator().manual_seed(secrets.randbits(63))
+
+    def embed(self, obf_ids) -> torch.Tensor:
+        ids = torch.as_tensor(np.asarray(obf_ids, dtype=np.int64))
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+            raise AloeError(f"token id outside the vocabulary 0..{self.vocab_size - 1}")
+        rows = self.embed_table[ids]
+        if self.occurrence_noise > 0:
+            rows = rows + torch.randn(rows.shape, generator=self._noise) * self.sigma[ids].unsqueeze(-1)
+        return rows
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Obfuscated-order logits from final hidden states."""
+        return hidden.float() @ self.head.T
+
+
+def encode_array(a: torch.Tensor) -> str:
+    """A float32 array as base64 (little-endian), the wire format of the embeddings API."""
+    import base64
+
+    return base64.b64encode(np.ascontiguousarray(a.detach().float().numpy(), dtype="<f4").tobytes()).decode()
+
+
+def decode_array(text: str, width: int) -> np.ndarray:
+    import base64
+    import binascii
+
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise AloeError("embeds: not valid base64") from None
+    if len(raw) % (4 * width):
+        raise AloeError(f"embeds: {len(raw)} bytes is not a whole number of rows of {width} float32")
+    arr = np.frombuffer(raw, dtype="<f4").reshape(-1, width)
+    if not np.isfinite(arr).all():
+        raise AloeError("embeds: values must be finite")
+    return arr

@@ -1,0 +1,177 @@
+"""The client-held vocabulary mode end to end: ``aloe obfuscate --client-vocab`` writes a server artifact with no
+vocabulary rows that stock transformers loads; the client sends input vectors to ``aloe serve``'s embeds API and
+applies the head itself; greedy answers equal token-id serving (tiny model here, SmolLM2 in the real-model test);
+per-occurrence noise makes repeated tokens send different vectors; bad input gets a clear error."""
+
+import json
+import os
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from transformers import AutoModelForCausalLM
+
+from aloe import AloeError
+from aloe.cli import main as aloe_main
+from aloe.obfuscation.client import PrivateClient
+from aloe.obfuscation.client_vocab import ClientVocabulary, encode_array, split_vocabulary
+from aloe.obfuscation.secret import load_secret
+from aloe.serving.local import app_thread
+from aloe.serving.proxy import connect, create_proxy_app
+from aloe.serving.server import Limits, create_app
+from obfuscation_helpers import tiny_model
+from test_serving import IdTokenizer
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    """A tiny model obfuscated with ``exact`` twice from one secret: whole (token-id serving) and client-held."""
+    tmp = tmp_path_factory.mktemp("client-vocab")
+    plain = tiny_model("llama-gqa-tied", tmp / "plain")
+    (plain / "generation_config.json").write_text('{"eos_token_id": 2, "bos_token_id": 1}')
+    base = ["obfuscate", str(plain), None, "--secret", str(tmp / "secret.json"), "--profile", "exact", "--h", "8",
+            "--json"]
+    assert aloe_main([*base[:2], str(tmp / "whole"), *base[3:]]) == 0
+    assert aloe_main([*base[:2], str(tmp / "server"), *base[3:], "--client-vocab", str(tmp / "client.st")]) == 0
+    return tmp
+
+
+def test_server_artifact_holds_no_vocabulary_and_loads_in_stock_transformers(split):
+    cfg = json.loads((split / "server" / "config.json").read_text())
+    manifest = json.loads((split / "server" / "aloe.json").read_text())
+    assert cfg["vocab_size"] == 1 and manifest["client_held_vocabulary"] and manifest["vocab_size"] == 97
+    assert not (split / "server.full").exists() and not (split / "server" / "tokenizer.json").exists()
+    assert os.stat(split / "client.st").st_mode & 0o777 == 0o600
+    server = AutoModelForCausalLM.from_pretrained(split / "server", dtype=torch.float64).eval()
+    whole = AutoModelForCausalLM.from_pretrained(split / "whole", dtype=torch.float64).eval()
+    assert server.model.embed_tokens.weight.shape[0] == 1 and server.model.embed_tokens.weight.abs().max() == 0
+    vocab = ClientVocabulary(split / "client.st")
+    assert vocab.eos_ids == [2] and vocab.fingerprint == load_secret(split / "secret.json").fingerprint
+    ids = torch.tensor([[5, 17, 33, 60, 80]])
+    with torch.no_grad():
+        hidden = server.model(inputs_embeds=vocab.embed(ids).double()).last_hidden_state
+        logits = vocab.logits(hidden)
+        assert (logits.double() - whole(ids).logits).abs().max() < 1e-4
+
+
+def test_embeds_mode_gives_the_token_id_servings_greedy_answer(split):
+    prompts = ["hello there", "a longer prompt, with punctuation!", "x"]
+    with app_thread(create_app(split / "whole")) as u1, app_thread(create_app(split / "server")) as u2:
+        ids_client = PrivateClient(u1, split / "secret.json", IdTokenizer())
+        emb_client = PrivateClient(u2, split / "secret.json", IdTokenizer(), backend="embeds",
+                                   client_vocab=split / "client.st")
+        ids_client.verify(), emb_client.verify()
+        for p in prompts:
+            a = ids_client.complete(p, max_tokens=12)
+            stream = emb_client.open_stream(p, max_tokens=12)
+            got = list(stream)
+            assert got == a.token_ids and stream.finish_reason == a.finish_reason
+            assert stream.server_prompt_ids == [] and stream.server_output_ids == []
+            assert stream.server_vectors == len(ids_client.chat_ids(p)) + len(got) - 1
+        # sampling on the client: a seed reproduces, two seeds differ somewhere
+        runs = [emb_client.complete("sample me", max_tokens=10, temperature=1.5, seed=s).token_ids
+                for s in (7, 7, 8)]
+        assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_embeds_backend_refuses_mismatched_parts(split, tmp_path):
+    with app_thread(create_app(split / "whole")) as url:
+        client = PrivateClient(url, split / "secret.json", IdTokenizer(), backend="embeds",
+                               client_vocab=split / "client.st")
+        with pytest.raises(AloeError, match="client-held-vocabulary artifact"):
+            client.verify()
+    with pytest.raises(AloeError, match="needs the client vocabulary file"):
+        PrivateClient("http://127.0.0.1:9", split / "secret.json", IdTokenizer(), backend="embeds")
+    (tmp_path / "bad.st").write_bytes(b"not a safetensors file")
+    with pytest.raises(AloeError, match="unreadable"):
+        ClientVocabulary(tmp_path / "bad.st")
+    with pytest.raises(AloeError, match="already holds no vocabulary"):
+        split_vocabulary(split / "server", tmp_path / "s2", tmp_path / "c2.st")
+    with pytest.raises(AloeError, match="must not be inside"):
+        split_vocabulary(split / "whole", tmp_path / "s3", tmp_path / "s3" / "c.st")
+    with pytest.raises(AloeError, match="already exists"):
+        split_vocabulary(split / "whole", tmp_path / "s4", split / "client.st")
+    assert not (tmp_path / "s2").exists() and not (tmp_path / "s3").exists() and not (tmp_path / "s4").exists()
+
+
+def test_occurrence_noise_sends_fresh_vectors_for_repeated_tokens(split, tmp_path):
+    split_vocabulary(split / "whole", tmp_path / "server", tmp_path / "noisy.st", occurrence_noise=0.5)
+    exact, noisy = ClientVocabulary(split / "client.st"), ClientVocabulary(tmp_path / "noisy.st")
+    ids = [11, 11, 11, 40]
+    e, n = exact.embed(ids), noisy.embed(ids)
+    assert torch.equal(e[0], e[1]) and not torch.equal(n[0], n[1]) and not torch.equal(n[0], e[0])
+    rel = ((n - e).norm(dim=1) / e.norm(dim=1)).mean()
+    assert 0.2 < float(rel) < 1.0          # row-shaped: about alpha * ||row|| per occurrence
+    with pytest.raises(AloeError, match="outside the vocabulary"):
+        noisy.embed([97])
+
+
+def test_embeds_api_rejects_bad_input_with_a_reason(split):
+    app = create_app(split / "server", Limits(max_prompt_tokens=8, max_new_tokens=4, max_sessions=2))
+    client = TestClient(app)
+    d = json.loads((split / "server" / "config.json").read_text())["hidden_size"]
+    row = encode_array(torch.zeros(1, d))
+    assert client.post("/v1/completions", json={"prompt": [0]}).json()["error"]["message"].startswith(
+        "this artifact holds no vocabulary")
+    for body, reason in [({"embeds": "@@"}, "base64"), ({"embeds": encode_array(torch.zeros(1, d + 1))}, "rows"),
+                         ({"embeds": encode_array(torch.full((1, d), float("nan")))}, "finite"),
+                         ({"embeds": row, "extra": 1}, "extra")]:
+        r = client.post("/v1/aloe/embeds", json=body)
+        assert r.status_code == 422 and reason in r.json()["error"]["message"].lower(), (body, r.text)
+    assert client.post("/v1/aloe/embeds", json={"embeds": row, "session": "nope"}).status_code == 404
+    first = client.post("/v1/aloe/embeds", json={"embeds": encode_array(torch.zeros(10, d))}).json()
+    assert first["length"] == 10
+    r = client.post("/v1/aloe/embeds", json={"embeds": encode_array(torch.zeros(3, d)), "session": first["session"]})
+    assert r.status_code == 422 and "limit is 12" in r.json()["error"]["message"]
+    # only max_sessions KV caches are kept: the least recently used goes first
+    s = [client.post("/v1/aloe/embeds", json={"embeds": row}).json()["session"] for _ in range(3)]
+    assert client.post("/v1/aloe/embeds", json={"embeds": row, "session": s[0]}).status_code == 404
+    assert client.post("/v1/aloe/embeds", json={"embeds": row, "session": s[2]}).json()["length"] == 2
+    assert client.delete(f"/v1/aloe/sessions/{s[2]}").status_code == 200
+    assert client.delete(f"/v1/aloe/sessions/{s[2]}").status_code == 404
+
+
+def test_cli_refuses_occurrence_noise_without_client_vocab(split, capsys):
+    assert aloe_main(["obfuscate", str(split / "plain"), str(split / "x"), "--secret", str(split / "secret.json"),
+                      "--occurrence-noise", "0.1"]) != 0
+    assert "--client-vocab" in capsys.readouterr().err
+    assert not (split / "x").exists()
+
+
+@pytest.mark.real_model
+def test_smollm2_client_held_mode_matches_token_id_serving_and_the_server_sees_no_id(smollm2_exact, smollm2_path,
+                                                                                    tmp_path):
+    from test_proxy import Recorder
+
+    obf, secret = smollm2_exact
+    split_vocabulary(obf, tmp_path / "server", tmp_path / "client.st")
+    recorder = Recorder(create_app(tmp_path / "server", Limits(max_new_tokens=64)))
+    questions = ["What is the capital of France?", "Name three colours of the rainbow."]
+    with app_thread(create_app(obf, Limits(max_new_tokens=64))) as u1, app_thread(recorder) as u2:
+        ids_client = PrivateClient(u1, secret, smollm2_path)
+        emb_client = PrivateClient(u2, secret, ids_client.tokenizer, backend="embeds",
+                                   client_vocab=tmp_path / "client.st")
+        ids_client.verify(), emb_client.verify()
+        answers = []
+        for q in questions:
+            want = list(ids_client.open_stream(q, max_tokens=24))
+            got = list(emb_client.open_stream(q, max_tokens=24))
+            assert got == want
+            answers.append(emb_client.detokenize(got))
+        # the proxy in front of it: the stock openai package, streaming
+        import openai
+
+        proxy = connect(u2, secret, ids_client.tokenizer, backend="embeds", client_vocab=tmp_path / "client.st")
+        with app_thread(create_proxy_app(proxy), health="/v1/models") as purl:
+            api = openai.OpenAI(base_url=purl + "/v1", api_key="unused", max_retries=0, timeout=120.0)
+            chunks = api.chat.completions.create(model="m", messages=[{"role": "user", "content": questions[0]}],
+                                                 max_tokens=24, temperature=0, stream=True)
+            streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            seen = httpx.get(purl + "/aloe/last-exchange").json()["exchange"]
+    assert "Paris" in answers[0] and streamed == answers[0]
+    assert seen["server_prompt_ids"] == [] and "input vectors" in seen["server_prompt_text"]
+    bodies = [json.loads(b) for b in recorder.bodies if b]
+    assert bodies and all(set(b) <= {"embeds", "session", "model"} for b in bodies)
+    assert np.all([len(b["embeds"]) % 4 == 0 for b in bodies])
