@@ -242,3 +242,22 @@ def test_stock_configs_and_refusals(tmp_path):
     (relu / "config.json").write_text(json.dumps(dict(cfg, hidden_act="relu")))
     with pytest.raises(AloeError, match="hidden_act 'relu' is not supported for Qwen3ForCausalLM"):
         obfuscate_checkpoint(relu, tmp_path / "o4", tmp_path / "s4.json", EXACT, progress=False)
+
+
+def test_paper_keys_with_calibrated_kappa_on_a_moe_model_with_qk_norm(tmp_path, float64_everywhere):
+    """The paper's keys: kappa calibrated on hidden states rebuilt through the whole MoE block, and q/k scaled by
+    kappa so their norms keep the config's epsilon exact; the model tracks the plain one without equalling it."""
+    prof = PROFILES["paper"].with_overrides(name="paper-keys-only", h=8, alpha_e=0.0, alpha_h=0.0, beta=1)
+    plain_dir = tiny("qwen3-moe", tmp_path / "plain")
+    obfuscate_checkpoint(plain_dir, tmp_path / "obf", tmp_path / "s.json", prof, dtype="float64",
+                         calibration_ids=np.random.default_rng(1).integers(0, 97, 256), progress=False)
+    plain = AutoModelForCausalLM.from_pretrained(plain_dir, dtype=torch.float64, **EAGER).eval()
+    obf = AutoModelForCausalLM.from_pretrained(tmp_path / "obf", dtype=torch.float64, **EAGER).eval()
+    manifest = json.loads((tmp_path / "obf" / "aloe.json").read_text())
+    assert manifest["kappa"]["min"] != manifest["kappa"]["max"]
+    tau = torch.as_tensor(load_secret(tmp_path / "s.json").tau)
+    ids = torch.randint(0, 97, (1, 16))
+    with torch.no_grad():
+        lp, lo = plain(ids).logits, obf(tau[ids]).logits[..., tau]
+    rel = ((lp - lo).norm() / lp.norm()).item()
+    assert 1e-6 < rel < 0.3

@@ -161,7 +161,8 @@ def calibrate_kappas(model_dir: Path, arch: Arch, plan: Plan, token_ids: np.ndar
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float64).eval()
+    eager = {"experts_implementation": "eager"} if arch.spec.moe else {}  # grouped matmuls take no float64
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float64, **eager).eval()
     layers = model.model.layers
     state = {"x~": None}
     plain_samples: list[list[np.ndarray]] = [[] for _ in range(2 * arch.n_layers + 1)]
@@ -205,7 +206,7 @@ def calibrate_kappas(model_dir: Path, arch: Arch, plan: Plan, token_ids: np.ndar
     for layer, block in enumerate(layers):
         hooks.append(block.input_layernorm.register_forward_pre_hook(norm_pre(2 * layer)))
         hooks.append(block.self_attn.o_proj.register_forward_hook(on_o(layer)))
-        pre_ffn = getattr(block, arch.spec.pre_ffn_norm if arch.spec else "post_attention_layernorm")
+        pre_ffn = getattr(block, arch.spec.pre_ffn_norm)
         hooks.append(pre_ffn.register_forward_pre_hook(norm_pre(2 * layer + 1)))
         hooks.append(block.mlp.register_forward_hook(on_mlp(layer)))
     hooks.append(model.model.norm.register_forward_pre_hook(norm_pre(2 * arch.n_layers)))
