@@ -23,6 +23,17 @@ $(STAMP): pyproject.toml Makefile
 			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
 		else echo "note: chromium/chromedriver not found and not root with apt-get: the browser test will skip"; fi; \
 	fi
+	@# the label-mapping chars task renders from Debian's CJK fonts; installed here when missing (as root, with apt-get)
+	@if ! test -f /usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc \
+		|| ! test -f /usr/share/fonts/opentype/noto/NotoSerifCJK-Regular.ttc \
+		|| ! test -f /usr/share/fonts/truetype/wqy/wqy-microhei.ttc \
+		|| ! test -f /usr/share/fonts/truetype/wqy/wqy-zenhei.ttc; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+				fonts-noto-cjk fonts-wqy-microhei fonts-wqy-zenhei; \
+		else echo "note: CJK fonts not found and not root with apt-get: the label-mapping chars task needs" \
+			"fonts-noto-cjk fonts-wqy-microhei fonts-wqy-zenhei"; fi; \
+	fi
 	@touch $(STAMP)
 
 demo: setup

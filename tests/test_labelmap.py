@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,7 +28,14 @@ from aloe.labelmap.maps import (
     pairwise_coprime,
 )
 from aloe.labelmap.model import IndependentHeadsNet, heads_loss
-from aloe.labelmap.tasks import chars_task, gb2312_characters, synthetic_task, words_task
+from aloe.labelmap.tasks import (
+    CJK_FONT_PACKAGES,
+    chars_task,
+    gb2312_characters,
+    missing_cjk_font_packages,
+    synthetic_task,
+    words_task,
+)
 
 ALOE = [sys.executable, "-m", "aloe.cli"]
 torch.set_num_threads(1)
@@ -287,6 +295,26 @@ def test_synthetic_task_is_deterministic_and_scales():
     xa, ya = next(a.test_batches(100))
     xb, yb = next(b.test_batches(100))
     assert torch.equal(xa, xb) and torch.equal(ya, yb) and int(ya.max()) < 1_000_000
+
+
+def test_missing_font_packages_are_named(tmp_path, monkeypatch):
+    from aloe.labelmap import tasks
+
+    real = dict(tasks.CJK_FONT_PACKAGE)
+    present = tmp_path / "microhei.ttc"
+    present.write_bytes(b"")
+    fonts = (("/nonexistent/sans.ttc", 2), ("/nonexistent/serif.ttc", 2), (str(present), 0),
+             ("/nonexistent/zenhei.ttc", 0), ("/nonexistent/other.ttf", 0))
+    monkeypatch.setattr(tasks, "CJK_FONT_PACKAGE", {
+        "/nonexistent/sans.ttc": "fonts-noto-cjk", "/nonexistent/serif.ttc": "fonts-noto-cjk",
+        str(present): "fonts-wqy-microhei", "/nonexistent/zenhei.ttc": "fonts-wqy-zenhei"})
+    assert missing_cjk_font_packages(fonts) == ["fonts-noto-cjk", "fonts-wqy-zenhei", "/nonexistent/other.ttf"]
+    assert missing_cjk_font_packages(fonts[2:3]) == []
+    # every default font file belongs to one of the packages the error messages and the Makefile name
+    assert set(real) == {p for p, _ in tasks.CJK_FONTS}
+    assert set(real.values()) == set(CJK_FONT_PACKAGES)
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    assert all(p in makefile for p in real) and all(k in makefile for k in CJK_FONT_PACKAGES)
 
 
 def test_chars_task_without_fonts_says_what_to_install():

@@ -243,8 +243,24 @@ def gb2312_characters(n: int) -> list[str]:
     return chars
 
 
+# the Debian package that installs each font file of CJK_FONTS
+CJK_FONT_PACKAGE = {
+    "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc": "fonts-noto-cjk",
+    "/usr/share/fonts/opentype/noto/NotoSerifCJK-Regular.ttc": "fonts-noto-cjk",
+    "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc": "fonts-wqy-microhei",
+    "/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc": "fonts-wqy-zenhei",
+}
+
+
 def available_cjk_fonts(fonts: tuple[tuple[str, int], ...] = CJK_FONTS) -> list[tuple[str, int]]:
     return [(p, i) for p, i in fonts if Path(p).is_file()]
+
+
+def missing_cjk_font_packages(fonts: tuple[tuple[str, int], ...] = CJK_FONTS) -> list[str]:
+    """The Debian packages (in :data:`CJK_FONT_PACKAGES` order) whose fonts among ``fonts`` are not installed; a
+    font file of no known package is named by its path."""
+    missing = {CJK_FONT_PACKAGE.get(p, p) for p, _ in fonts if not Path(p).is_file()}
+    return [pkg for pkg in CJK_FONT_PACKAGES if pkg in missing] + sorted(missing - set(CJK_FONT_PACKAGES))
 
 
 def render_glyphs(chars: list[str], font: tuple[str, int], size: int) -> torch.Tensor:
