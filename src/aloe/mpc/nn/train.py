@@ -271,6 +271,7 @@ def train_program(party: Party, cfg: TrainConfig, lay: D.Layout, progress) -> di
     depth0 = party.stats.depth
     checkpoint_seconds = 0.0
     online_seconds = 0.0
+    step_seconds: list[float] = []
     for epoch in range(start, cfg.epochs):
         order = epoch_order(lay.n, cfg.seed, epoch)
         for step in range(steps):
@@ -287,7 +288,8 @@ def train_program(party: Party, cfg: TrainConfig, lay: D.Layout, progress) -> di
                 grad = softmax_ce_grad(logits, y, steps=cfg.softmax_steps)
             net.backward(grad)
             opt.step()
-            online_seconds += time.perf_counter() - s0
+            step_seconds.append(time.perf_counter() - s0)
+            online_seconds += step_seconds[-1]
             if cfg.preprocess and party.is_dealer:
                 party.dealer_sync()
             if progress is not None and party.role == "L":
@@ -309,7 +311,7 @@ def train_program(party: Party, cfg: TrainConfig, lay: D.Layout, progress) -> di
         return {"weights": weights, "start_epoch": start, "train_seconds": train_seconds, "rounds": rounds,
                 "checkpoint_seconds": checkpoint_seconds,
                 "online_seconds": online_seconds if cfg.preprocess else None,
-                "steps_per_epoch": steps}
+                "steps_per_epoch": steps, "step_seconds": step_seconds}
     return {"start_epoch": start} if party.role == "R" else None
 
 
@@ -450,6 +452,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, out: Path | None = None, p
         "train_seconds": res_l["train_seconds"],
         "checkpoint_seconds": res_l["checkpoint_seconds"],
         "online_seconds": res_l["online_seconds"],
+        "step_seconds": res_l["step_seconds"],
         "online_bytes": online,
         "offline_bytes": offline,
         "rounds": res_l["rounds"],
