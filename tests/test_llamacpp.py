@@ -41,6 +41,22 @@ def test_llama_server_on_obfuscated_gguf_gives_the_plain_greedy_tokens(llama_ser
             res = client.complete(q, max_tokens=16, temperature=0.0)
             assert res.token_ids == want, (q, res.text, tok.decode(want))
             assert res.server_output_ids != res.token_ids
+        # the privacy proxy in front of the same llama-server: the stock openai package, streaming and not
+        import openai
+
+        from aloe.serving.local import app_thread
+        from aloe.serving.proxy import connect, create_proxy_app
+
+        with app_thread(create_proxy_app(connect(url, secret, tok, backend="llama.cpp", timeout=120.0)),
+                        health="/v1/models") as purl:
+            api = openai.OpenAI(base_url=purl + "/v1", api_key="unused", max_retries=0, timeout=120.0)
+            msg = [{"role": "user", "content": QUESTIONS[0]}]
+            whole = api.chat.completions.create(model="m", messages=msg, max_tokens=16, temperature=0)
+            chunks = api.chat.completions.create(model="m", messages=msg, max_tokens=16, temperature=0, stream=True)
+            streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert "Paris" in whole.choices[0].message.content and streamed == whole.choices[0].message.content
+    # the untrusted server's log: it never printed the plain question
+    assert "capital of France" not in (tmp_path / "llama-server.log").read_text()
 
 
 def test_export_refuses_bad_input(tmp_path):

@@ -37,14 +37,14 @@ def wait_healthy(url: str, timeout: float, proc: subprocess.Popen | None = None,
 
 
 @contextlib.contextmanager
-def server_process(cmd: list[str], port: int, *, timeout: float = 300.0, log: Path | None = None
-                   ) -> Iterator[tuple[str, subprocess.Popen]]:
+def server_process(cmd: list[str], port: int, *, timeout: float = 300.0, log: Path | None = None,
+                   path: str = "/health") -> Iterator[tuple[str, subprocess.Popen]]:
     """Start ``cmd`` (a server listening on 127.0.0.1:port), yield its URL once healthy, then stop it cleanly."""
     out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, timeout, proc)
+        wait_healthy(url, timeout, proc, path)
         yield url, proc
     finally:
         proc.terminate()
