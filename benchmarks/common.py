@@ -47,6 +47,13 @@ def write_results(name: str, payload: dict, markdown: str) -> tuple[Path, Path]:
     return jpath, mpath
 
 
+def publish(name: str, payload: dict, markdown: str, as_json: bool) -> int:
+    """Write the results and print them (JSON with ``--json``, else the markdown); the exit code."""
+    write_results(name, payload, markdown)
+    print(json.dumps(payload, indent=2) if as_json else markdown)
+    return 0
+
+
 def load_json(path: Path) -> dict:
     try:
         return json.loads(Path(path).read_text())

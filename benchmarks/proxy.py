@@ -32,7 +32,7 @@ from aloe.obfuscation.client_vocab import split_vocabulary
 from aloe.obfuscation.model import obfuscate_checkpoint
 from aloe.obfuscation.profiles import get_profile
 from aloe.serving.local import aloe_serve_command, free_port, server_process
-from common import markdown_table, write_results
+from common import markdown_table, publish
 from serving import rss_kb
 
 PROMPT = "Tell me a long story about a lighthouse."
@@ -167,14 +167,7 @@ def main() -> int:
                   f"end): proxy {lt['proxy_rss_mb']['start']:.0f} / {lt['proxy_rss_mb']['max']:.0f} / "
                   f"{lt['proxy_rss_mb']['end']:.0f}; server {lt['server_rss_mb']['start']:.0f} / "
                   f"{lt['server_rss_mb']['max']:.0f} / {lt['server_rss_mb']['end']:.0f}.\n")
-    write_results("proxy", payload, "\n".join(md))
-    if args.json:
-        import json
-
-        print(json.dumps(payload, indent=2))
-    else:
-        print("\n".join(md))
-    return 0
+    return publish("proxy", payload, "\n".join(md), args.json)
 
 
 if __name__ == "__main__":
