@@ -2,8 +2,13 @@
 
 - :func:`exact_topk` scores every item (one matmul) and sorts; ties go to the lower item id.
 - :class:`MipsIndex` is a faiss index over the item features (phi(e) for the matrix model, e for the vector model):
-  ``flat`` is faiss's exact inner-product search, ``hnsw`` its graph index (approximate; measure its recall with
-  :func:`recall_vs_exact`).
+  ``flat`` is faiss's exact inner-product search, ``ivf`` an inverted file (k-means cells, ``nprobe`` of them
+  searched) and ``hnsw`` its graph index (both approximate; measure their recall with :func:`recall_vs_exact`).
+- :func:`exact_topk_chunked` is the same exact search for catalogues too large for one score matrix (torch, in
+  chunks of queries; float32).
+- :func:`eigen_candidates_topk` is the approximate, batched form of the eigenvector route: the top positive
+  eigenvectors of each session matrix query any index over the item vectors for a fixed number of items per sign,
+  and the union is re-ranked exactly (no bound, so its recall is measured).
 - :func:`eigen_topk` answers one matrix query from an exact MIPS index over the item *vectors* e (dimension n, not
   n(n+1)/2). With A = sum_k lam_k u_k u_k^T, each positive eigenvector queries the index with +u_k and -u_k for its
   m best items; candidates are re-ranked exactly. An item outside every list has |u_k^T e| <= t_k (the m-th value of
@@ -43,28 +48,59 @@ def exact_topk(queries, features, k: int) -> tuple[np.ndarray, np.ndarray]:
     return _sort_rows(np.take_along_axis(scores, part, 1), part)
 
 
+def exact_topk_chunked(queries, features, k: int, chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`exact_topk` for large catalogues: scores ``chunk`` queries at a time (a ``chunk x items`` float32 matrix)
+    with torch's matmul and top-k; within the k results ties go to the lower item id."""
+    import torch
+
+    q, f = torch.from_numpy(_f32(queries)), torch.from_numpy(_f32(features))
+    k = min(k, len(f))
+    out_s, out_i = np.empty((len(q), k), np.float32), np.empty((len(q), k), np.int64)
+    for s in range(0, len(q), chunk):
+        vals, ids = torch.topk(q[s:s + chunk] @ f.T, k, dim=1)
+        out_s[s:s + chunk], out_i[s:s + chunk] = _sort_rows(vals.numpy(), ids.numpy())
+    return out_s, out_i
+
+
 class MipsIndex:
     """A faiss maximum-inner-product index over item features."""
 
     def __init__(self, features, kind: str = "flat", hnsw_m: int = 32, ef_construction: int = 200,
-                 ef_search: int = 128):
+                 ef_search: int = 128, nlist: int = 1024, nprobe: int = 16, train_size: int = 65_536,
+                 seed: int = 0):
         f = _f32(features)
         if f.ndim != 2 or not len(f):
             raise AloeError("the index needs a non-empty (items, dim) feature matrix")
         self.kind, self.n, self.dim = kind, len(f), f.shape[1]
         if kind == "flat":
             self.index = faiss.IndexFlatIP(self.dim)
+        elif kind == "ivf":
+            if not 1 <= nlist <= len(f):
+                raise AloeError(f"an IVF index needs 1 <= nlist <= items ({len(f)}), got {nlist}")
+            self.quantizer = faiss.IndexFlatIP(self.dim)  # kept alive: the IVF index refers to it
+            self.index = faiss.IndexIVFFlat(self.quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            rng = np.random.default_rng(seed)
+            sample = f if len(f) <= train_size else f[np.sort(rng.choice(len(f), train_size, replace=False))]
+            self.index.train(sample)
+            self.index.nprobe = nprobe
         elif kind == "hnsw":
             self.index = faiss.IndexHNSWFlat(self.dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
             self.index.hnsw.efConstruction = ef_construction
             self.index.hnsw.efSearch = ef_search
         else:
-            raise AloeError(f"unknown index kind {kind!r}; choose flat or hnsw")
+            raise AloeError(f"unknown index kind {kind!r}; choose flat, ivf or hnsw")
         self.index.add(f)
 
     def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
         scores, ids = self.index.search(_f32(queries), min(k, self.n))
         return scores, ids.astype(np.int64)
+
+    def set_search_effort(self, effort: int) -> None:
+        """``nprobe`` of an IVF index, ``efSearch`` of an HNSW index (a flat index has no knob)."""
+        if self.kind == "ivf":
+            self.index.nprobe = int(effort)
+        elif self.kind == "hnsw":
+            self.index.hnsw.efSearch = int(effort)
 
 
 def recall_vs_exact(ids: np.ndarray, exact_ids: np.ndarray) -> float:
@@ -142,3 +178,36 @@ def eigen_topk(a: np.ndarray, vectors: np.ndarray, k: int, index: MipsIndex | No
         if exhaustive or (len(top) == k and sc[top[-1]] >= bound):
             return EigenResult(cand[top], sc[top], int(len(cand)), rounds, int(m), bound)
         m *= 2
+
+
+def eigen_candidates_topk(mats: np.ndarray, vectors: np.ndarray, k: int, index: MipsIndex, per_list: int,
+                          eigenvectors: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Approximate top-k of ``x^T A x`` for a batch of session matrices ``mats`` (Q, n, n) over the rows x of
+    ``vectors``: the ``eigenvectors`` largest positive eigenvalues of each A send +u and -u to ``index`` (any index
+    over ``vectors``, exact or not) for ``per_list`` items each; the union (at most 2 x eigenvectors x per_list
+    items) is scored exactly and its top-k returned, best first. Returns scores, ids (-1 where fewer than k
+    candidates) and the number of distinct candidates per query."""
+    a = np.asarray(mats, dtype=np.float64)
+    a = (a + np.swapaxes(a, 1, 2)) / 2
+    x = _f32(vectors)
+    q_n, n = a.shape[0], a.shape[1]
+    h = min(eigenvectors, n)
+    lam, u = np.linalg.eigh(a)  # ascending
+    lam, u = lam[:, -h:], u[:, :, -h:]  # the h largest
+    dirs = np.swapaxes(u, 1, 2)  # (Q, h, n)
+    queries = np.concatenate([dirs, -dirs], 1).reshape(-1, n)
+    _, ids = index.search(queries, min(per_list, len(x)))
+    positive = np.concatenate([lam > 0, lam > 0], 1)  # (Q, 2h): a non-positive eigenvalue brings no candidates
+    ids = np.where(positive[:, :, None], ids.reshape(q_n, 2 * h, -1), -1).reshape(q_n, -1)
+    ids = np.sort(ids, axis=1)
+    dup = np.zeros_like(ids, dtype=bool)
+    dup[:, 1:] = ids[:, 1:] == ids[:, :-1]
+    valid = (ids >= 0) & ~dup
+    xc = x[np.maximum(ids, 0)].astype(np.float64)  # (Q, C, n)
+    sc = (np.matmul(xc, a) * xc).sum(-1)
+    sc = np.where(valid, sc, -np.inf)
+    kk = min(k, ids.shape[1])
+    order = np.lexsort((ids, -sc), axis=1)[:, :kk]
+    top_s, top_i = np.take_along_axis(sc, order, 1), np.take_along_axis(ids, order, 1)
+    top_i = np.where(np.isfinite(top_s), top_i, -1)
+    return top_s.astype(np.float32), top_i, valid.sum(1)
