@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ from aloe.labelmap.tasks import (
     chars_task,
     gb2312_characters,
     missing_cjk_font_packages,
+    pairs_task,
     synthetic_task,
     words_task,
 )
@@ -287,6 +289,36 @@ def test_words_task_errors(tmp_path, monkeypatch):
     (tmp_path / "text" / "kjv_verses.tsv").write_text("book\tchapter\tverse\ttext\nGen\t1\t1\tin the beginning\n")
     with pytest.raises(AloeError, match="only 2 distinct"):
         words_task(100, corpora=("kjv",))
+
+
+def test_pairs_task_classes_are_the_most_frequent_next_pairs(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    toks = [str(w) for w in rng.choice(["a", "b", "c", "d", "e"], size=400, p=[0.4, 0.3, 0.15, 0.1, 0.05])]
+    monkeypatch.setenv("ALOE_DATA", str(tmp_path))
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "kjv_verses.tsv").write_text("book\tchapter\tverse\ttext\nGen\t1\t1\t" + " ".join(toks)
+                                                      + "\n")
+    task = pairs_task(6, corpora=("kjv",), input_vocab=3)
+    train_toks = toks[:360]
+    pairs = Counter(zip(train_toks, train_toks[1:]))
+    top = sorted(pairs, key=lambda pq: (-pairs[pq], pq))[:6]  # ties in alphabetical order
+    x, y = next(task.train_batches(10_000, 0))
+    # every training position whose next pair is a class is one example, labelled by frequency rank
+    assert task.n_train == sum(pairs[pq] for pq in top)
+    counts = np.bincount(y.numpy(), minlength=6)
+    assert counts.tolist() == sorted((pairs[pq] for pq in top), reverse=True)
+    # the pair starting each training position, in order: the labels follow the text
+    expected = [top.index(pq) for pq in zip(train_toks, train_toks[1:]) if pq in top]
+    assert sorted(y.tolist()) == sorted(expected)
+    # inputs: the 3 most frequent words (0..2), unk (3) and the start token (4); the first context is all start
+    assert set(np.unique(x.numpy())) <= {0, 1, 2, 3, 4}
+    xo, yo = next(task.test_batches(10_000))
+    if (toks[360], toks[361]) in top:
+        assert xo[0].tolist() == [4, 4, 4] and int(yo[0]) == top.index((toks[360], toks[361]))
+    assert [int(v) for v in yo] == [top.index(pq) for pq in zip(toks[360:], toks[361:]) if pq in top]
+    assert task.info["distinct_train_pairs"] == len(pairs) and task.info["input_vocabulary"] == 3
+    with pytest.raises(AloeError, match="distinct training word pairs"):
+        pairs_task(10_000, corpora=("kjv",))
 
 
 def test_synthetic_task_is_deterministic_and_scales():

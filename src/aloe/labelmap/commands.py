@@ -20,7 +20,7 @@ def _int(text: str, what: str, minimum: int = 1) -> int:
 
 def _task_kwargs(args: argparse.Namespace) -> dict:
     kw: dict = {"seed": args.seed}
-    if args.task == "words":
+    if args.task in ("words", "pairs"):
         kw["max_train"] = args.train_examples
         kw["max_test"] = args.test_examples
     elif args.task == "synthetic":
@@ -117,17 +117,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.required = True
 
     t = g.add_parser("train", help="train one method on one task and report top-1/top-5 and output parameters")
-    t.add_argument("--task", required=True, help="words | synthetic | chars")
+    t.add_argument("--task", required=True, help="words | pairs | synthetic | chars")
     t.add_argument("--method", required=True, help="lm-nt | lm-it | onehot | ecoc | mach")
     t.add_argument("--budget", help="output-layer parameters (weights + biases); default: one-hot's / 50 for the "
                                     "head and code methods (N/50 units), a full softmax for onehot")
     t.add_argument("--classes", help="number of classes N (words: vocabulary size, default 10000; synthetic: "
-                                     "default 10000; chars: default 3755)")
+                                     "default 10000; pairs: default 100000; chars: default 3755)")
     t.add_argument("--epochs", type=int, default=1)
     t.add_argument("--batch-size", type=int, default=256)
     t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--train-examples", help="words: subsample the training set; synthetic: examples generated")
-    t.add_argument("--test-examples", help="words: subsample the test set; synthetic: test examples")
+    t.add_argument("--train-examples", help="words, pairs: subsample the training set; synthetic: examples generated")
+    t.add_argument("--test-examples", help="words, pairs: subsample the test set; synthetic: test examples")
     t.add_argument("--renders-per-font", type=int, default=8, help="chars: augmented training renders per font")
     t.add_argument("--order", type=int, help="lm-nt/lm-it: the order r of the moduli (default: best separation)")
     t.add_argument("--code", default="random", help="ecoc: random | hadamard")

@@ -201,8 +201,9 @@ def evaluate(model: torch.nn.Module, method: Method, task: Task, *, batch_size: 
 def train(task: Task, method_name: str, budget: int | None = None, *, epochs: int = 1, batch_size: int = 256,
           lr: float = 2e-3, seed: int = 0, order: int | None = None, code: str = "random",
           independent: bool = False, progress: bool = False, report_map: bool = True,
-          max_steps: int | None = None, step_callback=None) -> dict:
-    """Train ``method_name`` on ``task`` within ``budget`` output parameters; return the measured result."""
+          max_steps: int | None = None, step_callback=None, max_seconds: float | None = None) -> dict:
+    """Train ``method_name`` on ``task`` within ``budget`` output parameters; return the measured result.
+    ``max_seconds`` stops training once the training steps have taken that long (equal-time comparisons)."""
     torch.manual_seed(seed)
     method = Method(method_name, task.n_classes, task.width, budget, order=order, code=code, seed=seed,
                     label_weights=task.label_weights)
@@ -223,7 +224,7 @@ def train(task: Task, method_name: str, budget: int | None = None, *, epochs: in
     try:
         for epoch in range(epochs):
             for x, y in task.train_batches(batch_size, epoch):
-                if step >= total_steps:
+                if step >= total_steps or (max_seconds is not None and compute_s >= max_seconds):
                     break
                 t0 = time.perf_counter()
                 loss = method.loss(model(x), y)
@@ -265,6 +266,8 @@ def train(task: Task, method_name: str, budget: int | None = None, *, epochs: in
         "train_examples": seen,
         "train_steps": step,
         "epochs": epochs,
+        "max_seconds": max_seconds,
+        "train_compute_seconds": compute_s,
         "final_loss": float(np.mean(losses[-50:])) if losses else None,
         "train_seconds": train_s,
         "train_examples_per_second": seen / compute_s if compute_s > 0 else None,

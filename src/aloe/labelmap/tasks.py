@@ -3,6 +3,10 @@
 - ``words``: next-word prediction on the public-domain KJV + Shakespeare texts: the previous ``context`` words
   predict the next one among the N most frequent words (Zipfian labels; targets outside the vocabulary are
   dropped). Each document is split in order: the first 90% of its tokens train, the last 10% test.
+- ``pairs``: an extreme-classification task from the same texts: the previous ``context`` words predict the next
+  *two* words jointly, the classes being the N most frequent word pairs of the training split (the texts have only
+  about 32k distinct words, too few for next-word classes at N >= 10^5; they have hundreds of thousands of distinct
+  pairs). Positions whose next pair is not a class are dropped. Same 90/10 split as ``words``.
 - ``synthetic``: a teacher with any N up to 10^6 and beyond. Class y owns ``q`` feature tokens (a hash of y) out
   of a vocabulary of V; an example of class y keeps each of them with probability ``keep`` (at least one) and adds
   ``noise`` uniformly random tokens (a sparse bag-of-features problem like text classification). Examples are
@@ -28,8 +32,8 @@ from torch.nn import functional as F
 
 from aloe import AloeError
 
-TASKS = ("words", "synthetic", "chars")
-DEFAULT_CLASSES = {"words": 10_000, "synthetic": 10_000, "chars": 3755}
+TASKS = ("words", "pairs", "synthetic", "chars")
+DEFAULT_CLASSES = {"words": 10_000, "pairs": 100_000, "synthetic": 10_000, "chars": 3755}
 TASK_WIDTH = 128  # trunk output width d of every task
 TOKEN_RE = re.compile(r"[a-z]+(?:'[a-z]+)?")
 
@@ -142,6 +146,78 @@ def words_task(n_classes: int = 10_000, *, context: int = 3, corpora: tuple[str,
         info={"corpora": list(corpora), "context": context, "vocabulary": n_classes,
               "train_label_entropy_nats": _entropy(label_counts),
               "test_majority_top1": float((y_te == 0).float().mean())},
+        label_weights=label_counts.astype(np.float64) + 0.5,
+    )
+
+
+def pairs_task(n_classes: int = 100_000, *, context: int = 3, corpora: tuple[str, ...] = ("kjv", "shakespeare"),
+               input_vocab: int = 20_000, max_train: int | None = None, max_test: int | None = None,
+               width: int = TASK_WIDTH, embed: int = 64, seed: int = 0) -> Task:
+    from aloe.assets import load_corpus
+
+    docs: list[list[str]] = []
+    for name in corpora:
+        loaded = load_corpus(name)
+        if not loaded:
+            raise AloeError(f"corpus {name!r} has no documents")
+        docs.extend(_tokens(loaded))
+    splits = [(d[: int(len(d) * 0.9)], d[int(len(d) * 0.9):]) for d in docs]
+    words = sorted({w for d in docs for w in d})
+    wid = {w: i for i, w in enumerate(words)}
+    n_words = len(words)
+    train_ids = [np.array([wid[w] for w in tr], dtype=np.int64) for tr, _ in splits]
+    test_ids = [np.array([wid[w] for w in te], dtype=np.int64) for _, te in splits]
+    counts = np.bincount(np.concatenate(train_ids), minlength=n_words)
+    keys = np.concatenate([a[:-1] * n_words + a[1:] for a in train_ids if len(a) > 1])
+    uniq, pair_counts = np.unique(keys, return_counts=True)
+    if len(uniq) < n_classes:
+        raise AloeError(f"the corpora {', '.join(corpora)} have only {len(uniq)} distinct training word pairs, "
+                        f"fewer than the {n_classes} classes asked for")
+    top = np.lexsort((uniq, -pair_counts))[:n_classes]  # most frequent first, ties by key
+    class_keys = uniq[top]
+    by_key = np.argsort(class_keys)
+    sorted_keys = class_keys[by_key]
+    vocab = np.lexsort((np.arange(n_words), -counts))[: min(input_vocab, n_words)]
+    inp = np.full(n_words, len(vocab), dtype=np.int64)  # words outside the input vocabulary: unk = len(vocab)
+    inp[vocab] = np.arange(len(vocab))
+    bos = len(vocab) + 1
+
+    def examples(parts: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        for ids in parts:
+            if len(ids) < 2:
+                continue
+            k = ids[:-1] * n_words + ids[1:]  # the pair starting at each position
+            pos = np.minimum(np.searchsorted(sorted_keys, k), len(sorted_keys) - 1)
+            hit = sorted_keys[pos] == k
+            padded = np.concatenate([np.full(context, bos, dtype=np.int64), inp[ids]])
+            ctx = np.lib.stride_tricks.sliding_window_view(padded, context)[: len(k)]
+            xs.append(ctx[hit])
+            ys.append(by_key[pos[hit]])
+        return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys).astype(np.int64))
+
+    x_tr, y_tr = examples(train_ids)
+    x_te, y_te = examples(test_ids)
+    rng = np.random.default_rng(seed)
+    if max_train is not None and max_train < len(y_tr):
+        idx = torch.from_numpy(np.sort(rng.choice(len(y_tr), max_train, replace=False)))
+        x_tr, y_tr = x_tr[idx], y_tr[idx]
+    if max_test is not None and max_test < len(y_te):
+        idx = torch.from_numpy(np.sort(rng.choice(len(y_te), max_test, replace=False)))
+        x_te, y_te = x_te[idx], y_te[idx]
+    label_counts = np.bincount(y_tr.numpy(), minlength=n_classes)
+    return Task(
+        name="pairs", n_classes=n_classes, width=width,
+        make_trunk=lambda: MLPTrunk(len(vocab) + 2, embed, context, width),
+        train_batches=_array_batches(x_tr, y_tr, seed), test_batches=_ordered_batches(x_te, y_te),
+        n_train=len(y_tr), n_test=len(y_te),
+        info={"corpora": list(corpora), "context": context, "input_vocabulary": len(vocab),
+              "distinct_words": n_words, "distinct_train_pairs": int(len(uniq)),
+              "train_pair_coverage": float(pair_counts[top].sum() / pair_counts.sum()),
+              "train_label_entropy_nats": _entropy(label_counts),
+              "test_majority_top1": float((y_te == 0).float().mean()),
+              "most_frequent_pairs": [f"{words[int(c) // n_words]} {words[int(c) % n_words]}"
+                                      for c in class_keys[:5]]},
         label_weights=label_counts.astype(np.float64) + 0.5,
     )
 
@@ -336,6 +412,8 @@ def chars_task(n_classes: int = 3755, *, size: int = 24, train_per_font: int = 8
 def make_task(name: str, n_classes: int | None = None, **kwargs) -> Task:
     if name == "words":
         return words_task(n_classes or DEFAULT_CLASSES[name], **kwargs)
+    if name == "pairs":
+        return pairs_task(n_classes or DEFAULT_CLASSES[name], **kwargs)
     if name == "synthetic":
         return synthetic_task(n_classes or DEFAULT_CLASSES[name], **kwargs)
     if name == "chars":
