@@ -95,9 +95,7 @@ def _tokens(docs: list[str]) -> list[list[str]]:
     return [TOKEN_RE.findall(d.lower()) for d in docs]
 
 
-def words_task(n_classes: int = 10_000, *, context: int = 3, corpora: tuple[str, ...] = ("kjv", "shakespeare"),
-               max_train: int | None = None, max_test: int | None = None, width: int = TASK_WIDTH, embed: int = 64,
-               seed: int = 0) -> Task:
+def _corpus_tokens(corpora: tuple[str, ...]) -> list[list[str]]:
     from aloe.assets import load_corpus
 
     docs: list[list[str]] = []
@@ -106,6 +104,28 @@ def words_task(n_classes: int = 10_000, *, context: int = 3, corpora: tuple[str,
         if not loaded:
             raise AloeError(f"corpus {name!r} has no documents")
         docs.extend(_tokens(loaded))
+    return docs
+
+
+def _split_examples(examples: Callable, train_parts: list, test_parts: list, max_train: int | None,
+                    max_test: int | None, seed: int) -> tuple[torch.Tensor, ...]:
+    """``examples`` of the train and test parts, each cut to at most ``max_*`` examples drawn without replacement
+    (kept in order)."""
+    rng = np.random.default_rng(seed)
+    out: list[torch.Tensor] = []
+    for parts, limit in ((train_parts, max_train), (test_parts, max_test)):
+        x, y = examples(parts)
+        if limit is not None and limit < len(y):
+            idx = torch.from_numpy(np.sort(rng.choice(len(y), limit, replace=False)))
+            x, y = x[idx], y[idx]
+        out += [x, y]
+    return tuple(out)
+
+
+def words_task(n_classes: int = 10_000, *, context: int = 3, corpora: tuple[str, ...] = ("kjv", "shakespeare"),
+               max_train: int | None = None, max_test: int | None = None, width: int = TASK_WIDTH, embed: int = 64,
+               seed: int = 0) -> Task:
+    docs = _corpus_tokens(corpora)
     splits = [(d[: int(len(d) * 0.9)], d[int(len(d) * 0.9):]) for d in docs]
     counts = Counter(w for tr, _ in splits for w in tr)
     if len(counts) < n_classes:
@@ -128,15 +148,8 @@ def words_task(n_classes: int = 10_000, *, context: int = 3, corpora: tuple[str,
             ys.append(windows[keep, -1])
         return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
-    x_tr, y_tr = examples([tr for tr, _ in splits])
-    x_te, y_te = examples([te for _, te in splits])
-    rng = np.random.default_rng(seed)
-    if max_train is not None and max_train < len(y_tr):
-        idx = torch.from_numpy(np.sort(rng.choice(len(y_tr), max_train, replace=False)))
-        x_tr, y_tr = x_tr[idx], y_tr[idx]
-    if max_test is not None and max_test < len(y_te):
-        idx = torch.from_numpy(np.sort(rng.choice(len(y_te), max_test, replace=False)))
-        x_te, y_te = x_te[idx], y_te[idx]
+    x_tr, y_tr, x_te, y_te = _split_examples(examples, [tr for tr, _ in splits], [te for _, te in splits],
+                                             max_train, max_test, seed)
     label_counts = np.bincount(y_tr.numpy(), minlength=n_classes)
     return Task(
         name="words", n_classes=n_classes, width=width,
@@ -153,14 +166,7 @@ def words_task(n_classes: int = 10_000, *, context: int = 3, corpora: tuple[str,
 def pairs_task(n_classes: int = 100_000, *, context: int = 3, corpora: tuple[str, ...] = ("kjv", "shakespeare"),
                input_vocab: int = 20_000, max_train: int | None = None, max_test: int | None = None,
                width: int = TASK_WIDTH, embed: int = 64, seed: int = 0) -> Task:
-    from aloe.assets import load_corpus
-
-    docs: list[list[str]] = []
-    for name in corpora:
-        loaded = load_corpus(name)
-        if not loaded:
-            raise AloeError(f"corpus {name!r} has no documents")
-        docs.extend(_tokens(loaded))
+    docs = _corpus_tokens(corpora)
     splits = [(d[: int(len(d) * 0.9)], d[int(len(d) * 0.9):]) for d in docs]
     words = sorted({w for d in docs for w in d})
     wid = {w: i for i, w in enumerate(words)}
@@ -196,15 +202,7 @@ def pairs_task(n_classes: int = 100_000, *, context: int = 3, corpora: tuple[str
             ys.append(by_key[pos[hit]])
         return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys).astype(np.int64))
 
-    x_tr, y_tr = examples(train_ids)
-    x_te, y_te = examples(test_ids)
-    rng = np.random.default_rng(seed)
-    if max_train is not None and max_train < len(y_tr):
-        idx = torch.from_numpy(np.sort(rng.choice(len(y_tr), max_train, replace=False)))
-        x_tr, y_tr = x_tr[idx], y_tr[idx]
-    if max_test is not None and max_test < len(y_te):
-        idx = torch.from_numpy(np.sort(rng.choice(len(y_te), max_test, replace=False)))
-        x_te, y_te = x_te[idx], y_te[idx]
+    x_tr, y_tr, x_te, y_te = _split_examples(examples, train_ids, test_ids, max_train, max_test, seed)
     label_counts = np.bincount(y_tr.numpy(), minlength=n_classes)
     return Task(
         name="pairs", n_classes=n_classes, width=width,
