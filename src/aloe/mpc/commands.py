@@ -61,48 +61,73 @@ def add_channel_options(p: argparse.ArgumentParser) -> None:
                    help="plain TCP channels (HMAC-authenticated, not encrypted); loopback addresses only")
 
 
-def _config(args: argparse.Namespace) -> int:
-    import secrets
-
-    from aloe.assets.cache import atomic_write_json
-    from aloe.cli import print_json
-
-    for name, value in (("--l", args.l), ("--r", args.r)):
-        host, _, port = value.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise AloeError(f"{name} must be HOST:PORT, got {value!r}")
-    if args.out.exists() and not args.force:
-        raise AloeError(f"{args.out} exists (use --force to replace it)")
-    config = {"L": args.l, "R": args.r, "authkey": secrets.token_hex(32)}
-    atomic_write_json(args.out, config, mode=0o600)
-    if args.json:
-        print_json({"config": str(args.out), "L": args.l, "R": args.r})
-    else:
-        print(f"wrote {args.out} (mode 0600; give the same file to the three parties)")
-    return 0
-
-
 def _party(args: argparse.Namespace) -> int:
-    import json
-
     from aloe.cli import print_json
-    from aloe.mpc.bench import bench_program, parse_shape, summarize_party
-    from aloe.mpc.party import run_configured
+    from aloe.mpc import deploy
 
-    shapes = parse_shape(args.op, args.shape)
-    try:
-        config = json.loads(args.config.read_text())
-    except (OSError, ValueError) as exc:
-        raise AloeError(f"cannot read MPC config {args.config}: {exc}") from None
-    if not isinstance(config, dict):
-        raise AloeError(f"bad MPC config {args.config}: not a JSON object")
-    result, _ = run_configured(args.role, config, bench_program, args.op, shapes, args.reps, 0, True,
-                               frac_bits=args.frac_bits, timeout=args.timeout)
-    summary = summarize_party(args.role, args.op, shapes, result)
+    role = deploy.role_of(args.role)
+    dep = deploy.load(args.config)
+    if args.op is not None:
+        from aloe.mpc.bench import bench_program, parse_shape, summarize_party
+
+        shapes = parse_shape(args.op, args.shape)
+        result, _ = deploy.run(role, dep, bench_program, (args.op, shapes, args.reps, 0, True), args.frac_bits)
+        summary = summarize_party(role, args.op, shapes, result)
+    else:
+        summary = train_party(role, dep)
     if args.json:
         print_json(summary)
     else:
         print(" ".join(f"{k}={v}" for k, v in summary.items()))
+    return 0
+
+
+def train_party(role: str, dep) -> dict:
+    """One party of a deployment's training run; a party named in ``reveal_to`` writes the model."""
+    import time
+
+    import torch
+
+    from aloe.mpc import deploy
+    from aloe.mpc.nn import data as D
+    from aloe.mpc.nn.train import train_program, write_model
+
+    cfg = deploy.train_config(dep, role)
+    spec = dep.parties[role]
+    if role in cfg.reveal_to and spec.model_out is None:
+        raise AloeError(f"{dep.path}: {role} learns the model (reveal_to) but has no model_out")
+    count = cfg.examples if cfg.examples is not None else (
+        D.MNIST_TRAIN if role == "D" and cfg.dataset == "mnist" else None)
+    lay = D.layout(cfg.model, cfg.dataset, cfg.limit, cfg.blobs, root=cfg.data_dir, count=count, owners=cfg.owners)
+    t0 = time.perf_counter()
+    result, stats = deploy.run(role, dep, train_program, (cfg, lay, None), cfg.frac_bits)
+    out = {"role": deploy.CERT_ROLE[role], "model": cfg.model, "examples": lay.n, "epochs": cfg.epochs,
+           "seconds": time.perf_counter() - t0, "online_bytes_sent": stats["online_bytes_sent"],
+           "offline_bytes": stats["offline_bytes_sent"] + stats["offline_bytes_received"]}
+    if role == "L":
+        out.update(rounds=result["rounds"], train_seconds=result["train_seconds"])
+    weights = (result or {}).get("weights")
+    if weights:
+        write_model(Path(spec.model_out), {k: torch.from_numpy(v) for k, v in weights.items()},
+                    {"model": cfg.model, "epochs": cfg.epochs, "features": lay.l_shape[0] + (lay.r_shape or (0,))[0]})
+        out["model_path"] = spec.model_out
+    return out
+
+
+def _share(args: argparse.Namespace) -> int:
+    from aloe.cli import print_json
+    from aloe.mpc import deploy
+    from aloe.mpc.owners import share_file
+
+    if args.role != "owner":
+        raise AloeError("aloe mpc share runs as --role owner")
+    dep = deploy.load(args.config)
+    summary = share_file(dep, args.name, args.data)
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"owner {summary['owner']}: shared {summary['rows']} x {summary['columns']}"
+              f"{' + labels' if summary['labels'] else ''} with L and R")
     return 0
 
 
@@ -131,24 +156,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--json", action="store_true")
     k.set_defaults(func=_certs)
 
-    c = g.add_parser("config", help="write a deployment file (addresses of L and R, a fresh shared key)")
-    c.add_argument("--out", type=Path, required=True)
-    c.add_argument("--l", required=True, metavar="HOST:PORT", help="where L listens")
-    c.add_argument("--r", required=True, metavar="HOST:PORT", help="where R listens")
-    c.add_argument("--force", action="store_true")
-    c.add_argument("--json", action="store_true")
-    c.set_defaults(func=_config)
-
-    q = g.add_parser("party", help="run one party of a deployment (one process per host) on a bench op")
-    q.add_argument("--role", required=True, choices=["L", "R", "D"])
-    q.add_argument("--config", type=Path, required=True, help="file written by `aloe mpc config`")
-    q.add_argument("--op", required=True, choices=OPS)
+    q = g.add_parser("party", help="run one party of a deployment (deploy.toml): its training job, or a bench op")
+    q.add_argument("--role", required=True, choices=["L", "R", "dealer", "D"])
+    q.add_argument("--config", type=Path, required=True, help="the deployment file (TOML; see docs/mpc-deployment.md)")
+    q.add_argument("--op", choices=OPS, help="run this bench op instead of the file's [train] job")
     q.add_argument("--shape")
     q.add_argument("--reps", type=int, default=3)
     q.add_argument("--frac-bits", type=int, default=14)
-    q.add_argument("--timeout", type=float, default=60.0)
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=_party)
+
+    s = g.add_parser("share", help="a data owner secret-shares its own file with L and R")
+    s.add_argument("--role", required=True, choices=["owner"])
+    s.add_argument("--name", help="which of the file's [owners.*] this is (needed when it names several)")
+    s.add_argument("--config", type=Path, required=True)
+    s.add_argument("--data", type=Path, required=True, help="CSV or .npy: this owner's columns (+ label column)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_share)
 
     from aloe.mpc.nn.commands import register_train
 

@@ -499,38 +499,6 @@ def bundle_security(role: str, certs: str | Path) -> Security:
     return Security(creds=Credentials.from_bundle(certs, CERT_ROLE.get(role, role)))
 
 
-def run_configured(role: str, config: dict, program: Callable, *args: Any, frac_bits: int = DEFAULT_FRAC_BITS,
-                   timeout: float = DEFAULT_TIMEOUT) -> tuple[Any, dict]:
-    """Run this process as party ``role`` of a deployment described by ``config``: ``{"L": "host:port",
-    "R": "host:port", "certs": bundle dir}`` or, for plain loopback channels, ``"insecure_loopback": true`` and
-    ``"authkey": hex``. Returns (result, traffic snapshot)."""
-    if role not in ROLES:
-        raise AloeError(f"unknown role {role!r} (L, R or D)")
-    try:
-        addr = {}
-        for who in ("L", "R"):
-            host, port = config[who].rsplit(":", 1)
-            addr[who] = (host, int(port))
-        if config.get("insecure_loopback"):
-            sec = Security(authkey=bytes.fromhex(config["authkey"]))
-            if len(sec.authkey) < 16:
-                raise ValueError("the authkey must have at least 16 bytes")
-        else:
-            sec = bundle_security(role, config["certs"])
-    except (KeyError, ValueError, AttributeError) as exc:
-        raise AloeError(f"bad MPC config: {exc}") from None
-    for who in ("L", "R"):
-        sec.check_address(addr[who][0], f"the address of {who}")
-    listen = None
-    if role in ("L", "R"):
-        try:
-            listen = socket.create_server(addr[role])
-        except OSError as exc:
-            raise AloeError(f"cannot listen on {config[role]}: {exc.strerror or exc}") from None
-    return run_party(role, sec, program, args, listen=listen, addr_l=addr["L"], addr_r=addr["R"],
-                     frac_bits=frac_bits, timeout=timeout)
-
-
 def run_processes(
     program: Callable,
     *args: Any,

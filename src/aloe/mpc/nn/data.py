@@ -27,16 +27,20 @@ FILES = {
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 HALF = 14 * 28  # LR: features per party
+MNIST_TRAIN = 60_000  # training examples of the full MNIST set
 
 
-def mnist_dir() -> Path:
-    d = data_root() / "mnist"
-    if not (d / FILES["train"][0]).exists():
+def mnist_dir(root: str | None = None) -> Path:
+    """The MNIST directory: ``root`` (a party's own data, holding only the files it owns) or the shared one."""
+    d = Path(root) if root else data_root() / "mnist"
+    if not any((d / f).exists() for f in FILES["train"]):
         raise AloeError(f"MNIST not found under {d} (expected the idx .gz files)")
     return d
 
 
 def _idx(path: Path, limit: int | None = None) -> np.ndarray:
+    if not path.exists():
+        raise AloeError(f"{path} not found (this party's data does not include it)")
     with gzip.open(path, "rb") as fh:
         head = fh.read(4)
         if head[:2] != b"\0\0" or head[2] != 8:
@@ -51,20 +55,22 @@ def _idx(path: Path, limit: int | None = None) -> np.ndarray:
     return data.reshape([n, *dims[1:]])
 
 
-def mnist_count(split: str = "train") -> int:
-    with gzip.open(mnist_dir() / FILES[split][1], "rb") as fh:
+def mnist_count(split: str = "train", root: str | None = None) -> int:
+    d = mnist_dir(root)
+    path = next(d / f for f in FILES[split][::-1] if (d / f).exists())  # labels or images: both say the count
+    with gzip.open(path, "rb") as fh:
         fh.read(4)
         return int.from_bytes(fh.read(4), "big")
 
 
-def mnist_images(split: str, limit: int | None = None) -> torch.Tensor:
+def mnist_images(split: str, limit: int | None = None, root: str | None = None) -> torch.Tensor:
     """(N, 1, 28, 28) float32 in [0, 1]."""
-    arr = _idx(mnist_dir() / FILES[split][0], limit)
+    arr = _idx(mnist_dir(root) / FILES[split][0], limit)
     return torch.from_numpy(arr.astype(np.float32) / 255.0).unsqueeze(1)
 
 
-def mnist_labels(split: str, limit: int | None = None) -> torch.Tensor:
-    return torch.from_numpy(_idx(mnist_dir() / FILES[split][1], limit).astype(np.int64))
+def mnist_labels(split: str, limit: int | None = None, root: str | None = None) -> torch.Tensor:
+    return torch.from_numpy(_idx(mnist_dir(root) / FILES[split][1], limit).astype(np.int64))
 
 
 def binary_label(digits: torch.Tensor) -> torch.Tensor:
@@ -101,7 +107,15 @@ class Layout:
     classes: int  # 1: binary labels
 
 
-def layout(model: str, dataset: str, limit: int | None, blobs: tuple[int, int] = (5000, 20)) -> Layout:
+def layout(model: str, dataset: str, limit: int | None, blobs: tuple[int, int] = (5000, 20), *,
+           root: str | None = None, count: int | None = None, owners: tuple = ()) -> Layout:
+    """``count`` gives the number of MNIST examples without reading a file (the dealer holds none); ``owners``
+    ((name, columns, labels) per data owner, dataset ``owners``) gives the columns the owners share."""
+    if dataset == "owners":
+        if model != "lr":
+            raise AloeError("data from owners (aloe mpc share) is for logistic regression only")
+        n = count if limit is None else min(count, limit)
+        return Layout(n, (sum(c for _, c, _ in owners),), (0,), 1)
     if dataset == "blobs":
         if model != "lr":
             raise AloeError("the blobs data set is for logistic regression only")
@@ -110,7 +124,7 @@ def layout(model: str, dataset: str, limit: int | None, blobs: tuple[int, int] =
         return Layout(n, (d // 2,), (d - d // 2,), 1)
     if dataset != "mnist":
         raise AloeError(f"unknown data set {dataset!r} (mnist or blobs)")
-    total = mnist_count("train")
+    total = mnist_count("train", root) if count is None else count
     n = total if limit is None else min(total, limit)
     if model == "lr":
         return Layout(n, (HALF,), (HALF,), 1)
@@ -118,21 +132,23 @@ def layout(model: str, dataset: str, limit: int | None, blobs: tuple[int, int] =
 
 
 def party_data(role: str, model: str, dataset: str, limit: int | None, seed: int,
-               blobs: tuple[int, int] = (5000, 20)) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(features, labels) of ``role``'s own part; ``None`` for what it does not own (the dealer owns nothing)."""
-    if role == "D":
+               blobs: tuple[int, int] = (5000, 20), root: str | None = None,
+               ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(features, labels) of ``role``'s own part; ``None`` for what it does not own (the dealer owns nothing, and
+    with data from owners neither do L and R)."""
+    if role == "D" or dataset == "owners":
         return None, None
-    lay = layout(model, dataset, limit, blobs)
+    lay = layout(model, dataset, limit, blobs, root=root)
     if dataset == "blobs":
         return blobs_columns(lay.n, blobs[1], seed, role)
     if model == "lr":
         if role == "L":
-            return mnist_images("train", lay.n).reshape(lay.n, -1)[:, :HALF], None
-        return (mnist_images("train", lay.n).reshape(lay.n, -1)[:, HALF:],
-                binary_label(mnist_labels("train", lay.n)))
+            return mnist_images("train", lay.n, root).reshape(lay.n, -1)[:, :HALF], None
+        return (mnist_images("train", lay.n, root).reshape(lay.n, -1)[:, HALF:],
+                binary_label(mnist_labels("train", lay.n, root)))
     if role == "L":
-        return mnist_images("train", lay.n), None
-    return None, mnist_labels("train", lay.n)
+        return mnist_images("train", lay.n, root), None
+    return None, mnist_labels("train", lay.n, root)
 
 
 def test_data(model: str, dataset: str, seed: int, limit: int | None = None,

@@ -43,6 +43,7 @@ from aloe.mpc.nn.optim import SGD, quantize_rate
 from aloe.mpc.nn.wan import profile, shape_links
 from aloe.mpc.party import Party, run_processes
 from aloe.mpc.tensor import OwnedInput, SharedTensor
+from aloe.mpc.triples import meta
 
 # the bit the ReLU and max-pool compares read the sign from (see TrainConfig.sign_bits)
 DEFAULT_SIGN_BITS = 31
@@ -82,6 +83,14 @@ class TrainConfig:
     # the channels: TLS with this bundle (None: a fresh one per run), or plain loopback TCP
     certs: str | None = None
     insecure_loopback: bool = False
+    # a party's own data directory (MNIST files it owns; deployments only, None: the shared data directory)
+    data_dir: str | None = None
+    # dataset "owners": (name, columns, labels) of each data owner that shares its columns (aloe mpc share)
+    owners: tuple = ()
+    # the public number of examples when a party cannot read it from its data (the dealer; data from owners)
+    examples: int | None = None
+    # the parties that learn the trained model
+    reveal_to: tuple[str, ...] = ("L",)
     # fault injection for tests: (role, epoch, step) at which that party exits abruptly
     fail_at: tuple[str, int, int] | None = None
 
@@ -116,6 +125,10 @@ class TrainConfig:
             raise AloeError("--softmax-steps must be a power of two")
         if self.wan is not None:
             profile(self.wan)
+        if not self.reveal_to or any(r not in ("L", "R") for r in self.reveal_to):
+            raise AloeError("the model is revealed to L and/or R")
+        if self.dataset == "owners" and (self.model != "lr" or not self.owners or not self.examples):
+            raise AloeError("data from owners needs model lr, the owners' columns and the number of examples")
         quantize_rate(self.rate / self.batch)
 
 
@@ -221,6 +234,10 @@ def _share_batch(party: Party, cfg: TrainConfig, lay: D.Layout, own_x, own_y, id
     def take(t):
         return None if t is None else t[idx]
 
+    if cfg.dataset == "owners":  # own_x, own_y: this party's shares of the owners' columns and labels
+        if party.is_dealer:
+            return SharedTensor(party, meta((b, *lay.l_shape))), SharedTensor(party, meta((b, 1)))
+        return SharedTensor.from_shares(party, own_x[idx]), SharedTensor.from_shares(party, own_y[idx])
     # the features stay with their owners: the first layer masks and opens each owner's block from its side alone
     if cfg.model == "lr":
         x = OwnedInput.from_blocks(party, [("L", take(own_x) if mine == "L" else None, (b, *lay.l_shape)),
@@ -257,7 +274,11 @@ def train_program(party: Party, cfg: TrainConfig, lay: D.Layout, progress) -> di
     _warm_up()
     if cfg.wan:
         shape_links(party, cfg.wan)
-    own_x, own_y = D.party_data(party.role, cfg.model, cfg.dataset, cfg.limit, cfg.seed, cfg.blobs)
+    own_x, own_y = D.party_data(party.role, cfg.model, cfg.dataset, cfg.limit, cfg.seed, cfg.blobs, cfg.data_dir)
+    if cfg.dataset == "owners" and not party.is_dealer:
+        from aloe.mpc.owners import receive_shares
+
+        own_x, own_y = receive_shares(party, cfg.owners, cfg.examples, lay.n)
     plain = plain_model(cfg.model, features=plain_features(cfg, lay), pool=cfg.pool, seed=cfg.seed)
     net = secure_model(party, plain, chunk=cfg.chunk, sign_bits=cfg.sign_bits, drelu=cfg.drelu)
     bsz = batch_size(cfg, lay.n)
@@ -301,18 +322,19 @@ def train_program(party: Party, cfg: TrainConfig, lay: D.Layout, progress) -> di
     train_seconds = time.perf_counter() - t0
     rounds = party.stats.depth - depth0
     weights = {}
+    both = set(cfg.reveal_to) == {"L", "R"}
     for q in net.params:
-        v = q.tensor().reveal(to="L")
-        if party.role == "L":
+        v = q.tensor().reveal(to=None if both else cfg.reveal_to[0])
+        if party.role in cfg.reveal_to:
             # numpy, not torch: torch's pickling of tensors between processes would pass shared-memory handles
             # that die with this process
             weights[q.name] = v.numpy()
     if party.role == "L":
-        return {"weights": weights, "start_epoch": start, "train_seconds": train_seconds, "rounds": rounds,
+        return {"weights": weights or None, "start_epoch": start, "train_seconds": train_seconds, "rounds": rounds,
                 "checkpoint_seconds": checkpoint_seconds,
                 "online_seconds": online_seconds if cfg.preprocess else None,
                 "steps_per_epoch": steps, "step_seconds": step_seconds}
-    return {"start_epoch": start} if party.role == "R" else None
+    return {"start_epoch": start, "weights": weights or None} if party.role == "R" else None
 
 
 # ---------------------------------------------------------------- plain baseline and evaluation
@@ -381,8 +403,8 @@ def accuracy(cfg: TrainConfig, model: nn.Sequential) -> float:
 # ---------------------------------------------------------------- launcher
 
 
-def _write_model(path: Path, weights: dict, meta: dict) -> None:
-    _atomic_save(path, {"weights": weights, "meta": meta})
+def write_model(path: Path, weights: dict, info: dict) -> None:
+    _atomic_save(path, {"weights": weights, "meta": info})
 
 
 def train(cfg: TrainConfig, *, progress: bool = True, out: Path | None = None, plain: bool = True) -> dict:
@@ -472,6 +494,6 @@ def train(cfg: TrainConfig, *, progress: bool = True, out: Path | None = None, p
                   "rerun with a larger --sign-bits", file=sys.stderr)
     if out is not None:
         weights = {k: torch.from_numpy(v) for k, v in res_l["weights"].items()}
-        _write_model(Path(out), weights, {k: report[k] for k in ("model", "epochs", "accuracy")})
+        write_model(Path(out), weights, {k: report[k] for k in ("model", "epochs", "accuracy")})
         report["model_path"] = str(out)
     return report
