@@ -124,6 +124,32 @@ def qk_norm_weight(t: GroupTransform, weight: np.ndarray, scale: np.ndarray) -> 
     return diag
 
 
+def attention_secrets(rng: SecureRandom, *, n_heads: int, n_kv: int, inv_freq: np.ndarray, beta: int,
+                      gamma_bp: float, qk_scale: tuple[float, float], vo_spread: float, permute_heads: bool = True,
+                      qk_norm: tuple[np.ndarray, np.ndarray] | None = None, qk_gain: float = 1.0):
+    """The secret maps of one attention block: the KV-head slots, per group its :class:`GroupTransform` and the
+    permutation of its q heads, and the QK-norm weights (multipliers; empty without QK-norm)."""
+    G = n_heads // n_kv
+    kv_slot = rng.child("kv-perm").permutation(n_kv) if permute_heads else np.arange(n_kv)
+    norms, shared = {}, None
+    if qk_norm is not None:
+        shared = group_transform(rng.child("qk-norm"), inv_freq, beta=beta, gamma=gamma_bp, qk_scale=qk_scale,
+                                 vo_spread=vo_spread, quarter_turns=True)
+        norms = {"q_norm": qk_norm_weight(shared, qk_norm[0], shared.H),
+                 "k_norm": qk_norm_weight(shared, qk_norm[1], 1.0 / shared.H)}
+    groups = []
+    for g in range(n_kv):
+        t = group_transform(rng.child(f"group{g}"), inv_freq, beta=beta, gamma=gamma_bp, qk_scale=qk_scale,
+                            vo_spread=vo_spread)
+        if shared is not None:
+            A = qk_gain * shared.R @ shared.Zb
+            t = GroupTransform(A_q=A, A_k=A, A_v=t.A_v, A_o=t.A_o, sigma=shared.sigma, R=shared.R, H=shared.H,
+                               Zb=shared.Zb)
+        in_group = rng.child(f"group{g}/perm").permutation(G) if permute_heads else np.arange(G)
+        groups.append((t, in_group))
+    return kv_slot, groups, norms
+
+
 def obfuscate_attention(w: dict[str, np.ndarray], gamma: np.ndarray, *, n_heads: int, n_kv: int, head_dim: int,
                         keys: KeyBases, rng: SecureRandom, inv_freq: np.ndarray, beta: int, gamma_bp: float,
                         qk_scale: tuple[float, float], vo_spread: float, writer_keys: list[np.ndarray],
@@ -142,29 +168,18 @@ def obfuscate_attention(w: dict[str, np.ndarray], gamma: np.ndarray, *, n_heads:
     G = n_heads // n_kv
     hd = head_dim
     d_out = keys.d_out
-    kv_slot = rng.child("kv-perm").permutation(n_kv) if permute_heads else np.arange(n_kv)
+    kv_slot, groups, norms = attention_secrets(
+        rng, n_heads=n_heads, n_kv=n_kv, inv_freq=inv_freq, beta=beta, gamma_bp=gamma_bp, qk_scale=qk_scale,
+        vo_spread=vo_spread, permute_heads=permute_heads, qk_norm=qk_norm, qk_gain=qk_gain)
     out = {
         "q": np.empty((n_heads * hd, d_out)), "k": np.empty((n_kv * hd, d_out)),
-        "v": np.empty((n_kv * hd, d_out)), "o": np.empty((d_out, n_heads * hd)),
+        "v": np.empty((n_kv * hd, d_out)), "o": np.empty((d_out, n_heads * hd)), **norms,
     }
     for name, n in (("q_bias", n_heads), ("k_bias", n_kv), ("v_bias", n_kv)):
         if name in w:
             out[name] = np.empty(n * hd)
     readers = rng.child("readers")
-    shared = None
-    if qk_norm is not None:
-        shared = group_transform(rng.child("qk-norm"), inv_freq, beta=beta, gamma=gamma_bp, qk_scale=qk_scale,
-                                 vo_spread=vo_spread, quarter_turns=True)
-        out["q_norm"] = qk_norm_weight(shared, qk_norm[0], shared.H)
-        out["k_norm"] = qk_norm_weight(shared, qk_norm[1], 1.0 / shared.H)
-    for g in range(n_kv):
-        t = group_transform(rng.child(f"group{g}"), inv_freq, beta=beta, gamma=gamma_bp, qk_scale=qk_scale,
-                            vo_spread=vo_spread)
-        if shared is not None:
-            A = qk_gain * shared.R @ shared.Zb
-            t = GroupTransform(A_q=A, A_k=A, A_v=t.A_v, A_o=t.A_o, sigma=shared.sigma, R=shared.R, H=shared.H,
-                               Zb=shared.Zb)
-        in_group = rng.child(f"group{g}/perm").permutation(G) if permute_heads else np.arange(G)
+    for g, (t, in_group) in enumerate(groups):
         gs = slice(g * hd, (g + 1) * hd)
         ks = slice(kv_slot[g] * hd, (kv_slot[g] + 1) * hd)
         for name, A in (("k", t.A_k), ("v", t.A_v)):
@@ -185,3 +200,59 @@ def obfuscate_attention(w: dict[str, np.ndarray], gamma: np.ndarray, *, n_heads:
     if "o_bias" in w:
         out["o_bias"] = w["o_bias"] @ writer_keys[0]
     return out
+
+
+def obfuscate_attention_f32(get, gamma: np.ndarray, *, n_heads: int, n_kv: int, head_dim: int, keys, fast,
+                            rng: SecureRandom, writer_factors: list, **secrets):
+    """:func:`obfuscate_attention` in float32 with the factored keys (``fast``: a
+    :class:`aloe.obfuscation.keys.Float32Keys`; ``writer_factors[i]``: the fresh part of P_o of q head i), drawing
+    the same secrets in the same order. ``get(key)`` returns the plain torch weight ``q``, ``k``, ``v``, ``o`` or a
+    float64 numpy ``*_bias`` (None when absent); the result is yielded one tensor at a time under the same keys
+    (biases and QK-norm weights as float64 numpy), each plain weight read only when its turn comes. All heads of one
+    projection are one batched product."""
+    import torch
+
+    G, hd = n_heads // n_kv, head_dim
+    kv_slot, groups, norms = attention_secrets(rng, n_heads=n_heads, n_kv=n_kv, **secrets)
+    readers = rng.child("readers")
+    g32 = torch.from_numpy(gamma).float()
+    # the destination slot of every plain head, its transform and the fresh part of its reader, in the draw order
+    dst = {"k": np.asarray(kv_slot[:n_kv]), "v": np.asarray(kv_slot[:n_kv]), "q": np.empty(n_heads, dtype=np.int64)}
+    A = {name: np.empty((n_heads if name in "qo" else n_kv, hd, hd)) for name in "qkvo"}
+    factors = {"k": [None] * n_kv, "v": [None] * n_kv, "q": [None] * n_heads}
+    for g, (t, in_group) in enumerate(groups):
+        for name, M in (("k", t.A_k), ("v", t.A_v)):
+            A[name][g] = M
+            factors[name][g] = keys.reader_factor(readers)
+        for r in range(G):
+            i = g * G + r
+            dst["q"][i] = kv_slot[g] * G + in_group[r]
+            A["q"][i], A["o"][i] = t.A_q, t.A_o
+            factors["q"][i] = keys.reader_factor(readers)
+    yield from norms.items()
+
+    def placed(rows, slots):
+        res = torch.empty_like(rows)
+        res[torch.from_numpy(slots)] = rows
+        return res.reshape(len(slots) * hd, -1)
+
+    for name in ("q", "k", "v"):
+        n = len(dst[name])
+        W = get(name).float().reshape(n, hd, -1) * g32                    # plain heads, gamma folded
+        At = torch.from_numpy(np.ascontiguousarray(A[name].transpose(0, 2, 1))).float()
+        yield name, placed(fast.read(torch.bmm(At, W), np.stack(factors[name])), dst[name])
+        del W
+        b = get(f"{name}_bias")
+        if b is not None:
+            b = np.einsum("nh,nhk->nk", b.reshape(n, hd), A[name])
+            out = np.empty_like(b)
+            out[dst[name]] = b
+            yield f"{name}_bias", out.reshape(-1)
+    Wo = get("o").float().T.reshape(n_heads, hd, -1)                     # head i: hd x d
+    Gw = None if writer_factors[0] is None else np.stack(writer_factors)
+    rows = fast.write(torch.bmm(torch.from_numpy(A["o"]).float(), Wo), Gw)
+    del Wo
+    yield "o", placed(rows, dst["q"]).T.contiguous()
+    b = get("o_bias")
+    if b is not None:
+        yield "o_bias", fast.write_vector(b, writer_factors[0])

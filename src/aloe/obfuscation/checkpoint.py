@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import struct
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from aloe import AloeError
 from aloe.obfuscation.architectures import SUPPORTED_ARCHITECTURES
@@ -68,8 +69,9 @@ class CheckpointReader:
     def __contains__(self, name: str) -> bool:
         return name in self.where
 
-    def get(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
-        """A tensor as float64 numpy; missing, corrupt or wrongly shaped tensors raise :class:`AloeError`."""
+    def tensor(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """A tensor in its stored dtype (read alone from its file); missing, corrupt, wrongly shaped or non-finite
+        tensors raise :class:`AloeError`."""
         path = self.where.get(name)
         if path is None:
             raise AloeError(f"tensor {name} is missing from {self.dir}")
@@ -80,10 +82,14 @@ class CheckpointReader:
             raise AloeError(f"tensor {name} in {path} is corrupt: {exc}") from None
         if shape is not None and tuple(t.shape) != tuple(shape):
             raise AloeError(f"tensor {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-        arr = t.to(torch.float64).numpy()
-        if not np.isfinite(arr).all():
+        # a float64 sum is non-finite iff some entry is (no float32/16 table can overflow it), at a pass's cost
+        if t.is_floating_point() and not bool(torch.isfinite(t.sum(dtype=torch.float64))):
             raise AloeError(f"tensor {name} holds non-finite values")
-        return arr
+        return t
+
+    def get(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """A tensor as float64 numpy (see :meth:`tensor`)."""
+        return self.tensor(name, shape).to(torch.float64).numpy()
 
     def fingerprint(self) -> str:
         """SHA-256 over the weight files (identifies the source model in the manifest)."""
@@ -98,32 +104,99 @@ class CheckpointReader:
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
+ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def safetensors_header(entries: list[tuple[str, torch.dtype, tuple[int, ...], int]],
+                       metadata: dict[str, str]) -> tuple[bytes, list[tuple[str, int]]]:
+    """The header bytes that :func:`safetensors.torch.save_file` writes for tensors ``(name, dtype, shape, nbytes)``,
+    and the order in which their data follows (by dtype, widest first, then by name), with each one's start."""
+    order = sorted(entries, key=lambda e: (-torch.empty((), dtype=e[1]).element_size(), e[1] != torch.bfloat16,
+                                           e[0]))
+    header: dict = {"__metadata__": metadata}
+    layout, offset = [], 0
+    for name, dtype, shape, nbytes in order:
+        header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        layout.append((name, offset))
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, layout
+
+
 class ShardWriter:
-    """Collects tensors and writes safetensors shards of bounded size into a folder (plus the index if > 1)."""
+    """Writes tensors into safetensors shards of bounded size in a folder (plus the index if > 1), streaming.
+
+    Each tensor goes to disk as it is added (cast to the output dtype, then freed): its bytes are appended to a
+    scratch file of the open shard, and when the shard is full the final file is assembled from the header and those
+    bytes in safetensors' order with in-kernel copies. Memory stays at one tensor (or one chunk of rows for
+    :meth:`add_rows`) whatever the shard size; the files are byte for byte what ``save_file`` writes.
+    """
 
     def __init__(self, folder: Path, dtype: str, max_shard_bytes: int) -> None:
         self.folder = Path(folder)
         self.dtype = DTYPES[dtype]
         self.max = max_shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
+        self.pending: list[tuple[str, tuple[int, ...], int, int]] = []   # name, shape, scratch offset, nbytes
         self.pending_bytes = 0
+        self.scratch = None
         self.shards: list[tuple[str, list[str]]] = []
         self.total_bytes = 0
 
-    def add(self, name: str, array: np.ndarray) -> None:
-        t = torch.from_numpy(np.ascontiguousarray(array)).to(self.dtype).contiguous()
-        nbytes = t.numel() * t.element_size()
+    def _cast(self, array) -> torch.Tensor:
+        t = array if isinstance(array, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(array))
+        return t.to(self.dtype).contiguous()
+
+    def _begin(self, name: str, shape: tuple[int, ...], nbytes: int) -> None:
         if self.pending and self.pending_bytes + nbytes > self.max:
             self._flush()
-        self.pending[name] = t
+        if self.scratch is None:
+            self.scratch = open(self.folder / f"shard-{len(self.shards):05d}.data", "wb")
+        self.pending.append((name, tuple(shape), self.pending_bytes, nbytes))
         self.pending_bytes += nbytes
         self.total_bytes += nbytes
 
+    def _write(self, t: torch.Tensor) -> None:
+        if t.numel():
+            self.scratch.write(t.reshape(-1).view(torch.uint8).numpy().data)
+
+    def add(self, name: str, array) -> None:
+        t = self._cast(array)
+        self._begin(name, tuple(t.shape), t.numel() * t.element_size())
+        self._write(t)
+
+    def add_rows(self, name: str, shape: tuple[int, ...], chunks) -> None:
+        """Add a tensor of ``shape`` given as consecutive blocks of rows (an iterable), without ever holding it."""
+        nbytes = int(np.prod(shape)) * torch.empty((), dtype=self.dtype).element_size()
+        self._begin(name, shape, nbytes)
+        written = 0
+        for chunk in chunks:
+            t = self._cast(chunk)
+            written += t.numel() * t.element_size()
+            self._write(t)
+        if written != nbytes:
+            raise ValueError(f"tensor {name}: {written} bytes given for shape {tuple(shape)}")
+
     def _flush(self) -> None:
         name = f"shard-{len(self.shards):05d}.tmp"
-        save_file(self.pending, str(self.folder / name), metadata={"format": "pt"})
-        self.shards.append((name, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
+        scratch_path = Path(self.scratch.name) if self.scratch is not None else None
+        if self.scratch is not None:
+            self.scratch.close()
+            self.scratch = None
+        where = {n: (off, nb) for n, _, off, nb in self.pending}
+        header, layout = safetensors_header([(n, self.dtype, shape, nb) for n, shape, _, nb in self.pending],
+                                            {"format": "pt"})
+        with open(self.folder / name, "wb") as out:
+            out.write(header)
+            out.flush()
+            if scratch_path is not None:
+                with open(scratch_path, "rb") as src:
+                    for n, _ in layout:
+                        _copy_range(src, out, *where[n])
+        if scratch_path is not None:
+            scratch_path.unlink()
+        self.shards.append((name, [n for n, *_ in self.pending]))
+        self.pending, self.pending_bytes = [], 0
 
     def close(self) -> list[str]:
         if self.pending or not self.shards:
@@ -141,3 +214,18 @@ class ShardWriter:
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         return names
+
+
+def _copy_range(src, dst, offset: int, nbytes: int) -> None:
+    """Append ``nbytes`` of ``src`` from ``offset`` to ``dst`` (in the kernel where it can)."""
+    done = 0
+    while done < nbytes:
+        try:
+            n = os.copy_file_range(src.fileno(), dst.fileno(), nbytes - done, offset + done)
+        except (AttributeError, OSError):
+            src.seek(offset + done)
+            n = dst.write(src.read(min(nbytes - done, 1 << 24)))
+            dst.flush()
+        if n <= 0:
+            raise OSError("short copy while assembling a shard")
+        done += n

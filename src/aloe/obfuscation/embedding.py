@@ -75,3 +75,36 @@ def obfuscate_head(weight: np.ndarray, final_norm: np.ndarray, tau: np.ndarray, 
     out = np.empty((weight.shape[0], Q.shape[0]))
     out[tau] = noised @ Q.T
     return out
+
+
+CHUNK_BYTES = 32 << 20
+
+
+def table_rows_f32(weight, tau: np.ndarray, key: np.ndarray, *, multiplier: np.ndarray | None = None,
+                   alpha: float = 0.0, rng: SecureRandom | None = None, noise_shape: str = "entry",
+                   chunk_bytes: int = CHUNK_BYTES):
+    """The obfuscated embedding (``key`` = P, d x d') or head (``key`` = Q^T, d x d', with the final norm's
+    ``multiplier`` folded in) in float32, yielded in blocks of output rows so that only the plain table (in its
+    stored dtype) and one block are ever held. Row ``tau[i]`` of the result is row i of the plain table times the
+    key, as :func:`obfuscate_embedding` / :func:`obfuscate_head` give it.
+
+    With noise (``alpha`` > 0) the table is noised in float64 first, exactly as the float64 path does (the noise
+    needs the whole table's statistics and draws), and that noised table is held instead."""
+    import torch
+
+    n = weight.shape[0]
+    if alpha:
+        plain = weight.double().numpy() if isinstance(weight, torch.Tensor) else weight
+        if multiplier is not None:
+            plain = plain * multiplier[None, :]
+        weight = torch.from_numpy(add_noise(plain, alpha, rng, noise_shape)).float()
+        multiplier = None
+    K = torch.from_numpy(np.ascontiguousarray(key)).float()
+    m32 = None if multiplier is None else torch.from_numpy(multiplier).float()
+    inv = torch.from_numpy(inverse_permutation(tau))
+    step = max(1, chunk_bytes // (4 * (K.shape[0] + K.shape[1])))
+    for a in range(0, n, step):
+        rows = weight[inv[a:a + step]].float()
+        if m32 is not None:
+            rows = rows * m32[None, :]
+        yield rows @ K

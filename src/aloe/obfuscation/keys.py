@@ -18,14 +18,18 @@ Two designs share these generators:
     (with every fresh D built in the null space of E). Then ``P P^T = c^2 I`` and a stock RMSNorm with a uniform weight
     commutes exactly; the price is a single writer key P shared by every residual writer.
 
-Everything is float64; weights are cast to the deployment dtype only at the end.
+Everything is float64; weights are cast to the deployment dtype only at the end. For float32/16/bfloat16 outputs the
+conversion uses the factored form of the same keys (:class:`Float32Keys`): every reader is ``Q = Q0 + U G`` and
+every writer ``P = P0 + G_w V`` with the fresh parts G, G_w drawn exactly as InvKeyMatGen / KeyMatGen draw them, so
+the products run as float32 GEMMs without building a d' x d' product per key.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from aloe.obfuscation.rng import SecureRandom
 
@@ -53,15 +57,21 @@ class KeyBases:
     scale: float           # c: P P^T = c^2 I in the exact-norm design (1.0 nominal for the paper design)
     C_fixed: np.ndarray | None = None  # exact-norm: the one C every writer uses
     rng: SecureRandom | None = None
+    _fixed_writer: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def d_out(self) -> int:
         return self.d + 2 * self.h
 
     def keymat_gen(self, rng: SecureRandom | None = None) -> np.ndarray:
-        """KeyMatGen: a writer key P (d x d'). Fresh C per call in the paper design; the shared P otherwise."""
+        """KeyMatGen: a writer key P (d x d'). Fresh C per call in the paper design; the shared P otherwise
+        (computed once; read-only)."""
         if self.C_fixed is not None:
-            C = self.C_fixed
+            if self._fixed_writer is None:
+                P = np.concatenate([self.B, self.C_fixed, self.E], axis=1) @ self.Z
+                P.flags.writeable = False
+                self._fixed_writer = P
+            return self._fixed_writer
         else:
             r = rng or self.rng
             C = r.normal((self.d, self.h // 2), std=self.d ** -0.5) @ self.C_rows
@@ -87,6 +97,80 @@ class KeyBases:
         r = rng or self.rng
         D = self.D_cols @ r.normal((self.h // 2, self.d), std=self.d ** -0.5)
         return self.Z.T @ np.concatenate([self.B_inv, self.F, D], axis=0)
+
+    def reader_factor(self, rng: SecureRandom | None = None) -> np.ndarray:
+        """The fresh part G (h/2 x d) of one reader, drawn as :meth:`inv_keymat_gen` draws it: Q = Q0 + U G."""
+        return (rng or self.rng).normal((self.h // 2, self.d), std=self.d ** -0.5)
+
+    def reader_base(self) -> tuple[np.ndarray, np.ndarray]:
+        """(Q0, U) with every reader ``Q = Q0 + U G``."""
+        d, h, Zt = self.d, self.h, self.Z.T
+        return Zt[:, :d] @ self.B_inv + Zt[:, d:d + h] @ self.F, Zt[:, d + h:] @ self.D_cols
+
+    def writer_factor(self, rng: SecureRandom | None = None) -> np.ndarray | None:
+        """The fresh part G_w (d x h/2) of one writer, drawn as :meth:`keymat_gen` draws it (None: the shared P)."""
+        if self.C_fixed is not None:
+            return None
+        return (rng or self.rng).normal((self.d, self.h // 2), std=self.d ** -0.5)
+
+    def writer_base(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """(P0, V) with every writer ``P = P0 + G_w V`` (V None: one shared P)."""
+        if self.C_fixed is not None:
+            return self.keymat_gen(), None
+        d, h, Z = self.d, self.h, self.Z
+        return self.B @ Z[:d] + self.E @ Z[d + h:], self.C_rows @ Z[d:d + h]
+
+
+class Float32Keys:
+    """The factored keys in float32 torch, and the products of weights with them (the float32 conversion path).
+
+    ``read(M, G)`` is ``M Q^T`` and ``write(N, Gw)`` is ``N P`` for a stack of row blocks (one fresh part per
+    block); ``write_t(X, Gw)`` is ``P^T X``. A reader is applied in factored form (``M Q0^T + (M G^T) U^T``) for thin
+    blocks and formed first (``Q0 + U G``) for tall ones, whichever costs fewer multiply-adds.
+    """
+
+    def __init__(self, keys) -> None:
+        Q0, U = keys.reader_base()
+        P0, V = keys.writer_base()
+        self.d, self.d_out = Q0.shape[1], Q0.shape[0]
+        self.Q0t = torch.from_numpy(np.ascontiguousarray(Q0.T)).float()   # d x d'
+        self.Ut = torch.from_numpy(np.ascontiguousarray(U.T)).float()     # r x d'
+        self.P0 = torch.from_numpy(np.array(P0)).float()      # d x d'
+        self.V = None if V is None else torch.from_numpy(np.ascontiguousarray(V)).float()   # h/2 x d'
+        self.P0_64, self.V_64 = P0, V      # float64, for the few small products kept in float64 (biases)
+
+    def write_vector(self, b: np.ndarray, Gw) -> np.ndarray:
+        """``b P`` in float64 for one vector (a bias)."""
+        return b @ self.P0_64 if Gw is None or self.V_64 is None else b @ self.P0_64 + (b @ Gw) @ self.V_64
+
+    @staticmethod
+    def _t(a) -> torch.Tensor:
+        return a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a)).float()
+
+    def read(self, M: torch.Tensor, G) -> torch.Tensor:
+        """``M`` (n x k x d) or (k x d), ``G`` (n x r x d) or (r x d): each block times its own ``Q^T``."""
+        G = self._t(G)
+        k, d, r = M.shape[-2], self.d, G.shape[-2]
+        if r and d * self.d_out < k * (d + self.d_out):  # tall blocks: form Q^T = Q0^T + G^T U^T, multiply once
+            return torch.matmul(M, self.Q0t + G.transpose(-1, -2) @ self.Ut)
+        out = (M.reshape(-1, d) @ self.Q0t).reshape(*M.shape[:-1], self.d_out)
+        if r == 0:
+            return out
+        return out.add_(torch.matmul(torch.matmul(M, G.transpose(-1, -2)), self.Ut))
+
+    def write(self, N: torch.Tensor, Gw) -> torch.Tensor:
+        """``N`` (n x k x d) or (k x d), ``Gw`` (n x d x h/2), (d x h/2) or None: each block times its own P."""
+        out = (N.reshape(-1, self.d) @ self.P0).reshape(*N.shape[:-1], self.d_out)
+        if self.V is None or Gw is None:
+            return out
+        return out.add_(torch.matmul(torch.matmul(N, self._t(Gw)), self.V))
+
+    def write_t(self, X: torch.Tensor, Gw) -> torch.Tensor:
+        """``P^T X`` for X (d x k)."""
+        out = self.P0.T @ X
+        if self.V is None or Gw is None:
+            return out
+        return out.add_(self.V.T @ (self._t(Gw).T @ X))
 
 
 def init_keys(rng: SecureRandom, d: int, h: int, *, design: str = "paper", lam: float = 0.3,

@@ -19,12 +19,18 @@ from aloe import AloeError, __version__
 from aloe.assets.cache import atomic_directory, atomic_write_json
 from aloe.attacks.risk import measured_risk, profile_key
 from aloe.obfuscation.architectures import ArchSpec, layer_types, rope_inv_freq, spec_for
-from aloe.obfuscation.attention import obfuscate_attention
+from aloe.obfuscation.attention import obfuscate_attention, obfuscate_attention_f32
 from aloe.obfuscation.checkpoint import DTYPES, CheckpointReader, ShardWriter, read_config
-from aloe.obfuscation.embedding import NOISE_SHAPES, obfuscate_embedding, obfuscate_head, vocab_permutation
-from aloe.obfuscation.ffn import obfuscate_ffn
-from aloe.obfuscation.keys import KeyBases, init_keys
-from aloe.obfuscation.moe import obfuscate_moe
+from aloe.obfuscation.embedding import (
+    NOISE_SHAPES,
+    obfuscate_embedding,
+    obfuscate_head,
+    table_rows_f32,
+    vocab_permutation,
+)
+from aloe.obfuscation.ffn import obfuscate_ffn, obfuscate_ffn_f32
+from aloe.obfuscation.keys import Float32Keys, KeyBases, init_keys
+from aloe.obfuscation.moe import obfuscate_moe, obfuscate_moe_f32
 from aloe.obfuscation.norm import SandwichKeys, calibrated_kappa, exact_kappa, scaled_eps
 from aloe.obfuscation.profiles import Profile
 from aloe.obfuscation.rng import SecureRandom, new_seed
@@ -119,6 +125,14 @@ class Plan:
 
     def ffn_writer(self, layer: int) -> np.ndarray:
         return self.keys.keymat_gen(self.rng.child(f"layer{layer}/ffn/writer"))
+
+    # the same writer keys in factored form (the float32 path): only their fresh parts, drawn as above
+    def attn_writer_factors(self, layer: int, n_heads: int) -> list:
+        r = self.rng.child(f"layer{layer}/attn/writers")
+        return [self.keys.writer_factor(r) for _ in range(n_heads)]
+
+    def ffn_writer_factor(self, layer: int):
+        return self.keys.writer_factor(self.rng.child(f"layer{layer}/ffn/writer"))
 
 
 def compatible_expansion(h: int, n_heads: int) -> int:
@@ -308,10 +322,10 @@ def obfuscate_checkpoint(model_dir: Path, out_dir: Path, secret_path: Path, prof
         "source": source,
     }
 
-    def convert(folder: Path, out_dtype: str) -> None:
+    def convert(folder: Path, out_dtype: str, compute64: bool = False) -> None:
         steps = tqdm(total=arch.n_layers + 2, desc="obfuscate", unit="part", disable=not progress)
         shards = _write_weights(folder, reader, arch, plan, profile, kappas, inv_freq, out_dtype, max_shard_bytes,
-                                steps)
+                                steps, compute64)
         steps.close()
         _write_side_files(folder, model_dir, config, d_out, arch.head_dim, eps_out, out_dtype)
         atomic_write_json(folder / MANIFEST, dict(summary, dtype=out_dtype, shards=shards))
@@ -332,7 +346,7 @@ def obfuscate_checkpoint(model_dir: Path, out_dir: Path, secret_path: Path, prof
             shutil.rmtree(partial)
         partial.mkdir(parents=True)
         with atomic_directory(base) as tmp:
-            convert(tmp, "float32")
+            convert(tmp, "float32", compute64=dtype == "float64")  # a float64 artifact is computed in float64
     if existing is None:  # an interrupted adaptation must find the same key when it is run again
         save_secret(secret_path, plan.secret)
     cfg = AdaptConfig(steps=profile.adapt_steps, lr=profile.adapt_lr, rank=profile.adapt_rank,
@@ -376,30 +390,44 @@ def _write_side_files(folder: Path, model_dir: Path, config: dict, d_out: int, h
 
 
 def _write_weights(folder: Path, reader: CheckpointReader, arch: Arch, plan: Plan, profile: Profile,
-                   kappas: list[float], inv_freq: dict, dtype: str, max_shard_bytes: int, steps) -> list[str]:
+                   kappas: list[float], inv_freq: dict, dtype: str, max_shard_bytes: int, steps,
+                   compute64: bool = False) -> list[str]:
+    """Stream every tensor through its transform into the shards: read, transform, write and free, one tensor at a
+    time (the vocabulary tables in blocks of rows).
+
+    A float64 output is computed in float64 numpy, as it always was (byte for byte the same artifact for a secret).
+    Any narrower output takes the float32 path: the factored keys (:class:`aloe.obfuscation.keys.Float32Keys`) and
+    float32 torch GEMMs, with the same secrets; docs/aloepri.md ("Conversion speed and memory") gives its error."""
     spec, d, d_out = arch.spec, arch.d, plan.keys.d_out
     writer = ShardWriter(folder, dtype, max_shard_bytes)
+    fast = None if dtype == "float64" or compute64 else Float32Keys(plan.keys)
     # q_norm/k_norm share the config's rms_norm_eps, which the residual norms scale by kappa^2 (median over norms)
     qk_gain = float(np.median(kappas))
-    embed = reader.get("model.embed_tokens.weight", (arch.vocab, d))
     P_embed = plan.embed_writer
     if spec.embed_scale:  # the engine scales by sqrt(hidden_size) in the deployment dtype: sqrt(d) must stay
         P_embed = P_embed * (torch.tensor(d ** 0.5, dtype=DTYPES[dtype]).item()
                              / torch.tensor(d_out ** 0.5, dtype=DTYPES[dtype]).item())
-    writer.add("model.embed_tokens.weight", obfuscate_embedding(
-        embed, plan.secret.tau, P_embed, profile.alpha_e, plan.rng.child("embed/noise"), profile.noise_shape))
+    if fast is not None:
+        writer.add_rows("model.embed_tokens.weight", (arch.vocab, d_out), table_rows_f32(
+            reader.tensor("model.embed_tokens.weight", (arch.vocab, d)), plan.secret.tau, P_embed,
+            alpha=profile.alpha_e, rng=plan.rng.child("embed/noise"), noise_shape=profile.noise_shape))
+    else:
+        embed = reader.get("model.embed_tokens.weight", (arch.vocab, d))
+        writer.add("model.embed_tokens.weight", obfuscate_embedding(
+            embed, plan.secret.tau, P_embed, profile.alpha_e, plan.rng.child("embed/noise"), profile.noise_shape))
+        del embed
     steps.update(1)
     for layer in range(arch.n_layers):
         p = f"model.layers.{layer}."
         for name, tensor in _attention(reader, arch, plan, profile, kappas[2 * layer], layer,
-                                       inv_freq[arch.layer_types[layer]], qk_gain):
+                                       inv_freq[arch.layer_types[layer]], qk_gain, fast):
             writer.add(p + name, tensor)
         gamma = spec.norm_multiplier(reader.get(p + spec.pre_ffn_norm + ".weight", (d,)))
         writer.add(p + spec.pre_ffn_norm + ".weight", spec.norm_stored(kappas[2 * layer + 1], d_out))
         if spec.moe is not None and p + spec.moe.router in reader:
-            tensors = _moe(reader, arch, plan, profile, gamma, layer)
+            tensors = (_moe_f32 if fast is not None else _moe)(reader, arch, plan, profile, gamma, layer, fast)
         else:
-            tensors = _dense_mlp(reader, arch, plan, profile, gamma, layer, "mlp", arch.ffn)
+            tensors = _dense_mlp(reader, arch, plan, profile, gamma, layer, "mlp", arch.ffn, fast)
         for name, tensor in tensors:
             writer.add(p + name, tensor)
         if spec.post_ffn_norm:
@@ -409,10 +437,16 @@ def _write_weights(folder: Path, reader: CheckpointReader, arch: Arch, plan: Pla
     head_name = "lm_head.weight" if "lm_head.weight" in reader else "model.embed_tokens.weight"
     if head_name != "lm_head.weight" and not arch.tied:
         raise AloeError("tensor lm_head.weight is missing and the config does not tie the embeddings")
-    head = reader.get(head_name, (arch.vocab, d))
     writer.add("model.norm.weight", spec.norm_stored(kappas[-1], d_out))
-    writer.add("lm_head.weight", obfuscate_head(head, final_norm, plan.secret.tau, plan.head_reader,
-                                                profile.alpha_h, plan.rng.child("head/noise"), profile.noise_shape))
+    if fast is not None:
+        writer.add_rows("lm_head.weight", (arch.vocab, d_out), table_rows_f32(
+            reader.tensor(head_name, (arch.vocab, d)), plan.secret.tau, plan.head_reader.T, multiplier=final_norm,
+            alpha=profile.alpha_h, rng=plan.rng.child("head/noise"), noise_shape=profile.noise_shape))
+    else:
+        head = reader.get(head_name, (arch.vocab, d))
+        writer.add("lm_head.weight", obfuscate_head(head, final_norm, plan.secret.tau, plan.head_reader,
+                                                    profile.alpha_h, plan.rng.child("head/noise"),
+                                                    profile.noise_shape))
     shards = writer.close()
     steps.update(1)
     return shards
@@ -434,10 +468,16 @@ def _post_norm(reader: CheckpointReader, arch: Arch, plan: Plan, name: str) -> n
 
 
 def _attention(reader: CheckpointReader, arch: Arch, plan: Plan, profile: Profile, kappa: float, layer: int,
-               inv_freq: np.ndarray, qk_gain: float) -> list[tuple[str, np.ndarray]]:
+               inv_freq: np.ndarray, qk_gain: float, fast: Float32Keys | None = None):
     spec, d, hd, d_out = arch.spec, arch.d, arch.head_dim, plan.keys.d_out
     p = f"model.layers.{layer}.self_attn."
     q_n, kv_n = arch.n_heads * hd, arch.n_kv * hd
+    qk_norm = None
+    if spec.qk_norm:
+        qk_norm = tuple(spec.norm_multiplier(reader.get(p + f"{n}_norm.weight", (hd,))) for n in ("q", "k"))
+    gamma = spec.norm_multiplier(reader.get(f"model.layers.{layer}.input_layernorm.weight", (d,)))
+    if fast is not None:
+        return _attention_f32(reader, arch, plan, profile, kappa, layer, inv_freq, qk_gain, fast, qk_norm, gamma)
     w = {
         "q": reader.get(p + "q_proj.weight", (q_n, d)),
         "k": reader.get(p + "k_proj.weight", (kv_n, d)),
@@ -445,10 +485,6 @@ def _attention(reader: CheckpointReader, arch: Arch, plan: Plan, profile: Profil
         "o": reader.get(p + "o_proj.weight", (d, q_n)),
     }
     _biases(reader, p, {"q": q_n, "k": kv_n, "v": kv_n, "o": d}, w)
-    qk_norm = None
-    if spec.qk_norm:
-        qk_norm = tuple(spec.norm_multiplier(reader.get(p + f"{n}_norm.weight", (hd,))) for n in ("q", "k"))
-    gamma = spec.norm_multiplier(reader.get(f"model.layers.{layer}.input_layernorm.weight", (d,)))
     attn = obfuscate_attention(
         w, gamma, n_heads=arch.n_heads, n_kv=arch.n_kv, head_dim=hd, keys=plan.keys,
         rng=plan.rng.child(f"layer{layer}/attn"), inv_freq=inv_freq, beta=profile.beta,
@@ -466,6 +502,37 @@ def _attention(reader: CheckpointReader, arch: Arch, plan: Plan, profile: Profil
         name = f"model.layers.{layer}.{spec.post_attn_norm}"
         out.append((spec.post_attn_norm + ".weight", _post_norm(reader, arch, plan, name)))
     return out
+
+
+def _lazy(reader: CheckpointReader, prefix: str, names: dict[str, str], shapes: dict[str, tuple]):
+    """``get(key)`` for the float32 transforms: weight ``key`` as a torch tensor, ``key_bias`` as float64 numpy or
+    None, each read from the checkpoint when asked for."""
+    def get(key: str):
+        if key.endswith("_bias"):
+            name = f"{prefix}{names[key[:-5]]}.bias"
+            return reader.get(name, (shapes[key[:-5]][0],)) if name in reader else None
+        return reader.tensor(f"{prefix}{names[key]}.weight", shapes[key])
+    return get
+
+
+def _attention_f32(reader, arch, plan, profile, kappa, layer, inv_freq, qk_gain, fast, qk_norm, gamma):
+    spec, d, hd, d_out = arch.spec, arch.d, arch.head_dim, plan.keys.d_out
+    q_n, kv_n = arch.n_heads * hd, arch.n_kv * hd
+    yield "input_layernorm.weight", spec.norm_stored(kappa, d_out)
+    get = _lazy(reader, f"model.layers.{layer}.self_attn.", {n: f"{n}_proj" for n in "qkvo"},
+                {"q": (q_n, d), "k": (kv_n, d), "v": (kv_n, d), "o": (d, q_n)})
+    for key, tensor in obfuscate_attention_f32(
+            get, gamma, n_heads=arch.n_heads, n_kv=arch.n_kv, head_dim=hd, keys=plan.keys, fast=fast,
+            rng=plan.rng.child(f"layer{layer}/attn"), writer_factors=plan.attn_writer_factors(layer, arch.n_heads),
+            inv_freq=inv_freq, beta=profile.beta, gamma_bp=profile.gamma, qk_scale=profile.qk_scale,
+            vo_spread=profile.vo_spread, qk_norm=qk_norm, qk_gain=qk_gain if qk_norm is not None else 1.0):
+        if key.endswith("_norm"):
+            yield f"self_attn.{key}.weight", spec.norm_stored(tensor, hd)
+        else:
+            yield f"self_attn.{key[0]}_proj.{'bias' if key.endswith('_bias') else 'weight'}", tensor
+    if spec.post_attn_norm:
+        name = f"model.layers.{layer}.{spec.post_attn_norm}"
+        yield spec.post_attn_norm + ".weight", _post_norm(reader, arch, plan, name)
 
 
 def _ffn_weights(reader: CheckpointReader, prefix: str, names: tuple[str, str, str], d: int, n: int) -> dict:
@@ -487,9 +554,21 @@ def _ffn_tensors(prefix: str, names: tuple[str, str, str], ffn: dict) -> list[tu
 DENSE_PROJ = ("gate_proj", "up_proj", "down_proj")
 
 
+def _ffn_f32(reader, prefix, names, d, n, gamma, plan, fast, rng, scale, writer_factor, out_prefix):
+    get = _lazy(reader, prefix, dict(zip(("gate", "up", "down"), names)), {"gate": (n, d), "up": (n, d),
+                                                                          "down": (d, n)})
+    which = dict(zip(("gate", "up", "down"), names))
+    for key, tensor in obfuscate_ffn_f32(get, gamma, n, keys=plan.keys, fast=fast, rng=rng, scale=scale,
+                                         writer_factor=writer_factor):
+        yield f"{out_prefix}{which[key.split('_')[0]]}.{'bias' if key.endswith('_bias') else 'weight'}", tensor
+
+
 def _dense_mlp(reader: CheckpointReader, arch: Arch, plan: Plan, profile: Profile, gamma: np.ndarray, layer: int,
-               module: str, n: int) -> list[tuple[str, np.ndarray]]:
+               module: str, n: int, fast: Float32Keys | None = None):
     p = f"model.layers.{layer}.{module}."
+    if fast is not None:
+        return _ffn_f32(reader, p, DENSE_PROJ, arch.d, n, gamma, plan, fast, plan.rng.child(f"layer{layer}/ffn"),
+                        profile.ffn_scale, plan.ffn_writer_factor(layer), f"{module}.")
     w = _ffn_weights(reader, p, DENSE_PROJ, arch.d, n)
     ffn = obfuscate_ffn(w, gamma, keys=plan.keys, rng=plan.rng.child(f"layer{layer}/ffn"), scale=profile.ffn_scale,
                         writer_key=plan.ffn_writer(layer))
@@ -497,7 +576,7 @@ def _dense_mlp(reader: CheckpointReader, arch: Arch, plan: Plan, profile: Profil
 
 
 def _moe(reader: CheckpointReader, arch: Arch, plan: Plan, profile: Profile, gamma: np.ndarray,
-         layer: int) -> list[tuple[str, np.ndarray]]:
+         layer: int, fast=None) -> list[tuple[str, np.ndarray]]:
     names, d, p = arch.spec.moe, arch.d, f"model.layers.{layer}."
     experts = [_ffn_weights(reader, f"{p}{names.expert.format(e=e)}.", names.proj, d, arch.moe_ffn)
                for e in range(arch.n_experts)]
@@ -515,3 +594,33 @@ def _moe(reader: CheckpointReader, arch: Arch, plan: Plan, profile: Profile, gam
         out += _ffn_tensors(f"{names.shared}.", DENSE_PROJ, moe["shared"])
         out.append((names.shared_gate, moe["shared_gate"]))
     return out
+
+
+def _moe_f32(reader: CheckpointReader, arch: Arch, plan: Plan, profile: Profile, gamma: np.ndarray, layer: int,
+             fast: Float32Keys):
+    """The float32 path of :func:`_moe`, one expert at a time."""
+    names, d, p = arch.spec.moe, arch.d, f"model.layers.{layer}."
+
+    def expert(e):
+        return _lazy(reader, f"{p}{names.expert.format(e=e)}.", dict(zip(("gate", "up", "down"), names.proj)),
+                     {"gate": (arch.moe_ffn, d), "up": (arch.moe_ffn, d), "down": (d, arch.moe_ffn)})
+    shared = shared_gate = None
+    if names.shared:
+        shared = _lazy(reader, f"{p}{names.shared}.", dict(zip(("gate", "up", "down"), DENSE_PROJ)),
+                       {"gate": (arch.shared_ffn, d), "up": (arch.shared_ffn, d), "down": (d, arch.shared_ffn)})
+        shared_gate = reader.tensor(p + names.shared_gate, (1, d))
+    for item in obfuscate_moe_f32(
+            expert, arch.n_experts, arch.moe_ffn, reader.tensor(p + names.router, (arch.n_experts, d)), gamma,
+            keys=plan.keys, fast=fast, rng=plan.rng.child(f"layer{layer}/moe"), scale=profile.ffn_scale,
+            writer_factor=plan.ffn_writer_factor(layer), shared=shared, shared_ffn=arch.shared_ffn,
+            shared_gate=shared_gate):
+        if item[0] == "router":
+            yield names.router, item[1]
+        elif item[0] == "shared_gate":
+            yield names.shared_gate, item[1]
+        else:
+            where, key, tensor = item
+            module, proj = (names.shared, DENSE_PROJ) if where == "shared" else (names.expert.format(e=where),
+                                                                                  names.proj)
+            which = dict(zip(("gate", "up", "down"), proj))
+            yield f"{module}.{which[key.split('_')[0]]}.{'bias' if key.endswith('_bias') else 'weight'}", tensor

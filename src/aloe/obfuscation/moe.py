@@ -52,3 +52,33 @@ def obfuscate_moe(experts: list[dict[str, np.ndarray]], router: np.ndarray, gamm
     if shared_gate is not None:
         out["shared_gate"] = obfuscate_router(shared_gate, gamma, keys.inv_keymat_gen(readers), None)
     return out
+
+
+def obfuscate_moe_f32(get_expert, n_experts: int, n_ffn: int, router, gamma: np.ndarray, *, keys, fast,
+                      rng: SecureRandom, scale: tuple[float, float], writer_factor, shared=None, shared_ffn: int = 0,
+                      shared_gate=None, permute_experts: bool = True):
+    """:func:`obfuscate_moe` in float32 with the factored keys, drawing the same secrets in the same order, one
+    expert at a time: yields ``("router", W)``, then ``(slot, name, W)`` per expert tensor (``get_expert(e)`` gives
+    the ``get`` of :func:`aloe.obfuscation.ffn.obfuscate_ffn_f32` for plain expert e), then ``("shared", name, W)``
+    and ``("shared_gate", W)`` when given."""
+    import torch
+
+    from aloe.obfuscation.ffn import obfuscate_ffn_f32
+
+    slot = rng.child("expert-perm").permutation(n_experts) if permute_experts else np.arange(n_experts)
+    readers = rng.child("readers")
+    g32 = torch.from_numpy(gamma).float()
+    rows = fast.read(router.float() * g32[None, :], keys.reader_factor(readers))
+    out = torch.empty_like(rows)
+    out[torch.from_numpy(slot)] = rows
+    yield "router", out
+    for e in range(n_experts):
+        for name, t in obfuscate_ffn_f32(get_expert(e), gamma, n_ffn, keys=keys, fast=fast, rng=rng.child(f"expert{e}"),
+                                         scale=scale, writer_factor=writer_factor):
+            yield int(slot[e]), name, t
+    if shared is not None:
+        for name, t in obfuscate_ffn_f32(shared, gamma, shared_ffn, keys=keys, fast=fast, rng=rng.child("shared"),
+                                         scale=scale, writer_factor=writer_factor):
+            yield "shared", name, t
+    if shared_gate is not None:
+        yield "shared_gate", fast.read(shared_gate.float() * g32[None, :], keys.reader_factor(readers))

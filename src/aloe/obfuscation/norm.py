@@ -74,6 +74,29 @@ class SandwichKeys:
         r = rng or self.rng
         return self.P.T / self.scale ** 2 + self._null @ r.normal((self.d_out, self.d), std=self.d ** -0.5)
 
+    def reader_factor(self, rng=None) -> np.ndarray:
+        """The fresh part of one reader in factored form ``Q = Q0 + U G`` (G = U^T R, R drawn as
+        :meth:`inv_keymat_gen` draws it)."""
+        r = rng or self.rng
+        return self._null_basis.T @ r.normal((self.d_out, self.d), std=self.d ** -0.5)
+
+    def reader_base(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.P.T / self.scale ** 2, self._null_basis
+
+    def writer_factor(self, rng=None) -> None:
+        return None
+
+    def writer_base(self) -> tuple[np.ndarray, None]:
+        return self.P, None
+
+    @property
+    def _null_basis(self) -> np.ndarray:
+        """Orthonormal columns (d' x 2h) spanning the null space of P (the projector ``_null`` = U U^T)."""
+        if getattr(self, "_basis", None) is None:
+            vals, vecs = np.linalg.eigh(self._null)
+            self._basis = vecs[:, vals > 0.5]
+        return self._basis
+
     def sheared_writer(self, rng, shear: float) -> np.ndarray:
         if shear:
             raise ValueError("a sheared embedding key is not available with sandwich norms")
