@@ -14,6 +14,14 @@ digit is rejected with :class:`MalformedMessage`.
 Rounds are counted as the depth of the message-dependency chain: a message leaves with depth ``d + 1`` where ``d`` is
 its sender's depth, and receiving it raises the receiver's depth to at least that. Two parties that send to each
 other at once therefore spend one round together.
+
+Faults (TCP channels of a run, :class:`Guard`): besides messages a channel carries control frames that never reach
+the protocol: a heartbeat when the channel has been idle for :func:`heartbeat_interval`, the end-of-run message, and
+an abort with the reason. A channel that closes without the end-of-run message (the other party was killed or
+crashed), an abort, a record that fails TLS authentication, or silence longer than the timeout (no message, no
+heartbeat, no bytes: a host down, a hung process or a network partition) fails the run on this party: every wait and
+send on its other channels stops at once with that error, and the party then sends its own abort on the channels
+still open, so the failure reaches every party within one step.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,6 +50,11 @@ LENGTH_PREFIX_BYTES = 4  # what multiprocessing.connection adds to every message
 # how many received bytes a connection holds before its reader stops taking more from the socket (the sender then
 # blocks): the dealer never waits for L or R and would otherwise run ahead by a whole epoch of corrections
 MAX_QUEUED_BYTES = 1 << 30
+CONTROL = b"ALCT"  # the first bytes of a control frame (a message starts with MAGIC)
+_HEARTBEAT, _BYE, _ABORT = b"H", b"B", b"A"
+_OWN, _RELAYED = b"o", b"r"  # an abort for this party's own error, or one passing on another channel's failure
+MAX_HEARTBEAT_INTERVAL = 5.0
+ABORT_SEND_SECONDS = 1.0  # how long a failing party tries to deliver its abort on each channel
 
 
 class ChannelError(AloeError):
@@ -61,6 +75,48 @@ class MalformedMessage(ChannelError):
 
 class TamperedMessage(ChannelError):
     """A TLS record on a channel failed authentication (modified, replayed, reordered or dropped in transit)."""
+
+
+class PartyAborted(ChannelError):
+    """Another party stopped the run and sent the reason."""
+
+
+def heartbeat_interval(timeout: float) -> float:
+    """How long a guarded channel may stay idle before it sends a heartbeat: a quarter of the timeout, at most
+    :data:`MAX_HEARTBEAT_INTERVAL` seconds."""
+    return min(timeout / 4.0, MAX_HEARTBEAT_INTERVAL)
+
+
+def one_line(text: str, limit: int = 800) -> str:
+    return " ".join(str(text).split())[:limit]
+
+
+class Guard:
+    """The channels one party's run needs (to the other computing party and to the dealer). The first failure on any
+    of them is kept, and every wait on the others wakes with it: the party stops at its next channel operation instead
+    of waiting out its timeout."""
+
+    def __init__(self) -> None:
+        self.error: ChannelError | None = None
+        self.links: list[ConnectionEndpoint] = []
+        self._lock = threading.Lock()
+
+    def add(self, ep: ConnectionEndpoint) -> None:
+        self.links.append(ep)
+        ep.guard = self
+        ep.start_watch()
+
+    def fail(self, exc: ChannelError) -> None:
+        with self._lock:
+            if self.error is not None:
+                return
+            self.error = exc
+        for ep in self.links:
+            ep.inbox.put(_WAKE)
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
 
 
 # ---------------------------------------------------------------- packing
@@ -253,6 +309,7 @@ class Stats:
 
 
 _CLOSED = object()
+_WAKE = object()  # wakes a wait after another channel of the same party failed
 
 
 class Endpoint:
@@ -274,6 +331,15 @@ class Endpoint:
 
     def close(self) -> None:
         raise NotImplementedError
+
+    def send_bye(self) -> None:
+        """Tell the other party this one finished its program (TCP channels of a guarded run)."""
+
+    def wait_bye(self) -> None:
+        """Wait until the other party finished too (TCP channels of a guarded run)."""
+
+    def abort(self, error: BaseException) -> None:
+        """Tell the other party, if the channel still works, that this one stops, and why."""
 
     def send(self, depth: int, items: list[tuple[torch.Tensor, int]]) -> int:
         data = encode_message(self.send_seq, depth, items)
@@ -337,11 +403,14 @@ class QueueEndpoint(Endpoint):
 
 
 class ConnectionEndpoint(Endpoint):
-    """A :class:`multiprocessing.connection.Connection` over TCP. A reader thread drains the socket into a queue
-    (so simultaneous large sends cannot deadlock) and the receive waits on that queue with the timeout; sends time out
-    through ``SO_SNDTIMEO`` when the other party stops reading. The queue holds at most ``max_queued`` bytes (plus
-    one message, however large): beyond that the reader waits until the program takes a message, the socket fills,
-    and a sender that runs ahead (the dealer) blocks until the receiver catches up."""
+    """A :class:`multiprocessing.connection.Connection` (or a :class:`~aloe.mpc.tls.TLSConnection`) over TCP. A reader
+    thread drains the socket into a queue (so simultaneous large sends cannot deadlock) and the receive waits on that
+    queue with the timeout; sends time out through ``SO_SNDTIMEO`` when the other party stops reading. The queue holds
+    at most ``max_queued`` bytes (plus one message, however large): beyond that the reader waits until the program
+    takes a message, the socket fills, and a sender that runs ahead (the dealer) blocks until the receiver catches up.
+
+    Once added to a :class:`Guard` the channel also sends heartbeats when idle, watches for silence, and reports a
+    close without the end-of-run message, an abort or a tampered record to the guard."""
 
     def __init__(self, name: str, timeout: float, conn, sock: socket.socket,
                  max_queued: int = MAX_QUEUED_BYTES) -> None:
@@ -351,58 +420,191 @@ class ConnectionEndpoint(Endpoint):
         self._room = threading.Condition()
         self.conn = conn
         self._sock = sock  # a dup of the connection's socket, kept to set options and shut it down
-        sec = int(timeout)
-        self._sock.setsockopt(
-            socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", sec, int((timeout - sec) * 1e6))
-        )
+        self._send_timeout(timeout)
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):  # large messages should not block on a busy reader
             self._sock.setsockopt(socket.SOL_SOCKET, opt, 8 << 20)
+        self.guard: Guard | None = None
+        self._send_lock = threading.Lock()  # whole frames: the program's messages and the heartbeats
+        self._last_sent = self._last_seen = time.monotonic()
+        self._paused = False  # the reader waits for room: silence is then ours, not the other party's
+        self._bye = threading.Event()
+        self._broken = False  # a send failed part-way: nothing more may go out on this channel
+        self._closing = False
+        self._stopped = False  # an abort arrived: the reader is done
         self.inbox: queue.Queue = queue.Queue()
         self._reader = threading.Thread(target=self._read_loop, name=f"recv-{name}", daemon=True)
         self._reader.start()
+
+    def _send_timeout(self, seconds: float) -> None:
+        sec = int(seconds)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", sec,
+                                                                                 int((seconds - sec) * 1e6)))
+
+    def _fail(self, exc: ChannelError) -> None:
+        self.inbox.put(exc)
+        if self.guard is not None:
+            self.guard.fail(exc)
 
     def _read_loop(self) -> None:
         try:
             while True:
                 with self._room:
                     while self._queued > self.max_queued:
+                        self._paused = True
                         self._room.wait()
+                    if self._paused:
+                        self._paused = False
+                        self._last_seen = time.monotonic()
                 data = self.conn.recv_bytes()
+                self._last_seen = time.monotonic()
+                if data[:4] == CONTROL:
+                    if self._control(data):
+                        return
+                    continue
                 with self._room:
                     self._queued += len(data)
                 self.inbox.put(data)
         except ssl.SSLError as exc:
             reason = getattr(exc, "reason", None) or str(exc)
-            self.inbox.put((_CLOSED, f"a record failed TLS authentication, modified or replayed in transit: {reason}",
-                            TamperedMessage))
+            self._fail(TamperedMessage(f"channel from party {self.name}: a record failed TLS authentication, "
+                                       f"modified or replayed in transit: {reason}"))
         except (EOFError, OSError) as exc:
-            self.inbox.put((_CLOSED, str(exc) or type(exc).__name__, PartyDisconnected))
+            if self._bye.is_set() or self._closing or self.guard is None:
+                how = "finished and closed" if self._bye.is_set() else "closed"
+                self.inbox.put(PartyDisconnected(f"party {self.name} {how} the connection "
+                                                 f"({one_line(str(exc) or type(exc).__name__)})"))
+            else:
+                self._fail(PartyDisconnected(
+                    f"party {self.name} closed the connection mid-run without the end-of-run message (the process "
+                    "was killed, crashed or restarted)"))
 
+    def _control(self, data: bytes) -> bool:
+        """Handle a control frame; True when the reader is done (an abort)."""
+        kind = data[4:5]
+        if kind == _BYE:
+            self._bye.set()
+        elif kind == _ABORT:
+            text = one_line(data[6:].decode(errors="replace"))
+            if data[5:6] == _RELAYED:
+                err = PartyAborted(f"{text} (reported by party {self.name})")
+            else:
+                err = PartyAborted(f"party {self.name} stopped the run: {text}")
+            self._stopped = True
+            self._fail(err)
+            return True
+        return False
+
+    # ------------------------------------------------------------ heartbeats and silence
+    def start_watch(self) -> None:
+        threading.Thread(target=self._watch, name=f"watch-{self.name}", daemon=True).start()
+
+    def _watch(self) -> None:
+        every = heartbeat_interval(self.timeout)
+        while True:
+            time.sleep(every / 2)
+            if self._closing or self._stopped or self._broken or (self.guard and self.guard.error):
+                return
+            now = time.monotonic()
+            if now - self._last_sent >= every and self._send_lock.acquire(blocking=False):
+                try:
+                    self.conn.send_bytes(CONTROL + _HEARTBEAT)
+                    self._last_sent = now
+                except (OSError, ValueError):
+                    self._broken = True
+                finally:
+                    self._send_lock.release()
+            seen = max(self._last_seen, getattr(self.conn, "last_recv", 0.0))
+            if not self._paused and not self._bye.is_set() and time.monotonic() - seen > self.timeout:
+                self._fail(PartyTimeout(
+                    f"no message or heartbeat from party {self.name} for {self.timeout:g} s (its host is down, the "
+                    "process hangs, or the network is partitioned)"))
+                return
+
+    # ------------------------------------------------------------ messages
     def _send_bytes(self, data: bytes) -> None:
-        try:
-            self.conn.send_bytes(data)
-        except BlockingIOError:
-            raise PartyTimeout(f"party {self.name} stopped reading for {self.timeout:g} s") from None
-        except OSError as exc:
-            raise PartyDisconnected(f"party {self.name} closed the connection ({exc})") from None
+        if self.guard is not None:
+            self.guard.check()
+        with self._send_lock:
+            if self._broken:
+                raise PartyTimeout(f"party {self.name} stopped reading for {self.timeout:g} s")
+            try:
+                self.conn.send_bytes(data)
+            except BlockingIOError:
+                self._broken = True
+                raise PartyTimeout(f"party {self.name} stopped reading for {self.timeout:g} s") from None
+            except OSError as exc:
+                self._broken = True
+                if self.guard is not None:
+                    self._reader.join(1.0)  # the reader names the cause (a close without the end-of-run message)
+                    self.guard.check()
+                raise PartyDisconnected(f"party {self.name} closed the connection ({exc})") from None
+            self._last_sent = time.monotonic()
 
     def _recv_bytes(self) -> bytes:
+        if self.guard is not None:
+            self.guard.check()
         try:
             item = self.inbox.get(timeout=self.timeout)
         except queue.Empty:
             raise PartyTimeout(f"no message from party {self.name} within {self.timeout:g} s") from None
-        if isinstance(item, tuple) and item[0] is _CLOSED:
+        if item is _WAKE:
+            self.guard.check()
+            raise PartyDisconnected(f"channel from party {self.name} woken without a failure")
+        if isinstance(item, ChannelError):
             self.inbox.put(item)
-            if item[2] is TamperedMessage:
-                raise TamperedMessage(f"channel from party {self.name}: {item[1]}")
-            raise PartyDisconnected(f"party {self.name} closed the connection ({item[1]})")
+            raise item
         with self._room:
             self._queued -= len(item)
             self._room.notify()
         return item
 
+    # ------------------------------------------------------------ end of run
+    def send_bye(self) -> None:
+        if self.guard is None:
+            return
+        self.guard.check()
+        with self._send_lock:
+            try:
+                self.conn.send_bytes(CONTROL + _BYE)
+            except OSError:
+                self._broken = True
+                self._reader.join(1.0)
+                self.guard.check()
+                raise PartyDisconnected(f"party {self.name} closed the connection before the end of the run") \
+                    from None
+
+    def wait_bye(self) -> None:
+        """Wait (as long as the other party shows signs of life) until it has finished too."""
+        if self.guard is None:
+            return
+        while not self._bye.wait(0.1):
+            self.guard.check()
+            if not self._reader.is_alive() and not self._bye.is_set():
+                self.guard.check()
+                raise PartyDisconnected(f"party {self.name} closed the connection before the end of the run")
+
+    def abort(self, error: BaseException) -> None:
+        if self.guard is None or self._broken or self._closing or self._stopped:
+            return
+        if isinstance(error, ChannelError):
+            kind, text = _RELAYED, str(error)
+        else:
+            kind = _OWN
+            text = str(error) if isinstance(error, AloeError) else f"{type(error).__name__}: {error}"
+        if not self._send_lock.acquire(timeout=ABORT_SEND_SECONDS):
+            return
+        try:
+            self._send_timeout(ABORT_SEND_SECONDS)
+            self.conn.send_bytes(CONTROL + _ABORT + kind + one_line(text).encode())
+        except (OSError, ValueError):
+            pass
+        finally:
+            self._broken = True
+            self._send_lock.release()
+
     def close(self) -> None:
+        self._closing = True
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:

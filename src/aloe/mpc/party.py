@@ -8,6 +8,11 @@ Two launchers: :func:`run_local` (three threads, in-process queues; unit tests) 
 OS processes talking over TCP on loopback with :mod:`multiprocessing.connection`). A party that fails closes its
 connections, so the others stop with :class:`~aloe.mpc.comm.PartyDisconnected` instead of hanging; a party that
 stalls makes the others raise :class:`~aloe.mpc.comm.PartyTimeout` after ``timeout`` seconds.
+
+Over TCP (:func:`run_party`) a run ends for all three parties together: each party that finishes its program sends
+the end-of-run message on its channels and waits for the others' before it returns, so a party that is killed,
+stalls or is cut off at any point, even after the dealer has sent all its material, fails the run everywhere
+(:class:`~aloe.mpc.comm.Guard`: at once on a closed connection or an abort, after ``timeout`` seconds of silence).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from aloe import AloeError
 from aloe.mpc.comm import (
     ConnectionEndpoint,
     Endpoint,
+    Guard,
     PartyDisconnected,
     PartyTimeout,
     QueueEndpoint,
@@ -84,13 +90,26 @@ class Party:
             (key,) = self._dealer_recv([((KEY_BYTES,), 256)])
             self.prg[self.role] = PRG(bytes(key.tolist()))
 
-    def close(self) -> None:
-        for ep in [self.peer, *self.dealer_links.values()]:
-            if ep is not None:
-                try:
-                    ep.close()
-                except Exception:  # noqa: BLE001 - closing after a failure must not mask it
-                    pass
+    def _links(self) -> list[Endpoint]:
+        return [ep for ep in [self.peer, *self.dealer_links.values()] if ep is not None]
+
+    def finish(self) -> None:
+        """The end of a run: tell the others this party finished, and wait until they have too (a party that fails
+        meanwhile fails this one's run as well)."""
+        for ep in self._links():
+            ep.send_bye()
+        for ep in self._links():
+            ep.wait_bye()
+
+    def close(self, error: BaseException | None = None) -> None:
+        """Close the channels; after a failure first tell the others why (where a channel still works)."""
+        for ep in self._links():
+            try:
+                if error is not None:
+                    ep.abort(error)
+                ep.close()
+            except Exception:  # noqa: BLE001 - closing after a failure must not mask it
+                pass
 
     # ------------------------------------------------------------ online channel (L <-> R)
     def send_peer(self, items: list[tuple[torch.Tensor, int]]) -> None:
@@ -428,6 +447,10 @@ def connect(role: str, sec: Security, timeout: float, *, frac_bits: int = DEFAUL
             _hello(cs[0], "D")
             links[who] = _endpoint(cs, who, timeout)
     fp = FixedPoint(frac_bits)
+    guard = Guard()
+    for who in ("L", "R", "D"):
+        if who in links:
+            guard.add(links[who])
     if role == "D":
         return Party("D", fp, None, {"L": links["L"], "R": links["R"]})
     other = "R" if role == "L" else "L"
@@ -456,19 +479,24 @@ def run_party(role: str, sec: Security, program: Callable, args: tuple, *, liste
               frac_bits: int = DEFAULT_FRAC_BITS, timeout: float = DEFAULT_TIMEOUT) -> tuple[Any, dict]:
     """Run this process as party ``role``: open its channels, set up the PRF keys, run ``program(party, *args)``.
     The one path every launcher takes (``aloe mpc party`` on each host, and the local launcher's three processes).
-    Returns (result, traffic snapshot); the channels are closed on return and on failure, which makes the other
-    parties stop with a channel error."""
+    Returns (result, traffic snapshot) once all three parties have finished; on a failure the party tells the others
+    why, where a channel still works, and closes its channels, so they stop too."""
     tune_allocator()
     party = None
+    failure = None
     try:
         party = connect(role, sec, timeout, frac_bits=frac_bits, listen=listen, addr_l=addr_l, addr_r=addr_r,
                         announce=announce, owners=owners)
         party.setup_keys()
         result = program(party, *args)
+        party.finish()
         return result, party.stats.snapshot()
+    except BaseException as exc:
+        failure = exc
+        raise
     finally:
         if party is not None:
-            party.close()
+            party.close(failure)
 
 
 def _process_main(role: str, ctrl: mpc.Connection, sec: Security, program: Callable, args: tuple,
@@ -595,7 +623,7 @@ def _run_processes(program: Callable, args: tuple, secs: dict[str, Security], fr
         for p in procs.values():
             p.join(timeout=2.0)
             if p.is_alive():
-                p.terminate()
+                p.kill()  # also ends a stopped (SIGSTOP) or hung process
                 p.join(timeout=2.0)
         for c in ctrls.values():
             c.close()

@@ -26,6 +26,7 @@ import ssl
 import struct
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,6 +180,7 @@ class TLSConnection:
         self._state = threading.Lock()  # held only around in-memory TLS steps
         self._sending = threading.Lock()  # orders the encrypted bytes on the socket
         self._closed = False
+        self.last_recv = time.monotonic()  # when bytes last arrived (a large message in transit is a sign of life)
 
     # -------------------------------------------------------- handshake
     def handshake(self) -> None:
@@ -241,6 +243,7 @@ class TLSConnection:
             data = self.sock.recv(_CHUNK)
             if not data:
                 raise TLSClosed("the other side closed the connection")
+            self.last_recv = time.monotonic()
             with self._state:
                 self._in.write(data)
 
