@@ -4,6 +4,10 @@ The dealer draws one AES-128 key per computing party with :func:`secrets.token_b
 key once, over that party's channel. Everything a party needs that can be derived from its key is expanded locally
 by AES in counter mode (``cryptography``), in the same order on the dealer and on that party, so only *correction
 terms* (values depending on both keys) travel, always from the dealer to one party.
+
+Training draws each epoch's stream from its own key, :func:`epoch_key` (HKDF-SHA256 of the party's key and the
+epoch): an epoch's randomness does not depend on what earlier epochs drew, so a run resumed at an epoch from the
+dealer's checkpointed keys replays exactly the stream an unbroken run draws there.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import secrets
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from aloe.mpc import kernels
 
@@ -52,6 +58,14 @@ def _zeros(n: int) -> memoryview:
 
 def new_key() -> bytes:
     return secrets.token_bytes(KEY_BYTES)
+
+
+def epoch_key(key: bytes, epoch: int) -> bytes:
+    """The key of one training epoch's stream, derived from a party's key (HKDF-SHA256, the epoch in ``info``)."""
+    if len(key) != KEY_BYTES:
+        raise ValueError("PRG key must be 16 bytes")
+    info = b"aloe mpc training epoch " + int(epoch).to_bytes(8, "big")
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(key)
 
 
 class PRG:

@@ -46,7 +46,7 @@ from aloe.mpc.comm import (
     QueueEndpoint,
     Stats,
 )
-from aloe.mpc.dealer import KEY_BYTES, PRG, new_key, small_mod
+from aloe.mpc.dealer import KEY_BYTES, PRG, epoch_key, new_key, small_mod
 from aloe.mpc.ring import DEFAULT_FRAC_BITS, FixedPoint
 from aloe.mpc.tls import CA_FILE, CERT_ROLE, PLAIN_PREAMBLE, Credentials, TLSConnection, is_loopback, write_bundle
 
@@ -66,6 +66,7 @@ class Party:
         self.dealer_links = dealer  # on L/R: {"D": ep}; on D: {"L": ep, "R": ep}
         self.stats = Stats()
         self.prg: dict[str, PRG] = {}
+        self.keys: dict[str, bytes] = {}  # the PRF keys behind ``prg``: the dealer holds both, L and R their own
         self.owner_links: dict[str, Endpoint] = {}  # on L/R: channels from the data owners (``aloe mpc share``)
 
     # ------------------------------------------------------------ roles
@@ -84,11 +85,18 @@ class Party:
         if self.is_dealer:
             for who in ("L", "R"):
                 key = new_key()
+                self.keys[who] = key
                 self.prg[who] = PRG(key)
                 self._dealer_send(who, [(torch.tensor(list(key), dtype=torch.int64), 256)])
         else:
             (key,) = self._dealer_recv([((KEY_BYTES,), 256)])
-            self.prg[self.role] = PRG(bytes(key.tolist()))
+            self.keys[self.role] = bytes(key.tolist())
+            self.prg[self.role] = PRG(self.keys[self.role])
+
+    def rekey(self, epoch: int) -> None:
+        """Draw from here on from the streams of ``epoch`` (:func:`~aloe.mpc.dealer.epoch_key` of each key)."""
+        for who, key in self.keys.items():
+            self.prg[who] = PRG(epoch_key(key, epoch))
 
     def _links(self) -> list[Endpoint]:
         return [ep for ep in [self.peer, *self.dealer_links.values()] if ep is not None]

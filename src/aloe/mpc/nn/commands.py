@@ -66,8 +66,8 @@ def register_train(g: argparse._SubParsersAction) -> None:
     t.add_argument("--softmax-steps", type=int, default=32, help="Euler steps of the ODE softmax (power of two)")
     t.add_argument("--wan", choices=list(PROFILES), help="emulate a network profile on the parties' links")
     t.add_argument("--checkpoint-dir", type=Path,
-                   help="where each party keeps its per-epoch share checkpoints (default: under the aloe cache)")
-    t.add_argument("--resume", action="store_true", help="continue from the last epoch both parties checkpointed")
+                   help="where each party keeps its per-epoch checkpoints, in L/, R/ and D/ (default: the aloe cache)")
+    t.add_argument("--resume", action="store_true", help="continue from the last epoch all three parties checkpointed")
     t.add_argument("--out", type=Path, help="write the revealed model (the owner's copy) here")
     t.add_argument("--preprocess", action="store_true",
                    help="the dealer delivers each step's correlated randomness before L and R start the step; "

@@ -3,13 +3,18 @@
 :func:`train` launches L, R and the dealer as three OS processes (:func:`aloe.mpc.party.run_processes`). Each party
 loads only its own data (:mod:`aloe.mpc.nn.data`), builds the secure model from the public seeded initialisation,
 and runs mini-batch SGD with momentum: per step the data owners share the batch (no online traffic), the model runs
-forward and backward on shared tensors, and the update is local. After each completed epoch L and R each write a
-checkpoint holding only their own shares (atomically). At the end only the model owner L gets the weights revealed.
-The launcher then trains the same model in plain PyTorch on the same data, initialisation, batch order and
-(quantised) learning rate, and evaluates both on the held-out set.
+forward and backward on shared tensors, and the update is local. After each completed epoch every party writes a
+checkpoint (atomically) of what it alone holds: L and R their own shares and momentum, the dealer its two PRF keys;
+every epoch draws its randomness from keys derived from those and the epoch (:func:`aloe.mpc.dealer.epoch_key`). At
+the end only the model owner L gets the weights revealed. The launcher then trains the same model in plain PyTorch on
+the same data, initialisation, batch order and (quantised) learning rate, and evaluates both on the held-out set.
 
-A party that dies makes the others stop with a channel error within the timeout; the launcher then raises with every
-party's error and writes no model. ``resume=True`` continues from the last epoch both L and R have checkpointed.
+A party that dies makes the others stop with a channel error; the launcher then raises with every party's error and
+writes no model. Before any computation the three parties compare their configurations and, with ``resume=True``,
+their checkpoints (:func:`resume_epoch`): the run continues from the last epoch all three checkpointed in the same
+run, with the dealer's keys of that run, so it ends with the weights of the unbroken run; checkpoints that do not fit
+together (another run, another configuration, a file modified or damaged, other data) stop every party with one
+error.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import json
 import multiprocessing as mp
 import os
 import queue
+import secrets
+import signal
 import sys
 import tempfile
 import threading
@@ -106,6 +113,14 @@ class TrainConfig:
         d["lr"] = self.rate
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
+    def run_digest(self) -> str:
+        """What the three parties must agree on before a run starts (compared between them): the checkpoint
+        fingerprint and everything else that shapes the protocol's messages."""
+        keys = ("sign_bits", "drelu", "chunk", "preprocess", "reveal_to", "owners", "examples")
+        d = {k: getattr(self, k) for k in keys}
+        d["fingerprint"] = self.fingerprint()
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
     def validate(self) -> None:
         if self.model not in MODELS:
             raise AloeError(f"unknown model {self.model!r} (one of {', '.join(MODELS)})")
@@ -145,7 +160,9 @@ def plain_features(cfg: TrainConfig, lay: D.Layout) -> int:
     return lay.l_shape[0] + lay.r_shape[0] if cfg.model == "lr" else 784
 
 
-# ---------------------------------------------------------------- checkpoints (each party: its own shares only)
+# ---------------------------------------------------------------- checkpoints (each party: what it alone holds)
+
+ROLE_NAMES = {"L": "L", "R": "R", "D": "the dealer"}
 
 
 def _ckpt_dir(cfg: TrainConfig, role: str) -> Path:
@@ -154,7 +171,7 @@ def _ckpt_dir(cfg: TrainConfig, role: str) -> Path:
 
 
 def _atomic_save(path: Path, obj) -> None:
-    """``torch.save`` through a temporary file and a rename: a reader never sees a half-written file."""
+    """``torch.save`` through a temporary file (mode 0600) and a rename: a reader never sees a half-written file."""
     buf = io.BytesIO()
     torch.save(obj, buf)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -170,19 +187,71 @@ def _atomic_save(path: Path, obj) -> None:
         raise
 
 
-def _save_checkpoint(cfg: TrainConfig, role: str, epoch: int, net, opt: SGD) -> None:
+def _hash_into(h, value) -> None:
+    if isinstance(value, dict):
+        h.update(b"{")
+        for k in sorted(value):
+            h.update(repr(k).encode() + b":")
+            _hash_into(h, value[k])
+        h.update(b"}")
+    elif isinstance(value, torch.Tensor):
+        t = value.detach().contiguous()
+        h.update(f"tensor {t.dtype} {tuple(t.shape)}:".encode())
+        h.update(t.numpy().tobytes() if t.numel() else b"")
+    else:
+        h.update(repr(value).encode() + b";")
+
+
+def content_digest(state: dict) -> str:
+    """SHA-256 of a checkpoint's content (everything but the digest itself): a file edited or damaged after it was
+    written no longer matches."""
+    h = hashlib.sha256()
+    _hash_into(h, {k: v for k, v in state.items() if k != "digest"})
+    return h.hexdigest()
+
+
+def data_digest(*tensors) -> str | None:
+    """SHA-256 of a party's own data (a resumed epoch replays its randomness, which is safe only on the same data)."""
+    if not tensors:
+        return None
+    h = hashlib.sha256()
+    for t in tensors:
+        arr = t.detach().contiguous().numpy()
+        h.update(f"{arr.dtype} {arr.shape}".encode())
+        h.update(arr)
+    return h.hexdigest()
+
+
+def key_digest(key: bytes) -> str:
+    return hashlib.sha256(b"aloe mpc PRF key " + key).hexdigest()
+
+
+@dataclass(frozen=True)
+class RunState:
+    """What ties a party's checkpoints to one run: the run id (drawn by the dealer at a fresh start), the PRF keys
+    (the dealer: both; L and R: their own) and this party's data digest."""
+
+    run_id: int
+    keys: dict
+    data: str | None = None
+
+
+def _save_checkpoint(cfg: TrainConfig, role: str, epoch: int, net, opt: SGD | None, run: RunState) -> None:
     d = _ckpt_dir(cfg, role)
     d.mkdir(parents=True, exist_ok=True)
-    state = {
-        "fingerprint": cfg.fingerprint(),
-        "role": role,
-        "epoch": epoch,
-        "shares": {q.name: q.share for q in net.params},
-        "momentum": opt.state(),
-    }
+    state = {"fingerprint": cfg.fingerprint(), "role": role, "epoch": epoch, "run_id": run.run_id}
+    if role == "D":
+        state["keys"] = {who: key.hex() for who, key in run.keys.items()}
+    else:
+        state.update(key_digest=key_digest(run.keys[role]), data_digest=run.data,
+                     shares={q.name: q.share for q in net.params}, momentum=opt.state())
+    state["digest"] = content_digest(state)
     _atomic_save(d / f"epoch-{epoch:04d}.pt", state)
-    for old in sorted(d.glob("epoch-*.pt"))[:-KEEP_CHECKPOINTS]:
-        old.unlink(missing_ok=True)
+    # files of later epochs are left from another run (this one just reached ``epoch``); L and R keep the last
+    # KEEP_CHECKPOINTS, the dealer (a few hundred bytes each, and it may run epochs ahead of L and R) keeps all
+    for e, path in _available(cfg, role).items():
+        if e > epoch or (role != "D" and e <= epoch - KEEP_CHECKPOINTS):
+            path.unlink(missing_ok=True)
 
 
 def _available(cfg: TrainConfig, role: str) -> dict[int, Path]:
@@ -195,30 +264,124 @@ def _available(cfg: TrainConfig, role: str) -> dict[int, Path]:
     return out
 
 
-def _agree_start(party: Party, cfg: TrainConfig) -> tuple[int, Path | None]:
-    """L and R agree on the last epoch both have checkpointed (0 without ``resume``) and tell the dealer."""
+def read_checkpoints(cfg: TrainConfig, role: str, data: str | None = None) -> dict[int, dict]:
+    """Party ``role``'s checkpoints of epochs 1 to ``cfg.epochs``, each checked: this configuration, this role, the
+    epoch its name says, its content digest, and (L and R) the data this party holds now."""
+    out = {}
+    for epoch, path in sorted(_available(cfg, role).items()):
+        if not 0 < epoch <= cfg.epochs:
+            continue
+        try:
+            state = torch.load(path, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
+            raise AloeError(f"checkpoint {path} cannot be read (damaged?): {type(exc).__name__}") from None
+        if not isinstance(state, dict) or state.get("fingerprint") != cfg.fingerprint():
+            got = state.get("fingerprint") if isinstance(state, dict) else None
+            raise AloeError(f"checkpoint {path} belongs to another training run (configuration digest {got}, this "
+                            f"run's {cfg.fingerprint()})")
+        if state.get("role") != role:
+            raise AloeError(f"checkpoint {path} is {ROLE_NAMES.get(state.get('role'), state.get('role'))}'s, not "
+                            f"{ROLE_NAMES[role]}'s")
+        if state.get("epoch") != epoch:
+            raise AloeError(f"checkpoint {path} holds epoch {state.get('epoch')}, its name says {epoch}")
+        if state.get("digest") != content_digest(state) or not isinstance(state.get("run_id"), int):
+            raise AloeError(f"checkpoint {path} was modified or is damaged (its content digest does not match)")
+        if role != "D" and data is not None and state.get("data_digest") not in (None, data):
+            raise AloeError(f"checkpoint {path} was written with other data than this party holds now (resuming "
+                            "would replay the run's randomness on other data); restore that data or start afresh")
+        out[epoch] = state
+    return out
+
+
+def resume_epoch(epochs: int, runs: dict[str, list[int]]) -> int:
+    """The epoch a resumed run starts from, given each role's run id per epoch (``runs[role][e]``, 0: no
+    checkpoint of epoch ``e``; index 0 unused): the last epoch all three checkpointed in the same run; 0 when no
+    party holds any. Raises :class:`AloeError` when the three do not fit together."""
+    held = {r: {e: ids[e] for e in range(1, epochs + 1) if ids[e]} for r, ids in runs.items()}
+
+    def who(roles) -> str:
+        names = [ROLE_NAMES[r] for r in roles]
+        return " and ".join(names) if len(names) < 3 else f"{names[0]}, {names[1]} and {names[2]}"
+
+    def span(es) -> str:
+        return ", ".join(str(e) for e in sorted(es))
+
+    if not any(held.values()):
+        return 0
+    for e in range(1, epochs + 1):
+        ids = {r: h[e] for r, h in held.items() if e in h}
+        if len(set(ids.values())) > 1:
+            detail = ", ".join(f"{ROLE_NAMES[r]}: run {i:x}" for r, i in ids.items())
+            raise AloeError(f"resume: the checkpoints of epoch {e} belong to different runs ({detail}); give every "
+                            "party the checkpoints of one run")
+    empty = [r for r in ("L", "R", "D") if not held[r]]
+    if empty:
+        full = [r for r in ("L", "R", "D") if held[r]]
+        raise AloeError(f"resume: {who(empty)} {'holds' if len(empty) == 1 else 'hold'} no checkpoint while "
+                        f"{who(full)} {'holds' if len(full) == 1 else 'hold'} epochs "
+                        f"{'; '.join(span(held[r]) for r in full)}; give every party its checkpoint directory")
+    common = set(held["L"]) & set(held["R"]) & set(held["D"])
+    if not common:
+        detail = "; ".join(f"{ROLE_NAMES[r]}: {span(held[r])}" for r in ("L", "R", "D"))
+        raise AloeError(f"resume: no epoch is checkpointed by all three parties ({detail})")
+    return max(common)
+
+
+def _digest_int(hexdigest: str) -> int:
+    return int(hexdigest[:15], 16)
+
+
+def _agree_start(party: Party, cfg: TrainConfig, lay: D.Layout, data: str | None) -> tuple[int, RunState, dict]:
+    """Before any computation: the three parties check they run the same configuration, agree on the epoch to
+    start from (:func:`resume_epoch`; 0 without ``resume``) and on the run (a fresh run id and the keys just drawn,
+    or those of the checkpoints). Returns (start epoch, this party's run state, its checkpoint of that epoch)."""
+    mine = read_checkpoints(cfg, party.role, data) if cfg.resume else {}
+    head = torch.tensor([_digest_int(cfg.run_digest()), cfg.epochs, lay.n])
+    ids = torch.tensor([0] + [mine[e]["run_id"] if e in mine else 0 for e in range(1, cfg.epochs + 1)])
     if party.is_dealer:
+        for who in ("L", "R"):
+            party._dealer_send(who, [(head, 0)])
+            party._dealer_send(who, [(ids, 0)])
         _, (start,), n = party.dealer_links["L"].recv([((1,), 0)])
         party.stats.offline.bytes_received += n
-        return int(start), None
-    have = _available(cfg, party.role) if cfg.resume else {}
-    mine = torch.zeros(cfg.epochs + 1, dtype=torch.int64)
-    mine[0] = 1
-    for e in have:
-        if 0 < e <= cfg.epochs:
-            mine[e] = 1
-    (other,) = party.exchange([(mine, 0)])
-    common = (mine * other).nonzero().flatten()
-    start = int(common.max())
+        start = int(start)
+        if start:
+            run = RunState(mine[start]["run_id"], {w: bytes.fromhex(k) for w, k in mine[start]["keys"].items()})
+        else:
+            run = RunState(secrets.randbits(62) + 1, dict(party.keys))
+        for who in ("L", "R"):
+            party._dealer_send(who, [(torch.tensor([run.run_id]), 0),
+                                     (torch.tensor(list(run.keys[who]), dtype=torch.int64), 256)])
+        party.keys = dict(run.keys)
+        return start, run, mine.get(start, {})
+    other = "R" if party.role == "L" else "L"
+    heads = {"D": party._dealer_recv([((3,), 0)])[0]}
+    (heads[other],) = party.exchange([(head, 0)])
+    names = {"D": "the dealer", other: other}
+    for who, h in heads.items():
+        if int(h[0]) != int(head[0]):
+            raise AloeError(f"the parties run different training configurations ({names[who]}'s digest "
+                            f"{int(h[0]):x}, {party.role}'s {int(head[0]):x}): give every party the same [train] table")
+        if int(h[1]) != cfg.epochs or int(h[2]) != lay.n:
+            raise AloeError(f"{names[who]} trains {int(h[1])} epochs on {int(h[2])} examples, {party.role} "
+                            f"{cfg.epochs} on {lay.n}: give every party the same [train] table")
+    runs = {party.role: ids.tolist(), "D": party._dealer_recv([((cfg.epochs + 1,), 0)])[0].tolist()}
+    (theirs,) = party.exchange([(ids, 0)])
+    runs[other] = theirs.tolist()
+    start = resume_epoch(cfg.epochs, runs)
     if party.role == "L":
         party.stats.offline.bytes_sent += party.dealer_links["D"].send(0, [(torch.tensor([start]), 0)])
-    return start, have.get(start)
+    run_id, key = party._dealer_recv([((1,), 0), ((16,), 256)])
+    key = bytes(key.tolist())
+    state = mine.get(start, {})
+    if start and (int(run_id[0]) != state["run_id"] or key_digest(key) != state["key_digest"]):
+        raise AloeError(f"the dealer's checkpoint of epoch {start} holds another PRF key than {party.role}'s "
+                        f"({_ckpt_dir(cfg, party.role)}): the dealer's checkpoints are of another run")
+    party.keys = {party.role: key}
+    return start, RunState(int(run_id[0]), dict(party.keys), data), state
 
 
-def _load_checkpoint(cfg: TrainConfig, role: str, path: Path, net, epoch: int) -> None:
-    state = torch.load(path, weights_only=True)
-    if state.get("fingerprint") != cfg.fingerprint() or state.get("role") != role or state.get("epoch") != epoch:
-        raise AloeError(f"checkpoint {path} belongs to another training run")
+def _load_checkpoint(state: dict, net) -> None:
     for q in net.params:
         q.share = state["shares"][q.name]
         q.momentum = state["momentum"][q.name]
@@ -283,9 +446,12 @@ def train_program(party: Party, cfg: TrainConfig, lay: D.Layout, progress) -> di
     net = secure_model(party, plain, chunk=cfg.chunk, sign_bits=cfg.sign_bits, drelu=cfg.drelu)
     bsz = batch_size(cfg, lay.n)
     opt = SGD(party, net.params, cfg.rate, bsz, cfg.momentum)
-    start, path = _agree_start(party, cfg)
+    # the dealer holds no data; the owners' shares are fresh masks each time they share
+    mine_data = None if party.is_dealer or cfg.dataset == "owners" else \
+        data_digest(*(t for t in (own_x, own_y) if t is not None))
+    start, run, state = _agree_start(party, cfg, lay, mine_data)
     if start and not party.is_dealer:
-        _load_checkpoint(cfg, party.role, path, net, start)
+        _load_checkpoint(state, net)
     steps = lay.n // bsz
     party.sync()
     t0 = time.perf_counter()
@@ -295,9 +461,10 @@ def train_program(party: Party, cfg: TrainConfig, lay: D.Layout, progress) -> di
     step_seconds: list[float] = []
     for epoch in range(start, cfg.epochs):
         order = epoch_order(lay.n, cfg.seed, epoch)
+        party.rekey(epoch)
         for step in range(steps):
             if cfg.fail_at is not None and cfg.fail_at == (party.role, epoch, step):
-                os._exit(3)  # fault injection: die without closing anything
+                os.kill(os.getpid(), signal.SIGKILL)  # fault injection: killed, nothing closed or flushed
             if cfg.preprocess and not party.is_dealer:
                 party.dealer_sync()  # wait until the dealer has sent everything this step needs
             s0 = time.perf_counter()
@@ -315,10 +482,9 @@ def train_program(party: Party, cfg: TrainConfig, lay: D.Layout, progress) -> di
                 party.dealer_sync()
             if progress is not None and party.role == "L":
                 progress.put((epoch, step + 1, steps))
-        if not party.is_dealer:
-            t1 = time.perf_counter()
-            _save_checkpoint(cfg, party.role, epoch + 1, net, opt)
-            checkpoint_seconds += time.perf_counter() - t1
+        t1 = time.perf_counter()
+        _save_checkpoint(cfg, party.role, epoch + 1, net, opt, run)
+        checkpoint_seconds += time.perf_counter() - t1
     train_seconds = time.perf_counter() - t0
     rounds = party.stats.depth - depth0
     weights = {}
