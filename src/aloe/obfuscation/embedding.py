@@ -99,7 +99,7 @@ def table_rows_f32(weight, tau: np.ndarray, key: np.ndarray, *, multiplier: np.n
             plain = plain * multiplier[None, :]
         weight = torch.from_numpy(add_noise(plain, alpha, rng, noise_shape)).float()
         multiplier = None
-    K = torch.from_numpy(np.ascontiguousarray(key)).float()
+    K = torch.from_numpy(np.array(key, dtype=np.float32))
     m32 = None if multiplier is None else torch.from_numpy(multiplier).float()
     inv = torch.from_numpy(inverse_permutation(tau))
     step = max(1, chunk_bytes // (4 * (K.shape[0] + K.shape[1])))
