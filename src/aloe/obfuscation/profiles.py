@@ -98,8 +98,8 @@ PROFILES: dict[str, Profile] = {
                     "(LoRA rank 16 on every projection + the norms, merged back; the noisy tables stay frozen). "
                     "About 25 minutes on a 2-core CPU for SmolLM2. Chosen from the measured frontier in "
                     "docs/attacks.md; on SmolLM2-135M it does NOT reach the fidelity goal.",
-        protects="partly: on SmolLM2 IA and NN read 2% or less of the vocabulary, but VMA over all FFN columns reads "
-                 "a third of it and the learned matcher half, frequent prompt tokens leak, and perplexity doubles "
+        protects="not against a server that learns the map: on SmolLM2 at the full attack budget the learned "
+                 "matcher reads 99% of the vocabulary (IA 18%, VMA 22%, NN 0.01%), and perplexity doubles "
                  "(see the README).",
     ),
 }
