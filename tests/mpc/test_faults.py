@@ -1,19 +1,15 @@
-"""Faults on the TCP channels: a party that dies after the dealer has finished, a party that hangs (no heartbeat),
-an abort that names its cause; every party fails the run with one line."""
+"""Faults on the TCP channels: a party that dies after the dealer has finished, an abort that names its cause; every
+party fails the run. A party that falls silent (a partition) is tested in ``test_netns_faults.py``."""
 
 import os
 import re
-import signal
 import time
 
 import pytest
 import torch
 
 from aloe import AloeError
-from aloe.mpc.comm import heartbeat_interval
 from aloe.mpc.party import run_processes
-
-TIMEOUT = 3.0
 
 
 def _r_dies_after_the_dealer_is_done(party):
@@ -24,14 +20,6 @@ def _r_dies_after_the_dealer_is_done(party):
         time.sleep(0.5)
         os._exit(3)
     party.exchange([(torch.zeros(2, dtype=torch.int64), 0)])
-    return None
-
-
-def _r_hangs(party):
-    if party.role == "R":
-        os.kill(os.getpid(), signal.SIGSTOP)  # every thread stops: no messages, no heartbeats
-    if party.role == "L":
-        party.exchange([(torch.zeros(2, dtype=torch.int64), 0)])
     return None
 
 
@@ -58,21 +46,11 @@ def test_a_party_dying_after_the_dealer_finished_fails_the_dealer_too():
         assert errs[role].startswith("party R closed the connection mid-run without the end-of-run message"), errs
 
 
-def test_a_hung_party_stops_the_others_within_the_timeout():
-    t0 = time.monotonic()
-    with pytest.raises(AloeError) as err:
-        run_processes(_r_hangs, timeout=TIMEOUT)
-    elapsed = time.monotonic() - t0
-    errs = _errors(err.value)
-    assert "no message from party R within 3 s" in errs["L"] or "no message or heartbeat from party R" in errs["L"]
-    # the dealer had nothing more to send: it waited for the end of the run and saw R fall silent
-    assert "party R for 3 s" in errs["D"] or "(reported by party L)" in errs["D"], errs
-    assert elapsed < 30.0 + TIMEOUT + heartbeat_interval(TIMEOUT) + 15.0
-
-
 def test_an_abort_names_the_failing_party_and_its_reason():
     with pytest.raises(AloeError) as err:
         run_processes(_l_fails, timeout=20.0)
     errs = _errors(err.value)
     assert errs["L"] == "L's own data is missing"
-    assert errs["R"] == errs["D"] == "party L stopped the run: L's own data is missing"
+    assert errs["R"] == "party L stopped the run: L's own data is missing"
+    # the dealer hears it from L, or first from R, which passes it on
+    assert errs["D"] in (errs["R"], errs["R"] + " (reported by party R)"), errs["D"]

@@ -4,8 +4,6 @@ userspace delay relay (``delay_proxy.py``) in the bridge's namespace that L and 
 its own ``aloe mpc party`` command over TLS. Skips, with the reason, when not root or when ``ip netns`` is refused."""
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,66 +13,18 @@ import pytest
 from aloe.cli import main
 
 from .deployment import SRC, finish, party, write_config
-
-DELAY = 0.005  # one-way seconds
-RATE = "100mbit"
-TAG = f"{os.getpid() % 100000}"
-NS = {r: f"aloe{r}{TAG}" for r in ("L", "R", "D", "H")}
-IP = {"L": "10.203.0.1", "R": "10.203.0.2", "D": "10.203.0.3", "H": "10.203.0.9"}
-
-
-def _sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)}: {proc.stderr.strip()}")
-    return proc
-
-
-def _cleanup() -> None:
-    for ns in NS.values():
-        _sh("ip", "netns", "del", ns, check=False)
+from .netns import DELAY, IP
+from .netns import namespaces as netns
 
 
 @pytest.fixture
 def namespaces():
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
-    if shutil.which("ip") is None:
-        pytest.skip("iproute2 (ip) is not installed")
-    probe = _sh("ip", "netns", "add", NS["H"], check=False)
-    if probe.returncode != 0:
-        pytest.skip(f"ip netns is not permitted here: {probe.stderr.strip()}")
-    try:
-        hub = NS["H"]
-        _sh("ip", "-n", hub, "link", "add", "br0", "type", "bridge")
-        _sh("ip", "-n", hub, "link", "set", "br0", "up")
-        _sh("ip", "-n", hub, "addr", "add", f"{IP['H']}/24", "dev", "br0")
-        tc = shutil.which("tc") is not None
-        netem = False
-        for r in ("L", "R", "D"):
-            ns, v, b = NS[r], f"av{r}{TAG}"[:15], f"ab{r}{TAG}"[:15]
-            _sh("ip", "netns", "add", ns)
-            _sh("ip", "link", "add", v, "type", "veth", "peer", "name", b)
-            _sh("ip", "link", "set", v, "netns", ns)
-            _sh("ip", "link", "set", b, "netns", hub)
-            _sh("ip", "-n", hub, "link", "set", b, "master", "br0")
-            _sh("ip", "-n", hub, "link", "set", b, "up")
-            _sh("ip", "-n", ns, "addr", "add", f"{IP[r]}/24", "dev", v)
-            _sh("ip", "-n", ns, "link", "set", v, "up")
-            _sh("ip", "-n", ns, "link", "set", "lo", "up")
-            if tc:
-                q = _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", v, "root", "netem", "delay",
-                        f"{DELAY * 1e3:g}ms", "rate", RATE, check=False)
-                netem = q.returncode == 0
-                if not netem:
-                    _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", v, "root", "tbf", "rate", RATE,
-                        "burst", "256kbit", "latency", "50ms")
-        yield {"tc": tc, "netem": netem}
-    finally:
-        _cleanup()
+    with netns() as n:
+        yield n
 
 
 def test_parties_in_separate_namespaces_over_a_shaped_delayed_link(namespaces, tmp_path):
+    ns = namespaces["ns"]
     certs = tmp_path / "certs"
     assert main(["mpc", "certs", str(certs)]) == 0
     listen = {"L": f"{IP['L']}:7101", "R": f"{IP['R']}:7102"}
@@ -84,7 +34,7 @@ def test_parties_in_separate_namespaces_over_a_shaped_delayed_link(namespaces, t
     else:  # reach L and R through the delay relay on the bridge
         addr = {"L": f"{IP['H']}:7101", "R": f"{IP['H']}:7102"}
         proxy = subprocess.Popen(
-            ["ip", "netns", "exec", NS["H"], sys.executable, str(Path(__file__).with_name("delay_proxy.py")),
+            ["ip", "netns", "exec", ns["H"], sys.executable, str(Path(__file__).with_name("delay_proxy.py")),
              "--delay", str(DELAY), f"{addr['L']}={listen['L']}", f"{addr['R']}={listen['R']}"],
             stdout=subprocess.PIPE, text=True)
         assert proxy.stdout.readline().strip() == "ready"
@@ -93,7 +43,7 @@ def test_parties_in_separate_namespaces_over_a_shaped_delayed_link(namespaces, t
                        extra={"L": [f'model_out = "{tmp_path}/model.pt"', f'checkpoints = "{tmp_path}/ck-L"'],
                               "R": [f'checkpoints = "{tmp_path}/ck-R"']})
     try:
-        procs = {r: party(r, cfg, prefix=["ip", "netns", "exec", NS[r[0].upper()], "env", f"PYTHONPATH={SRC}"])
+        procs = {r: party(r, cfg, prefix=["ip", "netns", "exec", ns[r[0].upper()], "env", f"PYTHONPATH={SRC}"])
                  for r in ("L", "R", "dealer")}
         outs = finish(procs)
     finally:

@@ -54,7 +54,8 @@ CONTROL = b"ALCT"  # the first bytes of a control frame (a message starts with M
 _HEARTBEAT, _BYE, _ABORT = b"H", b"B", b"A"
 _OWN, _RELAYED = b"o", b"r"  # an abort for this party's own error, or one passing on another channel's failure
 MAX_HEARTBEAT_INTERVAL = 5.0
-ABORT_SEND_SECONDS = 1.0  # how long a failing party tries to deliver its abort on each channel
+DRAIN_QUIET_SECONDS = 0.5
+ABORT_SEND_SECONDS = 5.0  # how long a failing party tries to deliver its abort on each channel (behind what it sent)
 
 
 class ChannelError(AloeError):
@@ -338,8 +339,11 @@ class Endpoint:
     def wait_bye(self) -> None:
         """Wait until the other party finished too (TCP channels of a guarded run)."""
 
-    def abort(self, error: BaseException) -> None:
+    def abort(self, error: BaseException, deadline: float | None = None) -> None:
         """Tell the other party, if the channel still works, that this one stops, and why."""
+
+    def drain(self, deadline: float) -> None:
+        """After :meth:`abort`: wait (until ``deadline``) for the other party to close its side."""
 
     def send(self, depth: int, items: list[tuple[torch.Tensor, int]]) -> int:
         data = encode_message(self.send_seq, depth, items)
@@ -430,6 +434,8 @@ class ConnectionEndpoint(Endpoint):
         self._paused = False  # the reader waits for room: silence is then ours, not the other party's
         self._bye = threading.Event()
         self._broken = False  # a send failed part-way: nothing more may go out on this channel
+        self._bye_sent = False
+        self._failed = False
         self._closing = False
         self._stopped = False  # an abort arrived: the reader is done
         self.inbox: queue.Queue = queue.Queue()
@@ -442,9 +448,19 @@ class ConnectionEndpoint(Endpoint):
                                                                                  int((seconds - sec) * 1e6)))
 
     def _fail(self, exc: ChannelError) -> None:
+        """This channel failed: its error goes to its own waits and the guard, and the socket is shut down, which
+        also wakes a send blocked on it (nothing more can be delivered on a dead, silent or aborted channel)."""
+        if self._failed:
+            return
+        self._failed = True
         self.inbox.put(exc)
         if self.guard is not None:
+            self._broken = True
             self.guard.fail(exc)
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def _read_loop(self) -> None:
         try:
@@ -506,7 +522,8 @@ class ConnectionEndpoint(Endpoint):
             if self._closing or self._stopped or self._broken or (self.guard and self.guard.error):
                 return
             now = time.monotonic()
-            if now - self._last_sent >= every and self._send_lock.acquire(blocking=False):
+            # heartbeats until this side's end-of-run message is out; silence is watched until the other side's
+            if not self._bye_sent and now - self._last_sent >= every and self._send_lock.acquire(blocking=False):
                 try:
                     self.conn.send_bytes(CONTROL + _HEARTBEAT)
                     self._last_sent = now
@@ -532,7 +549,10 @@ class ConnectionEndpoint(Endpoint):
                 self.conn.send_bytes(data)
             except BlockingIOError:
                 self._broken = True
-                raise PartyTimeout(f"party {self.name} stopped reading for {self.timeout:g} s") from None
+                err = PartyTimeout(f"party {self.name} stopped reading for {self.timeout:g} s")
+                if self.guard is not None:
+                    self._fail(err)
+                raise err from None
             except OSError as exc:
                 self._broken = True
                 if self.guard is not None:
@@ -547,7 +567,10 @@ class ConnectionEndpoint(Endpoint):
         try:
             item = self.inbox.get(timeout=self.timeout)
         except queue.Empty:
-            raise PartyTimeout(f"no message from party {self.name} within {self.timeout:g} s") from None
+            err = PartyTimeout(f"no message from party {self.name} within {self.timeout:g} s")
+            if self.guard is not None:
+                self._fail(err)
+            raise err from None
         if item is _WAKE:
             self.guard.check()
             raise PartyDisconnected(f"channel from party {self.name} woken without a failure")
@@ -567,6 +590,7 @@ class ConnectionEndpoint(Endpoint):
         with self._send_lock:
             try:
                 self.conn.send_bytes(CONTROL + _BYE)
+                self._bye_sent = True
             except OSError:
                 self._broken = True
                 self._reader.join(1.0)
@@ -584,24 +608,44 @@ class ConnectionEndpoint(Endpoint):
                 self.guard.check()
                 raise PartyDisconnected(f"party {self.name} closed the connection before the end of the run")
 
-    def abort(self, error: BaseException) -> None:
+    def abort(self, error: BaseException, deadline: float | None = None) -> None:
+        """Send the abort (waiting at most until ``deadline`` for room behind what was sent before), then end this
+        side of the stream: closing with the other party's bytes unread would reset the connection and drop the
+        abort still in the socket's buffer."""
         if self.guard is None or self._broken or self._closing or self._stopped:
             return
+        if deadline is None:
+            deadline = time.monotonic() + ABORT_SEND_SECONDS
         if isinstance(error, ChannelError):
             kind, text = _RELAYED, str(error)
         else:
             kind = _OWN
             text = str(error) if isinstance(error, AloeError) else f"{type(error).__name__}: {error}"
-        if not self._send_lock.acquire(timeout=ABORT_SEND_SECONDS):
+        if not self._send_lock.acquire(timeout=max(0.05, deadline - time.monotonic())):
             return
         try:
-            self._send_timeout(ABORT_SEND_SECONDS)
+            self._send_timeout(max(0.05, deadline - time.monotonic()))
             self.conn.send_bytes(CONTROL + _ABORT + kind + one_line(text).encode())
+            self._sock.shutdown(socket.SHUT_WR)
         except (OSError, ValueError):
             pass
         finally:
             self._broken = True
             self._send_lock.release()
+
+    def drain(self, deadline: float) -> None:
+        """After an abort: keep reading while the other party still sends, until it closes (or sends its own abort),
+        at most until ``deadline``, so the abort reaches it before the connection closes. A channel that failed, whose
+        other side has finished (it sends nothing more) or that stays quiet for :data:`DRAIN_QUIET_SECONDS` has
+        nothing to drain."""
+        if self.guard is None or self._failed or self._bye.is_set():
+            return
+        start = time.monotonic()
+        while self._reader.is_alive() and time.monotonic() < deadline:
+            self._reader.join(0.05)
+            seen = max(self._last_seen, getattr(self.conn, "last_recv", 0.0), start)
+            if time.monotonic() - seen > DRAIN_QUIET_SECONDS:
+                return
 
     def close(self) -> None:
         self._closing = True

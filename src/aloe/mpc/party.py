@@ -38,6 +38,7 @@ import torch
 
 from aloe import AloeError
 from aloe.mpc.comm import (
+    ABORT_SEND_SECONDS,
     ConnectionEndpoint,
     Endpoint,
     Guard,
@@ -110,11 +111,20 @@ class Party:
             ep.wait_bye()
 
     def close(self, error: BaseException | None = None) -> None:
-        """Close the channels; after a failure first tell the others why (where a channel still works)."""
-        for ep in self._links():
+        """Close the channels; after a failure first tell the others why (where a channel still works, waiting at
+        most ``ABORT_SEND_SECONDS`` in all for the aborts to go out)."""
+        links = self._links()
+        if error is not None:
+            deadline = time.monotonic() + ABORT_SEND_SECONDS
+            for ep in links:
+                try:
+                    ep.abort(error, deadline)
+                except Exception:  # noqa: BLE001 - closing after a failure must not mask it
+                    pass
+            for ep in links:
+                ep.drain(deadline)
+        for ep in links:
             try:
-                if error is not None:
-                    ep.abort(error)
                 ep.close()
             except Exception:  # noqa: BLE001 - closing after a failure must not mask it
                 pass
