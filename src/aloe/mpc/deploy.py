@@ -15,7 +15,7 @@ Example (paths are relative to the file; every host gets the same file, and only
     data = "/srv/mnist-images"      # this party's own data (MNIST files it owns); not needed with owners
     model_out = "model.pt"          # where this party writes the revealed model (if it is named in reveal_to)
 
-    [parties.R]                     # likewise; [parties.dealer] needs only cert and key
+    [parties.R]                     # likewise; [parties.dealer] needs cert and key (and checkpoints, to resume)
     ...
 
     [owners.alice]                  # a data owner (``aloe mpc share``): its columns, public shapes only
