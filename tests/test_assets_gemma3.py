@@ -1,6 +1,5 @@
 import json
 import os
-import struct
 import subprocess
 import sys
 from importlib.machinery import ModuleSpec
@@ -13,6 +12,7 @@ import torch
 from aloe import AloeError
 from aloe.assets.gemma3 import ASSET_NAME, build_gemma3, gemma3_chunk_paths, gemma3_expected_sha256
 from aloe.assets.gguf_model import MARKER, sha256_files
+from gguf_tables import gguf_tables
 
 N_PARAMS = 268_098_176
 
@@ -92,58 +92,6 @@ def test_chat_template_and_plain_completion(gemma3):
     assert tok.decode(logits[0, -1].argmax()).strip() == "France"
 
 
-def _gguf_tensors(buf: memoryview) -> dict:
-    """name -> (shape as stored, ggml type, byte offset) from a GGUF's tensor table.
-
-    gguf.GGUFReader builds a numpy view per vocabulary entry (half a minute for 262k tokens); this walks
-    the metadata with struct only.
-    """
-    pos = 24
-    n_tensors, n_kv = struct.unpack_from("<QQ", buf, 8)
-    scalar = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-
-    def string():
-        nonlocal pos
-        (n,) = struct.unpack_from("<Q", buf, pos)
-        pos += 8 + n
-        return bytes(buf[pos - n:pos]).decode()
-
-    def skip(vtype):
-        nonlocal pos
-        if vtype == 8:
-            string()
-        elif vtype == 9:
-            itype, n = struct.unpack_from("<IQ", buf, pos)
-            pos += 12
-            if itype in scalar:
-                pos += scalar[itype] * n
-            else:
-                for _ in range(n):
-                    skip(itype)
-        else:
-            pos += scalar[vtype]
-
-    alignment = 32
-    for _ in range(n_kv):
-        key = string()
-        (vtype,) = struct.unpack_from("<I", buf, pos)
-        pos += 4
-        if key == "general.alignment":
-            (alignment,) = struct.unpack_from("<I", buf, pos)
-        skip(vtype)
-    table = {}
-    for _ in range(n_tensors):
-        name = string()
-        (n_dims,) = struct.unpack_from("<I", buf, pos)
-        dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
-        qtype, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
-        pos += 4 + 8 * n_dims + 12
-        table[name] = (dims, qtype, offset)
-    start = -(-pos // alignment) * alignment
-    return {name: (dims, qtype, start + offset) for name, (dims, qtype, offset) in table.items()}
-
-
-@pytest.mark.real_model
 def test_weights_are_the_dequantised_gguf(gemma3_path):
     """Checked against gguf's own dequantisation, not transformers': matrices as stored (llama.cpp does not
     permute Gemma's q/k rows), RMSNorm weights stored by llama.cpp as 1 + w."""
@@ -151,7 +99,7 @@ def test_weights_are_the_dequantised_gguf(gemma3_path):
     from safetensors import safe_open
 
     buf = memoryview(b"".join(part.read_bytes() for part in gemma3_chunk_paths()))
-    tensors = _gguf_tensors(buf)
+    _, tensors = gguf_tables(buf)
     assert len(tensors) == 236
     pairs = {
         "token_embd.weight": "model.embed_tokens.weight",

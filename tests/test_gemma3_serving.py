@@ -9,8 +9,6 @@ are short and cut by ``max_tokens``."""
 
 import json
 import math
-import mmap
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +23,7 @@ from aloe.obfuscation.client import PrivateClient
 from aloe.serving.commands import llama_server_command
 from aloe.serving.llamacpp import llama_server_binary
 from aloe.serving.local import aloe_serve_command, free_port, server_process
+from gguf_tables import gguf_f32, read_gguf
 
 pytestmark = pytest.mark.real_model
 
@@ -75,70 +74,6 @@ def test_aloe_serve_gives_the_plain_greedy_tokens(gemma3_exact, plain_answers, t
 
 
 # -- the GGUF export, read back -----------------------------------------------------------------------------------
-
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-
-
-def read_gguf(path: Path) -> tuple[dict, dict, mmap.mmap]:
-    """Scalar/string metadata (arrays skipped) and name -> (dims, ggml type, absolute offset), read with struct:
-    gguf.GGUFReader builds one numpy view per vocabulary entry, too slow for 262k tokens."""
-    fh = open(path, "rb")  # noqa: SIM115 (the map outlives this function)
-    buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-    fh.close()
-    assert buf[:4] == b"GGUF"
-    n_tensors, n_kv = struct.unpack_from("<QQ", buf, 8)
-    pos = 24
-
-    def string():
-        nonlocal pos
-        (n,) = struct.unpack_from("<Q", buf, pos)
-        pos += 8 + n
-        return buf[pos - n:pos].decode()
-
-    def value(vtype):
-        nonlocal pos
-        if vtype == 8:
-            return string()
-        if vtype == 9:
-            itype, n = struct.unpack_from("<IQ", buf, pos)
-            pos += 12
-            if itype in _SCALARS:
-                pos += struct.calcsize(_SCALARS[itype]) * n
-            else:
-                for _ in range(n):
-                    value(itype)
-            return None
-        (v,) = struct.unpack_from(_SCALARS[vtype], buf, pos)
-        pos += struct.calcsize(_SCALARS[vtype])
-        return v
-
-    meta = {}
-    for _ in range(n_kv):
-        key = string()
-        (vtype,) = struct.unpack_from("<I", buf, pos)
-        pos += 4
-        meta[key] = value(vtype)
-    table = {}
-    for _ in range(n_tensors):
-        name = string()
-        (n_dims,) = struct.unpack_from("<I", buf, pos)
-        dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
-        qtype, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
-        pos += 4 + 8 * n_dims + 12
-        table[name] = (dims, qtype, offset)
-    align = meta.get("general.alignment") or 32
-    start = -(-pos // align) * align
-    return meta, {k: (d, q, start + o) for k, (d, q, o) in table.items()}, buf
-
-
-def gguf_f32(buf, entry, rows=None) -> np.ndarray:
-    dims, qtype, offset = entry
-    assert qtype == 0  # F32
-    shape = tuple(reversed(dims))
-    if rows is None:
-        return np.frombuffer(buf, np.float32, int(np.prod(shape)), offset).reshape(shape)
-    return np.stack([np.frombuffer(buf, np.float32, shape[-1], offset + 4 * shape[-1] * r) for r in rows])
-
 
 @pytest.fixture(scope="module")
 def obfuscated_gguf(gemma3_exact, tmp_path_factory):
