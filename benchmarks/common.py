@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -25,6 +27,20 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) 
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def run_measured(cmd: list[str], what: str, stderr=subprocess.DEVNULL) -> tuple[bytes, float, float]:
+    """Run ``cmd`` from the repository (``src`` on the path): its stdout, wall seconds and peak RSS in MB; a failed
+    run ends the benchmark with one line naming ``what``."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, cwd=ROOT,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
+    stdout = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    if status != 0:
+        raise SystemExit(f"{what} failed")
+    return stdout, seconds, usage.ru_maxrss / 1024
 
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:

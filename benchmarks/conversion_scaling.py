@@ -14,15 +14,13 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 
 import torch
 from safetensors.torch import save_file
 
 from aloe.assets.cache import cache_root
-from common import RESULTS, ROOT, markdown_table, write_results
+from common import RESULTS, markdown_table, run_measured, write_results
 from obfuscation_fidelity import conversion_flops, gemm_gflops
 
 # Qwen2.5 shapes (hidden, layers, heads, kv heads, ffn, vocab, tied)
@@ -97,15 +95,9 @@ def write_checkpoint(folder, cfg: dict, shard_bytes: int = 2 << 30) -> int:
 
 
 def convert(src, out) -> dict:
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(src), str(out)], stdout=subprocess.PIPE, cwd=ROOT,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
-    stdout = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if status != 0:
-        raise SystemExit(f"conversion of {src} failed")
-    return dict(json.loads(stdout), wall_seconds=wall, peak_rss_mb=usage.ru_maxrss / 1024)
+    stdout, wall, peak_mb = run_measured([sys.executable, "-c", CHILD, str(src), str(out)], f"conversion of {src}",
+                                       stderr=None)
+    return dict(json.loads(stdout), wall_seconds=wall, peak_rss_mb=peak_mb)
 
 
 def plot(rows: list[dict], path) -> None:

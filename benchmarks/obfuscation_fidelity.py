@@ -14,16 +14,14 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 
 import torch
 
 from aloe.assets.cache import cache_root
 from aloe.obfuscation.fidelity import measure_fidelity
 from aloe.obfuscation.profiles import PROFILES
-from common import RESULTS, ROOT, load_json, markdown_table, median_seconds, write_results
+from common import RESULTS, load_json, markdown_table, median_seconds, run_measured, write_results
 
 
 def gemm_gflops(dtype: torch.dtype, n: int = 1024) -> float:
@@ -48,17 +46,9 @@ def convert(profile: str, workdir) -> dict:
         secret.unlink()
     cmd = [sys.executable, "-m", "aloe.cli", "obfuscate", "smollm2", str(out), "--secret", str(secret),
            "--profile", profile, "--seed-from-os", "--json"]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
-    stdout = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t0
-    if status != 0:
-        raise SystemExit(f"conversion of profile {profile} failed")
-    summary = json.loads(stdout)
-    return {"out": str(out), "secret": str(secret), "convert_seconds": seconds,
-            "convert_peak_rss_mb": usage.ru_maxrss / 1024, "summary": summary}
+    stdout, seconds, peak_mb = run_measured(cmd, f"conversion of profile {profile}")
+    return {"out": str(out), "secret": str(secret), "convert_seconds": seconds, "convert_peak_rss_mb": peak_mb,
+            "summary": json.loads(stdout)}
 
 
 def main() -> int:
