@@ -68,12 +68,12 @@ def method_of(profile: dict) -> str:
 QUICK = dict(queries=2048, layers=6, columns=128, sequences=2, seq_len=16, isa_steps=20, isa_shortlist=64,
              ima_tokens=4096, ima_steps=200, tfma_tokens=20000, behaviour_rows=1024,
              behaviour_queries=128, learned_state_ids=2048)
-REALISTIC = ("vma", "ia", "nn", "isa", "ima", "tfma", "behavioural", "learned")
+REALISTIC = ("vma", "ia", "nn", "isa", "ima", "tfma", "behavioural", "anchored", "learned")
 
 
 # the attacks each attack-specific budget knob affects; any other knob affects every attack
-KNOB_ATTACKS = {"learned_": ("learned",), "behaviour_": ("behavioural",), "isa_": ("isa",), "ima_": ("ima",),
-                "tfma_": ("tfma",)}
+KNOB_ATTACKS = {"learned_": ("learned",), "behaviour_": ("behavioural",), "anchored_": ("anchored",),
+                "isa_": ("isa",), "ima_": ("ima",), "tfma_": ("tfma",)}
 
 
 def stale_attacks(old: dict, new: dict) -> set[str]:
@@ -119,7 +119,7 @@ def pct(x) -> str:
 def write_report(state: dict) -> None:
     rows = []
     head = ("| profile | keys | α_e | α_h | β | λ | ppl ratio | greedy agr. | VMA | VMA (all columns) | IA | NN | ISA "
-            "| IMA | IMA (known plaintext) | TFMA | behavioural | worst | Thm 6 max p_s |")
+            "| IMA | IMA (known plaintext) | TFMA | behavioural | anchored | learned | worst | Thm 6 max p_s |")
     rows.append(head)
     rows.append("|" + "|".join(["---"] * (head.count("|") - 1)) + "|")
     prompt_rows = []
@@ -135,7 +135,8 @@ def write_report(state: dict) -> None:
                     f"{f.get('ppl_ratio', float('nan')):.4f} | {pct(f.get('greedy_agreement'))} | "
                     + " | ".join(pct(g(k)) for k in ("vma", "vma_all_columns", "ia", "nn", "isa", "ima"))
                     + f" | {pct(kp)} | "
-                    + f"{pct(g('tfma'))} | {pct(g('behavioural'))} | {pct(worst(a))} | "
+                    + f"{pct(g('tfma'))} | {pct(g('behavioural'))} | {pct(g('anchored'))} | {pct(g('learned'))} | "
+                    + f"{pct(worst(a))} | "
                     + f"{e.get('theorem6', {}).get('max_single_token_success', float('nan')):.3g} |")
         prompt_rows.append(f"| {name} | " + " | ".join(pct(g(k, 'prompt_token_recovery')) for k in ATTACKS) + " |")
     b = state["budget"]
@@ -143,7 +144,7 @@ def write_report(state: dict) -> None:
           "Produced on a shared 2-core CPU by (each run resumes the one before):", "",
           *[f"    python benchmarks/privacy.py {c}" for c in state.get("commands", [])], "",
           "Recovery (TTRSR) in % of tokens, candidate pool = the whole vocabulary; fixed special ids excluded.",
-          "Worst = the largest of the seven attacks, VMA over all FFN columns included where it was run "
+          "Worst = the largest of the attacks, VMA over all FFN columns included where it was run "
           "(`aloe attack vma --columns 1536`, `vma_full_columns_*.json`); the known-plaintext IMA is listed apart.", "",
           "Budget: " + ", ".join(f"{k}={v}" for k, v in b.items()), "", *rows, "",
           "## Recovery on the tokens of real prompts (%)", "",

@@ -72,11 +72,33 @@ def attack(plain_dir, deployment, names, **budget):
     return run(t, names, tau, synthetic_texts(97, t.fixed_ids, t.budget), progress=False)
 
 
-@pytest.mark.parametrize("name", ["vma", "ia", "nn", "behavioural"])
+@pytest.mark.parametrize("name", ["vma", "ia", "nn", "behavioural", "anchored"])
 def test_weight_and_behaviour_attacks_break_a_weak_obfuscation_on_the_full_vocabulary(plain_dir, weak, name):
     r = attack(plain_dir, weak, [name])[name]
     assert r["candidates"] == 97 and r["queries"] == 95            # every movable id, against the whole vocabulary
     assert r["token_recovery"] >= 0.9 and r["prompt_token_recovery"] >= 0.9
+
+
+def test_anchor_contexts_are_distinct_sequences_of_fixed_ids_shortest_first():
+    from aloe.attacks.anchored import anchor_contexts
+
+    rng = np.random.default_rng(0)
+    ctx = anchor_contexts(np.array([0, 1, 2]), 20, rng)
+    assert len(ctx) == 20 and len(set(ctx)) == 20
+    assert [len(c) for c in ctx] == sorted(len(c) for c in ctx)
+    assert ctx[:3] == [(0,), (1,), (2,)] and len(ctx[3:12]) == 9 and all(len(c) == 2 for c in ctx[3:12])
+    assert all(len(c) == 3 and set(c) <= {0, 1, 2} for c in ctx[12:])
+    assert anchor_contexts(np.array([], dtype=np.int64), 5, rng) == []
+
+
+def test_anchored_matching_reads_the_vocabulary_from_special_ids_alone(plain_dir, weak):
+    """Before any bootstrap round, contexts made only of the two fixed ids already pin down most output ids: the
+    logits the server reads there are the plain model's, permuted."""
+    r = attack(plain_dir, weak, ["anchored"], anchored_rounds=0)["anchored"]
+    assert r["rounds"] == 0 and r["anchors"] == 2 and r["contexts"] == 1024
+    assert r["token_recovery"] >= 0.9 and r["anchors_only_token_recovery"] == r["token_recovery"]
+    boot = attack(plain_dir, weak, ["anchored"], anchored_rounds=1, anchored_contexts=4)["anchored"]
+    assert boot["contexts"] > 4 and boot["rounds"] == 1 and boot["token_recovery"] >= 0.9
 
 
 def test_strong_noise_and_paper_keys_cut_the_weight_attacks(plain_dir, weak, strong):
@@ -208,7 +230,7 @@ def test_cli_prints_every_attack_in_json(plain_dir, weak, capsys, tmp_path):
             "--seq-len", "6", "--tfma-tokens", "500", "--isa-shortlist", "8", "--learned-steps", "5", "--json"]
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {"vma", "ia", "nn", "isa", "ima", "tfma", "behavioural", "learned"}
+    assert set(out) == {"vma", "ia", "nn", "isa", "ima", "tfma", "behavioural", "anchored", "learned"}
     for r in out.values():
         assert 0.0 <= r["token_recovery"] <= 1.0 and 0.0 <= r["prompt_token_recovery"] <= 1.0
     other = tmp_path / "other.json"
@@ -235,7 +257,7 @@ def test_client_held_vocabulary_keeps_the_logits_and_defeats_the_table_attacks(p
         hidden = server.model(inputs_embeds=client.embed(ids).double()).last_hidden_state
         assert (client.logits(hidden.float()).double() - full(ids).logits).abs().max() < 1e-4
         assert server.model.embed_tokens.weight.abs().max() == 0 and server.lm_head.weight.abs().max() == 0
-    names = ["vma", "nn", "ia", "behavioural"]
+    names = ["vma", "nn", "ia", "behavioural", "anchored"]
     before = attack(plain_dir, weak, names)
     after = attack(plain_dir, (tmp_path / "server", tau), names)
     for name in names:

@@ -17,7 +17,8 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
                   ima_tokens=args.ima_tokens, ima_steps=args.ima_steps, tfma_tokens=args.tfma_tokens,
                   behaviour_rows=args.behaviour_rows, behaviour_queries=args.behaviour_queries,
                   learned_steps=args.learned_steps, learned_state_ids=args.learned_state_ids,
-                  learned_draws=args.learned_draws, seed=args.attacker_seed)
+                  learned_draws=args.learned_draws, anchored_contexts=args.anchored_contexts,
+                  anchored_rounds=args.anchored_rounds, seed=args.attacker_seed)
 
 
 def add_budget_flags(p: argparse.ArgumentParser) -> None:
@@ -41,6 +42,10 @@ def add_budget_flags(p: argparse.ArgumentParser) -> None:
                    help="ids given a forward pass for the learned states block (0 = all attacked ids, -1 = none)")
     g.add_argument("--learned-draws", type=int, default=2,
                    help="own copies the learned matcher trains on (the last validates when 2+)")
+    g.add_argument("--anchored-contexts", type=int, default=1024,
+                   help="contexts of fixed special ids run on each side (anchored logit matching)")
+    g.add_argument("--anchored-rounds", type=int, default=2,
+                   help="bootstrap rounds of anchored matching (the best-matched ids become anchors)")
     g.add_argument("--attacker-seed", type=int, default=None, help="seed of the attacker's own (non-secret) draws")
 
 

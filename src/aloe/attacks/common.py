@@ -38,6 +38,8 @@ class Budget:
     learned_steps: int = 400    # training steps of the learned matcher
     learned_state_ids: int = 0  # attacked ids (and own-copy rows) given a forward pass for the states block (0 = all)
     learned_draws: int = 2      # own copies the learned matcher trains on (the last one validates when there are 2+)
+    anchored_contexts: int = 1024  # contexts of fixed ids run on each side (anchored logit matching)
+    anchored_rounds: int = 2       # bootstrap rounds that promote the best-matched ids to anchors
     batch: int = 256
     seed: int | None = None     # attacker's own (non-secret) randomness; None = fresh
 

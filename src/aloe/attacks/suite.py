@@ -15,7 +15,7 @@ from aloe import AloeError
 from aloe.attacks.common import Target
 from aloe.attacks.scoring import score_ids, score_sequences
 
-ATTACKS = ("vma", "ia", "nn", "isa", "ima", "tfma", "behavioural", "learned")
+ATTACKS = ("vma", "ia", "nn", "isa", "ima", "tfma", "behavioural", "anchored", "learned")
 
 
 @dataclass
@@ -103,7 +103,7 @@ def run(target: Target, names: list[str], tau: np.ndarray, texts: Texts, progres
         t0 = time.perf_counter()
         bar = tqdm(desc=name, disable=not progress, leave=False, unit="step")
         pr = bar if progress else None
-        if name in ("vma", "ia", "nn", "behavioural", "learned"):
+        if name in ("vma", "ia", "nn", "behavioural", "anchored", "learned"):
             from importlib import import_module
 
             guess = import_module(f"aloe.attacks.{name}").attack(target, received, pr)
