@@ -25,7 +25,7 @@ from aloe.assets.cache import atomic_write_json, atomic_write_text  # noqa: E402
 from aloe.attacks.common import Budget, Target  # noqa: E402
 from aloe.attacks.suite import ATTACKS, run, texts_for  # noqa: E402
 from aloe.obfuscation.secret import load_secret  # noqa: E402
-from privacy import RESULTS, all_profiles, build, pct  # noqa: E402
+from privacy import RESULTS, all_profiles, build, pct, stale_attacks  # noqa: E402
 
 PATH = RESULTS / "privacy_full.json"
 
@@ -66,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     budget = Budget()
     bdict = {k: v for k, v in asdict(budget).items() if k != "seed"}
     state = json.loads(PATH.read_text()) if PATH.is_file() else {"profiles": {}}
-    if state.get("budget") not in (None, bdict):
-        state = {"profiles": {}}
+    stale = stale_attacks(state.get("budget") or {}, bdict)  # a changed knob drops only the attacks it affects
+    for e in state["profiles"].values():
+        e["attacks"] = {a: r for a, r in e["attacks"].items() if a not in stale}
     state["budget"], state["command"] = bdict, sys.argv[1:] if argv is None else argv
     for name in args.profiles:
         prof = profiles[name]
