@@ -318,3 +318,23 @@ def test_wide_secret_scales_do_not_stop_the_column_normalised_attacks(plain_dir,
     r = attack(plain_dir, wide, ["vma", "ia"])
     assert r["vma"]["token_recovery"] >= 0.9
     assert r["ia"]["attention_ia_token_recovery"] >= 0.9
+
+
+def test_vectors_a_client_holding_the_vocabulary_sends_are_read_one_occurrence_at_a_time(plain_dir, weak, tmp_path):
+    """Without occurrence noise every sent vector is read alone, by its invariants and by the states it leads to;
+    fresh noise of the rows' own size cuts what each vector gives away."""
+    from aloe.attacks.occurrence import attack_vectors, score_occurrences
+    from aloe.obfuscation.client_vocab import ClientVocabulary, split_vocabulary
+
+    obf, tau = weak
+    split_vocabulary(obf, tmp_path / "server", tmp_path / "client.safetensors")
+    t = Target(plain_dir, tmp_path / "server", Budget(**BUDGET))
+    client = ClientVocabulary(tmp_path / "client.safetensors")
+    plain_ids = np.random.default_rng(3).choice(t.movable_ids, size=60)
+    clean = attack_vectors(t, client.embed(tau[plain_ids]), 0.0)
+    assert set(clean) == {"ia", "states", "combined"} and clean["combined"].shape == (60, 5)
+    for family in ("ia", "states", "combined"):
+        assert score_occurrences(clean[family], plain_ids)["occurrence_recovery"] >= 0.9
+    client = ClientVocabulary(tmp_path / "client.safetensors", occurrence_noise=3.0)
+    noisy = score_occurrences(attack_vectors(t, client.embed(tau[plain_ids]), 3.0)["combined"], plain_ids)
+    assert noisy["occurrences"] == 60 and noisy["occurrence_recovery"] < 0.6

@@ -175,3 +175,23 @@ def test_smollm2_client_held_mode_matches_token_id_serving_and_the_server_sees_n
     bodies = [json.loads(b) for b in recorder.bodies if b]
     assert bodies and all(set(b) <= {"embeds", "session", "model"} for b in bodies)
     assert np.all([len(b["embeds"]) % 4 == 0 for b in bodies])
+
+
+def test_occurrence_noise_inside_a_stock_model_is_fresh_per_lookup_and_off_at_zero(tmp_path):
+    from aloe.obfuscation.client_vocab import with_occurrence_noise
+
+    plain = tiny_model("llama-gqa-tied", tmp_path / "plain")
+    ids = torch.tensor([[5, 6, 5, 7]])
+    base = AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32).eval()
+    ref = base(ids).logits
+    exact = with_occurrence_noise(AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32).eval(), 0.0)
+    assert torch.equal(exact(ids).logits, ref)
+    noisy = with_occurrence_noise(AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32).eval(), 0.5)
+    emb = noisy.get_input_embeddings()
+    a, b = emb(ids), emb(ids)
+    assert not torch.equal(a, b) and not torch.equal(a[0, 0], a[0, 2])        # every lookup draws afresh
+    rows = base.get_input_embeddings().weight[ids[0]]
+    rel = ((a[0] - rows).norm(dim=-1) / rows.norm(dim=-1))
+    assert bool(((rel > 0.2) & (rel < 1.0)).all())                            # about alpha times the row's norm
+    with pytest.raises(AloeError):
+        with_occurrence_noise(base, -1.0)

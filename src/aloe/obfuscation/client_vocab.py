@@ -113,10 +113,50 @@ def split_vocabulary(artifact: Path, server_dir: Path, client_file: Path, *, occ
             "hidden_size": int(client[TABLES[0]].shape[1]), "occurrence_noise": float(occurrence_noise)}
 
 
+class OccurrenceNoise:
+    """Fresh noise for every occurrence of a row: ``rows + N(0, sigma_i^2)`` with ``sigma_i`` from
+    :func:`~aloe.obfuscation.embedding.noise_std` (``alpha`` relative to row ``i`` of ``table``), drawn from a
+    generator keyed by the OS CSPRNG (never a fixed seed). ``alpha`` 0 returns the rows unchanged."""
+
+    def __init__(self, table: torch.Tensor, alpha: float, shape: str = "row") -> None:
+        if not alpha >= 0:
+            raise AloeError(f"occurrence noise must be >= 0, not {alpha}")
+        self.alpha = float(alpha)
+        self.sigma = torch.from_numpy(noise_std(table.double().numpy(), self.alpha, shape)).float() if alpha else None
+        self._gen = torch.Generator().manual_seed(secrets.randbits(63))
+
+    def __call__(self, ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        if self.sigma is None:
+            return rows
+        noise = torch.randn(rows.shape, generator=self._gen) * self.sigma[ids].unsqueeze(-1)
+        return rows + noise.to(rows.dtype)
+
+
+class NoisyEmbedding(torch.nn.Module):
+    """An input embedding that adds fresh occurrence noise at every lookup: the client-held deployment's inputs,
+    inside one stock model, so that fidelity can be measured with the ordinary generate and forward calls (each
+    new token of a decode is looked up once, as the client sends it once)."""
+
+    def __init__(self, embedding: torch.nn.Embedding, alpha: float, shape: str = "row") -> None:
+        super().__init__()
+        self.embedding = embedding
+        self.noise = OccurrenceNoise(embedding.weight.detach().float(), alpha, shape)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.noise(ids, self.embedding(ids))
+
+
+def with_occurrence_noise(model, alpha: float, shape: str = "row"):
+    """``model`` (a stock causal LM holding its obfuscated tables) with fresh per-occurrence noise on its inputs."""
+    model.set_input_embeddings(NoisyEmbedding(model.get_input_embeddings(), alpha, shape))
+    return model
+
+
 class ClientVocabulary:
     """The client's half: embedding lookup (plus fresh per-occurrence noise) before a request, the head after it."""
 
-    def __init__(self, client_file: Path) -> None:
+    def __init__(self, client_file: Path, occurrence_noise: float | None = None) -> None:
+        """``occurrence_noise`` overrides the level the file was written with (None: the file's)."""
         from safetensors import safe_open
 
         try:
@@ -130,23 +170,17 @@ class ClientVocabulary:
         self.embed_table, self.head = t[TABLES[0]].float(), t[TABLES[1]].float()
         self.fingerprint = meta.get("secret_fingerprint")
         self.eos_ids = [int(i) for i in json.loads(meta.get("eos_token_ids", "[]"))]
-        self.occurrence_noise = float(meta.get("occurrence_noise", "0"))
+        self.occurrence_noise = float(meta.get("occurrence_noise", "0") if occurrence_noise is None
+                                      else occurrence_noise)
         self.hidden_size = int(self.embed_table.shape[1])
         self.vocab_size = int(self.embed_table.shape[0])
-        if self.occurrence_noise > 0:
-            self.sigma = torch.from_numpy(noise_std(self.embed_table.double().numpy(), self.occurrence_noise,
-                                                    meta.get("noise_shape", "row"))).float()
-        # fresh noise for every occurrence, drawn from a generator keyed by the OS CSPRNG (never a fixed seed)
-        self._noise = torch.Generator().manual_seed(secrets.randbits(63))
+        self._noise = OccurrenceNoise(self.embed_table, self.occurrence_noise, meta.get("noise_shape", "row"))
 
     def embed(self, obf_ids) -> torch.Tensor:
         ids = torch.as_tensor(np.asarray(obf_ids, dtype=np.int64))
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
             raise AloeError(f"token id outside the vocabulary 0..{self.vocab_size - 1}")
-        rows = self.embed_table[ids]
-        if self.occurrence_noise > 0:
-            rows = rows + torch.randn(rows.shape, generator=self._noise) * self.sigma[ids].unsqueeze(-1)
-        return rows
+        return self._noise(ids, self.embed_table[ids])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Obfuscated-order logits from final hidden states."""
