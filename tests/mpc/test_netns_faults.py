@@ -3,10 +3,11 @@
 
 One unbroken run (2 epochs of 4 steps, 32 MNIST examples, batch 8) is the reference. Each broken run starts from a
 copy of the reference's epoch-1 checkpoints of all three roles, so it shares the reference's run and keys; a party is
-killed (SIGKILL) at step 2 of the second epoch, or R is cut off the network. Every surviving party must exit with
-code 2 and one error line within the bound (a kill: the deployment's timeout at most, in practice well under a
-second; a partition: the timeout plus one heartbeat interval), and the resumed run must end with exactly the
-reference's weights. Skips, with the reason, when not root or when ``ip netns`` is refused."""
+killed (SIGKILL) at step 2 of the second epoch, killed there and at once started again with the same command, or R
+is cut off the network. Every surviving party must exit with code 2 and one error line within the bound (a kill: the
+deployment's timeout at most; a partition: the timeout plus one heartbeat interval); a restarted party cannot rejoin
+and exits the same way after the timeout; and the resumed run must end with exactly the reference's weights. Skips,
+with the reason, when not root or when ``ip netns`` is refused."""
 
 from __future__ import annotations
 
@@ -58,17 +59,18 @@ def _write(run: Path, certs: Path, resume: bool) -> Path:
     return cfg
 
 
+def _start(net, cfg: Path, role: str, fault: tuple[str, int, int] | None = None) -> subprocess.Popen:
+    prefix = ["ip", "netns", "exec", net["ns"][INTERNAL[role]], "env", f"PYTHONPATH={SRC}", sys.executable]
+    if fault is not None and fault[0] == role:
+        prefix += [FAULT, str(fault[1]), str(fault[2])]
+    else:
+        prefix += ["-m", "aloe.cli"]
+    return subprocess.Popen([*prefix, "mpc", "party", "--role", role, "--config", str(cfg), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def _launch(net, cfg: Path, fault: tuple[str, int, int] | None = None) -> dict:
-    procs = {}
-    for role in ROLES:
-        prefix = ["ip", "netns", "exec", net["ns"][INTERNAL[role]], "env", f"PYTHONPATH={SRC}", sys.executable]
-        if fault is not None and fault[0] == role:
-            prefix += [FAULT, str(fault[1]), str(fault[2])]
-        else:
-            prefix += ["-m", "aloe.cli"]
-        procs[role] = subprocess.Popen([*prefix, "mpc", "party", "--role", role, "--config", str(cfg), "--json"],
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return procs
+    return {role: _start(net, cfg, role, fault) for role in ROLES}
 
 
 def _wait(procs: dict, limit: float = 180.0, when=None) -> dict:
@@ -146,6 +148,53 @@ def test_a_party_killed_mid_epoch_stops_all_and_the_resume_ends_with_the_unbroke
         assert torch.equal(w, reference.weights[name]), name
     print(f"{killed} killed: the others stopped {', '.join(f'{r} {s:.2f} s' for r, s in stops.items())} after it; "
           f"resume {time.monotonic() - t0:.1f} s")
+
+
+@pytest.mark.parametrize("restarted", ROLES)
+def test_a_party_restarted_mid_epoch_cannot_rejoin_and_the_resume_ends_with_the_unbroken_weights(
+        net, certs, reference, tmp_path, restarted):
+    _copy_epoch_1(reference.dir, tmp_path)
+    cfg = _write(tmp_path, certs, resume=True)
+    procs = _launch(net, cfg, fault=(restarted, 1, 2))
+    again = {}
+
+    def restart():  # the same party's command again, as soon as its process is dead
+        if not again and procs[restarted].poll() is not None:
+            again["at"] = time.monotonic()
+            procs["again"] = _start(net, cfg, restarted)
+
+    outs = _wait(procs, when=restart)
+    assert outs[restarted][0] == -9, outs[restarted][2][-500:]
+    assert again, "the party was never restarted"
+    t_kill = outs[restarted][3]
+    who = INTERNAL[restarted]
+    stops = {}
+    for role in ROLES:
+        if role != restarted:
+            line = _one_error_line(outs[role])
+            assert f"party {who} closed the connection mid-run without the end-of-run message" in line, \
+                {r: o[2][-300:] for r, o in outs.items()}
+            stops[role] = outs[role][3] - t_kill
+    assert max(stops.values()) < TIMEOUT, stops
+    # the restarted process finds no listener (or nobody connects to it) and gives up after the timeout
+    line = _one_error_line(outs["again"])
+    expected = "no party connected within" if restarted == "L" else "could not connect to party L at"
+    assert expected in line and "cannot rejoin a run already under way" in line, line
+    alone = outs["again"][3] - again["at"]
+    assert TIMEOUT <= alone < TIMEOUT + 60.0, alone  # the timeout after its start-up (imports, data) on a busy host
+    for r in ("L", "R"):
+        assert sorted(p.name for p in (tmp_path / f"ck-{r}" / r).iterdir()) == ["epoch-0001.pt"]
+    assert not (tmp_path / "model.pt").exists()
+    t0 = time.monotonic()
+    resumed = _wait(_launch(net, cfg))
+    assert all(o[0] == 0 for o in resumed.values()), {r: o[2][-500:] for r, o in resumed.items()}
+    weights = _weights(tmp_path)
+    assert weights.keys() == reference.weights.keys()
+    for name, w in weights.items():
+        assert torch.equal(w, reference.weights[name]), name
+    print(f"{restarted} killed and restarted: the others stopped "
+          f"{', '.join(f'{r} {s:.2f} s' for r, s in stops.items())} after the kill; the restarted process gave up "
+          f"{alone:.1f} s after its start; resume {time.monotonic() - t0:.1f} s")
 
 
 def test_a_party_cut_off_the_network_stops_all_within_the_timeout(net, certs, reference, tmp_path):

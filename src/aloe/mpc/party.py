@@ -53,6 +53,10 @@ from aloe.mpc.tls import CA_FILE, CERT_ROLE, PLAIN_PREAMBLE, Credentials, TLSCon
 
 ROLES = ("L", "R", "D")
 DEFAULT_TIMEOUT = 60.0
+# why a party finds nobody to connect to: L and R stop listening once all parties are connected, so a party restarted
+# during a run finds no listener, and the others stop on its old process's death
+REJOIN = ("a party cannot rejoin a run already under way: after a restart, start all three again, with resume = true "
+          "to continue from the last checkpoint")
 
 
 class Party:
@@ -387,7 +391,7 @@ def _accept(srv: socket.socket, sec: Security, timeout: float) -> tuple:
     try:
         sock, addr = srv.accept()
     except TimeoutError:
-        raise PartyTimeout(f"no party connected within {timeout:g} s") from None
+        raise PartyTimeout(f"no party connected within {timeout:g} s (are the others running? {REJOIN})") from None
     return _authenticate(sock, sec, True, timeout, f"the party connecting from {addr[0]}")
 
 
@@ -400,7 +404,8 @@ def _connect(addr: tuple[str, int], sec: Security, timeout: float, expect: str) 
             break
         except OSError:
             if time.monotonic() > deadline:
-                raise PartyTimeout(f"could not connect to {addr[0]}:{addr[1]} within {timeout:g} s") from None
+                raise PartyTimeout(f"could not connect to party {expect} at {addr[0]}:{addr[1]} within {timeout:g} s "
+                                   f"(is it running? {REJOIN})") from None
             time.sleep(0.05)
     cs = _authenticate(sock, sec, False, timeout, f"party {expect} at {addr[0]}:{addr[1]}")
     if sec.tls and cs[2] != CERT_ROLE.get(expect, expect):
