@@ -17,13 +17,16 @@ a second time with ``preprocess=True``: the dealer delivers the step's correlate
 online phase is timed alone (reported beside the goal, which is checked on the first run: CrypTen's TTP mode has no
 offline phase).
 
+aloe's channels are TLS 1.3 (its default) unless ``--channels plain`` asks for plain TCP (``--insecure-loopback``);
+the choice is recorded in the JSON (``channels``) and the Markdown.
+
 ``--wan`` repeats both inside a network namespace whose loopback is limited to 100 Mbit/s (``tbf``; the kernel has no
 ``netem``), and adds a projection ``seconds + rounds x one-way delay`` for 2.5 ms and 25 ms (labelled as such).
 One measurement per Network B workload (each is a full training step; the machine is shared and slow); the LR
 epoch, a fraction of a second, is timed 5 times on each side and the medians compared.
 
 Usage: python benchmarks/mpc_training.py [--quick] [--workloads lr,b-avg,b-max] [--drelu prefix,gmodule]
-[--wan [--wan-workloads lr]] [--json]
+[--channels tls|plain] [--wan [--wan-workloads lr]] [--json]
 ``--quick``: lr and b-avg only. ``--drelu``: the DReLU methods the network workloads run with, each beside the same
 CrypTen measurement (default both); LR runs with the first.
 """
@@ -58,23 +61,28 @@ WORKLOADS = ("lr", "b-avg", "b-max")
 REPS = {"lr": 5}
 GOALS = {"lr": 0.25, "b-avg": 0.2, "b-max": 0.2}
 BLOBS = (5000, 20)
+CHANNELS = ("tls", "plain")
 
 
-def aloe_config(w: str, ckpt: str, preprocess: bool = False, drelu: str = DEFAULT_DRELU) -> TrainConfig:
+def aloe_config(w: str, ckpt: str, preprocess: bool = False, drelu: str = DEFAULT_DRELU,
+                channels: str = "tls") -> TrainConfig:
+    plain = channels == "plain"  # else TLS with a fresh certificate bundle per launch (train's default)
     if w == "lr":
         return TrainConfig(model="lr", dataset="blobs", limit=BLOBS[0], batch=BLOBS[0], epochs=1, lr=0.1,
-                           blobs=BLOBS, checkpoint_dir=ckpt, timeout=600.0, preprocess=preprocess, drelu=drelu)
+                           blobs=BLOBS, checkpoint_dir=ckpt, timeout=600.0, preprocess=preprocess, drelu=drelu,
+                           insecure_loopback=plain)
     return TrainConfig(model="b", pool=w.split("-")[1], limit=128, batch=128, epochs=1, lr=0.01, checkpoint_dir=ckpt,
-                       timeout=600.0, preprocess=preprocess, drelu=drelu)
+                       timeout=600.0, preprocess=preprocess, drelu=drelu, insecure_loopback=plain)
 
 
-def run_aloe(w: str, drelu: str = DEFAULT_DRELU) -> dict:
+def run_aloe(w: str, drelu: str = DEFAULT_DRELU, channels: str = "tls") -> dict:
     reps, pres = [], []
     for _ in range(REPS.get(w, 1)):
         with tempfile.TemporaryDirectory() as tmp:
-            reps.append(train(aloe_config(w, tmp, drelu=drelu), progress=False, plain=False))
+            reps.append(train(aloe_config(w, tmp, drelu=drelu, channels=channels), progress=False, plain=False))
         with tempfile.TemporaryDirectory() as tmp:
-            pres.append(train(aloe_config(w, tmp, preprocess=True, drelu=drelu), progress=False, plain=False))
+            pres.append(train(aloe_config(w, tmp, preprocess=True, drelu=drelu, channels=channels), progress=False,
+                              plain=False))
     # the step without writing the epoch checkpoint (CrypTen writes none); that time is reported beside it
     rep = reps[-1]
     return {"seconds": statistics.median(r["train_seconds"] - r["checkpoint_seconds"] for r in reps),
@@ -106,10 +114,10 @@ def run_crypten(workloads: list[str]) -> dict:
         return json.loads(out.read_text())
 
 
-def measure(workloads: list[str], drelus: list[str]) -> dict:
+def measure(workloads: list[str], drelus: list[str], channels: str = "tls") -> dict:
     # each network workload once per DReLU method; LR (whose only compares are the sigmoid's clamp) with the first
     runs = [(w, d) for w in workloads for d in (drelus if w != "lr" else drelus[:1])]
-    aloe = {(w, d): run_aloe(w, d) for w, d in runs}
+    aloe = {(w, d): run_aloe(w, d, channels) for w, d in runs}
     crypten = run_crypten(workloads)
     rows = []
     for w, d in runs:
@@ -134,7 +142,7 @@ def measure(workloads: list[str], drelus: list[str]) -> dict:
             "crypten_online_bytes": c["online_bytes"],
             "crypten_rank0_bytes": c["rank0_bytes"],
         })
-    return {"crypten_version": crypten["crypten"], "torch": crypten["torch"], "rows": rows}
+    return {"crypten_version": crypten["crypten"], "torch": crypten["torch"], "channels": channels, "rows": rows}
 
 
 NAMES = {"lr": "LR epoch, 5,000 x 20, full batch", "b-avg": "Network B step, b=128, avg-pool",
@@ -192,6 +200,8 @@ def main() -> int:
     ap.add_argument("--drelu", default=f"{DEFAULT_DRELU},gmodule",
                     help="DReLU methods to run the network workloads with (comma list of prefix, gmodule; "
                          f"default {DEFAULT_DRELU},gmodule)")
+    ap.add_argument("--channels", choices=CHANNELS, default="tls",
+                    help="aloe's channels: TLS 1.3 (default) or plain TCP (--insecure-loopback)")
     ap.add_argument("--inner", choices=["wan"], help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -203,15 +213,16 @@ def main() -> int:
         raise SystemExit(f"unknown DReLU method in {args.drelu}")
     torch.set_num_threads(1)
     if args.inner == "wan":
-        print(json.dumps(measure(workloads, drelus)))
+        print(json.dumps(measure(workloads, drelus, args.channels)))
         return 0
-    lan = measure(workloads, drelus)
+    lan = measure(workloads, drelus, args.channels)
     cmd_line = "python benchmarks/mpc_training.py"
     cmd_line += " --quick" if args.quick else f" --workloads {','.join(workloads)}"
-    cmd_line += f" --drelu {','.join(drelus)}"
-    report = {"lan": lan, "machine": f"{os.cpu_count()} CPU cores (shared), loopback"}
+    cmd_line += f" --drelu {','.join(drelus)} --channels {args.channels}"
+    report = {"lan": lan, "channels": args.channels, "machine": f"{os.cpu_count()} CPU cores (shared), loopback"}
     md = ["# Secure training: aloe vs CrypTen (side by side, one run)", "",
-          f"CrypTen {lan['crypten_version']} with provider TTP, torch {lan['torch']}. "
+          f"CrypTen {lan['crypten_version']} with provider TTP, torch {lan['torch']}. aloe's channels: "
+          f"{'TLS 1.3' if args.channels == 'tls' else 'plain TCP (--insecure-loopback)'}. "
           "One measurement per Network B workload; "
           "the LR epoch (a fraction of a second) is timed 5 times on each side and the medians compared. "
           "aloe s: the training loop on L (batch sharing, forward, backward, update; the epoch checkpoint's "
@@ -226,7 +237,8 @@ def main() -> int:
         wl = args.wan_workloads or ",".join(workloads)
         cmd_line += f" --wan --wan-workloads {wl}"
         cmd = ("ip link set lo up && tc qdisc add dev lo root tbf rate 100mbit burst 1mbit latency 100ms && "
-               f"{sys.executable} {Path(__file__).resolve()} --inner wan --workloads {wl} --drelu {','.join(drelus)}")
+               f"{sys.executable} {Path(__file__).resolve()} --inner wan --workloads {wl} --drelu {','.join(drelus)} "
+               f"--channels {args.channels}")
         proc = subprocess.run(["unshare", "-n", "sh", "-c", cmd], capture_output=True, text=True, timeout=7200)
         if proc.returncode != 0:
             raise AloeError(f"WAN run failed: {proc.stderr.strip().splitlines()[-3:]}")
