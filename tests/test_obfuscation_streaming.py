@@ -1,5 +1,5 @@
-"""The streaming conversion: bounded memory whatever the depth, shards as save_file writes them, and the float32
-path against the float64 one."""
+"""The streaming conversion: bounded memory whatever the depth, a reader that checks each tensor without a copy of
+it in float64, shards as save_file writes them, and the float32 path against the float64 one."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from aloe.obfuscation.checkpoint import ShardWriter
+from aloe import AloeError
+from aloe.obfuscation.checkpoint import FINITE_CHUNK, CheckpointReader, ShardWriter
 from aloe.obfuscation.model import obfuscate_checkpoint
 from aloe.obfuscation.profiles import PROFILES
 from obfuscation_helpers import tiny_model
@@ -75,6 +76,41 @@ def test_peak_memory_does_not_grow_with_depth(tmp_path):
     # the allocator and one layer's tensors (~3 MB), far under the output's size
     assert out_mb > 150
     assert (peak_deep - peak_shallow) / 1024 < 40, (peak_shallow, peak_deep)
+
+
+READ_CHILD = """
+import resource, sys
+from aloe.obfuscation.checkpoint import CheckpointReader
+reader = CheckpointReader(sys.argv[1])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = reader.tensor("table", (4096, 4096))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+def test_reader_rejects_non_finite_tensors_without_a_float64_copy(tmp_path):
+    """Reading a tensor checks that it is finite; the check sums in blocks, so reading a 64 MB float32 table raises
+    the peak by about the table (its mapped file pages), not by the 128 MB float64 copy of it that one whole-table
+    ``sum(dtype=float64)`` makes."""
+    n = 3 * FINITE_CHUNK + 5
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            folder = tmp_path / f"{str(dtype)[6:]}-{bad}"
+            folder.mkdir()
+            good, poisoned = torch.randn(n).to(dtype), torch.randn(n).to(dtype)
+            poisoned[n - 2] = bad                                    # in the last, partial block
+            save_file({"good": good, "poisoned": poisoned}, str(folder / "model.safetensors"))
+            reader = CheckpointReader(folder)
+            assert torch.equal(reader.tensor("good", (n,)), good)
+            with pytest.raises(AloeError, match="tensor poisoned holds non-finite values"):
+                reader.tensor("poisoned")
+    big = tmp_path / "big"
+    big.mkdir()
+    save_file({"table": torch.randn(4096, 4096)}, str(big / "model.safetensors"))
+    proc = subprocess.run([sys.executable, "-c", READ_CHILD, str(big)], capture_output=True, text=True, check=True,
+                          cwd=ROOT)
+    raised_mb = int(proc.stdout.split()[-1]) / 1024
+    assert raised_mb < 1.5 * 64, raised_mb
 
 
 def test_shard_writer_holds_no_tensor_and_writes_what_save_file_writes(tmp_path):

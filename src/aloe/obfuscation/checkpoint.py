@@ -82,8 +82,7 @@ class CheckpointReader:
             raise AloeError(f"tensor {name} in {path} is corrupt: {exc}") from None
         if shape is not None and tuple(t.shape) != tuple(shape):
             raise AloeError(f"tensor {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-        # a float64 sum is non-finite iff some entry is (no float32/16 table can overflow it), at a pass's cost
-        if t.is_floating_point() and not bool(torch.isfinite(t.sum(dtype=torch.float64))):
+        if t.is_floating_point() and not _all_finite(t):
             raise AloeError(f"tensor {name} holds non-finite values")
         return t
 
@@ -99,6 +98,19 @@ class CheckpointReader:
                 for chunk in iter(lambda: fh.read(1 << 22), b""):
                     h.update(chunk)
         return h.hexdigest()
+
+
+FINITE_CHUNK = 1 << 20
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry is finite: a float64 sum is non-finite iff some entry is (no float32/16 block can
+    overflow it). Summed in blocks of ``FINITE_CHUNK`` entries, because torch casts the whole input to float64
+    before a ``sum(dtype=float64)``: over the whole table that temporary is twice a float32 table's size (four
+    times a bfloat16 one's) and set the conversion's peak memory."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + FINITE_CHUNK].sum(dtype=torch.float64)))
+               for i in range(0, flat.numel(), FINITE_CHUNK))
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
