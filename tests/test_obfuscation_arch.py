@@ -2,7 +2,8 @@
 expert, Mixtral) and Gemma 3 (sandwich norms, (1 + w) norms, GeGLU, scaled embedding, sliding layers).
 
 Each obfuscated checkpoint is loaded by stock transformers (``AutoModelForCausalLM``, no aloe code) and its
-de-permuted logits must equal the plain model's to 1e-9 through prefill and KV-cache decode.
+de-permuted logits must equal the plain model's to 1e-9 through prefill and KV-cache decode; the float32 conversion
+(the default output, its own code path) must equal them to float32 rounding.
 """
 
 import json
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from transformers import (
     AutoModelForCausalLM,
     Gemma3TextConfig,
@@ -26,6 +28,7 @@ from transformers.models.qwen3 import modeling_qwen3
 from transformers.models.qwen3_moe import modeling_qwen3_moe
 
 from aloe import AloeError
+from aloe.obfuscation import model as conversion
 from aloe.obfuscation.attention import group_transform, qk_norm_weight
 from aloe.obfuscation.model import obfuscate_checkpoint
 from aloe.obfuscation.norm import SandwichKeys, rms_norm
@@ -142,6 +145,70 @@ def test_exact_profile_is_exact_through_prefill_and_kv_cache_decode(tmp_path, fl
     worst, own_order = max_diff_prefill_and_decode(plain, obf, tau)
     assert worst <= 1e-9
     assert own_order > 1e-3   # the obfuscated model in its own id order is a different model
+
+
+# the float32 path against the plain model: the largest logit difference over the largest plain logit (measured on
+# these configs: <= 4.4e-7, Gemma 3), and each float32 tensor against the float64 artifact of the same secret,
+# relative to that tensor's largest entry (measured: <= 3.5e-7), as tests/test_obfuscation_streaming.py bounds Qwen2
+F32_LOGIT_TOL = 2e-6
+F32_TENSOR_TOL = 5e-6
+F32_KINDS = ("qwen3", "qwen3-bias-mqa-tied", "qwen3-moe", "qwen2-moe-shared", "mixtral", "gemma3")
+
+
+@pytest.mark.parametrize("kind", F32_KINDS)
+def test_float32_conversion_is_exact_to_float32_rounding(tmp_path, float64_everywhere, monkeypatch, kind):
+    """The default output dtype (float32) takes the factored float32 transforms (QK-norm attention, experts one at a
+    time, sandwich norms): its de-permuted logits, computed in float64 from the float32 weights, match the plain
+    model through prefill and KV-cache decode, and every tensor matches the float64 conversion."""
+    calls = {"attention": [], "moe": 0, "float64": 0}
+    attention_f32, moe_f32 = conversion.obfuscate_attention_f32, conversion.obfuscate_moe_f32
+
+    def spy_attention(*args, **kwargs):
+        calls["attention"].append(kwargs.get("qk_norm") is not None)
+        return attention_f32(*args, **kwargs)
+
+    def spy_moe(*args, **kwargs):
+        calls["moe"] += 1
+        return moe_f32(*args, **kwargs)
+
+    def float64_transform(original):
+        def spy(*args, **kwargs):
+            calls["float64"] += 1
+            return original(*args, **kwargs)
+        return spy
+
+    monkeypatch.setattr(conversion, "obfuscate_attention_f32", spy_attention)
+    monkeypatch.setattr(conversion, "obfuscate_moe_f32", spy_moe)
+    for name in ("obfuscate_attention", "obfuscate_moe", "obfuscate_ffn", "obfuscate_embedding", "obfuscate_head"):
+        monkeypatch.setattr(conversion, name, float64_transform(getattr(conversion, name)))
+
+    plain_dir = tiny(kind, tmp_path / "plain")
+    summary = obfuscate_checkpoint(plain_dir, tmp_path / "f32", tmp_path / "secret.json", EXACT, progress=False)
+    n_layers = CONFIGS[kind]().num_hidden_layers
+    assert summary["dtype"] == "float32" and calls["float64"] == 0
+    qk_norm = kind.startswith("qwen3") or kind == "gemma3"
+    assert calls["attention"] == [qk_norm] * n_layers            # every layer, QK-norm where the model has it
+    assert calls["moe"] == (2 if kind == "qwen3-moe" else n_layers if kind in ROUTERS else 0)
+
+    plain = AutoModelForCausalLM.from_pretrained(plain_dir, dtype=torch.float64, **EAGER).eval()
+    obf = AutoModelForCausalLM.from_pretrained(tmp_path / "f32", dtype=torch.float64, **EAGER).eval()
+    tau = torch.as_tensor(load_secret(tmp_path / "secret.json").tau)
+    with torch.no_grad():
+        scale = plain(torch.arange(97)[None, :]).logits.abs().max().item()
+    worst, own_order = max_diff_prefill_and_decode(plain, obf, tau)
+    assert worst <= F32_LOGIT_TOL * scale, (worst, scale)
+    assert own_order > 1e-3
+
+    monkeypatch.undo()
+    obfuscate_checkpoint(plain_dir, tmp_path / "f64", tmp_path / "secret.json", EXACT, dtype="float64",
+                         progress=False)
+    with safe_open(str(tmp_path / "f64" / "model.safetensors"), "pt") as a, \
+            safe_open(str(tmp_path / "f32" / "model.safetensors"), "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        for k in a.keys():
+            ref, got = a.get_tensor(k), b.get_tensor(k)
+            assert got.dtype == torch.float32 and got.shape == ref.shape, k
+            assert (got.double() - ref).abs().max() <= F32_TENSOR_TOL * max(ref.abs().max().item(), 1e-30), k
 
 
 @pytest.mark.parametrize("kind", sorted(ROUTERS))
