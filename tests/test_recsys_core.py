@@ -187,3 +187,153 @@ def test_interests_recover_known_eigenvectors():
     assert interests[0].share == pytest.approx(0.75)
     with pytest.raises(AloeError):
         session_interests(np.eye(4), x)
+
+
+def _cycle_data(v=20, n_train=200, n_test=30, length=6, seed=0):
+    """Sequences that walk the items in a cycle (next = previous + 1 mod v): learnable from the last click alone."""
+    from aloe.recsys.data import SessionData
+
+    rng = np.random.default_rng(seed)
+
+    def pack(n):
+        seqs = [(rng.integers(v) + np.arange(length)) % v for _ in range(n)]
+        return np.concatenate(seqs).astype(np.int64), np.arange(n + 1, dtype=np.int64) * length
+
+    train, test = pack(n_train), pack(n_test)
+    return SessionData("cycle", v, np.arange(v), *train, *test, np.ones(n_test, np.int64))
+
+
+@pytest.mark.parametrize("loss", ["bpr-max", "top1-max"])
+@pytest.mark.parametrize("kind", ["vector", "matrix"])
+def test_sampled_losses_learn_a_cycle(kind, loss):
+    from aloe.recsys.train import TrainConfig, evaluate, train_model
+
+    data = _cycle_data()
+    torch.manual_seed(0)
+    model = build_model(kind, data.n_items, hidden=24, embed_dim=12, matrix_dim=6, dropout=0.0)
+    fit = train_model(model, data, TrainConfig(epochs=8, batch_size=32, lr=1e-2, loss=loss, negatives=16))
+    assert np.isfinite(fit["losses"]).all()
+    assert fit["losses"][-1] < 0.7 * fit["losses"][0]
+    ev = evaluate(model, data, k=1)
+    assert ev["recall@1"] > 0.5  # chance is 1/20
+
+
+def test_sampled_negatives_follow_popularity_to_the_alpha():
+    from scipy import stats
+
+    from aloe.recsys.train import batch_columns, negative_probs
+
+    counts = np.array([1, 2, 5, 10, 20, 50, 100, 400])
+    targets = torch.tensor([3, 3, 1])
+    rng = np.random.default_rng(0)
+    drawn = []
+    for _ in range(200):
+        cols, where = batch_columns(targets, negative_probs(counts, 0.5), 100, rng)
+        assert cols[:2].tolist() == [1, 3] and where.tolist() == [1, 1, 0]  # distinct in-batch targets first
+        drawn.append(cols[2:].numpy())
+    freq = np.bincount(np.concatenate(drawn), minlength=len(counts))
+    assert stats.chisquare(freq, freq.sum() * np.sqrt(counts) / np.sqrt(counts).sum()).pvalue > 1e-3
+    assert stats.chisquare(freq, freq.sum() * counts / counts.sum()).pvalue < 1e-6  # not plain popularity
+    assert np.allclose(negative_probs(counts, 0.0), 1 / len(counts))
+
+
+def test_sampled_loss_hand_computed():
+    from aloe.recsys.train import sampled_loss
+
+    # target item 7 (column 0) scores 2; negatives 5 (score 0) and 9 (score 1); the sampled column that repeats item 7
+    # is not a negative
+    columns, targets, where = torch.tensor([7, 5, 9, 7]), torch.tensor([7]), torch.tensor([0])
+    scores = torch.tensor([[2.0, 0.0, 1.0, 2.0]])
+    s0, s1 = torch.softmax(torch.tensor([0.0, 1.0]), 0).tolist()
+    sig = torch.sigmoid
+    bpr = -torch.log(s0 * sig(torch.tensor(2.0)) + s1 * sig(torch.tensor(1.0))) + 0.5 * s1 * 1.0**2
+    top1 = s0 * (sig(torch.tensor(-2.0)) + sig(torch.tensor(0.0))) + s1 * (sig(torch.tensor(-1.0)) + sig(
+        torch.tensor(1.0)))
+    torch.testing.assert_close(sampled_loss(scores, columns, targets, where, "bpr-max", 0.5), bpr)
+    torch.testing.assert_close(sampled_loss(scores, columns, targets, where, "top1-max"), top1)
+    # a row whose every column is its own target has no negative and is left out
+    assert sampled_loss(scores, torch.tensor([7, 7, 7, 7]), targets, where, "bpr-max").item() == 0.0
+
+
+def test_default_training_is_the_full_softmax():
+    from aloe.recsys.train import TrainConfig, train_model
+
+    data = _cycle_data(n_train=40)
+    runs = []
+    for cfg in (TrainConfig(epochs=1), TrainConfig(epochs=1, loss="ce", negatives=0)):
+        torch.manual_seed(0)
+        model = build_model("vector", data.n_items, hidden=8, embed_dim=4, matrix_dim=3)
+        runs.append(train_model(model, data, cfg)["losses"])
+    assert runs[0] == runs[1] and runs[0][0] == pytest.approx(np.log(data.n_items), rel=0.2)
+
+
+@pytest.mark.parametrize("option, message", [
+    (dict(loss="hinge"), "unknown loss 'hinge'; choose one of ce, bpr-max, top1-max"),
+    (dict(loss="bpr-max", negatives=-1), "--negatives must be at least 0, got -1"),
+    (dict(negatives=10), "--negatives applies to the sampled losses"),
+    (dict(loss="top1-max", sample_alpha=1.5), "--sample-alpha must be in [0, 1], got 1.5"),
+    (dict(loss="bpr-max", bpreg=float("nan")), "--bpreg must be at least 0, got nan"),
+])
+def test_bad_loss_options_are_one_line_errors(option, message):
+    from aloe.recsys.train import TrainConfig, train_model
+
+    model = build_model("vector", 20, hidden=8, embed_dim=4, matrix_dim=3)
+    with pytest.raises(AloeError) as err:
+        train_model(model, _cycle_data(n_train=4), TrainConfig(**option))
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_cli_bad_loss_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    from aloe.cli import main
+
+    monkeypatch.setenv("ALOE_CACHE", str(tmp_path / "cache"))
+    assert main(["recsys", "train", "--data", "diginetica", "--model", "vector", "--loss", "hinge"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["aloe: error: unknown loss 'hinge'; choose one of ce, bpr-max, top1-max"]
+    assert main(["recsys", "train", "--data", "diginetica", "--model", "matrix", "--loss", "bpr-max",
+                 "--negatives", "-5"]) == 2
+    assert capsys.readouterr().err.strip() == "aloe: error: --negatives must be at least 0, got -5"
+    assert not (tmp_path / "cache").exists()
+
+
+def _with_eigenvalues(lams, seed):
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(len(lams), len(lams))))
+    return q @ np.diag(lams) @ q.T
+
+
+def test_positive_eigen_counts_on_known_spectra():
+    from aloe.recsys.metrics import positive_eigen_counts
+
+    spectra = [[3.0, -1.0, -2.0, -0.5], [2.0, 1.0, -1.0, -4.0], [5.0, 4.0, 0.5, -1.0], [1.0, 1.0, 1.0, 1.0],
+               [-1.0, -2.0, -3.0, -4.0], [9.0, 1e-6, -1e-6, -2.0], [0.0, 0.0, 0.0, 0.0]]
+    mats = np.stack([_with_eigenvalues(lam, i) for i, lam in enumerate(spectra)])
+    assert positive_eigen_counts(mats).tolist() == [1, 2, 3, 4, 0, 1, 0]  # 1e-6 of 9 is below the tolerance
+    assert positive_eigen_counts(torch.from_numpy(mats), rtol=0.0)[5] == 2
+    assert positive_eigen_counts(mats, rtol=0.2).tolist() == [1, 2, 2, 4, 0, 1, 0]  # 0.5 < 0.2 * 5
+    with pytest.raises(AloeError, match="square"):
+        positive_eigen_counts(np.zeros((3, 4)))
+
+
+def test_metrics_by_bucket_hand_computed():
+    from aloe.recsys.metrics import bucket_labels, metrics_by_bucket, positive_eigen_counts
+
+    spectra = [[1, -1, -1], [2, -1, -1], [1, 1, -1], [1, 1, 1], [-1, -1, -1], [3, 2, -1]]
+    counts = positive_eigen_counts(np.stack([_with_eigenvalues(np.array(lam, float), i)
+                                             for i, lam in enumerate(spectra)]))
+    assert counts.tolist() == [1, 1, 2, 3, 0, 2]
+    matrix = np.array([1, 30, 2, 4, 25, 1])
+    vector = np.array([2, 1, 21, 1, 1, 5])
+    rows = metrics_by_bucket(counts, {"matrix": matrix, "vector": vector}, edges=(1, 2, 3), k=20)
+    assert [r["bucket"] for r in rows] == ["0", "1", "2", "3+"] and [r["n"] for r in rows] == [1, 2, 2, 1]
+    assert rows[1]["models"]["matrix"] == {"recall@20": 0.5, "mrr@20": 0.5}
+    assert rows[1]["models"]["vector"] == {"recall@20": 1.0, "mrr@20": pytest.approx(0.75)}
+    assert rows[2]["models"]["matrix"] == {"recall@20": 1.0, "mrr@20": pytest.approx(0.75)}
+    assert rows[2]["models"]["vector"] == {"recall@20": 0.5, "mrr@20": pytest.approx(0.1)}
+    assert rows[0]["models"]["matrix"]["recall@20"] == 0.0 and rows[3]["models"]["vector"]["mrr@20"] == 1.0
+    assert bucket_labels((1, 2, 3, 4, 6, 8)) == ["0", "1", "2", "3", "4-5", "6-7", "8+"]
+    empty = metrics_by_bucket(counts, {"matrix": matrix}, edges=(1, 5))
+    assert empty[2]["n"] == 0 and np.isnan(empty[2]["models"]["matrix"]["recall@20"])
+    with pytest.raises(AloeError, match="increasing integers from 1"):
+        metrics_by_bucket(counts, {"matrix": matrix}, edges=(2, 2))
+    with pytest.raises(AloeError, match="5 ranks for 6 prefixes"):
+        metrics_by_bucket(counts, {"vector": vector[:5]})

@@ -18,21 +18,24 @@ def _check(value: str, allowed: tuple[str, ...], what: str) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from aloe.cli import print_json
-    from aloe.recsys.train import fit_and_evaluate
+    from aloe.recsys.train import DEFAULT_NEGATIVES, fit_and_evaluate
 
     _check(args.data, DATASETS, "dataset")
     _check(args.model, MODELS, "model")
     if args.epochs < 1:
         raise AloeError("--epochs must be at least 1")
+    negatives = args.negatives if args.negatives is not None else 0 if args.loss == "ce" else DEFAULT_NEGATIVES
     r = fit_and_evaluate(args.data, args.model, augment=args.augment, seed=args.seed, epochs=args.epochs,
                          batch_size=args.batch_size, lr=args.lr, matrix_dim=args.matrix_dim, hidden=args.hidden,
-                         cache=args.cache, progress=not args.json and sys.stderr.isatty())
+                         cache=args.cache, progress=not args.json and sys.stderr.isatty(), loss=args.loss,
+                         negatives=negatives, sample_alpha=args.sample_alpha, bpreg=args.bpreg)
     for key in ("model_obj", "data_obj", "ranks", "losses"):
         r.pop(key)
     if args.json:
         print_json(r)
     else:
         name = r["model"] + ("+[e;1]" if r["augment"] else "")
+        name += f" ({r['loss']})" if r["loss"] not in (None, "ce") else ""
         print(f"{args.data} {name}: recall@20 {r['recall@20']:.4f}  mrr@20 {r['mrr@20']:.4f}  "
               f"params {r['params']:,}  ({r['n_test']} test prefixes, {r['train_seconds']:.1f} s training)")
     return 0
@@ -89,6 +92,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--lr", type=float, default=3e-3)
     t.add_argument("--matrix-dim", type=int, default=16, help="n of the n x n session matrix")
     t.add_argument("--hidden", type=int, default=100, help="GRU state size")
+    t.add_argument("--loss", default="ce", metavar="ce|bpr-max|top1-max",
+                   help="full softmax (default) or GRU4Rec's sampled BPR-max / TOP1-max")
+    t.add_argument("--negatives", type=int, metavar="N",
+                   help="popularity-sampled negatives per batch beside the in-batch ones (sampled losses; default "
+                        "2048)")
+    t.add_argument("--sample-alpha", type=float, default=0.5,
+                   help="negatives drawn with probability proportional to count^alpha (0 uniform, 1 popularity)")
+    t.add_argument("--bpreg", type=float, default=1.0, help="BPR-max score regularisation")
     t.add_argument("--cache", type=Path, help="cache folder (default $ALOE_CACHE or ~/.cache/aloe)")
     t.add_argument("--json", action="store_true", help="print JSON")
     t.set_defaults(func=_train)

@@ -1,9 +1,18 @@
-"""Training (full softmax cross-entropy over all items) and full-ranking evaluation.
+"""Training (full softmax cross-entropy over all items, or GRU4Rec's sampled BPR-max / TOP1-max) and full-ranking
+evaluation.
 
 Prefix augmentation is computed in one pass: a sequence s goes through the GRU once and the query at position i-1
 scores the target s[i], so a batch of sequences holds exactly the examples (s[:i], s[i]) of the protocol. Long training
 sequences are cut into windows of ``max_len`` items overlapping by one (each target appears once); evaluation always
 reads the whole prefix.
+
+The sampled losses follow Hidasi & Karatzoglou 2018 (GRU4Rec): the negatives of a batch are its distinct targets (in
+batch) plus ``negatives`` items drawn with replacement with probability proportional to ``count ** sample_alpha``, one
+draw shared by the whole batch. A negative equal to the row's target is skipped. With ``r_i`` the target's score and
+``s_j`` the softmax of the negatives' scores ``r_j``:
+
+- BPR-max: ``-log sum_j s_j sigmoid(r_i - r_j) + bpreg * sum_j s_j r_j^2``;
+- TOP1-max: ``sum_j s_j (sigmoid(r_j - r_i) + sigmoid(r_j^2))``.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from aloe import AloeError
 from aloe.recsys.data import SessionData
 from aloe.recsys.metrics import mrr_at, recall_at, target_ranks
 from aloe.recsys.models import PopularityModel
@@ -30,6 +40,27 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_len: int = 100
     seed: int = 0
+    loss: str = "ce"  # ce (full softmax) | bpr-max | top1-max (sampled, GRU4Rec)
+    negatives: int = 0  # popularity-sampled negatives per batch, beside the in-batch ones (sampled losses only)
+    sample_alpha: float = 0.5  # negatives are drawn with probability proportional to count ** sample_alpha
+    bpreg: float = 1.0  # BPR-max score regularisation
+
+    def check(self) -> None:
+        """One-line errors for option values that make no sense."""
+        if self.loss not in LOSSES:
+            raise AloeError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        if self.negatives < 0:
+            raise AloeError(f"--negatives must be at least 0, got {self.negatives}")
+        if self.loss == "ce" and self.negatives:
+            raise AloeError("--negatives applies to the sampled losses (bpr-max, top1-max); ce uses the full softmax")
+        if not 0.0 <= self.sample_alpha <= 1.0:
+            raise AloeError(f"--sample-alpha must be in [0, 1], got {self.sample_alpha}")
+        if not self.bpreg >= 0.0:
+            raise AloeError(f"--bpreg must be at least 0, got {self.bpreg}")
+
+
+LOSSES = ("ce", "bpr-max", "top1-max")
+DEFAULT_NEGATIVES = 2048  # GRU4Rec's n_sample, used by the sampled losses when no count is given
 
 
 def _windows(seqs: list[np.ndarray], max_len: int) -> list[np.ndarray]:
@@ -59,12 +90,52 @@ def _length_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generat
     return batches
 
 
+def negative_probs(counts: np.ndarray, alpha: float) -> np.ndarray:
+    """Sampling distribution of the extra negatives: ``count ** alpha`` normalised (0: uniform, 1: popularity)."""
+    w = np.power(np.asarray(counts, dtype=np.float64), alpha)
+    return w / w.sum()
+
+
+def batch_columns(targets: torch.Tensor, probs: np.ndarray | None, n: int,
+                  rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The items a batch scores: its distinct targets, then ``n`` items drawn with replacement from ``probs``; and
+    each target's column among the distinct targets."""
+    uniq, where = torch.unique(targets, return_inverse=True)
+    if n and probs is not None:
+        uniq = torch.cat([uniq, torch.from_numpy(rng.choice(len(probs), size=n, p=probs))])
+    return uniq, where
+
+
+def sampled_loss(scores: torch.Tensor, columns: torch.Tensor, targets: torch.Tensor, where: torch.Tensor, kind: str,
+                 bpreg: float = 1.0) -> torch.Tensor:
+    """BPR-max or TOP1-max over the (N, C) scores of the batch ``columns``; ``where`` is each row's target column.
+    Columns holding the row's own target are not negatives; rows without any negative are left out."""
+    neg = columns[None, :] != targets[:, None]
+    keep = neg.any(dim=1)
+    scores, neg, where = scores[keep], neg[keep], where[keep]
+    if not len(scores):
+        return scores.sum()
+    r_i = scores.gather(1, where[:, None])
+    s = torch.softmax(scores.masked_fill(~neg, float("-inf")), dim=1)
+    if kind == "bpr-max":
+        hit = (s * torch.sigmoid(r_i - scores)).sum(dim=1)
+        loss = -torch.log(hit + 1e-24) + bpreg * (s * scores**2).sum(dim=1)
+    elif kind == "top1-max":
+        loss = (s * (torch.sigmoid(scores - r_i) + torch.sigmoid(scores**2))).sum(dim=1)
+    else:
+        raise AloeError(f"unknown sampled loss {kind!r}; choose bpr-max or top1-max")
+    return loss.mean()
+
+
 def train_model(model: nn.Module, data: SessionData, cfg: TrainConfig, *, progress: bool = False) -> dict:
     """Train in place; returns loss history and seconds. The popularity model has nothing to train."""
+    cfg.check()
     if isinstance(model, PopularityModel):
         return {"losses": [], "seconds": 0.0}
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
+    neg_rng = np.random.default_rng([cfg.seed, 1])  # its own stream: the batch order does not depend on the loss
+    probs = negative_probs(data.item_counts(), cfg.sample_alpha) if cfg.negatives else None
     seqs = _windows(data.train_sequences(), cfg.max_len)
     lengths = np.array([len(s) for s in seqs])
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -79,9 +150,12 @@ def train_model(model: nn.Module, data: SessionData, cfg: TrainConfig, *, progre
             batch = _pad([seqs[i] for i in idx], data.n_items)
             inputs, targets = batch[:, :-1], batch[:, 1:]
             mask = targets != data.n_items
-            q = model.queries(inputs)[mask]
-            logits = q @ model.item_features().T
-            loss = F.cross_entropy(logits, targets[mask])
+            q, t = model.queries(inputs)[mask], targets[mask]
+            if cfg.loss == "ce":
+                loss = F.cross_entropy(q @ model.item_features().T, t)
+            else:
+                cols, where = batch_columns(t, probs, cfg.negatives, neg_rng)
+                loss = sampled_loss(q @ model.item_features()[cols].T, cols, t, where, cfg.loss, cfg.bpreg)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -122,40 +196,45 @@ def evaluate(model: nn.Module, data: SessionData, k: int = 20, chunk: int = 2048
             "ranks": ranks}
 
 
-def model_dir(cache, data: str, kind: str, augment: bool, seed: int):
+def model_dir(cache, data: str, kind: str, augment: bool, seed: int, loss: str = "ce"):
     from aloe.assets.cache import cache_root
 
-    tag = f"{data}-{kind}{'-aug' if kind == 'matrix' and augment else ''}-seed{seed}"
+    tag = (f"{data}-{kind}{'-aug' if kind == 'matrix' and augment else ''}"
+           f"{'' if loss == 'ce' or kind == 'pop' else '-' + loss}-seed{seed}")
     return (cache or cache_root()) / "recsys" / "models" / tag
 
 
 def fit_and_evaluate(data_name: str, kind: str, *, augment: bool = False, seed: int = 0, epochs: int = 10,
                      batch_size: int = 64, lr: float = 3e-3, matrix_dim: int = 16, hidden: int = 100,
-                     embed_dim: int = 64, k: int = 20, cache=None, save: bool = True,
-                     progress: bool = False) -> dict:
-    """Load the dataset, build and train ``kind`` (pop|vector|matrix), evaluate it by full ranking; with ``save``
-    the weights and the result are published atomically under ``<cache>/recsys/models/``."""
+                     embed_dim: int = 64, k: int = 20, cache=None, save: bool = True, progress: bool = False,
+                     loss: str = "ce", negatives: int = 0, sample_alpha: float = 0.5, bpreg: float = 1.0) -> dict:
+    """Load the dataset, build and train ``kind`` (pop|vector|matrix) with ``loss`` (see :class:`TrainConfig`),
+    evaluate it by full ranking; with ``save`` the weights and the result are published atomically under
+    ``<cache>/recsys/models/``."""
     import json
 
     from aloe.assets.cache import atomic_directory, atomic_write_json
     from aloe.recsys.data import load_dataset
     from aloe.recsys.models import build_model, count_params
 
+    train_cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, loss=loss, negatives=negatives,
+                            sample_alpha=sample_alpha, bpreg=bpreg)
+    train_cfg.check()
     data = load_dataset(data_name, cache=cache)
     torch.manual_seed(seed)
     model = build_model(kind, data.n_items, counts=data.item_counts(), embed_dim=embed_dim, hidden=hidden,
                         matrix_dim=matrix_dim, augment=augment)
-    fit = train_model(model, data, TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed),
-                      progress=progress)
+    fit = train_model(model, data, train_cfg, progress=progress)
     ev = evaluate(model, data, k=k)
     result = {
         "data": data_name, "model": kind, "augment": bool(kind == "matrix" and augment), "seed": seed,
+        "loss": loss if kind != "pop" else None, "negatives": negatives if kind != "pop" else 0,
         f"recall@{k}": ev[f"recall@{k}"], f"mrr@{k}": ev[f"mrr@{k}"], "n_test": ev["n_test"],
         "params": count_params(model), "config": model.config.as_dict(), "epochs": epochs if kind != "pop" else 0,
         "train_seconds": fit["seconds"], "losses": fit["losses"], "dataset": data.stats,
     }
     if save:
-        with atomic_directory(model_dir(cache, data_name, kind, augment, seed), overwrite=True) as tmp:
+        with atomic_directory(model_dir(cache, data_name, kind, augment, seed, loss), overwrite=True) as tmp:
             torch.save(model.state_dict(), tmp / "model.pt")
             atomic_write_json(tmp / "result.json", json.loads(json.dumps(result)))
     result["model_obj"], result["data_obj"], result["ranks"] = model, data, ev["ranks"]
