@@ -1,7 +1,9 @@
-"""Matrix vs vector session embedding: Recall@20 / MRR@20 on every dataset, retrieval latency, interests.
+"""Matrix vs vector session embedding: Recall@20 / MRR@20 on every dataset, per bucket of the number of positive
+eigenvalues of the session matrix, retrieval latency, interests.
 
     python benchmarks/recsys.py --quick      # 3 seeds x 3 epochs, 20k-item catalogue: a few minutes, 1 thread
     python benchmarks/recsys.py              # 5 seeds x 10 epochs, 100k-item catalogue
+    python benchmarks/recsys.py --loss bpr-max   # adds the GRU4Rec-style vector model (BPR-max, 2048 negatives)
 
 Writes benchmarks/results/recsys[_quick].{json,md,png}. Everything runs on one thread (torch and faiss).
 """
@@ -25,23 +27,32 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy import stats  # noqa: E402
 
+from aloe import AloeError  # noqa: E402
 from aloe.assets.cache import atomic_write_json, atomic_write_text  # noqa: E402
 from aloe.recsys.data import DATASETS, movielens_genres  # noqa: E402
 from aloe.recsys.interests import session_interests  # noqa: E402
-from aloe.recsys.metrics import mrr_at, recall_at  # noqa: E402
+from aloe.recsys.metrics import (  # noqa: E402
+    bucket_labels,
+    metrics_by_bucket,
+    mrr_at,
+    positive_eigen_counts,
+    recall_at,
+)
 from aloe.recsys.retrieval import MipsIndex, eigen_topk, exact_topk, recall_vs_exact, same_topk  # noqa: E402
-from aloe.recsys.train import fit_and_evaluate, test_queries  # noqa: E402
+from aloe.recsys.train import DEFAULT_NEGATIVES, LOSSES, TrainConfig, fit_and_evaluate, test_queries  # noqa: E402
 
-VARIANTS = [("pop", False), ("vector", False), ("matrix", False), ("matrix", True)]
+VARIANTS = [("pop", False, "ce"), ("vector", False, "ce"), ("matrix", False, "ce"), ("matrix", True, "ce")]
 K = 20
 
 
-def label(kind: str, aug: bool) -> str:
-    return "matrix[e;1]" if aug else kind
+def label(kind: str, aug: bool, loss: str = "ce") -> str:
+    return ("matrix[e;1]" if aug else kind) + ("" if loss == "ce" else f"/{loss}")
 
 
 def t_ci(values: list[float]) -> tuple[float, float, float]:
     v = np.asarray(values, dtype=np.float64)
+    if not len(v):
+        return float("nan"), float("nan"), float("nan")
     if len(v) < 2:
         return float(v.mean()), float("nan"), float("nan")
     half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
@@ -52,6 +63,37 @@ def bootstrap_ci(ranks: np.ndarray, metric, n_boot: int = 1000, seed: int = 0) -
     rng = np.random.default_rng(seed)
     draws = [metric(ranks[rng.integers(0, len(ranks), len(ranks))], K) for _ in range(n_boot)]
     return float(metric(ranks, K)), float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))
+
+
+def ci(triple: tuple[float, float, float]) -> dict:
+    return dict(zip(("mean", "lo", "hi"), triple))
+
+
+def eigen_buckets(per_seed: dict[str, list[dict]], edges: tuple[int, ...], rtol: float) -> dict:
+    """Recall@20 / MRR@20 per bucket of the number of positive eigenvalues of the plain matrix model's session matrix
+    on each test prefix. Seed s's matrix model sets the buckets and every trained variant of seed s is scored on the
+    same prefixes; mean over seeds with a 95% t-interval (seeds with an empty bucket are left out of it)."""
+    names = [n for n in per_seed if n != "pop"]
+    tables, medians = [], []
+    for s, run in enumerate(per_seed["matrix"]):
+        model = run["model_obj"]
+        with torch.no_grad():
+            z, _ = test_queries(model, run["data_obj"])
+            counts = positive_eigen_counts(model.session_matrix(z), rtol)
+        medians.append(float(np.median(counts)))
+        tables.append(metrics_by_bucket(counts, {n: per_seed[n][s]["ranks"] for n in names}, edges, K))
+    rows = []
+    for b, lab in enumerate(bucket_labels(edges)):
+        full = [t[b] for t in tables if t[b]["n"]]
+        row = {"bucket": lab, "n_per_seed": [t[b]["n"] for t in tables], "models": {}, "paired_vs_vector": {}}
+        for n in names:
+            row["models"][n] = {m: ci(t_ci([t["models"][n][m] for t in full])) for m in ("recall@20", "mrr@20")}
+            if n != "vector":
+                row["paired_vs_vector"][n] = {
+                    m: ci(t_ci([t["models"][n][m] - t["models"]["vector"][m] for t in full]))
+                    for m in ("recall@20", "mrr@20")}
+        rows.append(row)
+    return {"edges": list(edges), "rtol": rtol, "positive_eigenvalues_median_per_seed": medians, "rows": rows}
 
 
 def per_query_ms(fn, queries: np.ndarray, repeats: int = 1) -> float:
@@ -176,7 +218,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    names = [label(k, a) for k, a in VARIANTS]
+    names = list(results["accuracy"][results["datasets"][0]])
     width = 0.8 / len(names)
     for ax, metric in zip(axes[:2], ("recall@20", "mrr@20")):
         for j, name in enumerate(names):
@@ -205,6 +247,10 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def fmt_ci(c: dict, sign: str = "") -> str:
+    return f"{c['mean']:{sign}.4f} [{c['lo']:{sign}.4f}, {c['hi']:{sign}.4f}]"
+
+
 def markdown(results: dict) -> str:
     cfg = results["config"]
     lines = [f"# recsys benchmark ({'quick' if cfg['quick'] else 'full'})", "",
@@ -219,13 +265,31 @@ def markdown(results: dict) -> str:
             rc, mr = r["recall@20"], r["mrr@20"]
             lines.append(f"| {d} | {r['n_test']} | {name} | {r['params']:,} | {rc['mean']:.4f} "
                          f"[{rc['lo']:.4f}, {rc['hi']:.4f}] | {mr['mean']:.4f} [{mr['lo']:.4f}, {mr['hi']:.4f}] |")
-    lines += ["", "Paired difference matrix - vector (same seed), mean and 95% t-interval:", "",
+    lines += ["", "Paired difference variant - vector (ce, same seed), mean and 95% t-interval:", "",
               "| dataset | variant | dRecall@20 | dMRR@20 |", "|---|---|---|---|"]
     for d in results["datasets"]:
         for name, r in results["paired_vs_vector"][d].items():
             a, b = r["recall@20"], r["mrr@20"]
             lines.append(f"| {d} | {name} | {a['mean']:+.4f} [{a['lo']:+.4f}, {a['hi']:+.4f}] | "
                          f"{b['mean']:+.4f} [{b['lo']:+.4f}, {b['hi']:+.4f}] |")
+    if results.get("eigen_buckets"):
+        lines += ["", "## Per bucket of positive eigenvalues of the session matrix", "",
+                  "Each test prefix falls in the bucket of the number of positive eigenvalues of the plain matrix "
+                  "model's session matrix A (same seed; an eigenvalue counts when it exceeds "
+                  f"{cfg['eigen_rtol']:g} x the largest |eigenvalue|). Every model is scored on the same prefixes. "
+                  "Mean over seeds, 95% t-interval; d = model - vector (ce), paired by seed.", "",
+                  "| dataset | positive eigenvalues | prefixes (per seed) | model | Recall@20 | MRR@20 | dRecall@20 | "
+                  "dMRR@20 |", "|---|---|---|---|---|---|---|---|"]
+        for d in results["datasets"]:
+            for row in results["eigen_buckets"][d]["rows"]:
+                if not any(row["n_per_seed"]):
+                    continue
+                n = "/".join(str(x) for x in row["n_per_seed"])
+                for name, r in row["models"].items():
+                    p = row["paired_vs_vector"].get(name)
+                    diffs = [fmt_ci(p[m], "+") if p else "-" for m in ("recall@20", "mrr@20")]
+                    lines.append(f"| {d} | {row['bucket']} | {n} | {name} | {fmt_ci(r['recall@20'])} | "
+                                 f"{fmt_ci(r['mrr@20'])} | {' | '.join(diffs)} |")
     lines += ["", "## Retrieval (matrix model, seed 0, top-20)", "",
               "Per-query latency is the median over single-query calls on one thread. HNSW: M=32, efConstruction 200, "
               "efSearch 128 (and 512). 'flat == exact' / 'eigen == exact': fraction of queries whose top-20 ids equal "
@@ -269,8 +333,42 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--datasets", default=",".join(DATASETS))
     p.add_argument("--matrix-dim", type=int, default=16)
     p.add_argument("--hidden", type=int, default=100)
+    p.add_argument("--loss", default="", metavar="bpr-max,top1-max",
+                   help="also train the --loss-models with these sampled losses (GRU4Rec), same seeds")
+    p.add_argument("--loss-models", default="vector", metavar="vector,matrix")
+    p.add_argument("--negatives", type=int, default=DEFAULT_NEGATIVES,
+                   help="popularity-sampled negatives per batch for the sampled losses")
+    p.add_argument("--sample-alpha", type=float, default=0.5)
+    p.add_argument("--bpreg", type=float, default=1.0)
+    p.add_argument("--eigen-buckets", default="1,2,3,4,6,8", metavar="E1,E2,...",
+                   help="lower edges of the buckets of positive eigenvalues (the last bucket is open)")
+    p.add_argument("--eigen-rtol", type=float, default=1e-3,
+                   help="an eigenvalue is positive above this times the largest |eigenvalue|")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
+    losses = [x for x in args.loss.split(",") if x]
+    loss_models = [x for x in args.loss_models.split(",") if x]
+    try:
+        edges = tuple(int(x) for x in args.eigen_buckets.split(","))
+        metrics_by_bucket(np.zeros(0), {}, edges)
+    except ValueError:
+        p.error(f"--eigen-buckets: expected comma-separated integers, got {args.eigen_buckets!r}")
+    except AloeError as exc:
+        p.error(f"--eigen-buckets: {exc}")
+    if not args.eigen_rtol >= 0:
+        p.error(f"--eigen-rtol must be at least 0, got {args.eigen_rtol}")
+    for loss in losses:
+        if loss == "ce" or loss not in LOSSES:
+            p.error(f"--loss: unknown sampled loss {loss!r}; choose from bpr-max, top1-max")
+    for kind in loss_models:
+        if kind not in ("vector", "matrix"):
+            p.error(f"--loss-models: unknown model {kind!r}; choose from vector, matrix")
+    try:
+        for loss in losses:
+            TrainConfig(loss=loss, negatives=args.negatives, sample_alpha=args.sample_alpha, bpreg=args.bpreg).check()
+    except AloeError as exc:
+        p.error(str(exc))
+    variants = VARIANTS + [(kind, False, loss) for loss in losses for kind in loss_models]
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
     seeds = args.seeds or (3 if args.quick else 5)
@@ -280,27 +378,32 @@ def main(argv: list[str] | None = None) -> int:
     log = sys.stderr
     t_start = time.perf_counter()
     results: dict = {"config": {"quick": args.quick, "seeds": seeds, "epochs": epochs, "hidden": args.hidden,
-                                "matrix_dim": args.matrix_dim, "command": "python benchmarks/recsys.py "
+                                "matrix_dim": args.matrix_dim, "losses": losses, "loss_models": loss_models,
+                                "negatives": args.negatives, "sample_alpha": args.sample_alpha, "bpreg": args.bpreg,
+                                "eigen_buckets": list(edges), "eigen_rtol": args.eigen_rtol,
+                                "command": "python benchmarks/recsys.py "
                                 + " ".join(argv if argv is not None else sys.argv[1:]),
                                 "machine": f"{platform.machine()}, torch {torch.__version__}, "
                                            f"faiss {faiss.__version__}"},
                      "datasets": datasets, "accuracy": {}, "paired_vs_vector": {}, "retrieval": {},
-                     "retrieval_vector": {}, "runs": []}
+                     "retrieval_vector": {}, "eigen_buckets": {}, "runs": []}
     for d in datasets:
         results["accuracy"][d], per_seed = {}, {}
         seed0_matrix = None
-        for kind, aug in VARIANTS:
-            name = label(kind, aug)
+        for kind, aug, loss in variants:
+            name = label(kind, aug, loss)
             runs = []
             for seed in ([0] if kind == "pop" else range(seeds)):
                 r = fit_and_evaluate(d, kind, augment=aug, seed=seed, epochs=epochs, matrix_dim=args.matrix_dim,
-                                     hidden=args.hidden, save=False)
+                                     hidden=args.hidden, save=False, loss=loss,
+                                     negatives=0 if loss == "ce" else args.negatives,
+                                     sample_alpha=args.sample_alpha, bpreg=args.bpreg)
                 print(f"{d} {name} seed {seed}: recall@20 {r['recall@20']:.4f} mrr@20 {r['mrr@20']:.4f} "
                       f"({r['train_seconds']:.1f} s)", file=log, flush=True)
                 runs.append(r)
-                results["runs"].append({k: r[k] for k in ("data", "model", "augment", "seed", "recall@20", "mrr@20",
-                                                          "params", "train_seconds", "losses", "n_test")})
-                if kind == "matrix" and not aug and seed == 0:
+                results["runs"].append({k: r[k] for k in ("data", "model", "augment", "loss", "seed", "recall@20",
+                                                          "mrr@20", "params", "train_seconds", "losses", "n_test")})
+                if kind == "matrix" and not aug and loss == "ce" and seed == 0:
                     seed0_matrix = r
             per_seed[name] = runs
             if kind == "pop":
@@ -315,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
             name: {m: dict(zip(("mean", "lo", "hi"), t_ci([a[m] - b[m] for a, b in zip(per_seed[name],
                                                                                        per_seed["vector"])])))
                    for m in ("recall@20", "mrr@20")}
-            for name in ("matrix", "matrix[e;1]")}
+            for name in per_seed if name not in ("pop", "vector")}
+        results["eigen_buckets"][d] = eigen_buckets(per_seed, edges, args.eigen_rtol)
         print(f"{d}: retrieval", file=log, flush=True)
         results["retrieval"][d] = retrieval_bench(seed0_matrix["model_obj"], seed0_matrix["data_obj"], n_queries,
                                                   big)
