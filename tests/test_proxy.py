@@ -3,47 +3,29 @@ the proxy and gets the plain model's answer while the server receives only obfus
 plain side; faults give one-line JSON errors; the chat page works in a real headless browser."""
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
 
 from aloe.cli import main as aloe_main
-from aloe.obfuscation.client import IncrementalDecoder
+from aloe.obfuscation.client import IncrementalDecoder, TokenMap
 from aloe.obfuscation.secret import Secret, load_secret, save_secret
-from aloe.serving.local import app_thread, free_port
+from aloe.serving.local import app_thread, free_port, wait_healthy
 from aloe.serving.proxy import StopCutter, connect, create_proxy_app
 from aloe.serving.server import Limits, create_app
+from server_recording import Recorder, assert_server_saw_only_obfuscated_ids
 
 pytestmark = pytest.mark.real_model
 QUESTION = "What is the capital of France?"
-
-
-class Recorder:
-    """ASGI wrapper around the untrusted server keeping every request body it received."""
-
-    def __init__(self, app) -> None:
-        self.app, self.bodies = app, []
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        parts = []
-
-        async def recording():
-            msg = await receive()
-            if msg["type"] == "http.request":
-                parts.append(msg.get("body", b""))
-                if not msg.get("more_body"):
-                    self.bodies.append(b"".join(parts))
-            return msg
-
-        return await self.app(scope, recording, send)
 
 
 @pytest.fixture(scope="module")
@@ -64,23 +46,6 @@ def openai_client(stack):
     return openai.OpenAI(base_url=stack["proxy"] + "/v1", api_key="unused", max_retries=0, timeout=120.0)
 
 
-def _assert_server_saw_no_plain_prompt(stack, since: int):
-    client = stack["client"]
-    question_ids = list(client.tokenizer(QUESTION, add_special_tokens=False)["input_ids"])
-    bodies = stack["recorder"].bodies[since:]
-    prompts = [json.loads(b)["prompt"] for b in bodies if b.startswith(b"{") and b'"prompt"' in b]
-    assert prompts, "the server received no completion request"
-    for body, prompt in zip(bodies, prompts, strict=False):
-        assert b"France" not in body and b"capital" not in body
-        assert not _is_subsequence(question_ids, prompt)
-        assert "France" not in client.server_view(prompt)
-
-
-def _is_subsequence(needle: list[int], hay: list[int]) -> bool:
-    it = iter(hay)
-    return all(any(x == y for y in it) for x in needle)
-
-
 def test_openai_package_chat_non_streaming_and_streaming(stack, openai_client):
     since = len(stack["recorder"].bodies)
     models = openai_client.models.list()
@@ -99,7 +64,8 @@ def test_openai_package_chat_non_streaming_and_streaming(stack, openai_client):
         usage = chunk.usage or usage
     assert "".join(pieces) == answer and len([p for p in pieces if p]) > 1
     assert finish == res.choices[0].finish_reason and usage.completion_tokens == res.usage.completion_tokens
-    _assert_server_saw_no_plain_prompt(stack, since)
+    assert_server_saw_only_obfuscated_ids(stack["recorder"].bodies[since:], stack["client"], [QUESTION],
+                                          [stack["client"].chat_ids(QUESTION)])
     last = httpx.get(stack["proxy"] + "/aloe/last-exchange").json()["exchange"]
     assert last["server_prompt_ids"] == stack["client"].map.to_server(stack["client"].chat_ids(QUESTION))
     assert "Paris" not in last["server_output_text"] and len(last["server_output_ids"]) == usage.completion_tokens
@@ -197,6 +163,91 @@ def test_slow_server_gives_504_and_a_dead_one_502(smollm2_exact, smollm2_path):
         assert httpx.get(proxy_url + "/").status_code == 200
 
 
+def test_top_p_and_seed_reach_the_server(stack, openai_client):
+    since = len(stack["recorder"].bodies)
+    ask = {"model": "any", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 6, "temperature": 1.0,
+           "top_p": 0.9, "seed": 1234}
+    whole = openai_client.chat.completions.create(**ask).choices[0].message.content
+    streamed = "".join(c.choices[0].delta.content or "" for c in openai_client.chat.completions.create(
+        **ask, stream=True) if c.choices)
+    client = stack["client"]
+    sent = assert_server_saw_only_obfuscated_ids(stack["recorder"].bodies[since:], client, [QUESTION],
+                                                 [client.chat_ids(QUESTION)])
+    assert len(sent) == 2
+    for body in sent:
+        assert (body["top_p"], body["seed"], body["temperature"], body["max_tokens"]) == (0.9, 1234, 1.0, 6), body
+    assert whole == streamed  # the same seed samples the same answer
+
+
+@contextlib.contextmanager
+def _serve_on(app, port: int):
+    """``app`` on a given loopback port (uvicorn in a thread), so that it can come back at the same address."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, 60.0, path="/v1/models")
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+
+
+def test_the_proxy_serves_again_once_the_server_is_back(smollm2_exact, smollm2_path):
+    from transformers import AutoTokenizer
+
+    _, secret_path = smollm2_exact
+    secret, tok = load_secret(secret_path), AutoTokenizer.from_pretrained(smollm2_path)
+    plain_answer = list(tok("Paris is the capital.", add_special_tokens=False)["input_ids"])
+    received = []
+    fake = FastAPI()  # speaks aloe serve's wire format: token-id prompts in, streamed token ids out
+
+    @fake.get("/v1/models")
+    def models():
+        return {"object": "list", "data": [{"id": "fake", "aloe": {"secret_fingerprint": secret.fingerprint}}]}
+
+    @fake.post("/v1/completions")
+    async def completions(request: Request):
+        received.append(await request.json())
+
+        def events():
+            for sid in TokenMap(secret).to_server(plain_answer):
+                yield f"data: {json.dumps({'choices': [{'index': 0, 'token_ids': [sid], 'finish_reason': None}]})}\n\n"
+            yield f"data: {json.dumps({'choices': [{'index': 0, 'token_ids': [], 'finish_reason': 'stop'}]})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    def ask(proxy_url: str, stream: bool) -> httpx.Response:
+        return httpx.post(proxy_url + "/v1/chat/completions", timeout=60,
+                          json={"messages": [{"role": "user", "content": QUESTION}], "stream": stream})
+
+    def answer(r: httpx.Response, stream: bool) -> str:
+        assert r.status_code == 200, r.text
+        if not stream:
+            return r.json()["choices"][0]["message"]["content"]
+        events = [line[5:].strip() for line in r.text.splitlines() if line.startswith("data:")]
+        assert events[-1] == "[DONE]" and not any('"error"' in e for e in events), r.text
+        return "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1])
+
+    port = free_port()
+    with _serve_on(fake, port) as fake_url:
+        client = connect(fake_url, secret_path, tok, timeout=30.0)
+    proxy_app = create_proxy_app(client)
+    with app_thread(proxy_app, health="/v1/models") as proxy_url:
+        for stream in (False, True):  # the server is gone
+            r = ask(proxy_url, stream)
+            assert r.status_code == 502 and "cannot reach" in r.json()["error"]["message"], r.text
+        with _serve_on(fake, port):  # back at the same address: the same proxy answers again
+            for stream in (False, True):
+                assert answer(ask(proxy_url, stream), stream) == "Paris is the capital."
+    assert len(received) == 2
+    assert [body["prompt"] for body in received] == [client.map.to_server(client.chat_ids(QUESTION))] * 2
+
+
 def test_wrong_secret_is_refused_at_start(stack, smollm2_exact, smollm2_path, tmp_path, capsys, monkeypatch):
     import uvicorn
 
@@ -236,8 +287,17 @@ def test_chat_page_in_a_headless_browser(stack, tmp_path):
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,800"):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    client = stack["client"]
     try:
         driver.get(stack["proxy"] + "/")
+        # every change of the latest answer's text, as the page shows it while the answer streams in
+        driver.execute_script("""
+            window.answerLengths = [];
+            const history = document.getElementById("history");
+            new MutationObserver(() => {
+              const answers = history.querySelectorAll(".msg.assistant .body");
+              if (answers.length) window.answerLengths.push(answers[answers.length - 1].textContent.length);
+            }).observe(history, {childList: true, subtree: true, characterData: true});""")
         box = driver.find_element(By.ID, "question")
         driver.find_element(By.ID, "max-tokens").clear()
         driver.find_element(By.ID, "max-tokens").send_keys("16")
@@ -246,23 +306,46 @@ def test_chat_page_in_a_headless_browser(stack, tmp_path):
         wait = WebDriverWait(driver, 180)
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant.done, .msg.error"))
         assert not driver.find_elements(By.CSS_SELECTOR, ".msg.error"), driver.find_element(By.ID, "history").text
-        answer = driver.find_element(By.CSS_SELECTOR, ".msg.assistant .body").text
+        answer = driver.find_element(By.CSS_SELECTOR, ".msg.assistant .body").get_attribute("textContent")
         assert "Paris" in answer
+        lengths = driver.execute_script("return window.answerLengths;")
+        assert lengths == sorted(lengths) and lengths[-1] == len(answer), lengths
+        assert len({n for n in lengths if 0 < n < len(answer)}) >= 2, f"the answer did not stream in: {lengths}"
         wait.until(lambda d: d.find_element(By.ID, "server-output-ids").text.startswith("["))
         ids = json.loads(driver.find_element(By.ID, "server-prompt-ids").text)
-        assert ids == stack["client"].map.to_server(stack["client"].chat_ids(QUESTION))
+        assert ids == client.map.to_server(client.chat_ids(QUESTION))
         assert driver.find_element(By.ID, "server-prompt-text").text
         assert "France" not in driver.find_element(By.ID, "server-pane").text
+        # a second question: the conversation stays on the page and goes to the server as history
+        second = "And what is the capital of Italy?"
+        box.send_keys(second)
+        box.send_keys(Keys.ENTER)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant.done, .msg.error")) == 2)
+        assert not driver.find_elements(By.CSS_SELECTOR, ".msg.error"), driver.find_element(By.ID, "history").text
+        conversation = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": answer},
+                        {"role": "user", "content": second}]
+        sent = json.dumps(client.map.to_server(client.chat_ids(conversation)), separators=(",", ":"))
+        wait.until(lambda d: d.find_element(By.ID, "server-prompt-ids").get_attribute("textContent") == sent)
+
+        def shown(role):
+            found = driver.find_elements(By.CSS_SELECTOR, f".msg.{role}")
+            assert all(m.is_displayed() for m in found)
+            return [m.find_element(By.CSS_SELECTOR, ".body").get_attribute("textContent") for m in found]
+
+        assert shown("user") == [QUESTION, second]
+        answers = shown("assistant")
+        assert len(answers) == 2 and answers[0] == answer and answers[1].strip(), answers
         shot = Path(os.environ.get("ALOE_PROXY_SCREENSHOT") or tmp_path / "proxy-page.png")
         part = shot.with_name(shot.name + ".part")
         part.write_bytes(driver.get_screenshot_as_png())
         os.replace(part, shot)
-        # an error is shown to the person: a request the server refuses
+        # an error is shown to the person: a request the server refuses; the conversation stays
         driver.find_element(By.ID, "max-tokens").clear()
         driver.find_element(By.ID, "max-tokens").send_keys("100")  # over the server's limit of 64
         box.send_keys("Again?")
         box.send_keys(Keys.ENTER)
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.error"))
         assert "refused" in driver.find_element(By.CSS_SELECTOR, ".msg.error").text
+        assert shown("user") == [QUESTION, second, "Again?"] and shown("assistant") == answers
     finally:
         driver.quit()
