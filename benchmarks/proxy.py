@@ -6,11 +6,12 @@ speed against token-id serving.
   (``--backend embeds``: one round trip per token, the head applied by the client). Decode tokens/s after the first
   token, medians, and their ratio.
 - **Load**: ``aloe proxy`` (a separate process) in front of ``aloe serve``; N concurrent clients stream chat
-  completions through it for S seconds (half streamed, half not). Failed requests, and the RSS of the proxy and the
-  server sampled every second.
+  completions through it for S seconds, each read event by event to ``[DONE]`` (``--load-mix alternate`` makes every
+  other request non-streamed). Failed requests, and the RSS of the proxy and the server sampled every second:
+  at the start, at each quarter of the run and at the end, and its growth over the second half.
 
     python benchmarks/proxy.py [--profile balanced] [--requests 5] [--new-tokens 48] [--load-seconds 60]
-        [--load-clients 8] [--threads 1] [--json]
+        [--load-clients 8] [--load-mix streamed|alternate] [--threads 1] [--json]
 
 Writes benchmarks/results/proxy.json and proxy.md.
 """
@@ -18,6 +19,7 @@ Writes benchmarks/results/proxy.json and proxy.md.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import threading
@@ -68,19 +70,55 @@ def speed(whole_url: str, split_url: str, secret, tokenizer, client_vocab, n: in
     return {"rows": rows, "requests": requests, "new_tokens": n}
 
 
-def load(server_url: str, server_pid: int, secret, seconds: float, clients: int, timeout: float) -> dict:
+def _stream_chat(http: httpx.Client, url: str, body: dict) -> tuple[object, bool]:
+    """One streamed chat completion read event by event: (status code, whether it ended cleanly with content)."""
+    pieces, done, error = 0, False, False
+    with http.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            r.read()
+            return r.status_code, False
+        for line in r.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                done = True
+                continue
+            chunk = json.loads(data)
+            error = error or "error" in chunk
+            pieces += bool(chunk.get("choices") and chunk["choices"][0]["delta"].get("content"))
+    return r.status_code, done and not error and pieces > 0
+
+
+def _rss_at(samples: list[tuple[float, int, int]], t: float, which: int) -> float:
+    """RSS in MB of the sample nearest to ``t`` seconds into the run (which: 1 proxy, 2 server)."""
+    return min(samples, key=lambda s: abs(s[0] - t))[which] / 1024
+
+
+def _rss_profile(samples: list[tuple[float, int, int]], seconds: float, which: int) -> dict:
+    marks = {"start": 0.0, "q1": seconds / 4, "half": seconds / 2, "q3": 3 * seconds / 4}
+    prof = {k: _rss_at(samples, t, which) for k, t in marks.items()}
+    prof["end"] = samples[-1][which] / 1024
+    prof["max"] = max(s[which] for s in samples) / 1024
+    prof["second_half_growth"] = prof["end"] - prof["half"]
+    return prof
+
+
+def load(server_url: str, server_pid: int, secret, seconds: float, clients: int, timeout: float,
+         mix: str = "streamed") -> dict:
     port = free_port()
     cmd = [sys.executable, "-m", "aloe.cli", "proxy", "--server", server_url, "--secret", str(secret),
            "--tokenizer", "smollm2", "--port", str(port), "--timeout", str(timeout)]
-    ok, failed, lock = [0], [], threading.Lock()
-    samples: list[tuple[int, int]] = []
+    ok, failed, lock = [0, 0], [], threading.Lock()  # ok: streamed, not streamed
+    samples: list[tuple[float, int, int]] = []  # (seconds into the run, proxy RSS kB, server RSS kB)
     with server_process(cmd, port, timeout=300, path="/v1/models") as (url, proc):
-        deadline = time.monotonic() + seconds
         stop = threading.Event()
+        t0 = time.monotonic()
+        deadline = t0 + seconds
 
         def sample() -> None:
             while not stop.is_set():
-                samples.append((rss_kb(proc.pid), rss_kb(server_pid)))
+                samples.append((time.monotonic() - t0, rss_kb(proc.pid), rss_kb(server_pid)))
                 stop.wait(1.0)
 
         def worker(k: int) -> None:
@@ -88,17 +126,20 @@ def load(server_url: str, server_pid: int, secret, seconds: float, clients: int,
             with httpx.Client(timeout=timeout + 30) as http:
                 while time.monotonic() < deadline:
                     j += 1
+                    stream = mix == "streamed" or bool(j % 2)
                     body = {"model": "aloe", "messages": [{"role": "user", "content": f"Count to {k + j % 7}."}],
-                            "max_tokens": 12, "temperature": 0.7, "seed": j, "stream": bool(j % 2)}
+                            "max_tokens": 12, "temperature": 0.7, "seed": j, "stream": stream}
                     try:
-                        r = http.post(url + "/v1/chat/completions", json=body)
-                        code = r.status_code
-                        good = code == 200 and (b"[DONE]" in r.content if body["stream"] else "choices" in r.json())
+                        if stream:
+                            code, good = _stream_chat(http, url, body)
+                        else:
+                            r = http.post(url + "/v1/chat/completions", json=body)
+                            code, good = r.status_code, r.status_code == 200 and "choices" in r.json()
                     except (httpx.HTTPError, ValueError) as exc:
                         code, good = repr(exc), False
                     with lock:
                         if good:
-                            ok[0] += 1
+                            ok[not stream] += 1
                         else:
                             failed.append(code)
 
@@ -111,12 +152,12 @@ def load(server_url: str, server_pid: int, secret, seconds: float, clients: int,
             t.join()
         stop.set()
         sampler.join()
-    proxy_mb = [p / 1024 for p, _ in samples if p]
-    server_mb = [s / 1024 for _, s in samples if s]
-    return {"clients": clients, "seconds": seconds, "requests_ok": ok[0], "requests_failed": len(failed),
-            "failures": [str(f) for f in failed[:5]],
-            "proxy_rss_mb": {"start": proxy_mb[0], "max": max(proxy_mb), "end": proxy_mb[-1]},
-            "server_rss_mb": {"start": server_mb[0], "max": max(server_mb), "end": server_mb[-1]}}
+        samples.append((time.monotonic() - t0, rss_kb(proc.pid), rss_kb(server_pid)))
+    samples = [s for s in samples if s[1] and s[2]]
+    return {"clients": clients, "seconds": seconds, "mix": mix, "requests_ok": ok[0] + ok[1],
+            "streamed_ok": ok[0], "non_streamed_ok": ok[1], "requests_failed": len(failed),
+            "failures": [str(f) for f in failed[:5]], "rss_samples": len(samples),
+            "proxy_rss_mb": _rss_profile(samples, seconds, 1), "server_rss_mb": _rss_profile(samples, seconds, 2)}
 
 
 def main() -> int:
@@ -127,6 +168,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each server")
     ap.add_argument("--load-seconds", type=float, default=60.0)
     ap.add_argument("--load-clients", type=int, default=8)
+    ap.add_argument("--load-mix", choices=["streamed", "alternate"], default="streamed",
+                    help="every load request streamed, or every other one not")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -147,8 +190,8 @@ def main() -> int:
     with server_process(aloe_serve_command(whole, p1, *threads), p1, timeout=600) as (u1, proc1), \
             server_process(aloe_serve_command(split, p2, *threads), p2, timeout=600) as (u2, _):
         sp = speed(u1, u2, secret, tok, client_vocab, args.new_tokens, args.requests)
-        lt = load(u1, proc1.pid, secret, args.load_seconds, args.load_clients, 300.0) if args.load_seconds > 0 \
-            else None
+        lt = load(u1, proc1.pid, secret, args.load_seconds, args.load_clients, 300.0, args.load_mix) \
+            if args.load_seconds > 0 else None
     payload = {"profile": profile.name, "speed": sp, "load_test": lt,
                "settings": {"threads": args.threads, "prompt": PROMPT}}
     md = ["# Client side: the proxy under load, and the client-held vocabulary mode\n",
@@ -162,11 +205,17 @@ def main() -> int:
           "final hidden state, the client applies the head and samples), where token-id serving streams ids from "
           "one request.\n"]
     if lt:
-        md.append(f"## Load: {lt['clients']} concurrent clients through `aloe proxy` for {lt['seconds']:.0f} s\n\n"
-                  f"{lt['requests_ok']} requests succeeded, {lt['requests_failed']} failed. RSS (MB, start / max / "
-                  f"end): proxy {lt['proxy_rss_mb']['start']:.0f} / {lt['proxy_rss_mb']['max']:.0f} / "
-                  f"{lt['proxy_rss_mb']['end']:.0f}; server {lt['server_rss_mb']['start']:.0f} / "
-                  f"{lt['server_rss_mb']['max']:.0f} / {lt['server_rss_mb']['end']:.0f}.\n")
+        kind = "streamed" if lt["mix"] == "streamed" else "alternately streamed and non-streamed"
+        rows = [{"process": name, **lt[key]} for name, key in (("aloe proxy", "proxy_rss_mb"),
+                                                                ("aloe serve", "server_rss_mb"))]
+        md += [f"## Load: {lt['clients']} concurrent {kind} chat completions through `aloe proxy` for "
+               f"{lt['seconds']:.0f} s\n",
+               f"{lt['requests_ok']} requests succeeded ({lt['streamed_ok']} streamed), {lt['requests_failed']} "
+               f"failed. RSS in MB ({lt['rss_samples']} samples, one a second), at the start, at each quarter of the "
+               "run and at the end:\n",
+               markdown_table(rows, [("process", "process"), ("start", "start"), ("q1", "25%"), ("half", "50%"),
+                                     ("q3", "75%"), ("end", "end"), ("max", "max"),
+                                     ("second_half_growth", "growth over the 2nd half")])]
     return publish("proxy", payload, "\n".join(md), args.json)
 
 
