@@ -127,15 +127,28 @@ def test_a_party_killed_mid_epoch_stops_all_and_the_resume_ends_with_the_unbroke
     assert outs[killed][0] == -9, outs[killed][2][-500:]
     t_kill = outs[killed][3]
     who = INTERNAL[killed]
+    stops = _others_stopped(outs, killed, who, t_kill)
+    resume = _resume_ends_with_the_reference(net, cfg, tmp_path, reference)
+    print(f"{killed} killed: the others stopped {', '.join(f'{r} {s:.2f} s' for r, s in stops.items())} after it; "
+          f"resume {resume:.1f} s")
+
+
+def _others_stopped(outs: dict, gone: str, who: str, t_kill: float) -> dict:
+    """Each other party ended with one line naming the party that closed mid-run, within the bound; their delays."""
     stops = {}
     for role in ROLES:
-        if role != killed:
+        if role != gone:
             line = _one_error_line(outs[role])
             assert f"party {who} closed the connection mid-run without the end-of-run message" in line, \
                 {r: o[2][-300:] for r, o in outs.items()}
             stops[role] = outs[role][3] - t_kill
     assert max(stops.values()) < TIMEOUT, stops
-    # L and R were killed or stopped inside the second epoch: their last checkpoint is still epoch 1
+    return stops
+
+
+def _resume_ends_with_the_reference(net, cfg: Path, tmp_path: Path, reference) -> float:
+    """L and R stopped inside the second epoch (their last checkpoint is still epoch 1, no model written); a resume
+    of all three ends with exactly the unbroken run's weights. Returns the resume's seconds."""
     for r in ("L", "R"):
         assert sorted(p.name for p in (tmp_path / f"ck-{r}" / r).iterdir()) == ["epoch-0001.pt"]
     assert not (tmp_path / "model.pt").exists()
@@ -146,8 +159,7 @@ def test_a_party_killed_mid_epoch_stops_all_and_the_resume_ends_with_the_unbroke
     assert weights.keys() == reference.weights.keys()
     for name, w in weights.items():
         assert torch.equal(w, reference.weights[name]), name
-    print(f"{killed} killed: the others stopped {', '.join(f'{r} {s:.2f} s' for r, s in stops.items())} after it; "
-          f"resume {time.monotonic() - t0:.1f} s")
+    return time.monotonic() - t0
 
 
 @pytest.mark.parametrize("restarted", ROLES)
@@ -168,33 +180,17 @@ def test_a_party_restarted_mid_epoch_cannot_rejoin_and_the_resume_ends_with_the_
     assert again, "the party was never restarted"
     t_kill = outs[restarted][3]
     who = INTERNAL[restarted]
-    stops = {}
-    for role in ROLES:
-        if role != restarted:
-            line = _one_error_line(outs[role])
-            assert f"party {who} closed the connection mid-run without the end-of-run message" in line, \
-                {r: o[2][-300:] for r, o in outs.items()}
-            stops[role] = outs[role][3] - t_kill
-    assert max(stops.values()) < TIMEOUT, stops
+    stops = _others_stopped(outs, restarted, who, t_kill)
     # the restarted process finds no listener (or nobody connects to it) and gives up after the timeout
     line = _one_error_line(outs["again"])
     expected = "no party connected within" if restarted == "L" else "could not connect to party L at"
     assert expected in line and "cannot rejoin a run already under way" in line, line
     alone = outs["again"][3] - again["at"]
     assert TIMEOUT <= alone < TIMEOUT + 60.0, alone  # the timeout after its start-up (imports, data) on a busy host
-    for r in ("L", "R"):
-        assert sorted(p.name for p in (tmp_path / f"ck-{r}" / r).iterdir()) == ["epoch-0001.pt"]
-    assert not (tmp_path / "model.pt").exists()
-    t0 = time.monotonic()
-    resumed = _wait(_launch(net, cfg))
-    assert all(o[0] == 0 for o in resumed.values()), {r: o[2][-500:] for r, o in resumed.items()}
-    weights = _weights(tmp_path)
-    assert weights.keys() == reference.weights.keys()
-    for name, w in weights.items():
-        assert torch.equal(w, reference.weights[name]), name
+    resume = _resume_ends_with_the_reference(net, cfg, tmp_path, reference)
     print(f"{restarted} killed and restarted: the others stopped "
           f"{', '.join(f'{r} {s:.2f} s' for r, s in stops.items())} after the kill; the restarted process gave up "
-          f"{alone:.1f} s after its start; resume {time.monotonic() - t0:.1f} s")
+          f"{alone:.1f} s after its start; resume {resume:.1f} s")
 
 
 def test_a_party_cut_off_the_network_stops_all_within_the_timeout(net, certs, reference, tmp_path):
