@@ -11,7 +11,11 @@ machine hits both alike; each step is timed on L (sharing the batch, forward, ba
 excluded) and the medians of all steps of each mode are compared. Also reported: the median launch time (process
 start, handshakes, set-up) and the raw channel throughput of one 32 MB message each way between two threads.
 
-Usage: python benchmarks/mpc_tls.py [--rounds 2] [--workloads lr,b-avg] [--json]
+Ops (``--ops``, default every op of ``aloe mpc bench`` at its default shape): each round launches the three parties
+once per mode (alternating, as above) and times every op ``--op-reps`` times with the dealer synchronized
+(``aloe.mpc.bench.run_suite``); the medians of all repetitions of each mode are compared.
+
+Usage: python benchmarks/mpc_tls.py [--rounds 2] [--workloads lr,b-avg] [--ops mul,...|none] [--op-reps 5] [--json]
 """
 
 from __future__ import annotations
@@ -113,6 +117,25 @@ def measure(workloads: list[str], rounds: int) -> dict:
     return {"rows": rows}
 
 
+def measure_ops(ops: list[str], rounds: int, reps: int) -> dict:
+    from aloe.mpc.bench import run_suite
+
+    ms = {(op, m): [] for op in ops for m in MODES}
+    shape = {}
+    for i in range(rounds):
+        for mode in (MODES if i % 2 == 0 else MODES[::-1]):
+            for r in run_suite(ops, reps=reps, preprocessed=False, insecure_loopback=mode == "plain"):
+                ms[(r["op"], mode)] += r["ms_all"]
+                shape[r["op"]] = r["shape"]
+    rows = []
+    for op in ops:
+        med = {m: statistics.median(ms[(op, m)]) for m in MODES}
+        rows.append({"op": op, "shape": shape[op], "reps_per_mode": len(ms[(op, "tls")]), "plain_ms": med["plain"],
+                     "tls_ms": med["tls"], "ratio": med["tls"] / med["plain"], "plain_all": ms[(op, "plain")],
+                     "tls_all": ms[(op, "tls")]})
+    return {"ops": rows}
+
+
 def markdown(res: dict, cmd: str) -> str:
     lines = ["# TLS on the MPC channels: encrypted vs plain (side by side, one run)", "",
              f"Command: `{cmd}`", "",
@@ -128,6 +151,12 @@ def markdown(res: dict, cmd: str) -> str:
                      f"{r['tls_seconds']:.3f} | **{r['ratio']:.2f}** | {r['plain_launch_seconds']:.1f} / "
                      f"{r['tls_launch_seconds']:.1f} | {r['online_bytes'] / 1e6:,.1f} | "
                      f"{r['offline_bytes'] / 1e6:,.1f} |")
+    if res.get("ops"):
+        lines += ["", "Ops (`aloe mpc bench` default shapes, dealer synchronized, medians of every repetition per "
+                  "mode):",
+                  "", "| op | shape | reps per mode | plain ms | TLS ms | TLS / plain |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['op']} | {r['shape']} | {r['reps_per_mode']} | {r['plain_ms']:.1f} | {r['tls_ms']:.1f} | "
+                  f"**{r['ratio']:.2f}** |" for r in res["ops"]]
     c = res["channel"]
     lines += ["", f"Raw channel: one {c['message_mb']:.0f} MB message each way at once between two threads: plain "
               f"{c['plain_seconds']:.3f} s, TLS {c['tls_seconds']:.3f} s (ratio {c['ratio']:.2f}; "
@@ -139,15 +168,25 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=2, help="launches per workload and mode (default 2)")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--ops", default="all", help="ops of aloe mpc bench to time in both modes ('all' or 'none')")
+    ap.add_argument("--op-reps", type=int, default=5)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    from aloe.mpc.bench import OPS
+
     workloads = [w for w in args.workloads.split(",") if w]
-    if any(w not in WORKLOADS for w in workloads) or args.rounds < 1:
-        raise SystemExit(f"unknown workload in {args.workloads} or --rounds below 1")
+    ops = list(OPS) if args.ops == "all" else [] if args.ops == "none" else [o for o in args.ops.split(",") if o]
+    if any(w not in WORKLOADS for w in workloads) or args.rounds < 1 or args.op_reps < 1:
+        raise SystemExit(f"unknown workload in {args.workloads}, or --rounds / --op-reps below 1")
+    if any(o not in OPS for o in ops):
+        raise SystemExit(f"unknown op in {args.ops}; choose from {', '.join(OPS)}, all or none")
     torch.set_num_threads(1)
     res = measure(workloads, args.rounds)
+    if ops:
+        res.update(measure_ops(ops, args.rounds, args.op_reps))
     res["channel"] = channel_throughput()
-    cmd = f"python benchmarks/mpc_tls.py --rounds {args.rounds} --workloads {','.join(workloads)}"
+    cmd = (f"python benchmarks/mpc_tls.py --rounds {args.rounds} --workloads {','.join(workloads)} "
+           f"--ops {','.join(ops) or 'none'} --op-reps {args.op_reps}")
     res["command"] = cmd
     out = HERE / "results"
     md = markdown(res, cmd)
