@@ -4,6 +4,7 @@ eigenvalues of the session matrix, retrieval latency, interests.
     python benchmarks/recsys.py --quick      # 3 seeds x 3 epochs, 20k-item catalogue: a few minutes, 1 thread
     python benchmarks/recsys.py              # 5 seeds x 10 epochs, 100k-item catalogue
     python benchmarks/recsys.py --loss bpr-max   # adds the GRU4Rec-style vector model (BPR-max, 2048 negatives)
+    python benchmarks/recsys.py --comirec        # adds the ComiRec-SA multi-interest model (K = 4, same budget)
 
 Writes benchmarks/results/recsys[_quick].{json,md,png}. Everything runs on one thread (torch and faiss).
 """
@@ -38,6 +39,7 @@ from aloe.recsys.metrics import (  # noqa: E402
     positive_eigen_counts,
     recall_at,
 )
+from aloe.recsys.models import DEFAULT_INTERESTS  # noqa: E402
 from aloe.recsys.retrieval import MipsIndex, eigen_topk, exact_topk, recall_vs_exact, same_topk  # noqa: E402
 from aloe.recsys.train import DEFAULT_NEGATIVES, LOSSES, TrainConfig, fit_and_evaluate, test_queries  # noqa: E402
 
@@ -167,7 +169,9 @@ def catalogue_row(zq: np.ndarray, x: np.ndarray, m: int) -> dict:
 
 
 def vector_retrieval(model, data, n_queries: int, seed: int = 0) -> dict:
-    """The vector model's top-20 on its trained catalogue: exact and faiss flat over e (dimension n_v)."""
+    """The vector model's top-20 on its trained catalogue: exact and faiss flat over e (dimension n_v). The same for
+    the ComiRec model, whose queries are K interests: exact scores max_k u_k^T e, faiss flat searches once per
+    interest and keeps each item's best score."""
     with torch.no_grad():
         q_all, _ = test_queries(model, data)
         feats = model.item_features().numpy().astype(np.float32)
@@ -177,7 +181,7 @@ def vector_retrieval(model, data, n_queries: int, seed: int = 0) -> dict:
     s_ex, i_ex = exact_topk(zq, feats, K)
     s_f, i_f = flat.search(zq, K)
     lat_q = zq[: min(50, len(zq))]
-    return {"items": int(len(feats)), "feature_dim": int(feats.shape[1]),
+    return {"items": int(len(feats)), "feature_dim": int(feats.shape[1]), "interests": int(model.interests),
             "exact_ms": per_query_ms(lambda q: exact_topk(q, feats, K), lat_q),
             "faiss_flat_ms": per_query_ms(lambda q: flat.search(q, K), lat_q),
             "faiss_flat_equal_up_to_ties": float(same_topk(i_f, s_f, i_ex, s_ex).mean())}
@@ -314,6 +318,15 @@ def markdown(results: dict) -> str:
         r = results["retrieval_vector"][d]
         lines.append(f"| {d} | {r['items']:,} | {r['feature_dim']} | {r['exact_ms']:.3f} | {r['faiss_flat_ms']:.3f} | "
                      f"{r['faiss_flat_equal_up_to_ties']:.3f} |")
+    if results.get("retrieval_comirec"):
+        lines += ["", f"ComiRec-SA model (K = {cfg['interests']} interests; same GRU trunk, candidate size chosen for "
+                  "the matrix model's parameter count) on its trained catalogue: exact scores max_k u_k^T e; faiss "
+                  "flat searches once per interest and keeps each item's best score.", "",
+                  "| dataset | items | dim | interests | exact ms | faiss flat ms | flat == exact (up to ties) |",
+                  "|---|---|---|---|---|---|---|"]
+        for d, r in results["retrieval_comirec"].items():
+            lines.append(f"| {d} | {r['items']:,} | {r['feature_dim']} | {r['interests']} | {r['exact_ms']:.3f} | "
+                         f"{r['faiss_flat_ms']:.3f} | {r['faiss_flat_equal_up_to_ties']:.3f} |")
     if "interests" in results:
         it = results["interests"]
         lines += ["", "## Interests (MovieLens-100K, matrix model, seed 0)", "",
@@ -335,7 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=100)
     p.add_argument("--loss", default="", metavar="bpr-max,top1-max",
                    help="also train the --loss-models with these sampled losses (GRU4Rec), same seeds")
-    p.add_argument("--loss-models", default="vector", metavar="vector,matrix")
+    p.add_argument("--loss-models", default="vector", metavar="vector,matrix,comirec")
+    p.add_argument("--comirec", action="store_true",
+                   help="also train the ComiRec-SA multi-interest model (same trunk, seeds and budget)")
+    p.add_argument("--interests", type=int, default=DEFAULT_INTERESTS, metavar="K",
+                   help="interests of the ComiRec model")
     p.add_argument("--negatives", type=int, default=DEFAULT_NEGATIVES,
                    help="popularity-sampled negatives per batch for the sampled losses")
     p.add_argument("--sample-alpha", type=float, default=0.5)
@@ -361,14 +378,17 @@ def main(argv: list[str] | None = None) -> int:
         if loss == "ce" or loss not in LOSSES:
             p.error(f"--loss: unknown sampled loss {loss!r}; choose from bpr-max, top1-max")
     for kind in loss_models:
-        if kind not in ("vector", "matrix"):
-            p.error(f"--loss-models: unknown model {kind!r}; choose from vector, matrix")
+        if kind not in ("vector", "matrix", "comirec"):
+            p.error(f"--loss-models: unknown model {kind!r}; choose from vector, matrix, comirec")
+    if args.interests < 1:
+        p.error(f"--interests must be at least 1, got {args.interests}")
     try:
         for loss in losses:
             TrainConfig(loss=loss, negatives=args.negatives, sample_alpha=args.sample_alpha, bpreg=args.bpreg).check()
     except AloeError as exc:
         p.error(str(exc))
-    variants = VARIANTS + [(kind, False, loss) for loss in losses for kind in loss_models]
+    variants = VARIANTS + ([("comirec", False, "ce")] if args.comirec else []) + [
+        (kind, False, loss) for loss in losses for kind in loss_models]
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
     seeds = args.seeds or (3 if args.quick else 5)
@@ -379,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     results: dict = {"config": {"quick": args.quick, "seeds": seeds, "epochs": epochs, "hidden": args.hidden,
                                 "matrix_dim": args.matrix_dim, "losses": losses, "loss_models": loss_models,
+                                "comirec": args.comirec, "interests": args.interests,
                                 "negatives": args.negatives, "sample_alpha": args.sample_alpha, "bpreg": args.bpreg,
                                 "eigen_buckets": list(edges), "eigen_rtol": args.eigen_rtol,
                                 "command": "python benchmarks/recsys.py "
@@ -386,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "machine": f"{platform.machine()}, torch {torch.__version__}, "
                                            f"faiss {faiss.__version__}"},
                      "datasets": datasets, "accuracy": {}, "paired_vs_vector": {}, "retrieval": {},
-                     "retrieval_vector": {}, "eigen_buckets": {}, "runs": []}
+                     "retrieval_vector": {}, "retrieval_comirec": {}, "eigen_buckets": {}, "runs": []}
     for d in datasets:
         results["accuracy"][d], per_seed = {}, {}
         seed0_matrix = None
@@ -397,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = fit_and_evaluate(d, kind, augment=aug, seed=seed, epochs=epochs, matrix_dim=args.matrix_dim,
                                      hidden=args.hidden, save=False, loss=loss,
                                      negatives=0 if loss == "ce" else args.negatives,
-                                     sample_alpha=args.sample_alpha, bpreg=args.bpreg)
+                                     sample_alpha=args.sample_alpha, bpreg=args.bpreg, interests=args.interests)
                 print(f"{d} {name} seed {seed}: recall@20 {r['recall@20']:.4f} mrr@20 {r['mrr@20']:.4f} "
                       f"({r['train_seconds']:.1f} s)", file=log, flush=True)
                 runs.append(r)
@@ -425,6 +446,9 @@ def main(argv: list[str] | None = None) -> int:
                                                   big)
         results["retrieval_vector"][d] = vector_retrieval(per_seed["vector"][0]["model_obj"],
                                                           per_seed["vector"][0]["data_obj"], n_queries)
+        if "comirec" in per_seed:
+            results["retrieval_comirec"][d] = vector_retrieval(per_seed["comirec"][0]["model_obj"],
+                                                               per_seed["comirec"][0]["data_obj"], n_queries)
         if d == "ml100k":
             results["interests"] = interest_coherence(seed0_matrix["model_obj"], seed0_matrix["data_obj"])
     results["seconds"] = time.perf_counter() - t_start

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from aloe import AloeError
 from aloe.recsys.data import DATASETS
-from aloe.recsys.models import MODELS
+from aloe.recsys.models import DEFAULT_INTERESTS, MODELS, check_interests
 
 
 def _check(value: str, allowed: tuple[str, ...], what: str) -> None:
@@ -24,17 +24,23 @@ def _train(args: argparse.Namespace) -> int:
     _check(args.model, MODELS, "model")
     if args.epochs < 1:
         raise AloeError("--epochs must be at least 1")
+    if args.interests is not None:
+        check_interests(args.interests)
+        if args.model != "comirec":
+            raise AloeError("--interests applies to the comirec model")
     negatives = args.negatives if args.negatives is not None else 0 if args.loss == "ce" else DEFAULT_NEGATIVES
     r = fit_and_evaluate(args.data, args.model, augment=args.augment, seed=args.seed, epochs=args.epochs,
                          batch_size=args.batch_size, lr=args.lr, matrix_dim=args.matrix_dim, hidden=args.hidden,
                          cache=args.cache, progress=not args.json and sys.stderr.isatty(), loss=args.loss,
-                         negatives=negatives, sample_alpha=args.sample_alpha, bpreg=args.bpreg)
+                         negatives=negatives, sample_alpha=args.sample_alpha, bpreg=args.bpreg,
+                         interests=DEFAULT_INTERESTS if args.interests is None else args.interests)
     for key in ("model_obj", "data_obj", "ranks", "losses"):
         r.pop(key)
     if args.json:
         print_json(r)
     else:
         name = r["model"] + ("+[e;1]" if r["augment"] else "")
+        name += f" (K={r['config']['interests']})" if r["model"] == "comirec" else ""
         name += f" ({r['loss']})" if r["loss"] not in (None, "ce") else ""
         print(f"{args.data} {name}: recall@20 {r['recall@20']:.4f}  mrr@20 {r['mrr@20']:.4f}  "
               f"params {r['params']:,}  ({r['n_test']} test prefixes, {r['train_seconds']:.1f} s training)")
@@ -92,6 +98,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--lr", type=float, default=3e-3)
     t.add_argument("--matrix-dim", type=int, default=16, help="n of the n x n session matrix")
     t.add_argument("--hidden", type=int, default=100, help="GRU state size")
+    t.add_argument("--interests", type=int, metavar="K",
+                   help=f"interests per session of the comirec model (default {DEFAULT_INTERESTS}); its candidate "
+                        "size is set to match the matrix model's parameter count")
     t.add_argument("--loss", default="ce", metavar="ce|bpr-max|top1-max",
                    help="full softmax (default) or GRU4Rec's sampled BPR-max / TOP1-max")
     t.add_argument("--negatives", type=int, metavar="N",

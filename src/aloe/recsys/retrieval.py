@@ -16,6 +16,12 @@
   the largest item norm), the bound tightens to the fractional knapsack ``max sum lam_k c_k`` over
   0 <= c_k <= t_k^2, sum c_k <= R^2 (fill the largest eigenvalues first). When the k-th best candidate reaches the
   bound the answer is exact, otherwise m doubles (at m = number of items it is exhaustive).
+
+Multi-interest queries (ComiRec: the score of an item is the maximum of K inner products) are (Q, K, D) arrays:
+:func:`exact_topk` and :func:`exact_topk_chunked` score them by that maximum, and :meth:`MipsIndex.search` runs one
+search per interest and keeps each item's best score (:func:`merge_interest_lists`). The merge is exact for an exact
+index: an item in the true top-k under the maximum, with its maximum at interest k, has fewer than k items above it in
+interest k's list, so it is in that list with its true score. The eigenvector routes are for session matrices only.
 """
 
 from __future__ import annotations
@@ -39,25 +45,47 @@ def _sort_rows(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndar
     return np.take_along_axis(scores, order, -1), np.take_along_axis(ids, order, -1)
 
 
+def _queries(queries) -> np.ndarray:
+    q = _f32(queries)
+    if q.ndim not in (2, 3):
+        raise AloeError(f"queries must be (queries, dim) or (queries, interests, dim), got shape {q.shape}")
+    return q
+
+
+def max_inner_products(q: np.ndarray, f: np.ndarray) -> np.ndarray:
+    """(Q, D) or (Q, K, D) queries, (V, D) features -> (Q, V) scores: the inner product, or its maximum over K."""
+    if q.ndim == 2:
+        return q @ f.T
+    scores = q[:, 0] @ f.T
+    for j in range(1, q.shape[1]):
+        np.maximum(scores, q[:, j] @ f.T, out=scores)
+    return scores
+
+
 def exact_topk(queries, features, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(Q, D) queries, (V, D) item features -> (Q, k) scores and item ids, best first."""
-    q, f = _f32(queries), _f32(features)
+    """(Q, D) queries -- or (Q, K, D) multi-interest queries, scored by the maximum over K -- and (V, D) item features
+    -> (Q, k) scores and item ids, best first."""
+    q, f = _queries(queries), _f32(features)
     k = min(k, len(f))
-    scores = q @ f.T
+    scores = max_inner_products(q, f)
     part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     return _sort_rows(np.take_along_axis(scores, part, 1), part)
 
 
 def exact_topk_chunked(queries, features, k: int, chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """:func:`exact_topk` for large catalogues: scores ``chunk`` queries at a time (a ``chunk x items`` float32 matrix)
-    with torch's matmul and top-k; within the k results ties go to the lower item id."""
+    with torch's matmul and top-k; within the k results ties go to the lower item id. (Q, K, D) queries are scored
+    by the maximum over K."""
     import torch
 
-    q, f = torch.from_numpy(_f32(queries)), torch.from_numpy(_f32(features))
+    q, f = torch.from_numpy(_queries(queries)), torch.from_numpy(_f32(features))
     k = min(k, len(f))
     out_s, out_i = np.empty((len(q), k), np.float32), np.empty((len(q), k), np.int64)
     for s in range(0, len(q), chunk):
-        vals, ids = torch.topk(q[s:s + chunk] @ f.T, k, dim=1)
+        block = q[s:s + chunk]
+        scores = block @ f.T if block.ndim == 2 else torch.stack([block[:, j] @ f.T for j in range(block.shape[1])]
+                                                                 ).amax(0)
+        vals, ids = torch.topk(scores, k, dim=1)
         out_s[s:s + chunk], out_i[s:s + chunk] = _sort_rows(vals.numpy(), ids.numpy())
     return out_s, out_i
 
@@ -92,7 +120,16 @@ class MipsIndex:
         self.index.add(f)
 
     def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
-        scores, ids = self.index.search(_f32(queries), min(k, self.n))
+        """(Q, dim) queries -> (Q, k) scores and ids, best first. (Q, K, dim) multi-interest queries: one search per
+        interest, merged by each item's best score (:func:`merge_interest_lists`; exact for a flat index)."""
+        q = _queries(queries)
+        if q.shape[-1] != self.dim:
+            raise AloeError(f"queries of dimension {q.shape[-1]} for an index of dimension {self.dim}")
+        if q.ndim == 3:
+            scores, ids = self.search(q.reshape(-1, self.dim), k)
+            return merge_interest_lists(scores.reshape(len(q), q.shape[1], -1), ids.reshape(len(q), q.shape[1], -1),
+                                        min(k, self.n))
+        scores, ids = self.index.search(q, min(k, self.n))
         return scores, ids.astype(np.int64)
 
     def set_search_effort(self, effort: int) -> None:
@@ -101,6 +138,25 @@ class MipsIndex:
             self.index.nprobe = int(effort)
         elif self.kind == "hnsw":
             self.index.hnsw.efSearch = int(effort)
+
+
+def merge_interest_lists(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(Q, K, m) per-interest search results -> (Q, k): every item's best score over the lists it is in, best first,
+    ties to the lower id; ids < 0 (faiss's 'no result') are dropped and missing places are (-inf, -1)."""
+    out_s = np.full((len(ids), k), -np.inf, np.float32)
+    out_i = np.full((len(ids), k), -1, np.int64)
+    for r in range(len(ids)):
+        i, s = ids[r].ravel(), scores[r].ravel().astype(np.float32)
+        keep = i >= 0
+        i, s = i[keep], s[keep]
+        order = np.lexsort((-s, i))  # by id, its best score first
+        i, s = i[order], s[order]
+        first = np.ones(len(i), dtype=bool)
+        first[1:] = i[1:] != i[:-1]
+        i, s = i[first], s[first]
+        top = np.lexsort((i, -s))[:k]
+        out_s[r, :len(top)], out_i[r, :len(top)] = s[top], i[top]
+    return out_s, out_i
 
 
 def recall_vs_exact(ids: np.ndarray, exact_ids: np.ndarray) -> float:

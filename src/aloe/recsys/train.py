@@ -4,7 +4,8 @@ evaluation.
 Prefix augmentation is computed in one pass: a sequence s goes through the GRU once and the query at position i-1
 scores the target s[i], so a batch of sequences holds exactly the examples (s[:i], s[i]) of the protocol. Long training
 sequences are cut into windows of ``max_len`` items overlapping by one (each target appears once); evaluation always
-reads the whole prefix.
+reads the whole prefix. Scores come from the model's ``scores(queries, features)`` (one inner product per item, or the
+maximum over ComiRec's interests), so the losses and the ranking only see a (rows x items) score matrix.
 
 The sampled losses follow Hidasi & Karatzoglou 2018 (GRU4Rec): the negatives of a batch are its distinct targets (in
 batch) plus ``negatives`` items drawn with replacement with probability proportional to ``count ** sample_alpha``, one
@@ -29,7 +30,7 @@ from tqdm import tqdm
 from aloe import AloeError
 from aloe.recsys.data import SessionData
 from aloe.recsys.metrics import mrr_at, recall_at, target_ranks
-from aloe.recsys.models import PopularityModel
+from aloe.recsys.models import DEFAULT_INTERESTS, PopularityModel
 
 
 @dataclass
@@ -152,10 +153,11 @@ def train_model(model: nn.Module, data: SessionData, cfg: TrainConfig, *, progre
             mask = targets != data.n_items
             q, t = model.queries(inputs)[mask], targets[mask]
             if cfg.loss == "ce":
-                loss = F.cross_entropy(q @ model.item_features().T, t)
+                loss = F.cross_entropy(model.scores(q, model.item_features()), t)
             else:
                 cols, where = batch_columns(t, probs, cfg.negatives, neg_rng)
-                loss = sampled_loss(q @ model.item_features()[cols].T, cols, t, where, cfg.loss, cfg.bpreg)
+                loss = sampled_loss(model.scores(q, model.item_features()[cols]), cols, t, where, cfg.loss,
+                                    cfg.bpreg)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -171,7 +173,8 @@ def train_model(model: nn.Module, data: SessionData, cfg: TrainConfig, *, progre
 
 @torch.no_grad()
 def test_queries(model: nn.Module, data: SessionData, batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """The query of every test prefix example and its target, in :meth:`SessionData.prefix_examples` order."""
+    """The query of every test prefix example (shape (N, *query_shape)) and its target, in
+    :meth:`SessionData.prefix_examples` order."""
     model.eval()
     seqs, firsts = data.test_sequences(), data.test_first
     qs, ts = [], []
@@ -190,16 +193,18 @@ def evaluate(model: nn.Module, data: SessionData, k: int = 20, chunk: int = 2048
     """Full ranking over all items for every test prefix: Recall@k, MRR@k and the ranks themselves."""
     queries, targets = test_queries(model, data)
     feats = model.item_features()
-    ranks = torch.cat([target_ranks(queries[i:i + chunk] @ feats.T, targets[i:i + chunk])
+    ranks = torch.cat([target_ranks(model.scores(queries[i:i + chunk], feats), targets[i:i + chunk])
                        for i in range(0, len(targets), chunk)]).numpy()
     return {f"recall@{k}": recall_at(ranks, k), f"mrr@{k}": mrr_at(ranks, k), "n_test": int(len(ranks)),
             "ranks": ranks}
 
 
-def model_dir(cache, data: str, kind: str, augment: bool, seed: int, loss: str = "ce"):
+def model_dir(cache, data: str, kind: str, augment: bool, seed: int, loss: str = "ce",
+              interests: int = DEFAULT_INTERESTS):
     from aloe.assets.cache import cache_root
 
     tag = (f"{data}-{kind}{'-aug' if kind == 'matrix' and augment else ''}"
+           f"{f'-k{interests}' if kind == 'comirec' else ''}"
            f"{'' if loss == 'ce' or kind == 'pop' else '-' + loss}-seed{seed}")
     return (cache or cache_root()) / "recsys" / "models" / tag
 
@@ -207,23 +212,26 @@ def model_dir(cache, data: str, kind: str, augment: bool, seed: int, loss: str =
 def fit_and_evaluate(data_name: str, kind: str, *, augment: bool = False, seed: int = 0, epochs: int = 10,
                      batch_size: int = 64, lr: float = 3e-3, matrix_dim: int = 16, hidden: int = 100,
                      embed_dim: int = 64, k: int = 20, cache=None, save: bool = True, progress: bool = False,
-                     loss: str = "ce", negatives: int = 0, sample_alpha: float = 0.5, bpreg: float = 1.0) -> dict:
-    """Load the dataset, build and train ``kind`` (pop|vector|matrix) with ``loss`` (see :class:`TrainConfig`),
-    evaluate it by full ranking; with ``save`` the weights and the result are published atomically under
-    ``<cache>/recsys/models/``."""
+                     loss: str = "ce", negatives: int = 0, sample_alpha: float = 0.5, bpreg: float = 1.0,
+                     interests: int = DEFAULT_INTERESTS) -> dict:
+    """Load the dataset, build and train ``kind`` (pop|vector|matrix|comirec, the last with ``interests`` = K) with
+    ``loss`` (see :class:`TrainConfig`), evaluate it by full ranking; with ``save`` the weights and the result are
+    published atomically under ``<cache>/recsys/models/``."""
     import json
 
     from aloe.assets.cache import atomic_directory, atomic_write_json
     from aloe.recsys.data import load_dataset
-    from aloe.recsys.models import build_model, count_params
+    from aloe.recsys.models import build_model, check_interests, count_params
 
+    if kind == "comirec":
+        check_interests(interests)
     train_cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, loss=loss, negatives=negatives,
                             sample_alpha=sample_alpha, bpreg=bpreg)
     train_cfg.check()
     data = load_dataset(data_name, cache=cache)
     torch.manual_seed(seed)
     model = build_model(kind, data.n_items, counts=data.item_counts(), embed_dim=embed_dim, hidden=hidden,
-                        matrix_dim=matrix_dim, augment=augment)
+                        matrix_dim=matrix_dim, augment=augment, interests=interests)
     fit = train_model(model, data, train_cfg, progress=progress)
     ev = evaluate(model, data, k=k)
     result = {
@@ -234,28 +242,31 @@ def fit_and_evaluate(data_name: str, kind: str, *, augment: bool = False, seed: 
         "train_seconds": fit["seconds"], "losses": fit["losses"], "dataset": data.stats,
     }
     if save:
-        with atomic_directory(model_dir(cache, data_name, kind, augment, seed, loss), overwrite=True) as tmp:
+        with atomic_directory(model_dir(cache, data_name, kind, augment, seed, loss, interests),
+                              overwrite=True) as tmp:
             torch.save(model.state_dict(), tmp / "model.pt")
             atomic_write_json(tmp / "result.json", json.loads(json.dumps(result)))
     result["model_obj"], result["data_obj"], result["ranks"] = model, data, ev["ranks"]
     return result
 
 
-def load_trained(data_name: str, kind: str, *, augment: bool = False, seed: int = 0, cache=None):
+def load_trained(data_name: str, kind: str, *, augment: bool = False, seed: int = 0, cache=None,
+                 interests: int = DEFAULT_INTERESTS):
     """A model saved by :func:`fit_and_evaluate` and its dataset."""
     import json
 
     from aloe import AloeError
     from aloe.recsys.data import load_dataset
-    from aloe.recsys.models import ModelConfig, PopularityModel, SessionModel
+    from aloe.recsys.models import ModelConfig, model_from_config
 
-    folder = model_dir(cache, data_name, kind, augment, seed)
+    folder = model_dir(cache, data_name, kind, augment, seed, interests=interests)
     if not (folder / "result.json").is_file():
         raise AloeError(f"no trained {kind} model for {data_name} (seed {seed}) in {folder}; run "
                         f"'aloe recsys train --data {data_name} --model {kind}"
-                        f"{' --augment' if augment else ''} --seed {seed}' first")
+                        f"{' --augment' if augment else ''}"
+                        f"{f' --interests {interests}' if kind == 'comirec' else ''} --seed {seed}' first")
     data = load_dataset(data_name, cache=cache)
     cfg = ModelConfig(**json.loads((folder / "result.json").read_text())["config"])
-    model = PopularityModel(data.item_counts()) if cfg.kind == "pop" else SessionModel(cfg)
+    model = model_from_config(cfg, data.item_counts())
     model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
     return model.eval(), data
