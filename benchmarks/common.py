@@ -29,18 +29,35 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) 
     return statistics.median(times)
 
 
+# Runs the measured command as its child and writes the child's peak RSS (KB) to argv[1]. A process's peak RSS
+# starts at its parent's peak at fork time (Linux carries the forking mm's high-water mark across exec), so a
+# large benchmark process would set a floor under every child it measures; this launcher is small when it forks.
+_LAUNCHER = """import os, subprocess, sys
+p = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(p.pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status) & 255)
+"""
+
+
 def run_measured(cmd: list[str], what: str, stderr=subprocess.DEVNULL) -> tuple[bytes, float, float]:
-    """Run ``cmd`` from the repository (``src`` on the path): its stdout, wall seconds and peak RSS in MB; a failed
-    run ends the benchmark with one line naming ``what``."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, cwd=ROOT,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
-    stdout = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t0
-    if status != 0:
-        raise SystemExit(f"{what} failed")
-    return stdout, seconds, usage.ru_maxrss / 1024
+    """Run ``cmd`` from the repository (``src`` on the path): its stdout, wall seconds and peak RSS in MB (of the
+    command alone, measured through a small launcher process); a failed run ends the benchmark with one line naming
+    ``what``."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        peak_file = Path(tmp) / "peak_kb"
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(peak_file), *cmd], stdout=subprocess.PIPE,
+                                stderr=stderr, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
+        stdout = proc.stdout.read()
+        status = proc.wait()
+        seconds = time.perf_counter() - t0
+        if status != 0 or not peak_file.exists():
+            raise SystemExit(f"{what} failed")
+        peak_kb = int(peak_file.read_text())
+    return stdout, seconds, peak_kb / 1024
 
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
@@ -96,3 +113,17 @@ def latency_projection(rows: list[dict], name_key: str, aloe_key: str, crypten_k
                       f"{r[crypten_key] + r['crypten_rounds'] * d / ms_per_unit:.{digits}f}"]
         lines.append(f"| {r[name_key]} | " + " | ".join(cells) + " |")
     return lines
+
+
+def t_ci(values: list[float]) -> tuple[float, float, float]:
+    """Mean and the 95% Student-t interval of ``values`` (nan bounds below two values)."""
+    import numpy as np
+    from scipy import stats
+
+    v = np.asarray(values, dtype=np.float64)
+    if not len(v):
+        return float("nan"), float("nan"), float("nan")
+    if len(v) < 2:
+        return float(v.mean()), float("nan"), float("nan")
+    half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
+    return float(v.mean()), float(v.mean() - half), float(v.mean() + half)

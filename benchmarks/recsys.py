@@ -26,7 +26,6 @@ sys.path.insert(0, str(ROOT / "src"))
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from scipy import stats  # noqa: E402
 
 from aloe import AloeError  # noqa: E402
 from aloe.assets.cache import atomic_write_json, atomic_write_text  # noqa: E402
@@ -42,6 +41,7 @@ from aloe.recsys.metrics import (  # noqa: E402
 from aloe.recsys.models import DEFAULT_INTERESTS  # noqa: E402
 from aloe.recsys.retrieval import MipsIndex, eigen_topk, exact_topk, recall_vs_exact, same_topk  # noqa: E402
 from aloe.recsys.train import DEFAULT_NEGATIVES, LOSSES, TrainConfig, fit_and_evaluate, test_queries  # noqa: E402
+from common import t_ci  # noqa: E402
 
 VARIANTS = [("pop", False, "ce"), ("vector", False, "ce"), ("matrix", False, "ce"), ("matrix", True, "ce")]
 K = 20
@@ -49,16 +49,6 @@ K = 20
 
 def label(kind: str, aug: bool, loss: str = "ce") -> str:
     return ("matrix[e;1]" if aug else kind) + ("" if loss == "ce" else f"/{loss}")
-
-
-def t_ci(values: list[float]) -> tuple[float, float, float]:
-    v = np.asarray(values, dtype=np.float64)
-    if not len(v):
-        return float("nan"), float("nan"), float("nan")
-    if len(v) < 2:
-        return float(v.mean()), float("nan"), float("nan")
-    half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
-    return float(v.mean()), float(v.mean() - half), float(v.mean() + half)
 
 
 def bootstrap_ci(ranks: np.ndarray, metric, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
