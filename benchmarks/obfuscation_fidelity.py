@@ -108,8 +108,9 @@ def main() -> int:
             ("top1_agreement", "top-1 agree"), ("greedy_agreement", "greedy agree"),
             ("max_abs_logit_diff", "max abs logit diff")]),
         "\n## Conversion cost\n",
-        f"fp32 GEMM on this machine: {gflops32:.1f} GFLOP/s (fp64: {gflops64:.1f}); the conversion computes in "
-        "float64. `vs fp32 GEMM` = the conversion's key-product FLOPs per second / the fp32 GEMM rate.\n",
+        f"fp32 GEMM on this machine: {gflops32:.1f} GFLOP/s (fp64: {gflops64:.1f}); float32 outputs are "
+        "converted with float32 GEMMs, all cores. `vs fp32 GEMM` = the conversion's key-product FLOPs per second / "
+        "the fp32 GEMM rate. Peak RSS: the conversion's own process.\n",
         markdown_table(list(rows.values()), [
             ("profile", "profile"), ("convert_seconds", "seconds"), ("convert_gflops", "GFLOP"),
             ("convert_gflops_per_s", "GFLOP/s"), ("convert_vs_fp32_gemm", "vs fp32 GEMM"),
