@@ -83,8 +83,7 @@ def exact_topk_chunked(queries, features, k: int, chunk: int = 64) -> tuple[np.n
     out_s, out_i = np.empty((len(q), k), np.float32), np.empty((len(q), k), np.int64)
     for s in range(0, len(q), chunk):
         block = q[s:s + chunk]
-        scores = block @ f.T if block.ndim == 2 else torch.stack([block[:, j] @ f.T for j in range(block.shape[1])]
-                                                                 ).amax(0)
+        scores = block @ f.T if block.ndim == 2 else torch.from_numpy(max_inner_products(block.numpy(), f.numpy()))
         vals, ids = torch.topk(scores, k, dim=1)
         out_s[s:s + chunk], out_i[s:s + chunk] = _sort_rows(vals.numpy(), ids.numpy())
     return out_s, out_i
