@@ -10,6 +10,11 @@ one-hot's full output layer (d + 1) N; below it one-hot is a rank-r factorised s
     python benchmarks/labelmap_scale.py                  # 5 methods x 5 seeds x 100 s of training (about 50 min)
     python benchmarks/labelmap_scale.py --seconds 20 --seeds 1   # a quick look
 
+Tuning (``--tune-seconds``, 0 to skip): every method gets the same budget before its seeds run: the six
+configurations of ``TUNE_GRID`` (learning rate; for label maps also the head width), ``--tune-seconds`` of training
+each, scored by top-1 on a validation split cut from the training text (the last 10% of each document's training
+part; the test part is never seen). The best configuration then trains every seed for ``--seconds``.
+
 Every method runs with ``--seeds`` training seeds (initialisation and label map; the task and its batch order are
 fixed); the tables give the mean and a 95% Student-t interval over the seeds.
 
@@ -44,6 +49,13 @@ from common import run_measured, t_ci  # noqa: E402
 
 # (method, fraction of one-hot's full output layer)
 RUNS = [("onehot", 1), ("onehot", 10), ("lm-nt", 10), ("lm-nt", 50), ("lm-it", 50)]
+# The tuning grid: six configurations per method, whatever the method. One-hot has only its learning rate to tune;
+# a label map also has its head width: order 2 (a few wide heads, each >= sqrt(N) classes) or the order that
+# maximises the map's guaranteed separation (many narrow heads).
+TUNE_GRID = {"onehot": [{"lr": lr, "order": None} for lr in (1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2)],
+             "map": [{"lr": lr, "order": order} for lr in (2e-3, 5e-3, 1e-2) for order in (2, None)]}
+TUNE_SEED = 1000  # the tuning runs' seed: none of the evaluation seeds
+TUNE_VALIDATION = 0.1
 
 
 PROBE_METHODS = (("onehot", 1), ("lm-it", 50))
@@ -57,12 +69,34 @@ def summarize(runs: list[dict]) -> list[dict]:
         groups.setdefault((r["method"], r["fraction"]), []).append(r)
     rows = []
     for rs in groups.values():
-        row = {k: rs[0].get(k) for k in ("method", "fraction", "output_params", "head_sizes", "rank")}
+        row = {k: rs[0].get(k) for k in ("method", "fraction", "output_params", "head_sizes", "rank", "lr", "order")}
         row["seeds"] = [r["seed"] for r in rs]
         for m in METRICS:
             row[m] = dict(zip(("mean", "lo", "hi"), t_ci([r[m] for r in rs])))
         rows.append(row)
     return rows
+
+
+def tune(classes: int, test_examples: int, seconds: float) -> dict:
+    """Every configuration of every method's grid, ``seconds`` of training each with seed ``TUNE_SEED``, scored by
+    top-1 on the validation split; the best per method (ties: the first in grid order)."""
+    vtask = pairs_task(classes, max_test=test_examples, validation=TUNE_VALIDATION)
+    full = (vtask.width + 1) * vtask.n_classes
+    rows = []
+    for method, frac in RUNS:
+        trials = []
+        for cfg in TUNE_GRID["onehot" if method == "onehot" else "map"]:
+            res = train(vtask, method, None if frac == 1 else full // frac, epochs=1000, lr=cfg["lr"],
+                        order=cfg["order"], seed=TUNE_SEED, max_seconds=seconds, report_map=False)
+            trials.append({**cfg, "top1": res["top1"], "top5": res["top5"], "output_params": res["output_params"],
+                           "heads": len(res["head_sizes"]) if res.get("head_sizes") else None,
+                           "train_examples": res["train_examples"]})
+            print(json.dumps({"tuning": method, "fraction": frac, **trials[-1]}), file=sys.stderr, flush=True)
+        best = max(range(len(trials)), key=lambda i: (trials[i]["top1"], -i))
+        rows.append({"method": method, "fraction": frac, "trials": trials,
+                     "best": {"lr": trials[best]["lr"], "order": trials[best]["order"]}})
+    return {"seconds_per_trial": seconds, "seed": TUNE_SEED, "validation_fraction": TUNE_VALIDATION,
+            "n_train": vtask.n_train, "n_validation": vtask.n_test, "rows": rows}
 
 
 def fmt_ci(c: dict, digits: int = 4) -> str:
@@ -113,17 +147,35 @@ def markdown(result: dict) -> str:
              f"{result['n_train']:,} training and {result['n_test']:,} test examples; always answering the most "
              f"frequent pair: top-1 {info['test_majority_top1']:.4f}.", "",
              f"Equal training time: {c['seconds']:.0f} s of training steps per method and seed (1 thread, batch "
-             f"256, Adam lr {c['lr']}), {len(c['seeds'])} seeds ({', '.join(map(str, c['seeds']))}): mean [95% "
-             "Student-t interval].", "",
-             "| budget | method | output params | heads | examples seen | epochs | train ex/s | top-1 | top-5 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"256, Adam at the learning rate "
+             + ("each method's tuning chose, below" if result.get("tuning") else f"{c['lr']}")
+             + f"), {len(c['seeds'])} seeds ({', '.join(map(str, c['seeds']))}): mean [95% Student-t interval].", "",
+             "| budget | method | lr | output params | heads | examples seen | epochs | train ex/s | top-1 | top-5 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["summary"]:
         heads = r.get("head_sizes")
         heads = f"{len(heads)} heads {min(heads)}..{max(heads)}" if heads else (
             f"rank {r['rank']}" if r.get("rank") else "N")
-        lines.append(f"| 1/{r['fraction']} | {r['method']} | {r['output_params']:,} | {heads} | "
+        lines.append(f"| 1/{r['fraction']} | {r['method']} | {r['lr']:g} | {r['output_params']:,} | {heads} | "
                      f"{r['train_examples']['mean']:,.0f} | {r['train_examples']['mean'] / result['n_train']:.2f} | "
                      f"{fmt_ci(r['train_examples_per_second'], 0)} | {fmt_ci(r['top1'])} | {fmt_ci(r['top5'])} |")
+    tu = result.get("tuning")
+    if tu:
+        lines += ["", f"Tuning: six configurations per method, {tu['seconds_per_trial']:.0f} s of training each "
+                  f"(seed {tu['seed']}), on a validation split cut from the training text (last "
+                  f"{tu['validation_fraction']:.0%} of each document's training part: {tu['n_train']:,} training, "
+                  f"{tu['n_validation']:,} validation examples). Validation top-1 per configuration (lr; heads: "
+                  "'wide' = order 2, 'auto' = the order of greatest separation); the chosen one in bold:", "",
+                  "| budget | method | configurations (validation top-1) |", "|---|---|---|"]
+        for r in tu["rows"]:
+            cells = []
+            for t in r["trials"]:
+                name = f"{t['lr']:g}" + ("" if r["method"] == "onehot" else
+                                         f" {'wide' if t['order'] == 2 else 'auto'} ({t['heads']} heads)")
+                cell = f"{name}: {t['top1']:.4f}"
+                cells.append(f"**{cell}**" if (t["lr"], t["order"]) == (r["best"]["lr"], r["best"]["order"])
+                             else cell)
+            lines.append(f"| 1/{r['fraction']} | {r['method']} | {'; '.join(cells)} |")
     mp = result.get("memory_probe")
     if mp:
         lines += ["", f"One training step's memory (synthetic task, batch 256, {mp['steps']} steps, peak RSS of the "
@@ -174,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=100.0, help="training time per method and seed")
     p.add_argument("--seeds", type=int, default=5, help="training seeds per method (0..seeds-1)")
     p.add_argument("--test-examples", type=int, default=3000)
-    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--lr", type=float, default=5e-3, help="learning rate when not tuning (--tune-seconds 0)")
+    p.add_argument("--tune-seconds", type=float, default=20.0,
+                   help="training time of each tuning configuration (0: no tuning, --lr and the default heads)")
     p.add_argument("--probe-classes", default="100000,300000,1000000", metavar="N1,N2,...",
                    help="class counts of the one-hot memory probe ('' skips it)")
     p.add_argument("--probe-steps", type=int, default=3)
@@ -190,32 +244,41 @@ def main(argv: list[str] | None = None) -> int:
         probe_classes = [int(x) for x in args.probe_classes.split(",") if x]
     except ValueError:
         p.error(f"--probe-classes: expected comma-separated integers, got {args.probe_classes!r}")
-    if args.seeds < 1 or args.seconds <= 0 or args.probe_steps < 1 or any(n < 2 for n in probe_classes):
-        p.error("--seeds and --probe-steps must be at least 1, --seconds positive, probe class counts at least 2")
+    if (args.seeds < 1 or args.seconds <= 0 or args.probe_steps < 1 or any(n < 2 for n in probe_classes)
+            or args.tune_seconds < 0):
+        p.error("--seeds and --probe-steps must be at least 1, --seconds positive, --tune-seconds at least 0, "
+                "probe class counts at least 2")
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     task = pairs_task(args.classes, max_test=args.test_examples)
     print(f"pairs task: N = {task.n_classes:,}, {task.n_train:,} train, {task.n_test:,} test "
           f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     full = (task.width + 1) * task.n_classes
+    chosen = {(method, frac): {"lr": args.lr, "order": None} for method, frac in RUNS}
+    tuning = None
+    if args.tune_seconds:
+        tuning = tune(args.classes, args.test_examples, args.tune_seconds)
+        chosen = {(r["method"], r["fraction"]): r["best"] for r in tuning["rows"]}
     runs = []
     for method, frac in RUNS:
+        cfg = chosen[(method, frac)]
         for seed in range(args.seeds):
-            res = train(task, method, None if frac == 1 else full // frac, epochs=1000, lr=args.lr, seed=seed,
-                        max_seconds=args.seconds, report_map=False)
-            res.update(fraction=frac, seed=seed)
+            res = train(task, method, None if frac == 1 else full // frac, epochs=1000, lr=cfg["lr"],
+                        order=cfg["order"], seed=seed, max_seconds=args.seconds, report_map=False)
+            res.update(fraction=frac, seed=seed, lr=cfg["lr"], order=cfg["order"])
             res.pop("task_info", None)
             runs.append(res)
             print(json.dumps({k: res.get(k) for k in ("method", "fraction", "seed", "output_params", "train_examples",
                                                        "train_examples_per_second", "top1", "top5")}),
                   file=sys.stderr, flush=True)
     result = {"config": {"classes": args.classes, "seconds": args.seconds, "lr": args.lr,
+                         "tune_seconds": args.tune_seconds,
                          "seeds": list(range(args.seeds)), "test_examples": args.test_examples,
                          "command": "python benchmarks/labelmap_scale.py "
                                     + " ".join(argv if argv is not None else sys.argv[1:]),
                          "machine": f"{platform.machine()}, torch {torch.__version__}"},
               "task_info": task.info, "n_train": task.n_train, "n_test": task.n_test, "runs": runs,
-              "summary": summarize(runs)}
+              "summary": summarize(runs), "tuning": tuning}
     if probe_classes:
         result["memory_probe"] = memory_probe(probe_classes, args.probe_steps)
     result["seconds"] = time.perf_counter() - t0

@@ -5,6 +5,12 @@ eigenvalues of the session matrix, retrieval latency, interests.
     python benchmarks/recsys.py              # 5 seeds x 10 epochs, 100k-item catalogue
     python benchmarks/recsys.py --loss bpr-max   # adds the GRU4Rec-style vector model (BPR-max, 2048 negatives)
     python benchmarks/recsys.py --comirec        # adds the ComiRec-SA multi-interest model (K = 4, same budget)
+    python benchmarks/recsys.py --tune           # each model's learning rate and epochs chosen on held-out sessions
+
+With ``--tune`` every trained model gets the same tuning budget before its seeds run: one model per learning rate
+of ``--tune-lrs``, ``--tune-epochs`` epochs each, scored by Recall@20 after every epoch on 10% of the training
+sequences (at most 5,000) held out from its training; the best (learning rate, epochs) then trains every seed on the
+whole training split and is scored once on the test split.
 
 Writes benchmarks/results/recsys[_quick].{json,md,png}. Everything runs on one thread (torch and faiss).
 """
@@ -40,7 +46,16 @@ from aloe.recsys.metrics import (  # noqa: E402
 )
 from aloe.recsys.models import DEFAULT_INTERESTS  # noqa: E402
 from aloe.recsys.retrieval import MipsIndex, eigen_topk, exact_topk, recall_vs_exact, same_topk  # noqa: E402
-from aloe.recsys.train import DEFAULT_NEGATIVES, LOSSES, TrainConfig, fit_and_evaluate, test_queries  # noqa: E402
+from aloe.recsys.train import (  # noqa: E402
+    DEFAULT_NEGATIVES,
+    LOSSES,
+    TUNE_LRS,
+    TUNE_SEED,
+    TrainConfig,
+    fit_and_evaluate,
+    test_queries,
+    tune,
+)
 from common import t_ci  # noqa: E402
 
 VARIANTS = [("pop", False, "ce"), ("vector", False, "ce"), ("matrix", False, "ce"), ("matrix", True, "ce")]
@@ -248,8 +263,10 @@ def fmt_ci(c: dict, sign: str = "") -> str:
 def markdown(results: dict) -> str:
     cfg = results["config"]
     lines = [f"# recsys benchmark ({'quick' if cfg['quick'] else 'full'})", "",
-             f"Command: `{cfg['command']}`  ", f"Seeds {cfg['seeds']}, {cfg['epochs']} epochs, GRU hidden "
-             f"{cfg['hidden']}, matrix n={cfg['matrix_dim']}, one CPU thread ({cfg['machine']}).", "",
+             f"Command: `{cfg['command']}`  ", f"Seeds {cfg['seeds']}, "
+             + ("learning rate and epochs tuned per model and dataset (below)" if cfg.get("tune")
+                else f"{cfg['epochs']} epochs at Adam lr 3e-3")
+             + f", GRU hidden {cfg['hidden']}, matrix n={cfg['matrix_dim']}, one CPU thread ({cfg['machine']}).", "",
              "Trained models: mean over seeds with a 95% t-interval; popularity is deterministic, its interval is a "
              "bootstrap over test prefixes. Full ranking over all items, ties counted against the target.", "",
              "## Accuracy", "",
@@ -259,6 +276,23 @@ def markdown(results: dict) -> str:
             rc, mr = r["recall@20"], r["mrr@20"]
             lines.append(f"| {d} | {r['n_test']} | {name} | {r['params']:,} | {rc['mean']:.4f} "
                          f"[{rc['lo']:.4f}, {rc['hi']:.4f}] | {mr['mean']:.4f} [{mr['lo']:.4f}, {mr['hi']:.4f}] |")
+    if cfg.get("tune"):
+        t = cfg["tune"]
+        lines += ["", "## Tuning", "",
+                  f"Same budget for every trained model: {len(t['lrs'])} learning rates "
+                  f"({', '.join(f'{x:g}' for x in t['lrs'])}) x {t['epochs']} epochs = "
+                  f"{len(t['lrs']) * t['epochs']} training epochs, model seed {t['seed']} (not an evaluation seed), "
+                  f"on the training split less {t['holdout_fraction']:.0%} of its sequences (at most "
+                  f"{t['holdout_max_sequences']:,}), which are scored whole by Recall@20 after every epoch. The best "
+                  "(learning rate, epochs) trains every seed on the whole training split; the test split is scored "
+                  "once.", "",
+                  "| dataset | model | chosen lr | chosen epochs | held-out Recall@20 | "
+                  "held-out Recall@20 per lr (best epoch) | tuning s |", "|---|---|---|---|---|---|---|"]
+        for d in results["datasets"]:
+            for name, tr in results["tuning"][d].items():
+                per_lr = ", ".join(f"{float(lr):g}: {max(c):.4f}" for lr, c in tr["curves"].items())
+                lines.append(f"| {d} | {name} | {tr['best']['lr']:g} | {tr['best']['epochs']} | "
+                             f"{tr['best']['recall@20']:.4f} | {per_lr} | {tr['seconds']:.0f} |")
     lines += ["", "Paired difference variant - vector (ce, same seed), mean and 95% t-interval:", "",
               "| dataset | variant | dRecall@20 | dMRR@20 |", "|---|---|---|---|"]
     for d in results["datasets"]:
@@ -351,6 +385,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="lower edges of the buckets of positive eigenvalues (the last bucket is open)")
     p.add_argument("--eigen-rtol", type=float, default=1e-3,
                    help="an eigenvalue is positive above this times the largest |eigenvalue|")
+    p.add_argument("--tune", action="store_true",
+                   help="choose each model's learning rate and epochs on held-out training sessions first")
+    p.add_argument("--tune-lrs", default=",".join(map(repr, TUNE_LRS)), metavar="LR1,LR2,...")
+    p.add_argument("--tune-epochs", type=int, default=10, help="epochs per learning rate when tuning")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
     losses = [x for x in args.loss.split(",") if x]
@@ -373,6 +411,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.interests < 1:
         p.error(f"--interests must be at least 1, got {args.interests}")
     try:
+        tune_lrs = tuple(float(x) for x in args.tune_lrs.split(",") if x)
+    except ValueError:
+        p.error(f"--tune-lrs: expected comma-separated numbers, got {args.tune_lrs!r}")
+    if not tune_lrs or any(not lr > 0 for lr in tune_lrs) or args.tune_epochs < 1:
+        p.error("--tune-lrs must list positive learning rates and --tune-epochs be at least 1")
+    try:
         for loss in losses:
             TrainConfig(loss=loss, negatives=args.negatives, sample_alpha=args.sample_alpha, bpreg=args.bpreg).check()
     except AloeError as exc:
@@ -392,23 +436,35 @@ def main(argv: list[str] | None = None) -> int:
                                 "comirec": args.comirec, "interests": args.interests,
                                 "negatives": args.negatives, "sample_alpha": args.sample_alpha, "bpreg": args.bpreg,
                                 "eigen_buckets": list(edges), "eigen_rtol": args.eigen_rtol,
+                                "tune": {"lrs": list(tune_lrs), "epochs": args.tune_epochs, "seed": TUNE_SEED,
+                                         "holdout_fraction": 0.1, "holdout_max_sequences": 5000}
+                                if args.tune else None,
                                 "command": "python benchmarks/recsys.py "
                                 + " ".join(argv if argv is not None else sys.argv[1:]),
                                 "machine": f"{platform.machine()}, torch {torch.__version__}, "
                                            f"faiss {faiss.__version__}"},
                      "datasets": datasets, "accuracy": {}, "paired_vs_vector": {}, "retrieval": {},
-                     "retrieval_vector": {}, "retrieval_comirec": {}, "eigen_buckets": {}, "runs": []}
+                     "retrieval_vector": {}, "retrieval_comirec": {}, "eigen_buckets": {}, "runs": [],
+                     "tuning": {}}
     for d in datasets:
         results["accuracy"][d], per_seed = {}, {}
+        results["tuning"][d] = {}
         seed0_matrix = None
         for kind, aug, loss in variants:
             name = label(kind, aug, loss)
             runs = []
+            options = dict(augment=aug, matrix_dim=args.matrix_dim, hidden=args.hidden, loss=loss,
+                           negatives=0 if loss == "ce" else args.negatives, sample_alpha=args.sample_alpha,
+                           bpreg=args.bpreg, interests=args.interests)
+            lr, n_epochs = TrainConfig.lr, epochs
+            if args.tune and kind != "pop":
+                tr = tune(d, kind, lrs=tune_lrs, max_epochs=args.tune_epochs, **options)
+                results["tuning"][d][name] = tr
+                lr, n_epochs = tr["best"]["lr"], tr["best"]["epochs"]
+                print(f"{d} {name} tuned: lr {lr:g}, {n_epochs} epochs (held-out recall@20 "
+                      f"{tr['best']['recall@20']:.4f}, {tr['seconds']:.0f} s)", file=log, flush=True)
             for seed in ([0] if kind == "pop" else range(seeds)):
-                r = fit_and_evaluate(d, kind, augment=aug, seed=seed, epochs=epochs, matrix_dim=args.matrix_dim,
-                                     hidden=args.hidden, save=False, loss=loss,
-                                     negatives=0 if loss == "ce" else args.negatives,
-                                     sample_alpha=args.sample_alpha, bpreg=args.bpreg, interests=args.interests)
+                r = fit_and_evaluate(d, kind, seed=seed, epochs=n_epochs, lr=lr, save=False, **options)
                 print(f"{d} {name} seed {seed}: recall@20 {r['recall@20']:.4f} mrr@20 {r['mrr@20']:.4f} "
                       f"({r['train_seconds']:.1f} s)", file=log, flush=True)
                 runs.append(r)
@@ -424,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
             results["accuracy"][d][name] = {
                 "recall@20": dict(zip(("mean", "lo", "hi"), rc)), "mrr@20": dict(zip(("mean", "lo", "hi"), mr)),
                 "params": runs[0]["params"], "n_test": runs[0]["n_test"], "seeds": len(runs),
-                "train_seconds_median": float(np.median([r["train_seconds"] for r in runs]))}
+                "train_seconds_median": float(np.median([r["train_seconds"] for r in runs])),
+                "lr": None if kind == "pop" else lr, "epochs": 0 if kind == "pop" else n_epochs}
         results["paired_vs_vector"][d] = {
             name: {m: dict(zip(("mean", "lo", "hi"), t_ci([a[m] - b[m] for a, b in zip(per_seed[name],
                                                                                        per_seed["vector"])])))

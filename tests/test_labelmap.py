@@ -424,3 +424,25 @@ def test_pair_brute_force_helper():
     t = np.array([[0, 0, 1], [0, 1, 1]])
     assert list(_pair_separations(t)) == [1, 2, 1]
     assert list(itertools.combinations(range(3), 2)) == [(0, 1), (0, 2), (1, 2)]
+
+
+def test_pairs_task_validation_split_is_cut_from_the_training_part(tmp_path, monkeypatch):
+    rng = np.random.default_rng(1)
+    toks = [str(w) for w in rng.choice(["a", "b", "c", "d", "e"], size=400, p=[0.4, 0.3, 0.15, 0.1, 0.05])]
+    monkeypatch.setenv("ALOE_DATA", str(tmp_path))
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "kjv_verses.tsv").write_text("book\tchapter\tverse\ttext\nGen\t1\t1\t" + " ".join(toks)
+                                                      + "\n")
+    plain = pairs_task(6, corpora=("kjv",), input_vocab=3)
+    tuning = pairs_task(6, corpora=("kjv",), input_vocab=3, validation=0.25)
+    train_toks = toks[:360]  # the training part; the test part (toks[360:]) is never used by the tuning split
+    pairs = Counter(zip(train_toks, train_toks[1:]))
+    top = sorted(pairs, key=lambda pq: (-pairs[pq], pq))[:6]  # the classes stay those of the whole training part
+    fit, val = train_toks[:270], train_toks[270:]
+    _, y = next(tuning.train_batches(10_000, 0))
+    assert sorted(y.tolist()) == sorted(top.index(pq) for pq in zip(fit, fit[1:]) if pq in top)
+    _, yv = next(tuning.test_batches(10_000))
+    assert [int(v) for v in yv] == [top.index(pq) for pq in zip(val, val[1:]) if pq in top]
+    assert tuning.n_train + tuning.n_test <= plain.n_train and tuning.info["validation"] == 0.25
+    with pytest.raises(AloeError, match="validation fraction"):
+        pairs_task(6, corpora=("kjv",), validation=1.0)

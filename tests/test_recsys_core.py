@@ -337,3 +337,44 @@ def test_metrics_by_bucket_hand_computed():
         metrics_by_bucket(counts, {"matrix": matrix}, edges=(2, 2))
     with pytest.raises(AloeError, match="5 ranks for 6 prefixes"):
         metrics_by_bucket(counts, {"vector": vector[:5]})
+
+
+def test_holdout_splits_the_training_sequences_only():
+    data = _cycle_data(n_train=50, n_test=7)
+    split = data.holdout(0.2, seed=3)
+    fit, val = split.train_sequences(), split.test_sequences()
+    assert len(val) == 10 and len(fit) == 40
+    assert split.test_first.tolist() == [1] * 10  # held-out sequences are scored whole
+    # together they are exactly the training sequences; the test split is not in them
+    seen = sorted(tuple(s) for s in fit + val)
+    assert seen == sorted(tuple(s) for s in data.train_sequences())
+    assert data.holdout(0.2, seed=3).test_items.tolist() == split.test_items.tolist()  # deterministic
+    assert len(data.holdout(0.5, max_sequences=4).test_sequences()) == 4
+    for bad in (0.0, 1.0, -0.1):
+        with pytest.raises(AloeError, match="fraction"):
+            data.holdout(bad)
+
+
+def test_tuning_picks_the_best_learning_rate_and_epoch_on_held_out_sessions():
+    from aloe.recsys.train import tune
+
+    data = _cycle_data(n_train=120)
+    kw = dict(lrs=(1e-6, 3e-2), max_epochs=3, fraction=0.25, batch_size=16, hidden=16, embed_dim=8, matrix_dim=4,
+              k=1, seed=7)
+    result = tune("cycle", "vector", data=data, **kw)
+    assert result["budget_epochs"] == 6 and result["validation"]["validation_sequences"] == 30
+    curves = {float(lr): c for lr, c in result["curves"].items()}
+    assert set(curves) == {1e-6, 3e-2} and all(len(c) == 3 for c in curves.values())
+    best = result["best"]
+    # the best point is the argmax of the curves; a learning rate of 1e-6 cannot learn the cycle
+    assert best["recall@1"] == max(max(c) for c in curves.values()) and best["lr"] == 3e-2
+    assert best["recall@1"] > 0.5 and max(curves[1e-6]) < 0.3
+    assert best["epochs"] == 1 + curves[3e-2].index(best["recall@1"])
+    # the test split plays no part: the same tuning with another test split gives the same curves
+    other = _cycle_data(n_train=120, n_test=5, seed=0)
+    other.test_items = (other.test_items + 1) % other.n_items
+    assert tune("cycle", "vector", data=other, **kw)["curves"] == result["curves"]
+    with pytest.raises(AloeError, match="popularity"):
+        tune("cycle", "pop", data=data, **kw)
+    with pytest.raises(AloeError, match="positive"):
+        tune("cycle", "vector", data=data, **{**kw, "lrs": (0.0,)})

@@ -165,7 +165,11 @@ def words_task(n_classes: int = 10_000, *, context: int = 3, corpora: tuple[str,
 
 def pairs_task(n_classes: int = 100_000, *, context: int = 3, corpora: tuple[str, ...] = ("kjv", "shakespeare"),
                input_vocab: int = 20_000, max_train: int | None = None, max_test: int | None = None,
-               width: int = TASK_WIDTH, embed: int = 64, seed: int = 0) -> Task:
+               width: int = TASK_WIDTH, embed: int = 64, seed: int = 0, validation: float = 0.0) -> Task:
+    """With ``validation`` > 0 the task is a tuning split: the same classes and inputs, but training on the first
+    ``1 - validation`` of each document's training part and testing on the rest of it (the test part is unused)."""
+    if not 0.0 <= validation < 1.0:
+        raise AloeError(f"the validation fraction must be in [0, 1), got {validation}")
     docs = _corpus_tokens(corpora)
     splits = [(d[: int(len(d) * 0.9)], d[int(len(d) * 0.9):]) for d in docs]
     words = sorted({w for d in docs for w in d})
@@ -202,6 +206,9 @@ def pairs_task(n_classes: int = 100_000, *, context: int = 3, corpora: tuple[str
             ys.append(by_key[pos[hit]])
         return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys).astype(np.int64))
 
+    if validation:
+        cuts = [int(len(a) * (1.0 - validation)) for a in train_ids]
+        train_ids, test_ids = [a[:c] for a, c in zip(train_ids, cuts)], [a[c:] for a, c in zip(train_ids, cuts)]
     x_tr, y_tr, x_te, y_te = _split_examples(examples, train_ids, test_ids, max_train, max_test, seed)
     label_counts = np.bincount(y_tr.numpy(), minlength=n_classes)
     return Task(
@@ -209,7 +216,7 @@ def pairs_task(n_classes: int = 100_000, *, context: int = 3, corpora: tuple[str
         make_trunk=lambda: MLPTrunk(len(vocab) + 2, embed, context, width),
         train_batches=_array_batches(x_tr, y_tr, seed), test_batches=_ordered_batches(x_te, y_te),
         n_train=len(y_tr), n_test=len(y_te),
-        info={"corpora": list(corpora), "context": context, "input_vocabulary": len(vocab),
+        info={"corpora": list(corpora), "context": context, "input_vocabulary": len(vocab), "validation": validation,
               "distinct_words": n_words, "distinct_train_pairs": int(len(uniq)),
               "train_pair_coverage": float(pair_counts[top].sum() / pair_counts.sum()),
               "train_label_entropy_nats": _entropy(label_counts),

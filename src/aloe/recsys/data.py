@@ -214,6 +214,28 @@ class SessionData:
             for i in range(int(first), len(s)):
                 yield s[:i], int(s[i])
 
+    def holdout(self, fraction: float, seed: int = 0, max_sequences: int | None = None) -> SessionData:
+        """A tuning split of the training data: a random ``fraction`` of the training sequences (at most
+        ``max_sequences``) becomes the test split, whole (every position after the first is a target), and the rest
+        the training split. The test split of ``self`` is not used, so hyper-parameters chosen on it never saw it."""
+        seqs = self.train_sequences()
+        if not 0.0 < fraction < 1.0:
+            raise AloeError(f"the held-out fraction must be in (0, 1), got {fraction}")
+        n_val = max(1, int(round(len(seqs) * fraction)))
+        if max_sequences is not None:
+            n_val = min(n_val, max_sequences)
+        if len(seqs) < 2 or n_val >= len(seqs):
+            raise AloeError(f"{self.name}: {len(seqs)} training sequences are too few to hold {n_val} out")
+        held = np.zeros(len(seqs), bool)
+        held[np.random.default_rng(seed).choice(len(seqs), n_val, replace=False)] = True
+        fit_items, fit_offsets = _pack([s for s, h in zip(seqs, held) if not h])
+        val_items, val_offsets = _pack([s for s, h in zip(seqs, held) if h])
+        return SessionData(name=f"{self.name}/holdout", n_items=self.n_items, item_raw=self.item_raw,
+                           train_items=fit_items, train_offsets=fit_offsets, test_items=val_items,
+                           test_offsets=val_offsets, test_first=np.ones(n_val, np.int64),
+                           stats={"holdout_of": self.name, "fraction": fraction, "seed": seed,
+                                  "train_sequences": len(seqs) - n_val, "validation_sequences": n_val})
+
     def n_examples(self, split: str) -> int:
         if split == "train":
             return int(len(self.train_items) - (len(self.train_offsets) - 1))

@@ -19,6 +19,7 @@ draw shared by the whole batch. A negative equal to the row's target is skipped.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -128,8 +129,10 @@ def sampled_loss(scores: torch.Tensor, columns: torch.Tensor, targets: torch.Ten
     return loss.mean()
 
 
-def train_model(model: nn.Module, data: SessionData, cfg: TrainConfig, *, progress: bool = False) -> dict:
-    """Train in place; returns loss history and seconds. The popularity model has nothing to train."""
+def train_model(model: nn.Module, data: SessionData, cfg: TrainConfig, *, progress: bool = False,
+                epoch_callback: Callable[[int], None] | None = None) -> dict:
+    """Train in place; returns loss history and seconds. The popularity model has nothing to train.
+    ``epoch_callback(e)`` runs after epoch ``e`` (1-based; its time is not counted in the training seconds)."""
     cfg.check()
     if isinstance(model, PopularityModel):
         return {"losses": [], "seconds": 0.0}
@@ -144,8 +147,9 @@ def train_model(model: nn.Module, data: SessionData, cfg: TrainConfig, *, progre
     bar = tqdm(total=n_steps, disable=not progress, desc=f"train {model.config.kind}", unit="batch", leave=False)
     losses: list[float] = []
     t0 = time.perf_counter()
+    callback_s = 0.0
     model.train()
-    for _ in range(cfg.epochs):
+    for epoch in range(cfg.epochs):
         total, count = 0.0, 0
         for idx in _length_batches(lengths, cfg.batch_size, rng):
             batch = _pad([seqs[i] for i in idx], data.n_items)
@@ -166,9 +170,14 @@ def train_model(model: nn.Module, data: SessionData, cfg: TrainConfig, *, progre
             bar.update(1)
         losses.append(total / max(count, 1))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if epoch_callback is not None:
+            t_cb = time.perf_counter()
+            epoch_callback(epoch + 1)
+            model.train()
+            callback_s += time.perf_counter() - t_cb
     bar.close()
     model.eval()
-    return {"losses": losses, "seconds": time.perf_counter() - t0}
+    return {"losses": losses, "seconds": time.perf_counter() - t0 - callback_s}
 
 
 @torch.no_grad()
@@ -248,6 +257,54 @@ def fit_and_evaluate(data_name: str, kind: str, *, augment: bool = False, seed: 
             atomic_write_json(tmp / "result.json", json.loads(json.dumps(result)))
     result["model_obj"], result["data_obj"], result["ranks"] = model, data, ev["ranks"]
     return result
+
+
+TUNE_LRS = (1e-3, 3e-3, 1e-2)
+TUNE_SEED = 1000  # the tuning runs' model seed: none of the evaluation seeds (0, 1, ...)
+
+
+def tune(data_name: str, kind: str, *, augment: bool = False, lrs: tuple[float, ...] = TUNE_LRS,
+         max_epochs: int = 10, fraction: float = 0.1, max_validation: int | None = 5000, seed: int = TUNE_SEED,
+         batch_size: int = 64, matrix_dim: int = 16, hidden: int = 100, embed_dim: int = 64, k: int = 20,
+         cache=None, loss: str = "ce", negatives: int = 0, sample_alpha: float = 0.5, bpreg: float = 1.0,
+         interests: int = DEFAULT_INTERESTS, progress: bool = False, data: SessionData | None = None) -> dict:
+    """Grid search of the learning rate and the number of epochs on a held-out split of the training sequences
+    (:meth:`SessionData.holdout`, so the test split is never seen): one model per learning rate, built and trained
+    with seed ``seed`` for ``max_epochs`` epochs and scored by Recall@k on the held-out sequences after every epoch.
+    The budget is ``len(lrs) * max_epochs`` training epochs whatever the model. The best point has the highest
+    Recall@k; ties go to fewer epochs, then to the earlier learning rate."""
+    from aloe.recsys.data import load_dataset
+    from aloe.recsys.models import build_model, check_interests
+
+    if kind == "pop":
+        raise AloeError("the popularity model has no hyper-parameters to tune")
+    if kind == "comirec":
+        check_interests(interests)
+    if not lrs or any(not lr > 0 for lr in lrs):
+        raise AloeError(f"the learning rates to try must be positive, got {list(lrs)}")
+    if max_epochs < 1:
+        raise AloeError(f"the tuning needs at least 1 epoch, got {max_epochs}")
+    full = data if data is not None else load_dataset(data_name, cache=cache)
+    split = full.holdout(fraction, seed=0, max_sequences=max_validation)
+    curves: dict[str, list[float]] = {}
+    t0 = time.perf_counter()
+    for lr in lrs:
+        cfg = TrainConfig(epochs=max_epochs, batch_size=batch_size, lr=lr, seed=seed, loss=loss, negatives=negatives,
+                          sample_alpha=sample_alpha, bpreg=bpreg)
+        cfg.check()
+        torch.manual_seed(seed)
+        model = build_model(kind, split.n_items, counts=split.item_counts(), embed_dim=embed_dim, hidden=hidden,
+                            matrix_dim=matrix_dim, augment=augment, interests=interests)
+        curve: list[float] = []
+        train_model(model, split, cfg, progress=progress,
+                    epoch_callback=lambda _e, m=model, c=curve: c.append(evaluate(m, split, k=k)[f"recall@{k}"]))
+        curves[repr(lr)] = curve
+    scored = [(curves[repr(lr)][e], -e, -i, lr, e + 1) for i, lr in enumerate(lrs) for e in range(max_epochs)]
+    best = max(scored)
+    return {"data": data_name, "model": kind, "augment": bool(kind == "matrix" and augment), "loss": loss,
+            "lrs": list(lrs), "max_epochs": max_epochs, "seed": seed, "budget_epochs": len(lrs) * max_epochs,
+            "validation": split.stats, "curves": curves, "seconds": time.perf_counter() - t0,
+            "best": {"lr": best[3], "epochs": best[4], f"recall@{k}": best[0]}}
 
 
 def load_trained(data_name: str, kind: str, *, augment: bool = False, seed: int = 0, cache=None,
