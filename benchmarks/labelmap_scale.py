@@ -9,6 +9,10 @@ one-hot's full output layer (d + 1) N; below it one-hot is a rank-r factorised s
 
     python benchmarks/labelmap_scale.py                  # 5 methods x 5 seeds x 100 s of training (about 50 min)
     python benchmarks/labelmap_scale.py --seconds 20 --seeds 1   # a quick look
+    python benchmarks/labelmap_scale.py --task words --classes 10000 --probe-classes ''   # next word, N = 10^4
+
+Task ``words`` (``--task words``, aloe.labelmap.tasks.words_task) is next-word prediction over the N most frequent
+words of the same texts (same trunk, its input vocabulary the N classes); it writes labelmap_scale_words.*.
 
 Tuning (``--tune-seconds``, 0 to skip): every method gets the same budget before its seeds run: the six
 configurations of ``TUNE_GRID`` (learning rate; for label maps also the head width), ``--tune-seconds`` of training
@@ -42,9 +46,10 @@ sys.path.insert(0, str(ROOT / "src"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from aloe import AloeError  # noqa: E402
 from aloe.assets.cache import atomic_write_json, atomic_write_text  # noqa: E402
-from aloe.labelmap.harness import train  # noqa: E402
-from aloe.labelmap.tasks import pairs_task, synthetic_task  # noqa: E402
+from aloe.labelmap.harness import check_budget, train  # noqa: E402
+from aloe.labelmap.tasks import pairs_task, synthetic_task, words_task  # noqa: E402
 from common import run_measured, t_ci  # noqa: E402
 
 # (method, fraction of one-hot's full output layer)
@@ -77,22 +82,32 @@ def summarize(runs: list[dict]) -> list[dict]:
     return rows
 
 
-def tune(classes: int, test_examples: int, seconds: float) -> dict:
+TASKS = {"pairs": pairs_task, "words": words_task}
+
+
+def tune(task_name: str, classes: int, test_examples: int, seconds: float) -> dict:
     """Every configuration of every method's grid, ``seconds`` of training each with seed ``TUNE_SEED``, scored by
     top-1 on the validation split; the best per method (ties: the first in grid order)."""
-    vtask = pairs_task(classes, max_test=test_examples, validation=TUNE_VALIDATION)
+    vtask = TASKS[task_name](classes, max_test=test_examples, validation=TUNE_VALIDATION)
     full = (vtask.width + 1) * vtask.n_classes
     rows = []
     for method, frac in RUNS:
         trials = []
         for cfg in TUNE_GRID["onehot" if method == "onehot" else "map"]:
-            res = train(vtask, method, None if frac == 1 else full // frac, epochs=1000, lr=cfg["lr"],
-                        order=cfg["order"], seed=TUNE_SEED, max_seconds=seconds, report_map=False)
+            budget = None if frac == 1 else full // frac
+            try:
+                check_budget(method, vtask.n_classes, vtask.width, budget, cfg["order"])
+            except AloeError as exc:  # e.g. two heads of >= sqrt(N) classes do not fit a small budget
+                trials.append({**cfg, "top1": None, "infeasible": str(exc)})
+                continue
+            res = train(vtask, method, budget, epochs=1000, lr=cfg["lr"], order=cfg["order"], seed=TUNE_SEED,
+                        max_seconds=seconds, report_map=False)
             trials.append({**cfg, "top1": res["top1"], "top5": res["top5"], "output_params": res["output_params"],
                            "heads": len(res["head_sizes"]) if res.get("head_sizes") else None,
                            "train_examples": res["train_examples"]})
             print(json.dumps({"tuning": method, "fraction": frac, **trials[-1]}), file=sys.stderr, flush=True)
-        best = max(range(len(trials)), key=lambda i: (trials[i]["top1"], -i))
+        best = max((i for i in range(len(trials)) if trials[i]["top1"] is not None),
+                   key=lambda i: (trials[i]["top1"], -i))
         rows.append({"method": method, "fraction": frac, "trials": trials,
                      "best": {"lr": trials[best]["lr"], "order": trials[best]["order"]}})
     return {"seconds_per_trial": seconds, "seed": TUNE_SEED, "validation_fraction": TUNE_VALIDATION,
@@ -142,10 +157,12 @@ def markdown(result: dict) -> str:
     info = result["task_info"]
     lines = ["# Label Mapping at scale", "",
              f"Command: `{c['command']}` on {c['machine']}, 1 thread; {result['seconds']:.0f} s wall.", "",
-             f"Task `pairs`: N = {c['classes']:,} word-pair classes ({info['distinct_train_pairs']:,} distinct pairs "
-             f"in training, the classes cover {info['train_pair_coverage']:.1%} of training positions), "
-             f"{result['n_train']:,} training and {result['n_test']:,} test examples; always answering the most "
-             f"frequent pair: top-1 {info['test_majority_top1']:.4f}.", "",
+             (f"Task `pairs`: N = {c['classes']:,} word-pair classes ({info['distinct_train_pairs']:,} distinct "
+              f"pairs in training, the classes cover {info['train_pair_coverage']:.1%} of training positions), "
+              if c.get("task", "pairs") == "pairs" else
+              f"Task `words`: next word among the N = {c['classes']:,} most frequent words, ")
+             + f"{result['n_train']:,} training and {result['n_test']:,} test examples; always answering the most "
+             f"frequent class: top-1 {info['test_majority_top1']:.4f}.", "",
              f"Equal training time: {c['seconds']:.0f} s of training steps per method and seed (1 thread, batch "
              f"256, Adam at the learning rate "
              + ("each method's tuning chose, below" if result.get("tuning") else f"{c['lr']}")
@@ -170,6 +187,9 @@ def markdown(result: dict) -> str:
         for r in tu["rows"]:
             cells = []
             for t in r["trials"]:
+                if t["top1"] is None:
+                    cells.append(f"{t['lr']:g} wide: does not fit the budget")
+                    continue
                 name = f"{t['lr']:g}" + ("" if r["method"] == "onehot" else
                                          f" {'wide' if t['order'] == 2 else 'auto'} ({t['heads']} heads)")
                 cell = f"{name}: {t['top1']:.4f}"
@@ -214,7 +234,8 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylabel("top-1 (mean, 95% interval)")
         ax.grid(alpha=0.3)
     c = result["config"]
-    fig.suptitle(f"pairs, N = {c['classes']:,}, {c['seconds']:.0f} s of training each, {len(c['seeds'])} seeds")
+    fig.suptitle(f"{c.get('task', 'pairs')}, N = {c['classes']:,}, {c['seconds']:.0f} s of training each, "
+                 f"{len(c['seeds'])} seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -222,6 +243,7 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", choices=sorted(TASKS), default="pairs")
     p.add_argument("--classes", type=int, default=100_000)
     p.add_argument("--seconds", type=float, default=100.0, help="training time per method and seed")
     p.add_argument("--seeds", type=int, default=5, help="training seeds per method (0..seeds-1)")
@@ -250,14 +272,14 @@ def main(argv: list[str] | None = None) -> int:
                 "probe class counts at least 2")
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    task = pairs_task(args.classes, max_test=args.test_examples)
-    print(f"pairs task: N = {task.n_classes:,}, {task.n_train:,} train, {task.n_test:,} test "
+    task = TASKS[args.task](args.classes, max_test=args.test_examples)
+    print(f"{args.task} task: N = {task.n_classes:,}, {task.n_train:,} train, {task.n_test:,} test "
           f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     full = (task.width + 1) * task.n_classes
     chosen = {(method, frac): {"lr": args.lr, "order": None} for method, frac in RUNS}
     tuning = None
     if args.tune_seconds:
-        tuning = tune(args.classes, args.test_examples, args.tune_seconds)
+        tuning = tune(args.task, args.classes, args.test_examples, args.tune_seconds)
         chosen = {(r["method"], r["fraction"]): r["best"] for r in tuning["rows"]}
     runs = []
     for method, frac in RUNS:
@@ -271,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({k: res.get(k) for k in ("method", "fraction", "seed", "output_params", "train_examples",
                                                        "train_examples_per_second", "top1", "top5")}),
                   file=sys.stderr, flush=True)
-    result = {"config": {"classes": args.classes, "seconds": args.seconds, "lr": args.lr,
+    result = {"config": {"task": args.task, "classes": args.classes, "seconds": args.seconds, "lr": args.lr,
                          "tune_seconds": args.tune_seconds,
                          "seeds": list(range(args.seeds)), "test_examples": args.test_examples,
                          "command": "python benchmarks/labelmap_scale.py "
@@ -283,9 +305,10 @@ def main(argv: list[str] | None = None) -> int:
         result["memory_probe"] = memory_probe(probe_classes, args.probe_steps)
     result["seconds"] = time.perf_counter() - t0
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out / "labelmap_scale.json", result)
-    atomic_write_text(args.out / "labelmap_scale.md", markdown(result))
-    plot(result, args.out / "labelmap_scale.png")
+    stem = "labelmap_scale" if args.task == "pairs" else f"labelmap_scale_{args.task}"
+    atomic_write_json(args.out / f"{stem}.json", result)
+    atomic_write_text(args.out / f"{stem}.md", markdown(result))
+    plot(result, args.out / f"{stem}.png")
     print(json.dumps(result, indent=2, sort_keys=True) if args.json else markdown(result))
     return 0
 

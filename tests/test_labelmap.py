@@ -446,3 +446,21 @@ def test_pairs_task_validation_split_is_cut_from_the_training_part(tmp_path, mon
     assert tuning.n_train + tuning.n_test <= plain.n_train and tuning.info["validation"] == 0.25
     with pytest.raises(AloeError, match="validation fraction"):
         pairs_task(6, corpora=("kjv",), validation=1.0)
+
+
+def test_words_task_validation_split_is_cut_from_the_training_part(tmp_path, monkeypatch):
+    toks = ["abcdefg"[i % 7] for i in range(200)]
+    monkeypatch.setenv("ALOE_DATA", str(tmp_path))
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "kjv_verses.tsv").write_text("book\tchapter\tverse\ttext\nGen\t1\t1\t" + " ".join(toks)
+                                                      + "\n")
+    plain = words_task(7, corpora=("kjv",))
+    tuning = words_task(7, corpora=("kjv",), validation=0.5)
+    # training part: the first 180 tokens (90%); the tuning split trains on 90 and validates on the next 90
+    assert plain.n_train == 180 and (tuning.n_train, tuning.n_test) == (90, 90)
+    xv, yv = next(tuning.test_batches(1000))
+    vocab = sorted(set(toks), key=lambda w: (-toks[:180].count(w), w))
+    assert [int(v) for v in yv] == [vocab.index(w) for w in toks[90:180]]
+    assert xv[0].tolist() == [8, 8, 8]  # each part starts with the start token as context
+    with pytest.raises(AloeError, match="validation fraction"):
+        words_task(7, corpora=("kjv",), validation=-0.1)

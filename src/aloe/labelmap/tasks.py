@@ -122,9 +122,26 @@ def _split_examples(examples: Callable, train_parts: list, test_parts: list, max
     return tuple(out)
 
 
+def _check_validation(validation: float) -> None:
+    if not 0.0 <= validation < 1.0:
+        raise AloeError(f"the validation fraction must be in [0, 1), got {validation}")
+
+
+def _validation_parts(train_parts: list, test_parts: list, validation: float) -> tuple[list, list]:
+    """(train, test) parts, or with ``validation`` > 0 the tuning split: the first ``1 - validation`` of each
+    training part trains and the rest tests; the test parts are left out."""
+    if not validation:
+        return train_parts, test_parts
+    cuts = [int(len(p) * (1.0 - validation)) for p in train_parts]
+    return [p[:c] for p, c in zip(train_parts, cuts)], [p[c:] for p, c in zip(train_parts, cuts)]
+
+
 def words_task(n_classes: int = 10_000, *, context: int = 3, corpora: tuple[str, ...] = ("kjv", "shakespeare"),
                max_train: int | None = None, max_test: int | None = None, width: int = TASK_WIDTH, embed: int = 64,
-               seed: int = 0) -> Task:
+               seed: int = 0, validation: float = 0.0) -> Task:
+    """With ``validation`` > 0 the task is a tuning split: the same classes, but training on the first
+    ``1 - validation`` of each document's training part and testing on the rest of it (the test part is unused)."""
+    _check_validation(validation)
     docs = _corpus_tokens(corpora)
     splits = [(d[: int(len(d) * 0.9)], d[int(len(d) * 0.9):]) for d in docs]
     counts = Counter(w for tr, _ in splits for w in tr)
@@ -148,15 +165,15 @@ def words_task(n_classes: int = 10_000, *, context: int = 3, corpora: tuple[str,
             ys.append(windows[keep, -1])
         return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
-    x_tr, y_tr, x_te, y_te = _split_examples(examples, [tr for tr, _ in splits], [te for _, te in splits],
-                                             max_train, max_test, seed)
+    fit_parts, eval_parts = _validation_parts([tr for tr, _ in splits], [te for _, te in splits], validation)
+    x_tr, y_tr, x_te, y_te = _split_examples(examples, fit_parts, eval_parts, max_train, max_test, seed)
     label_counts = np.bincount(y_tr.numpy(), minlength=n_classes)
     return Task(
         name="words", n_classes=n_classes, width=width,
         make_trunk=lambda: MLPTrunk(n_classes + 2, embed, context, width),
         train_batches=_array_batches(x_tr, y_tr, seed), test_batches=_ordered_batches(x_te, y_te),
         n_train=len(y_tr), n_test=len(y_te),
-        info={"corpora": list(corpora), "context": context, "vocabulary": n_classes,
+        info={"corpora": list(corpora), "context": context, "vocabulary": n_classes, "validation": validation,
               "train_label_entropy_nats": _entropy(label_counts),
               "test_majority_top1": float((y_te == 0).float().mean())},
         label_weights=label_counts.astype(np.float64) + 0.5,
@@ -168,8 +185,7 @@ def pairs_task(n_classes: int = 100_000, *, context: int = 3, corpora: tuple[str
                width: int = TASK_WIDTH, embed: int = 64, seed: int = 0, validation: float = 0.0) -> Task:
     """With ``validation`` > 0 the task is a tuning split: the same classes and inputs, but training on the first
     ``1 - validation`` of each document's training part and testing on the rest of it (the test part is unused)."""
-    if not 0.0 <= validation < 1.0:
-        raise AloeError(f"the validation fraction must be in [0, 1), got {validation}")
+    _check_validation(validation)
     docs = _corpus_tokens(corpora)
     splits = [(d[: int(len(d) * 0.9)], d[int(len(d) * 0.9):]) for d in docs]
     words = sorted({w for d in docs for w in d})
@@ -206,9 +222,7 @@ def pairs_task(n_classes: int = 100_000, *, context: int = 3, corpora: tuple[str
             ys.append(by_key[pos[hit]])
         return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys).astype(np.int64))
 
-    if validation:
-        cuts = [int(len(a) * (1.0 - validation)) for a in train_ids]
-        train_ids, test_ids = [a[:c] for a, c in zip(train_ids, cuts)], [a[c:] for a, c in zip(train_ids, cuts)]
+    train_ids, test_ids = _validation_parts(train_ids, test_ids, validation)
     x_tr, y_tr, x_te, y_te = _split_examples(examples, train_ids, test_ids, max_train, max_test, seed)
     label_counts = np.bincount(y_tr.numpy(), minlength=n_classes)
     return Task(
