@@ -106,8 +106,25 @@ def build(model: Path, profile, progress: bool) -> tuple[Path, Path]:
     return out, secret
 
 
+def merge_full_budget(state: dict) -> None:
+    """Each profile's full-budget results from ``privacy_full.json`` (every id, every layer), as ``<attack>_full``
+    attacks: the worst attack and the frontier count them, so a point is never shown safer than its strongest
+    measurement."""
+    path = RESULTS / "privacy_full.json"
+    full = json.loads(path.read_text()).get("profiles", {}) if path.is_file() else {}
+    for name, e in state["profiles"].items():
+        attacks = e.get("attacks")
+        if not attacks or e.get("mitigation"):
+            continue
+        for key in [k for k in attacks if k.endswith("_full")]:
+            del attacks[key]
+        for a, r in full.get(name, {}).get("attacks", {}).items():
+            attacks[f"{a}_full"] = {k: r[k] for k in ("token_recovery", "prompt_token_recovery", "seconds") if k in r}
+
+
 def worst(attacks: dict, field: str = "token_recovery") -> float:
-    vals = [attacks[a][field] for a in (*REALISTIC, "vma_all_columns") if a in attacks and field in attacks[a]]
+    keys = (*REALISTIC, "vma_all_columns", *(k for k in attacks if k.endswith("_full")))
+    vals = [attacks[a][field] for a in keys if a in attacks and field in attacks[a]]
     vals = [v for v in vals if not (isinstance(v, float) and math.isnan(v))]
     return max(vals) if vals else float("nan")
 
@@ -119,7 +136,8 @@ def pct(x) -> str:
 def write_report(state: dict) -> None:
     rows = []
     head = ("| profile | keys | α_e | α_h | β | λ | ppl ratio | greedy agr. | VMA | VMA (all columns) | IA | NN | ISA "
-            "| IMA | IMA (known plaintext) | TFMA | behavioural | anchored | learned | worst | Thm 6 max p_s |")
+            "| IMA | IMA (known plaintext) | TFMA | behavioural | anchored | learned | full budget | worst | "
+            "Thm 6 max p_s |")
     rows.append(head)
     rows.append("|" + "|".join(["---"] * (head.count("|") - 1)) + "|")
     prompt_rows = []
@@ -136,7 +154,8 @@ def write_report(state: dict) -> None:
                     + " | ".join(pct(g(k)) for k in ("vma", "vma_all_columns", "ia", "nn", "isa", "ima"))
                     + f" | {pct(kp)} | "
                     + f"{pct(g('tfma'))} | {pct(g('behavioural'))} | {pct(g('anchored'))} | {pct(g('learned'))} | "
-                    + f"{pct(worst(a))} | "
+                    + (", ".join(f"{k[:-5]} {pct(g(k))}" for k in sorted(a) if k.endswith("_full")) or "–")
+                    + f" | {pct(worst(a))} | "
                     + f"{e.get('theorem6', {}).get('max_single_token_success', float('nan')):.3g} |")
         prompt_rows.append(f"| {name} | " + " | ".join(pct(g(k, 'prompt_token_recovery')) for k in ATTACKS) + " |")
     b = state["budget"]
@@ -145,7 +164,9 @@ def write_report(state: dict) -> None:
           *[f"    python benchmarks/privacy.py {c}" for c in state.get("commands", [])], "",
           "Recovery (TTRSR) in % of tokens, candidate pool = the whole vocabulary; fixed special ids excluded.",
           "Worst = the largest of the attacks, VMA over all FFN columns included where it was run "
-          "(`aloe attack vma --columns 1536`, `vma_full_columns_*.json`); the known-plaintext IMA is listed apart.", "",
+          "(`aloe attack vma --columns 1536`, `vma_full_columns_*.json`), and so are the full-budget results of "
+          "`benchmarks/privacy_full.py` (every id, every layer; column 'full budget'); the known-plaintext IMA is "
+          "listed apart.", "",
           "Budget: " + ", ".join(f"{k}={v}" for k, v in b.items()), "", *rows, "",
           "## Recovery on the tokens of real prompts (%)", "",
           "| profile | " + " | ".join(ATTACKS) + " |", "|" + "|".join(["---"] * (len(ATTACKS) + 1)) + "|",
@@ -191,6 +212,20 @@ def write_plot(state: dict) -> None:
     tmp.replace(RESULTS / "privacy.png")
 
 
+def publish(state: dict) -> None:
+    """Fold in the all-columns VMA and the full-budget runs, then write the report, the plot and the package's
+    table of measured risk (read by ``aloe obfuscate``)."""
+    for name, e in state["profiles"].items():  # the all-FFN-columns VMA runs (`aloe attack vma --columns 1536`)
+        full = RESULTS / f"vma_full_columns_{name}.json"
+        if full.is_file() and e.get("attacks"):
+            e["attacks"]["vma_all_columns"] = json.loads(full.read_text())["vma"]
+    merge_full_budget(state)
+    atomic_write_json(RESULTS / "privacy.json", state)
+    write_report(state)
+    write_plot(state)
+    atomic_write_json(ROOT / "src" / "aloe" / "attacks" / "privacy_table.json", table_from_state(state))
+
+
 def mitigate(model: Path, prof, state: dict, budget, attacks: list[str], path: Path, show: bool) -> None:
     """balanced behind a client-held vocabulary: the same artifact, the server holding neither table."""
     from aloe.attacks.mitigation import received_rows_view, split_vocabulary
@@ -233,6 +268,8 @@ def main(argv=None) -> int:
                     help="also attack balanced deployed with the client-held vocabulary (aloe.attacks.mitigation)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (adaptation wants every core)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite the report, plot and package table from the saved results (no attack runs)")
     add_budget_flags(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
@@ -246,6 +283,12 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in profiles]
     if unknown:
         ap.error(f"unknown profile(s) {unknown}; choose from {list(profiles)}")
+
+    if args.report_only:
+        if not (RESULTS / "privacy.json").is_file():
+            ap.error(f"--report-only: {RESULTS / 'privacy.json'} does not exist yet")
+        publish(json.loads((RESULTS / "privacy.json").read_text()))
+        return 0
 
     from aloe.obfuscation.commands import resolve_model
     from aloe.obfuscation.fidelity import measure_fidelity
@@ -299,13 +342,7 @@ def main(argv=None) -> int:
     steps.close()
     if args.mitigation:
         mitigate(model, profiles["balanced"], state, budget, args.attacks, path, show)
-    for name, e in state["profiles"].items():  # the all-FFN-columns VMA runs (`aloe attack vma --columns 1536`)
-        full = RESULTS / f"vma_full_columns_{name}.json"
-        if full.is_file() and e.get("attacks"):
-            e["attacks"]["vma_all_columns"] = json.loads(full.read_text())["vma"]
-    write_report(state)
-    write_plot(state)
-    atomic_write_json(ROOT / "src" / "aloe" / "attacks" / "privacy_table.json", table_from_state(state))
+    publish(state)
     if args.json:
         print(json.dumps(state, indent=2, sort_keys=True, default=str))
     return 0

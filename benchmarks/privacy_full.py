@@ -42,8 +42,10 @@ def write_report(state: dict) -> None:
                         f"{pct(qa.get('token_recovery'))} | {pct(qa.get('prompt_token_recovery'))} | "
                         f"{r.get('seconds', float('nan')):.0f} |")
     md = ["# AloePri attacks at the full budget (SmolLM2-135M-Instruct, all 49,152 ids)", "",
-          "Produced by `python benchmarks/privacy_full.py " + " ".join(state.get("command", [])) + "`; the quick "
-          "columns are the same point's figures from `benchmarks/results/privacy.json` (2,048 sampled ids, 6 layers).",
+          "Produced by (each run resumes the one before):", "",
+          *(f"    python benchmarks/privacy_full.py {' '.join(c)}" for c in state.get("commands", [])), "",
+          "The quick columns are the same point's figures from `benchmarks/results/privacy.json` (2,048 sampled ids, "
+          "6 layers).",
           "", "Budget: " + ", ".join(f"{k}={v}" for k, v in state["budget"].items()), "", *rows, ""]
     atomic_write_text(RESULTS / "privacy_full.md", "\n".join(md))
 
@@ -69,7 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     stale = stale_attacks(state.get("budget") or {}, bdict)  # a changed knob drops only the attacks it affects
     for e in state["profiles"].values():
         e["attacks"] = {a: r for a, r in e["attacks"].items() if a not in stale}
-    state["budget"], state["command"] = bdict, sys.argv[1:] if argv is None else argv
+    command = sys.argv[1:] if argv is None else list(argv)
+    commands = state.setdefault("commands", [state.pop("command")] if state.get("command") else [])
+    state.pop("command", None)
+    if command not in commands:
+        commands.append(command)
+    state["budget"] = bdict
     for name in args.profiles:
         prof = profiles[name]
         obf, secret = build(model, prof, not args.json)
