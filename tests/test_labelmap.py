@@ -291,13 +291,18 @@ def test_words_task_errors(tmp_path, monkeypatch):
         words_task(100, corpora=("kjv",))
 
 
-def test_pairs_task_classes_are_the_most_frequent_next_pairs(tmp_path, monkeypatch):
-    rng = np.random.default_rng(0)
-    toks = [str(w) for w in rng.choice(["a", "b", "c", "d", "e"], size=400, p=[0.4, 0.3, 0.15, 0.1, 0.05])]
+def _kjv_with(tmp_path, monkeypatch, toks: list[str]) -> None:
+    """A data root whose KJV is one verse made of ``toks``."""
     monkeypatch.setenv("ALOE_DATA", str(tmp_path))
     (tmp_path / "text").mkdir()
     (tmp_path / "text" / "kjv_verses.tsv").write_text("book\tchapter\tverse\ttext\nGen\t1\t1\t" + " ".join(toks)
                                                       + "\n")
+
+
+def test_pairs_task_classes_are_the_most_frequent_next_pairs(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    toks = [str(w) for w in rng.choice(["a", "b", "c", "d", "e"], size=400, p=[0.4, 0.3, 0.15, 0.1, 0.05])]
+    _kjv_with(tmp_path, monkeypatch, toks)
     task = pairs_task(6, corpora=("kjv",), input_vocab=3)
     train_toks = toks[:360]
     pairs = Counter(zip(train_toks, train_toks[1:]))
@@ -429,10 +434,7 @@ def test_pair_brute_force_helper():
 def test_pairs_task_validation_split_is_cut_from_the_training_part(tmp_path, monkeypatch):
     rng = np.random.default_rng(1)
     toks = [str(w) for w in rng.choice(["a", "b", "c", "d", "e"], size=400, p=[0.4, 0.3, 0.15, 0.1, 0.05])]
-    monkeypatch.setenv("ALOE_DATA", str(tmp_path))
-    (tmp_path / "text").mkdir()
-    (tmp_path / "text" / "kjv_verses.tsv").write_text("book\tchapter\tverse\ttext\nGen\t1\t1\t" + " ".join(toks)
-                                                      + "\n")
+    _kjv_with(tmp_path, monkeypatch, toks)
     plain = pairs_task(6, corpora=("kjv",), input_vocab=3)
     tuning = pairs_task(6, corpora=("kjv",), input_vocab=3, validation=0.25)
     train_toks = toks[:360]  # the training part; the test part (toks[360:]) is never used by the tuning split
@@ -450,10 +452,7 @@ def test_pairs_task_validation_split_is_cut_from_the_training_part(tmp_path, mon
 
 def test_words_task_validation_split_is_cut_from_the_training_part(tmp_path, monkeypatch):
     toks = ["abcdefg"[i % 7] for i in range(200)]
-    monkeypatch.setenv("ALOE_DATA", str(tmp_path))
-    (tmp_path / "text").mkdir()
-    (tmp_path / "text" / "kjv_verses.tsv").write_text("book\tchapter\tverse\ttext\nGen\t1\t1\t" + " ".join(toks)
-                                                      + "\n")
+    _kjv_with(tmp_path, monkeypatch, toks)
     plain = words_task(7, corpora=("kjv",))
     tuning = words_task(7, corpora=("kjv",), validation=0.5)
     # training part: the first 180 tokens (90%); the tuning split trains on 90 and validates on the next 90
