@@ -182,6 +182,19 @@ def test_own_copies_are_cached_per_draw_and_skip_the_adaptation(plain_dir, weak,
         own_obfuscation(t, draw=-1)
 
 
+def test_column_signature_in_chunks_equals_the_whole_table_at_once():
+    from aloe.attacks.behavioural import OUT_Q, column_signature
+
+    full = torch.randn(301, 1000).half()
+    x = full.float()
+    whole = torch.cat([x.mean(0, keepdim=True), x.std(0, keepdim=True),
+                       x.sort(0).values[torch.linspace(0, 300, OUT_Q).round().long()]], 0).T
+    chunked = column_signature(full, chunk=333)
+    assert chunked.shape == (1000, OUT_Q + 2)
+    assert torch.equal(chunked[:, 2:], whole[:, 2:])
+    torch.testing.assert_close(chunked, whole)
+
+
 def test_tfma_recovers_the_frequent_tokens_of_a_stream():
     rng = np.random.default_rng(0)
     n, fixed = 50, np.array([0])

@@ -74,12 +74,17 @@ def single_token_pass(model, ids: np.ndarray, rows: np.ndarray, batch: int, desc
     return sig, edges, full
 
 
-def column_signature(full: torch.Tensor) -> torch.Tensor:
-    """Per output id: mean, std and order statistics of its log-probability over the sampled contexts."""
-    x = full.float()
-    s, _ = torch.sort(x, dim=0)
-    idx = torch.linspace(0, x.shape[0] - 1, OUT_Q).round().long()
-    return torch.cat([x.mean(0, keepdim=True), x.std(0, keepdim=True), s[idx]], 0).T
+def column_signature(full: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """Per output id: mean, std and order statistics of its log-probability over the sampled contexts. Columns go
+    ``chunk`` at a time, so the whole-vocabulary table (49,152 x 49,152 in half precision) never exists in float or
+    with sort indices at once."""
+    idx = torch.linspace(0, full.shape[0] - 1, OUT_Q).round().long()
+    out = []
+    for c in range(0, full.shape[1], chunk):
+        x = full[:, c:c + chunk].float()
+        s = torch.sort(x, dim=0).values
+        out.append(torch.cat([x.mean(0, keepdim=True), x.std(0, keepdim=True), s[idx]], 0).T)
+    return torch.cat(out, 0)
 
 
 class PlainSide:
