@@ -204,7 +204,7 @@ def write_plot(state: dict) -> None:
         ax.set_yscale("log")
         ax.set_xlabel(f"worst attack's recovery ({label})")
     axes[0].set_ylabel("perplexity ratio (obfuscated / plain)")
-    axes[0].legend(fontsize=7, loc="upper right")
+    axes[0].legend(fontsize=7, loc="center right")
     fig.suptitle("AloePri on SmolLM2-135M: accuracy vs privacy (goal: below 1.10 and left of 5%)", fontsize=10)
     fig.tight_layout()
     tmp = RESULTS / ".privacy.png.tmp.png"
