@@ -4,6 +4,7 @@ as soon as it is done, so an interrupted run resumes; the artifacts are the ones
 
     python benchmarks/privacy_full.py [--profiles adapt-row-ae0.6 ...] [--attacks nn tfma ia vma learned]
         [--threads 1] [--json]
+    python benchmarks/privacy_full.py --report-only
 
 Writes benchmarks/results/privacy_full.json and privacy_full.md.
 """
@@ -30,6 +31,34 @@ from privacy import RESULTS, all_profiles, build, pct, stale_attacks  # noqa: E4
 PATH = RESULTS / "privacy_full.json"
 
 
+def coverage(state: dict, quick: dict) -> list[str]:
+    """Which attack ran at the full budget on which point: % of the vocabulary (% of prompt tokens), "–" where it did
+    not run; points sorted by perplexity ratio; the last column is the worst full-budget figure of the point."""
+    ppl = {n: e.get("fidelity", {}).get("ppl_ratio", float("nan")) for n, e in quick.get("profiles", {}).items()}
+    names = sorted(state["profiles"], key=lambda n: (ppl.get(n, float("inf")), n))
+    rows = ["## Coverage", "",
+            "% of the vocabulary (% of prompt tokens) at the full budget; – not run at the full budget; bold over 5%.",
+            "", "| profile | ppl ratio | " + " | ".join(ATTACKS) + " | worst (full) |",
+            "|---|---|" + "---|" * (len(ATTACKS) + 1)]
+    for n in names:
+        runs = state["profiles"][n]["attacks"]
+        cells = []
+        for a in ATTACKS:
+            r = runs.get(a)
+            if r is None:
+                cells.append("–")
+                continue
+            v = pct(r.get("token_recovery"))
+            cells.append(f"**{v}**" if (r.get("token_recovery") or 0) > 0.05 else v)
+            if r.get("prompt_token_recovery") is not None:
+                cells[-1] += f" ({pct(r['prompt_token_recovery'])})"
+        vocab = max((r.get("token_recovery") or 0 for r in runs.values()), default=float("nan"))
+        prompt = max((r.get("prompt_token_recovery") or 0 for r in runs.values()), default=float("nan"))
+        rows.append(f"| {n} | {ppl.get(n, float('nan')):.2f} | " + " | ".join(cells) +
+                    f" | {pct(vocab)} ({pct(prompt)}) |")
+    return rows
+
+
 def write_report(state: dict) -> None:
     quick = json.loads((RESULTS / "privacy.json").read_text()) if (RESULTS / "privacy.json").is_file() else {}
     rows = ["| profile | attack | full: % vocabulary | full: % prompt tokens | quick: % vocabulary | "
@@ -42,6 +71,7 @@ def write_report(state: dict) -> None:
                         f"{pct(qa.get('token_recovery'))} | {pct(qa.get('prompt_token_recovery'))} | "
                         f"{r.get('seconds', float('nan')):.0f} |")
     md = ["# AloePri attacks at the full budget (SmolLM2-135M-Instruct, all 49,152 ids)", "",
+          *coverage(state, quick), "",
           "Produced by (each run resumes the one before):", "",
           *(f"    python benchmarks/privacy_full.py {' '.join(c)}" for c in state.get("commands", [])), "",
           "The quick columns are the same point's figures from `benchmarks/results/privacy.json` (2,048 sampled ids, "
@@ -56,7 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attacks", nargs="+", default=["nn", "tfma", "ia", "vma"], choices=list(ATTACKS))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--report-only", action="store_true", help="rewrite privacy_full.md from privacy_full.json")
     args = ap.parse_args(argv)
+    if args.report_only:
+        if not PATH.is_file():
+            ap.error(f"{PATH} does not exist: run some attacks first")
+        write_report(json.loads(PATH.read_text()))
+        return 0
     torch.set_num_threads(max(1, args.threads))
     profiles = all_profiles()
     unknown = [n for n in args.profiles if n not in profiles]
