@@ -11,11 +11,12 @@ For each alpha:
 - attacks (`aloe.attacks.occurrence`): every token occurrence of the real prompts (8 chat prompts + 8 Lee test
   documents, as in the rest of the suite) is sent once with fresh noise, and each vector is read alone by the
   invariant attacks, by the states of the server's own body run on it, and by both together, against the full
-  vocabulary.
+  vocabulary; the stream-level attacker first links the occurrences of one token and reads each cluster's mean.
 
     python benchmarks/client_vocab_frontier.py [--alphas 0 0.05 0.1 0.2 0.4 0.8] [--threads 2] [--json]
 
-Resumable per alpha. Writes benchmarks/results/client_vocab_frontier.{json,md,png}.
+Resumable per alpha (a point measured before the linked attack keeps its fidelity and has its attacks redone).
+Writes benchmarks/results/client_vocab_frontier.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -34,15 +35,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from aloe.assets.cache import atomic_write_json, atomic_write_text  # noqa: E402
 from aloe.attacks.common import Budget, Target  # noqa: E402
-from aloe.attacks.occurrence import attack_vectors, score_occurrences  # noqa: E402
+from aloe.attacks.occurrence import attack_linked, attack_vectors, score_links, score_occurrences  # noqa: E402
 from aloe.attacks.suite import texts_for  # noqa: E402
 from aloe.obfuscation.client_vocab import ClientVocabulary, split_vocabulary, with_occurrence_noise  # noqa: E402
-from aloe.obfuscation.fidelity import PROMPTS, corpus_token_ids, greedy_fidelity, load_models, logit_fidelity  # noqa: E402  # noqa: E402
+from aloe.obfuscation.fidelity import PROMPTS, corpus_token_ids, greedy_fidelity, load_models, logit_fidelity  # noqa: E402
+from aloe.obfuscation.secret import load_secret  # noqa: E402
 from privacy import RESULTS, all_profiles, build  # noqa: E402
 
 PATH = RESULTS / "client_vocab_frontier.json"
 SHAPE = "row"
-FAMILIES = ("ia", "states", "combined")
+FAMILIES = ("ia", "states", "combined", "linked")
 
 
 def deployment(model: Path, show: bool) -> tuple[Path, Path, Path, Path]:
@@ -54,8 +56,8 @@ def deployment(model: Path, show: bool) -> tuple[Path, Path, Path, Path]:
     return obf, secret, server, client
 
 
-def measure(model: Path, alpha: float, paths, tokens: int, prompts: int, new_tokens: int, show: bool) -> dict:
-    obf, secret, server, client_file = paths
+def fidelity(model: Path, alpha: float, paths, tokens: int, prompts: int, new_tokens: int, show: bool) -> dict:
+    obf, secret, _, _ = paths
     t0 = time.perf_counter()
     tok, plain, obf_model, sec = load_models(model, obf, secret)
     with_occurrence_noise(obf_model, alpha, SHAPE)
@@ -63,20 +65,29 @@ def measure(model: Path, alpha: float, paths, tokens: int, prompts: int, new_tok
     fid = logit_fidelity(plain, obf_model, sec.tau, ids, progress=show)
     fid.update(greedy_fidelity(tok, plain, obf_model, sec.tau, PROMPTS[:prompts], new_tokens, show))
     fid["seconds"] = time.perf_counter() - t0
-    del plain, obf_model
+    return fid
 
+
+def attacks(model: Path, alpha: float, paths, show: bool) -> dict:
+    """Every family on one draw of the occurrence vectors: each vector alone, and the stream-level attacker that
+    links the occurrences of one token first."""
+    _, secret, server, client_file = paths
     t1 = time.perf_counter()
     target = Target(model, server, Budget())
     texts = texts_for(target)
     toks = np.concatenate(texts.prompts)
     toks = toks[~np.isin(toks, target.fixed_ids)]
     client = ClientVocabulary(client_file, occurrence_noise=alpha)
-    vectors = client.embed(sec.tau[toks])
+    vectors = client.embed(load_secret(secret).tau[toks])
     cands = attack_vectors(target, vectors, alpha, SHAPE)
-    attacks = {f: score_occurrences(cands[f], toks) for f in FAMILIES}
-    attacks["seconds"] = time.perf_counter() - t1
-    attacks["texts"] = texts.source
-    return {"alpha": alpha, "shape": SHAPE, "fidelity": fid, "attacks": attacks}
+    out = {f: score_occurrences(cands[f], toks) for f in FAMILIES if f in cands}
+    linked = attack_linked(target, vectors, alpha, SHAPE)
+    out["linked"] = dict(score_occurrences(linked["candidates"], toks), **score_links(linked["labels"], toks),
+                         threshold=linked["threshold"], calibration_same_pairs_missed=linked["same_pairs_missed"],
+                         calibration_other_pairs_linked=linked["other_pairs_linked"])
+    out["seconds"] = time.perf_counter() - t1
+    out["texts"] = texts.source
+    return out
 
 
 def pct(x: float) -> str:
@@ -85,22 +96,30 @@ def pct(x: float) -> str:
 
 def write_report(state: dict) -> None:
     rows = ["| occurrence noise alpha | ppl ratio | top-1 agree | greedy agree (prompts exact) | IA | states | "
-            "IA + states | goal met |", "|---|---|---|---|---|---|---|---|"]
+            "IA + states | linked stream (pairs linked: recall / precision) | goal met |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(state["points"], key=float):
         e = state["points"][key]
         f, a = e["fidelity"], e["attacks"]
-        worst = max(a[fam]["occurrence_recovery"] for fam in FAMILIES)
+        fams = [fam for fam in FAMILIES if fam in a]
+        worst = max(a[fam]["occurrence_recovery"] for fam in fams)
         met = f["ppl_ratio"] <= 1.10 and f["greedy_agreement"] >= 0.80 and worst <= 0.05
         rows.append(f"| {e['alpha']} | {f['ppl_ratio']:.3f} | {f['top1_agreement']:.3f} | "
                     f"{f['greedy_agreement']:.2f} ({f['greedy_exact_prompts']}/{f['greedy_prompts']}) | "
-                    + " | ".join(pct(a[fam]["occurrence_recovery"]) for fam in FAMILIES)
+                    + " | ".join(pct(a[fam]["occurrence_recovery"]) for fam in FAMILIES[:3])
+                    + (f" | {pct(a['linked']['occurrence_recovery'])} ({pct(a['linked']['link_recall'])} / "
+                       f"{pct(a['linked']['link_precision'])})" if "linked" in a else " | –")
                     + f" | {'yes' if met else 'no'} |")
     md = ["# Client-held vocabulary with fresh per-occurrence noise (SmolLM2-135M-Instruct)", "",
           "Produced by `python benchmarks/client_vocab_frontier.py " + " ".join(state.get("command", [])) + "`.", "",
           "The `balanced` artifact (exact) split with `--client-vocab`; the client adds fresh row-shaped noise of "
           "level alpha to every embedding it sends. Fidelity: Lee corpus (perplexity, top-1), 8 chat prompts x 64 new "
           "tokens (greedy). Attacks: % of the token occurrences of the real prompts (each sent once, read alone; "
-          "candidates: all 49,152 ids). Goal: ppl ratio <= 1.10, greedy >= 0.80, every attack <= 5%.", "", *rows, ""]
+          "candidates: all 49,152 ids). Linked stream: the server first clusters the occurrences whose pair ratio "
+          "says they share a token (threshold calibrated on its own noisy copies of plain rows) and reads each "
+          "cluster's mean (`aloe.attacks.occurrence.attack_linked`); in brackets the share of same-token pairs it "
+          "linked and the share of its links that are right. Every family of a row is measured on one draw of the "
+          "vectors. Goal: ppl ratio <= 1.10, greedy >= 0.80, every attack <= 5%.", "", *rows, ""]
     atomic_write_text(RESULTS / "client_vocab_frontier.md", "\n".join(md))
 
 
@@ -112,9 +131,11 @@ def write_plot(state: dict) -> None:
 
     pts = sorted(state["points"].values(), key=lambda e: e["alpha"])
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for fam, marker in zip(FAMILIES, "os^"):
-        ax.plot([100 * e["attacks"][fam]["occurrence_recovery"] for e in pts],
-                [e["fidelity"]["ppl_ratio"] for e in pts], marker=marker, label=fam)
+    for fam, marker in zip(FAMILIES, "os^D"):
+        have = [e for e in pts if fam in e["attacks"]]
+        ax.plot([100 * e["attacks"][fam]["occurrence_recovery"] for e in have],
+                [e["fidelity"]["ppl_ratio"] for e in have], marker=marker,
+                label=fam if fam != "linked" else "linked stream (cluster means)")
     for e in pts:
         ax.annotate(f"alpha {e['alpha']}", (100 * e["attacks"]["combined"]["occurrence_recovery"],
                                             e["fidelity"]["ppl_ratio"]), fontsize=7, xytext=(3, 3),
@@ -122,7 +143,7 @@ def write_plot(state: dict) -> None:
     ax.axhline(1.10, ls="--", lw=0.8, color="grey")
     ax.axvline(5.0, ls=":", lw=0.8, color="grey")
     ax.set_yscale("log")
-    ax.set_xlabel("% of prompt-token occurrences read (each vector alone)")
+    ax.set_xlabel("% of prompt-token occurrences read")
     ax.set_ylabel("perplexity ratio (noisy / plain)")
     ax.set_title("Client-held vocabulary + fresh occurrence noise (goal: below 1.10, left of 5%)", fontsize=9)
     ax.legend(fontsize=8)
@@ -153,10 +174,15 @@ def main(argv: list[str] | None = None) -> int:
     state["command"] = sys.argv[1:] if argv is None else argv
     for alpha in tqdm(args.alphas, desc="occurrence noise", disable=not show):
         key = repr(float(alpha))
-        if key in state["points"]:
+        e = state["points"].get(key)
+        if e is not None and "linked" in e["attacks"]:
             continue
-        state["points"][key] = measure(model, alpha, paths, args.fidelity_tokens, args.fidelity_prompts,
-                                       args.fidelity_new_tokens, show)
+        if e is None:  # a point measured before the stream-level attack keeps its fidelity, its attacks are redone
+            e = {"alpha": alpha, "shape": SHAPE, "fidelity": fidelity(model, alpha, paths, args.fidelity_tokens,
+                                                                       args.fidelity_prompts,
+                                                                       args.fidelity_new_tokens, show)}
+        e["attacks"] = attacks(model, alpha, paths, show)
+        state["points"][key] = e
         atomic_write_json(PATH, state)
         write_report(state)
         write_plot(state)

@@ -351,3 +351,35 @@ def test_vectors_a_client_holding_the_vocabulary_sends_are_read_one_occurrence_a
     client = ClientVocabulary(tmp_path / "client.safetensors", occurrence_noise=3.0)
     noisy = score_occurrences(attack_vectors(t, client.embed(tau[plain_ids]), 3.0)["combined"], plain_ids)
     assert noisy["occurrences"] == 60 and noisy["occurrence_recovery"] < 0.6
+
+
+def test_a_stream_level_server_links_the_occurrences_of_one_token_and_reads_their_mean(plain_dir, weak, tmp_path):
+    """Fresh noise does not hide which occurrences share a token: the pair ratios of one token's occurrences sit at
+    the level the public alpha predicts, so the server clusters them, and each cluster's mean carries less noise than
+    any one of its vectors."""
+    from aloe.attacks.occurrence import (
+        attack_linked,
+        attack_vectors,
+        link_occurrences,
+        link_threshold,
+        score_links,
+        score_occurrences,
+    )
+    from aloe.obfuscation.client_vocab import ClientVocabulary, split_vocabulary
+
+    obf, tau = weak
+    split_vocabulary(obf, tmp_path / "server", tmp_path / "client.safetensors")
+    t = Target(plain_dir, tmp_path / "server", Budget(**BUDGET))
+    tokens = np.random.default_rng(5).choice(t.movable_ids, size=12, replace=False)
+    plain_ids = np.random.default_rng(6).permutation(tokens.repeat(6))
+    alpha = 1.0  # each vector alone is read about 5% of the time here
+    vectors = ClientVocabulary(tmp_path / "client.safetensors", occurrence_noise=alpha).embed(tau[plain_ids])
+    cal = link_threshold(t, alpha)
+    assert cal["same_pairs_missed"] + cal["other_pairs_linked"] < 0.2
+    links = score_links(link_occurrences(vectors, cal["threshold"]), plain_ids)
+    assert links["link_recall"] >= 0.8 and links["link_precision"] >= 0.8
+    alone = score_occurrences(attack_vectors(t, vectors, alpha)["combined"], plain_ids)["occurrence_recovery"]
+    linked = attack_linked(t, vectors, alpha)
+    assert linked["candidates"].shape == (72, 5) and len(linked["labels"]) == 72
+    together = score_occurrences(linked["candidates"], plain_ids)["occurrence_recovery"]
+    assert links["clusters"] >= 10 and together >= alone + 0.3

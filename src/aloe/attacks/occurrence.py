@@ -1,11 +1,11 @@
-"""Attacks on the vectors a client-held-vocabulary client sends, one occurrence at a time.
+"""Attacks on the vectors a client-held-vocabulary client sends: one occurrence at a time, and linked across the stream.
 
 In that deployment (:mod:`aloe.obfuscation.client_vocab`) the server holds neither table and never produces an
 output distribution over ids, so the table attacks and anchored or behavioural matching have nothing to read. What
 it does receive is one vector per token occurrence, the obfuscated embedding row plus, when the deployment asks for
 it, fresh noise (``occurrence_noise``, relative to the row as in :func:`~aloe.obfuscation.embedding.noise_std`), and
-it holds the transformer body. Fresh noise means the server cannot tell which occurrences share a token, so each
-vector is attacked alone:
+it holds the transformer body. Identical tokens no longer send identical vectors, so the first attacks read each
+vector alone:
 
 - ``ia``: the invariant attacks on the vector itself. Every layer's gate and key projections read the residual
   stream through the writer key, so ``v W~_gate`` and ``v W~_k`` are the plain products of the noisy plain row,
@@ -19,6 +19,13 @@ vector is attacked alone:
 
 Each guess is a nearest neighbour over the full plain vocabulary. Context is not used (each vector is read alone),
 so these figures are lower bounds on what a server that also models the language could read.
+
+Fresh noise does not hide *which* occurrences share a token. With row-shaped noise of public level alpha two
+occurrences of one token differ by noise only, and ``||v_i - v_j||^2 / mean(||v_i||^2, ||v_j||^2)`` concentrates
+at ``2 alpha^2 / (1 + alpha^2)`` whatever the row and whatever scaled isometry the key is, while two different
+tokens differ by their rows as well. :func:`link_threshold` calibrates the cut between the two on the attacker's
+own noisy copies of plain rows, :func:`link_occurrences` clusters the received vectors by it (average linkage), and
+:func:`attack_linked` reads each cluster's mean, whose noise shrinks as 1/sqrt(size): the stream-level attacker.
 """
 
 from __future__ import annotations
@@ -74,3 +81,88 @@ def score_occurrences(cand: np.ndarray, truth: np.ndarray) -> dict:
     return {"occurrence_recovery": float((cand[:, 0] == truth).mean()) if len(truth) else float("nan"),
             f"occurrence_recovery_top{cand.shape[1]}": float((cand == truth[:, None]).any(1).mean())
             if len(truth) else float("nan"), "occurrences": int(len(truth))}
+
+
+# ---- stream level: link the occurrences of one token, read the cluster means ------------------------------------
+def pair_ratios(vectors: torch.Tensor) -> torch.Tensor:
+    """(m, m): squared distance of every pair over the mean of their squared norms; invariant to a scaled
+    isometry of the vectors."""
+    v = vectors.double()
+    sq = (v * v).sum(1)
+    d2 = (sq[:, None] + sq[None, :] - 2 * v @ v.T).clamp_min(0)
+    return (d2 / ((sq[:, None] + sq[None, :]) / 2).clamp_min(1e-30)).float()
+
+
+def link_threshold(t: Target, alpha: float, shape: str = "row", rows: int = 2048) -> dict:
+    """The attacker's calibration: two fresh noisy copies of ``rows`` plain rows (the public noise level) give the
+    same-token pair ratios, pairs of different rows the others; the threshold is the one that minimises the sum of
+    the two error rates on them. Returns the threshold and both error rates."""
+    rng = t.budget.rng("occurrence-link")
+    ids = rng.choice(t.movable_ids, size=min(rows, len(t.movable_ids)), replace=False)
+    E = t.plain_embed[torch.as_tensor(ids)].double()
+    std = torch.from_numpy(noise_std(E.numpy(), alpha, shape)) if alpha > 0 else torch.zeros(len(ids), dtype=E.dtype)
+    g = torch.Generator().manual_seed(int(rng.integers(1 << 62)))
+    a = E + std[:, None] * torch.randn(E.shape, generator=g, dtype=E.dtype)
+    b = E + std[:, None] * torch.randn(E.shape, generator=g, dtype=E.dtype)
+
+    def ratio(x, y):
+        sx, sy = (x * x).sum(1), (y * y).sum(1)
+        return ((x - y) ** 2).sum(1) / ((sx + sy) / 2).clamp_min(1e-30)
+
+    same = ratio(a, b).sort().values
+    other = ratio(a, b.roll(1, 0)).sort().values  # row i against row i-1: different tokens
+    grid = torch.cat([same, other]).sort().values
+    miss = 1 - torch.searchsorted(same, grid, right=True).double() / len(same)      # same pairs above the cut
+    false = torch.searchsorted(other, grid, right=True).double() / len(other)       # other pairs at or below it
+    best = int(torch.argmin(miss + false))
+    above = grid[grid > grid[best]]
+    cut = (float(grid[best]) + float(above[0])) / 2 if len(above) else float(grid[best])  # midway to the next ratio
+    return {"threshold": cut, "same_pairs_missed": float(miss[best]), "other_pairs_linked": float(false[best])}
+
+
+def link_occurrences(vectors: torch.Tensor, threshold: float) -> np.ndarray:
+    """Cluster labels (m,) of the received vectors: average-linkage clustering of their pair ratios, cut at
+    ``threshold``."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import squareform
+
+    m = len(vectors)
+    if m < 2:
+        return np.zeros(m, dtype=np.int64)
+    r = pair_ratios(vectors).double().numpy()
+    r = (r + r.T) / 2
+    np.fill_diagonal(r, 0.0)
+    return fcluster(linkage(squareform(r, checks=False), "average"), threshold, "distance").astype(np.int64) - 1
+
+
+def attack_linked(t: Target, vectors: torch.Tensor, alpha: float, shape: str = "row", progress=None) -> dict:
+    """The stream-level attack: link the occurrences of one token (:func:`link_occurrences` at the calibrated
+    :func:`link_threshold`), average each cluster, and read every mean with the ``combined`` occurrence attack at the
+    noise level left after averaging (alpha / sqrt(size), clusters grouped by size 1, 2, 3-4, 5-8, 9+, each group
+    read at its smallest size's level). Returns the ranked candidates (m, topk) of every occurrence, its cluster
+    labels and the calibration."""
+    vectors = vectors.float()
+    cal = link_threshold(t, alpha, shape)
+    labels = link_occurrences(vectors, cal["threshold"])
+    n = int(labels.max()) + 1 if len(labels) else 0
+    sizes = np.bincount(labels, minlength=n)
+    means = torch.zeros(n, vectors.shape[1]).index_add_(0, torch.as_tensor(labels), vectors)
+    means /= torch.as_tensor(sizes, dtype=torch.float32)[:, None]
+    cand = np.full((n, t.budget.topk), -1, dtype=np.int64)
+    for lo, hi in ((1, 1), (2, 2), (3, 4), (5, 8), (9, None)):
+        group = np.flatnonzero((sizes >= lo) & ((sizes <= hi) if hi else True))
+        if len(group):
+            cand[group] = attack_vectors(t, means[torch.as_tensor(group)], alpha / np.sqrt(lo), shape,
+                                         progress)["combined"]
+    return {"candidates": cand[labels], "labels": labels, "clusters": n, **cal}
+
+
+def score_links(labels: np.ndarray, truth: np.ndarray) -> dict:
+    """How well the clusters match the tokens: of the pairs of occurrences of one token, the share linked (recall);
+    of the pairs linked, the share that are one token (precision)."""
+    labels, truth = np.asarray(labels), np.asarray(truth)
+    iu = np.triu_indices(len(labels), 1)
+    same_t, same_l = truth[iu[0]] == truth[iu[1]], labels[iu[0]] == labels[iu[1]]
+    return {"link_recall": float((same_t & same_l).sum() / max(1, same_t.sum())),
+            "link_precision": float((same_t & same_l).sum() / max(1, same_l.sum())),
+            "tokens": int(len(np.unique(truth))), "clusters": int(len(np.unique(labels)))}
