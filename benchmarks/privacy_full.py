@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -29,6 +29,9 @@ from aloe.obfuscation.secret import load_secret  # noqa: E402
 from privacy import RESULTS, all_profiles, build, pct, stale_attacks  # noqa: E402
 
 PATH = RESULTS / "privacy_full.json"
+# ablations: name -> (attack, budget override, what it is)
+ABLATIONS = {"learned-weights": ("learned", {"learned_state_ids": -1},
+                                 "the learned matcher without its states block (weight features only)")}
 
 
 def coverage(state: dict, quick: dict) -> list[str]:
@@ -83,7 +86,8 @@ def write_report(state: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profiles", nargs="+", default=["adapt-row-ae0.6"])
-    ap.add_argument("--attacks", nargs="+", default=["nn", "tfma", "ia", "vma"], choices=list(ATTACKS))
+    ap.add_argument("--attacks", nargs="+", default=["nn", "tfma", "ia", "vma"], choices=[*ATTACKS, *ABLATIONS],
+                    help=f"{', '.join(f'{k}: {v[2]}' for k, v in ABLATIONS.items())}")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--report-only", action="store_true", help="rewrite privacy_full.md from privacy_full.json")
@@ -123,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             texts = texts or texts_for(target)
             t0 = time.perf_counter()
-            e["attacks"][a] = dict(run(target, [a], tau, texts, progress=not args.json)[a],
+            base, override, _ = ABLATIONS.get(a, (a, {}, ""))
+            tgt = Target(model, obf, replace(budget, **override)) if override else target
+            e["attacks"][a] = dict(run(tgt, [base], tau, texts, progress=not args.json)[base],
                                    seconds=time.perf_counter() - t0)
             atomic_write_json(PATH, state)
             write_report(state)
