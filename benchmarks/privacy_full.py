@@ -41,12 +41,12 @@ def coverage(state: dict, quick: dict) -> list[str]:
     names = sorted(state["profiles"], key=lambda n: (ppl.get(n, float("inf")), n))
     rows = ["## Coverage", "",
             "% of the vocabulary (% of prompt tokens) at the full budget; – not run at the full budget; bold over 5%.",
-            "", "| profile | ppl ratio | " + " | ".join(ATTACKS) + " | worst (full) |",
-            "|---|---|" + "---|" * (len(ATTACKS) + 1)]
+            "", "| profile | ppl ratio | " + " | ".join((*ATTACKS, *ABLATIONS)) + " | worst (full) |",
+            "|---|---|" + "---|" * (len(ATTACKS) + len(ABLATIONS) + 1)]
     for n in names:
         runs = state["profiles"][n]["attacks"]
         cells = []
-        for a in ATTACKS:
+        for a in (*ATTACKS, *ABLATIONS):
             r = runs.get(a)
             if r is None:
                 cells.append("–")
