@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     bdict = {k: v for k, v in asdict(budget).items() if k != "seed"}
     state = json.loads(PATH.read_text()) if PATH.is_file() else {"profiles": {}}
     stale = stale_attacks(state.get("budget") or {}, bdict)  # a changed knob drops only the attacks it affects
+    stale |= {name for name, (base, _, _) in ABLATIONS.items() if base in stale}  # and the ablations built on them
     for e in state["profiles"].values():
         e["attacks"] = {a: r for a, r in e["attacks"].items() if a not in stale}
     command = sys.argv[1:] if argv is None else list(argv)
