@@ -62,6 +62,33 @@ def coverage(state: dict, quick: dict) -> list[str]:
     return rows
 
 
+def learned_frontier(state: dict, quick: dict) -> list[str]:
+    """The learned matcher on every point it ran on, beside the best table attack (NN / IA / VMA) and the whitened
+    nearest-neighbour baseline the matcher starts from (no training); points sorted by perplexity ratio."""
+    ppl = {n: e.get("fidelity", {}).get("ppl_ratio", float("nan")) for n, e in quick.get("profiles", {}).items()}
+
+    def cell(r: dict | None, key: str = "token_recovery", prompt: bool = True) -> str:
+        if r is None or r.get(key) is None:
+            return "–"
+        return pct(r[key]) + (f" ({pct(r['prompt_token_recovery'])})" if prompt and r.get("prompt_token_recovery")
+                              is not None else "")
+
+    rows = ["## The learned matcher across the frontier", "",
+            "% of the vocabulary (% of prompt tokens); the whitened baseline is the matcher's starting point before "
+            "any training.", "",
+            "| point | ppl ratio | best of NN / IA / VMA | learned | its whitened baseline (no training) | "
+            "learned, weights only |", "|---|---|---|---|---|---|"]
+    for n in sorted(state["profiles"], key=lambda n: (ppl.get(n, float("inf")), n)):
+        runs = state["profiles"][n]["attacks"]
+        if "learned" not in runs and "learned-weights" not in runs:
+            continue
+        table = max((runs[a]["token_recovery"] for a in ("nn", "ia", "vma") if a in runs), default=None)
+        rows.append(f"| `{n}` | {ppl.get(n, float('nan')):.2f} | {pct(table)} | {cell(runs.get('learned'))} | "
+                    f"{cell(runs.get('learned'), 'whitened_token_recovery', False)} | "
+                    f"{cell(runs.get('learned-weights'))} |")
+    return rows
+
+
 def write_report(state: dict) -> None:
     quick = json.loads((RESULTS / "privacy.json").read_text()) if (RESULTS / "privacy.json").is_file() else {}
     rows = ["| profile | attack | full: % vocabulary | full: % prompt tokens | quick: % vocabulary | "
@@ -74,7 +101,7 @@ def write_report(state: dict) -> None:
                         f"{pct(qa.get('token_recovery'))} | {pct(qa.get('prompt_token_recovery'))} | "
                         f"{r.get('seconds', float('nan')):.0f} |")
     md = ["# AloePri attacks at the full budget (SmolLM2-135M-Instruct, all 49,152 ids)", "",
-          *coverage(state, quick), "",
+          *coverage(state, quick), "", *learned_frontier(state, quick), "",
           "Produced by (each run resumes the one before):", "",
           *(f"    python benchmarks/privacy_full.py {' '.join(c)}" for c in state.get("commands", [])), "",
           "The quick columns are the same point's figures from `benchmarks/results/privacy.json` (2,048 sampled ids, "
