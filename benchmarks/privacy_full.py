@@ -40,7 +40,8 @@ def coverage(state: dict, quick: dict) -> list[str]:
     ppl = {n: e.get("fidelity", {}).get("ppl_ratio", float("nan")) for n, e in quick.get("profiles", {}).items()}
     names = sorted(state["profiles"], key=lambda n: (ppl.get(n, float("inf")), n))
     rows = ["## Coverage", "",
-            "% of the vocabulary (% of prompt tokens) at the full budget; – not run at the full budget; bold over 5%.",
+            "% of the vocabulary (% of prompt tokens) at the full budget; – not run at the full budget; bold where"
+            " either is over 5% (the goal is at most 5% of both).",
             "", "| profile | ppl ratio | " + " | ".join((*ATTACKS, *ABLATIONS)) + " | worst (full) |",
             "|---|---|" + "---|" * (len(ATTACKS) + len(ABLATIONS) + 1)]
     for n in names:
@@ -51,10 +52,11 @@ def coverage(state: dict, quick: dict) -> list[str]:
             if r is None:
                 cells.append("–")
                 continue
+            over = max(r.get("token_recovery") or 0, r.get("prompt_token_recovery") or 0) > 0.05
             v = pct(r.get("token_recovery"))
-            cells.append(f"**{v}**" if (r.get("token_recovery") or 0) > 0.05 else v)
             if r.get("prompt_token_recovery") is not None:
-                cells[-1] += f" ({pct(r['prompt_token_recovery'])})"
+                v += f" ({pct(r['prompt_token_recovery'])})"
+            cells.append(f"**{v}**" if over else v)
         vocab = max((r.get("token_recovery") or 0 for r in runs.values()), default=float("nan"))
         prompt = max((r.get("prompt_token_recovery") or 0 for r in runs.values()), default=float("nan"))
         rows.append(f"| {n} | {ppl.get(n, float('nan')):.2f} | " + " | ".join(cells) +
