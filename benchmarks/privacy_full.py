@@ -34,10 +34,15 @@ ABLATIONS = {"learned-weights": ("learned", {"learned_state_ids": -1},
                                  "the learned matcher without its states block (weight features only)")}
 
 
+def ppl_ratios(quick: dict) -> dict[str, float]:
+    """Each profile's perplexity ratio from ``privacy.json`` (the quick run's fidelity)."""
+    return {n: e.get("fidelity", {}).get("ppl_ratio", float("nan")) for n, e in quick.get("profiles", {}).items()}
+
+
 def coverage(state: dict, quick: dict) -> list[str]:
     """Which attack ran at the full budget on which point: % of the vocabulary (% of prompt tokens), "–" where it did
     not run; points sorted by perplexity ratio; the last column is the worst full-budget figure of the point."""
-    ppl = {n: e.get("fidelity", {}).get("ppl_ratio", float("nan")) for n, e in quick.get("profiles", {}).items()}
+    ppl = ppl_ratios(quick)
     names = sorted(state["profiles"], key=lambda n: (ppl.get(n, float("inf")), n))
     rows = ["## Coverage", "",
             "% of the vocabulary (% of prompt tokens) at the full budget; – not run at the full budget; bold where"
@@ -67,7 +72,7 @@ def coverage(state: dict, quick: dict) -> list[str]:
 def learned_frontier(state: dict, quick: dict) -> list[str]:
     """The learned matcher on every point it ran on, beside the best table attack (NN / IA / VMA) and the whitened
     nearest-neighbour baseline the matcher starts from (no training); points sorted by perplexity ratio."""
-    ppl = {n: e.get("fidelity", {}).get("ppl_ratio", float("nan")) for n, e in quick.get("profiles", {}).items()}
+    ppl = ppl_ratios(quick)
 
     def cell(r: dict | None, key: str = "token_recovery", prompt: bool = True) -> str:
         if r is None or r.get(key) is None:
