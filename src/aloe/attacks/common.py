@@ -40,6 +40,7 @@ class Budget:
     learned_draws: int = 2      # own copies the learned matcher trains on (the last one validates when there are 2+)
     anchored_contexts: int = 1024  # contexts of fixed ids run on each side (anchored logit matching)
     anchored_rounds: int = 2       # bootstrap rounds that promote the best-matched ids to anchors
+    decode_stream: int = 2000      # ids of the victim's stream decoded besides its prompts (decoded)
     batch: int = 256
     seed: int | None = None     # attacker's own (non-secret) randomness; None = fresh
 

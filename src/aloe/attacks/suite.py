@@ -15,7 +15,7 @@ from aloe import AloeError
 from aloe.attacks.common import Target
 from aloe.attacks.scoring import score_ids, score_sequences
 
-ATTACKS = ("vma", "ia", "nn", "isa", "ima", "tfma", "behavioural", "anchored", "learned")
+ATTACKS = ("vma", "ia", "nn", "isa", "ima", "tfma", "behavioural", "anchored", "learned", "decoded")
 
 
 @dataclass
@@ -99,6 +99,7 @@ def run(target: Target, names: list[str], tau: np.ndarray, texts: Texts, progres
     vocab_plain = [rng.choice(target.movable_ids, size=b.seq_len) for _ in range(b.sequences)]
     vocab_obf = [tau[s] for s in vocab_plain]
     results: dict[str, dict] = {}
+    learned_guess = None  # shared by "learned" and "decoded" in one run
     for name in names:
         t0 = time.perf_counter()
         bar = tqdm(desc=name, disable=not progress, leave=False, unit="step")
@@ -108,6 +109,15 @@ def run(target: Target, names: list[str], tau: np.ndarray, texts: Texts, progres
 
             guess = import_module(f"aloe.attacks.{name}").attack(target, received, pr)
             res = score_ids(guess, tau, texts.prompts, fixed)
+            if name == "learned":
+                learned_guess = guess
+        elif name == "decoded":  # the learned matcher's candidates, decoded as text over the victim's traffic
+            from aloe.attacks import decoding, learned
+
+            if learned_guess is None:
+                learned_guess = learned.attack(target, received, pr)
+            res = score_ids(decoding.attack(target, learned_guess, obf_prompts, tau[texts.stream], pr), tau,
+                            texts.prompts, fixed)
         elif name == "tfma":
             from aloe.attacks import tfma
 

@@ -1,0 +1,293 @@
+"""Language-prior decoding: read the traffic as text, not one token at a time.
+
+Every other attack of the suite guesses each obfuscated token (an id, or a cluster of linked occurrence vectors) on
+its own. A server that holds the public model also holds a language model of the plaintext, and the traffic is
+text: a substitution cipher over it (the fixed permutation of token-id serving, the linked clusters of the
+client-held vocabulary) is what decipherment with a language prior solves. This module is that attacker, on top of
+any per-token attack that ranks candidates.
+
+The traffic is a list of :class:`Doc` (one per request or stream chunk): at each position either a plain token the
+server sees in clear (fixed ids) or an occurrence of an unknown token, and every occurrence belongs to a cluster
+(all occurrences of one obfuscated id, or one cluster of linked vectors) with the per-token attack's ranked
+candidates. :func:`decode` picks one candidate per cluster by iterated conditional modes:
+
+1. start from every cluster's first candidate;
+2. run the language model over the traffic as currently decoded and read, at every occurrence, the log-probability
+   of each of its cluster's candidates given the decoded left context;
+3. a cluster's score for candidate j is the sum of those log-probabilities over its occurrences plus log pi_j, where
+   pi is the probability that the per-token attack's rank j is right; pi is not known to the attacker, so it is
+   fitted by EM on the traffic itself (the posterior over each cluster's candidates, averaged), starting from a
+   geometric prior that trusts the per-token ranking;
+4. every cluster takes its best candidate (with ``distinct``, clusters that are different obfuscated ids get
+   different plain tokens: the greedy assignment in order of confidence) and the sweep repeats with the new left
+   contexts.
+
+No ground truth is used anywhere: the rank prior comes from EM, the language model is the public one. The guess is
+only as good as the candidate lists (a token not among its cluster's candidates cannot be decoded), so a per-token
+attack's top-k is the ceiling, and the decoder's gain is measured against its top-1 on the same candidates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from aloe import AloeError
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # (B, L) ids -> (B, L, V) next-token logits
+
+
+def _continuation_logprob(lp_cont: torch.Tensor, cont: torch.Tensor, first: torch.Tensor | None) -> torch.Tensor:
+    """Sum of the log-probabilities of ``cont`` (N, T): ``first`` (N, V) predicts its first id (None: no left
+    context, the first id costs nothing) and ``lp_cont`` (N, T, V) row t predicts id t + 1."""
+    tot = lp_cont[:, :-1].gather(2, cont[:, 1:, None])[:, :, 0].sum(1)
+    if first is not None:
+        tot = tot + first.gather(1, cont[:, :1])[:, 0]
+    return tot
+
+
+class LogitsScorer:
+    """Scores continuations with a plain logits function (recomputes the left context for every candidate)."""
+
+    def __init__(self, logits: LogitsFn):
+        self.logits = logits
+
+    @torch.no_grad()
+    def __call__(self, left: torch.Tensor, cont: torch.Tensor) -> torch.Tensor:
+        """(B, k): log p(cont[b, j] | left[b]) for ``left`` (B, nl) and ``cont`` (B, k, T)."""
+        B, k, T = cont.shape
+        nl = left.shape[1]
+        ids = torch.cat([left[:, None, :].expand(B, k, nl), cont], 2).reshape(B * k, nl + T)
+        lp = torch.log_softmax(self.logits(ids).float(), -1)
+        first = lp[:, nl - 1] if nl else None
+        return _continuation_logprob(lp[:, nl:], cont.reshape(B * k, T), first).reshape(B, k)
+
+
+class CausalLM:
+    """The public causal language model (fp32, eval, CPU) as a continuation scorer: the left context runs once per
+    occurrence and its key/value cache is shared by the k candidates."""
+
+    def __init__(self, model_dir):
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+
+    @torch.no_grad()
+    def __call__(self, left: torch.Tensor, cont: torch.Tensor) -> torch.Tensor:
+        B, k, T = cont.shape
+        flat = cont.reshape(B * k, T)
+        if left.shape[1] == 0:
+            lp = torch.log_softmax(self.model(input_ids=flat).logits.float(), -1)
+            return _continuation_logprob(lp, flat, None).reshape(B, k)
+        out = self.model(input_ids=left, use_cache=True, logits_to_keep=1)
+        first = torch.log_softmax(out.logits[:, -1].float(), -1).repeat_interleave(k, 0)
+        cache = out.cache
+        cache.batch_repeat_interleave(k)
+        lp = torch.log_softmax(self.model(input_ids=flat, cache=cache).logits.float(), -1)
+        return _continuation_logprob(lp, flat, first).reshape(B, k)
+
+
+@dataclass
+class Doc:
+    """One stretch of traffic: at each position a plain id seen in clear (``known`` >= 0, ``occurrence`` -1) or an
+    occurrence of an unknown token (``known`` -1, ``occurrence`` its index into the labels)."""
+
+    known: np.ndarray
+    occurrence: np.ndarray
+
+    @classmethod
+    def unknown(cls, occurrences: np.ndarray) -> Doc:
+        occ = np.asarray(occurrences, dtype=np.int64)
+        return cls(-np.ones(len(occ), dtype=np.int64), occ)
+
+    @classmethod
+    def from_ids(cls, ids: np.ndarray, visible: np.ndarray, start: int) -> tuple[Doc, np.ndarray]:
+        """The doc of a stream of ids whose ``visible`` ones (fixed ids) are seen in clear; the others are numbered
+        as occurrences from ``start``. Returns the doc and the ids of its occurrences, in order."""
+        ids = np.asarray(ids, dtype=np.int64)
+        clear = np.isin(ids, visible)
+        occ = -np.ones(len(ids), dtype=np.int64)
+        occ[~clear] = start + np.arange(int((~clear).sum()))
+        return cls(np.where(clear, ids, -1), occ), ids[~clear]
+
+
+@torch.no_grad()
+def occurrence_logprobs(lm, docs: list[Doc], decoded: np.ndarray, cand_occ: np.ndarray, context: int = 16,
+                        right: int = 2, batch: int = 64, active: np.ndarray | None = None) -> np.ndarray:
+    """(m, k): log-probability of the text around each occurrence with each of its candidates in its place, the
+    rest as currently ``decoded`` (plain id per occurrence): the candidate given up to ``context`` positions before
+    it, plus the next ``right`` positions given it (so the tokens after an occurrence vote on it too). ``lm`` is a
+    continuation scorer (:class:`CausalLM`, :class:`LogitsScorer`). Candidates -1 get -inf; occurrences outside
+    ``active`` (a mask, default all) are not scored (0)."""
+    m, k = cand_occ.shape
+    out = np.where(cand_occ >= 0, 0.0, -np.inf)
+    groups: dict[tuple[int, int], list[tuple[int, np.ndarray, np.ndarray]]] = {}
+    for doc in docs:
+        occ = doc.occurrence
+        seq = np.where(occ >= 0, decoded[np.maximum(occ, 0)], doc.known)
+        for pos in np.flatnonzero(occ >= 0):
+            if active is not None and not active[occ[pos]]:
+                continue
+            left, after = seq[max(0, pos - context):pos], seq[pos + 1:pos + 1 + right]
+            groups.setdefault((len(left), len(after)), []).append((int(occ[pos]), left, after))
+    for (nl, nr), items in groups.items():
+        if nl + nr == 0:  # a doc of one occurrence: nothing to condition on
+            continue
+        for s in range(0, len(items), batch):
+            part = items[s:s + batch]
+            occs = np.array([o for o, _, _ in part])
+            c = cand_occ[occs]                                             # (b, k)
+            left = torch.as_tensor(np.array([x for _, x, _ in part], dtype=np.int64).reshape(len(part), nl))
+            cont = np.empty((len(part), k, 1 + nr), dtype=np.int64)
+            cont[:, :, 0] = np.maximum(c, 0)
+            cont[:, :, 1:] = np.array([a for _, _, a in part], dtype=np.int64).reshape(len(part), 1, nr)
+            score = lm(left, torch.as_tensor(cont)).double().numpy()
+            out[occs] = np.where(c >= 0, score, -np.inf)
+    return out
+
+
+def _rank_prior_em(S: np.ndarray, valid: np.ndarray, prior: np.ndarray, iters: int = 50) -> np.ndarray:
+    """Fit pi (the chance that rank j is right) by EM: posterior over each cluster's candidates, averaged."""
+    for _ in range(iters):
+        logit = np.where(valid, S + np.log(prior)[None, :], -np.inf)
+        logit -= logit.max(1, keepdims=True)
+        post = np.exp(logit)
+        post /= post.sum(1, keepdims=True)
+        new = post.mean(0) + 1e-6
+        new /= new.sum()
+        if np.abs(new - prior).max() < 1e-7:
+            return new
+        prior = new
+    return prior
+
+
+def _assign(score: np.ndarray, cand: np.ndarray, valid: np.ndarray, distinct: bool) -> np.ndarray:
+    """Each cluster's choice (column of ``cand``): its best, or with ``distinct`` the greedy one-to-one assignment
+    in order of each cluster's margin between its best and second-best candidate."""
+    s = np.where(valid, score, -np.inf)
+    best = np.argmax(s, 1)
+    if not distinct:
+        return best
+    top2 = np.sort(s, 1)[:, ::-1]
+    margin = top2[:, 0] - (top2[:, 1] if s.shape[1] > 1 else -np.inf)
+    margin = np.where(np.isfinite(margin), margin, np.inf)
+    taken: set[int] = set()
+    choice = best.copy()
+    for c in np.argsort(-margin, kind="stable"):
+        for j in np.argsort(-s[c], kind="stable"):
+            if not valid[c, j]:
+                break
+            if int(cand[c, j]) not in taken:
+                choice[c] = j
+                taken.add(int(cand[c, j]))
+                break
+    return choice
+
+
+def decode(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray, sweeps: int = 8,
+           distinct: bool = False, prior_decay: float = 0.5, step: float = 0.25, context: int = 16, right: int = 2,
+           progress=None) -> dict:
+    """Decode the traffic: ``labels`` (m,) the cluster of each occurrence, ``cand`` (n, k) each cluster's ranked
+    plain candidates (-1: none). Each sweep scores the candidates of the clusters still in doubt against the text as
+    currently decoded, and moves the ``step`` share of the occurring clusters whose score gains most (the
+    contexts are those of the last sweep, so moving every cluster at once makes neighbours chase each other); a
+    cluster whose runner-up is e^-12 behind is settled and no longer scored. The rank prior is fitted by EM on the
+    first sweep. Returns the ranked candidates (n, k) per cluster after decoding (the chosen one first, then the
+    others by score), the rank prior and, per sweep, the share of occurring clusters that moved."""
+    labels = np.asarray(labels, dtype=np.int64)
+    cand = np.asarray(cand, dtype=np.int64)
+    n, k = cand.shape
+    if len(labels) and (labels.min() < 0 or labels.max() >= n):
+        raise AloeError("every occurrence needs the index of its cluster's candidates")
+    valid = cand >= 0
+    seen = np.zeros(len(labels), dtype=bool)
+    for doc in docs:
+        if len(doc.known) != len(doc.occurrence):
+            raise AloeError("a decoding doc needs one known id or one occurrence per position")
+        seen[doc.occurrence[doc.occurrence >= 0]] = True
+    if not seen.all():
+        raise AloeError(f"{int((~seen).sum())} occurrences are in no doc")
+    if not valid[labels, 0].all():
+        raise AloeError("every occurring cluster needs at least one candidate")
+    prior = prior_decay ** np.arange(k, dtype=np.float64)
+    prior /= prior.sum()
+    # only the clusters that occur are decoded (and fit the prior); the others keep their ranking
+    rows, local = np.unique(labels, return_inverse=True)
+    c_rows, v_rows = cand[rows], valid[rows]
+    choice = np.zeros(len(rows), dtype=np.int64)
+    doubt = v_rows.sum(1) > 1
+    S = np.zeros((len(rows), k))
+    moved = []
+    for sweep in range(sweeps):
+        if not doubt.any():
+            break
+        decoded = c_rows[local, choice[local]]
+        lp = occurrence_logprobs(lm, docs, decoded, cand[labels], context, right, active=doubt[local])
+        fresh = np.zeros((len(rows), k))
+        np.add.at(fresh, local, lp)
+        S[doubt] = fresh[doubt]
+        if sweep == 0:
+            prior = _rank_prior_em(S, v_rows, prior)
+        score = np.where(v_rows, S + np.log(prior)[None, :], -np.inf)
+        best = np.argmax(score, 1)
+        gain = score[np.arange(len(rows)), best] - score[np.arange(len(rows)), choice]
+        movers = np.flatnonzero(gain > 1e-9)
+        movers = movers[np.argsort(-gain[movers], kind="stable")][:max(1, int(np.ceil(step * len(rows))))]
+        choice[movers] = best[movers]
+        moved.append(float(len(movers) / len(rows)))
+        top2 = np.sort(score, 1)[:, ::-1]
+        doubt = (v_rows.sum(1) > 1) & ~((top2[:, 0] - top2[:, 1] > 12) & (best == choice))
+        if progress is not None:
+            progress.update(1)
+        if not len(movers):
+            break
+    score = np.where(v_rows, S + np.log(prior)[None, :], -np.inf)
+    if distinct:
+        choice = _assign(score, c_rows, v_rows, True)
+    score[np.arange(len(rows)), choice] = np.inf
+    out = cand.copy()
+    out[rows] = np.take_along_axis(c_rows, np.argsort(-score, 1, kind="stable"), 1)
+    return {"candidates": out, "rank_prior": prior.tolist(), "moved": moved, "sweeps": len(moved),
+            "decoded_clusters": int(len(rows))}
+
+
+def traffic_docs(streams: list[np.ndarray], rows: dict[int, int], visible: np.ndarray, min_run: int = 2
+                 ) -> tuple[list[Doc], np.ndarray]:
+    """Docs of token-id traffic (each stream a request or a stretch of the victim's stream, in obfuscated ids):
+    ``visible`` ids are seen in clear, every other id is an occurrence of the cluster ``rows[id]``. Where an id has
+    no cluster (the per-token attack did not rank it) the stream is cut there, and the runs of at least ``min_run``
+    positions are kept. Returns the docs and the cluster of every occurrence."""
+    docs, labels = [], []
+    for s in streams:
+        s = np.asarray(s, dtype=np.int64)
+        ok = np.isin(s, visible) | np.isin(s, np.fromiter(rows, dtype=np.int64, count=len(rows)))
+        cuts = np.flatnonzero(np.diff(np.concatenate([[0], ok.astype(np.int8), [0]])))
+        for lo, hi in zip(cuts[::2], cuts[1::2]):
+            if hi - lo < min_run:
+                continue
+            doc, occ_ids = Doc.from_ids(s[lo:hi], visible, sum(len(x) for x in labels))
+            docs.append(doc)
+            labels.append(np.array([rows[int(o)] for o in occ_ids], dtype=np.int64))
+    return docs, (np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64))
+
+
+def attack(t, guess, obf_prompts: list[np.ndarray], obf_stream: np.ndarray, progress=None):
+    """Token-id serving: decode the victim's traffic as the server receives it (its prompts, and the first
+    ``budget.decode_stream`` ids of its stream in chunks of 512) over the candidates of a per-id guess
+    (:class:`~aloe.attacks.scoring.IdGuess`), the public model as the language prior, one plain token per
+    obfuscated id (``distinct``). Ids that do not occur keep the per-id ranking."""
+    from aloe.attacks.scoring import IdGuess
+
+    rows = {int(o): i for i, o in enumerate(guess.obf_ids)}
+    stream, chunk = np.asarray(obf_stream)[:t.budget.decode_stream], 512
+    streams = [*obf_prompts, *(stream[i:i + chunk] for i in range(0, len(stream), chunk))]
+    docs, labels = traffic_docs(streams, rows, t.fixed_ids)
+    out = decode(CausalLM(t.plain_dir), docs, labels, guess.candidates, distinct=True, progress=progress)
+    base = np.asarray(guess.candidates)[:, 0]
+    return IdGuess(guess.obf_ids, out["candidates"], uniform=guess.uniform,
+                   extra={"per_id_pred": base, "decoded_clusters": out["decoded_clusters"],
+                          "decoded_occurrences": int(len(labels)), "sweeps": out["sweeps"],
+                          "moved_per_sweep": out["moved"], "rank_prior_top3": out["rank_prior"][:3]})
