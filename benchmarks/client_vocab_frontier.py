@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from aloe.assets.cache import atomic_write_json, atomic_write_text  # noqa: E402
 from aloe.attacks.common import Budget, Target  # noqa: E402
+from aloe.attacks.decoding import decode_linked  # noqa: E402
 from aloe.attacks.occurrence import attack_linked, attack_vectors, score_links, score_occurrences  # noqa: E402
 from aloe.attacks.suite import texts_for  # noqa: E402
 from aloe.obfuscation.client_vocab import ClientVocabulary, split_vocabulary, with_occurrence_noise  # noqa: E402
@@ -69,11 +70,12 @@ def fidelity(model: Path, alpha: float, paths, tokens: int, prompts: int, new_to
     return fid
 
 
-def attacks(model: Path, alpha: float, paths, stream_tokens: int, show: bool) -> dict:
+def attacks(model: Path, alpha: float, paths, stream_tokens: int, decode_tokens: int, show: bool) -> dict:
     """Every family on one draw of the occurrence vectors: each vector alone, and the stream-level attacker that
     links the occurrences of one token first, over the prompts alone and over the prompts sent among
     ``stream_tokens`` tokens of other traffic (the first tokens of the suite's stream text, each with its own
-    fresh noise; scored on the prompt occurrences)."""
+    fresh noise; scored on the prompt occurrences); then that attacker's clusters decoded as text with the public
+    model as the language prior, over the prompts and the first ``decode_tokens`` of the other traffic."""
     _, secret, server, client_file = paths
     t1 = time.perf_counter()
     target = Target(model, server, Budget())
@@ -96,6 +98,14 @@ def attacks(model: Path, alpha: float, paths, stream_tokens: int, show: bool) ->
                                     **score_links(both["labels"][:m], toks), stream_tokens=int(len(extra)),
                                     all_occurrence_recovery=float((both["candidates"][:, 0] ==
                                                                    np.concatenate([toks, extra])).mean()))
+        if decode_tokens > 0:
+            n_dec = len(toks) + min(decode_tokens, len(extra))
+            lengths = [int((~np.isin(p, target.fixed_ids)).sum()) for p in texts.prompts]
+            chunks = [min(512, n_dec - s) for s in range(len(toks), n_dec, 512)]
+            dec = decode_linked(model, lengths + chunks, both["labels"][:n_dec], both["cluster_candidates"],
+                                tqdm(desc="decoding", disable=not show, leave=False))
+            out["decoded_stream"] = dict(score_occurrences(dec.pop("candidates")[:len(toks)], toks),
+                                         decoded_tokens=int(n_dec - len(toks)), **dec)
     out["seconds"] = time.perf_counter() - t1
     out["texts"] = texts.source
     return out
@@ -108,11 +118,12 @@ def pct(x: float) -> str:
 def write_report(state: dict) -> None:
     rows = ["| occurrence noise alpha | ppl ratio | top-1 agree | greedy agree (prompts exact) | IA | states | "
             "IA + states | linked: prompts (pairs linked: recall / precision) | linked: among other traffic | "
-            "goal met |", "|---|---|---|---|---|---|---|---|---|---|"]
+            "linked among other traffic, decoded with the language prior (top-10 of the linked attack) | "
+            "goal met |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(state["points"], key=float):
         e = state["points"][key]
         f, a = e["fidelity"], e["attacks"]
-        fams = [fam for fam in (*FAMILIES, "linked_stream") if fam in a]
+        fams = [fam for fam in (*FAMILIES, "linked_stream", "decoded_stream") if fam in a]
         worst = max(a[fam]["occurrence_recovery"] for fam in fams)
         met = f["ppl_ratio"] <= 1.10 and f["greedy_agreement"] >= 0.80 and worst <= 0.05
         rows.append(f"| {e['alpha']} | {f['ppl_ratio']:.3f} | {f['top1_agreement']:.3f} | "
@@ -123,6 +134,10 @@ def write_report(state: dict) -> None:
                     + (f" | {pct(a['linked_stream']['occurrence_recovery'])} (+{a['linked_stream']['stream_tokens']:,} "
                        f"tokens; {pct(a['linked_stream']['link_recall'])} / "
                        f"{pct(a['linked_stream']['link_precision'])})" if "linked_stream" in a else " | –")
+                    + (f" | {pct(a['decoded_stream']['occurrence_recovery'])} "
+                       f"(+{a['decoded_stream']['decoded_tokens']:,} tokens; "
+                       f"{pct(a['linked_stream']['occurrence_recovery_top10'])})"
+                       if "decoded_stream" in a else " | –")
                     + f" | {'yes' if met else 'no'} |")
     md = ["# Client-held vocabulary with fresh per-occurrence noise (SmolLM2-135M-Instruct)", "",
           "Produced by `python benchmarks/client_vocab_frontier.py " + " ".join(state.get("command", [])) + "`.", "",
@@ -134,7 +149,11 @@ def write_report(state: dict) -> None:
           "cluster's mean (`aloe.attacks.occurrence.attack_linked`); in brackets the share of same-token pairs it "
           "linked and the share of its links that are right. Among other traffic: the same prompts sent among "
           "the first tokens of the Lee background text, each with fresh noise, all linked together (scored on the "
-          "prompt occurrences). Every family of a row is measured on one draw of the vectors. Goal: ppl ratio "
+          "prompt occurrences). Decoded: those clusters read as text, the public model as the language prior "
+          "(`aloe.attacks.decoding`: each cluster picks among its 10 candidates by the log-probability of the text "
+          "around its occurrences, over the prompts and the first tokens of the other traffic); in brackets the "
+          "share of prompt occurrences whose token is among the linked attack's 10 candidates, the decoder's "
+          "ceiling. Every family of a row is measured on one draw of the vectors. Goal: ppl ratio "
           "<= 1.10, greedy >= 0.80, every attack <= 5%.", "", *rows, ""]
     atomic_write_text(RESULTS / "client_vocab_frontier.md", "\n".join(md))
 
@@ -147,11 +166,12 @@ def write_plot(state: dict) -> None:
 
     pts = sorted(state["points"].values(), key=lambda e: e["alpha"])
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for fam, marker in zip((*FAMILIES, "linked_stream"), "os^Dv"):
+    for fam, marker in zip((*FAMILIES, "linked_stream", "decoded_stream"), "os^Dv*"):
         have = [e for e in pts if fam in e["attacks"]]
         ax.plot([100 * e["attacks"][fam]["occurrence_recovery"] for e in have],
                 [e["fidelity"]["ppl_ratio"] for e in have], marker=marker,
-                label={"linked": "linked (cluster means)", "linked_stream": "linked among other traffic"}.get(fam, fam))
+                label={"linked": "linked (cluster means)", "linked_stream": "linked among other traffic",
+                       "decoded_stream": "linked + language prior"}.get(fam, fam))
     for e in pts:
         ax.annotate(f"alpha {e['alpha']}", (100 * e["attacks"]["combined"]["occurrence_recovery"],
                                             e["fidelity"]["ppl_ratio"]), fontsize=7, xytext=(3, 3),
@@ -177,13 +197,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fidelity-new-tokens", type=int, default=64)
     ap.add_argument("--stream-tokens", type=int, default=4000,
                     help="tokens of other traffic the prompts are linked among (0: the prompts alone)")
+    ap.add_argument("--decode-tokens", type=int, default=2000,
+                    help="tokens of the other traffic decoded with the prompts by the language-prior decoder "
+                         "(0: no decoding)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if any(not a >= 0 for a in args.alphas):
         ap.error("every alpha must be >= 0")
-    if args.stream_tokens < 0:
-        ap.error("--stream-tokens must be >= 0")
+    if args.stream_tokens < 0 or args.decode_tokens < 0:
+        ap.error("--stream-tokens and --decode-tokens must be >= 0")
     torch.set_num_threads(max(1, args.threads))
     from aloe.obfuscation.commands import resolve_model
 
@@ -197,13 +220,14 @@ def main(argv: list[str] | None = None) -> int:
         e = state["points"].get(key)
         need = "linked_stream" if args.stream_tokens > 0 else "linked"
         if e is not None and need in e["attacks"] and (
-                need == "linked" or e["attacks"][need]["stream_tokens"] >= args.stream_tokens):
+                need == "linked" or e["attacks"][need]["stream_tokens"] >= args.stream_tokens) and (
+                need == "linked" or args.decode_tokens == 0 or "decoded_stream" in e["attacks"]):
             continue
         if e is None:  # a point measured before the stream-level attack keeps its fidelity, its attacks are redone
             e = {"alpha": alpha, "shape": SHAPE, "fidelity": fidelity(model, alpha, paths, args.fidelity_tokens,
                                                                        args.fidelity_prompts,
                                                                        args.fidelity_new_tokens, show)}
-        e["attacks"] = attacks(model, alpha, paths, args.stream_tokens, show)
+        e["attacks"] = attacks(model, alpha, paths, args.stream_tokens, args.decode_tokens, show)
         state["points"][key] = e
         atomic_write_json(PATH, state)
         write_report(state)

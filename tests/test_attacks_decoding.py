@@ -117,3 +117,19 @@ def test_the_model_scorer_shares_the_left_context_and_matches_a_full_recompute(t
     for nl in (0, 1, 7):
         left, cont = torch.randint(0, 97, (3, nl), generator=g), torch.randint(0, 97, (3, 4, 3), generator=g)
         assert torch.allclose(lm(left, cont), full(left, cont), atol=1e-4)
+
+
+def test_linked_occurrences_are_decoded_per_doc_and_keep_their_cluster_candidates(tmp_path):
+    from aloe.attacks.decoding import decode_linked
+    from obfuscation_helpers import tiny_model
+
+    d = tiny_model("llama-gqa-tied", tmp_path / "plain")
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 6, size=20)
+    cand = np.stack([rng.choice(97, size=4, replace=False) for _ in range(8)])  # clusters 6, 7 never occur
+    out = decode_linked(d, [5, 0, 15], labels, cand)
+    assert out["candidates"].shape == (20, 4) and out["decoded_clusters"] == len(np.unique(labels))
+    for row, c in zip(out["candidates"], labels):
+        assert sorted(row) == sorted(cand[c])
+    with pytest.raises(AloeError, match="add up"):
+        decode_linked(d, [5, 5], labels, cand)

@@ -291,3 +291,18 @@ def attack(t, guess, obf_prompts: list[np.ndarray], obf_stream: np.ndarray, prog
                    extra={"per_id_pred": base, "decoded_clusters": out["decoded_clusters"],
                           "decoded_occurrences": int(len(labels)), "sweeps": out["sweeps"],
                           "moved_per_sweep": out["moved"], "rank_prior_top3": out["rank_prior"][:3]})
+
+
+def decode_linked(model_dir, lengths: list[int], labels: np.ndarray, cand: np.ndarray, progress=None) -> dict:
+    """Client-held vocabulary: decode linked occurrence vectors (:func:`aloe.attacks.occurrence.attack_linked`'s
+    ``labels`` and ``cluster_candidates``) sent in docs of consecutive ``lengths``, the public model as the language
+    prior. Clusters may share a token (one token's occurrences can fall in two clusters). Returns the ranked
+    candidates (m, k) of every occurrence and the decoder's record."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if sum(lengths) != len(labels):
+        raise AloeError("the doc lengths must add up to the number of occurrences")
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    docs = [Doc.unknown(np.arange(s, s + n)) for s, n in zip(starts, lengths) if n]
+    out = decode(CausalLM(model_dir), docs, labels, cand, progress=progress)
+    return {"candidates": out["candidates"][labels], "sweeps": out["sweeps"], "moved_per_sweep": out["moved"],
+            "rank_prior_top3": out["rank_prior"][:3], "decoded_clusters": out["decoded_clusters"]}

@@ -140,7 +140,7 @@ def attack_linked(t: Target, vectors: torch.Tensor, alpha: float, shape: str = "
     :func:`link_threshold`), average each cluster, and read every mean with the ``combined`` occurrence attack at the
     noise level left after averaging (alpha / sqrt(size), clusters grouped by size 1, 2, 3-4, 5-8, 9+, each group
     read at its smallest size's level). Returns the ranked candidates (m, topk) of every occurrence, its cluster
-    labels and the calibration."""
+    labels, each cluster's candidates and the calibration."""
     vectors = vectors.float()
     cal = link_threshold(t, alpha, shape)
     labels = link_occurrences(vectors, cal["threshold"])
@@ -154,7 +154,7 @@ def attack_linked(t: Target, vectors: torch.Tensor, alpha: float, shape: str = "
         if len(group):
             cand[group] = attack_vectors(t, means[torch.as_tensor(group)], alpha / np.sqrt(lo), shape,
                                          progress)["combined"]
-    return {"candidates": cand[labels], "labels": labels, "clusters": n, **cal}
+    return {"candidates": cand[labels], "cluster_candidates": cand, "labels": labels, "clusters": n, **cal}
 
 
 def score_links(labels: np.ndarray, truth: np.ndarray) -> dict:
