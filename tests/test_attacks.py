@@ -138,6 +138,7 @@ def test_decoding_the_traffic_reorders_the_learned_candidates_of_every_id_it_see
     # model
     assert 2000 <= d["decoded_occurrences"] < 2100 and d["decoded_clusters"] >= 50 and 1 <= d["sweeps"] <= 8
     assert d["per_id_token_recovery"] == r["learned"]["token_recovery"]
+    assert d["per_id_prompt_token_recovery"] == r["learned"]["prompt_token_recovery"]
     # decoding reorders each id's candidates and adds none (the synthetic ids carry no language, so the random
     # model's order is no better than the matcher's: the gain is measured on SmolLM2 in benchmarks/privacy_full.py)
     for key in ("token_recovery_top5", "prompt_token_recovery_top5"):
