@@ -77,7 +77,8 @@ PROFILES: dict[str, Profile] = {
         description="the paper's default working point (lambda 0.3, h 128, alpha_e 1.0, alpha_h 0.2, beta 8, "
                     "gamma 1e3) with its approximate norm; small models lose accuracy at alpha_e = 1.0.",
         protects="the table attacks (on SmolLM2 at the full attack budget NN 0%, IA 1.2%, VMA 2.3%) but not a "
-                 "server that learns the map (the learned matcher reads 67% of the vocabulary), at a cost that "
+                 "server that learns the map (the learned matcher reads 67% of the vocabulary, and 91% of the "
+                 "tokens of real prompts once its guesses are decoded as text), at a cost that "
                  "destroys a small model (SmolLM2: perplexity x130-220).",
     ),
     "balanced": Profile(
