@@ -102,8 +102,8 @@ def attacks(model: Path, alpha: float, paths, stream_tokens: int, decode_tokens:
             n_dec = len(toks) + min(decode_tokens, len(extra))
             lengths = [int((~np.isin(p, target.fixed_ids)).sum()) for p in texts.prompts]
             chunks = [min(512, n_dec - s) for s in range(len(toks), n_dec, 512)]
-            dec = decode_linked(model, lengths + chunks, both["labels"][:n_dec], both["cluster_candidates"],
-                                tqdm(desc="decoding", disable=not show, leave=False))
+            with tqdm(desc="decoding", unit="sweep", disable=not show, leave=False) as bar:
+                dec = decode_linked(model, lengths + chunks, both["labels"][:n_dec], both["cluster_candidates"], bar)
             out["decoded_stream"] = dict(score_occurrences(dec.pop("candidates")[:len(toks)], toks),
                                          decoded_tokens=int(n_dec - len(toks)), **dec)
     out["seconds"] = time.perf_counter() - t1

@@ -9,18 +9,20 @@ any per-token attack that ranks candidates.
 The traffic is a list of :class:`Doc` (one per request or stream chunk): at each position either a plain token the
 server sees in clear (fixed ids) or an occurrence of an unknown token, and every occurrence belongs to a cluster
 (all occurrences of one obfuscated id, or one cluster of linked vectors) with the per-token attack's ranked
-candidates. :func:`decode` picks one candidate per cluster by iterated conditional modes:
+candidates. :func:`decode` picks one candidate per cluster by damped iterated conditional modes:
 
 1. start from every cluster's first candidate;
-2. run the language model over the traffic as currently decoded and read, at every occurrence, the log-probability
-   of each of its cluster's candidates given the decoded left context;
+2. at every occurrence, score each of its cluster's candidates with the language model against the traffic as
+   currently decoded: the candidate given the positions before it, plus the positions after it given the
+   candidate;
 3. a cluster's score for candidate j is the sum of those log-probabilities over its occurrences plus log pi_j, where
    pi is the probability that the per-token attack's rank j is right; pi is not known to the attacker, so it is
-   fitted by EM on the traffic itself (the posterior over each cluster's candidates, averaged), starting from a
-   geometric prior that trusts the per-token ranking;
-4. every cluster takes its best candidate (with ``distinct``, clusters that are different obfuscated ids get
-   different plain tokens: the greedy assignment in order of confidence) and the sweep repeats with the new left
-   contexts.
+   fitted by EM on the first sweep's scores (the posterior over each cluster's candidates, averaged), starting from
+   a geometric prior that trusts the per-token ranking;
+4. the share of clusters whose best candidate gains most over their current one move to it (moving all at once
+   against contexts of the last sweep makes neighbours chase each other), and the sweep repeats; clusters whose
+   runner-up is far behind are settled and no longer scored. With ``distinct`` (clusters that are different
+   obfuscated ids), the final choice is one-to-one: the greedy assignment in order of confidence.
 
 No ground truth is used anywhere: the rank prior comes from EM, the language model is the public one. The guess is
 only as good as the candidate lists (a token not among its cluster's candidates cannot be decoded), so a per-token
@@ -164,13 +166,12 @@ def _rank_prior_em(S: np.ndarray, valid: np.ndarray, prior: np.ndarray, iters: i
     return prior
 
 
-def _assign(score: np.ndarray, cand: np.ndarray, valid: np.ndarray, distinct: bool) -> np.ndarray:
-    """Each cluster's choice (column of ``cand``): its best, or with ``distinct`` the greedy one-to-one assignment
-    in order of each cluster's margin between its best and second-best candidate."""
+def _distinct_assignment(score: np.ndarray, cand: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Each cluster's choice (column of ``cand``) such that no two clusters take one plain token: greedy, in order of
+    each cluster's margin between its best and second-best candidate (a cluster whose candidates are all taken
+    keeps its best)."""
     s = np.where(valid, score, -np.inf)
     best = np.argmax(s, 1)
-    if not distinct:
-        return best
     top2 = np.sort(s, 1)[:, ::-1]
     margin = top2[:, 0] - (top2[:, 1] if s.shape[1] > 1 else -np.inf)
     margin = np.where(np.isfinite(margin), margin, np.inf)
@@ -246,7 +247,7 @@ def decode(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray, sweeps: in
             break
     score = np.where(v_rows, S + np.log(prior)[None, :], -np.inf)
     if distinct:
-        choice = _assign(score, c_rows, v_rows, True)
+        choice = _distinct_assignment(score, c_rows, v_rows)
     score[np.arange(len(rows)), choice] = np.inf
     out = cand.copy()
     out[rows] = np.take_along_axis(c_rows, np.argsort(-score, 1, kind="stable"), 1)
@@ -286,9 +287,8 @@ def attack(t, guess, obf_prompts: list[np.ndarray], obf_stream: np.ndarray, prog
     streams = [*obf_prompts, *(stream[i:i + chunk] for i in range(0, len(stream), chunk))]
     docs, labels = traffic_docs(streams, rows, t.fixed_ids)
     out = decode(CausalLM(t.plain_dir), docs, labels, guess.candidates, distinct=True, progress=progress)
-    base = np.asarray(guess.candidates)[:, 0]
     return IdGuess(guess.obf_ids, out["candidates"], uniform=guess.uniform,
-                   extra={"per_id_pred": base, "decoded_clusters": out["decoded_clusters"],
+                   extra={"decoded_clusters": out["decoded_clusters"],
                           "decoded_occurrences": int(len(labels)), "sweeps": out["sweeps"],
                           "moved_per_sweep": out["moved"], "rank_prior_top3": out["rank_prior"][:3]})
 

@@ -118,8 +118,9 @@ def run(target: Target, names: list[str], tau: np.ndarray, texts: Texts, progres
                 learned_guess = learned.attack(target, received, pr)
             res = score_ids(decoding.attack(target, learned_guess, obf_prompts, tau[texts.stream], pr), tau,
                             texts.prompts, fixed)
-            res["per_id_prompt_token_recovery"] = score_ids(learned_guess, tau, texts.prompts,
-                                                            fixed)["prompt_token_recovery"]
+            per_id = score_ids(learned_guess, tau, texts.prompts, fixed)  # the matcher's own figures, same run
+            res["per_id_token_recovery"] = per_id["token_recovery"]
+            res["per_id_prompt_token_recovery"] = per_id["prompt_token_recovery"]
         elif name == "tfma":
             from aloe.attacks import tfma
 
