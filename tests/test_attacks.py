@@ -224,6 +224,15 @@ def test_tfma_recovers_the_frequent_tokens_of_a_stream():
     assert r["token_recovery_top3"] >= r["token_recovery"]
 
 
+def test_sda_in_the_suite_reads_the_head_of_the_victims_stream_from_ciphertext_alone(plain_dir, weak):
+    r = attack(plain_dir, weak, ["tfma", "sda"], sda_steps=60, sda_ranks=32)
+    sda, tfma_ = r["sda"], r["tfma"]
+    assert sda["prior"] == "same distribution" and sda["classes"] > 10 and sda["steps"] == 60
+    assert sda["candidates"] == 97 and sda["queries"] == 95
+    # iid Zipf ids: no context to use, the ranks alone carry the head of the stream
+    assert sda["prompt_token_recovery"] > 0.3 and sda["prompt_token_recovery"] >= tfma_["prompt_token_recovery"] - 0.1
+
+
 def test_scoring_counts_exactly_and_ignores_fixed_ids():
     tau = np.array([0, 3, 1, 2])                                 # id 0 fixed
     guess = IdGuess(np.array([1, 2, 3]), np.array([[2, 0], [0, 3], [1, 2]]),
@@ -256,10 +265,12 @@ def test_cli_prints_every_attack_in_json(plain_dir, weak, capsys, tmp_path):
     secret = obf.parent / "secret.json"
     argv = ["attack", "all", "--model", str(plain_dir), "--obfuscated", str(obf), "--secret", str(secret),
             "--columns", "32", "--isa-steps", "5", "--ima-steps", "5", "--ima-tokens", "256", "--sequences", "1",
-            "--seq-len", "6", "--tfma-tokens", "500", "--isa-shortlist", "8", "--learned-steps", "5", "--json"]
+            "--seq-len", "6", "--tfma-tokens", "500", "--isa-shortlist", "8", "--learned-steps", "5",
+            "--sda-steps", "3", "--sda-ranks", "16", "--json"]
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {"vma", "ia", "nn", "isa", "ima", "tfma", "behavioural", "anchored", "learned", "decoded"}
+    assert set(out) == {"vma", "ia", "nn", "isa", "ima", "tfma", "sda", "behavioural", "anchored", "learned",
+                        "decoded"}
     for r in out.values():
         assert 0.0 <= r["token_recovery"] <= 1.0 and 0.0 <= r["prompt_token_recovery"] <= 1.0
     other = tmp_path / "other.json"

@@ -15,6 +15,7 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
                   sequences=args.sequences, seq_len=args.seq_len, isa_steps=args.isa_steps, isa_layer=args.isa_layer,
                   isa_shortlist=args.isa_shortlist,
                   ima_tokens=args.ima_tokens, ima_steps=args.ima_steps, tfma_tokens=args.tfma_tokens,
+                  sda_steps=args.sda_steps, sda_ranks=args.sda_ranks,
                   behaviour_rows=args.behaviour_rows, behaviour_queries=args.behaviour_queries,
                   learned_steps=args.learned_steps, learned_state_ids=args.learned_state_ids,
                   learned_draws=args.learned_draws, anchored_contexts=args.anchored_contexts,
@@ -35,6 +36,9 @@ def add_budget_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ima-tokens", type=int, default=4096)
     g.add_argument("--ima-steps", type=int, default=300)
     g.add_argument("--tfma-tokens", type=int, default=20000)
+    g.add_argument("--sda-steps", type=int, default=2000, help="training steps of the SDA translator")
+    g.add_argument("--sda-ranks", type=int, default=1024,
+                   help="frequency ranks SDA encodes one by one (rarer ids: buckets by count)")
     g.add_argument("--behaviour-rows", type=int, default=0, help="single-token contexts per side (0 = queries)")
     g.add_argument("--behaviour-queries", type=int, default=0, help="ids given an input-side pass (0 = queries)")
     g.add_argument("--learned-steps", type=int, default=400, help="training steps of the learned matcher")

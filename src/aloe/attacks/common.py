@@ -33,6 +33,8 @@ class Budget:
     ima_tokens: int = 4096      # public training tokens for the inverter
     ima_steps: int = 300
     tfma_tokens: int = 20000    # length of the victim's obfuscated prompt stream
+    sda_steps: int = 2000       # training steps of the SDA translator
+    sda_ranks: int = 1024       # frequency ranks SDA encodes one by one (rarer ids: buckets by count)
     behaviour_rows: int = 0     # single-token contexts per side for the output side (0 = the queries)
     behaviour_queries: int = 0  # ids given an input-side pass (0 = the queries)
     learned_steps: int = 400    # training steps of the learned matcher

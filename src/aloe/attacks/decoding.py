@@ -166,7 +166,7 @@ def _rank_prior_em(S: np.ndarray, valid: np.ndarray, prior: np.ndarray, iters: i
     return prior
 
 
-def _distinct_assignment(score: np.ndarray, cand: np.ndarray, valid: np.ndarray) -> np.ndarray:
+def distinct_assignment(score: np.ndarray, cand: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Each cluster's choice (column of ``cand``) such that no two clusters take one plain token: greedy, in order of
     each cluster's margin between its best and second-best candidate (a cluster whose candidates are all taken
     keeps its best)."""
@@ -247,7 +247,7 @@ def decode(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray, sweeps: in
             break
     score = np.where(v_rows, S + np.log(prior)[None, :], -np.inf)
     if distinct:
-        choice = _distinct_assignment(score, c_rows, v_rows)
+        choice = distinct_assignment(score, c_rows, v_rows)
     score[np.arange(len(rows)), choice] = np.inf
     out = cand.copy()
     out[rows] = np.take_along_axis(c_rows, np.argsort(-score, 1, kind="stable"), 1)

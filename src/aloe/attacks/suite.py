@@ -15,7 +15,7 @@ from aloe import AloeError
 from aloe.attacks.common import Target
 from aloe.attacks.scoring import score_ids, score_sequences
 
-ATTACKS = ("vma", "ia", "nn", "isa", "ima", "tfma", "behavioural", "anchored", "learned", "decoded")
+ATTACKS = ("vma", "ia", "nn", "isa", "ima", "tfma", "sda", "behavioural", "anchored", "learned", "decoded")
 
 
 @dataclass
@@ -25,8 +25,8 @@ class Texts:
     prompts: list[np.ndarray]       # real prompts the victim sends (scored)
     public: np.ndarray              # attacker's public training text (IMA)
     known: np.ndarray               # victim text whose plaintext the attacker knows (IMA, known-plaintext variant)
-    stream: np.ndarray              # the victim's stream of prompts observed over time (TFMA)
-    prior: np.ndarray               # attacker's prior corpus, same distribution as the stream
+    stream: np.ndarray              # the victim's stream of prompts observed over time (TFMA, SDA)
+    prior: np.ndarray               # attacker's prior corpus, same distribution as the stream (TFMA, SDA)
     prior_cross: np.ndarray | None  # attacker's prior corpus from another distribution
     source: str = ""
 
@@ -131,6 +131,12 @@ def run(target: Target, names: list[str], tau: np.ndarray, texts: Texts, progres
                 cross = score_ids(tfma.attack(tau[texts.stream], texts.prior_cross, target.arch.vocab, fixed, b.topk),
                                   tau, texts.prompts, fixed)
                 res["cross_prior"] = {k: v for k, v in cross.items() if "recovery" in k}
+        elif name == "sda":  # ciphertext only: the stream and the prompts, a translator trained on the prior corpus
+            from aloe.attacks import sda
+
+            res = score_ids(sda.attack([tau[texts.stream], *obf_prompts], texts.prior, target.arch.vocab, fixed,
+                                       b.sda_ranks, b.sda_steps, b.topk, b.rng("sda"), pr), tau, texts.prompts, fixed)
+            res["prior"] = "same distribution"
         elif name == "isa":
             from aloe.attacks import isa
 
