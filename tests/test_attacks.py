@@ -225,12 +225,18 @@ def test_tfma_recovers_the_frequent_tokens_of_a_stream():
 
 
 def test_sda_in_the_suite_reads_the_head_of_the_victims_stream_from_ciphertext_alone(plain_dir, weak):
-    r = attack(plain_dir, weak, ["tfma", "sda"], sda_steps=60, sda_ranks=32)
-    sda, tfma_ = r["sda"], r["tfma"]
+    r = attack(plain_dir, weak, ["tfma", "sda", "sda-decoded"], sda_steps=60, sda_ranks=32, decode_stream=500)
+    sda, tfma_, dec = r["sda"], r["tfma"], r["sda-decoded"]
     assert sda["prior"] == "same distribution" and sda["classes"] > 10 and sda["steps"] == 60
     assert sda["candidates"] == 97 and sda["queries"] == 95
     # iid Zipf ids: no context to use, the ranks alone carry the head of the stream
     assert sda["prompt_token_recovery"] > 0.3 and sda["prompt_token_recovery"] >= tfma_["prompt_token_recovery"] - 0.1
+    # the decoder reuses the SDA guess of the same run, reorders its candidates and adds none
+    assert dec["per_id_token_recovery"] == sda["token_recovery"]
+    assert dec["per_id_prompt_token_recovery"] == sda["prompt_token_recovery"]
+    assert 500 <= dec["decoded_occurrences"] < 600
+    for key in ("token_recovery_top5", "prompt_token_recovery_top5"):
+        assert dec[key] == sda[key]
 
 
 def test_scoring_counts_exactly_and_ignores_fixed_ids():
@@ -270,7 +276,7 @@ def test_cli_prints_every_attack_in_json(plain_dir, weak, capsys, tmp_path):
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"vma", "ia", "nn", "isa", "ima", "tfma", "sda", "behavioural", "anchored", "learned",
-                        "decoded"}
+                        "decoded", "sda-decoded"}
     for r in out.values():
         assert 0.0 <= r["token_recovery"] <= 1.0 and 0.0 <= r["prompt_token_recovery"] <= 1.0
     other = tmp_path / "other.json"

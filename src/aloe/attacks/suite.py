@@ -15,7 +15,8 @@ from aloe import AloeError
 from aloe.attacks.common import Target
 from aloe.attacks.scoring import score_ids, score_sequences
 
-ATTACKS = ("vma", "ia", "nn", "isa", "ima", "tfma", "sda", "behavioural", "anchored", "learned", "decoded")
+ATTACKS = ("vma", "ia", "nn", "isa", "ima", "tfma", "sda", "behavioural", "anchored", "learned", "decoded",
+           "sda-decoded")
 
 
 @dataclass
@@ -85,6 +86,20 @@ def texts_for(target: Target) -> Texts:
     return synthetic_texts(target.arch.vocab, target.fixed_ids, target.budget)
 
 
+def _id_guess(name: str, target: Target, received: np.ndarray, texts: Texts, tau: np.ndarray, progress):
+    """A per-id attack's guess. SDA reads only the traffic (the stream and the prompts, in obfuscated ids) and
+    trains on the prior corpus; the others read the artifact."""
+    if name == "sda":
+        from aloe.attacks import sda
+
+        b = target.budget
+        return sda.attack([tau[texts.stream], *(tau[p] for p in texts.prompts)], texts.prior, target.arch.vocab,
+                          target.fixed_ids, b.sda_ranks, b.sda_steps, b.topk, b.rng("sda"), progress)
+    from importlib import import_module
+
+    return import_module(f"aloe.attacks.{name}").attack(target, received, progress)
+
+
 def run(target: Target, names: list[str], tau: np.ndarray, texts: Texts, progress: bool = True) -> dict:
     bad = [n for n in names if n not in ATTACKS]
     if bad:
@@ -99,26 +114,25 @@ def run(target: Target, names: list[str], tau: np.ndarray, texts: Texts, progres
     vocab_plain = [rng.choice(target.movable_ids, size=b.seq_len) for _ in range(b.sequences)]
     vocab_obf = [tau[s] for s in vocab_plain]
     results: dict[str, dict] = {}
-    learned_guess = None  # shared by "learned" and "decoded" in one run
+    guesses: dict = {}  # per-id guesses, reused by the decoders in the same run
     for name in names:
         t0 = time.perf_counter()
         bar = tqdm(desc=name, disable=not progress, leave=False, unit="step")
         pr = bar if progress else None
-        if name in ("vma", "ia", "nn", "behavioural", "anchored", "learned"):
-            from importlib import import_module
+        if name in ("vma", "ia", "nn", "behavioural", "anchored", "learned", "sda"):
+            guesses[name] = _id_guess(name, target, received, texts, tau, pr)
+            res = score_ids(guesses[name], tau, texts.prompts, fixed)
+            if name == "sda":
+                res["prior"] = "same distribution"
+        elif name in ("decoded", "sda-decoded"):  # a per-id attack's candidates, decoded as text over the traffic
+            from aloe.attacks import decoding
 
-            guess = import_module(f"aloe.attacks.{name}").attack(target, received, pr)
-            res = score_ids(guess, tau, texts.prompts, fixed)
-            if name == "learned":
-                learned_guess = guess
-        elif name == "decoded":  # the learned matcher's candidates, decoded as text over the victim's traffic
-            from aloe.attacks import decoding, learned
-
-            if learned_guess is None:
-                learned_guess = learned.attack(target, received, pr)
-            res = score_ids(decoding.attack(target, learned_guess, obf_prompts, tau[texts.stream], pr), tau,
+            base = "learned" if name == "decoded" else "sda"
+            if base not in guesses:
+                guesses[base] = _id_guess(base, target, received, texts, tau, pr)
+            res = score_ids(decoding.attack(target, guesses[base], obf_prompts, tau[texts.stream], pr), tau,
                             texts.prompts, fixed)
-            per_id = score_ids(learned_guess, tau, texts.prompts, fixed)  # the matcher's own figures, same run
+            per_id = score_ids(guesses[base], tau, texts.prompts, fixed)  # the base attack's own figures, same run
             res["per_id_token_recovery"] = per_id["token_recovery"]
             res["per_id_prompt_token_recovery"] = per_id["prompt_token_recovery"]
         elif name == "tfma":
@@ -131,12 +145,6 @@ def run(target: Target, names: list[str], tau: np.ndarray, texts: Texts, progres
                 cross = score_ids(tfma.attack(tau[texts.stream], texts.prior_cross, target.arch.vocab, fixed, b.topk),
                                   tau, texts.prompts, fixed)
                 res["cross_prior"] = {k: v for k, v in cross.items() if "recovery" in k}
-        elif name == "sda":  # ciphertext only: the stream and the prompts, a translator trained on the prior corpus
-            from aloe.attacks import sda
-
-            res = score_ids(sda.attack([tau[texts.stream], *obf_prompts], texts.prior, target.arch.vocab, fixed,
-                                       b.sda_ranks, b.sda_steps, b.topk, b.rng("sda"), pr), tau, texts.prompts, fixed)
-            res["prior"] = "same distribution"
         elif name == "isa":
             from aloe.attacks import isa
 
