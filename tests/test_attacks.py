@@ -3,6 +3,7 @@
 
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -237,6 +238,16 @@ def test_sda_in_the_suite_reads_the_head_of_the_victims_stream_from_ciphertext_a
     assert 500 <= dec["decoded_occurrences"] < 600
     for key in ("token_recovery_top5", "prompt_token_recovery_top5"):
         assert dec[key] == sda[key]
+
+
+def test_sda_trained_on_text_of_another_kind_reads_less(plain_dir, weak):
+    obf, tau = weak
+    t = Target(plain_dir, obf, Budget(**{**BUDGET, "sda_steps": 60, "sda_ranks": 32}))
+    texts = synthetic_texts(97, t.fixed_ids, t.budget)
+    other = synthetic_texts(97, t.fixed_ids, t.budget, seed=1)      # another popularity order: another kind of text
+    r = run(t, ["sda"], tau, replace(texts, prior_cross=other.prior), progress=False)["sda"]
+    assert r["prompt_token_recovery"] > 0.3
+    assert r["cross_prior"]["prompt_token_recovery"] < r["prompt_token_recovery"] - 0.2
 
 
 def test_scoring_counts_exactly_and_ignores_fixed_ids():

@@ -124,6 +124,13 @@ def run(target: Target, names: list[str], tau: np.ndarray, texts: Texts, progres
             res = score_ids(guesses[name], tau, texts.prompts, fixed)
             if name == "sda":
                 res["prior"] = "same distribution"
+                if texts.prior_cross is not None:  # the translator trained on text of another kind instead
+                    from aloe.attacks import sda
+
+                    cross = sda.attack([tau[texts.stream], *obf_prompts], texts.prior_cross, target.arch.vocab, fixed,
+                                       b.sda_ranks, b.sda_steps, b.topk, b.rng("sda-cross"), pr)
+                    res["cross_prior"] = {k: v for k, v in score_ids(cross, tau, texts.prompts, fixed).items()
+                                          if "recovery" in k}
         elif name in ("decoded", "sda-decoded"):  # a per-id attack's candidates, decoded as text over the traffic
             from aloe.attacks import decoding
 
