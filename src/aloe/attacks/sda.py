@@ -140,13 +140,12 @@ def id_scores(model: Translator, code: np.ndarray, sequences: list[np.ndarray], 
     for b in range(0, len(chunks), 256):
         part = chunks[b:b + 256]
         x = np.full((len(part), LENGTH), pad_code, dtype=np.int64)
-        pos = np.zeros((len(part), LENGTH), dtype=np.int64)
+        obf = np.zeros((len(part), LENGTH), dtype=np.int64)     # the obfuscated id at each position
         pad = np.ones((len(part), LENGTH), dtype=bool)
         for i, c in enumerate(part):
-            x[i, :len(c)], pos[i, :len(c)], pad[i, :len(c)] = code[c], c, False
+            x[i, :len(c)], obf[i, :len(c)], pad[i, :len(c)] = code[c], c, False
         lp = torch.log_softmax(model(torch.as_tensor(x), torch.as_tensor(pad)), -1)
-        keep = torch.as_tensor(~pad)
-        score.index_add_(0, torch.as_tensor(row[pos[~pad]]), lp[keep])
+        score.index_add_(0, torch.as_tensor(row[obf[~pad]]), lp[torch.as_tensor(~pad)])
     return ids, score
 
 

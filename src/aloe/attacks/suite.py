@@ -86,15 +86,19 @@ def texts_for(target: Target) -> Texts:
     return synthetic_texts(target.arch.vocab, target.fixed_ids, target.budget)
 
 
-def _id_guess(name: str, target: Target, received: np.ndarray, texts: Texts, tau: np.ndarray, progress):
-    """A per-id attack's guess. SDA reads only the traffic (the stream and the prompts, in obfuscated ids) and
-    trains on the prior corpus; the others read the artifact."""
-    if name == "sda":
-        from aloe.attacks import sda
+def _sda_guess(target: Target, texts: Texts, tau: np.ndarray, corpus: np.ndarray, label: str, progress):
+    """SDA reads only the traffic (the stream and the prompts, in obfuscated ids) and trains on ``corpus``."""
+    from aloe.attacks import sda
 
-        b = target.budget
-        return sda.attack([tau[texts.stream], *(tau[p] for p in texts.prompts)], texts.prior, target.arch.vocab,
-                          target.fixed_ids, b.sda_ranks, b.sda_steps, b.topk, b.rng("sda"), progress)
+    b = target.budget
+    return sda.attack([tau[texts.stream], *(tau[p] for p in texts.prompts)], corpus, target.arch.vocab,
+                      target.fixed_ids, b.sda_ranks, b.sda_steps, b.topk, b.rng(label), progress)
+
+
+def _id_guess(name: str, target: Target, received: np.ndarray, texts: Texts, tau: np.ndarray, progress):
+    """A per-id attack's guess: SDA's from the traffic and the prior corpus, the others' from the artifact."""
+    if name == "sda":
+        return _sda_guess(target, texts, tau, texts.prior, "sda", progress)
     from importlib import import_module
 
     return import_module(f"aloe.attacks.{name}").attack(target, received, progress)
@@ -125,10 +129,7 @@ def run(target: Target, names: list[str], tau: np.ndarray, texts: Texts, progres
             if name == "sda":
                 res["prior"] = "same distribution"
                 if texts.prior_cross is not None:  # the translator trained on text of another kind instead
-                    from aloe.attacks import sda
-
-                    cross = sda.attack([tau[texts.stream], *obf_prompts], texts.prior_cross, target.arch.vocab, fixed,
-                                       b.sda_ranks, b.sda_steps, b.topk, b.rng("sda-cross"), pr)
+                    cross = _sda_guess(target, texts, tau, texts.prior_cross, "sda-cross", pr)
                     res["cross_prior"] = {k: v for k, v in score_ids(cross, tau, texts.prompts, fixed).items()
                                           if "recovery" in k}
         elif name in ("decoded", "sda-decoded"):  # a per-id attack's candidates, decoded as text over the traffic
