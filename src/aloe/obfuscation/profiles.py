@@ -69,8 +69,9 @@ PROFILES: dict[str, Profile] = {
         name="exact", keys="exact-norm", h=128, alpha_e=0.0, alpha_h=0.0, beta=1,
         description="no noise, no block permutation, exact-norm keys: equal to the plain model up to float rounding. "
                     "It proves fidelity; it is NOT private against a server that runs the model.",
-        protects="only a passive observer of the traffic, who sees permuted token ids; a server holding the public "
-                 "model reads the whole vocabulary (VMA, IA, NN).",
+        protects="only in part a passive observer of the traffic, who sees permuted token ids yet reads about 30% "
+                 "of the prompt tokens by their frequencies and neighbours (SDA, given text of the victim's kind); a "
+                 "server holding the public model reads the whole vocabulary (VMA, IA, NN).",
     ),
     "paper": Profile(
         name="paper", keys="paper", h=128, lam=0.3, alpha_e=1.0, alpha_h=0.2, beta=8, gamma=1e3,
@@ -89,8 +90,9 @@ PROFILES: dict[str, Profile] = {
                     "0.0015, while the lightest noise measured against the attacks (alpha_e 0.01, already past that "
                     "point) still leaves IA and NN at 100%. The weight attacks (VMA, IA, NN) recover this profile's "
                     "vocabulary: see the README. It keeps the model exact; it is not private against the server.",
-        protects="only a passive observer of the traffic, who sees permuted token ids; a server holding the public "
-                 "model reads the whole vocabulary (VMA, IA, NN), and the prompts' frequent tokens by frequency.",
+        protects="only in part a passive observer of the traffic, who sees permuted token ids yet reads about 30% "
+                 "of the prompt tokens by their frequencies and neighbours (SDA, given text of the victim's kind); a "
+                 "server holding the public model reads the whole vocabulary (VMA, IA, NN).",
     ),
     "private": Profile(
         name="private", keys="exact-norm", h=128, sv_floor=0.5, alpha_e=0.6, alpha_h=0.25, noise_shape="row",
