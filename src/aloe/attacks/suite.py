@@ -32,13 +32,23 @@ class Texts:
     source: str = ""
 
 
-def _tokens(tok, docs: list[str], n: int) -> np.ndarray:
+def doc_tokens(tok, docs: list[str], n: int) -> np.ndarray:
+    """The token ids of ``docs`` tokenized one by one and concatenated, the first ``n``."""
     out: list[int] = []
     for doc in docs:
         out += tok(doc)["input_ids"]
         if len(out) >= n:
             break
     return np.asarray(out[:n], dtype=np.int64)
+
+
+def real_prompts(tok) -> list[np.ndarray]:
+    """The victim's scored prompts: the 8 built-in chat prompts and the first 48 tokens of 8 Lee test documents."""
+    from aloe.assets.corpus import load_corpus
+    from aloe.obfuscation.fidelity import PROMPTS
+
+    prompts = [np.asarray(tok(p)["input_ids"], dtype=np.int64) for p in PROMPTS]
+    return prompts + [np.asarray(tok(d)["input_ids"][:48], dtype=np.int64) for d in load_corpus("lee-test")[:8]]
 
 
 def corpus_texts(model_dir: Path, budget) -> Texts:
@@ -48,15 +58,13 @@ def corpus_texts(model_dir: Path, budget) -> Texts:
     from transformers import AutoTokenizer
 
     from aloe.assets.corpus import load_corpus
-    from aloe.obfuscation.fidelity import PROMPTS
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    prompts = [np.asarray(tok(p)["input_ids"], dtype=np.int64) for p in PROMPTS]
-    prompts += [np.asarray(tok(d)["input_ids"][:48], dtype=np.int64) for d in load_corpus("lee-test")[:8]]
-    lee = _tokens(tok, load_corpus("lee"), 2 * budget.tfma_tokens)
+    prompts = real_prompts(tok)
+    lee = doc_tokens(tok, load_corpus("lee"), 2 * budget.tfma_tokens)
     half = len(lee) // 2
-    kjv = _tokens(tok, load_corpus("kjv"), max(budget.ima_tokens, budget.tfma_tokens))
-    shakespeare = _tokens(tok, [d[:200_000] for d in load_corpus("shakespeare")[:2]], 4096)
+    kjv = doc_tokens(tok, load_corpus("kjv"), max(budget.ima_tokens, budget.tfma_tokens))
+    shakespeare = doc_tokens(tok, [d[:200_000] for d in load_corpus("shakespeare")[:2]], 4096)
     return Texts(prompts, kjv[:budget.ima_tokens], shakespeare, lee[:half], lee[half:], kjv,
                  "prompts: 8 chat prompts + 8 Lee test documents (48 tokens); stream: Lee background (1st half); "
                  "prior: Lee background (2nd half); cross prior + IMA training: KJV; known plaintext: Shakespeare")
