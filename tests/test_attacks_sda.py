@@ -81,3 +81,23 @@ def test_sda_is_reproducible_with_the_attacker_seed_and_checks_input():
         sda.attack([np.zeros(0, np.int64)], corpus, N, FIXED, steps=1)
     with pytest.raises(AloeError, match="corpus of at least"):
         sda.attack([stream], corpus[:10], N, FIXED, steps=1)
+
+
+def test_real_texts_split_the_lee_text_between_victim_and_server(smollm2_path):
+    """The suite's real-text roles on SmolLM2's tokenizer: the victim's stream and the server's prior are consecutive,
+    disjoint parts of the Lee background text, tokenized document by document; the scored prompts are the 8 chat
+    prompts and 48 tokens of 8 Lee test documents."""
+    from transformers import AutoTokenizer
+
+    from aloe.assets.corpus import load_corpus
+    from aloe.attacks.common import Budget
+    from aloe.attacks.suite import corpus_texts, doc_tokens
+
+    texts = corpus_texts(smollm2_path, Budget(tfma_tokens=300, ima_tokens=200))
+    tok = AutoTokenizer.from_pretrained(str(smollm2_path))
+    docs = load_corpus("lee")
+    lee = doc_tokens(tok, docs, 600)
+    assert len(lee) == 600 and np.array_equal(lee[:len(tok(docs[0])["input_ids"])], tok(docs[0])["input_ids"])
+    assert np.array_equal(texts.stream, lee[:300]) and np.array_equal(texts.prior, lee[300:])
+    assert len(texts.prompts) == 16 and all(len(p) == 48 for p in texts.prompts[8:])
+    assert len(texts.public) == 200 and len(texts.prior_cross) == 300
