@@ -226,7 +226,8 @@ def test_tfma_recovers_the_frequent_tokens_of_a_stream():
 
 
 def test_sda_in_the_suite_reads_the_head_of_the_victims_stream_from_ciphertext_alone(plain_dir, weak):
-    r = attack(plain_dir, weak, ["tfma", "sda", "sda-decoded"], sda_steps=60, sda_ranks=32, decode_stream=500)
+    r = attack(plain_dir, weak, ["tfma", "sda", "sda-decoded"], sda_steps=60, sda_ranks=32, decode_stream=500,
+               decode_sweeps=1)
     sda, tfma_, dec = r["sda"], r["tfma"], r["sda-decoded"]
     assert sda["prior"] == "same distribution" and sda["classes"] > 10 and sda["steps"] == 60
     assert sda["candidates"] == 97 and sda["queries"] == 95
@@ -236,6 +237,9 @@ def test_sda_in_the_suite_reads_the_head_of_the_victims_stream_from_ciphertext_a
     assert dec["per_id_token_recovery"] == sda["token_recovery"]
     assert dec["per_id_prompt_token_recovery"] == sda["prompt_token_recovery"]
     assert 500 <= dec["decoded_occurrences"] < 600
+    assert dec["sweeps"] == 1 and len(dec["moved_per_sweep"]) == 1    # the budget's sweeps bound the search
+    with pytest.raises(AloeError, match="at least one sweep"):
+        attack(plain_dir, weak, ["sda-decoded"], sda_steps=5, sda_ranks=32, decode_stream=500, decode_sweeps=0)
     for key in ("token_recovery_top5", "prompt_token_recovery_top5"):
         assert dec[key] == sda[key]
 

@@ -19,7 +19,8 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
                   behaviour_rows=args.behaviour_rows, behaviour_queries=args.behaviour_queries,
                   learned_steps=args.learned_steps, learned_state_ids=args.learned_state_ids,
                   learned_draws=args.learned_draws, anchored_contexts=args.anchored_contexts,
-                  anchored_rounds=args.anchored_rounds, decode_stream=args.decode_stream, seed=args.attacker_seed)
+                  anchored_rounds=args.anchored_rounds, decode_stream=args.decode_stream,
+                  decode_sweeps=args.decode_sweeps, seed=args.attacker_seed)
 
 
 def add_budget_flags(p: argparse.ArgumentParser) -> None:
@@ -52,6 +53,8 @@ def add_budget_flags(p: argparse.ArgumentParser) -> None:
                    help="bootstrap rounds of anchored matching (the best-matched ids become anchors)")
     g.add_argument("--decode-stream", type=int, default=2000,
                    help="ids of the victim's stream decoded besides its prompts (decoded)")
+    g.add_argument("--decode-sweeps", type=int, default=8,
+                   help="most sweeps of the decoder's search over the candidates (decoded, sda-decoded)")
     g.add_argument("--attacker-seed", type=int, default=None, help="seed of the attacker's own (non-secret) draws")
 
 

@@ -43,6 +43,7 @@ class Budget:
     anchored_contexts: int = 1024  # contexts of fixed ids run on each side (anchored logit matching)
     anchored_rounds: int = 2       # bootstrap rounds that promote the best-matched ids to anchors
     decode_stream: int = 2000      # ids of the victim's stream decoded besides its prompts (decoded)
+    decode_sweeps: int = 8         # most sweeps of the decoder's search (it stops early once nothing moves)
     batch: int = 256
     seed: int | None = None     # attacker's own (non-secret) randomness; None = fresh
 

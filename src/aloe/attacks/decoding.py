@@ -279,14 +279,18 @@ def attack(t, guess, obf_prompts: list[np.ndarray], obf_stream: np.ndarray, prog
     """Token-id serving: decode the victim's traffic as the server receives it (its prompts, and the first
     ``budget.decode_stream`` ids of its stream in chunks of 512) over the candidates of a per-id guess
     (:class:`~aloe.attacks.scoring.IdGuess`), the public model as the language prior, one plain token per
-    obfuscated id (``distinct``). Ids that do not occur keep the per-id ranking."""
+    obfuscated id (``distinct``), in at most ``budget.decode_sweeps`` sweeps. Ids that do not occur keep the
+    per-id ranking."""
     from aloe.attacks.scoring import IdGuess
 
+    if t.budget.decode_sweeps < 1:
+        raise AloeError(f"the decoder needs at least one sweep (got {t.budget.decode_sweeps})")
     rows = {int(o): i for i, o in enumerate(guess.obf_ids)}
     stream, chunk = np.asarray(obf_stream)[:t.budget.decode_stream], 512
     streams = [*obf_prompts, *(stream[i:i + chunk] for i in range(0, len(stream), chunk))]
     docs, labels = traffic_docs(streams, rows, t.fixed_ids)
-    out = decode(CausalLM(t.plain_dir), docs, labels, guess.candidates, distinct=True, progress=progress)
+    out = decode(CausalLM(t.plain_dir), docs, labels, guess.candidates, t.budget.decode_sweeps, distinct=True,
+                 progress=progress)
     return IdGuess(guess.obf_ids, out["candidates"], uniform=guess.uniform,
                    extra={"decoded_clusters": out["decoded_clusters"],
                           "decoded_occurrences": int(len(labels)), "sweeps": out["sweeps"],
