@@ -31,7 +31,9 @@ from privacy import RESULTS, all_profiles, build, pct, stale_attacks  # noqa: E4
 PATH = RESULTS / "privacy_full.json"
 # ablations: name -> (attack, budget override, what it is)
 ABLATIONS = {"learned-weights": ("learned", {"learned_state_ids": -1},
-                                 "the learned matcher without its states block (weight features only)")}
+                                 "the learned matcher without its states block (weight features only)"),
+             "sda-decoded-16": ("sda-decoded", {"decode_sweeps": 16},
+                                "SDA + language-prior decoding with twice the decoder's sweeps (16)")}
 
 
 def ppl_ratios(quick: dict) -> dict[str, float]:
