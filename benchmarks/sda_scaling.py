@@ -151,6 +151,9 @@ def write_plot(state: dict) -> None:
                     label=f"width {width}, first choice")
             ax.plot([e[xkey] for e in line], [100 * e["prompt_token_recovery_top10"] for e in line], marker=marker,
                     ls="--", alpha=0.6, label=f"width {width}, top 10")
+            if width == min(e["width"] for e in pts):
+                ax.plot([e[xkey] for e in line], [100 * e["prompt_tokens_in_corpus"] for e in line], ls=":",
+                        color="grey", label="in the server's corpus (ceiling)")
         ax.axhline(5.0, ls=":", lw=0.8, color="grey")
         ax.set_xlabel(f"{xkey.replace('_', ' ')} ({label})")
         ax.legend(fontsize=7)
