@@ -118,8 +118,8 @@ def write_report(state: dict) -> None:
                     f"**{pct(e['prompt_token_recovery'])}** | {pct(e['prompt_token_recovery_top10'])} | "
                     f"{pct(e['prompt_tokens_in_corpus'])} | {pct(e['token_recovery'])} | {e['seconds']:.0f} |")
     md = ["# SDA against the server's corpus, the observed traffic and the translator (SmolLM2 tokenizer)", "",
-          "Produced by `python benchmarks/sda_scaling.py " + " ".join(state.get("command", [])) + "` on a shared "
-          "2-core CPU.", "",
+          "Produced on a shared 2-core CPU by (each run resumes the one before):", "",
+          *(f"    python benchmarks/sda_scaling.py {' '.join(c)}" for c in state.get("commands", [])), "",
           "Ciphertext only: the server reads the obfuscated ids of the victim's stream (the first tokens of the Lee "
           "background text) and of the 16 scored prompts, and trains SDA's translator on its own text of the same "
           "kind (the rest of the Lee background text, disjoint from the stream). Each row is one draw of tau and "
@@ -184,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
 
         show = not args.json
         data = texts(resolve_model("smollm2"))
-        state["command"] = sys.argv[1:] if argv is None else argv
+        command = sys.argv[1:] if argv is None else list(argv)
+        if command not in state.setdefault("commands", []):
+            state["commands"].append(command)
         for traffic, corpus, width in points:
             key = f"{traffic}:{corpus or 'all'}:{width}:{args.steps}:{args.ranks}"
             if key in state["points"]:
