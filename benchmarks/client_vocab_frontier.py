@@ -42,6 +42,7 @@ from aloe.attacks.suite import texts_for  # noqa: E402
 from aloe.obfuscation.client_vocab import ClientVocabulary, split_vocabulary, with_occurrence_noise  # noqa: E402
 from aloe.obfuscation.fidelity import PROMPTS, corpus_token_ids, greedy_fidelity, load_models, logit_fidelity  # noqa: E402
 from aloe.obfuscation.secret import load_secret  # noqa: E402
+from common import save_png  # noqa: E402
 from privacy import RESULTS, all_profiles, build  # noqa: E402
 
 PATH = RESULTS / "client_vocab_frontier.json"
@@ -184,9 +185,7 @@ def write_plot(state: dict) -> None:
     ax.set_title("Client-held vocabulary + fresh occurrence noise (goal: below 1.10, left of 5%)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = RESULTS / ".client_vocab_frontier.tmp.png"
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(RESULTS / "client_vocab_frontier.png")
+    save_png(fig, RESULTS / "client_vocab_frontier.png")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,6 +60,18 @@ def run_measured(cmd: list[str], what: str, stderr=subprocess.DEVNULL) -> tuple[
     return stdout, seconds, peak_kb / 1024
 
 
+def save_png(fig, path: Path, dpi: int = 120) -> Path:
+    """Write a matplotlib figure to ``path`` through a temporary file renamed into place (a run killed while it
+    draws leaves no half-written plot) and close it."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     """``columns`` = [(key, header)]; floats get 4 significant digits."""
     def fmt(v):

@@ -33,6 +33,7 @@ from aloe.attacks.risk import profile_key, table_from_state  # noqa: E402
 from aloe.attacks.suite import ATTACKS, run, texts_for  # noqa: E402
 from aloe.attacks.theorem6 import theorem6  # noqa: E402
 from aloe.obfuscation.profiles import PROFILES  # noqa: E402
+from common import save_png  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 # the sweep over alpha_e / alpha_h / lambda (name, base profile, overrides)
@@ -208,9 +209,7 @@ def write_plot(state: dict) -> None:
     axes[0].legend(fontsize=7, loc="center right")
     fig.suptitle("AloePri on SmolLM2-135M: accuracy vs privacy (goal: below 1.10 and left of 5%)", fontsize=10)
     fig.tight_layout()
-    tmp = RESULTS / ".privacy.png.tmp.png"
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(RESULTS / "privacy.png")
+    save_png(fig, RESULTS / "privacy.png")
 
 
 def publish(state: dict) -> None:

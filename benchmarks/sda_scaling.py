@@ -37,7 +37,7 @@ from aloe.assets.cache import atomic_write_json, atomic_write_text  # noqa: E402
 from aloe.attacks import sda  # noqa: E402
 from aloe.attacks.scoring import score_ids  # noqa: E402
 from aloe.attacks.suite import doc_tokens, real_prompts  # noqa: E402
-from common import RESULTS  # noqa: E402
+from common import RESULTS, save_png  # noqa: E402
 
 PATH = RESULTS / "sda_scaling.json"
 STREAM = 20_000        # the victim's part of the Lee background text (the suite's stream)
@@ -160,9 +160,7 @@ def write_plot(state: dict) -> None:
     axes[0].set_ylabel("% of prompt tokens read (ciphertext only)")
     fig.suptitle("SDA on token-id traffic: what more text and more traffic give the server", fontsize=9)
     fig.tight_layout()
-    tmp = RESULTS / ".sda_scaling.tmp.png"
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(RESULTS / "sda_scaling.png")
+    save_png(fig, RESULTS / "sda_scaling.png")
 
 
 def main(argv: list[str] | None = None) -> int:
