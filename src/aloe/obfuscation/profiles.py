@@ -69,9 +69,10 @@ PROFILES: dict[str, Profile] = {
         name="exact", keys="exact-norm", h=128, alpha_e=0.0, alpha_h=0.0, beta=1,
         description="no noise, no block permutation, exact-norm keys: equal to the plain model up to float rounding. "
                     "It proves fidelity; it is NOT private against a server that runs the model.",
-        protects="only in part a passive observer of the traffic, who sees permuted token ids yet reads about 30% "
-                 "of the prompt tokens by their frequencies and neighbours (SDA, given text of the victim's kind); a "
-                 "server holding the public model reads the whole vocabulary (VMA, IA, NN).",
+        protects="only in part a passive observer of the traffic, who sees permuted token ids yet reads 28-37% "
+                 "of the prompt tokens by their frequencies and neighbours (SDA; the more text of the victim's kind "
+                 "it trains on, the more it reads); a server holding the public model reads the whole vocabulary "
+                 "(VMA, IA, NN).",
     ),
     "paper": Profile(
         name="paper", keys="paper", h=128, lam=0.3, alpha_e=1.0, alpha_h=0.2, beta=8, gamma=1e3,
@@ -90,9 +91,10 @@ PROFILES: dict[str, Profile] = {
                     "0.0015, while the lightest noise measured against the attacks (alpha_e 0.01, already past that "
                     "point) still leaves IA and NN at 100%. The weight attacks (VMA, IA, NN) recover this profile's "
                     "vocabulary: see the README. It keeps the model exact; it is not private against the server.",
-        protects="only in part a passive observer of the traffic, who sees permuted token ids yet reads about 30% "
-                 "of the prompt tokens by their frequencies and neighbours (SDA, given text of the victim's kind); a "
-                 "server holding the public model reads the whole vocabulary (VMA, IA, NN).",
+        protects="only in part a passive observer of the traffic, who sees permuted token ids yet reads 28-37% "
+                 "of the prompt tokens by their frequencies and neighbours (SDA; the more text of the victim's kind "
+                 "it trains on, the more it reads); a server holding the public model reads the whole vocabulary "
+                 "(VMA, IA, NN).",
     ),
     "private": Profile(
         name="private", keys="exact-norm", h=128, sv_floor=0.5, alpha_e=0.6, alpha_h=0.25, noise_shape="row",
@@ -103,8 +105,8 @@ PROFILES: dict[str, Profile] = {
                     "About 25 minutes on a 2-core CPU for SmolLM2. Chosen from the measured frontier in "
                     "docs/attacks.md; on SmolLM2-135M it does NOT reach the fidelity goal.",
         protects="not against a server that learns the map: on SmolLM2 at the full attack budget the learned "
-                 "matcher reads 99% of the vocabulary (IA 18%, VMA 22%, NN 0.01%), and perplexity doubles "
-                 "(see the README).",
+                 "matcher reads 99% of the vocabulary (IA 18%, VMA 22%, NN 0.01%), a passive observer of the "
+                 "traffic 29% of the prompt tokens (SDA), and perplexity doubles (see the README).",
     ),
 }
 
