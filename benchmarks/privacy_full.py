@@ -33,7 +33,10 @@ PATH = RESULTS / "privacy_full.json"
 ABLATIONS = {"learned-weights": ("learned", {"learned_state_ids": -1},
                                  "the learned matcher without its states block (weight features only)"),
              "sda-decoded-16": ("sda-decoded", {"decode_sweeps": 16},
-                                "SDA + language-prior decoding with twice the decoder's sweeps (16)")}
+                                "SDA + language-prior decoding with twice the decoder's sweeps (16)"),
+             "sda-decoded-monotone": ("sda-decoded", {"decode_monotone": True},
+                                      "SDA + language-prior decoding that keeps a sweep's moves only where they "
+                                      "raise the text's log-probability")}
 
 
 def ppl_ratios(quick: dict) -> dict[str, float]:

@@ -238,6 +238,7 @@ def test_sda_in_the_suite_reads_the_head_of_the_victims_stream_from_ciphertext_a
     assert dec["per_id_prompt_token_recovery"] == sda["prompt_token_recovery"]
     assert 500 <= dec["decoded_occurrences"] < 600
     assert dec["sweeps"] == 1 and len(dec["moved_per_sweep"]) == 1    # the budget's sweeps bound the search
+    assert dec["monotone"] is False and len(dec["objective_per_sweep"]) == 1
     with pytest.raises(AloeError, match="at least one sweep"):
         attack(plain_dir, weak, ["sda-decoded"], sda_steps=5, sda_ranks=32, decode_stream=500, decode_sweeps=0)
     for key in ("token_recovery_top5", "prompt_token_recovery_top5"):

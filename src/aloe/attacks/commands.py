@@ -20,7 +20,8 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
                   learned_steps=args.learned_steps, learned_state_ids=args.learned_state_ids,
                   learned_draws=args.learned_draws, anchored_contexts=args.anchored_contexts,
                   anchored_rounds=args.anchored_rounds, decode_stream=args.decode_stream,
-                  decode_sweeps=args.decode_sweeps, seed=args.attacker_seed)
+                  decode_sweeps=args.decode_sweeps, decode_monotone=args.decode_monotone,
+                  seed=args.attacker_seed)
 
 
 def add_budget_flags(p: argparse.ArgumentParser) -> None:
@@ -55,6 +56,9 @@ def add_budget_flags(p: argparse.ArgumentParser) -> None:
                    help="ids of the victim's stream decoded besides its prompts (decoded)")
     g.add_argument("--decode-sweeps", type=int, default=8,
                    help="most sweeps of the decoder's search over the candidates (decoded, sda-decoded)")
+    g.add_argument("--decode-monotone", action="store_true",
+                   help="keep a decoder sweep's moves only where they raise the language model's log-probability "
+                        "of the traffic (plus the rank prior); else halve them")
     g.add_argument("--attacker-seed", type=int, default=None, help="seed of the attacker's own (non-secret) draws")
 
 

@@ -44,6 +44,7 @@ class Budget:
     anchored_rounds: int = 2       # bootstrap rounds that promote the best-matched ids to anchors
     decode_stream: int = 2000      # ids of the victim's stream decoded besides its prompts (decoded)
     decode_sweeps: int = 8         # most sweeps of the decoder's search (it stops early once nothing moves)
+    decode_monotone: bool = False  # keep a sweep's moves only where they raise the decoder's objective
     batch: int = 256
     seed: int | None = None     # attacker's own (non-secret) randomness; None = fresh
 

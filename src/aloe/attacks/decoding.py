@@ -151,6 +151,24 @@ def occurrence_logprobs(lm, docs: list[Doc], decoded: np.ndarray, cand_occ: np.n
     return out
 
 
+@torch.no_grad()
+def text_logprob(lm, docs: list[Doc], decoded: np.ndarray, tokens_per_batch: int = 2048) -> float:
+    """The language model's log-probability of the traffic as currently ``decoded`` (each doc scored whole, its first
+    position free): the decoder's objective, besides the rank prior."""
+    by_len: dict[int, list[np.ndarray]] = {}
+    for doc in docs:
+        if len(doc.known) > 1:
+            occ = doc.occurrence
+            by_len.setdefault(len(occ), []).append(np.where(occ >= 0, decoded[np.maximum(occ, 0)], doc.known))
+    total = 0.0
+    for n, seqs in by_len.items():
+        b = max(1, tokens_per_batch // n)
+        for s in range(0, len(seqs), b):
+            cont = torch.as_tensor(np.stack(seqs[s:s + b]))[:, None, :]
+            total += float(lm(torch.zeros(len(cont), 0, dtype=torch.int64), cont).double().sum())
+    return total
+
+
 def _rank_prior_em(S: np.ndarray, valid: np.ndarray, prior: np.ndarray, iters: int = 50) -> np.ndarray:
     """Fit pi (the chance that rank j is right) by EM: posterior over each cluster's candidates, averaged."""
     for _ in range(iters):
@@ -190,14 +208,18 @@ def distinct_assignment(score: np.ndarray, cand: np.ndarray, valid: np.ndarray) 
 
 def decode(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray, sweeps: int = 8,
            distinct: bool = False, prior_decay: float = 0.5, step: float = 0.25, context: int = 16, right: int = 2,
-           progress=None) -> dict:
+           monotone: bool = False, progress=None) -> dict:
     """Decode the traffic: ``labels`` (m,) the cluster of each occurrence, ``cand`` (n, k) each cluster's ranked
     plain candidates (-1: none). Each sweep scores the candidates of the clusters still in doubt against the text as
     currently decoded, and moves the ``step`` share of the occurring clusters whose score gains most (the
     contexts are those of the last sweep, so moving every cluster at once makes neighbours chase each other); a
     cluster whose runner-up is e^-12 behind is settled and no longer scored. The rank prior is fitted by EM on the
-    first sweep. Returns the ranked candidates (n, k) per cluster after decoding (the chosen one first, then the
-    others by score), the rank prior and, per sweep, the share of occurring clusters that moved."""
+    first sweep. With ``monotone`` a sweep's moves are kept only if they raise the objective (the language model's
+    log-probability of the whole traffic as decoded plus the rank prior of every choice); otherwise the share is
+    halved and tried again, down to the single best gain, and the search stops when that one does not raise it
+    either. Returns the ranked candidates (n, k) per cluster after decoding (the chosen one first, then the others
+    by score), the rank prior and, per sweep, the share of occurring clusters that moved and the objective after
+    it."""
     labels = np.asarray(labels, dtype=np.int64)
     cand = np.asarray(cand, dtype=np.int64)
     n, k = cand.shape
@@ -221,7 +243,11 @@ def decode(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray, sweeps: in
     choice = np.zeros(len(rows), dtype=np.int64)
     doubt = v_rows.sum(1) > 1
     S = np.zeros((len(rows), k))
-    moved = []
+    moved, objective = [], []
+
+    def objective_of(ch: np.ndarray) -> float:
+        return text_logprob(lm, docs, c_rows[local, ch[local]]) + float(np.log(prior)[ch].sum())
+
     for sweep in range(sweeps):
         if not doubt.any():
             break
@@ -232,13 +258,22 @@ def decode(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray, sweeps: in
         S[doubt] = fresh[doubt]
         if sweep == 0:
             prior = _rank_prior_em(S, v_rows, prior)
+            current = objective_of(choice)
         score = np.where(v_rows, S + np.log(prior)[None, :], -np.inf)
         best = np.argmax(score, 1)
         gain = score[np.arange(len(rows)), best] - score[np.arange(len(rows)), choice]
         movers = np.flatnonzero(gain > 1e-9)
         movers = movers[np.argsort(-gain[movers], kind="stable")][:max(1, int(np.ceil(step * len(rows))))]
-        choice[movers] = best[movers]
+        while len(movers):
+            trial = choice.copy()
+            trial[movers] = best[movers]
+            value = objective_of(trial)
+            if not monotone or value > current:
+                choice, current = trial, value
+                break
+            movers = movers[:len(movers) // 2]
         moved.append(float(len(movers) / len(rows)))
+        objective.append(current)
         top2 = np.sort(score, 1)[:, ::-1]
         doubt = (v_rows.sum(1) > 1) & ~((top2[:, 0] - top2[:, 1] > 12) & (best == choice))
         if progress is not None:
@@ -251,8 +286,8 @@ def decode(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray, sweeps: in
     score[np.arange(len(rows)), choice] = np.inf
     out = cand.copy()
     out[rows] = np.take_along_axis(c_rows, np.argsort(-score, 1, kind="stable"), 1)
-    return {"candidates": out, "rank_prior": prior.tolist(), "moved": moved, "sweeps": len(moved),
-            "decoded_clusters": int(len(rows))}
+    return {"candidates": out, "rank_prior": prior.tolist(), "moved": moved, "objective": objective,
+            "sweeps": len(moved), "decoded_clusters": int(len(rows))}
 
 
 def traffic_docs(streams: list[np.ndarray], rows: dict[int, int], visible: np.ndarray, min_run: int = 2
@@ -279,8 +314,8 @@ def attack(t, guess, obf_prompts: list[np.ndarray], obf_stream: np.ndarray, prog
     """Token-id serving: decode the victim's traffic as the server receives it (its prompts, and the first
     ``budget.decode_stream`` ids of its stream in chunks of 512) over the candidates of a per-id guess
     (:class:`~aloe.attacks.scoring.IdGuess`), the public model as the language prior, one plain token per
-    obfuscated id (``distinct``), in at most ``budget.decode_sweeps`` sweeps. Ids that do not occur keep the
-    per-id ranking."""
+    obfuscated id (``distinct``), in at most ``budget.decode_sweeps`` sweeps (kept only where they raise the
+    objective with ``budget.decode_monotone``). Ids that do not occur keep the per-id ranking."""
     from aloe.attacks.scoring import IdGuess
 
     if t.budget.decode_sweeps < 1:
@@ -290,11 +325,12 @@ def attack(t, guess, obf_prompts: list[np.ndarray], obf_stream: np.ndarray, prog
     streams = [*obf_prompts, *(stream[i:i + chunk] for i in range(0, len(stream), chunk))]
     docs, labels = traffic_docs(streams, rows, t.fixed_ids)
     out = decode(CausalLM(t.plain_dir), docs, labels, guess.candidates, t.budget.decode_sweeps, distinct=True,
-                 progress=progress)
+                 monotone=t.budget.decode_monotone, progress=progress)
     return IdGuess(guess.obf_ids, out["candidates"], uniform=guess.uniform,
                    extra={"decoded_clusters": out["decoded_clusters"],
                           "decoded_occurrences": int(len(labels)), "sweeps": out["sweeps"],
-                          "moved_per_sweep": out["moved"], "rank_prior_top3": out["rank_prior"][:3]})
+                          "moved_per_sweep": out["moved"], "objective_per_sweep": out["objective"],
+                          "monotone": t.budget.decode_monotone, "rank_prior_top3": out["rank_prior"][:3]})
 
 
 def decode_linked(model_dir, lengths: list[int], labels: np.ndarray, cand: np.ndarray, progress=None) -> dict:
