@@ -170,9 +170,12 @@ def test_monotone_decoding_never_lowers_its_objective_and_still_corrects_the_ran
     # a sweep that moved raised the objective; one that moved nothing left it and ended the search
     assert all((b > a) if m > 0 else (b == a) for a, b, m in zip(obj, obj[1:], out["moved"][1:]))
     assert out["moved"][0] > 0 and obj[-1] > obj[0]
-    assert (out["candidates"][text, 0] == text).mean() > 0.9 > 0.4 > (cand[text, 0] == text).mean()
+    assert (out["candidates"][text, 0] == text).mean() > 0.97 > 0.4 > (cand[text, 0] == text).mean()
     loose = decode(bigram_lm(succ), docs, text, cand, sweeps=6)
     assert len(loose["objective"]) == loose["sweeps"]       # the plain search reports its objective too
+    # here the plain search settles some clusters on choices scored in stale contexts; the monotone one does not
+    assert obj[-1] > loose["objective"][-1] + 100
+    assert (out["candidates"][text, 0] == text).mean() > (loose["candidates"][text, 0] == text).mean()
 
 
 def test_monotone_decoding_stops_neighbours_chasing_each_other():

@@ -217,7 +217,8 @@ def decode(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray, sweeps: in
     first sweep. With ``monotone`` a sweep's moves are kept only if they raise the objective (the language model's
     log-probability of the whole traffic as decoded plus the rank prior of every choice); otherwise the share is
     halved and tried again, down to the single best gain, and the search stops when that one does not raise it
-    either. Returns the ranked candidates (n, k) per cluster after decoding (the chosen one first, then the others
+    either, and a cluster that moved is scored again in its new contexts before it can settle. Returns the ranked
+    candidates (n, k) per cluster after decoding (the chosen one first, then the others
     by score), the rank prior and, per sweep, the share of occurring clusters that moved and the objective after
     it."""
     labels = np.asarray(labels, dtype=np.int64)
@@ -264,6 +265,7 @@ def decode(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray, sweeps: in
         gain = score[np.arange(len(rows)), best] - score[np.arange(len(rows)), choice]
         movers = np.flatnonzero(gain > 1e-9)
         movers = movers[np.argsort(-gain[movers], kind="stable")][:max(1, int(np.ceil(step * len(rows))))]
+        before = choice
         while len(movers):
             trial = choice.copy()
             trial[movers] = best[movers]
@@ -275,7 +277,12 @@ def decode(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray, sweeps: in
         moved.append(float(len(movers) / len(rows)))
         objective.append(current)
         top2 = np.sort(score, 1)[:, ::-1]
-        doubt = (v_rows.sum(1) > 1) & ~((top2[:, 0] - top2[:, 1] > 12) & (best == choice))
+        # settled: far ahead of its runner-up and at its best; the monotone search also asks that it was there before
+        # this sweep's moves (a cluster that just moved was scored in the contexts of its old choice)
+        settled = (top2[:, 0] - top2[:, 1] > 12) & (best == choice)
+        if monotone:
+            settled &= before == choice
+        doubt = (v_rows.sum(1) > 1) & ~settled
         if progress is not None:
             progress.update(1)
         if not len(movers):
