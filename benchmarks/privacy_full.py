@@ -36,7 +36,9 @@ ABLATIONS = {"learned-weights": ("learned", {"learned_state_ids": -1},
                                 "SDA + language-prior decoding with twice the decoder's sweeps (16)"),
              "sda-decoded-monotone": ("sda-decoded", {"decode_monotone": True},
                                       "SDA + language-prior decoding that keeps a sweep's moves only where they "
-                                      "raise the text's log-probability")}
+                                      "raise the text's log-probability"),
+             "sda-decoded-em": ("sda-decoded", {"decode_em": 50},
+                                "SDA + decipherment by EM over a bigram view of the public model (50 iterations)")}
 
 
 def ppl_ratios(quick: dict) -> dict[str, float]:

@@ -241,6 +241,13 @@ def test_sda_in_the_suite_reads_the_head_of_the_victims_stream_from_ciphertext_a
     assert dec["monotone"] is False and len(dec["objective_per_sweep"]) == 1
     with pytest.raises(AloeError, match="at least one sweep"):
         attack(plain_dir, weak, ["sda-decoded"], sda_steps=5, sda_ranks=32, decode_stream=500, decode_sweeps=0)
+    em = attack(plain_dir, weak, ["sda-decoded"], sda_steps=60, sda_ranks=32, decode_stream=500, decode_em=3)
+    em = em["sda-decoded"]
+    assert em["search"] == "em" and 1 <= em["iterations"] <= 3 and len(em["loglik_per_iteration"]) == em["iterations"]
+    assert em["transition_pairs"] > 0 and 500 <= em["decoded_occurrences"] < 600
+    with pytest.raises(AloeError, match="choose one decoder search"):
+        attack(plain_dir, weak, ["sda-decoded"], sda_steps=5, sda_ranks=32, decode_stream=500, decode_em=2,
+               decode_monotone=True)
     for key in ("token_recovery_top5", "prompt_token_recovery_top5"):
         assert dec[key] == sda[key]
 

@@ -10,7 +10,9 @@ from aloe.attacks.decoding import (
     Doc,
     LogitsScorer,
     decode,
+    decode_em,
     occurrence_logprobs,
+    pair_logprobs,
     text_logprob,
     traffic_docs,
 )
@@ -209,5 +211,32 @@ def test_the_budget_flags_carry_the_decoders_sweeps_and_acceptance_rule():
     add_budget_flags(ap)
     default = budget_from_args(ap.parse_args([]))
     assert default.decode_sweeps == 8 and default.decode_monotone is False
-    b = budget_from_args(ap.parse_args(["--decode-sweeps", "3", "--decode-monotone"]))
-    assert b.decode_sweeps == 3 and b.decode_monotone is True
+    assert default.decode_em == 0
+    b = budget_from_args(ap.parse_args(["--decode-sweeps", "3", "--decode-monotone", "--decode-em", "7"]))
+    assert b.decode_sweeps == 3 and b.decode_monotone is True and b.decode_em == 7
+
+
+def test_pair_logprobs_read_the_models_next_token_table():
+    rng = np.random.default_rng(5)
+    succ = rng.permutation(V)
+    lm = bigram_lm(succ)
+    pairs = np.array([[3, succ[3]], [3, 7], [9, succ[9]], [3, succ[3]]])
+    lp = torch.log_softmax(lm.logits(torch.arange(V)).float(), -1).double().numpy()
+    assert np.allclose(pair_logprobs(lm, pairs, batch=1), lp[pairs[:, 0], pairs[:, 1]])
+
+
+def test_em_decipherment_reads_the_text_through_every_neighbours_candidates():
+    rng = np.random.default_rng(5)
+    succ, text = cycle_text(rng, 600)
+    cand = candidates_with_decoys(rng, rng.random(V) < 0.6)
+    docs = [Doc.unknown(np.arange(i, min(i + 100, len(text)))) for i in range(0, len(text), 100)]
+    before = (cand[text, 0] == text).mean()
+    out = decode_em(bigram_lm(succ), docs, text, cand, iters=30, distinct=True)
+    after = (out["candidates"][text, 0] == text).mean()
+    sweeps = (decode(bigram_lm(succ), docs, text, cand, sweeps=8)["candidates"][text, 0] == text).mean()
+    assert before < 0.5 and after > 0.97 and after > sweeps        # here the sweeps' search stops at 0.80
+    ll = out["loglik"]
+    assert 1 < out["iterations"] == len(ll) <= 30 and all(b >= a - 1e-6 * abs(a) for a, b in zip(ll, ll[1:]))
+    assert all(set(a) == set(b) for a, b in zip(out["candidates"], cand))   # reordered, nothing added
+    with pytest.raises(AloeError, match="at least one iteration"):
+        decode_em(bigram_lm(succ), docs, text, cand, iters=0)

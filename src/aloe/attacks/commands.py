@@ -21,7 +21,7 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
                   learned_draws=args.learned_draws, anchored_contexts=args.anchored_contexts,
                   anchored_rounds=args.anchored_rounds, decode_stream=args.decode_stream,
                   decode_sweeps=args.decode_sweeps, decode_monotone=args.decode_monotone,
-                  seed=args.attacker_seed)
+                  decode_em=args.decode_em, seed=args.attacker_seed)
 
 
 def add_budget_flags(p: argparse.ArgumentParser) -> None:
@@ -59,6 +59,9 @@ def add_budget_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-monotone", action="store_true",
                    help="keep a decoder sweep's moves only where they raise the language model's log-probability "
                         "of the traffic (plus the rank prior); else halve them")
+    g.add_argument("--decode-em", type=int, default=0, metavar="N",
+                   help="decode by N EM iterations over a bigram view of the public model (forward-backward over "
+                        "every neighbour's candidates) instead of the sweeps; 0 = off")
     g.add_argument("--attacker-seed", type=int, default=None, help="seed of the attacker's own (non-secret) draws")
 
 

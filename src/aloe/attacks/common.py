@@ -45,6 +45,7 @@ class Budget:
     decode_stream: int = 2000      # ids of the victim's stream decoded besides its prompts (decoded)
     decode_sweeps: int = 8         # most sweeps of the decoder's search (it stops early once nothing moves)
     decode_monotone: bool = False  # keep a sweep's moves only where they raise the decoder's objective
+    decode_em: int = 0             # EM iterations of the bigram forward-backward decoder instead of the sweeps (0: off)
     batch: int = 256
     seed: int | None = None     # attacker's own (non-secret) randomness; None = fresh
 

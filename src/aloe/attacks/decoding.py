@@ -67,6 +67,11 @@ class LogitsScorer:
         first = lp[:, nl - 1] if nl else None
         return _continuation_logprob(lp[:, nl:], cont.reshape(B * k, T), first).reshape(B, k)
 
+    @torch.no_grad()
+    def next_logprobs(self, prev: torch.Tensor) -> torch.Tensor:
+        """(B, V): log p(. | prev[b]), a context of one token."""
+        return torch.log_softmax(self.logits(prev[:, None])[:, -1].float(), -1)
+
 
 class CausalLM:
     """The public causal language model (fp32, eval, CPU) as a continuation scorer: the left context runs once per
@@ -90,6 +95,11 @@ class CausalLM:
         cache.batch_repeat_interleave(k)
         lp = torch.log_softmax(self.model(input_ids=flat, cache=cache).logits.float(), -1)
         return _continuation_logprob(lp, flat, first).reshape(B, k)
+
+    @torch.no_grad()
+    def next_logprobs(self, prev: torch.Tensor) -> torch.Tensor:
+        """(B, V): log p(. | prev[b]), a context of one token."""
+        return torch.log_softmax(self.model(input_ids=prev[:, None]).logits[:, -1].float(), -1)
 
 
 @dataclass
@@ -297,6 +307,124 @@ def decode(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray, sweeps: in
             "sweeps": len(moved), "decoded_clusters": int(len(rows))}
 
 
+def pair_logprobs(lm, pairs: np.ndarray, batch: int = 256) -> np.ndarray:
+    """log p(b | a) for each row (a, b) of ``pairs`` under ``lm`` with a context of one token (its bigram view)."""
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    prev, inv = np.unique(pairs[:, 0], return_inverse=True)
+    out = np.empty(len(pairs))
+    order = np.argsort(inv, kind="stable")
+    bounds = np.searchsorted(inv[order], np.arange(len(prev) + 1))
+    for s in range(0, len(prev), batch):
+        lp = lm.next_logprobs(torch.as_tensor(prev[s:s + batch])).double().numpy()
+        rows = order[bounds[s]:bounds[min(s + batch, len(prev))]]
+        out[rows] = lp[inv[rows] - s, pairs[rows, 1]]
+    return out
+
+
+def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
+    m = np.max(x, axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    return np.squeeze(m, axis) + np.log(np.sum(np.exp(x - m), axis=axis))
+
+
+def decode_em(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray, iters: int = 50, distinct: bool = False,
+              prior_decay: float = 0.5, progress=None) -> dict:
+    """Decipherment by EM over a bigram view of the language model (the classical substitution-cipher attack):
+    each doc is a chain whose states at an occurrence are its cluster's candidates (a plain id seen in clear is its
+    one state), the transitions log p(b | a) of the public model with one token of context, the emissions a channel
+    theta(cluster | plain token) over the candidate lists. Forward-backward marginalises over every neighbour's
+    candidates (the sweeps' search conditions on their current guesses instead); the M-step re-estimates theta from
+    the expected counts, starting from the per-token attack's ranking (a geometric prior over ranks). Each cluster
+    then takes the candidate with the most posterior mass over its occurrences (one-to-one with ``distinct``).
+    Returns the ranked candidates (n, k), the log-likelihood of the traffic per iteration and the iterations run."""
+    labels = np.asarray(labels, dtype=np.int64)
+    cand = np.asarray(cand, dtype=np.int64)
+    n, k = cand.shape
+    if iters < 1:
+        raise AloeError(f"the EM decoder needs at least one iteration (got {iters})")
+    if len(labels) and (labels.min() < 0 or labels.max() >= n):
+        raise AloeError("every occurrence needs the index of its cluster's candidates")
+    if not (cand[labels, 0] >= 0).all():
+        raise AloeError("every occurring cluster needs at least one candidate")
+    rows, local = np.unique(labels, return_inverse=True)
+    c_rows = cand[rows]
+    v_rows = c_rows >= 0
+    # the states of every position of every doc: (T, k) plain ids, -1 where none
+    chains, occs = [], []
+    for doc in docs:
+        if len(doc.known) != len(doc.occurrence):
+            raise AloeError("a decoding doc needs one known id or one occurrence per position")
+        st = np.full((len(doc.known), k), -1, dtype=np.int64)
+        is_occ = doc.occurrence >= 0
+        st[~is_occ, 0] = doc.known[~is_occ]
+        st[is_occ] = c_rows[local[doc.occurrence[is_occ]]]
+        chains.append(st)
+        occs.append(np.where(is_occ, local[np.maximum(doc.occurrence, 0)], -1))
+    # the transitions between consecutive positions, from the unique pairs of states
+    pa, pb = [], []
+    for st in chains:
+        a, b = st[:-1, :, None], st[1:, None, :]
+        ok = (a >= 0) & (b >= 0)
+        pa.append(np.broadcast_to(a, ok.shape)[ok])
+        pb.append(np.broadcast_to(b, ok.shape)[ok])
+    pairs = np.stack([np.concatenate(pa), np.concatenate(pb)], 1) if pa else np.zeros((0, 2), dtype=np.int64)
+    uniq, inv = np.unique(pairs, axis=0, return_inverse=True)
+    lp_pairs = pair_logprobs(lm, uniq)[inv.reshape(-1)]
+    trans, at = [], 0
+    for st in chains:
+        a, b = st[:-1, :, None], st[1:, None, :]
+        ok = (a >= 0) & (b >= 0)
+        t = np.full(ok.shape, -np.inf)
+        t[ok] = lp_pairs[at:at + int(ok.sum())]
+        at += int(ok.sum())
+        trans.append(t)
+    # theta(cluster | plain): normalised over the clusters that rank each plain token
+    flat_plain = np.where(v_rows, c_rows, -1)
+    _, plain_idx = np.unique(flat_plain[v_rows], return_inverse=True)
+    n_plain = int(plain_idx.max()) + 1 if plain_idx.size else 0
+
+    def normalise(mass: np.ndarray) -> np.ndarray:
+        tot = np.bincount(plain_idx, weights=mass[v_rows], minlength=n_plain)
+        theta = np.full(mass.shape, -np.inf)
+        theta[v_rows] = np.log(mass[v_rows] + 1e-12) - np.log(tot[plain_idx] + 1e-12)
+        return theta
+
+    log_theta = normalise(np.where(v_rows, prior_decay ** np.arange(k, dtype=np.float64)[None, :], 0.0))
+    loglik = []
+    for _ in range(iters):
+        counts = np.zeros(c_rows.shape)
+        total = 0.0
+        for st, occ, tr in zip(chains, occs, trans):
+            emit = np.where(st >= 0, 0.0, -np.inf)
+            o = occ >= 0
+            emit[o] = log_theta[occ[o]]
+            T = len(st)
+            alpha = np.empty((T, k))
+            beta = np.zeros((T, k))
+            alpha[0] = emit[0]
+            for t in range(1, T):
+                alpha[t] = _logsumexp(alpha[t - 1][:, None] + tr[t - 1], 0) + emit[t]
+            for t in range(T - 2, -1, -1):
+                beta[t] = _logsumexp(tr[t] + (emit[t + 1] + beta[t + 1])[None, :], 1)
+            z = float(_logsumexp(alpha[-1], 0))
+            total += z
+            post = np.exp(alpha + beta - z)
+            np.add.at(counts, occ[o], post[o])
+        loglik.append(total)
+        log_theta = normalise(counts + 1e-3 * v_rows)
+        if progress is not None:
+            progress.update(1)
+        if len(loglik) > 1 and abs(loglik[-1] - loglik[-2]) < 1e-4 * abs(loglik[-1]):
+            break
+    score = np.where(v_rows, np.log(counts + 1e-12), -np.inf)
+    choice = distinct_assignment(score, c_rows, v_rows) if distinct else np.argmax(score, 1)
+    score[np.arange(len(rows)), choice] = np.inf
+    out = cand.copy()
+    out[rows] = np.take_along_axis(c_rows, np.argsort(-score, 1, kind="stable"), 1)
+    return {"candidates": out, "loglik": loglik, "iterations": len(loglik), "decoded_clusters": int(len(rows)),
+            "transition_pairs": int(len(uniq))}
+
+
 def traffic_docs(streams: list[np.ndarray], rows: dict[int, int], visible: np.ndarray, min_run: int = 2
                  ) -> tuple[list[Doc], np.ndarray]:
     """Docs of token-id traffic (each stream a request or a stretch of the victim's stream, in obfuscated ids):
@@ -322,22 +450,33 @@ def attack(t, guess, obf_prompts: list[np.ndarray], obf_stream: np.ndarray, prog
     ``budget.decode_stream`` ids of its stream in chunks of 512) over the candidates of a per-id guess
     (:class:`~aloe.attacks.scoring.IdGuess`), the public model as the language prior, one plain token per
     obfuscated id (``distinct``), in at most ``budget.decode_sweeps`` sweeps (kept only where they raise the
-    objective with ``budget.decode_monotone``). Ids that do not occur keep the per-id ranking."""
+    objective with ``budget.decode_monotone``), or with ``budget.decode_em`` iterations of :func:`decode_em` instead.
+    Ids that do not occur keep the per-id ranking."""
     from aloe.attacks.scoring import IdGuess
 
     if t.budget.decode_sweeps < 1:
         raise AloeError(f"the decoder needs at least one sweep (got {t.budget.decode_sweeps})")
+    if t.budget.decode_em < 0 or (t.budget.decode_em and t.budget.decode_monotone):
+        raise AloeError("choose one decoder search: EM iterations (>= 1) or the monotone sweeps, not both")
     rows = {int(o): i for i, o in enumerate(guess.obf_ids)}
     stream, chunk = np.asarray(obf_stream)[:t.budget.decode_stream], 512
     streams = [*obf_prompts, *(stream[i:i + chunk] for i in range(0, len(stream), chunk))]
     docs, labels = traffic_docs(streams, rows, t.fixed_ids)
+    if t.budget.decode_em:
+        out = decode_em(CausalLM(t.plain_dir), docs, labels, guess.candidates, t.budget.decode_em, distinct=True,
+                        progress=progress)
+        return IdGuess(guess.obf_ids, out["candidates"], uniform=guess.uniform,
+                       extra={"decoded_clusters": out["decoded_clusters"], "decoded_occurrences": int(len(labels)),
+                              "search": "em", "iterations": out["iterations"], "loglik_per_iteration": out["loglik"],
+                              "transition_pairs": out["transition_pairs"]})
     out = decode(CausalLM(t.plain_dir), docs, labels, guess.candidates, t.budget.decode_sweeps, distinct=True,
                  monotone=t.budget.decode_monotone, progress=progress)
     return IdGuess(guess.obf_ids, out["candidates"], uniform=guess.uniform,
                    extra={"decoded_clusters": out["decoded_clusters"],
                           "decoded_occurrences": int(len(labels)), "sweeps": out["sweeps"],
                           "moved_per_sweep": out["moved"], "objective_per_sweep": out["objective"],
-                          "monotone": t.budget.decode_monotone, "rank_prior_top3": out["rank_prior"][:3]})
+                          "monotone": t.budget.decode_monotone, "search": "sweeps",
+                          "rank_prior_top3": out["rank_prior"][:3]})
 
 
 def decode_linked(model_dir, lengths: list[int], labels: np.ndarray, cand: np.ndarray, progress=None) -> dict:
