@@ -38,7 +38,10 @@ ABLATIONS = {"learned-weights": ("learned", {"learned_state_ids": -1},
                                       "SDA + language-prior decoding that keeps a sweep's moves only where they "
                                       "raise the text's log-probability"),
              "sda-decoded-em": ("sda-decoded", {"decode_em": 50},
-                                "SDA + decipherment by EM over a bigram view of the public model (50 iterations)")}
+                                "SDA + decipherment by EM over a bigram view of the public model (50 iterations)"),
+             "sda-decoded-em1": ("sda-decoded", {"decode_em": 1},
+                                 "the same, one E-step: the bigram posterior with the per-token ranking as a fixed "
+                                 "prior")}
 
 
 def ppl_ratios(quick: dict) -> dict[str, float]:
