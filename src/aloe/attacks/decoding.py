@@ -24,6 +24,11 @@ candidates. :func:`decode` picks one candidate per cluster by damped iterated co
    runner-up is far behind are settled and no longer scored. With ``distinct`` (clusters that are different
    obfuscated ids), the final choice is one-to-one: the greedy assignment in order of confidence.
 
+Two other searches are options: the monotone one keeps a sweep's moves only where they raise the language model's
+log-probability of the whole traffic (:func:`text_logprob`), and :func:`decode_em` is the classical decipherment
+attack, EM with forward-backward over a bigram view of the model, summing over the neighbours' candidates instead of
+conditioning on their current guesses.
+
 No ground truth is used anywhere: the rank prior comes from EM, the language model is the public one. The guess is
 only as good as the candidate lists (a token not among its cluster's candidates cannot be decoded), so a per-token
 attack's top-k is the ceiling, and the decoder's gain is measured against its top-1 on the same candidates.
