@@ -232,10 +232,9 @@ def decode(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray, sweeps: in
     first sweep. With ``monotone`` a sweep's moves are kept only if they raise the objective (the language model's
     log-probability of the whole traffic as decoded plus the rank prior of every choice); otherwise the share is
     halved and tried again, down to the single best gain, and the search stops when that one does not raise it
-    either, and a cluster that moved is scored again in its new contexts before it can settle. Returns the ranked
-    candidates (n, k) per cluster after decoding (the chosen one first, then the others
-    by score), the rank prior and, per sweep, the share of occurring clusters that moved and the objective after
-    it."""
+    either. The monotone search also scores a cluster that moved again, in its new contexts, before it can settle.
+    Returns the ranked candidates (n, k) per cluster after decoding (the chosen one first, then the others by
+    score), the rank prior and, per sweep, the share of occurring clusters that moved and the objective after it."""
     labels = np.asarray(labels, dtype=np.int64)
     cand = np.asarray(cand, dtype=np.int64)
     n, k = cand.shape
@@ -365,27 +364,21 @@ def decode_em(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray, iters: 
         st[is_occ] = c_rows[local[doc.occurrence[is_occ]]]
         chains.append(st)
         occs.append(np.where(is_occ, local[np.maximum(doc.occurrence, 0)], -1))
-    # the transitions between consecutive positions, from the unique pairs of states
-    pa, pb = [], []
-    for st in chains:
-        a, b = st[:-1, :, None], st[1:, None, :]
-        ok = (a >= 0) & (b >= 0)
-        pa.append(np.broadcast_to(a, ok.shape)[ok])
-        pb.append(np.broadcast_to(b, ok.shape)[ok])
-    pairs = np.stack([np.concatenate(pa), np.concatenate(pb)], 1) if pa else np.zeros((0, 2), dtype=np.int64)
+    # the transitions between consecutive positions: (T - 1, k, k) log p(b | a), -inf where a state is missing;
+    # the model is asked once per unique pair
+    masks = [(st[:-1, :, None] >= 0) & (st[1:, None, :] >= 0) for st in chains]
+    pairs = [np.stack(np.broadcast_arrays(st[:-1, :, None], st[1:, None, :]), -1)[ok] for st, ok in zip(chains, masks)]
+    pairs = np.concatenate(pairs) if pairs else np.zeros((0, 2), dtype=np.int64)
     uniq, inv = np.unique(pairs, axis=0, return_inverse=True)
     lp_pairs = pair_logprobs(lm, uniq)[inv.reshape(-1)]
     trans, at = [], 0
-    for st in chains:
-        a, b = st[:-1, :, None], st[1:, None, :]
-        ok = (a >= 0) & (b >= 0)
+    for ok in masks:
         t = np.full(ok.shape, -np.inf)
         t[ok] = lp_pairs[at:at + int(ok.sum())]
         at += int(ok.sum())
         trans.append(t)
     # theta(cluster | plain): normalised over the clusters that rank each plain token
-    flat_plain = np.where(v_rows, c_rows, -1)
-    _, plain_idx = np.unique(flat_plain[v_rows], return_inverse=True)
+    _, plain_idx = np.unique(c_rows[v_rows], return_inverse=True)
     n_plain = int(plain_idx.max()) + 1 if plain_idx.size else 0
 
     def normalise(mass: np.ndarray) -> np.ndarray:
