@@ -239,12 +239,25 @@ def test_sda_in_the_suite_reads_the_head_of_the_victims_stream_from_ciphertext_a
     assert 500 <= dec["decoded_occurrences"] < 600
     assert dec["sweeps"] == 1 and len(dec["moved_per_sweep"]) == 1    # the budget's sweeps bound the search
     assert dec["monotone"] is False and len(dec["objective_per_sweep"]) == 1
+    # measured with the secret after the attack: the objective and the share read right of four readings
+    rd = dec["readings"]
+    assert rd["occurrences"] == dec["decoded_occurrences"] and "rank_prior" not in dec
+    assert rd["victim"]["occurrences_right"] == 1.0
+    assert rd["victim_within_candidates"]["occurrences_right"] >= max(rd["decoded"]["occurrences_right"],
+                                                                      rd["first_choice"]["occurrences_right"])
+    assert rd["victim_within_candidates"]["occurrences_right"] > rd["decoded"]["occurrences_right"]
+    for name in ("first_choice", "decoded", "victim_within_candidates"):
+        r_ = rd[name]
+        assert r_["text_logprob"] < 0 and r_["rank_prior_logprob"] < 0
+        assert r_["objective"] == pytest.approx(r_["text_logprob"] + r_["rank_prior_logprob"])
     with pytest.raises(AloeError, match="at least one sweep"):
         attack(plain_dir, weak, ["sda-decoded"], sda_steps=5, sda_ranks=32, decode_stream=500, decode_sweeps=0)
     em = attack(plain_dir, weak, ["sda-decoded"], sda_steps=60, sda_ranks=32, decode_stream=500, decode_em=3)
     em = em["sda-decoded"]
     assert em["search"] == "em" and 1 <= em["iterations"] <= 3 and len(em["loglik_per_iteration"]) == em["iterations"]
     assert em["transition_pairs"] > 0 and 500 <= em["decoded_occurrences"] < 600
+    # EM has no rank prior: only the text's log-probability of each reading
+    assert em["readings"]["decoded"]["objective"] is None and em["readings"]["decoded"]["text_logprob"] < 0
     with pytest.raises(AloeError, match="choose one decoder search"):
         attack(plain_dir, weak, ["sda-decoded"], sda_steps=5, sda_ranks=32, decode_stream=500, decode_em=2,
                decode_monotone=True)

@@ -456,10 +456,7 @@ def attack(t, guess, obf_prompts: list[np.ndarray], obf_stream: np.ndarray, prog
         raise AloeError(f"the decoder needs at least one sweep (got {t.budget.decode_sweeps})")
     if t.budget.decode_em < 0 or (t.budget.decode_em and t.budget.decode_monotone):
         raise AloeError("choose one decoder search: EM iterations (>= 1) or the monotone sweeps, not both")
-    rows = {int(o): i for i, o in enumerate(guess.obf_ids)}
-    stream, chunk = np.asarray(obf_stream)[:t.budget.decode_stream], 512
-    streams = [*obf_prompts, *(stream[i:i + chunk] for i in range(0, len(stream), chunk))]
-    docs, labels = traffic_docs(streams, rows, t.fixed_ids)
+    docs, labels = _victim_docs(t, guess, obf_prompts, obf_stream)
     if t.budget.decode_em:
         out = decode_em(CausalLM(t.plain_dir), docs, labels, guess.candidates, t.budget.decode_em, distinct=True,
                         progress=progress)
@@ -474,7 +471,51 @@ def attack(t, guess, obf_prompts: list[np.ndarray], obf_stream: np.ndarray, prog
                           "decoded_occurrences": int(len(labels)), "sweeps": out["sweeps"],
                           "moved_per_sweep": out["moved"], "objective_per_sweep": out["objective"],
                           "monotone": t.budget.decode_monotone, "search": "sweeps",
-                          "rank_prior_top3": out["rank_prior"][:3]})
+                          "rank_prior_top3": out["rank_prior"][:3], "rank_prior": out["rank_prior"]})
+
+
+def _victim_docs(t, guess, obf_prompts: list[np.ndarray], obf_stream: np.ndarray) -> tuple[list[Doc], np.ndarray]:
+    """The docs :func:`attack` decodes: the prompts, then the first ``budget.decode_stream`` ids of the stream in
+    chunks of 512; the clusters are the rows of ``guess``."""
+    rows = {int(o): i for i, o in enumerate(guess.obf_ids)}
+    stream, chunk = np.asarray(obf_stream)[:t.budget.decode_stream], 512
+    streams = [*obf_prompts, *(stream[i:i + chunk] for i in range(0, len(stream), chunk))]
+    return traffic_docs(streams, rows, t.fixed_ids)
+
+
+def reading_logprobs(t, base, decoded, obf_prompts: list[np.ndarray], obf_stream: np.ndarray,
+                     plain_of: np.ndarray, rank_prior: list[float] | None = None) -> dict:
+    """A measurement made with the secret, never part of the attack: how the decoder's objective ranks the readings
+    of the traffic it decoded. ``base`` is the per-id guess whose candidates were decoded, ``decoded`` the decoder's
+    guess, ``plain_of`` (V,) the plain id of every obfuscated id (the inverse of tau). Readings, one plain id per
+    occurring cluster: ``first_choice`` (the base's first candidates), ``decoded`` (the decoder's choice),
+    ``victim_within_candidates`` (the victim's token wherever it is among the candidates, the decoder's choice
+    elsewhere: the best reading the decoder can reach) and ``victim`` (the victim's text). For each: the public
+    model's log-probability of the whole traffic so read (nats), the rank-prior term of the decoder's objective
+    (``rank_prior`` of the sweeps search; None where a choice is not among the candidates) and the share of the
+    decoded occurrences it reads right. If the reachable victim's reading scores below the decoder's, a better search
+    of the same objective cannot read more."""
+    docs, labels = _victim_docs(t, base, obf_prompts, obf_stream)
+    cand = np.asarray(base.candidates, dtype=np.int64)
+    truth = np.asarray(plain_of, dtype=np.int64)[np.asarray(base.obf_ids, dtype=np.int64)]
+    dec = np.asarray(decoded.candidates, dtype=np.int64)[:, 0]
+    inside = (cand == truth[:, None]).any(1)
+    readings = {"first_choice": cand[:, 0], "decoded": dec, "victim_within_candidates": np.where(inside, truth, dec),
+                "victim": truth}
+    rows = np.unique(labels)
+    lm = CausalLM(t.plain_dir)
+    out = {}
+    for name, plain in readings.items():
+        rank = np.argmax(cand[rows] == plain[rows, None], 1)
+        listed = (cand[rows] == plain[rows, None]).any(1)
+        prior = (float(np.log(np.asarray(rank_prior))[rank].sum()) if rank_prior is not None and listed.all()
+                 else None)
+        lp = text_logprob(lm, docs, plain[labels])
+        out[name] = {"text_logprob": lp, "rank_prior_logprob": prior,
+                     "objective": None if prior is None else lp + prior,
+                     "occurrences_right": float((plain[labels] == truth[labels]).mean()) if len(labels) else None}
+    out["occurrences"] = int(len(labels))
+    return out
 
 
 def decode_linked(model_dir, lengths: list[int], labels: np.ndarray, cand: np.ndarray, progress=None) -> dict:

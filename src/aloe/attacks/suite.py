@@ -146,8 +146,14 @@ def run(target: Target, names: list[str], tau: np.ndarray, texts: Texts, progres
             base = "learned" if name == "decoded" else "sda"
             if base not in guesses:
                 guesses[base] = _id_guess(base, target, received, texts, tau, pr)
-            res = score_ids(decoding.attack(target, guesses[base], obf_prompts, tau[texts.stream], pr), tau,
-                            texts.prompts, fixed)
+            dec = decoding.attack(target, guesses[base], obf_prompts, tau[texts.stream], pr)
+            res = score_ids(dec, tau, texts.prompts, fixed)
+            plain_of = np.empty_like(tau)
+            plain_of[tau] = np.arange(len(tau))
+            # measured with the secret, after the attack: where the decoder's objective puts the victim's reading
+            res["readings"] = decoding.reading_logprobs(target, guesses[base], dec, obf_prompts, tau[texts.stream],
+                                                        plain_of, dec.extra.get("rank_prior"))
+            res.pop("rank_prior", None)
             per_id = score_ids(guesses[base], tau, texts.prompts, fixed)  # the base attack's own figures, same run
             res["per_id_token_recovery"] = per_id["token_recovery"]
             res["per_id_prompt_token_recovery"] = per_id["prompt_token_recovery"]
