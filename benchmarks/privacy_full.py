@@ -42,6 +42,10 @@ ABLATIONS = {"learned-weights": ("learned", {"learned_state_ids": -1},
                                       "raise the text's log-probability"),
              "sda-decoded-em": ("sda-decoded", {"decode_em": 50},
                                 "SDA + decipherment by EM over a bigram view of the public model (50 iterations)"),
+             "sda-decoded-sequential": ("sda-decoded", {"decode_sequential": True},
+                                        "SDA + language-prior decoding one id at a time against its neighbours' "
+                                        "latest choices, Gibbs sampling annealed from temperature 1 to 0 over 8 "
+                                        "sweeps"),
              "sda-decoded-em1": ("sda-decoded", {"decode_em": 1},
                                  "the same, one E-step: the bigram posterior with the per-token ranking as a fixed "
                                  "prior")}

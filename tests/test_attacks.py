@@ -261,6 +261,13 @@ def test_sda_in_the_suite_reads_the_head_of_the_victims_stream_from_ciphertext_a
     with pytest.raises(AloeError, match="choose one decoder search"):
         attack(plain_dir, weak, ["sda-decoded"], sda_steps=5, sda_ranks=32, decode_stream=500, decode_em=2,
                decode_monotone=True)
+    with pytest.raises(AloeError, match="choose one decoder search"):
+        attack(plain_dir, weak, ["sda-decoded"], sda_steps=5, sda_ranks=32, decode_stream=500, decode_monotone=True,
+               decode_sequential=True)
+    seq = attack(plain_dir, weak, ["sda-decoded"], sda_steps=60, sda_ranks=32, decode_stream=500, decode_sweeps=2,
+                 decode_sequential=True)["sda-decoded"]
+    assert seq["search"] == "sequential" and seq["temperature_per_sweep"] == [1.0, 0.0]
+    assert len(seq["objective_per_sweep"]) == 2 and seq["readings"]["decoded"]["objective"] is not None
     for key in ("token_recovery_top5", "prompt_token_recovery_top5"):
         assert dec[key] == sda[key]
 

@@ -11,6 +11,7 @@ from aloe.attacks.decoding import (
     LogitsScorer,
     decode,
     decode_em,
+    decode_sequential,
     occurrence_logprobs,
     pair_logprobs,
     text_logprob,
@@ -211,9 +212,11 @@ def test_the_budget_flags_carry_the_decoders_sweeps_and_acceptance_rule():
     add_budget_flags(ap)
     default = budget_from_args(ap.parse_args([]))
     assert default.decode_sweeps == 8 and default.decode_monotone is False
-    assert default.decode_em == 0
-    b = budget_from_args(ap.parse_args(["--decode-sweeps", "3", "--decode-monotone", "--decode-em", "7"]))
+    assert default.decode_em == 0 and default.decode_sequential is False and default.decode_temperature == 1.0
+    b = budget_from_args(ap.parse_args(["--decode-sweeps", "3", "--decode-monotone", "--decode-em", "7",
+                                        "--decode-sequential", "--decode-temperature", "0.5"]))
     assert b.decode_sweeps == 3 and b.decode_monotone is True and b.decode_em == 7
+    assert b.decode_sequential is True and b.decode_temperature == 0.5
 
 
 def test_pair_logprobs_read_the_models_next_token_table():
@@ -240,3 +243,42 @@ def test_em_decipherment_reads_the_text_through_every_neighbours_candidates():
     assert all(set(a) == set(b) for a, b in zip(out["candidates"], cand))   # reordered, nothing added
     with pytest.raises(AloeError, match="at least one iteration"):
         decode_em(bigram_lm(succ), docs, text, cand, iters=0)
+
+
+def test_sequential_decoding_reads_the_text_where_the_parallel_sweeps_stop_short():
+    rng = np.random.default_rng(5)
+    succ, text = cycle_text(rng, 600)
+    cand = candidates_with_decoys(rng, rng.random(V) < 0.6)
+    docs = [Doc.unknown(np.arange(i, min(i + 100, len(text)))) for i in range(0, len(text), 100)]
+    before = (cand[text, 0] == text).mean()
+    sweeps = (decode(bigram_lm(succ), docs, text, cand, sweeps=8)["candidates"][text, 0] == text).mean()
+    for temperature in (0.0, 1.0):
+        out = decode_sequential(bigram_lm(succ), docs, text, cand, sweeps=4, temperature=temperature,
+                                rng=np.random.default_rng(1), distinct=True)
+        after = (out["candidates"][text, 0] == text).mean()
+        assert before < 0.5 and after > 0.97 and after > sweeps + 0.1      # the parallel sweeps stop at 0.80
+        assert all(set(a) == set(b) for a, b in zip(out["candidates"], cand))   # reordered, nothing added
+        assert out["sweeps"] == len(out["objective"]) == len(out["moved"]) == 4
+        assert out["temperature"] == pytest.approx([temperature, 2 * temperature / 3, temperature / 3, 0.0])
+        assert out["best_objective"] == max(out["objective"]) and out["objective"][-1] > out["objective"][0] - 1
+        assert out["moved"][0] > 0.1 and out["moved"][-1] == 0.0        # the last (greedy) sweep found nothing to move
+    with pytest.raises(AloeError, match="at least one sweep"):
+        decode_sequential(bigram_lm(succ), docs, text, cand, sweeps=0)
+    with pytest.raises(AloeError, match="temperature"):
+        decode_sequential(bigram_lm(succ), docs, text, cand, temperature=-1.0)
+
+
+def test_sequential_decoding_scores_each_cluster_against_its_neighbours_latest_choice():
+    # the chasing pair of the test above: one cluster at a time, the first one visited moves and the second, scored
+    # against that move, stays: a pair that reads well whatever the order
+    succ = np.arange(V)
+    succ[[0, 2, 1, 3]] = [2, 0, 3, 1]
+    succ[4:] = 4 + (np.arange(36) + 1) % 36
+    cand = np.array([[0, 1], [3, 2], [2, 3], [3, 2]] + [[c, 4 + (c + 3) % 36] for c in range(4, V)])
+    labels = np.concatenate([np.arange(20) % 2, 4 + np.arange(72) % 36])
+    docs = [Doc.unknown(np.arange(20)), Doc.unknown(np.arange(20, 92))]
+    for seed in range(4):
+        out = decode_sequential(bigram_lm(succ), docs, labels, cand, sweeps=2, temperature=0.0,
+                                rng=np.random.default_rng(seed))
+        assert tuple(out["candidates"][:2, 0]) in {(0, 2), (1, 3)}
+        assert (out["candidates"][4:, 0] == np.arange(4, V)).all()

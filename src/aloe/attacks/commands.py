@@ -21,7 +21,8 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
                   learned_draws=args.learned_draws, anchored_contexts=args.anchored_contexts,
                   anchored_rounds=args.anchored_rounds, decode_stream=args.decode_stream,
                   decode_sweeps=args.decode_sweeps, decode_monotone=args.decode_monotone,
-                  decode_em=args.decode_em, seed=args.attacker_seed)
+                  decode_em=args.decode_em, decode_sequential=args.decode_sequential,
+                  decode_temperature=args.decode_temperature, seed=args.attacker_seed)
 
 
 def add_budget_flags(p: argparse.ArgumentParser) -> None:
@@ -62,6 +63,11 @@ def add_budget_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-em", type=int, default=0, metavar="N",
                    help="decode by N EM iterations over a bigram view of the public model (forward-backward over "
                         "every neighbour's candidates) instead of the sweeps; 0 = off")
+    g.add_argument("--decode-sequential", action="store_true",
+                   help="decode one cluster at a time against its neighbours' latest choices, drawing each choice "
+                        "at a temperature falling to 0 over the sweeps (Gibbs sampling with annealing)")
+    g.add_argument("--decode-temperature", type=float, default=1.0,
+                   help="start temperature of --decode-sequential (0: greedy at every sweep)")
     g.add_argument("--attacker-seed", type=int, default=None, help="seed of the attacker's own (non-secret) draws")
 
 

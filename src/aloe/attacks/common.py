@@ -46,6 +46,8 @@ class Budget:
     decode_sweeps: int = 8         # most sweeps of the decoder's search (it stops early once nothing moves)
     decode_monotone: bool = False  # keep a sweep's moves only where they raise the decoder's objective
     decode_em: int = 0             # EM iterations of the bigram forward-backward decoder instead of the sweeps (0: off)
+    decode_sequential: bool = False  # decode one cluster at a time (Gibbs sampling with annealing) instead
+    decode_temperature: float = 1.0  # start temperature of the sequential search (0: greedy at every sweep)
     batch: int = 256
     seed: int | None = None     # attacker's own (non-secret) randomness; None = fresh
 

@@ -24,10 +24,11 @@ candidates. :func:`decode` picks one candidate per cluster by damped iterated co
    runner-up is far behind are settled and no longer scored. With ``distinct`` (clusters that are different
    obfuscated ids), the final choice is one-to-one: the greedy assignment in order of confidence.
 
-Two other searches are options: the monotone one keeps a sweep's moves only where they raise the language model's
-log-probability of the whole traffic (:func:`text_logprob`), and :func:`decode_em` is the classical decipherment
+Three other searches are options: the monotone one keeps a sweep's moves only where they raise the language model's
+log-probability of the whole traffic (:func:`text_logprob`); :func:`decode_em` is the classical decipherment
 attack, EM with forward-backward over a bigram view of the model, summing over the neighbours' candidates instead of
-conditioning on their current guesses.
+conditioning on their current guesses; :func:`decode_sequential` scores one cluster at a time against its
+neighbours' latest choices and samples its choice at a falling temperature (Gibbs sampling with annealing).
 
 No ground truth is used anywhere: the rank prior comes from EM, the language model is the public one. The guess is
 only as good as the candidate lists (a token not among its cluster's candidates cannot be decoded), so a per-token
@@ -311,6 +312,123 @@ def decode(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray, sweeps: in
             "sweeps": len(moved), "decoded_clusters": int(len(rows))}
 
 
+def _cluster_scores(lm, seqs: list[np.ndarray], where: np.ndarray, cand_row: np.ndarray, context: int, right: int
+                    ) -> np.ndarray:
+    """(k,): for one cluster, the log-probability of the text around all its occurrences (``where``: (m, 2) doc and
+    position) with each candidate in every one of them, against the traffic as decoded now (``seqs``)."""
+    k = len(cand_row)
+    groups: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]] = {}
+    for d, pos in where:
+        seq = seqs[d]
+        left, after = seq[max(0, pos - context):pos], seq[pos + 1:pos + 1 + right]
+        if len(left) + len(after):
+            groups.setdefault((len(left), len(after)), []).append((left, after))
+    total = np.zeros(k)
+    for (nl, nr), items in groups.items():
+        left = torch.as_tensor(np.array([x for x, _ in items], dtype=np.int64).reshape(len(items), nl))
+        cont = np.empty((len(items), k, 1 + nr), dtype=np.int64)
+        cont[:, :, 0] = np.maximum(cand_row, 0)[None, :]
+        cont[:, :, 1:] = np.array([a for _, a in items], dtype=np.int64).reshape(len(items), 1, nr)
+        total += lm(left, torch.as_tensor(cont)).double().numpy().sum(0)
+    return np.where(cand_row >= 0, total, -np.inf)
+
+
+def decode_sequential(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray, sweeps: int = 8,
+                      temperature: float = 1.0, rng: np.random.Generator | None = None, distinct: bool = False,
+                      prior_decay: float = 0.5, context: int = 16, right: int = 2, progress=None) -> dict:
+    """Decode the traffic one cluster at a time (Gibbs sampling with annealing): each sweep visits the occurring
+    clusters in a random order and scores a cluster's candidates against the traffic as decoded at that moment, so
+    every neighbour's latest choice counts (the parallel sweeps of :func:`decode` score every cluster against the
+    last sweep's text). The cluster then draws its candidate with probability proportional to exp(score / T), T
+    falling linearly from ``temperature`` at the first sweep to 0 at the last (which takes the best: iterated
+    conditional modes; ``temperature`` 0 makes every sweep greedy). Scores are those of :func:`decode` (the candidate
+    given ``context`` positions before it, the ``right`` positions after it given the candidate, summed over the
+    cluster's occurrences, plus log pi_j of the rank prior, fitted by EM on a first scoring of every cluster against
+    the first choices). The reading with the best objective (:func:`text_logprob` plus the rank prior) at the end of a
+    sweep is returned. ``rng`` is the attacker's own randomness. Returns the ranked candidates (n, k) (the chosen one
+    first, then the others by their last score), the rank prior, per sweep the temperature, the share of occurring
+    clusters that changed and the objective after it."""
+    labels = np.asarray(labels, dtype=np.int64)
+    cand = np.asarray(cand, dtype=np.int64)
+    n, k = cand.shape
+    if sweeps < 1:
+        raise AloeError(f"the sequential decoder needs at least one sweep (got {sweeps})")
+    if not temperature >= 0:
+        raise AloeError(f"the start temperature must be >= 0 (got {temperature})")
+    if len(labels) and (labels.min() < 0 or labels.max() >= n):
+        raise AloeError("every occurrence needs the index of its cluster's candidates")
+    for doc in docs:
+        if len(doc.known) != len(doc.occurrence):
+            raise AloeError("a decoding doc needs one known id or one occurrence per position")
+    if not (cand[labels, 0] >= 0).all():
+        raise AloeError("every occurring cluster needs at least one candidate")
+    rng = rng if rng is not None else np.random.default_rng()
+    rows, local = np.unique(labels, return_inverse=True)
+    c_rows = cand[rows]
+    v_rows = c_rows >= 0
+    where: list[list[tuple[int, int]]] = [[] for _ in rows]
+    for d, doc in enumerate(docs):
+        for pos in np.flatnonzero(doc.occurrence >= 0):
+            where[local[doc.occurrence[pos]]].append((d, int(pos)))
+    where_arr = [np.array(w, dtype=np.int64).reshape(-1, 2) for w in where]
+    if sum(len(w) for w in where) != len(labels):
+        raise AloeError(f"{len(labels) - sum(len(w) for w in where)} occurrences are in no doc")
+    choice = np.zeros(len(rows), dtype=np.int64)
+    seqs = [np.where(doc.occurrence >= 0, c_rows[local[np.maximum(doc.occurrence, 0)], 0], doc.known)
+            for doc in docs]
+    # the rank prior, fitted on every cluster scored against the first choices
+    prior = prior_decay ** np.arange(k, dtype=np.float64)
+    prior /= prior.sum()
+    lp = occurrence_logprobs(lm, docs, c_rows[local, 0], cand[labels], context, right)
+    S = np.zeros((len(rows), k))
+    np.add.at(S, local, lp)
+    prior = _rank_prior_em(S, v_rows, prior)
+    log_prior = np.log(prior)
+
+    def objective_of(ch: np.ndarray) -> float:
+        return text_logprob(lm, docs, c_rows[local, ch[local]]) + float(log_prior[ch].sum())
+
+    best_choice, best_value = choice.copy(), objective_of(choice)
+    temps, changed, objective = [], [], []
+    doubt = np.flatnonzero(v_rows.sum(1) > 1)
+    for sweep in range(sweeps):
+        T = temperature * (1 - sweep / (sweeps - 1)) if sweeps > 1 else 0.0
+        moved = 0
+        for r in rng.permutation(doubt):
+            S[r] = _cluster_scores(lm, seqs, where_arr[r], c_rows[r], context, right)
+            score = np.where(v_rows[r], S[r] + log_prior, -np.inf)
+            if T > 0:
+                p = np.exp((score - score.max()) / T)
+                j = int(rng.choice(k, p=p / p.sum()))
+            else:
+                j = int(np.argmax(score))
+            if j != choice[r]:
+                choice[r] = j
+                moved += 1
+                for d, pos in where_arr[r]:
+                    seqs[d][pos] = c_rows[r, j]
+        value = objective_of(choice)
+        if value > best_value:
+            best_choice, best_value = choice.copy(), value
+        temps.append(float(T))
+        changed.append(float(moved / len(rows)) if len(rows) else 0.0)
+        objective.append(value)
+        if progress is not None:
+            progress.update(1)
+    choice = best_choice
+    score = np.where(v_rows, S + log_prior[None, :], -np.inf)
+    if distinct:
+        # one plain token per cluster: the searched choice first, by the margin of its last score
+        score[np.arange(len(rows)), choice] = np.maximum(score.max(1), score[np.arange(len(rows)), choice]) + 1e-6
+        choice = distinct_assignment(score, c_rows, v_rows)
+    score[np.arange(len(rows)), choice] = np.inf
+    out = cand.copy()
+    out[rows] = np.take_along_axis(c_rows, np.argsort(-score, 1, kind="stable"), 1)
+    return {"candidates": out, "rank_prior": prior.tolist(), "temperature": temps, "moved": changed,
+            "objective": objective, "best_objective": best_value, "sweeps": len(changed),
+            "decoded_clusters": int(len(rows))}
+
+
 def pair_logprobs(lm, pairs: np.ndarray, batch: int = 256) -> np.ndarray:
     """log p(b | a) for each row (a, b) of ``pairs`` under ``lm`` with a context of one token (its bigram view)."""
     pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
@@ -443,20 +561,39 @@ def traffic_docs(streams: list[np.ndarray], rows: dict[int, int], visible: np.nd
     return docs, (np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64))
 
 
+def check_budget(b) -> None:
+    """The decoder's knobs of a :class:`~aloe.attacks.common.Budget` make sense (checked before any attack runs)."""
+    if b.decode_sweeps < 1:
+        raise AloeError(f"the decoder needs at least one sweep (got {b.decode_sweeps})")
+    if b.decode_em < 0 or sum((b.decode_em > 0, b.decode_monotone, b.decode_sequential)) > 1:
+        raise AloeError("choose one decoder search: EM iterations (>= 1), the monotone sweeps or the sequential "
+                        "search, not two")
+    if not b.decode_temperature >= 0:
+        raise AloeError(f"the start temperature must be >= 0 (got {b.decode_temperature})")
+
+
 def attack(t, guess, obf_prompts: list[np.ndarray], obf_stream: np.ndarray, progress=None):
     """Token-id serving: decode the victim's traffic as the server receives it (its prompts, and the first
     ``budget.decode_stream`` ids of its stream in chunks of 512) over the candidates of a per-id guess
     (:class:`~aloe.attacks.scoring.IdGuess`), the public model as the language prior, one plain token per
     obfuscated id (``distinct``), in at most ``budget.decode_sweeps`` sweeps (kept only where they raise the
-    objective with ``budget.decode_monotone``), or with ``budget.decode_em`` iterations of :func:`decode_em` instead.
+    objective with ``budget.decode_monotone``), or with ``budget.decode_em`` iterations of :func:`decode_em`, or
+    with ``budget.decode_sequential`` by :func:`decode_sequential` instead.
     Ids that do not occur keep the per-id ranking."""
     from aloe.attacks.scoring import IdGuess
 
-    if t.budget.decode_sweeps < 1:
-        raise AloeError(f"the decoder needs at least one sweep (got {t.budget.decode_sweeps})")
-    if t.budget.decode_em < 0 or (t.budget.decode_em and t.budget.decode_monotone):
-        raise AloeError("choose one decoder search: EM iterations (>= 1) or the monotone sweeps, not both")
+    check_budget(t.budget)
+    b = t.budget
     docs, labels = _victim_docs(t, guess, obf_prompts, obf_stream)
+    if b.decode_sequential:
+        out = decode_sequential(CausalLM(t.plain_dir), docs, labels, guess.candidates, b.decode_sweeps,
+                                b.decode_temperature, b.rng("decode"), distinct=True, progress=progress)
+        return IdGuess(guess.obf_ids, out["candidates"], uniform=guess.uniform,
+                       extra={"decoded_clusters": out["decoded_clusters"], "decoded_occurrences": int(len(labels)),
+                              "search": "sequential", "sweeps": out["sweeps"], "temperature_per_sweep":
+                              out["temperature"], "moved_per_sweep": out["moved"],
+                              "objective_per_sweep": out["objective"], "rank_prior_top3": out["rank_prior"][:3],
+                              "rank_prior": out["rank_prior"]})
     if t.budget.decode_em:
         out = decode_em(CausalLM(t.plain_dir), docs, labels, guess.candidates, t.budget.decode_em, distinct=True,
                         progress=progress)

@@ -119,6 +119,10 @@ def run(target: Target, names: list[str], tau: np.ndarray, texts: Texts, progres
     if len(tau) != target.arch.vocab:
         raise AloeError("the secret's tau does not match the model's vocabulary")
     b = target.budget
+    if {"decoded", "sda-decoded"} & set(names):
+        from aloe.attacks import decoding
+
+        decoding.check_budget(b)
     fixed = target.fixed_ids
     received = np.unique(tau[np.concatenate(texts.prompts)]) if texts.prompts else np.zeros(0, np.int64)
     obf_prompts = [tau[p] for p in texts.prompts]
