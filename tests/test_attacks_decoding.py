@@ -262,6 +262,12 @@ def test_sequential_decoding_reads_the_text_where_the_parallel_sweeps_stop_short
         assert out["temperature"] == pytest.approx([temperature, 2 * temperature / 3, temperature / 3, 0.0])
         assert out["best_objective"] == max(out["objective"]) and out["objective"][-1] > out["objective"][0] - 1
         assert out["moved"][0] > 0.1 and out["moved"][-1] == 0.0        # the last (greedy) sweep found nothing to move
+        assert len(np.unique(out["candidates"][:, 0])) == V                # one plain token per cluster
+    # without the collision penalty the search keeps readings where two clusters share a token (the decoys); the
+    # one-to-one choice made after it still reads the text here, but the search's own objective stays lower
+    free = decode_sequential(bigram_lm(succ), docs, text, cand, sweeps=4, temperature=0.0,
+                             rng=np.random.default_rng(1), distinct=True, collision=0.0)
+    assert max(free["objective"]) < out["best_objective"] - 100
     with pytest.raises(AloeError, match="at least one sweep"):
         decode_sequential(bigram_lm(succ), docs, text, cand, sweeps=0)
     with pytest.raises(AloeError, match="temperature"):

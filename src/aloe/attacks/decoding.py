@@ -335,7 +335,8 @@ def _cluster_scores(lm, seqs: list[np.ndarray], where: np.ndarray, cand_row: np.
 
 def decode_sequential(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray, sweeps: int = 8,
                       temperature: float = 1.0, rng: np.random.Generator | None = None, distinct: bool = False,
-                      prior_decay: float = 0.5, context: int = 16, right: int = 2, progress=None) -> dict:
+                      prior_decay: float = 0.5, context: int = 16, right: int = 2, collision: float = 20.0,
+                      progress=None) -> dict:
     """Decode the traffic one cluster at a time (Gibbs sampling with annealing): each sweep visits the occurring
     clusters in a random order and scores a cluster's candidates against the traffic as decoded at that moment, so
     every neighbour's latest choice counts (the parallel sweeps of :func:`decode` score every cluster against the
@@ -344,10 +345,13 @@ def decode_sequential(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray,
     conditional modes; ``temperature`` 0 makes every sweep greedy). Scores are those of :func:`decode` (the candidate
     given ``context`` positions before it, the ``right`` positions after it given the candidate, summed over the
     cluster's occurrences, plus log pi_j of the rank prior, fitted by EM on a first scoring of every cluster against
-    the first choices). The reading with the best objective (:func:`text_logprob` plus the rank prior) at the end of a
-    sweep is returned. ``rng`` is the attacker's own randomness. Returns the ranked candidates (n, k) (the chosen one
-    first, then the others by their last score), the rank prior, per sweep the temperature, the share of occurring
-    clusters that changed and the objective after it."""
+    the first choices). With ``distinct`` (every cluster a different obfuscated id, so a different plain token) the
+    search stays one-to-one: a candidate another cluster reads is taken from it, and its score pays what that cluster
+    loses by moving to its best other candidate (a free token, or the one given up). The reading with the best
+    objective (:func:`text_logprob` plus the rank prior) at the end of a sweep is returned. ``rng`` is the attacker's
+    own randomness. Returns the ranked candidates (n, k) (the chosen one first, then the others by their last score),
+    the rank prior, per sweep the temperature, the share of occurring clusters that changed and the objective after
+    it."""
     labels = np.asarray(labels, dtype=np.int64)
     cand = np.asarray(cand, dtype=np.int64)
     n, k = cand.shape
@@ -384,29 +388,42 @@ def decode_sequential(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray,
     np.add.at(S, local, lp)
     prior = _rank_prior_em(S, v_rows, prior)
     log_prior = np.log(prior)
-
     def objective_of(ch: np.ndarray) -> float:
         return text_logprob(lm, docs, c_rows[local, ch[local]]) + float(log_prior[ch].sum())
 
     best_choice, best_value = choice.copy(), objective_of(choice)
     temps, changed, objective = [], [], []
     doubt = np.flatnonzero(v_rows.sum(1) > 1)
+    readers: dict[int, int] = {}  # plain token -> how many clusters read it now
+    for r in range(len(rows)):
+        readers[int(c_rows[r, choice[r]])] = readers.get(int(c_rows[r, choice[r]]), 0) + 1
+
+    def place(r: int, j: int) -> None:
+        old, new = int(c_rows[r, choice[r]]), int(c_rows[r, j])
+        readers[old] -= 1
+        readers[new] = readers.get(new, 0) + 1
+        choice[r] = j
+        for d, pos in where_arr[r]:
+            seqs[d][pos] = new
+
     for sweep in range(sweeps):
         T = temperature * (1 - sweep / (sweeps - 1)) if sweeps > 1 else 0.0
+        lam = collision * sweep / (sweeps - 1) if sweeps > 1 else collision
         moved = 0
         for r in rng.permutation(doubt):
             S[r] = _cluster_scores(lm, seqs, where_arr[r], c_rows[r], context, right)
             score = np.where(v_rows[r], S[r] + log_prior, -np.inf)
+            if distinct:  # every other cluster that reads a candidate's token costs the collision penalty
+                taken = np.array([readers.get(int(t), 0) - (q == choice[r]) for q, t in enumerate(c_rows[r])])
+                score = score - lam * taken
             if T > 0:
                 p = np.exp((score - score.max()) / T)
                 j = int(rng.choice(k, p=p / p.sum()))
             else:
                 j = int(np.argmax(score))
             if j != choice[r]:
-                choice[r] = j
+                place(r, j)
                 moved += 1
-                for d, pos in where_arr[r]:
-                    seqs[d][pos] = c_rows[r, j]
         value = objective_of(choice)
         if value > best_value:
             best_choice, best_value = choice.copy(), value
