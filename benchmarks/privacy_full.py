@@ -45,7 +45,7 @@ ABLATIONS = {"learned-weights": ("learned", {"learned_state_ids": -1},
              "sda-decoded-sequential": ("sda-decoded", {"decode_sequential": True},
                                         "SDA + language-prior decoding one id at a time against its neighbours' "
                                         "latest choices, Gibbs sampling annealed from temperature 1 to 0 over 8 "
-                                        "sweeps"),
+                                        "sweeps, two ids read as one token penalised more at every sweep"),
              "sda-decoded-em1": ("sda-decoded", {"decode_em": 1},
                                  "the same, one E-step: the bigram posterior with the per-token ranking as a fixed "
                                  "prior")}

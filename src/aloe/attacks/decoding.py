@@ -348,7 +348,8 @@ def decode_sequential(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray,
     the first choices). With ``distinct`` (every cluster a different obfuscated id, so a different plain token) the
     search stays one-to-one: a candidate another cluster reads is taken from it, and its score pays what that cluster
     loses by moving to its best other candidate (a free token, or the one given up). The reading with the best
-    objective (:func:`text_logprob` plus the rank prior) at the end of a sweep is returned. ``rng`` is the attacker's
+    objective (:func:`text_logprob` plus the rank prior) at the end of a sweep is returned (with ``distinct``, the last
+    sweep's, the only one made under the full penalty). ``rng`` is the attacker's
     own randomness. Returns the ranked candidates (n, k) (the chosen one first, then the others by their last score),
     the rank prior, per sweep the temperature, the share of occurring clusters that changed and the objective after
     it."""
@@ -425,7 +426,9 @@ def decode_sequential(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray,
                 place(r, j)
                 moved += 1
         value = objective_of(choice)
-        if value > best_value:
+        # one-to-one, only the last sweep's reading was made under the full collision penalty: the earlier ones may
+        # read two ids as one token, and their objective does not count that
+        if value > best_value or (distinct and sweep == sweeps - 1):
             best_choice, best_value = choice.copy(), value
         temps.append(float(T))
         changed.append(float(moved / len(rows)) if len(rows) else 0.0)
