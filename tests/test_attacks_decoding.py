@@ -49,6 +49,15 @@ def candidates_with_decoys(rng, wrong_first: np.ndarray, k: int = 4) -> np.ndarr
     return cand
 
 
+def decoy_cipher(seed: int, wrong: float = 0.6):
+    """A 600-token text of the cycle language, each token's candidates with a decoy first for the ``wrong`` share of
+    the tokens, cut in docs of 100."""
+    rng = np.random.default_rng(seed)
+    succ, text = cycle_text(rng, 600)
+    cand = candidates_with_decoys(rng, rng.random(V) < wrong)
+    return succ, text, cand, [Doc.unknown(np.arange(i, min(i + 100, len(text)))) for i in range(0, len(text), 100)]
+
+
 def test_the_language_prior_corrects_candidates_the_per_token_attack_ranked_wrong():
     rng = np.random.default_rng(0)
     succ, text = cycle_text(rng, 600)
@@ -163,10 +172,7 @@ def test_text_logprob_is_the_sum_of_each_docs_next_token_logprobs():
 
 
 def test_monotone_decoding_never_lowers_its_objective_and_still_corrects_the_ranking():
-    rng = np.random.default_rng(4)
-    succ, text = cycle_text(rng, 600)
-    cand = candidates_with_decoys(rng, rng.random(V) < 0.6)
-    docs = [Doc.unknown(np.arange(i, min(i + 100, len(text)))) for i in range(0, len(text), 100)]
+    succ, text, cand, docs = decoy_cipher(4)
     out = decode(bigram_lm(succ), docs, text, cand, sweeps=6, monotone=True)
     obj = out["objective"]
     assert len(obj) == out["sweeps"] >= 2
@@ -229,10 +235,7 @@ def test_pair_logprobs_read_the_models_next_token_table():
 
 
 def test_em_decipherment_reads_the_text_through_every_neighbours_candidates():
-    rng = np.random.default_rng(5)
-    succ, text = cycle_text(rng, 600)
-    cand = candidates_with_decoys(rng, rng.random(V) < 0.6)
-    docs = [Doc.unknown(np.arange(i, min(i + 100, len(text)))) for i in range(0, len(text), 100)]
+    succ, text, cand, docs = decoy_cipher(5)
     before = (cand[text, 0] == text).mean()
     out = decode_em(bigram_lm(succ), docs, text, cand, iters=30, distinct=True)
     after = (out["candidates"][text, 0] == text).mean()
@@ -246,10 +249,7 @@ def test_em_decipherment_reads_the_text_through_every_neighbours_candidates():
 
 
 def test_sequential_decoding_reads_the_text_where_the_parallel_sweeps_stop_short():
-    rng = np.random.default_rng(5)
-    succ, text = cycle_text(rng, 600)
-    cand = candidates_with_decoys(rng, rng.random(V) < 0.6)
-    docs = [Doc.unknown(np.arange(i, min(i + 100, len(text)))) for i in range(0, len(text), 100)]
+    succ, text, cand, docs = decoy_cipher(5)
     before = (cand[text, 0] == text).mean()
     sweeps = (decode(bigram_lm(succ), docs, text, cand, sweeps=8)["candidates"][text, 0] == text).mean()
     for temperature in (0.0, 1.0):
