@@ -345,14 +345,14 @@ def decode_sequential(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray,
     conditional modes; ``temperature`` 0 makes every sweep greedy). Scores are those of :func:`decode` (the candidate
     given ``context`` positions before it, the ``right`` positions after it given the candidate, summed over the
     cluster's occurrences, plus log pi_j of the rank prior, fitted by EM on a first scoring of every cluster against
-    the first choices). With ``distinct`` (every cluster a different obfuscated id, so a different plain token) the
-    search stays one-to-one: a candidate another cluster reads is taken from it, and its score pays what that cluster
-    loses by moving to its best other candidate (a free token, or the one given up). The reading with the best
-    objective (:func:`text_logprob` plus the rank prior) at the end of a sweep is returned (with ``distinct``, the last
-    sweep's, the only one made under the full penalty). ``rng`` is the attacker's
-    own randomness. Returns the ranked candidates (n, k) (the chosen one first, then the others by their last score),
-    the rank prior, per sweep the temperature, the share of occurring clusters that changed and the objective after
-    it."""
+    the first choices). With ``distinct`` (every cluster a different obfuscated id, so a different plain token) a
+    candidate pays ``collision`` nats, times the sweep's share of the way from the first sweep to the last, for every
+    other cluster that reads its token now, so the search is pushed to end one-to-one; the final choice is then made
+    one-to-one (:func:`distinct_assignment`, the searched choice first). The reading with the best objective
+    (:func:`text_logprob` plus the rank prior) at the end of a sweep is returned; with ``distinct``, the last sweep's,
+    the only one made under the full penalty. ``rng`` is the attacker's own randomness. Returns the ranked candidates
+    (n, k) (the chosen one first, then the others by their last score), the rank prior, per sweep the temperature,
+    the share of occurring clusters that changed and the objective after it."""
     labels = np.asarray(labels, dtype=np.int64)
     cand = np.asarray(cand, dtype=np.int64)
     n, k = cand.shape
@@ -389,6 +389,7 @@ def decode_sequential(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray,
     np.add.at(S, local, lp)
     prior = _rank_prior_em(S, v_rows, prior)
     log_prior = np.log(prior)
+
     def objective_of(ch: np.ndarray) -> float:
         return text_logprob(lm, docs, c_rows[local, ch[local]]) + float(log_prior[ch].sum())
 
