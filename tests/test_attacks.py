@@ -268,6 +268,14 @@ def test_sda_in_the_suite_reads_the_head_of_the_victims_stream_from_ciphertext_a
                  decode_sequential=True)["sda-decoded"]
     assert seq["search"] == "sequential" and seq["temperature_per_sweep"] == [1.0, 0.0]
     assert len(seq["objective_per_sweep"]) == 2 and seq["readings"]["decoded"]["objective"] is not None
+    # the one-to-one search from the sweeps' reading: what it returns is the best reading it scored
+    swp = attack(plain_dir, weak, ["sda-decoded"], sda_steps=60, sda_ranks=32, decode_stream=500, decode_sweeps=1,
+                 decode_swaps=2)["sda-decoded"]
+    assert swp["search"] == "sweeps+swaps" and swp["swap_sweeps"] == len(swp["swap_objective_per_sweep"]) <= 2
+    assert swp["swap_best_objective"] >= max([swp["swap_start_objective"], *swp["swap_objective_per_sweep"]])
+    assert swp["readings"]["decoded"]["objective"] == pytest.approx(swp["swap_best_objective"], rel=1e-6)
+    with pytest.raises(AloeError, match="sweeps must be >= 0"):
+        attack(plain_dir, weak, ["sda-decoded"], sda_steps=5, sda_ranks=32, decode_stream=500, decode_swaps=-1)
     for key in ("token_recovery_top5", "prompt_token_recovery_top5"):
         assert dec[key] == sda[key]
 

@@ -14,6 +14,7 @@ from aloe.attacks.decoding import (
     decode_sequential,
     occurrence_logprobs,
     pair_logprobs,
+    refine_distinct,
     text_logprob,
     traffic_docs,
 )
@@ -223,6 +224,7 @@ def test_the_budget_flags_carry_the_decoders_sweeps_and_acceptance_rule():
                                         "--decode-sequential", "--decode-temperature", "0.5"]))
     assert b.decode_sweeps == 3 and b.decode_monotone is True and b.decode_em == 7
     assert b.decode_sequential is True and b.decode_temperature == 0.5
+    assert default.decode_swaps == 0 and budget_from_args(ap.parse_args(["--decode-swaps", "2"])).decode_swaps == 2
 
 
 def test_pair_logprobs_read_the_models_next_token_table():
@@ -291,3 +293,60 @@ def test_sequential_decoding_scores_each_cluster_against_its_neighbours_latest_c
                                 rng=np.random.default_rng(seed))
         assert tuple(out["candidates"][:2, 0]) in {(0, 2), (1, 3)}
         assert (out["candidates"][4:, 0] == np.arange(4, V)).all()
+
+
+def test_the_one_to_one_search_swaps_two_ids_that_read_each_others_token():
+    # every cluster starts at its own token except pairs that read each other's: neither can move alone, since
+    # the token it wants is read by the other; a swap reads both
+    succ, text, cand, docs = decoy_cipher(4)
+    start = np.arange(V)
+    for a, b in ((3, 11), (20, 27)):
+        cand[a], cand[b] = [b, a, *cand[a][2:]], [a, b, *cand[b][2:]]
+        start[a], start[b] = b, a
+    assert (start[text] == text).mean() < 0.95
+    out = refine_distinct(bigram_lm(succ), docs, text, cand, start, sweeps=3, rng=np.random.default_rng(0))
+    assert (out["candidates"][text, 0] == text).all()
+    assert out["moved"][0] == 0.0 and out["swapped"][0] == pytest.approx(4 / V)   # two swaps, nothing alone
+    assert out["best_objective"] == out["objective"][0] > out["start_objective"] + 20
+    assert out["sweeps"] == 1                                        # the second sweep changed nothing
+    assert all(set(a) == set(b) for a, b in zip(out["candidates"], cand))   # reordered, nothing added
+    # a single try per cluster still swaps here (the token it wants is its best)
+    assert (refine_distinct(bigram_lm(succ), docs, text, cand, start, tries=1,
+                            rng=np.random.default_rng(0))["candidates"][text, 0] == text).all()
+
+
+def test_the_one_to_one_search_reads_more_than_the_decoders_one_to_one_choice():
+    for seed in (4, 5):
+        succ, text, cand, docs = decoy_cipher(seed)
+        dec = decode(bigram_lm(succ), docs, text, cand, sweeps=8, distinct=True)["candidates"][:, 0]
+        out = refine_distinct(bigram_lm(succ), docs, text, cand, dec, sweeps=4, rng=np.random.default_rng(1))
+        got = out["candidates"][:, 0]
+        assert (dec[text] == text).mean() < 0.95 and (got[text] == text).all()
+        assert len(np.unique(got)) == V and out["shared"] == 0                 # one plain token per cluster
+        assert out["best_objective"] >= max([out["start_objective"], *out["objective"]])
+        assert out["best_objective"] == pytest.approx(text_logprob(bigram_lm(succ), docs, got[text])
+                                                      + np.log(out["rank_prior"])[np.argmax(cand == got[:, None],
+                                                                                             1)].sum())
+
+
+def test_the_one_to_one_search_makes_its_start_one_to_one_and_refuses_bad_input():
+    succ, text, cand, docs = decoy_cipher(4)
+    # every cluster starts at its first candidate, two of them at one token: the start is made one-to-one
+    start = cand[:, 0].copy()
+    start[1] = start[0] = cand[0, 0]
+    cand[1, 1] = cand[0, 0]
+    # (as far as the candidates allow: a cluster whose candidates are all taken keeps sharing, and none starts to)
+    out = refine_distinct(bigram_lm(succ), docs, text, cand, start, sweeps=2, rng=np.random.default_rng(0))
+    first = out["candidates"][:, 0]
+    _, inverse, counts = np.unique(first, return_inverse=True, return_counts=True)
+    assert out["shared"] == (counts[inverse] > 1).sum() <= out["shared_at_start"] < (start == start[:, None]).sum() - V
+    with pytest.raises(AloeError, match="at least one sweep"):
+        refine_distinct(bigram_lm(succ), docs, text, cand, start, sweeps=0)
+    with pytest.raises(AloeError, match="at least one candidate to try"):
+        refine_distinct(bigram_lm(succ), docs, text, cand, start, tries=0)
+    with pytest.raises(AloeError, match="one plain token per cluster"):
+        refine_distinct(bigram_lm(succ), docs, text, cand, start[:5])
+    outside = start.copy()
+    outside[7] = next(t for t in range(V) if t not in cand[7])
+    with pytest.raises(AloeError, match="1 occurring clusters start from a token outside their candidates"):
+        refine_distinct(bigram_lm(succ), docs, text, cand, outside)

@@ -48,6 +48,7 @@ class Budget:
     decode_em: int = 0             # EM iterations of the bigram forward-backward decoder instead of the sweeps (0: off)
     decode_sequential: bool = False  # decode one cluster at a time (Gibbs sampling with annealing) instead
     decode_temperature: float = 1.0  # start temperature of the sequential search (0: greedy at every sweep)
+    decode_swaps: int = 0          # sweeps of the one-to-one search (moves and swaps) after the decoder's (0: off)
     batch: int = 256
     seed: int | None = None     # attacker's own (non-secret) randomness; None = fresh
 

@@ -450,6 +450,166 @@ def decode_sequential(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray,
             "decoded_clusters": int(len(rows))}
 
 
+def _windows_logprob(lm, seqs: list[np.ndarray], where: np.ndarray, context: int, right: int) -> float:
+    """The log-probability of the text at the positions ``where`` ((m, 2) doc and position, each once) and the
+    ``right`` positions after each, given up to ``context`` positions before it, in the traffic ``seqs``: the local
+    objective of :func:`_cluster_scores` for a change of several clusters at once."""
+    groups: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]] = {}
+    for d, pos in where:
+        seq = seqs[d]
+        left, cont = seq[max(0, pos - context):pos], seq[pos:pos + 1 + right]
+        if len(left) + len(cont) > 1:
+            groups.setdefault((len(left), len(cont)), []).append((left, cont))
+    total = 0.0
+    for (nl, nc), items in groups.items():
+        left = torch.as_tensor(np.array([x for x, _ in items], dtype=np.int64).reshape(len(items), nl))
+        cont = torch.as_tensor(np.array([c for _, c in items], dtype=np.int64).reshape(len(items), 1, nc))
+        total += float(lm(left, cont).double().sum())
+    return total
+
+
+def refine_distinct(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray, start: np.ndarray, sweeps: int = 3,
+                    rng: np.random.Generator | None = None, prior_decay: float = 0.5, context: int = 16,
+                    right: int = 2, tries: int = 3, progress=None) -> dict:
+    """Search the one-to-one readings only (every cluster a different obfuscated id, so a different plain token),
+    from ``start`` (n,), a plain token per cluster among its candidates (a decoder's output; where two occurring
+    clusters read one token, the greedy one-to-one assignment that keeps most of it: a cluster whose candidates are
+    all taken keeps sharing, and the search never makes a cluster share a token). The searches above score every
+    reading and make it one-to-one at the end; this one never leaves the one-to-one readings, so the objective it
+    raises is the objective of what it returns. Each sweep visits the occurring clusters in a random order and
+    scores a cluster's candidates against the traffic as decoded at that moment (the scores of
+    :func:`decode_sequential`: the candidate given ``context`` positions before it, the ``right`` positions after it
+    given the candidate, over the cluster's occurrences, plus log pi_j of the rank prior fitted by EM against the
+    start). Up to ``tries`` candidates that score above the current one, best first, are tried: a token no other
+    cluster reads is taken at once; a token another cluster (its holder) reads is taken in a swap, the holder moving
+    to its best candidate (by its last scores) among the mover's old token and the tokens no cluster reads, and the
+    swap is made if the text around both clusters' occurrences, scored jointly before and after, plus the rank
+    prior, gains. The search stops after a sweep that changes nothing, and returns the reading, among the start and
+    the sweeps', with the best objective over the whole traffic (:func:`text_logprob` plus the rank prior: the local
+    scores see a few positions around each occurrence only). ``rng`` is the attacker's own randomness. Returns the
+    ranked candidates (n, k) (the chosen one first, then the others by their last score), the rank prior, the
+    objective of the start and of the reading returned, how many clusters share their token with another at the
+    start and at the end, and, per sweep that changed something, the share of occurring clusters that moved alone
+    or in a swap and the objective after it."""
+    labels = np.asarray(labels, dtype=np.int64)
+    cand = np.asarray(cand, dtype=np.int64)
+    start = np.asarray(start, dtype=np.int64)
+    n, k = cand.shape
+    if sweeps < 1:
+        raise AloeError(f"the one-to-one search needs at least one sweep (got {sweeps})")
+    if tries < 1:
+        raise AloeError(f"the one-to-one search needs at least one candidate to try (got {tries})")
+    if start.shape != (n,):
+        raise AloeError(f"the start reading needs one plain token per cluster ({n}), got shape {start.shape}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= n):
+        raise AloeError("every occurrence needs the index of its cluster's candidates")
+    for doc in docs:
+        if len(doc.known) != len(doc.occurrence):
+            raise AloeError("a decoding doc needs one known id or one occurrence per position")
+    rows, local = np.unique(labels, return_inverse=True)
+    c_rows = cand[rows]
+    v_rows = c_rows >= 0
+    listed = (c_rows == start[rows, None]) & v_rows
+    if not listed.any(1).all():
+        raise AloeError(f"{int((~listed.any(1)).sum())} occurring clusters start from a token outside their "
+                        "candidates")
+    where: list[list[tuple[int, int]]] = [[] for _ in rows]
+    for d, doc in enumerate(docs):
+        for pos in np.flatnonzero(doc.occurrence >= 0):
+            where[local[doc.occurrence[pos]]].append((d, int(pos)))
+    where_arr = [np.array(w, dtype=np.int64).reshape(-1, 2) for w in where]
+    if sum(len(w) for w in where) != len(labels):
+        raise AloeError(f"{len(labels) - sum(len(w) for w in where)} occurrences are in no doc")
+    rng = rng if rng is not None else np.random.default_rng()
+    # one-to-one start: the start's token first, then the others by rank
+    rank_score = np.where(listed, 1.0, 0.0) - np.arange(k)[None, :] * 1e-3
+    choice = distinct_assignment(rank_score, c_rows, v_rows)
+    prior = prior_decay ** np.arange(k, dtype=np.float64)
+    prior /= prior.sum()
+    S = np.zeros((len(rows), k))
+    np.add.at(S, local, occurrence_logprobs(lm, docs, c_rows[local, choice[local]], cand[labels], context, right))
+    prior = _rank_prior_em(S, v_rows, prior)
+    log_prior = np.log(prior)
+    seqs = [np.where(doc.occurrence >= 0, c_rows[local[np.maximum(doc.occurrence, 0)], choice[local[np.maximum(
+        doc.occurrence, 0)]]], doc.known) for doc in docs]
+    readers: dict[int, set[int]] = {}  # plain token -> the clusters that read it now
+    for r in range(len(rows)):
+        readers.setdefault(int(c_rows[r, choice[r]]), set()).add(r)
+    start_shared = sum(len(x) for x in readers.values() if len(x) > 1)
+
+    def objective_of(ch: np.ndarray) -> float:
+        return text_logprob(lm, docs, c_rows[local, ch[local]]) + float(log_prior[ch].sum())
+
+    def place(r: int, j: int) -> None:
+        old = int(c_rows[r, choice[r]])
+        readers[old].discard(r)
+        if not readers[old]:
+            del readers[old]
+        choice[r] = j
+        readers.setdefault(int(c_rows[r, j]), set()).add(r)
+        for d, pos in where_arr[r]:
+            seqs[d][pos] = c_rows[r, j]
+
+    start_value = best_value = objective_of(choice)
+    best_choice = choice.copy()
+    moved, swapped, objective = [], [], []
+    doubt = np.flatnonzero(v_rows.sum(1) > 1)
+    for _ in range(sweeps):
+        n_moved = n_swapped = 0
+        for r in rng.permutation(doubt):
+            S[r] = _cluster_scores(lm, seqs, where_arr[r], c_rows[r], context, right)
+            score = np.where(v_rows[r], S[r] + log_prior, -np.inf)
+            cur = int(choice[r])
+            for j in [int(j) for j in np.argsort(-score, kind="stable") if score[j] > score[cur] + 1e-9][:tries]:
+                held = readers.get(int(c_rows[r, j]))
+                if not held:
+                    place(r, j)
+                    n_moved += 1
+                    break
+                if len(held) > 1:  # a token two clusters read (a start the candidates left shared): no swap
+                    continue
+                h = next(iter(held))
+                free = np.array([v_rows[h, q] and (c_rows[h, q] == c_rows[r, cur] or
+                                                   int(c_rows[h, q]) not in readers) for q in range(k)])
+                if not free.any():
+                    continue
+                # the holder's last scores pick where it goes; the joint score of the swap decides
+                jh = int(np.argmax(np.where(free, S[h] + log_prior, -np.inf)))
+                both = np.unique(np.concatenate([where_arr[r], where_arr[h]]), axis=0)
+                old = _windows_logprob(lm, seqs, both, context, right) + log_prior[cur] + log_prior[choice[h]]
+                was_h = int(choice[h])
+                place(h, jh)
+                place(r, j)
+                new = _windows_logprob(lm, seqs, both, context, right) + log_prior[j] + log_prior[jh]
+                if new > old + 1e-9:
+                    n_swapped += 1
+                    break
+                place(r, cur)
+                place(h, was_h)
+        if progress is not None:
+            progress.update(1)
+        if not n_moved + n_swapped:
+            break
+        value = objective_of(choice)
+        moved.append(float(n_moved / len(rows)))
+        swapped.append(float(2 * n_swapped / len(rows)))
+        objective.append(value)
+        if value > best_value:
+            best_choice, best_value = choice.copy(), value
+    # every reading searched is one-to-one: the best by the whole traffic's objective is returned
+    choice = best_choice
+    score = np.where(v_rows, S + log_prior[None, :], -np.inf)
+    score[np.arange(len(rows)), choice] = np.inf
+    out = cand.copy()
+    out[rows] = np.take_along_axis(c_rows, np.argsort(-score, 1, kind="stable"), 1)
+    _, inverse, counts = np.unique(c_rows[np.arange(len(rows)), choice], return_inverse=True, return_counts=True)
+    shared = int((counts[inverse] > 1).sum())
+    return {"candidates": out, "rank_prior": prior.tolist(), "start_objective": start_value, "moved": moved,
+            "shared_at_start": int(start_shared), "shared": int(shared),
+            "swapped": swapped, "objective": objective, "best_objective": best_value, "sweeps": len(objective),
+            "decoded_clusters": int(len(rows))}
+
+
 def pair_logprobs(lm, pairs: np.ndarray, batch: int = 256) -> np.ndarray:
     """log p(b | a) for each row (a, b) of ``pairs`` under ``lm`` with a context of one token (its bigram view)."""
     pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
@@ -589,6 +749,8 @@ def check_budget(b) -> None:
     if b.decode_em < 0 or sum((b.decode_em > 0, b.decode_monotone, b.decode_sequential)) > 1:
         raise AloeError("choose one decoder search: EM iterations (>= 1), the monotone sweeps or the sequential "
                         "search, not two")
+    if b.decode_swaps < 0:
+        raise AloeError(f"the one-to-one search's sweeps must be >= 0 (got {b.decode_swaps})")
     if not b.decode_temperature >= 0:
         raise AloeError(f"the start temperature must be >= 0 (got {b.decode_temperature})")
 
@@ -599,37 +761,43 @@ def attack(t, guess, obf_prompts: list[np.ndarray], obf_stream: np.ndarray, prog
     (:class:`~aloe.attacks.scoring.IdGuess`), the public model as the language prior, one plain token per
     obfuscated id (``distinct``), in at most ``budget.decode_sweeps`` sweeps (kept only where they raise the
     objective with ``budget.decode_monotone``), or with ``budget.decode_em`` iterations of :func:`decode_em`, or
-    with ``budget.decode_sequential`` by :func:`decode_sequential` instead.
-    Ids that do not occur keep the per-id ranking."""
+    with ``budget.decode_sequential`` by :func:`decode_sequential` instead; then, with ``budget.decode_swaps``, that
+    many sweeps of :func:`refine_distinct` from the decoder's reading. Ids that do not occur keep the per-id
+    ranking."""
     from aloe.attacks.scoring import IdGuess
 
     check_budget(t.budget)
     b = t.budget
     docs, labels = _victim_docs(t, guess, obf_prompts, obf_stream)
+    lm = CausalLM(t.plain_dir)
     if b.decode_sequential:
-        out = decode_sequential(CausalLM(t.plain_dir), docs, labels, guess.candidates, b.decode_sweeps,
-                                b.decode_temperature, b.rng("decode"), distinct=True, progress=progress)
-        return IdGuess(guess.obf_ids, out["candidates"], uniform=guess.uniform,
-                       extra={"decoded_clusters": out["decoded_clusters"], "decoded_occurrences": int(len(labels)),
-                              "search": "sequential", "sweeps": out["sweeps"], "temperature_per_sweep":
-                              out["temperature"], "moved_per_sweep": out["moved"],
-                              "objective_per_sweep": out["objective"], "rank_prior_top3": out["rank_prior"][:3],
-                              "rank_prior": out["rank_prior"]})
-    if t.budget.decode_em:
-        out = decode_em(CausalLM(t.plain_dir), docs, labels, guess.candidates, t.budget.decode_em, distinct=True,
-                        progress=progress)
-        return IdGuess(guess.obf_ids, out["candidates"], uniform=guess.uniform,
-                       extra={"decoded_clusters": out["decoded_clusters"], "decoded_occurrences": int(len(labels)),
-                              "search": "em", "iterations": out["iterations"], "loglik_per_iteration": out["loglik"],
-                              "transition_pairs": out["transition_pairs"]})
-    out = decode(CausalLM(t.plain_dir), docs, labels, guess.candidates, t.budget.decode_sweeps, distinct=True,
-                 monotone=t.budget.decode_monotone, progress=progress)
-    return IdGuess(guess.obf_ids, out["candidates"], uniform=guess.uniform,
-                   extra={"decoded_clusters": out["decoded_clusters"],
-                          "decoded_occurrences": int(len(labels)), "sweeps": out["sweeps"],
-                          "moved_per_sweep": out["moved"], "objective_per_sweep": out["objective"],
-                          "monotone": t.budget.decode_monotone, "search": "sweeps",
-                          "rank_prior_top3": out["rank_prior"][:3], "rank_prior": out["rank_prior"]})
+        out = decode_sequential(lm, docs, labels, guess.candidates, b.decode_sweeps, b.decode_temperature,
+                                b.rng("decode"), distinct=True, progress=progress)
+        extra = {"search": "sequential", "sweeps": out["sweeps"], "temperature_per_sweep": out["temperature"],
+                 "moved_per_sweep": out["moved"], "objective_per_sweep": out["objective"],
+                 "rank_prior_top3": out["rank_prior"][:3], "rank_prior": out["rank_prior"]}
+    elif b.decode_em:
+        out = decode_em(lm, docs, labels, guess.candidates, b.decode_em, distinct=True, progress=progress)
+        extra = {"search": "em", "iterations": out["iterations"], "loglik_per_iteration": out["loglik"],
+                 "transition_pairs": out["transition_pairs"]}
+    else:
+        out = decode(lm, docs, labels, guess.candidates, b.decode_sweeps, distinct=True, monotone=b.decode_monotone,
+                     progress=progress)
+        extra = {"sweeps": out["sweeps"], "moved_per_sweep": out["moved"], "objective_per_sweep": out["objective"],
+                 "monotone": b.decode_monotone, "search": "sweeps", "rank_prior_top3": out["rank_prior"][:3],
+                 "rank_prior": out["rank_prior"]}
+    extra = {"decoded_clusters": out["decoded_clusters"], "decoded_occurrences": int(len(labels)), **extra}
+    if b.decode_swaps:
+        ref = refine_distinct(lm, docs, labels, guess.candidates, out["candidates"][:, 0], b.decode_swaps,
+                              b.rng("swaps"), progress=progress)
+        out = ref
+        # the rank prior the objective was raised with is the one-to-one search's (fitted against its start)
+        extra.update({"search": extra["search"] + "+swaps", "swap_sweeps": ref["sweeps"],
+                      "swap_start_objective": ref["start_objective"], "swap_moved_per_sweep": ref["moved"],
+                      "swap_swapped_per_sweep": ref["swapped"], "swap_objective_per_sweep": ref["objective"],
+                      "swap_best_objective": ref["best_objective"], "rank_prior": ref["rank_prior"],
+                      "rank_prior_top3": ref["rank_prior"][:3]})
+    return IdGuess(guess.obf_ids, out["candidates"], uniform=guess.uniform, extra=extra)
 
 
 def _victim_docs(t, guess, obf_prompts: list[np.ndarray], obf_stream: np.ndarray) -> tuple[list[Doc], np.ndarray]:
