@@ -46,6 +46,10 @@ ABLATIONS = {"learned-weights": ("learned", {"learned_state_ids": -1},
                                         "SDA + language-prior decoding one id at a time against its neighbours' "
                                         "latest choices, Gibbs sampling annealed from temperature 1 to 0 over 8 "
                                         "sweeps, two ids read as one token penalised more at every sweep"),
+             "sda-decoded-swaps": ("sda-decoded", {"decode_swaps": 3},
+                                   "SDA + language-prior decoding (8 parallel sweeps), then up to 3 sweeps of a "
+                                   "search over one-to-one readings only: an id moves to a token no other id reads, "
+                                   "or swaps tokens with the id that reads it, where the objective rises"),
              "sda-decoded-em1": ("sda-decoded", {"decode_em": 1},
                                  "the same, one E-step: the bigram posterior with the per-token ranking as a fixed "
                                  "prior")}
@@ -120,8 +124,9 @@ def readings(state: dict) -> list[str]:
     one), and the share of the decoded occurrences each reads right."""
     rows = ["## What the decoder's objective prefers", "",
             "Each decoder run, measured with the secret after the attack: the decoder's objective (the public model's "
-            "log-probability of the decoded traffic in nats, plus the rank prior of the sweeps search; the EM search "
-            "has no rank prior, so its cells give the text term only) and, in brackets, the share of the decoded "
+            "log-probability of the decoded traffic in nats, plus the rank prior the search fitted, that of the "
+            "one-to-one search where it ran; the EM search has no rank prior, so its cells give the text term only) "
+            "and, in brackets, the share of the decoded "
             "occurrences read right, for four readings: the base attack's first choices, the decoder's, the victim's "
             "token wherever it is among the candidates (the decoder's choice elsewhere: the best it can reach), and "
             "the victim's text. Where the reachable victim's reading scores below the decoder's, a better search of "
