@@ -333,6 +333,26 @@ def _cluster_scores(lm, seqs: list[np.ndarray], where: np.ndarray, cand_row: np.
     return np.where(cand_row >= 0, total, -np.inf)
 
 
+def _occurrence_places(docs: list[Doc], labels: np.ndarray, n: int
+                       ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """The occurring clusters (``rows``, sorted), each occurrence's index among them (``local``) and, per occurring
+    cluster, its occurrences' places ((m, 2) doc and position); refuses labels outside the ``n`` clusters, docs
+    whose two arrays differ in length and occurrences in no doc."""
+    if len(labels) and (labels.min() < 0 or labels.max() >= n):
+        raise AloeError("every occurrence needs the index of its cluster's candidates")
+    for doc in docs:
+        if len(doc.known) != len(doc.occurrence):
+            raise AloeError("a decoding doc needs one known id or one occurrence per position")
+    rows, local = np.unique(labels, return_inverse=True)
+    where: list[list[tuple[int, int]]] = [[] for _ in rows]
+    for d, doc in enumerate(docs):
+        for pos in np.flatnonzero(doc.occurrence >= 0):
+            where[local[doc.occurrence[pos]]].append((d, int(pos)))
+    if sum(len(w) for w in where) != len(labels):
+        raise AloeError(f"{len(labels) - sum(len(w) for w in where)} occurrences are in no doc")
+    return rows, local, [np.array(w, dtype=np.int64).reshape(-1, 2) for w in where]
+
+
 def decode_sequential(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray, sweeps: int = 8,
                       temperature: float = 1.0, rng: np.random.Generator | None = None, distinct: bool = False,
                       prior_decay: float = 0.5, context: int = 16, right: int = 2, collision: float = 20.0,
@@ -360,24 +380,12 @@ def decode_sequential(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray,
         raise AloeError(f"the sequential decoder needs at least one sweep (got {sweeps})")
     if not temperature >= 0:
         raise AloeError(f"the start temperature must be >= 0 (got {temperature})")
-    if len(labels) and (labels.min() < 0 or labels.max() >= n):
-        raise AloeError("every occurrence needs the index of its cluster's candidates")
-    for doc in docs:
-        if len(doc.known) != len(doc.occurrence):
-            raise AloeError("a decoding doc needs one known id or one occurrence per position")
+    rows, local, where_arr = _occurrence_places(docs, labels, n)
     if not (cand[labels, 0] >= 0).all():
         raise AloeError("every occurring cluster needs at least one candidate")
     rng = rng if rng is not None else np.random.default_rng()
-    rows, local = np.unique(labels, return_inverse=True)
     c_rows = cand[rows]
     v_rows = c_rows >= 0
-    where: list[list[tuple[int, int]]] = [[] for _ in rows]
-    for d, doc in enumerate(docs):
-        for pos in np.flatnonzero(doc.occurrence >= 0):
-            where[local[doc.occurrence[pos]]].append((d, int(pos)))
-    where_arr = [np.array(w, dtype=np.int64).reshape(-1, 2) for w in where]
-    if sum(len(w) for w in where) != len(labels):
-        raise AloeError(f"{len(labels) - sum(len(w) for w in where)} occurrences are in no doc")
     choice = np.zeros(len(rows), dtype=np.int64)
     seqs = [np.where(doc.occurrence >= 0, c_rows[local[np.maximum(doc.occurrence, 0)], 0], doc.known)
             for doc in docs]
@@ -501,25 +509,13 @@ def refine_distinct(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray, s
         raise AloeError(f"the one-to-one search needs at least one candidate to try (got {tries})")
     if start.shape != (n,):
         raise AloeError(f"the start reading needs one plain token per cluster ({n}), got shape {start.shape}")
-    if len(labels) and (labels.min() < 0 or labels.max() >= n):
-        raise AloeError("every occurrence needs the index of its cluster's candidates")
-    for doc in docs:
-        if len(doc.known) != len(doc.occurrence):
-            raise AloeError("a decoding doc needs one known id or one occurrence per position")
-    rows, local = np.unique(labels, return_inverse=True)
+    rows, local, where_arr = _occurrence_places(docs, labels, n)
     c_rows = cand[rows]
     v_rows = c_rows >= 0
     listed = (c_rows == start[rows, None]) & v_rows
     if not listed.any(1).all():
         raise AloeError(f"{int((~listed.any(1)).sum())} occurring clusters start from a token outside their "
                         "candidates")
-    where: list[list[tuple[int, int]]] = [[] for _ in rows]
-    for d, doc in enumerate(docs):
-        for pos in np.flatnonzero(doc.occurrence >= 0):
-            where[local[doc.occurrence[pos]]].append((d, int(pos)))
-    where_arr = [np.array(w, dtype=np.int64).reshape(-1, 2) for w in where]
-    if sum(len(w) for w in where) != len(labels):
-        raise AloeError(f"{len(labels) - sum(len(w) for w in where)} occurrences are in no doc")
     rng = rng if rng is not None else np.random.default_rng()
     # one-to-one start: the start's token first, then the others by rank
     rank_score = np.where(listed, 1.0, 0.0) - np.arange(k)[None, :] * 1e-3
