@@ -59,6 +59,17 @@ def decoy_cipher(seed: int, wrong: float = 0.6):
     return succ, text, cand, [Doc.unknown(np.arange(i, min(i + 100, len(text)))) for i in range(0, len(text), 100)]
 
 
+def chasing_pair():
+    """Clusters 0 and 1 alternate (X Y X Y ...) in a doc of 20, starting from (0, 3): the pairs (0, 2) and (1, 3)
+    read well, (0, 3) and (1, 2) do not; clusters 4..39 are tokens 4..39 in a cycle (a doc of 72), ranked right."""
+    succ = np.arange(V)
+    succ[[0, 2, 1, 3]] = [2, 0, 3, 1]
+    succ[4:] = 4 + (np.arange(36) + 1) % 36
+    cand = np.array([[0, 1], [3, 2], [2, 3], [3, 2]] + [[c, 4 + (c + 3) % 36] for c in range(4, V)])
+    labels = np.concatenate([np.arange(20) % 2, 4 + np.arange(72) % 36])
+    return succ, cand, labels, [Doc.unknown(np.arange(20)), Doc.unknown(np.arange(20, 92))]
+
+
 def test_the_language_prior_corrects_candidates_the_per_token_attack_ranked_wrong():
     rng = np.random.default_rng(0)
     succ, text = cycle_text(rng, 600)
@@ -194,13 +205,7 @@ def test_monotone_decoding_stops_neighbours_chasing_each_other():
     # which the plain search (its margins measured against the contexts before the move) takes as settled; the
     # monotone one keeps only the move that raises the text's log-probability and settles on a pair that reads
     # well. The other clusters (tokens 4..39 in a cycle, ranked right) teach EM that the first rank is usually right.
-    succ = np.arange(V)
-    succ[[0, 2, 1, 3]] = [2, 0, 3, 1]
-    succ[4:] = 4 + (np.arange(36) + 1) % 36
-    cand = np.array([[0, 1], [3, 2], [2, 3], [3, 2]] + [[c, 4 + (c + 3) % 36] for c in range(4, V)])
-    cycle = 4 + np.arange(72) % 36
-    labels = np.concatenate([np.arange(20) % 2, cycle])
-    docs = [Doc.unknown(np.arange(20)), Doc.unknown(np.arange(20, 92))]
+    succ, cand, labels, docs = chasing_pair()
     lm = bigram_lm(succ)
     plain = decode(lm, docs, labels, cand, sweeps=4, step=1.0)
     assert plain["moved"][0] > 0 and tuple(plain["candidates"][:2, 0]) == (1, 2)   # both moved: a bad pair
@@ -282,12 +287,7 @@ def test_sequential_decoding_reads_the_text_where_the_parallel_sweeps_stop_short
 def test_sequential_decoding_scores_each_cluster_against_its_neighbours_latest_choice():
     # the chasing pair of the test above: one cluster at a time, the first one visited moves and the second, scored
     # against that move, stays: a pair that reads well whatever the order
-    succ = np.arange(V)
-    succ[[0, 2, 1, 3]] = [2, 0, 3, 1]
-    succ[4:] = 4 + (np.arange(36) + 1) % 36
-    cand = np.array([[0, 1], [3, 2], [2, 3], [3, 2]] + [[c, 4 + (c + 3) % 36] for c in range(4, V)])
-    labels = np.concatenate([np.arange(20) % 2, 4 + np.arange(72) % 36])
-    docs = [Doc.unknown(np.arange(20)), Doc.unknown(np.arange(20, 92))]
+    succ, cand, labels, docs = chasing_pair()
     for seed in range(4):
         out = decode_sequential(bigram_lm(succ), docs, labels, cand, sweeps=2, temperature=0.0,
                                 rng=np.random.default_rng(seed))
