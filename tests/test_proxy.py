@@ -69,6 +69,12 @@ def test_openai_package_chat_non_streaming_and_streaming(stack, openai_client):
     last = httpx.get(stack["proxy"] + "/aloe/last-exchange").json()["exchange"]
     assert last["server_prompt_ids"] == stack["client"].map.to_server(stack["client"].chat_ids(QUESTION))
     assert "is Paris" not in last["server_output_text"] and len(last["server_output_ids"]) == usage.completion_tokens
+    # the answer's plain ids, mapped back by the client, read "Paris"; the server's ids keep at most one of them in
+    # place (a random permutation of ~49k ids keeps a content token with chance ~1/49k)
+    plain_out = stack["client"].map.from_server(last["server_output_ids"])
+    assert "Paris" in stack["client"].tokenizer.decode(plain_out)
+    special = set(stack["client"].tokenizer.all_special_ids)
+    assert sum(s == p and p not in special for s, p in zip(last["server_output_ids"], plain_out)) <= 1
 
 
 def test_text_completion_and_stop_string_cut_on_the_plain_side(stack, openai_client):
