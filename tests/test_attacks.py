@@ -274,6 +274,7 @@ def test_sda_in_the_suite_reads_the_head_of_the_victims_stream_from_ciphertext_a
     assert swp["search"] == "sweeps+swaps" and swp["swap_sweeps"] == len(swp["swap_objective_per_sweep"]) <= 2
     assert swp["swap_best_objective"] >= max([swp["swap_start_objective"], *swp["swap_objective_per_sweep"]])
     assert swp["readings"]["decoded"]["objective"] == pytest.approx(swp["swap_best_objective"], rel=1e-6)
+    assert 0 <= swp["swap_shared"] <= swp["swap_shared_at_start"]   # the search never gives a token to a second id
     with pytest.raises(AloeError, match="sweeps must be >= 0"):
         attack(plain_dir, weak, ["sda-decoded"], sda_steps=5, sda_ranks=32, decode_stream=500, decode_swaps=-1)
     for key in ("token_recovery_top5", "prompt_token_recovery_top5"):

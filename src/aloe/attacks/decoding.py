@@ -531,7 +531,13 @@ def refine_distinct(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray, s
     readers: dict[int, set[int]] = {}  # plain token -> the clusters that read it now
     for r in range(len(rows)):
         readers.setdefault(int(c_rows[r, choice[r]]), set()).add(r)
-    start_shared = sum(len(x) for x in readers.values() if len(x) > 1)
+
+    def shared_of(ch: np.ndarray) -> int:
+        """How many clusters read a token another cluster reads too."""
+        _, inverse, counts = np.unique(c_rows[np.arange(len(rows)), ch], return_inverse=True, return_counts=True)
+        return int((counts[inverse] > 1).sum())
+
+    start_shared = shared_of(choice)
 
     def objective_of(ch: np.ndarray) -> float:
         return text_logprob(lm, docs, c_rows[local, ch[local]]) + float(log_prior[ch].sum())
@@ -598,10 +604,8 @@ def refine_distinct(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray, s
     score[np.arange(len(rows)), choice] = np.inf
     out = cand.copy()
     out[rows] = np.take_along_axis(c_rows, np.argsort(-score, 1, kind="stable"), 1)
-    _, inverse, counts = np.unique(c_rows[np.arange(len(rows)), choice], return_inverse=True, return_counts=True)
-    shared = int((counts[inverse] > 1).sum())
     return {"candidates": out, "rank_prior": prior.tolist(), "start_objective": start_value, "moved": moved,
-            "shared_at_start": int(start_shared), "shared": int(shared),
+            "shared_at_start": start_shared, "shared": shared_of(choice),
             "swapped": swapped, "objective": objective, "best_objective": best_value, "sweeps": len(objective),
             "decoded_clusters": int(len(rows))}
 
@@ -791,7 +795,8 @@ def attack(t, guess, obf_prompts: list[np.ndarray], obf_stream: np.ndarray, prog
         extra.update({"search": extra["search"] + "+swaps", "swap_sweeps": ref["sweeps"],
                       "swap_start_objective": ref["start_objective"], "swap_moved_per_sweep": ref["moved"],
                       "swap_swapped_per_sweep": ref["swapped"], "swap_objective_per_sweep": ref["objective"],
-                      "swap_best_objective": ref["best_objective"], "rank_prior": ref["rank_prior"],
+                      "swap_best_objective": ref["best_objective"], "swap_shared_at_start": ref["shared_at_start"],
+                      "swap_shared": ref["shared"], "rank_prior": ref["rank_prior"],
                       "rank_prior_top3": ref["rank_prior"][:3]})
     return IdGuess(guess.obf_ids, out["candidates"], uniform=guess.uniform, extra=extra)
 
