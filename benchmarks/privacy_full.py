@@ -50,6 +50,11 @@ ABLATIONS = {"learned-weights": ("learned", {"learned_state_ids": -1},
                                    "SDA + language-prior decoding (8 parallel sweeps), then up to 3 sweeps of a "
                                    "search over one-to-one readings only: an id moves to a token no other id reads, "
                                    "or swaps tokens with the id that reads it, where the objective rises"),
+             "sda-decoded-from-victim": ("sda-decoded", {"decode_from_victim": 3},
+                                         "SDA + language-prior decoding (8 parallel sweeps), and, measured with the "
+                                         "secret after the attack, 3 sweeps of the one-to-one search started from "
+                                         "the victim's reachable reading (the attack's figures are sda-decoded's, "
+                                         "on another run)"),
              "sda-decoded-em1": ("sda-decoded", {"decode_em": 1},
                                  "the same, one E-step: the bigram posterior with the per-token ranking as a fixed "
                                  "prior")}
@@ -145,6 +150,25 @@ def readings(state: dict) -> list[str]:
                 rows.append(f"| {name} | {a} | {rd['occurrences']:,} | " + " | ".join(
                     cell(rd[k]) for k in ("first_choice", "decoded", "victim_within_candidates")) +
                     f" | {rd['victim']['text_logprob']:,.0f} |")
+    started = [(name, a, r["readings"]["from_victim"]) for name, e in state["profiles"].items()
+               for a, r in e["attacks"].items() if "from_victim" in r.get("readings", {})]
+    if started:
+        rows += ["", "### The one-to-one search started from the victim's reading", "",
+                 "Measured with the secret after the attack: the one-to-one search (`refine_distinct`) started from "
+                 "the victim's token wherever it is among the candidates (the decoder's choice elsewhere, made "
+                 "one-to-one), under the decoder's rank prior: its objective (nats) and, in brackets, the share of "
+                 "the decoded occurrences read right, at the start, after each sweep and for the reading it "
+                 "returns (the best objective). If the search moves away from the victim's reading and the "
+                 "objective rises, readings that are not the victim's score better, and a search of this objective "
+                 "cannot be relied on to read the victim's text even where it is among the candidates.", "",
+                 "| profile | attack | start | after each sweep | returned | ids moved or swapped per sweep |",
+                 "|---|---|---|---|---|---|"]
+        for name, a, fv in started:
+            sweeps = ", ".join(f"{o:,.0f} ({pct(c)})" for o, c in zip(fv["objective_per_sweep"],
+                                                                       fv["occurrences_right_per_sweep"])) or "–"
+            shares = ", ".join(pct(m + w) for m, w in zip(fv["moved_per_sweep"], fv["swapped_per_sweep"])) or "–"
+            rows.append(f"| {name} | {a} | {fv['start_objective']:,.0f} ({pct(fv['occurrences_right_start'])}) | "
+                        f"{sweeps} | {fv['best_objective']:,.0f} ({pct(fv['occurrences_right'])}) | {shares} |")
     return rows
 
 

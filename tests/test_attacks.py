@@ -270,11 +270,22 @@ def test_sda_in_the_suite_reads_the_head_of_the_victims_stream_from_ciphertext_a
     assert len(seq["objective_per_sweep"]) == 2 and seq["readings"]["decoded"]["objective"] is not None
     # the one-to-one search from the sweeps' reading: what it returns is the best reading it scored
     swp = attack(plain_dir, weak, ["sda-decoded"], sda_steps=60, sda_ranks=32, decode_stream=500, decode_sweeps=1,
-                 decode_swaps=2)["sda-decoded"]
+                 decode_swaps=2, decode_from_victim=2)["sda-decoded"]
     assert swp["search"] == "sweeps+swaps" and swp["swap_sweeps"] == len(swp["swap_objective_per_sweep"]) <= 2
     assert swp["swap_best_objective"] >= max([swp["swap_start_objective"], *swp["swap_objective_per_sweep"]])
     assert swp["readings"]["decoded"]["objective"] == pytest.approx(swp["swap_best_objective"], rel=1e-6)
     assert 0 <= swp["swap_shared"] <= swp["swap_shared_at_start"]   # the search never gives a token to a second id
+    # with the secret, after the attack: the same search from the victim's reachable reading, under the same prior
+    fv, within = swp["readings"]["from_victim"], swp["readings"]["victim_within_candidates"]
+    assert fv["sweeps"] == len(fv["objective_per_sweep"]) == len(fv["occurrences_right_per_sweep"]) <= 2
+    assert fv["rank_prior"][:3] == pytest.approx(swp["rank_prior_top3"])
+    assert fv["occurrences_right_start"] <= within["occurrences_right"] + 1e-12   # made one-to-one: none gained
+    assert fv["occurrences_right_start"] > swp["readings"]["decoded"]["occurrences_right"]
+    assert fv["best_objective"] >= max([fv["start_objective"], *fv["objective_per_sweep"]])
+    assert fv["occurrences_right"] in [fv["occurrences_right_start"], *fv["occurrences_right_per_sweep"]]
+    assert "from_victim" not in dec["readings"]                     # off unless asked for
+    with pytest.raises(AloeError, match="from the victim's reading must be >= 0"):
+        attack(plain_dir, weak, ["sda-decoded"], sda_steps=5, sda_ranks=32, decode_stream=500, decode_from_victim=-1)
     with pytest.raises(AloeError, match="sweeps must be >= 0"):
         attack(plain_dir, weak, ["sda-decoded"], sda_steps=5, sda_ranks=32, decode_stream=500, decode_swaps=-1)
     for key in ("token_recovery_top5", "prompt_token_recovery_top5"):

@@ -230,6 +230,8 @@ def test_the_budget_flags_carry_the_decoders_sweeps_and_acceptance_rule():
     assert b.decode_sweeps == 3 and b.decode_monotone is True and b.decode_em == 7
     assert b.decode_sequential is True and b.decode_temperature == 0.5
     assert default.decode_swaps == 0 and budget_from_args(ap.parse_args(["--decode-swaps", "2"])).decode_swaps == 2
+    assert default.decode_from_victim == 0
+    assert budget_from_args(ap.parse_args(["--decode-from-victim", "3"])).decode_from_victim == 3
 
 
 def test_pair_logprobs_read_the_models_next_token_table():
@@ -350,3 +352,32 @@ def test_the_one_to_one_search_makes_its_start_one_to_one_and_refuses_bad_input(
     outside[7] = next(t for t in range(V) if t not in cand[7])
     with pytest.raises(AloeError, match="1 occurring clusters start from a token outside their candidates"):
         refine_distinct(bigram_lm(succ), docs, text, cand, outside)
+
+
+def test_the_one_to_one_search_keeps_a_given_rank_prior_and_reports_each_reading():
+    succ, text, cand, docs = decoy_cipher(5)
+    dec = decode(bigram_lm(succ), docs, text, cand, sweeps=8, distinct=True)["candidates"][:, 0]
+    given = np.full(cand.shape[1], 1.0 / cand.shape[1])               # flat: the rank carries no evidence
+    seen: list[np.ndarray] = []
+    out = refine_distinct(bigram_lm(succ), docs, text, cand, dec, sweeps=4, rng=np.random.default_rng(1),
+                          prior=given, on_sweep=seen.append)
+    assert out["rank_prior"] == pytest.approx(given.tolist())            # not refitted
+    assert len(seen) == 1 + out["sweeps"]                                 # the start, then every sweep that changed
+    _, inverse, counts = np.unique(dec, return_inverse=True, return_counts=True)
+    alone = counts[inverse] == 1
+    assert alone.sum() < V and (seen[0][alone] == dec[alone]).all()   # the start made one-to-one, else as it was
+    assert (seen[-1][text] == text).all() and (out["candidates"][text, 0] == text).all()
+    # under the flat prior the objective is the text's log-probability plus a constant
+    got = out["candidates"][:, 0]
+    rows = np.unique(text)
+    assert out["best_objective"] == pytest.approx(text_logprob(bigram_lm(succ), docs, got[text])
+                                                  + len(rows) * np.log(given[0]))
+    # from the victim's own reading, a local optimum here, the search moves nothing
+    seen.clear()
+    still = refine_distinct(bigram_lm(succ), docs, text, cand, np.arange(V), sweeps=3, rng=np.random.default_rng(2),
+                            prior=given, on_sweep=seen.append)
+    assert still["sweeps"] == 0 and len(seen) == 1 and (seen[0] == np.arange(V)).all()
+    assert still["best_objective"] == still["start_objective"] == pytest.approx(out["best_objective"])
+    for bad in (given[:3], np.r_[given[:-1], 0.0]):
+        with pytest.raises(AloeError, match="positive chance for each of the 4 ranks"):
+            refine_distinct(bigram_lm(succ), docs, text, cand, dec, prior=bad)

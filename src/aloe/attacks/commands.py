@@ -23,6 +23,7 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
                   decode_sweeps=args.decode_sweeps, decode_monotone=args.decode_monotone,
                   decode_em=args.decode_em, decode_sequential=args.decode_sequential,
                   decode_temperature=args.decode_temperature, decode_swaps=args.decode_swaps,
+                  decode_from_victim=args.decode_from_victim,
                   seed=args.attacker_seed)
 
 
@@ -72,6 +73,9 @@ def add_budget_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-swaps", type=int, default=0, metavar="N",
                    help="then N sweeps of a search over one-to-one readings only, from the decoder's reading: an id "
                         "moves to a token no other id reads, or swaps tokens with the id that reads it; 0 = off")
+    g.add_argument("--decode-from-victim", type=int, default=0, metavar="N",
+                   help="a measurement with the secret, after the attack: N sweeps of that one-to-one search from "
+                        "the victim's reading wherever it is among the candidates (readings.from_victim); 0 = off")
     g.add_argument("--attacker-seed", type=int, default=None, help="seed of the attacker's own (non-secret) draws")
 
 

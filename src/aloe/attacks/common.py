@@ -49,6 +49,8 @@ class Budget:
     decode_sequential: bool = False  # decode one cluster at a time (Gibbs sampling with annealing) instead
     decode_temperature: float = 1.0  # start temperature of the sequential search (0: greedy at every sweep)
     decode_swaps: int = 0          # sweeps of the one-to-one search (moves and swaps) after the decoder's (0: off)
+    decode_from_victim: int = 0    # not the attack's: with the secret, after it, the one-to-one search's sweeps from
+    #                                the victim's reachable reading (0: off)
     batch: int = 256
     seed: int | None = None     # attacker's own (non-secret) randomness; None = fresh
 

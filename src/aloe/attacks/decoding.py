@@ -478,27 +478,29 @@ def _windows_logprob(lm, seqs: list[np.ndarray], where: np.ndarray, context: int
 
 def refine_distinct(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray, start: np.ndarray, sweeps: int = 3,
                     rng: np.random.Generator | None = None, prior_decay: float = 0.5, context: int = 16,
-                    right: int = 2, tries: int = 3, progress=None) -> dict:
-    """Search the one-to-one readings only (every cluster a different obfuscated id, so a different plain token),
-    from ``start`` (n,), a plain token per cluster among its candidates (a decoder's output; where two occurring
-    clusters read one token, the greedy one-to-one assignment that keeps most of it: a cluster whose candidates are
-    all taken keeps sharing, and the search never makes a cluster share a token). The searches above score every
-    reading and make it one-to-one at the end; this one never leaves the one-to-one readings, so the objective it
-    raises is the objective of what it returns. Each sweep visits the occurring clusters in a random order and
-    scores a cluster's candidates against the traffic as decoded at that moment (the scores of
-    :func:`decode_sequential`: the candidate given ``context`` positions before it, the ``right`` positions after it
-    given the candidate, over the cluster's occurrences, plus log pi_j of the rank prior fitted by EM against the
-    start). Up to ``tries`` candidates that score above the current one, best first, are tried: a token no other
-    cluster reads is taken at once; a token another cluster (its holder) reads is taken in a swap, the holder moving
-    to its best candidate (by its last scores) among the mover's old token and the tokens no cluster reads, and the
-    swap is made if the text around both clusters' occurrences, scored jointly before and after, plus the rank
-    prior, gains. The search stops after a sweep that changes nothing, and returns the reading, among the start and
-    the sweeps', with the best objective over the whole traffic (:func:`text_logprob` plus the rank prior: the local
-    scores see a few positions around each occurrence only). ``rng`` is the attacker's own randomness. Returns the
-    ranked candidates (n, k) (the chosen one first, then the others by their last score), the rank prior, the
-    objective of the start and of the reading returned, how many clusters share their token with another at the
-    start and at the end, and, per sweep that changed something, the share of occurring clusters that moved alone
-    or in a swap and the objective after it."""
+                    right: int = 2, tries: int = 3, prior: np.ndarray | None = None,
+                    on_sweep: Callable[[np.ndarray], None] | None = None, progress=None) -> dict:
+    """Search the one-to-one readings only (every cluster a different obfuscated id, so a different plain token), from
+    ``start`` (n,), a plain token per cluster among its candidates (a decoder's output; where two occurring clusters
+    read one token, the greedy one-to-one assignment that keeps most of it: a cluster whose candidates are all taken
+    keeps sharing, and the search never makes a cluster share a token). The searches above score every reading and make
+    it one-to-one at the end; this one never leaves the one-to-one readings, so the objective it raises is the objective
+    of what it returns. Each sweep visits the occurring clusters in a random order and scores a cluster's candidates
+    against the traffic as decoded at that moment (the scores of :func:`decode_sequential`: the candidate given
+    ``context`` positions before it, the ``right`` positions after it given the candidate, over the cluster's
+    occurrences, plus log pi_j of the rank prior fitted by EM against the start, or ``prior`` as given). Up to ``tries``
+    candidates that score above the current one, best first, are tried: a token no other cluster reads is taken at once;
+    a token another cluster (its holder) reads is taken in a swap, the holder moving to its best candidate (by its last
+    scores) among the mover's old token and the tokens no cluster reads, and the swap is made if the text around both
+    clusters' occurrences, scored jointly before and after, plus the rank prior, gains. The search stops after a sweep
+    that changes nothing, and returns the reading, among the start and the sweeps', with the best objective over the
+    whole traffic (:func:`text_logprob` plus the rank prior: the local scores see a few positions around each occurrence
+    only). ``rng`` is the attacker's own randomness. ``on_sweep`` receives the start (made one-to-one) and then, after
+    every sweep that changed something, the reading (n,): the plain token of every cluster, its first candidate where it
+    does not occur. Returns the ranked candidates (n, k) (the chosen one first, then the others by their last score),
+    the rank prior, the objective of the start and of the reading returned, how many clusters share their token with
+    another at the start and at the end, and, per sweep that changed something, the share of occurring clusters that
+    moved alone or in a swap and the objective after it."""
     labels = np.asarray(labels, dtype=np.int64)
     cand = np.asarray(cand, dtype=np.int64)
     start = np.asarray(start, dtype=np.int64)
@@ -509,6 +511,10 @@ def refine_distinct(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray, s
         raise AloeError(f"the one-to-one search needs at least one candidate to try (got {tries})")
     if start.shape != (n,):
         raise AloeError(f"the start reading needs one plain token per cluster ({n}), got shape {start.shape}")
+    if prior is not None:
+        prior = np.asarray(prior, dtype=np.float64)
+        if prior.shape != (k,) or not (prior > 0).all():
+            raise AloeError(f"the rank prior needs a positive chance for each of the {k} ranks")
     rows, local, where_arr = _occurrence_places(docs, labels, n)
     c_rows = cand[rows]
     v_rows = c_rows >= 0
@@ -520,11 +526,11 @@ def refine_distinct(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray, s
     # one-to-one start: the start's token first, then the others by rank
     rank_score = np.where(listed, 1.0, 0.0) - np.arange(k)[None, :] * 1e-3
     choice = distinct_assignment(rank_score, c_rows, v_rows)
-    prior = prior_decay ** np.arange(k, dtype=np.float64)
-    prior /= prior.sum()
     S = np.zeros((len(rows), k))
     np.add.at(S, local, occurrence_logprobs(lm, docs, c_rows[local, choice[local]], cand[labels], context, right))
-    prior = _rank_prior_em(S, v_rows, prior)
+    if prior is None:
+        prior = prior_decay ** np.arange(k, dtype=np.float64)
+        prior = _rank_prior_em(S, v_rows, prior / prior.sum())
     log_prior = np.log(prior)
     seqs = [np.where(doc.occurrence >= 0, c_rows[local[np.maximum(doc.occurrence, 0)], choice[local[np.maximum(
         doc.occurrence, 0)]]], doc.known) for doc in docs]
@@ -552,8 +558,15 @@ def refine_distinct(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray, s
         for d, pos in where_arr[r]:
             seqs[d][pos] = c_rows[r, j]
 
+    def reading(ch: np.ndarray) -> np.ndarray:
+        now = cand[:, 0].copy()
+        now[rows] = c_rows[np.arange(len(rows)), ch]
+        return now
+
     start_value = best_value = objective_of(choice)
     best_choice = choice.copy()
+    if on_sweep is not None:
+        on_sweep(reading(choice))
     moved, swapped, objective = [], [], []
     doubt = np.flatnonzero(v_rows.sum(1) > 1)
     for _ in range(sweeps):
@@ -596,6 +609,8 @@ def refine_distinct(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray, s
         moved.append(float(n_moved / len(rows)))
         swapped.append(float(2 * n_swapped / len(rows)))
         objective.append(value)
+        if on_sweep is not None:
+            on_sweep(reading(choice))
         if value > best_value:
             best_choice, best_value = choice.copy(), value
     # every reading searched is one-to-one: the best by the whole traffic's objective is returned
@@ -751,6 +766,8 @@ def check_budget(b) -> None:
                         "search, not two")
     if b.decode_swaps < 0:
         raise AloeError(f"the one-to-one search's sweeps must be >= 0 (got {b.decode_swaps})")
+    if b.decode_from_victim < 0:
+        raise AloeError(f"the sweeps from the victim's reading must be >= 0 (got {b.decode_from_victim})")
     if not b.decode_temperature >= 0:
         raise AloeError(f"the start temperature must be >= 0 (got {b.decode_temperature})")
 
@@ -811,7 +828,8 @@ def _victim_docs(t, guess, obf_prompts: list[np.ndarray], obf_stream: np.ndarray
 
 
 def reading_logprobs(t, base, decoded, obf_prompts: list[np.ndarray], obf_stream: np.ndarray,
-                     plain_of: np.ndarray, rank_prior: list[float] | None = None) -> dict:
+                     plain_of: np.ndarray, rank_prior: list[float] | None = None, from_victim_sweeps: int = 0,
+                     rng: np.random.Generator | None = None, progress=None) -> dict:
     """A measurement made with the secret, never part of the attack: how the decoder's objective ranks the readings
     of the traffic it decoded. ``base`` is the per-id guess whose candidates were decoded, ``decoded`` the decoder's
     guess, ``plain_of`` (V,) the plain id of every obfuscated id (the inverse of tau). Readings, one plain id per
@@ -821,7 +839,14 @@ def reading_logprobs(t, base, decoded, obf_prompts: list[np.ndarray], obf_stream
     model's log-probability of the whole traffic so read (nats), the rank-prior term of the decoder's objective
     (``rank_prior`` of the sweeps search; None where a choice is not among the candidates) and the share of the
     decoded occurrences it reads right. If the reachable victim's reading scores below the decoder's, a better search
-    of the same objective cannot read more."""
+    of the same objective cannot read more.
+
+    With ``from_victim_sweeps`` > 0, :func:`refine_distinct` also runs that many sweeps from the reachable victim's
+    reading (made one-to-one), under the decoder's ``rank_prior`` (its own EM fit where there is none), and
+    ``from_victim`` records its objective and the share of the decoded occurrences it reads right at the start,
+    after each sweep and for the reading it returns: whether the victim's reading is a local optimum of the
+    objective, or a search of it moves away from the victim's text (then the objective, not the search, bounds what
+    the decoder reads)."""
     docs, labels = _victim_docs(t, base, obf_prompts, obf_stream)
     cand = np.asarray(base.candidates, dtype=np.int64)
     truth = np.asarray(plain_of, dtype=np.int64)[np.asarray(base.obf_ids, dtype=np.int64)]
@@ -842,6 +867,22 @@ def reading_logprobs(t, base, decoded, obf_prompts: list[np.ndarray], obf_stream
                      "objective": None if prior is None else lp + prior,
                      "occurrences_right": float((plain[labels] == truth[labels]).mean()) if len(labels) else None}
     out["occurrences"] = int(len(labels))
+    if from_victim_sweeps > 0 and len(labels):
+        def right(plain: np.ndarray) -> float:
+            return float((plain[labels] == truth[labels]).mean())
+
+        per_sweep: list[float] = []
+        ref = refine_distinct(lm, docs, labels, cand, readings["victim_within_candidates"], from_victim_sweeps, rng,
+                              prior=None if rank_prior is None else np.asarray(rank_prior),
+                              on_sweep=lambda now: per_sweep.append(right(now)), progress=progress)
+        out["from_victim"] = {"sweeps": ref["sweeps"], "start_objective": ref["start_objective"],
+                              "objective_per_sweep": ref["objective"], "best_objective": ref["best_objective"],
+                              "moved_per_sweep": ref["moved"], "swapped_per_sweep": ref["swapped"],
+                              "shared_at_start": ref["shared_at_start"],
+                              "occurrences_right_start": per_sweep[0],
+                              "occurrences_right_per_sweep": per_sweep[1:],
+                              "occurrences_right": right(ref["candidates"][:, 0]),
+                              "rank_prior": ref["rank_prior"]}
     return out
 
 
