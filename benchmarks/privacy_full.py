@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from dataclasses import asdict, replace
@@ -29,6 +30,7 @@ from aloe.obfuscation.secret import load_secret  # noqa: E402
 from privacy import RESULTS, all_profiles, build, pct, stale_attacks  # noqa: E402
 
 PATH = RESULTS / "privacy_full.json"
+ROOT = Path(__file__).resolve().parents[1]
 # ablations: name -> (attack, budget override, what it is)
 ABLATIONS = {"learned-weights": ("learned", {"learned_state_ids": -1},
                                  "the learned matcher without its states block (weight features only)"),
@@ -58,6 +60,19 @@ ABLATIONS = {"learned-weights": ("learned", {"learned_state_ids": -1},
              "sda-decoded-em1": ("sda-decoded", {"decode_em": 1},
                                  "the same, one E-step: the bigram posterior with the per-token ranking as a fixed "
                                  "prior")}
+
+
+def source_revision(root: Path = ROOT) -> str | None:
+    """The commit of the checkout at ``root`` the attacks run from, with "+changes" where its code (``src/``,
+    ``benchmarks/*.py``) differs from that commit; None outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        changes = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--",
+                                  "src", "benchmarks/*.py"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if changes.strip() else "")
 
 
 def ppl_ratios(quick: dict) -> dict[str, float]:
@@ -175,20 +190,21 @@ def readings(state: dict) -> list[str]:
 def write_report(state: dict) -> None:
     quick = json.loads((RESULTS / "privacy.json").read_text()) if (RESULTS / "privacy.json").is_file() else {}
     rows = ["| profile | attack | full: % vocabulary | full: % prompt tokens | quick: % vocabulary | "
-            "quick: % prompt tokens | seconds (full) |", "|---|---|---|---|---|---|---|"]
+            "quick: % prompt tokens | seconds (full) | commit |", "|---|---|---|---|---|---|---|---|"]
     for name, e in state["profiles"].items():
         q = quick.get("profiles", {}).get(name, {}).get("attacks", {})
         for a, r in e["attacks"].items():
             qa = q.get(a, {})
             rows.append(f"| {name} | {a} | {pct(r.get('token_recovery'))} | {pct(r.get('prompt_token_recovery'))} | "
                         f"{pct(qa.get('token_recovery'))} | {pct(qa.get('prompt_token_recovery'))} | "
-                        f"{r.get('seconds', float('nan')):.0f} |")
+                        f"{r.get('seconds', float('nan')):.0f} | {r.get('commit') or '–'} |")
     md = ["# AloePri attacks at the full budget (SmolLM2-135M-Instruct, all 49,152 ids)", "",
           *coverage(state, quick), "", *learned_frontier(state, quick), "", *readings(state), "",
           "Produced by (each run resumes the one before):", "",
           *(f"    python benchmarks/privacy_full.py {' '.join(c)}" for c in state.get("commands", [])), "",
           "The quick columns are the same point's figures from `benchmarks/results/privacy.json` (2,048 sampled ids, "
-          "6 layers).",
+          "6 layers). The commit column names the code each figure was measured with (recorded since "
+          "that column exists; – before).",
           "", "Budget: " + ", ".join(f"{k}={v}" for k, v in state["budget"].items()), "", *rows, ""]
     atomic_write_text(RESULTS / "privacy_full.md", "\n".join(md))
 
@@ -230,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     if command not in commands:
         commands.append(command)
     state["budget"] = bdict
+    revision = source_revision()
     for name in args.profiles:
         prof = profiles[name]
         obf, secret = build(model, prof, not args.json)
@@ -243,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             base, override, _ = ABLATIONS.get(a, (a, {}, ""))
             tgt = Target(model, obf, replace(budget, **override)) if override else target
             e["attacks"][a] = dict(run(tgt, [base], tau, texts, progress=not args.json)[base],
-                                   seconds=time.perf_counter() - t0)
+                                   seconds=time.perf_counter() - t0, commit=revision)
             atomic_write_json(PATH, state)
             write_report(state)
             if not args.json:
