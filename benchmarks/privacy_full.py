@@ -148,7 +148,9 @@ def readings(state: dict) -> list[str]:
             "one-to-one search where it ran; the EM search has no rank prior, so its cells give the text term only) "
             "and, in brackets, the share of the decoded "
             "occurrences read right, for four readings: the base attack's first choices, the decoder's, the victim's "
-            "token wherever it is among the candidates (the decoder's choice elsewhere: the best it can reach), and "
+            "token wherever it is among the candidates (the decoder's choice elsewhere: the most a decoder over these "
+            "candidates can read, though not always one-to-one, since the decoder's choice can be another id's "
+            "true token), and "
             "the victim's text. Where the reachable victim's reading scores below the decoder's, a better search of "
             "the same objective cannot read more.", "",
             "| profile | attack | occurrences | first choice | decoded | victim within candidates | victim's text |",

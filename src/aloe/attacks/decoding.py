@@ -835,7 +835,8 @@ def reading_logprobs(t, base, decoded, obf_prompts: list[np.ndarray], obf_stream
     guess, ``plain_of`` (V,) the plain id of every obfuscated id (the inverse of tau). Readings, one plain id per
     occurring cluster: ``first_choice`` (the base's first candidates), ``decoded`` (the decoder's choice),
     ``victim_within_candidates`` (the victim's token wherever it is among the candidates, the decoder's choice
-    elsewhere: the best reading the decoder can reach) and ``victim`` (the victim's text). For each: the public
+    elsewhere: the most a decoder over these candidates can read, though not always one-to-one, since the decoder's
+    choice can be another id's true token) and ``victim`` (the victim's text). For each: the public
     model's log-probability of the whole traffic so read (nats), the rank-prior term of the decoder's objective
     (``rank_prior`` of the sweeps search; None where a choice is not among the candidates) and the share of the
     decoded occurrences it reads right. If the reachable victim's reading scores below the decoder's, a better search
