@@ -57,6 +57,10 @@ ABLATIONS = {"learned-weights": ("learned", {"learned_state_ids": -1},
                                          "secret after the attack, 3 sweeps of the one-to-one search started from "
                                          "the victim's reachable reading (the attack's figures are sda-decoded's, "
                                          "on another run)"),
+             "sda-decoded-8k": ("sda-decoded", {"decode_stream": 8000},
+                                "SDA + language-prior decoding (8 parallel sweeps) over the victim's prompts and "
+                                "8,000 ids of its stream instead of 2,000: four times the traffic to vote on "
+                                "each id"),
              "sda-decoded-em1": ("sda-decoded", {"decode_em": 1},
                                  "the same, one E-step: the bigram posterior with the per-token ranking as a fixed "
                                  "prior")}
