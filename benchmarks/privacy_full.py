@@ -57,6 +57,12 @@ ABLATIONS = {"learned-weights": ("learned", {"learned_state_ids": -1},
                                          "secret after the attack, 3 sweeps of the one-to-one search started from "
                                          "the victim's reachable reading (the attack's figures are sda-decoded's, "
                                          "on another run)"),
+             "sda-decoded-completion": ("sda-decoded", {"decode_completion": 3},
+                                        "SDA + language-prior decoding (8 parallel sweeps), and, measured with the "
+                                        "secret after the attack, 3 sweeps of the one-to-one search that hold the "
+                                        "victim's token wherever it is among the candidates and complete the other "
+                                        "ids: the best one-to-one reading that reads every reachable victim token, "
+                                        "as far as the search finds"),
              "sda-decoded-8k": ("sda-decoded", {"decode_stream": 8000},
                                 "SDA + language-prior decoding (8 parallel sweeps) over the victim's prompts and "
                                 "8,000 ids of its stream instead of 2,000: four times the traffic to vote on "
@@ -171,8 +177,9 @@ def readings(state: dict) -> list[str]:
                 rows.append(f"| {name} | {a} | {rd['occurrences']:,} | " + " | ".join(
                     cell(rd[k]) for k in ("first_choice", "decoded", "victim_within_candidates")) +
                     f" | {rd['victim']['text_logprob']:,.0f} |")
-    started = [(name, a, r["readings"]["from_victim"]) for name, e in state["profiles"].items()
-               for a, r in e["attacks"].items() if "from_victim" in r.get("readings", {})]
+    searches = {"from_victim": "every id free", "victim_completion": "reachable victim tokens held"}
+    started = [(name, a, how, r["readings"][key]) for name, e in state["profiles"].items()
+               for a, r in e["attacks"].items() for key, how in searches.items() if key in r.get("readings", {})]
     if started:
         rows += ["", "### The one-to-one search started from the victim's reading", "",
                  "Measured with the secret after the attack: the one-to-one search (`refine_distinct`) started from "
@@ -181,15 +188,19 @@ def readings(state: dict) -> list[str]:
                  "the decoded occurrences read right, at the start, after each sweep and for the reading it "
                  "returns (the best objective). If the search moves away from the victim's reading and the "
                  "objective rises, readings that are not the victim's score better, and a search of this objective "
-                 "cannot be relied on to read the victim's text even where it is among the candidates.", "",
-                 "| profile | attack | start | after each sweep | returned | ids moved or swapped per sweep |",
-                 "|---|---|---|---|---|---|"]
-        for name, a, fv in started:
+                 "cannot be relied on to read the victim's text even where it is among the candidates. With the "
+                 "reachable victim tokens held, the ids whose victim token is among their candidates keep it and "
+                 "the search completes the others: the best one-to-one reading that reads all of them, as far as "
+                 "the search finds.", "",
+                 "| profile | attack | search | start | after each sweep | returned | ids moved or swapped per sweep |",
+                 "|---|---|---|---|---|---|---|"]
+        for name, a, how, fv in started:
             sweeps = ", ".join(f"{o:,.0f} ({pct(c)})" for o, c in zip(fv["objective_per_sweep"],
                                                                        fv["occurrences_right_per_sweep"])) or "–"
             shares = ", ".join(pct(m + w) for m, w in zip(fv["moved_per_sweep"], fv["swapped_per_sweep"])) or "–"
-            rows.append(f"| {name} | {a} | {fv['start_objective']:,.0f} ({pct(fv['occurrences_right_start'])}) | "
-                        f"{sweeps} | {fv['best_objective']:,.0f} ({pct(fv['occurrences_right'])}) | {shares} |")
+            rows.append(f"| {name} | {a} | {how} | {fv['start_objective']:,.0f} "
+                        f"({pct(fv['occurrences_right_start'])}) | {sweeps} | {fv['best_objective']:,.0f} "
+                        f"({pct(fv['occurrences_right'])}) | {shares} |")
     return rows
 
 

@@ -270,7 +270,7 @@ def test_sda_in_the_suite_reads_the_head_of_the_victims_stream_from_ciphertext_a
     assert len(seq["objective_per_sweep"]) == 2 and seq["readings"]["decoded"]["objective"] is not None
     # the one-to-one search from the sweeps' reading: what it returns is the best reading it scored
     swp = attack(plain_dir, weak, ["sda-decoded"], sda_steps=60, sda_ranks=32, decode_stream=500, decode_sweeps=1,
-                 decode_swaps=2, decode_from_victim=2)["sda-decoded"]
+                 decode_swaps=2, decode_from_victim=2, decode_completion=2)["sda-decoded"]
     assert swp["search"] == "sweeps+swaps" and swp["swap_sweeps"] == len(swp["swap_objective_per_sweep"]) <= 2
     assert swp["swap_best_objective"] >= max([swp["swap_start_objective"], *swp["swap_objective_per_sweep"]])
     assert swp["readings"]["decoded"]["objective"] == pytest.approx(swp["swap_best_objective"], rel=1e-6)
@@ -283,7 +283,17 @@ def test_sda_in_the_suite_reads_the_head_of_the_victims_stream_from_ciphertext_a
     assert fv["occurrences_right_start"] > swp["readings"]["decoded"]["occurrences_right"]
     assert fv["best_objective"] >= max([fv["start_objective"], *fv["objective_per_sweep"]])
     assert fv["occurrences_right"] in [fv["occurrences_right_start"], *fv["occurrences_right_per_sweep"]]
-    assert "from_victim" not in dec["readings"]                     # off unless asked for
+    # the best one-to-one completion: every id whose victim token is among its candidates holds it throughout
+    vc = swp["readings"]["victim_completion"]
+    assert vc["sweeps"] == len(vc["objective_per_sweep"]) == len(vc["occurrences_right_per_sweep"]) <= 2
+    assert vc["rank_prior"] == pytest.approx(fv["rank_prior"])
+    assert all(r == pytest.approx(within["occurrences_right"]) for r in (
+        vc["occurrences_right_start"], *vc["occurrences_right_per_sweep"], vc["occurrences_right"]))
+    assert 0 <= vc["shared"] <= vc["shared_at_start"]
+    assert vc["best_objective"] >= max([vc["start_objective"], *vc["objective_per_sweep"]])
+    assert "from_victim" not in dec["readings"] and "victim_completion" not in dec["readings"]   # off unless asked
+    with pytest.raises(AloeError, match="completing the victim's reading must be >= 0"):
+        attack(plain_dir, weak, ["sda-decoded"], sda_steps=5, sda_ranks=32, decode_stream=500, decode_completion=-1)
     with pytest.raises(AloeError, match="from the victim's reading must be >= 0"):
         attack(plain_dir, weak, ["sda-decoded"], sda_steps=5, sda_ranks=32, decode_stream=500, decode_from_victim=-1)
     with pytest.raises(AloeError, match="sweeps must be >= 0"):

@@ -232,6 +232,8 @@ def test_the_budget_flags_carry_the_decoders_sweeps_and_acceptance_rule():
     assert default.decode_swaps == 0 and budget_from_args(ap.parse_args(["--decode-swaps", "2"])).decode_swaps == 2
     assert default.decode_from_victim == 0
     assert budget_from_args(ap.parse_args(["--decode-from-victim", "3"])).decode_from_victim == 3
+    assert default.decode_completion == 0
+    assert budget_from_args(ap.parse_args(["--decode-completion", "2"])).decode_completion == 2
 
 
 def test_pair_logprobs_read_the_models_next_token_table():
@@ -352,6 +354,34 @@ def test_the_one_to_one_search_makes_its_start_one_to_one_and_refuses_bad_input(
     outside[7] = next(t for t in range(V) if t not in cand[7])
     with pytest.raises(AloeError, match="1 occurring clusters start from a token outside their candidates"):
         refine_distinct(bigram_lm(succ), docs, text, cand, outside)
+
+
+def test_the_one_to_one_search_completes_a_reading_around_held_ids():
+    succ, text, cand, docs = decoy_cipher(4)
+    lm = bigram_lm(succ)
+    d = int(next(t for t in cand[5] if t != 5))          # cluster 5 is held at a decoy: cluster d's token
+    cand[9, -1] = d                                      # cluster 9 lists d too (its last place holds a decoy)
+    start = decode(lm, docs, text, cand, sweeps=8, distinct=True)["candidates"][:, 0]
+    start[5], start[9], start[12], start[30] = d, d, 12, 30
+    held = np.isin(np.arange(V), [5, 12, 30])
+    seen: list[np.ndarray] = []
+    out = refine_distinct(lm, docs, text, cand, start, sweeps=4, rng=np.random.default_rng(0), held=held,
+                          on_sweep=seen.append)
+    got = out["candidates"][:, 0]
+    assert seen[0][9] != d                                   # the start is made one-to-one around the held ids
+    assert all((s[held] == start[held]).all() for s in seen) and (got[held] == start[held]).all()
+    assert (got[np.arange(V) != 5] != d).all()               # no one else reads the held token, d included
+    rest = ~np.isin(text, [5, d])
+    assert (seen[0][text] == text)[rest].mean() < 0.95 and (got[text] == text)[rest].all()
+    assert out["shared"] <= out["shared_at_start"]       # d may find no free candidate; nobody starts to share
+    free = refine_distinct(lm, docs, text, cand, start, sweeps=4, rng=np.random.default_rng(0))
+    assert free["candidates"][5, 0] == 5                     # unheld, the search moves cluster 5 back
+    with pytest.raises(AloeError, match="one flag per cluster"):
+        refine_distinct(lm, docs, text, cand, start, held=held[:5])
+    both = held.copy()
+    both[9] = True
+    with pytest.raises(AloeError, match="two held clusters start from the same token"):
+        refine_distinct(lm, docs, text, cand, start, held=both)
 
 
 def test_the_one_to_one_search_keeps_a_given_rank_prior_and_reports_each_reading():

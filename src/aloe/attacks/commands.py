@@ -23,7 +23,7 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
                   decode_sweeps=args.decode_sweeps, decode_monotone=args.decode_monotone,
                   decode_em=args.decode_em, decode_sequential=args.decode_sequential,
                   decode_temperature=args.decode_temperature, decode_swaps=args.decode_swaps,
-                  decode_from_victim=args.decode_from_victim,
+                  decode_from_victim=args.decode_from_victim, decode_completion=args.decode_completion,
                   seed=args.attacker_seed)
 
 
@@ -76,6 +76,10 @@ def add_budget_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-from-victim", type=int, default=0, metavar="N",
                    help="a measurement with the secret, after the attack: N sweeps of that one-to-one search from "
                         "the victim's reading wherever it is among the candidates (readings.from_victim); 0 = off")
+    g.add_argument("--decode-completion", type=int, default=0, metavar="N",
+                   help="a measurement with the secret, after the attack: N sweeps of that one-to-one search that "
+                        "hold the victim's token wherever it is among the candidates and complete the other ids "
+                        "(readings.victim_completion); 0 = off")
     g.add_argument("--attacker-seed", type=int, default=None, help="seed of the attacker's own (non-secret) draws")
 
 

@@ -51,6 +51,8 @@ class Budget:
     decode_swaps: int = 0          # sweeps of the one-to-one search (moves and swaps) after the decoder's (0: off)
     decode_from_victim: int = 0    # not the attack's: with the secret, after it, the one-to-one search's sweeps from
     #                                the victim's reachable reading (0: off)
+    decode_completion: int = 0     # not the attack's: with the secret, after it, the one-to-one search's sweeps that
+    #                                complete the victim's reading around the ids whose token is among their candidates
     batch: int = 256
     seed: int | None = None     # attacker's own (non-secret) randomness; None = fresh
 

@@ -479,7 +479,8 @@ def _windows_logprob(lm, seqs: list[np.ndarray], where: np.ndarray, context: int
 def refine_distinct(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray, start: np.ndarray, sweeps: int = 3,
                     rng: np.random.Generator | None = None, prior_decay: float = 0.5, context: int = 16,
                     right: int = 2, tries: int = 3, prior: np.ndarray | None = None,
-                    on_sweep: Callable[[np.ndarray], None] | None = None, progress=None) -> dict:
+                    on_sweep: Callable[[np.ndarray], None] | None = None, held: np.ndarray | None = None,
+                    progress=None) -> dict:
     """Search the one-to-one readings only (every cluster a different obfuscated id, so a different plain token), from
     ``start`` (n,), a plain token per cluster among its candidates (a decoder's output; where two occurring clusters
     read one token, the greedy one-to-one assignment that keeps most of it: a cluster whose candidates are all taken
@@ -497,10 +498,12 @@ def refine_distinct(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray, s
     whole traffic (:func:`text_logprob` plus the rank prior: the local scores see a few positions around each occurrence
     only). ``rng`` is the attacker's own randomness. ``on_sweep`` receives the start (made one-to-one) and then, after
     every sweep that changed something, the reading (n,): the plain token of every cluster, its first candidate where it
-    does not occur. Returns the ranked candidates (n, k) (the chosen one first, then the others by their last score),
-    the rank prior, the objective of the start and of the reading returned, how many clusters share their token with
-    another at the start and at the end, and, per sweep that changed something, the share of occurring clusters that
-    moved alone or in a swap and the objective after it."""
+    does not occur. ``held`` (n,) marks clusters that keep their start token throughout: they take it first when the
+    start is made one-to-one (their tokens must differ), are never visited and never give their token up in a swap;
+    the search completes the others around them. Returns the ranked candidates (n, k) (the chosen one first, then the
+    others by their last score), the rank prior, the objective of the start and of the reading returned, how many
+    clusters share their token with another at the start and at the end, and, per sweep that changed something, the
+    share of occurring clusters that moved alone or in a swap and the objective after it."""
     labels = np.asarray(labels, dtype=np.int64)
     cand = np.asarray(cand, dtype=np.int64)
     start = np.asarray(start, dtype=np.int64)
@@ -522,10 +525,23 @@ def refine_distinct(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray, s
     if not listed.any(1).all():
         raise AloeError(f"{int((~listed.any(1)).sum())} occurring clusters start from a token outside their "
                         "candidates")
+    if held is not None:
+        held = np.asarray(held, dtype=bool)
+        if held.shape != (n,):
+            raise AloeError(f"the held mask needs one flag per cluster ({n}), got shape {held.shape}")
+        held = held[rows]
+        if len(np.unique(start[rows][held])) < int(held.sum()):
+            raise AloeError("two held clusters start from the same token: a one-to-one reading cannot hold both")
+    else:
+        held = np.zeros(len(rows), dtype=bool)
     rng = rng if rng is not None else np.random.default_rng()
-    # one-to-one start: the start's token first, then the others by rank
+    # one-to-one start: the held clusters keep their tokens; the others take the start's token first, then the others
+    # by rank, among the tokens no held cluster reads (where none is left, the start's token, shared)
     rank_score = np.where(listed, 1.0, 0.0) - np.arange(k)[None, :] * 1e-3
-    choice = distinct_assignment(rank_score, c_rows, v_rows)
+    unheld = v_rows & ~np.isin(c_rows, start[rows][held])
+    choice = np.argmax(listed, 1)
+    rest = np.flatnonzero(~held & unheld.any(1))
+    choice[rest] = distinct_assignment(rank_score[rest], c_rows[rest], unheld[rest])
     S = np.zeros((len(rows), k))
     np.add.at(S, local, occurrence_logprobs(lm, docs, c_rows[local, choice[local]], cand[labels], context, right))
     if prior is None:
@@ -568,7 +584,7 @@ def refine_distinct(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray, s
     if on_sweep is not None:
         on_sweep(reading(choice))
     moved, swapped, objective = [], [], []
-    doubt = np.flatnonzero(v_rows.sum(1) > 1)
+    doubt = np.flatnonzero((v_rows.sum(1) > 1) & ~held)
     for _ in range(sweeps):
         n_moved = n_swapped = 0
         for r in rng.permutation(doubt):
@@ -576,15 +592,18 @@ def refine_distinct(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray, s
             score = np.where(v_rows[r], S[r] + log_prior, -np.inf)
             cur = int(choice[r])
             for j in [int(j) for j in np.argsort(-score, kind="stable") if score[j] > score[cur] + 1e-9][:tries]:
-                held = readers.get(int(c_rows[r, j]))
-                if not held:
+                holders = readers.get(int(c_rows[r, j]))
+                if not holders:
                     place(r, j)
                     n_moved += 1
                     break
-                if len(held) > 1:  # a token two clusters read (a start the candidates left shared): no swap
+                if len(holders) > 1:  # a token two clusters read (a start the candidates left shared): no swap
                     continue
-                h = next(iter(held))
-                free = np.array([v_rows[h, q] and (c_rows[h, q] == c_rows[r, cur] or
+                h = next(iter(holders))
+                if held[h]:  # a held cluster keeps its token
+                    continue
+                mine = readers[int(c_rows[r, cur])] == {r}  # the mover's token is free once it leaves
+                free = np.array([v_rows[h, q] and ((mine and c_rows[h, q] == c_rows[r, cur]) or
                                                    int(c_rows[h, q]) not in readers) for q in range(k)])
                 if not free.any():
                     continue
@@ -768,6 +787,8 @@ def check_budget(b) -> None:
         raise AloeError(f"the one-to-one search's sweeps must be >= 0 (got {b.decode_swaps})")
     if b.decode_from_victim < 0:
         raise AloeError(f"the sweeps from the victim's reading must be >= 0 (got {b.decode_from_victim})")
+    if b.decode_completion < 0:
+        raise AloeError(f"the sweeps completing the victim's reading must be >= 0 (got {b.decode_completion})")
     if not b.decode_temperature >= 0:
         raise AloeError(f"the start temperature must be >= 0 (got {b.decode_temperature})")
 
@@ -829,7 +850,7 @@ def _victim_docs(t, guess, obf_prompts: list[np.ndarray], obf_stream: np.ndarray
 
 def reading_logprobs(t, base, decoded, obf_prompts: list[np.ndarray], obf_stream: np.ndarray,
                      plain_of: np.ndarray, rank_prior: list[float] | None = None, from_victim_sweeps: int = 0,
-                     rng: np.random.Generator | None = None, progress=None) -> dict:
+                     rng: np.random.Generator | None = None, completion_sweeps: int = 0, progress=None) -> dict:
     """A measurement made with the secret, never part of the attack: how the decoder's objective ranks the readings
     of the traffic it decoded. ``base`` is the per-id guess whose candidates were decoded, ``decoded`` the decoder's
     guess, ``plain_of`` (V,) the plain id of every obfuscated id (the inverse of tau). Readings, one plain id per
@@ -847,7 +868,13 @@ def reading_logprobs(t, base, decoded, obf_prompts: list[np.ndarray], obf_stream
     ``from_victim`` records its objective and the share of the decoded occurrences it reads right at the start,
     after each sweep and for the reading it returns: whether the victim's reading is a local optimum of the
     objective, or a search of it moves away from the victim's text (then the objective, not the search, bounds what
-    the decoder reads)."""
+    the decoder reads).
+
+    With ``completion_sweeps`` > 0, ``victim_completion`` records the same for the best one-to-one completion of the
+    victim's reading: the ids whose victim token is among their candidates hold it (``held`` of
+    :func:`refine_distinct`) and the search, from the decoder's choice, completes the others. If the completion
+    scores below the decoder's reading, no one-to-one reading that reads every reachable victim token beats the
+    decoder's under this objective, as far as this search finds."""
     docs, labels = _victim_docs(t, base, obf_prompts, obf_stream)
     cand = np.asarray(base.candidates, dtype=np.int64)
     truth = np.asarray(plain_of, dtype=np.int64)[np.asarray(base.obf_ids, dtype=np.int64)]
@@ -868,22 +895,26 @@ def reading_logprobs(t, base, decoded, obf_prompts: list[np.ndarray], obf_stream
                      "objective": None if prior is None else lp + prior,
                      "occurrences_right": float((plain[labels] == truth[labels]).mean()) if len(labels) else None}
     out["occurrences"] = int(len(labels))
-    if from_victim_sweeps > 0 and len(labels):
+
+    def search(sweeps: int, held: np.ndarray | None) -> dict:
         def right(plain: np.ndarray) -> float:
             return float((plain[labels] == truth[labels]).mean())
 
         per_sweep: list[float] = []
-        ref = refine_distinct(lm, docs, labels, cand, readings["victim_within_candidates"], from_victim_sweeps, rng,
+        ref = refine_distinct(lm, docs, labels, cand, readings["victim_within_candidates"], sweeps, rng,
                               prior=None if rank_prior is None else np.asarray(rank_prior),
-                              on_sweep=lambda now: per_sweep.append(right(now)), progress=progress)
-        out["from_victim"] = {"sweeps": ref["sweeps"], "start_objective": ref["start_objective"],
-                              "objective_per_sweep": ref["objective"], "best_objective": ref["best_objective"],
-                              "moved_per_sweep": ref["moved"], "swapped_per_sweep": ref["swapped"],
-                              "shared_at_start": ref["shared_at_start"],
-                              "occurrences_right_start": per_sweep[0],
-                              "occurrences_right_per_sweep": per_sweep[1:],
-                              "occurrences_right": right(ref["candidates"][:, 0]),
-                              "rank_prior": ref["rank_prior"]}
+                              on_sweep=lambda now: per_sweep.append(right(now)), held=held, progress=progress)
+        return {"sweeps": ref["sweeps"], "start_objective": ref["start_objective"],
+                "objective_per_sweep": ref["objective"], "best_objective": ref["best_objective"],
+                "moved_per_sweep": ref["moved"], "swapped_per_sweep": ref["swapped"],
+                "shared_at_start": ref["shared_at_start"], "shared": ref["shared"],
+                "occurrences_right_start": per_sweep[0], "occurrences_right_per_sweep": per_sweep[1:],
+                "occurrences_right": right(ref["candidates"][:, 0]), "rank_prior": ref["rank_prior"]}
+
+    if from_victim_sweeps > 0 and len(labels):
+        out["from_victim"] = search(from_victim_sweeps, None)
+    if completion_sweeps > 0 and len(labels):
+        out["victim_completion"] = search(completion_sweeps, inside)
     return out
 
 

@@ -157,7 +157,7 @@ def run(target: Target, names: list[str], tau: np.ndarray, texts: Texts, progres
             # measured with the secret, after the attack: where the decoder's objective puts the victim's reading
             res["readings"] = decoding.reading_logprobs(target, guesses[base], dec, obf_prompts, tau[texts.stream],
                                                         plain_of, dec.extra.get("rank_prior"), b.decode_from_victim,
-                                                        b.rng("from-victim"), pr)
+                                                        b.rng("from-victim"), b.decode_completion, pr)
             res.pop("rank_prior", None)
             per_id = score_ids(guesses[base], tau, texts.prompts, fixed)  # the base attack's own figures, same run
             res["per_id_token_recovery"] = per_id["token_recovery"]
