@@ -492,8 +492,9 @@ def refine_distinct(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray, s
     occurrences, plus log pi_j of the rank prior fitted by EM against the start, or ``prior`` as given). Up to ``tries``
     candidates that score above the current one, best first, are tried: a token no other cluster reads is taken at once;
     a token another cluster (its holder) reads is taken in a swap, the holder moving to its best candidate (by its last
-    scores) among the mover's old token and the tokens no cluster reads, and the swap is made if the text around both
-    clusters' occurrences, scored jointly before and after, plus the rank prior, gains. The search stops after a sweep
+    scores) among the mover's old token (where the mover read it alone) and the tokens no cluster reads, and the swap
+    is made if the text around both clusters' occurrences, scored jointly before and after, plus the rank prior,
+    gains. The search stops after a sweep
     that changes nothing, and returns the reading, among the start and the sweeps', with the best objective over the
     whole traffic (:func:`text_logprob` plus the rank prior: the local scores see a few positions around each occurrence
     only). ``rng`` is the attacker's own randomness. ``on_sweep`` receives the start (made one-to-one) and then, after
