@@ -48,6 +48,9 @@ ABLATIONS = {"learned-weights": ("learned", {"learned_state_ids": -1},
                                         "SDA + language-prior decoding one id at a time against its neighbours' "
                                         "latest choices, Gibbs sampling annealed from temperature 1 to 0 over 8 "
                                         "sweeps, two ids read as one token penalised more at every sweep"),
+             "sda-decoded-beam": ("sda-decoded", {"decode_beam": 8, "decode_sweeps": 2},
+                                  "SDA + language-prior decoding by a beam search of 8 one-to-one readings, the most "
+                                  "frequent ids placed first, 2 passes (the second from the first's best reading)"),
              "sda-decoded-swaps": ("sda-decoded", {"decode_swaps": 3},
                                    "SDA + language-prior decoding (8 parallel sweeps), then up to 3 sweeps of a "
                                    "search over one-to-one readings only: an id moves to a token no other id reads, "

@@ -268,6 +268,17 @@ def test_sda_in_the_suite_reads_the_head_of_the_victims_stream_from_ciphertext_a
                  decode_sequential=True)["sda-decoded"]
     assert seq["search"] == "sequential" and seq["temperature_per_sweep"] == [1.0, 0.0]
     assert len(seq["objective_per_sweep"]) == 2 and seq["readings"]["decoded"]["objective"] is not None
+    beam = attack(plain_dir, weak, ["sda-decoded"], sda_steps=60, sda_ranks=32, decode_stream=500, decode_sweeps=1,
+                  decode_beam=2)["sda-decoded"]
+    assert beam["search"] == "beam" and beam["beam_width"] == 2 and beam["passes"] == 1
+    assert len(beam["objective_per_pass"]) == len(beam["moved_per_pass"]) == 1 and beam["shared"] >= 0
+    # what the beam returns is the reading whose objective it recorded, scored again with the secret
+    assert beam["readings"]["decoded"]["objective"] == pytest.approx(beam["objective_per_pass"][0], rel=1e-6)
+    with pytest.raises(AloeError, match="choose one decoder search"):
+        attack(plain_dir, weak, ["sda-decoded"], sda_steps=5, sda_ranks=32, decode_stream=500, decode_beam=2,
+               decode_sequential=True)
+    with pytest.raises(AloeError, match="beam's width must be >= 0"):
+        attack(plain_dir, weak, ["sda-decoded"], sda_steps=5, sda_ranks=32, decode_stream=500, decode_beam=-1)
     # the one-to-one search from the sweeps' reading: what it returns is the best reading it scored
     swp = attack(plain_dir, weak, ["sda-decoded"], sda_steps=60, sda_ranks=32, decode_stream=500, decode_sweeps=1,
                  decode_swaps=2, decode_from_victim=2, decode_completion=2)["sda-decoded"]

@@ -10,6 +10,7 @@ from aloe.attacks.decoding import (
     Doc,
     LogitsScorer,
     decode,
+    decode_beam,
     decode_em,
     decode_sequential,
     occurrence_logprobs,
@@ -233,6 +234,7 @@ def test_the_budget_flags_carry_the_decoders_sweeps_and_acceptance_rule():
     assert default.decode_from_victim == 0
     assert budget_from_args(ap.parse_args(["--decode-from-victim", "3"])).decode_from_victim == 3
     assert default.decode_completion == 0
+    assert default.decode_beam == 0 and budget_from_args(ap.parse_args(["--decode-beam", "4"])).decode_beam == 4
     assert budget_from_args(ap.parse_args(["--decode-completion", "2"])).decode_completion == 2
 
 
@@ -411,3 +413,74 @@ def test_the_one_to_one_search_keeps_a_given_rank_prior_and_reports_each_reading
     for bad in (given[:3], np.r_[given[:-1], 0.0]):
         with pytest.raises(AloeError, match="positive chance for each of the 4 ranks"):
             refine_distinct(bigram_lm(succ), docs, text, cand, dec, prior=bad)
+
+
+def garden_path(length: int = 40):
+    """Clusters 0 and 1 alternate in one doc; their first candidates (tokens 0 and 2) read fairly well together, their
+    second (1 and 3) much better together, and either second candidate beside the other's first reads badly: a
+    search that places one cluster at a time against the other's current token never leaves the first pair."""
+    table = torch.zeros(V, V)
+    table[0, 2] = table[2, 0] = 3.0
+    table[1, 3] = table[3, 1] = 6.0
+    lm = LogitsScorer(lambda ids: table[ids])
+    cand = np.array([[0, 1], [2, 3]])
+    return lm, cand, np.arange(length) % 2, [Doc.unknown(np.arange(length))]
+
+
+def test_beam_search_keeps_a_choice_that_reads_worse_alone_until_its_neighbour_is_placed():
+    lm, cand, labels, docs = garden_path()
+    flat = np.array([0.5, 0.5])
+    greedy = decode_beam(lm, docs, labels, cand, width=1, passes=3, prior=flat)
+    assert tuple(greedy["candidates"][:, 0]) == (0, 2) and greedy["passes"] == 1      # nothing moved
+    beam = decode_beam(lm, docs, labels, cand, width=2, passes=3, prior=flat)
+    assert tuple(beam["candidates"][:, 0]) == (1, 3)
+    assert beam["best_objective"] == pytest.approx(text_logprob(lm, docs, cand[labels, 1]) + 2 * np.log(0.5))
+    assert beam["best_objective"] > greedy["best_objective"] + 10 and beam["start_objective"] < beam["objective"][0]
+    assert beam["passes"] == 2 and beam["moved"] == [1.0, 0.0] and beam["shared"] == 0
+    assert beam["spread"][0] > 0 and beam["width"] == 2
+    assert all(set(a) == set(b) for a, b in zip(beam["candidates"], cand))   # reordered, nothing added
+
+
+def test_beam_search_reads_the_decoy_cipher_one_to_one_and_refuses_bad_input():
+    succ, text, cand, docs = decoy_cipher(5)
+    out = decode_beam(bigram_lm(succ), docs, text, cand, width=4, passes=2)
+    got = out["candidates"][:, 0]
+    assert (cand[text, 0] == text).mean() < 0.5 and (got[text] == text).mean() > 0.97
+    assert len(np.unique(got)) == V and out["shared"] == 0                        # one plain token per cluster
+    assert out["best_objective"] == max(out["objective"]) > out["start_objective"]
+    assert out["best_objective"] == pytest.approx(text_logprob(bigram_lm(succ), docs, got[text])
+                                                  + np.log(out["rank_prior"])[np.argmax(cand == got[:, None], 1)].sum())
+    # the ranking after the chosen token: the scores the candidates had when the best reading placed the cluster
+    assert all(set(a) == set(b) for a, b in zip(out["candidates"], cand))
+    with pytest.raises(AloeError, match="width of at least one"):
+        decode_beam(bigram_lm(succ), docs, text, cand, width=0)
+    with pytest.raises(AloeError, match="at least one pass"):
+        decode_beam(bigram_lm(succ), docs, text, cand, passes=0)
+    with pytest.raises(AloeError, match="positive chance"):
+        decode_beam(bigram_lm(succ), docs, text, cand, prior=np.zeros(cand.shape[1]))
+    with pytest.raises(AloeError, match="in no doc"):
+        decode_beam(bigram_lm(succ), docs[:1], text, cand)
+
+
+def test_the_beams_scores_are_each_readings_own_and_shared_windows_are_scored_once():
+    from aloe.attacks.decoding import _hypotheses_scores
+
+    succ, text, cand, docs = decoy_cipher(6)
+    lm = bigram_lm(succ)
+    calls = []
+
+    def counting(left, cont):
+        calls.append(len(left))
+        return lm(left, cont)
+
+    a = cand[text, 0]
+    b = a.copy()
+    b[:50] = text[:50]                                # the two readings share the windows after position 66
+    r = int(text[60])
+    where = np.array([[i // 100, i % 100] for i in np.flatnonzero(text == r)])
+    both = _hypotheses_scores(counting, [[a[i:i + 100].copy() for i in range(0, 600, 100)],
+                                         [b[i:i + 100].copy() for i in range(0, 600, 100)]], where, cand[r], 16, 2)
+    for row, reading in zip(both, (a, b)):
+        own = occurrence_logprobs(lm, docs, reading, cand[text], active=text == r)[text == r].sum(0)
+        assert row == pytest.approx(own)
+    assert 0 < sum(calls) < 2 * len(where)            # the windows the readings share were scored once

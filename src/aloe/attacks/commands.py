@@ -22,7 +22,8 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
                   anchored_rounds=args.anchored_rounds, decode_stream=args.decode_stream,
                   decode_sweeps=args.decode_sweeps, decode_monotone=args.decode_monotone,
                   decode_em=args.decode_em, decode_sequential=args.decode_sequential,
-                  decode_temperature=args.decode_temperature, decode_swaps=args.decode_swaps,
+                  decode_temperature=args.decode_temperature, decode_beam=args.decode_beam,
+                  decode_swaps=args.decode_swaps,
                   decode_from_victim=args.decode_from_victim, decode_completion=args.decode_completion,
                   seed=args.attacker_seed)
 
@@ -70,6 +71,9 @@ def add_budget_flags(p: argparse.ArgumentParser) -> None:
                         "at a temperature falling to 0 over the sweeps (Gibbs sampling with annealing)")
     g.add_argument("--decode-temperature", type=float, default=1.0,
                    help="start temperature of --decode-sequential (0: greedy at every sweep)")
+    g.add_argument("--decode-beam", type=int, default=0, metavar="W",
+                   help="decode by a beam search of W one-to-one readings instead (the most frequent ids placed "
+                        "first; at most --decode-sweeps passes); 0 = off")
     g.add_argument("--decode-swaps", type=int, default=0, metavar="N",
                    help="then N sweeps of a search over one-to-one readings only, from the decoder's reading: an id "
                         "moves to a token no other id reads, or swaps tokens with the id that reads it; 0 = off")

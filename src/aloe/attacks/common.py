@@ -48,6 +48,8 @@ class Budget:
     decode_em: int = 0             # EM iterations of the bigram forward-backward decoder instead of the sweeps (0: off)
     decode_sequential: bool = False  # decode one cluster at a time (Gibbs sampling with annealing) instead
     decode_temperature: float = 1.0  # start temperature of the sequential search (0: greedy at every sweep)
+    decode_beam: int = 0           # width of a beam search over one-to-one readings instead (0: off); its passes are
+    #                                at most decode_sweeps
     decode_swaps: int = 0          # sweeps of the one-to-one search (moves and swaps) after the decoder's (0: off)
     decode_from_victim: int = 0    # not the attack's: with the secret, after it, the one-to-one search's sweeps from
     #                                the victim's reachable reading (0: off)

@@ -24,11 +24,12 @@ candidates. :func:`decode` picks one candidate per cluster by damped iterated co
    runner-up is far behind are settled and no longer scored. With ``distinct`` (clusters that are different
    obfuscated ids), the final choice is one-to-one: the greedy assignment in order of confidence.
 
-Three other searches are options: the monotone one keeps a sweep's moves only where they raise the language model's
+Four other searches are options: the monotone one keeps a sweep's moves only where they raise the language model's
 log-probability of the whole traffic (:func:`text_logprob`); :func:`decode_em` is the classical decipherment
 attack, EM with forward-backward over a bigram view of the model, summing over the neighbours' candidates instead of
 conditioning on their current guesses; :func:`decode_sequential` scores one cluster at a time against its
-neighbours' latest choices and samples its choice at a falling temperature (Gibbs sampling with annealing).
+neighbours' latest choices and samples its choice at a falling temperature (Gibbs sampling with annealing);
+:func:`decode_beam` keeps several one-to-one readings at once, placing one cluster at a time (beam search).
 
 No ground truth is used anywhere: the rank prior comes from EM, the language model is the public one. The guess is
 only as good as the candidate lists (a token not among its cluster's candidates cannot be decoded), so a per-token
@@ -316,21 +317,38 @@ def _cluster_scores(lm, seqs: list[np.ndarray], where: np.ndarray, cand_row: np.
                     ) -> np.ndarray:
     """(k,): for one cluster, the log-probability of the text around all its occurrences (``where``: (m, 2) doc and
     position) with each candidate in every one of them, against the traffic as decoded now (``seqs``)."""
+    return _hypotheses_scores(lm, [seqs], where, cand_row, context, right)[0]
+
+
+def _hypotheses_scores(lm, traffics: list[list[np.ndarray]], where: np.ndarray, cand_row: np.ndarray, context: int,
+                       right: int, batch: int = 64) -> np.ndarray:
+    """(H, k): :func:`_cluster_scores` of one cluster against each of H readings of the traffic (``traffics``); a
+    window (the positions before an occurrence and after it) that several readings share is scored once, in batches
+    of ``batch`` windows."""
     k = len(cand_row)
-    groups: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]] = {}
-    for d, pos in where:
-        seq = seqs[d]
-        left, after = seq[max(0, pos - context):pos], seq[pos + 1:pos + 1 + right]
-        if len(left) + len(after):
-            groups.setdefault((len(left), len(after)), []).append((left, after))
-    total = np.zeros(k)
-    for (nl, nr), items in groups.items():
-        left = torch.as_tensor(np.array([x for x, _ in items], dtype=np.int64).reshape(len(items), nl))
-        cont = np.empty((len(items), k, 1 + nr), dtype=np.int64)
-        cont[:, :, 0] = np.maximum(cand_row, 0)[None, :]
-        cont[:, :, 1:] = np.array([a for _, a in items], dtype=np.int64).reshape(len(items), 1, nr)
-        total += lm(left, torch.as_tensor(cont)).double().numpy().sum(0)
-    return np.where(cand_row >= 0, total, -np.inf)
+    groups: dict[tuple[int, int], tuple[list[int], list[np.ndarray]]] = {}
+    for h, seqs in enumerate(traffics):
+        for d, pos in where:
+            seq = seqs[d]
+            left, after = seq[max(0, pos - context):pos], seq[pos + 1:pos + 1 + right]
+            if len(left) + len(after):
+                owners, windows = groups.setdefault((len(left), len(after)), ([], []))
+                owners.append(h)
+                windows.append(np.concatenate([left, after]))
+    total = np.zeros((len(traffics), k))
+    for (nl, nr), (owners, windows) in groups.items():
+        uniq, inverse = np.unique(np.array(windows, dtype=np.int64).reshape(len(windows), nl + nr), axis=0,
+                                  return_inverse=True)
+        scores = np.empty((len(uniq), k))
+        for s in range(0, len(uniq), batch):
+            part = uniq[s:s + batch]
+            cont = np.empty((len(part), k, 1 + nr), dtype=np.int64)
+            cont[:, :, 0] = np.maximum(cand_row, 0)[None, :]
+            cont[:, :, 1:] = part[:, None, nl:]
+            scores[s:s + batch] = lm(torch.as_tensor(np.ascontiguousarray(part[:, :nl])),
+                                     torch.as_tensor(cont)).double().numpy()
+        np.add.at(total, np.asarray(owners), scores[np.asarray(inverse).reshape(-1)])
+    return np.where(cand_row[None, :] >= 0, total, -np.inf)
 
 
 def _occurrence_places(docs: list[Doc], labels: np.ndarray, n: int
@@ -645,6 +663,132 @@ def refine_distinct(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray, s
             "decoded_clusters": int(len(rows))}
 
 
+@dataclass
+class _Hypothesis:
+    """One reading of the beam: its score (the sum of its local gains), the choice of every occurring cluster, the
+    traffic so read, the tokens taken by the clusters placed in this pass and, per placed cluster, the scores its
+    candidates had when it was placed (a chain, newest first)."""
+
+    score: float
+    choice: np.ndarray
+    seqs: list[np.ndarray]
+    taken: frozenset
+    trail: tuple | None
+
+
+def decode_beam(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray, width: int = 8, passes: int = 2,
+                prior_decay: float = 0.5, context: int = 16, right: int = 2, prior: np.ndarray | None = None,
+                progress=None) -> dict:
+    """Decode the traffic by beam search over one-to-one readings (every cluster a different obfuscated id, so a
+    different plain token). A pass places the occurring clusters one at a time, the most frequent first (the
+    classical extension order of decipherment); ``width`` readings are kept. Placing cluster r extends every kept
+    reading by each of r's candidates that no cluster placed before it in that reading has taken (a reading whose
+    candidates for r are all taken keeps r's current token, shared): the extension gains the local score of the
+    candidate (the scores of :func:`decode_sequential`: the candidate given ``context`` positions before it, the
+    ``right`` positions after it given the candidate, summed over r's occurrences, plus log pi_j of the rank prior)
+    less that of r's current token, both against that reading's own traffic, in which the clusters not yet placed
+    read their current tokens. The ``width`` extensions with the highest summed gain are kept, so a choice that
+    reads worse alone but better with its neighbours' later choices survives where a greedy search drops it.
+    At the end of a pass every kept reading is scored by the whole traffic's objective (:func:`text_logprob` plus
+    the rank prior) and the best is the current reading of the next pass (the first pass starts from every
+    cluster's first candidate); the search stops after ``passes`` passes or a pass that changes nothing, and
+    returns the best reading of any pass. The rank prior is fitted by EM on a first scoring of every cluster
+    against the first choices, or ``prior`` as given. Returns the ranked candidates (n, k) (the chosen one first,
+    then the others by their scores when the cluster was placed), the rank prior, the objective of the start (the
+    first choices, not one-to-one), per pass the objective of its best reading, the spread of the kept readings'
+    objectives and the share of occurring clusters that changed, and how many clusters share their token."""
+    labels = np.asarray(labels, dtype=np.int64)
+    cand = np.asarray(cand, dtype=np.int64)
+    n, k = cand.shape
+    if width < 1:
+        raise AloeError(f"the beam needs a width of at least one reading (got {width})")
+    if passes < 1:
+        raise AloeError(f"the beam search needs at least one pass (got {passes})")
+    if prior is not None:
+        prior = np.asarray(prior, dtype=np.float64)
+        if prior.shape != (k,) or not (prior > 0).all():
+            raise AloeError(f"the rank prior needs a positive chance for each of the {k} ranks")
+    rows, local, where_arr = _occurrence_places(docs, labels, n)
+    if not (cand[labels, 0] >= 0).all():
+        raise AloeError("every occurring cluster needs at least one candidate")
+    c_rows = cand[rows]
+    v_rows = c_rows >= 0
+    S = np.zeros((len(rows), k))
+    np.add.at(S, local, occurrence_logprobs(lm, docs, c_rows[local, 0], cand[labels], context, right))
+    if prior is None:
+        prior = prior_decay ** np.arange(k, dtype=np.float64)
+        prior = _rank_prior_em(S, v_rows, prior / prior.sum())
+    log_prior = np.log(prior)
+
+    def objective_of(ch: np.ndarray) -> float:
+        return text_logprob(lm, docs, c_rows[local, ch[local]]) + float(log_prior[ch].sum())
+
+    counts = np.bincount(local, minlength=len(rows))
+    doubt = np.flatnonzero(v_rows.sum(1) > 1)
+    order = doubt[np.argsort(-counts[doubt], kind="stable")]
+    fixed = frozenset(int(c_rows[r, 0]) for r in np.flatnonzero(v_rows.sum(1) == 1))
+    current = np.zeros(len(rows), dtype=np.int64)
+    start_value = objective_of(current)
+    best_choice, best_value, best_trail = None, -np.inf, None
+    objective, spread, changed = [], [], []
+    for _ in range(passes):
+        seqs = [np.where(doc.occurrence >= 0, c_rows[local[np.maximum(doc.occurrence, 0)],
+                                                      current[local[np.maximum(doc.occurrence, 0)]]], doc.known)
+                for doc in docs]
+        beam = [_Hypothesis(0.0, current.copy(), seqs, fixed, None)]
+        for r in order:
+            sc = _hypotheses_scores(lm, [h.seqs for h in beam], where_arr[r], c_rows[r], context, right)
+            sc = np.where(v_rows[r][None, :], sc + log_prior[None, :], -np.inf)
+            ext = []
+            for i, h in enumerate(beam):
+                now = int(h.choice[r])
+                free = [j for j in np.flatnonzero(v_rows[r]) if int(c_rows[r, j]) not in h.taken]
+                for j in free or [now]:
+                    ext.append((h.score + float(sc[i, j] - sc[i, now]), i, int(j)))
+            ext.sort(key=lambda e: -e[0])  # stable: ties keep the older reading and the better rank first
+            nxt = []
+            for score, i, j in ext[:width]:
+                h = beam[i]
+                choice = h.choice.copy()
+                choice[r] = j
+                seqs = list(h.seqs)
+                token = int(c_rows[r, j])
+                for d in np.unique(where_arr[r][:, 0]):
+                    seqs[d] = seqs[d].copy()
+                    seqs[d][where_arr[r][where_arr[r][:, 0] == d, 1]] = token
+                nxt.append(_Hypothesis(score, choice, seqs, h.taken | {token}, (r, sc[i], h.trail)))
+            beam = nxt
+            if progress is not None:
+                progress.update(1)
+        values = [objective_of(h.choice) for h in beam]
+        top = int(np.argmax(values))
+        objective.append(values[top])
+        spread.append(float(values[top] - min(values)))
+        changed.append(float((beam[top].choice != current).mean()) if len(rows) else 0.0)
+        if values[top] > best_value:
+            best_choice, best_value, best_trail = beam[top].choice.copy(), values[top], beam[top].trail
+        if (beam[top].choice == current).all():
+            break
+        current = beam[top].choice.copy()
+    # the scores each cluster's candidates had when the best reading placed it rank the others
+    trail = best_trail
+    placed = np.zeros(len(rows), dtype=bool)
+    while trail is not None:
+        r, row, trail = trail
+        if not placed[r]:
+            S[r], placed[r] = row - log_prior, True
+    choice = best_choice
+    score = np.where(v_rows, S + log_prior[None, :], -np.inf)
+    score[np.arange(len(rows)), choice] = np.inf
+    out = cand.copy()
+    out[rows] = np.take_along_axis(c_rows, np.argsort(-score, 1, kind="stable"), 1)
+    readers = c_rows[np.arange(len(rows)), choice]
+    _, inverse, shared = np.unique(readers, return_inverse=True, return_counts=True)
+    return {"candidates": out, "rank_prior": prior.tolist(), "start_objective": start_value, "objective": objective,
+            "spread": spread, "moved": changed, "best_objective": best_value, "passes": len(objective),
+            "width": width, "shared": int((shared[inverse] > 1).sum()), "decoded_clusters": int(len(rows))}
+
+
 def pair_logprobs(lm, pairs: np.ndarray, batch: int = 256) -> np.ndarray:
     """log p(b | a) for each row (a, b) of ``pairs`` under ``lm`` with a context of one token (its bigram view)."""
     pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
@@ -781,9 +925,11 @@ def check_budget(b) -> None:
     """The decoder's knobs of a :class:`~aloe.attacks.common.Budget` make sense (checked before any attack runs)."""
     if b.decode_sweeps < 1:
         raise AloeError(f"the decoder needs at least one sweep (got {b.decode_sweeps})")
-    if b.decode_em < 0 or sum((b.decode_em > 0, b.decode_monotone, b.decode_sequential)) > 1:
-        raise AloeError("choose one decoder search: EM iterations (>= 1), the monotone sweeps or the sequential "
-                        "search, not two")
+    if b.decode_beam < 0:
+        raise AloeError(f"the beam's width must be >= 0 (got {b.decode_beam})")
+    if b.decode_em < 0 or sum((b.decode_em > 0, b.decode_monotone, b.decode_sequential, b.decode_beam > 0)) > 1:
+        raise AloeError("choose one decoder search: EM iterations (>= 1), the monotone sweeps, the sequential "
+                        "search or the beam, not two")
     if b.decode_swaps < 0:
         raise AloeError(f"the one-to-one search's sweeps must be >= 0 (got {b.decode_swaps})")
     if b.decode_from_victim < 0:
@@ -800,9 +946,10 @@ def attack(t, guess, obf_prompts: list[np.ndarray], obf_stream: np.ndarray, prog
     (:class:`~aloe.attacks.scoring.IdGuess`), the public model as the language prior, one plain token per
     obfuscated id (``distinct``), in at most ``budget.decode_sweeps`` sweeps (kept only where they raise the
     objective with ``budget.decode_monotone``), or with ``budget.decode_em`` iterations of :func:`decode_em`, or
-    with ``budget.decode_sequential`` by :func:`decode_sequential` instead; then, with ``budget.decode_swaps``, that
-    many sweeps of :func:`refine_distinct` from the decoder's reading. Ids that do not occur keep the per-id
-    ranking."""
+    with ``budget.decode_sequential`` by :func:`decode_sequential`, or with ``budget.decode_beam`` by
+    :func:`decode_beam` (that width, at most ``budget.decode_sweeps`` passes) instead; then, with
+    ``budget.decode_swaps``, that many sweeps of :func:`refine_distinct` from the decoder's reading. Ids that do not
+    occur keep the per-id ranking."""
     from aloe.attacks.scoring import IdGuess
 
     check_budget(t.budget)
@@ -814,6 +961,12 @@ def attack(t, guess, obf_prompts: list[np.ndarray], obf_stream: np.ndarray, prog
                                 b.rng("decode"), distinct=True, progress=progress)
         extra = {"search": "sequential", "sweeps": out["sweeps"], "temperature_per_sweep": out["temperature"],
                  "moved_per_sweep": out["moved"], "objective_per_sweep": out["objective"],
+                 "rank_prior_top3": out["rank_prior"][:3], "rank_prior": out["rank_prior"]}
+    elif b.decode_beam:
+        out = decode_beam(lm, docs, labels, guess.candidates, b.decode_beam, b.decode_sweeps, progress=progress)
+        extra = {"search": "beam", "beam_width": out["width"], "passes": out["passes"],
+                 "start_objective": out["start_objective"], "objective_per_pass": out["objective"],
+                 "beam_spread_per_pass": out["spread"], "moved_per_pass": out["moved"], "shared": out["shared"],
                  "rank_prior_top3": out["rank_prior"][:3], "rank_prior": out["rank_prior"]}
     elif b.decode_em:
         out = decode_em(lm, docs, labels, guess.candidates, b.decode_em, distinct=True, progress=progress)
