@@ -37,6 +37,9 @@ ABLATIONS = {"learned-weights": ("learned", {"learned_state_ids": -1},
              "decoded-monotone": ("decoded", {"decode_monotone": True},
                                   "the learned matcher + language-prior decoding that keeps a sweep's moves only "
                                   "where they raise the text's log-probability"),
+             "decoded-beam": ("decoded", {"decode_beam": 8, "decode_sweeps": 2},
+                              "the learned matcher + language-prior decoding by a beam search of 8 one-to-one "
+                              "readings, the most frequent ids placed first, 2 passes"),
              "sda-decoded-16": ("sda-decoded", {"decode_sweeps": 16},
                                 "SDA + language-prior decoding with twice the decoder's sweeps (16)"),
              "sda-decoded-monotone": ("sda-decoded", {"decode_monotone": True},
