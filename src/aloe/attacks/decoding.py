@@ -494,6 +494,16 @@ def _windows_logprob(lm, seqs: list[np.ndarray], where: np.ndarray, context: int
     return total
 
 
+def _given_prior(prior: np.ndarray | None, k: int) -> np.ndarray | None:
+    """A rank prior given to a search, checked: a positive chance for each of the ``k`` ranks (None: none given)."""
+    if prior is None:
+        return None
+    prior = np.asarray(prior, dtype=np.float64)
+    if prior.shape != (k,) or not (prior > 0).all():
+        raise AloeError(f"the rank prior needs a positive chance for each of the {k} ranks")
+    return prior
+
+
 def refine_distinct(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray, start: np.ndarray, sweeps: int = 3,
                     rng: np.random.Generator | None = None, prior_decay: float = 0.5, context: int = 16,
                     right: int = 2, tries: int = 3, prior: np.ndarray | None = None,
@@ -533,10 +543,7 @@ def refine_distinct(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray, s
         raise AloeError(f"the one-to-one search needs at least one candidate to try (got {tries})")
     if start.shape != (n,):
         raise AloeError(f"the start reading needs one plain token per cluster ({n}), got shape {start.shape}")
-    if prior is not None:
-        prior = np.asarray(prior, dtype=np.float64)
-        if prior.shape != (k,) or not (prior > 0).all():
-            raise AloeError(f"the rank prior needs a positive chance for each of the {k} ranks")
+    prior = _given_prior(prior, k)
     rows, local, where_arr = _occurrence_places(docs, labels, n)
     c_rows = cand[rows]
     v_rows = c_rows >= 0
@@ -704,10 +711,7 @@ def decode_beam(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray, width
         raise AloeError(f"the beam needs a width of at least one reading (got {width})")
     if passes < 1:
         raise AloeError(f"the beam search needs at least one pass (got {passes})")
-    if prior is not None:
-        prior = np.asarray(prior, dtype=np.float64)
-        if prior.shape != (k,) or not (prior > 0).all():
-            raise AloeError(f"the rank prior needs a positive chance for each of the {k} ranks")
+    prior = _given_prior(prior, k)
     rows, local, where_arr = _occurrence_places(docs, labels, n)
     if not (cand[labels, 0] >= 0).all():
         raise AloeError("every occurring cluster needs at least one candidate")
