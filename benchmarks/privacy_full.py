@@ -54,6 +54,9 @@ ABLATIONS = {"learned-weights": ("learned", {"learned_state_ids": -1},
              "sda-decoded-beam": ("sda-decoded", {"decode_beam": 8, "decode_sweeps": 2},
                                   "SDA + language-prior decoding by a beam search of 8 one-to-one readings, the most "
                                   "frequent ids placed first, 2 passes (the second from the first's best reading)"),
+             "sda-decoded-beam32": ("sda-decoded", {"decode_beam": 32, "decode_sweeps": 1},
+                                    "SDA + language-prior decoding by a beam search of 32 one-to-one readings, the "
+                                    "most frequent ids placed first, one pass"),
              "sda-decoded-swaps": ("sda-decoded", {"decode_swaps": 3},
                                    "SDA + language-prior decoding (8 parallel sweeps), then up to 3 sweeps of a "
                                    "search over one-to-one readings only: an id moves to a token no other id reads, "
