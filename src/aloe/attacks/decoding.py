@@ -673,8 +673,8 @@ def refine_distinct(lm, docs: list[Doc], labels: np.ndarray, cand: np.ndarray, s
 @dataclass
 class _Hypothesis:
     """One reading of the beam: its score (the sum of its local gains), the choice of every occurring cluster, the
-    traffic so read, the tokens taken by the clusters placed in this pass and, per placed cluster, the scores its
-    candidates had when it was placed (a chain, newest first)."""
+    traffic so read, the tokens taken (by the clusters placed in this pass and those with a single candidate) and,
+    per placed cluster, the scores its candidates had when it was placed (a chain, newest first)."""
 
     score: float
     choice: np.ndarray
