@@ -73,7 +73,8 @@ REALISTIC = ("vma", "ia", "nn", "isa", "ima", "tfma", "behavioural", "anchored",
 
 
 # the attacks each attack-specific budget knob affects; any other knob affects every attack
-KNOB_ATTACKS = {"learned_": ("learned", "decoded"), "behaviour_": ("behavioural",), "anchored_": ("anchored",),
+KNOB_ATTACKS = {"learned_": ("learned", "decoded", "key-regression"), "keyreg_": ("key-regression",),
+                "behaviour_": ("behavioural",), "anchored_": ("anchored",),
                 "isa_": ("isa",), "ima_": ("ima",), "tfma_": ("tfma", "sda", "decoded", "sda-decoded"),
                 "decode_": ("decoded", "sda-decoded"), "sda_": ("sda", "sda-decoded")}
 

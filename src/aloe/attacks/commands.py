@@ -25,7 +25,7 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
                   decode_temperature=args.decode_temperature, decode_beam=args.decode_beam,
                   decode_swaps=args.decode_swaps,
                   decode_from_victim=args.decode_from_victim, decode_completion=args.decode_completion,
-                  seed=args.attacker_seed)
+                  keyreg_rounds=args.keyreg_rounds, seed=args.attacker_seed)
 
 
 def add_budget_flags(p: argparse.ArgumentParser) -> None:
@@ -84,6 +84,9 @@ def add_budget_flags(p: argparse.ArgumentParser) -> None:
                    help="a measurement with the secret, after the attack: N sweeps of that one-to-one search that "
                         "hold the victim's token wherever it is among the candidates and complete the other ids "
                         "(readings.victim_completion); 0 = off")
+    g.add_argument("--keyreg-rounds", type=int, default=3, metavar="N",
+                   help="rounds of the key regression: fit the key on the learned matcher's reading (then on its "
+                        "own), read every row through it (key-regression)")
     g.add_argument("--attacker-seed", type=int, default=None, help="seed of the attacker's own (non-secret) draws")
 
 

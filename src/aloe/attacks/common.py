@@ -55,6 +55,7 @@ class Budget:
     #                                the victim's reachable reading (0: off)
     decode_completion: int = 0     # not the attack's: with the secret, after it, the one-to-one search's sweeps that
     #                                complete the victim's reading around the ids whose token is among their candidates
+    keyreg_rounds: int = 3         # rounds of fit and read of the key regression (it stops once nothing changes)
     batch: int = 256
     seed: int | None = None     # attacker's own (non-secret) randomness; None = fresh
 

@@ -16,7 +16,7 @@ from aloe.attacks.common import Target
 from aloe.attacks.scoring import score_ids, score_sequences
 
 ATTACKS = ("vma", "ia", "nn", "isa", "ima", "tfma", "sda", "behavioural", "anchored", "learned", "decoded",
-           "sda-decoded")
+           "sda-decoded", "key-regression")
 
 
 @dataclass
@@ -160,6 +160,15 @@ def run(target: Target, names: list[str], tau: np.ndarray, texts: Texts, progres
                                                         b.rng("from-victim"), b.decode_completion, pr)
             res.pop("rank_prior", None)
             per_id = score_ids(guesses[base], tau, texts.prompts, fixed)  # the base attack's own figures, same run
+            res["per_id_token_recovery"] = per_id["token_recovery"]
+            res["per_id_prompt_token_recovery"] = per_id["prompt_token_recovery"]
+        elif name == "key-regression":  # the learned matcher's reading, then the key fitted on it
+            from aloe.attacks import key_regression
+
+            if "learned" not in guesses:
+                guesses["learned"] = _id_guess("learned", target, received, texts, tau, pr)
+            res = score_ids(key_regression.attack(target, guesses["learned"], pr), tau, texts.prompts, fixed)
+            per_id = score_ids(guesses["learned"], tau, texts.prompts, fixed)  # its start, same run
             res["per_id_token_recovery"] = per_id["token_recovery"]
             res["per_id_prompt_token_recovery"] = per_id["prompt_token_recovery"]
         elif name == "tfma":
