@@ -40,6 +40,9 @@ ABLATIONS = {"learned-weights": ("learned", {"learned_state_ids": -1},
              "decoded-beam": ("decoded", {"decode_beam": 8, "decode_sweeps": 2},
                               "the learned matcher + language-prior decoding by a beam search of 8 one-to-one "
                               "readings, the most frequent ids placed first, 2 passes"),
+             "decoded-same-draw": ("decoded", {},
+                                   "the learned matcher + language-prior decoding (8 parallel sweeps) run again on "
+                                   "the draw of the profile the monotone and beam runs used, beside them"),
              "sda-decoded-16": ("sda-decoded", {"decode_sweeps": 16},
                                 "SDA + language-prior decoding with twice the decoder's sweeps (16)"),
              "sda-decoded-monotone": ("sda-decoded", {"decode_monotone": True},

@@ -37,10 +37,11 @@ def test_each_figure_names_the_commit_and_whether_the_code_had_changed(tmp_path)
 @pytest.mark.parametrize(("knob", "value", "stale"), [
     ("decode_swaps", 2, {"decoded", "sda-decoded"}),
     ("sda_steps", 10, {"sda", "sda-decoded"}),
-    ("learned_steps", 10, {"learned", "decoded"}),
+    ("learned_steps", 10, {"learned", "decoded", "key-regression"}),
+    ("keyreg_rounds", 5, {"key-regression"}),
 ])
 def test_a_changed_knob_stales_only_the_attacks_it_drives(knob, value, stale):
-    old = {"decode_swaps": 0, "sda_steps": 2000, "learned_steps": 400}
+    old = {"decode_swaps": 0, "sda_steps": 2000, "learned_steps": 400, "keyreg_rounds": 3}
     assert stale_attacks(old, {**old, knob: value}) == stale
     assert stale_attacks(old, dict(old)) == set()
     # a knob added since the stored run stales nothing: those figures used its default
