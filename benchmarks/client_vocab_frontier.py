@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from aloe.assets.cache import atomic_write_json, atomic_write_text  # noqa: E402
 from aloe.attacks.common import Budget, Target  # noqa: E402
 from aloe.attacks.decoding import decode_linked  # noqa: E402
-from aloe.attacks.occurrence import attack_linked, attack_vectors, score_links, score_occurrences  # noqa: E402
+from aloe.attacks.occurrence import attack_keyed, attack_linked, attack_vectors, score_links, score_occurrences  # noqa: E402
 from aloe.attacks.suite import texts_for  # noqa: E402
 from aloe.obfuscation.client_vocab import ClientVocabulary, split_vocabulary, with_occurrence_noise  # noqa: E402
 from aloe.obfuscation.fidelity import PROMPTS, corpus_token_ids, greedy_fidelity, load_models, logit_fidelity  # noqa: E402
@@ -48,6 +48,7 @@ from privacy import RESULTS, all_profiles, build  # noqa: E402
 PATH = RESULTS / "client_vocab_frontier.json"
 SHAPE = "row"
 FAMILIES = ("ia", "states", "combined", "linked")
+STREAM_FAMILIES = ("linked_stream", "decoded_stream", "keyed_stream", "keyed_linked_stream")
 
 
 def deployment(model: Path, show: bool) -> tuple[Path, Path, Path, Path]:
@@ -93,12 +94,18 @@ def attacks(model: Path, alpha: float, paths, stream_tokens: int, decode_tokens:
                          calibration_other_pairs_linked=linked["other_pairs_linked"])
     if stream_tokens > 0:
         extra = texts.stream[~np.isin(texts.stream, target.fixed_ids)][:stream_tokens]
-        both = attack_linked(target, torch.cat([vectors, client.embed(load_secret(secret).tau[extra])]), alpha, SHAPE)
+        sent = torch.cat([vectors, client.embed(load_secret(secret).tau[extra])])
+        both = attack_linked(target, sent, alpha, SHAPE)
         m = len(toks)
         out["linked_stream"] = dict(score_occurrences(both["candidates"][:m], toks),
                                     **score_links(both["labels"][:m], toks), stream_tokens=int(len(extra)),
                                     all_occurrence_recovery=float((both["candidates"][:, 0] ==
                                                                    np.concatenate([toks, extra])).mean()))
+        # the key fitted on the linked attack's reading of every vector sent, each vector then read alone through
+        # it, and with the occurrences of each linked cluster pooled
+        for fam, labels in (("keyed_stream", None), ("keyed_linked_stream", both["labels"])):
+            kd = attack_keyed(target, sent, both["candidates"][:, 0], SHAPE, labels)
+            out[fam] = dict(score_occurrences(kd.pop("candidates")[:m], toks), stream_tokens=int(len(extra)), **kd)
         if decode_tokens > 0:
             n_dec = len(toks) + min(decode_tokens, len(extra))
             lengths = [int((~np.isin(p, target.fixed_ids)).sum()) for p in texts.prompts]
@@ -120,11 +127,12 @@ def write_report(state: dict) -> None:
     rows = ["| occurrence noise alpha | ppl ratio | top-1 agree | greedy agree (prompts exact) | IA | states | "
             "IA + states | linked: prompts (pairs linked: recall / precision) | linked: among other traffic | "
             "linked among other traffic, decoded with the language prior (top-10 of the linked attack) | "
-            "goal met |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "key regression among other traffic: each vector / linked clusters pooled | goal met |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(state["points"], key=float):
         e = state["points"][key]
         f, a = e["fidelity"], e["attacks"]
-        fams = [fam for fam in (*FAMILIES, "linked_stream", "decoded_stream") if fam in a]
+        fams = [fam for fam in (*FAMILIES, *STREAM_FAMILIES) if fam in a]
         worst = max(a[fam]["occurrence_recovery"] for fam in fams)
         met = f["ppl_ratio"] <= 1.10 and f["greedy_agreement"] >= 0.80 and worst <= 0.05
         rows.append(f"| {e['alpha']} | {f['ppl_ratio']:.3f} | {f['top1_agreement']:.3f} | "
@@ -139,6 +147,9 @@ def write_report(state: dict) -> None:
                        f"(+{a['decoded_stream']['decoded_tokens']:,} tokens; "
                        f"{pct(a['linked_stream']['occurrence_recovery_top10'])})"
                        if "decoded_stream" in a else " | –")
+                    + (f" | {pct(a['keyed_stream']['occurrence_recovery'])} / "
+                       f"{pct(a['keyed_linked_stream']['occurrence_recovery'])}"
+                       if "keyed_linked_stream" in a else " | –")
                     + f" | {'yes' if met else 'no'} |")
     md = ["# Client-held vocabulary with fresh per-occurrence noise (SmolLM2-135M-Instruct)", "",
           "Produced by `python benchmarks/client_vocab_frontier.py " + " ".join(state.get("command", [])) + "`.", "",
@@ -154,7 +165,11 @@ def write_report(state: dict) -> None:
           "(`aloe.attacks.decoding`: each cluster picks among its 10 candidates by the log-probability of the text "
           "around its occurrences, over the prompts and the first tokens of the other traffic); in brackets the "
           "share of prompt occurrences whose token is among the linked attack's 10 candidates, the decoder's "
-          "ceiling. Every family of a row is measured on one draw of the vectors. Goal: ppl ratio "
+          "ceiling. Key regression: the writer key fitted by trimmed least squares on the linked attack's reading "
+          "of every vector sent (prompts and other traffic), each vector mapped back through it and read by its "
+          "likelihood under the noise against every plain token, refitted on that reading (at most 3 rounds; "
+          "`aloe.attacks.occurrence.attack_keyed`); alone, and with the occurrences of each linked cluster pooled. "
+          "Every family of a row is measured on one draw of the vectors. Goal: ppl ratio "
           "<= 1.10, greedy >= 0.80, every attack <= 5%.", "", *rows, ""]
     atomic_write_text(RESULTS / "client_vocab_frontier.md", "\n".join(md))
 
@@ -167,12 +182,13 @@ def write_plot(state: dict) -> None:
 
     pts = sorted(state["points"].values(), key=lambda e: e["alpha"])
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for fam, marker in zip((*FAMILIES, "linked_stream", "decoded_stream"), "os^Dv*"):
+    for fam, marker in zip((*FAMILIES, *STREAM_FAMILIES), "os^Dv*PX"):
         have = [e for e in pts if fam in e["attacks"]]
         ax.plot([100 * e["attacks"][fam]["occurrence_recovery"] for e in have],
                 [e["fidelity"]["ppl_ratio"] for e in have], marker=marker,
                 label={"linked": "linked (cluster means)", "linked_stream": "linked among other traffic",
-                       "decoded_stream": "linked + language prior"}.get(fam, fam))
+                       "decoded_stream": "linked + language prior", "keyed_stream": "key regression",
+                       "keyed_linked_stream": "key regression, clusters pooled"}.get(fam, fam))
     for e in pts:
         ax.annotate(f"alpha {e['alpha']}", (100 * e["attacks"]["combined"]["occurrence_recovery"],
                                             e["fidelity"]["ppl_ratio"]), fontsize=7, xytext=(3, 3),
@@ -217,12 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     for alpha in tqdm(args.alphas, desc="occurrence noise", disable=not show):
         key = repr(float(alpha))
         e = state["points"].get(key)
-        need = "linked_stream" if args.stream_tokens > 0 else "linked"
+        need = "keyed_stream" if args.stream_tokens > 0 else "linked"
         if e is not None and need in e["attacks"] and (
                 need == "linked" or e["attacks"][need]["stream_tokens"] >= args.stream_tokens) and (
                 need == "linked" or args.decode_tokens == 0 or "decoded_stream" in e["attacks"]):
             continue
-        if e is None:  # a point measured before the stream-level attack keeps its fidelity, its attacks are redone
+        # a point measured before the stream-level or keyed attacks keeps its fidelity; its attacks are redone
+        if e is None:
             e = {"alpha": alpha, "shape": SHAPE, "fidelity": fidelity(model, alpha, paths, args.fidelity_tokens,
                                                                        args.fidelity_prompts,
                                                                        args.fidelity_new_tokens, show)}

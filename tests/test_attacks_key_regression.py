@@ -142,3 +142,27 @@ def test_budget_flag_reaches_the_attack():
     add_budget_flags(p)
     assert budget_from_args(p.parse_args(["--keyreg-rounds", "5"])).keyreg_rounds == 5
     assert budget_from_args(p.parse_args([])).keyreg_rounds == Budget().keyreg_rounds == 3
+
+
+def test_client_held_vectors_are_read_through_the_key_fitted_on_a_partial_reading(tiny, tmp_path, monkeypatch):
+    """The client-held deployment with fresh noise on every vector: the server fits the key on a reading right for
+    60% of the vectors and reads them all; pooling the occurrences of one token adds their evidence."""
+    from aloe.attacks.occurrence import attack_keyed
+    from aloe.obfuscation.client_vocab import ClientVocabulary, split_vocabulary
+
+    monkeypatch.setenv("ALOE_CACHE", str(tmp_path))
+    plain, obf, tau = tiny
+    split_vocabulary(obf, tmp_path / "server", tmp_path / "client.st", occurrence_noise=0.6)
+    t = Target(plain, tmp_path / "server", Budget(**BUDGET))
+    rng = np.random.default_rng(0)
+    truth = rng.choice(t.movable_ids, 600)
+    sent = ClientVocabulary(tmp_path / "client.st").embed(tau[truth])
+    start = np.where(rng.random(600) < 0.6, truth, rng.choice(t.movable_ids, 600))
+    alone = attack_keyed(t, sent, start)
+    assert alone["candidates"].shape == (600, 5) and (alone["candidates"][:, 0] == truth).mean() >= 0.95
+    pooled = attack_keyed(t, sent, start, labels=np.unique(truth, return_inverse=True)[1])
+    assert (pooled["candidates"][:, 0] == truth).mean() >= (alone["candidates"][:, 0] == truth).mean()
+    with pytest.raises(AloeError, match="noise shape"):
+        attack_keyed(t, sent, start, shape="column")
+    with pytest.raises(AloeError, match="cannot fix a key"):
+        attack_keyed(t, sent[:20], start[:20])

@@ -26,6 +26,11 @@ at ``2 alpha^2 / (1 + alpha^2)`` whatever the row and whatever scaled isometry t
 tokens differ by their rows as well. :func:`link_threshold` calibrates the cut between the two on the attacker's
 own noisy copies of plain rows, :func:`link_occurrences` clusters the received vectors by it (average linkage), and
 :func:`attack_linked` reads each cluster's mean, whose noise shrinks as 1/sqrt(size): the stream-level attacker.
+
+The invariants throw most of each vector away. :func:`attack_keyed` keeps it: the key is one linear map for every
+vector, so the server fits it by least squares on the linked attack's reading (trimmed of the pairs no key fits),
+maps every received vector back into the plain space, where it is the plain row plus the client's noise, and reads
+it by its likelihood under that noise (:mod:`aloe.attacks.key_regression`).
 """
 
 from __future__ import annotations
@@ -35,9 +40,10 @@ import copy
 import numpy as np
 import torch
 
+from aloe import AloeError
 from aloe.attacks import ia, learned
 from aloe.attacks.common import Target, nearest, pca_project, standardise
-from aloe.obfuscation.embedding import noise_std
+from aloe.obfuscation.embedding import NOISE_SHAPES, noise_std
 
 PCA_DIMS = 128
 
@@ -155,6 +161,23 @@ def attack_linked(t: Target, vectors: torch.Tensor, alpha: float, shape: str = "
             cand[group] = attack_vectors(t, means[torch.as_tensor(group)], alpha / np.sqrt(lo), shape,
                                          progress)["combined"]
     return {"candidates": cand[labels], "cluster_candidates": cand, "labels": labels, "clusters": n, **cal}
+
+
+def attack_keyed(t: Target, vectors: torch.Tensor, start: np.ndarray, shape: str = "row",
+                 labels: np.ndarray | None = None, rounds: int = 3, progress=None) -> dict:
+    """Key regression on the received vectors (:mod:`aloe.attacks.key_regression`): the writer key fitted on the
+    reading ``start`` (m,) (the linked attack's first choices), every vector mapped back into the plain space, where
+    it is the plain row plus the client's fresh noise, and read by its likelihood under that noise against every
+    plain token; refitted on that reading, ``rounds`` times at most. With ``labels`` (m,) (the linked attack's
+    clusters) the occurrences of a cluster add their evidence. ``shape`` is the deployment's public noise shape;
+    the level is estimated from the fit's residuals. Returns the candidates (m, topk) and what each round did."""
+    from aloe.attacks import key_regression
+
+    if shape not in NOISE_SHAPES:
+        raise AloeError(f"unknown noise shape {shape!r}; choose one of {', '.join(NOISE_SHAPES)}")
+    cand, log = key_regression.regress([(vectors.double(), t.plain_embed)], np.asarray(start), t.movable_ids,
+                                       t.budget.topk, shape == "row", rounds, labels, progress)
+    return {"candidates": cand, **log}
 
 
 def score_links(labels: np.ndarray, truth: np.ndarray) -> dict:
