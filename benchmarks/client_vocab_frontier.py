@@ -152,7 +152,8 @@ def write_report(state: dict) -> None:
                        if "keyed_linked_stream" in a else " | –")
                     + f" | {'yes' if met else 'no'} |")
     md = ["# Client-held vocabulary with fresh per-occurrence noise (SmolLM2-135M-Instruct)", "",
-          "Produced by `python benchmarks/client_vocab_frontier.py " + " ".join(state.get("command", [])) + "`.", "",
+          "Produced by " + ", then ".join(f"`python benchmarks/client_vocab_frontier.py {' '.join(c)}`"
+                                         for c in state.get("commands", [])) + ".", "",
           "The `balanced` artifact (exact) split with `--client-vocab`; the client adds fresh row-shaped noise of "
           "level alpha to every embedding it sends. Fidelity: Lee corpus (perplexity, top-1), 8 chat prompts x 64 new "
           "tokens (greedy). Attacks: % of the token occurrences of the real prompts (each sent once, read alone; "
@@ -229,7 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     show = not args.json
     paths = deployment(model, show)
     state = json.loads(PATH.read_text()) if PATH.is_file() else {"points": {}}
-    state["command"] = sys.argv[1:] if argv is None else argv
+    command = sys.argv[1:] if argv is None else list(argv)
+    commands = state.setdefault("commands", [state.pop("command")] if state.get("command") else [])
+    state.pop("command", None)
+    if command not in commands:
+        commands.append(command)
     for alpha in tqdm(args.alphas, desc="occurrence noise", disable=not show):
         key = repr(float(alpha))
         e = state["points"].get(key)

@@ -22,8 +22,7 @@ an invariant that throws most of the row away.
 
 No secret is used: the start is another attack's reading, the noise's shape and the key's dimensions are public.
 The start matters: fitted on a reading that is right for too few ids, the key is noise and so is the read (on
-``paper``'s draw, a start right for 60% of the ids reads 99.98% and one right for 5% reads nothing; see
-``docs/attacks.md``). The same fit and read serve the client-held deployment's received vectors
+a random table a start right for 60% of the rows reads them all, one right for 2% reads nothing). The same fit and read serve the client-held deployment's received vectors
 (:func:`aloe.attacks.occurrence.attack_keyed`).
 """
 
