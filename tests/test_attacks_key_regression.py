@@ -166,3 +166,10 @@ def test_client_held_vectors_are_read_through_the_key_fitted_on_a_partial_readin
         attack_keyed(t, sent, start, shape="column")
     with pytest.raises(AloeError, match="cannot fix a key"):
         attack_keyed(t, sent[:20], start[:20])
+
+
+def test_the_mask_returned_is_the_one_the_key_was_fitted_on():
+    """With too few pairs to trim (30 pairs, 24 unknowns per column), the plain fit stands and every pair counts."""
+    T, K, Y = table_and_key(n=30, alpha=0.0)
+    K_hat, kept = kr.fit_key(T, Y)
+    assert bool(kept.all()) and float((K_hat - K).norm() / K.norm()) < 1e-6

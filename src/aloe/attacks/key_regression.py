@@ -56,9 +56,10 @@ def fit_key(plain_rows: torch.Tensor, obf_rows: torch.Tensor, trim_rounds: int =
     K = torch.linalg.lstsq(X, Y).solution
     for _ in range(trim_rounds):
         rel = ((X @ K - Y) ** 2).sum(1) / (Y * Y).sum(1).clamp_min(1e-30)
-        kept = rel <= rel.quantile(keep)
-        if int(kept.sum()) < X.shape[1]:
+        trimmed = rel <= rel.quantile(keep)
+        if int(trimmed.sum()) < X.shape[1]:  # too few pairs left: keep the last fit and the pairs it used
             break
+        kept = trimmed
         K = torch.linalg.lstsq(X[kept], Y[kept]).solution
     return K, kept
 
