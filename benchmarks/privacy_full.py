@@ -79,6 +79,12 @@ ABLATIONS = {"learned-weights": ("learned", {"learned_state_ids": -1},
                                 "SDA + language-prior decoding (8 parallel sweeps) over the victim's prompts and "
                                 "8,000 ids of its stream instead of 2,000: four times the traffic to vote on "
                                 "each id"),
+             "key-regression-from-vma": ("key-regression", {"keyreg_start": "vma"},
+                                         "key regression started from VMA's reading (every layer, the "
+                                         "budget's sampled columns) instead of the learned matcher's: no copy trained"),
+             "key-regression-from-ia": ("key-regression", {"keyreg_start": "ia"},
+                                        "key regression started from IA's reading instead of the learned "
+                                        "matcher's: no copy trained"),
              "sda-decoded-em1": ("sda-decoded", {"decode_em": 1},
                                  "the same, one E-step: the bigram posterior with the per-token ranking as a fixed "
                                  "prior")}

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from aloe.attacks.common import Budget
+from aloe.attacks.key_regression import STARTS as KEYREG_STARTS
 from aloe.attacks.suite import ATTACKS
 
 
@@ -25,7 +26,7 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
                   decode_temperature=args.decode_temperature, decode_beam=args.decode_beam,
                   decode_swaps=args.decode_swaps,
                   decode_from_victim=args.decode_from_victim, decode_completion=args.decode_completion,
-                  keyreg_rounds=args.keyreg_rounds, seed=args.attacker_seed)
+                  keyreg_rounds=args.keyreg_rounds, keyreg_start=args.keyreg_start, seed=args.attacker_seed)
 
 
 def add_budget_flags(p: argparse.ArgumentParser) -> None:
@@ -87,6 +88,9 @@ def add_budget_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keyreg-rounds", type=int, default=3, metavar="N",
                    help="rounds of the key regression: fit the key on the learned matcher's reading (then on its "
                         "own), read every row through it (key-regression)")
+    g.add_argument("--keyreg-start", default="learned", metavar="NAME", choices=KEYREG_STARTS,
+                   help="the per-id attack whose first choices start the key regression: "
+                        f"{', '.join(KEYREG_STARTS)} (default learned)")
     g.add_argument("--attacker-seed", type=int, default=None, help="seed of the attacker's own (non-secret) draws")
 
 

@@ -56,6 +56,7 @@ class Budget:
     decode_completion: int = 0     # not the attack's: with the secret, after it, the one-to-one search's sweeps that
     #                                complete the victim's reading around the ids whose token is among their candidates
     keyreg_rounds: int = 3         # rounds of fit and read of the key regression (it stops once nothing changes)
+    keyreg_start: str = "learned"  # the per-id attack whose first choices start the key regression
     batch: int = 256
     seed: int | None = None     # attacker's own (non-secret) randomness; None = fresh
 

@@ -19,6 +19,8 @@ an invariant that throws most of the row away.
   embedding and the head add their scores when the server holds both.
 - **Iterate**: the new reading is the next round's pairs (at most ``Budget.keyreg_rounds`` rounds; it stops when
   the first choices no longer change).
+- **Start**: the first choices of another per-id attack of the suite (``Budget.keyreg_start``, one of
+  :data:`STARTS`; the learned matcher by default).
 
 No secret is used: the start is another attack's reading, the noise's shape and the key's dimensions are public.
 The start matters: fitted on a reading that is right for too few ids, the key is noise and so is the read (on a
@@ -38,6 +40,7 @@ from aloe.attacks.scoring import IdGuess
 TRIM_ROUNDS = 3
 TRIM_KEEP = 0.5
 CHUNK = 512
+STARTS = ("learned", "vma", "ia", "nn", "anchored", "behavioural")  # per-id attacks over the tables' rows
 
 
 def fit_key(plain_rows: torch.Tensor, obf_rows: torch.Tensor, trim_rounds: int = TRIM_ROUNDS,
@@ -117,9 +120,11 @@ def read(sides: list[tuple[torch.Tensor, torch.Tensor, float]], pool: np.ndarray
 
 
 def regress(sides: list[tuple[torch.Tensor, torch.Tensor]], start: np.ndarray, pool: np.ndarray, k: int,
-            row_shaped: bool, rounds: int, groups: np.ndarray | None = None, progress=None) -> tuple[np.ndarray, dict]:
+            row_shaped: bool, rounds: int, groups: np.ndarray | None = None, progress=None,
+            on_round=None) -> tuple[np.ndarray, dict]:
     """The rounds of fit and read. ``sides``: (obfuscated rows (m, d'), plain table (vocab, d)) per table; ``start``
-    (m,) the first reading. Returns the candidates (m, k) and what each round did."""
+    (m,) the first reading. Returns the candidates (m, k) and what each round did. ``on_round(reading)``, if given,
+    sees each round's first choices as the round ends (a benchmark scores them; the attack does not need it)."""
     if rounds < 1:
         raise AloeError(f"key regression needs at least 1 round, not {rounds}")
     guess = np.asarray(start, dtype=np.int64)
@@ -142,6 +147,8 @@ def regress(sides: list[tuple[torch.Tensor, torch.Tensor]], start: np.ndarray, p
         log["kept_per_round"].append(kept_share)
         log["sigma_per_round"].append(sigmas)
         guess = cand[:, 0]
+        if on_round is not None:
+            on_round(guess)
         if progress is not None:
             progress.update(1)
         if changed == 0:

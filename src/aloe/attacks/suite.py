@@ -123,6 +123,11 @@ def run(target: Target, names: list[str], tau: np.ndarray, texts: Texts, progres
         from aloe.attacks import decoding
 
         decoding.check_budget(b)
+    if "key-regression" in names:
+        from aloe.attacks.key_regression import STARTS
+
+        if b.keyreg_start not in STARTS:
+            raise AloeError(f"the key regression starts from one of {', '.join(STARTS)}, not {b.keyreg_start!r}")
     fixed = target.fixed_ids
     received = np.unique(tau[np.concatenate(texts.prompts)]) if texts.prompts else np.zeros(0, np.int64)
     obf_prompts = [tau[p] for p in texts.prompts]
@@ -162,13 +167,15 @@ def run(target: Target, names: list[str], tau: np.ndarray, texts: Texts, progres
             per_id = score_ids(guesses[base], tau, texts.prompts, fixed)  # the base attack's own figures, same run
             res["per_id_token_recovery"] = per_id["token_recovery"]
             res["per_id_prompt_token_recovery"] = per_id["prompt_token_recovery"]
-        elif name == "key-regression":  # the learned matcher's reading, then the key fitted on it
+        elif name == "key-regression":  # a per-id attack's reading (the learned matcher's), then the key fitted on it
             from aloe.attacks import key_regression
 
-            if "learned" not in guesses:
-                guesses["learned"] = _id_guess("learned", target, received, texts, tau, pr)
-            res = score_ids(key_regression.attack(target, guesses["learned"], pr), tau, texts.prompts, fixed)
-            per_id = score_ids(guesses["learned"], tau, texts.prompts, fixed)  # its start, same run
+            base = b.keyreg_start
+            if base not in guesses:
+                guesses[base] = _id_guess(base, target, received, texts, tau, pr)
+            res = score_ids(key_regression.attack(target, guesses[base], pr), tau, texts.prompts, fixed)
+            per_id = score_ids(guesses[base], tau, texts.prompts, fixed)  # its start, same run
+            res["start_attack"] = base
             res["per_id_token_recovery"] = per_id["token_recovery"]
             res["per_id_prompt_token_recovery"] = per_id["prompt_token_recovery"]
         elif name == "tfma":

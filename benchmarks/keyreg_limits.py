@@ -1,0 +1,216 @@
+"""How far the key regression reaches on SmolLM2-135M-Instruct: from how weak a first reading it still reads the
+vocabulary, and how much more noise the tables would need before even the right key stops reading them.
+
+`key-regression` in the suite starts from the learned matcher's reading (59-99% of the ids right at the full
+budget). Here the start is made with the secret, for measurement: a share ``START`` of the movable ids is given its
+right plain token, every other id a plain token drawn uniformly from the movable ids (a draw that hits the right one
+by chance counts as right; the recorded ``start_read`` is the share actually right). Random wrong readings are the
+hard case for the fit: a matcher's errors are near misses whose rows lie close to the right ones. From that start the
+attack's own rounds run unchanged (``aloe.attacks.key_regression.regress``, both tables, every movable id, the
+profile's public noise shape), at most ``--rounds`` of them, stopping once no first choice changes; each round's
+reading is scored with the secret as it ends.
+
+``SCALE`` multiplies the noise the artifact already carries, on both tables: with the key fitted by least squares on
+the right pairs (what the secret gives), each obfuscated row becomes ``x K + SCALE * (y - x K)``, the row's own noise
+draw made SCALE times larger (the fit absorbs the share of the noise that lies in the plain rows' span, 576 of
+49,135 dimensions, about 1%). Such a table is not a model anyone would serve (the paper's noise already costs x214
+perplexity): the point measures the noise the defence would need, started from the right reading (``START`` 1), the
+best case for the server.
+
+    python benchmarks/keyreg_limits.py [--profile paper] [--points 1:0.15 1:0.1 1:0.05 2:1 4:1 ...] [--rounds 6]
+        [--threads 2] [--json]
+    python benchmarks/keyreg_limits.py --report-only
+
+Each point is saved when done (an interrupted run resumes). The artifacts are the ones ``privacy.py`` built (same
+cache). Writes benchmarks/results/keyreg_limits.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from aloe.assets.cache import atomic_write_json, atomic_write_text  # noqa: E402
+from aloe.attacks.common import Budget, Target  # noqa: E402
+from aloe.attacks.key_regression import regress  # noqa: E402
+from aloe.attacks.scoring import IdGuess, score_ids  # noqa: E402
+from aloe.attacks.suite import texts_for  # noqa: E402
+from aloe.obfuscation.secret import load_secret  # noqa: E402
+from common import RESULTS, save_png  # noqa: E402
+from privacy import all_profiles, build  # noqa: E402
+
+PATH = RESULTS / "keyreg_limits.json"
+DEFAULT_POINTS = ["1:0.15", "1:0.1", "1:0.07", "1:0.05", "2:1", "3:1", "4:1", "6:1"]
+
+
+def parse_point(text: str) -> tuple[float, float]:
+    """``SCALE:START`` -> (noise multiplier >= 1, share of the start read right in (0, 1])."""
+    try:
+        scale, start = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise SystemExit(f"bad point {text!r}: expected SCALE:START, e.g. 1:0.1 or 4:1") from None
+    if not scale >= 1 or not 0 < start <= 1:
+        raise SystemExit(f"bad point {text!r}: the noise scale must be >= 1 and the start's share in (0, 1]")
+    return scale, start
+
+
+def make_start(truth: np.ndarray, pool: np.ndarray, share: float, rng: np.random.Generator) -> np.ndarray:
+    """The right plain id on a random ``share`` of the rows, a uniform draw from ``pool`` on the others."""
+    right = rng.random(len(truth)) < share
+    return np.where(right, truth, rng.choice(pool, len(truth)))
+
+
+def scale_noise(plain_rows: torch.Tensor, obf_rows: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x K + scale * (y - x K)`` with K the least-squares key of the right pairs: each row's noise ``scale`` times
+    larger (float32, as the artifact holds it)."""
+    if scale == 1:
+        return obf_rows
+    X, Y = plain_rows.double(), obf_rows.double()
+    fit = X @ torch.linalg.lstsq(X, Y).solution
+    return (fit + scale * (Y - fit)).float()
+
+
+def measure(t: Target, tau: np.ndarray, prompts: list, scale: float, share: float, rounds: int,
+            show: bool) -> dict:
+    pool = t.movable_ids
+    inv = np.empty_like(tau)
+    inv[tau] = np.arange(len(tau))
+    ids = tau[pool]
+    truth = inv[ids]
+    rows = torch.as_tensor(ids)
+    sides = [(scale_noise(t.plain_embed[torch.as_tensor(truth)], t.obf_embed[rows], scale), t.plain_embed)]
+    if t.head_held:
+        sides.append((scale_noise(t.plain_head[torch.as_tensor(truth)], t.obf_head[rows], scale), t.plain_head))
+    seed = secrets.randbits(64)   # the start's draw: no secret, recorded so the point can be redrawn
+    start = make_start(truth, pool, share, np.random.default_rng(seed))
+    read, seconds = [], []
+    t0 = time.perf_counter()
+
+    def on_round(guess: np.ndarray) -> None:
+        nonlocal t0
+        read.append(float((guess == truth).mean()))
+        seconds.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+
+    row_shaped = t.profile.get("noise_shape", "entry") == "row"
+    with tqdm(total=rounds, desc=f"key regression, noise x{scale:g}, start {share:.0%}", unit="round",
+              disable=not show) as bar:
+        cand, log = regress(sides, start, pool, t.budget.topk, row_shaped, rounds, progress=bar, on_round=on_round)
+    res = score_ids(IdGuess(ids, cand), tau, prompts, t.fixed_ids)
+    return {"scale": scale, "start": share, "start_read": float((start == truth).mean()), "seed": seed,
+            "rounds_max": rounds, "read_per_round": read, "seconds_per_round": seconds, "sides": len(sides),
+            **{k: log[k] for k in ("rounds", "changed_per_round", "kept_per_round", "sigma_per_round")},
+            **{k: v for k, v in res.items() if "recovery" in k or k in ("prompt_tokens", "queries")}}
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def write_report(state: dict) -> None:
+    rows = ["| profile | noise x | start: % right | % read after each round | % vocabulary (top 10) | "
+            "% prompt tokens | sigma per coordinate, last round (embedding / head) | seconds per round (median) |",
+            "|---|---|---|---|---|---|---|---|"]
+    for e in sorted(state["points"].values(), key=lambda e: (e["profile"], e["scale"], -e["start"])):
+        sig = " / ".join(f"{s:.3f}" for s in e["sigma_per_round"][-1])
+        rows.append(f"| `{e['profile']}` | {e['scale']:g} | {pct(e['start_read'])} | "
+                    f"{' → '.join(pct(r) for r in e['read_per_round'])} | **{pct(e['token_recovery'])}** "
+                    f"({pct(e['token_recovery_top10'])}) | {pct(e['prompt_token_recovery'])} | {sig} | "
+                    f"{float(np.median(e['seconds_per_round'])):.0f} |")
+    md = ["# Key regression: the weakest start it grows from, and the noise that stops it (SmolLM2-135M)", "",
+          "Produced on a shared 2-core CPU by (each run resumes the one before):", "",
+          *(f"    python benchmarks/keyreg_limits.py {' '.join(c)}" for c in state.get("commands", [])), "",
+          "The start is made with the secret: the right plain token on a random share of the movable ids, a uniformly "
+          "drawn one on the others. From it the attack's own rounds run (`key-regression`: trimmed least-squares fit "
+          "of each table's key, every row read back through it by its likelihood under the profile's noise shape, "
+          "embedding and head added), at most the recorded number of rounds, stopping once nothing changes. "
+          "'noise x' multiplies the artifact's own noise draw on both tables (see the script's docstring); at x1 the "
+          "tables are the artifact's. One draw per row. Goal of the privacy issue: at most 5%.", "",
+          *rows, "", "![key regression limits](keyreg_limits.png)", ""]
+    atomic_write_text(RESULTS / "keyreg_limits.md", "\n".join(md))
+
+
+def write_plot(state: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    pts = list(state["points"].values())
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 4.0), sharey=True)
+    for e in sorted(pts, key=lambda e: (e["scale"], -e["start"])):
+        ax = axes[0] if e["scale"] == 1 else axes[1]
+        ys = [100 * e["start_read"], *(100 * r for r in e["read_per_round"])]
+        ax.plot(range(len(ys)), ys, marker="o",
+                label=f"{e['profile']}, start {100 * e['start_read']:.1f}%" if e["scale"] == 1
+                else f"{e['profile']}, noise x{e['scale']:g}")
+    for ax, title in zip(axes, ("the artifact's noise, weaker starts", "more noise, started from the right reading")):
+        ax.axhline(5.0, ls=":", lw=0.8, color="grey")
+        ax.set_xlabel("round (0: the start)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("% of the vocabulary read")
+    fig.tight_layout()
+    save_png(fig, RESULTS / "keyreg_limits.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default="paper", help="a profile of benchmarks/privacy.py (its cached artifact)")
+    ap.add_argument("--points", nargs="+", default=DEFAULT_POINTS, metavar="SCALE:START")
+    ap.add_argument("--rounds", type=int, default=6, help="at most this many rounds of fit and read")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the report and plot from the JSON")
+    args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error("--rounds must be >= 1")
+    points = [parse_point(p) for p in args.points]
+    profiles = all_profiles()
+    if args.profile not in profiles:
+        ap.error(f"unknown profile {args.profile!r}; choose one of {', '.join(sorted(profiles))}")
+    state = json.loads(PATH.read_text()) if PATH.is_file() else {"points": {}}
+    if not args.report_only:
+        torch.set_num_threads(max(1, args.threads))
+        from aloe.obfuscation.commands import resolve_model
+
+        show = not args.json
+        model = resolve_model("smollm2")
+        obf, secret = build(model, profiles[args.profile], show)
+        t = Target(model, obf, Budget())
+        tau = load_secret(secret).tau
+        prompts = texts_for(t).prompts
+        command = sys.argv[1:] if argv is None else list(argv)
+        if command not in state.setdefault("commands", []):
+            state["commands"].append(command)
+        for scale, share in points:
+            key = f"{args.profile}:{scale:g}:{share:g}:{args.rounds}"
+            if key in state["points"]:
+                continue
+            state["points"][key] = {"profile": args.profile,
+                                    **measure(t, tau, prompts, scale, share, args.rounds, show)}
+            atomic_write_json(PATH, state)
+            write_report(state)
+            write_plot(state)
+    if not state["points"]:
+        raise SystemExit(f"no key regression limit measured yet ({PATH})")
+    write_report(state)
+    write_plot(state)
+    print(json.dumps(state, indent=1) if args.json else (RESULTS / "keyreg_limits.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
