@@ -17,7 +17,7 @@ draw made SCALE times larger (the fit absorbs the share of the noise that lies i
 perplexity): the point measures the noise the defence would need, started from the right reading (``START`` 1), the
 best case for the server.
 
-    python benchmarks/keyreg_limits.py [--profile paper] [--points 1:0.15 1:0.1 1:0.05 2:1 4:1 ...] [--rounds 6]
+    python benchmarks/keyreg_limits.py [--profile paper] [--points 1:0.15 1:0.1 2:1 3:1 4:1] [--rounds 6]
         [--threads 2] [--json]
     python benchmarks/keyreg_limits.py --report-only
 
@@ -50,7 +50,7 @@ from common import RESULTS, save_png  # noqa: E402
 from privacy import all_profiles, build  # noqa: E402
 
 PATH = RESULTS / "keyreg_limits.json"
-DEFAULT_POINTS = ["1:0.15", "1:0.1", "1:0.07", "1:0.05", "2:1", "3:1", "4:1", "6:1"]
+DEFAULT_POINTS = ["1:0.15", "1:0.1", "2:1", "3:1", "4:1"]
 
 
 def parse_point(text: str) -> tuple[float, float]:
