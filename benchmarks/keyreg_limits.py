@@ -118,13 +118,14 @@ def pct(x: float) -> str:
 
 
 def write_report(state: dict) -> None:
-    rows = ["| profile | noise x | start: % right | % read after each round | % vocabulary (top 10) | "
+    rows = ["| profile | noise x | start: % right | % read after each round (at most) | % vocabulary (top 10) | "
             "% prompt tokens | sigma per coordinate, last round (embedding / head) | seconds per round (median) |",
             "|---|---|---|---|---|---|---|---|"]
     for e in sorted(state["points"].values(), key=lambda e: (e["profile"], e["scale"], -e["start"])):
         sig = " / ".join(f"{s:.3f}" for s in e["sigma_per_round"][-1])
         rows.append(f"| `{e['profile']}` | {e['scale']:g} | {pct(e['start_read'])} | "
-                    f"{' → '.join(pct(r) for r in e['read_per_round'])} | **{pct(e['token_recovery'])}** "
+                    f"{' → '.join(pct(r) for r in e['read_per_round'])} ({e['rounds_max']}) | "
+                    f"**{pct(e['token_recovery'])}** "
                     f"({pct(e['token_recovery_top10'])}) | {pct(e['prompt_token_recovery'])} | {sig} | "
                     f"{float(np.median(e['seconds_per_round'])):.0f} |")
     md = ["# Key regression: the weakest start it grows from, and the noise that stops it (SmolLM2-135M)", "",
