@@ -24,7 +24,8 @@ an invariant that throws most of the row away.
 
 No secret is used: the start is another attack's reading, the noise's shape and the key's dimensions are public.
 The start matters: fitted on a reading that is right for too few ids, the key is noise and so is the read (on a
-random table a start right for 60% of the rows reads them all, one right for 2% reads nothing). The same fit and
+random table a start right for 60% of the rows reads them all, one right for 2% reads nothing; on SmolLM2's `paper`
+tables a random 15% reads 99.99% and 10% nothing: ``benchmarks/keyreg_limits.py``). The same fit and
 read serve the client-held deployment's received vectors (:func:`aloe.attacks.occurrence.attack_keyed`).
 """
 
