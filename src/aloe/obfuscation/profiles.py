@@ -104,9 +104,10 @@ PROFILES: dict[str, Profile] = {
                     "(LoRA rank 16 on every projection + the norms, merged back; the noisy tables stay frozen). "
                     "About 25 minutes on a 2-core CPU for SmolLM2. Chosen from the measured frontier in "
                     "docs/attacks.md; on SmolLM2-135M it does NOT reach the fidelity goal.",
-        protects="not against a server that learns the map: on SmolLM2 at the full attack budget the learned "
-                 "matcher reads 99% of the vocabulary (IA 18%, VMA 22%, NN 0.01%), a passive observer of the "
-                 "traffic 29% of the prompt tokens (SDA), and perplexity doubles (see the README).",
+        protects="not against a server that holds the public model: on SmolLM2 at the full attack budget the key "
+                 "fitted on VMA's reading reads 99.996% of the vocabulary with no copy trained, the learned matcher "
+                 "99% (IA 18%, VMA 22%, NN 0.01%), a passive observer of the traffic 29% of the prompt tokens "
+                 "(SDA), and perplexity doubles (see the README).",
     ),
 }
 
