@@ -84,6 +84,12 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     return "\n".join([head, sep, *body]) + "\n"
 
 
+def resumed_report_head(title: str, script: str, commands: list[list[str]]) -> list[str]:
+    """The first lines of a resumable benchmark's markdown report: its title and every command that made it."""
+    return [f"# {title}", "", "Produced on a shared 2-core CPU by (each run resumes the one before):", "",
+            *(f"    python benchmarks/{script} {' '.join(c)}" for c in commands), ""]
+
+
 def write_results(name: str, payload: dict, markdown: str) -> tuple[Path, Path]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     jpath, mpath = RESULTS / f"{name}.json", RESULTS / f"{name}.md"

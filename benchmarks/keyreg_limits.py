@@ -46,7 +46,7 @@ from aloe.attacks.key_regression import regress  # noqa: E402
 from aloe.attacks.scoring import IdGuess, score_ids  # noqa: E402
 from aloe.attacks.suite import texts_for  # noqa: E402
 from aloe.obfuscation.secret import load_secret  # noqa: E402
-from common import RESULTS, save_png  # noqa: E402
+from common import RESULTS, resumed_report_head, save_png  # noqa: E402
 from privacy import all_profiles, build  # noqa: E402
 
 PATH = RESULTS / "keyreg_limits.json"
@@ -128,9 +128,8 @@ def write_report(state: dict) -> None:
                     f"**{pct(e['token_recovery'])}** "
                     f"({pct(e['token_recovery_top10'])}) | {pct(e['prompt_token_recovery'])} | {sig} | "
                     f"{float(np.median(e['seconds_per_round'])):.0f} |")
-    md = ["# Key regression: the weakest start it grows from, and the noise that stops it (SmolLM2-135M)", "",
-          "Produced on a shared 2-core CPU by (each run resumes the one before):", "",
-          *(f"    python benchmarks/keyreg_limits.py {' '.join(c)}" for c in state.get("commands", [])), "",
+    md = [*resumed_report_head("Key regression: the weakest start it grows from, and the noise that stops it "
+                               "(SmolLM2-135M)", "keyreg_limits.py", state.get("commands", [])),
           "The start is made with the secret: the right plain token on a random share of the movable ids, a uniformly "
           "drawn one on the others. From it the attack's own rounds run (`key-regression`: trimmed least-squares fit "
           "of each table's key, every row read back through it by its likelihood under the profile's noise shape, "

@@ -37,7 +37,7 @@ from aloe.assets.cache import atomic_write_json, atomic_write_text  # noqa: E402
 from aloe.attacks import sda  # noqa: E402
 from aloe.attacks.scoring import score_ids  # noqa: E402
 from aloe.attacks.suite import doc_tokens, real_prompts  # noqa: E402
-from common import RESULTS, save_png  # noqa: E402
+from common import RESULTS, resumed_report_head, save_png  # noqa: E402
 
 PATH = RESULTS / "sda_scaling.json"
 STREAM = 20_000        # the victim's part of the Lee background text (the suite's stream)
@@ -117,9 +117,8 @@ def write_report(state: dict) -> None:
         rows.append(f"| {e['traffic_tokens']:,} | {e['corpus_tokens']:,} | {e['width']} | "
                     f"**{pct(e['prompt_token_recovery'])}** | {pct(e['prompt_token_recovery_top10'])} | "
                     f"{pct(e['prompt_tokens_in_corpus'])} | {pct(e['token_recovery'])} | {e['seconds']:.0f} |")
-    md = ["# SDA against the server's corpus, the observed traffic and the translator (SmolLM2 tokenizer)", "",
-          "Produced on a shared 2-core CPU by (each run resumes the one before):", "",
-          *(f"    python benchmarks/sda_scaling.py {' '.join(c)}" for c in state.get("commands", [])), "",
+    md = [*resumed_report_head("SDA against the server's corpus, the observed traffic and the translator (SmolLM2 "
+                               "tokenizer)", "sda_scaling.py", state.get("commands", [])),
           "Ciphertext only: the server reads the obfuscated ids of the victim's stream (the first tokens of the Lee "
           "background text) and of the 16 scored prompts, and trains SDA's translator on its own text of the same "
           "kind (the rest of the Lee background text, disjoint from the stream). Each row is one draw of tau and "
