@@ -177,7 +177,8 @@ def test_budget_flag_reaches_the_attack():
 
 def test_client_held_vectors_are_read_through_the_key_fitted_on_a_partial_reading(tiny, tmp_path, monkeypatch):
     """The client-held deployment with fresh noise on every vector: the server fits the key on a reading right for
-    60% of the vectors and reads them all; pooling the occurrences of one token adds their evidence."""
+    60% of the vectors and reads nearly all of them one at a time (each vector's own noise bounds that: 0.935-0.99
+    over draws of the tiny model); pooling the occurrences of one token adds their evidence and reads them all."""
     from aloe.attacks.occurrence import attack_keyed
     from aloe.obfuscation.client_vocab import ClientVocabulary, split_vocabulary
 
@@ -190,9 +191,9 @@ def test_client_held_vectors_are_read_through_the_key_fitted_on_a_partial_readin
     sent = ClientVocabulary(tmp_path / "client.st").embed(tau[truth])
     start = np.where(rng.random(600) < 0.6, truth, rng.choice(t.movable_ids, 600))
     alone = attack_keyed(t, sent, start)
-    assert alone["candidates"].shape == (600, 5) and (alone["candidates"][:, 0] == truth).mean() >= 0.95
+    assert alone["candidates"].shape == (600, 5) and (alone["candidates"][:, 0] == truth).mean() >= 0.85
     pooled = attack_keyed(t, sent, start, labels=np.unique(truth, return_inverse=True)[1])
-    assert (pooled["candidates"][:, 0] == truth).mean() >= (alone["candidates"][:, 0] == truth).mean()
+    assert (pooled["candidates"][:, 0] == truth).mean() >= max(0.97, (alone["candidates"][:, 0] == truth).mean())
     with pytest.raises(AloeError, match="noise shape"):
         attack_keyed(t, sent, start, shape="column")
     with pytest.raises(AloeError, match="cannot fix a key"):
