@@ -86,8 +86,8 @@ def add_budget_flags(p: argparse.ArgumentParser) -> None:
                         "hold the victim's token wherever it is among the candidates and complete the other ids "
                         "(readings.victim_completion); 0 = off")
     g.add_argument("--keyreg-rounds", type=int, default=3, metavar="N",
-                   help="rounds of the key regression: fit the key on the learned matcher's reading (then on its "
-                        "own), read every row through it (key-regression)")
+                   help="rounds of the key regression: fit the key on the start's reading (--keyreg-start; then "
+                        "on its own), read every row through it (key-regression)")
     g.add_argument("--keyreg-start", default="learned", metavar="NAME", choices=KEYREG_STARTS,
                    help="the per-id attack whose first choices start the key regression: "
                         f"{', '.join(KEYREG_STARTS)} (default learned)")
