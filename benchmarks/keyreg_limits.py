@@ -7,8 +7,10 @@ right plain token, every other id a plain token drawn uniformly from the movable
 by chance counts as right; the recorded ``start_read`` is the share actually right). Random wrong readings are the
 hard case for the fit: a matcher's errors are near misses whose rows lie close to the right ones. From that start the
 attack's own rounds run unchanged (``aloe.attacks.key_regression.regress``, both tables, every movable id, the
-profile's public noise shape), at most ``--rounds`` of them, stopping once no first choice changes; each round's
-reading is scored with the secret as it ends.
+profile's public noise shape; each round reads through the trimmed fit and the inverse fit and keeps the reading with
+more distinct first choices), at most ``--rounds`` of them, stopping once no first choice changes; each round's
+reading is scored with the secret as it ends, and the attack's answer is the round with the most distinct first
+choices. ``--fits trimmed`` runs the trimmed fit alone, the attack as it was before the inverse fit.
 
 ``SCALE`` multiplies the noise the artifact already carries, on both tables: with the key fitted by least squares on
 the right pairs (what the secret gives), each obfuscated row becomes ``x K + SCALE * (y - x K)``, the row's own noise
@@ -18,7 +20,7 @@ perplexity): the point measures the noise the defence would need, started from t
 best case for the server.
 
     python benchmarks/keyreg_limits.py [--profile paper] [--points 1:0.15 1:0.1 2:1 3:1 4:1] [--rounds 6]
-        [--threads 2] [--json]
+        [--fits both|trimmed] [--threads 2] [--json]
     python benchmarks/keyreg_limits.py --report-only
 
 Each point is saved when done (an interrupted run resumes). The artifacts are the ones ``privacy.py`` built (same
@@ -80,8 +82,11 @@ def scale_noise(plain_rows: torch.Tensor, obf_rows: torch.Tensor, scale: float) 
     return (fit + scale * (Y - fit)).float()
 
 
+FITS = {"both": "trimmed + inverse", "trimmed": "trimmed"}
+
+
 def measure(t: Target, tau: np.ndarray, prompts: list, scale: float, share: float, rounds: int,
-            show: bool) -> dict:
+            show: bool, fits: str = "both") -> dict:
     pool = t.movable_ids
     inv = np.empty_like(tau)
     inv[tau] = np.arange(len(tau))
@@ -105,11 +110,13 @@ def measure(t: Target, tau: np.ndarray, prompts: list, scale: float, share: floa
     row_shaped = t.profile.get("noise_shape", "entry") == "row"
     with tqdm(total=rounds, desc=f"key regression, noise x{scale:g}, start {share:.0%}", unit="round",
               disable=not show) as bar:
-        cand, log = regress(sides, start, pool, t.budget.topk, row_shaped, rounds, progress=bar, on_round=on_round)
+        cand, log = regress(sides, start, pool, t.budget.topk, row_shaped, rounds, progress=bar, on_round=on_round,
+                            inverse=fits == "both")
     res = score_ids(IdGuess(ids, cand), tau, prompts, t.fixed_ids)
     return {"scale": scale, "start": share, "start_read": float((start == truth).mean()), "seed": seed,
             "rounds_max": rounds, "read_per_round": read, "seconds_per_round": seconds, "sides": len(sides),
-            **{k: log[k] for k in ("rounds", "changed_per_round", "kept_per_round", "sigma_per_round")},
+            "fits": fits, **{k: log[k] for k in ("rounds", "changed_per_round", "kept_per_round", "sigma_per_round",
+                                                 "fit_per_round", "distinct_per_round", "best_round") if k in log},
             **{k: v for k, v in res.items() if "recovery" in k or k in ("prompt_tokens", "queries")}}
 
 
@@ -118,22 +125,31 @@ def pct(x: float) -> str:
 
 
 def write_report(state: dict) -> None:
-    rows = ["| profile | noise x | start: % right | % read after each round (at most) | % vocabulary (top 10) | "
+    rows = ["| profile | fit | noise x | start: % right | % read after each round (at most) | fit kept each round | "
+            "% vocabulary (top 10) | "
             "% prompt tokens | sigma per coordinate, last round (embedding / head) | seconds per round (median) |",
-            "|---|---|---|---|---|---|---|---|"]
-    for e in sorted(state["points"].values(), key=lambda e: (e["profile"], e["scale"], -e["start"])):
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for e in sorted(state["points"].values(),
+                    key=lambda e: (e["profile"], e.get("fits", "trimmed"), e["scale"], -e["start"])):
         sig = " / ".join(f"{s:.3f}" for s in e["sigma_per_round"][-1])
-        rows.append(f"| `{e['profile']}` | {e['scale']:g} | {pct(e['start_read'])} | "
-                    f"{' → '.join(pct(r) for r in e['read_per_round'])} ({e['rounds_max']}) | "
+        kept = " → ".join(e.get("fit_per_round", [])) or "–"
+        fit = FITS[e.get("fits", "trimmed")]
+        rows.append(f"| `{e['profile']}` | {fit} | {e['scale']:g} | {pct(e['start_read'])} | "
+                    f"{' → '.join(pct(r) for r in e['read_per_round'])} ({e['rounds_max']}) | {kept} | "
                     f"**{pct(e['token_recovery'])}** "
                     f"({pct(e['token_recovery_top10'])}) | {pct(e['prompt_token_recovery'])} | {sig} | "
                     f"{float(np.median(e['seconds_per_round'])):.0f} |")
     md = [*resumed_report_head("Key regression: the weakest start it grows from, and the noise that stops it "
                                "(SmolLM2-135M)", "keyreg_limits.py", state.get("commands", [])),
           "The start is made with the secret: the right plain token on a random share of the movable ids, a uniformly "
-          "drawn one on the others. From it the attack's own rounds run (`key-regression`: trimmed least-squares fit "
-          "of each table's key, every row read back through it by its likelihood under the profile's noise shape, "
-          "embedding and head added), at most the recorded number of rounds, stopping once nothing changes. "
+          "drawn one on the others. From it the attack's own rounds run (`key-regression`: a trimmed least-squares "
+          "fit of each table's key, every row read back through it by its likelihood under the profile's noise "
+          "shape, embedding and head added; with the inverse fit, each round also fits the map from the obfuscated "
+          "rows back to the centred plain rows, reads by likelihood in the table's whitened space, and keeps the "
+          "reading with more distinct first choices), at most the recorded number of rounds, stopping once nothing "
+          "changes. The vocabulary and prompt figures are the attack's answer: with the inverse fit, the round with "
+          "the most distinct first choices; with the trimmed fit alone, the last round. Rows with the trimmed fit "
+          "alone are the attack as it was before the inverse fit. "
           "'noise x' multiplies the artifact's own noise draw on both tables (see the script's docstring); at x1 the "
           "tables are the artifact's. One draw per row. Goal of the privacy issue: at most 5%.", "",
           *rows, "", "![key regression limits](keyreg_limits.png)", ""]
@@ -152,9 +168,10 @@ def write_plot(state: dict) -> None:
     for e in sorted(pts, key=lambda e: (e["scale"], -e["start"])):
         ax = axes[0] if e["scale"] == 1 else axes[1]
         ys = [100 * e["start_read"], *(100 * r for r in e["read_per_round"])]
-        ax.plot(range(len(ys)), ys, marker="o",
-                label=f"{e['profile']}, start {100 * e['start_read']:.1f}%" if e["scale"] == 1
-                else f"{e['profile']}, noise x{e['scale']:g}")
+        inv = e.get("fits", "trimmed") == "both"
+        ax.plot(range(len(ys)), ys, marker="o", ls="-" if inv else "--",
+                label=(f"start {100 * e['start_read']:.1f}%" if e["scale"] == 1 else f"noise x{e['scale']:g}")
+                + (", trimmed + inverse" if inv else ", trimmed"))
     for ax, title in zip(axes, ("the artifact's noise, weaker starts", "more noise, started from the right reading")):
         ax.axhline(5.0, ls=":", lw=0.8, color="grey")
         ax.set_xlabel("round (0: the start)")
@@ -171,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="paper", help="a profile of benchmarks/privacy.py (its cached artifact)")
     ap.add_argument("--points", nargs="+", default=DEFAULT_POINTS, metavar="SCALE:START")
     ap.add_argument("--rounds", type=int, default=6, help="at most this many rounds of fit and read")
+    ap.add_argument("--fits", choices=sorted(FITS), default="both",
+                    help="both: the attack's rounds (trimmed and inverse fit); trimmed: the trimmed fit alone")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report and plot from the JSON")
@@ -196,11 +215,11 @@ def main(argv: list[str] | None = None) -> int:
         if command not in state.setdefault("commands", []):
             state["commands"].append(command)
         for scale, share in points:
-            key = f"{args.profile}:{scale:g}:{share:g}:{args.rounds}"
+            key = f"{args.profile}:{scale:g}:{share:g}:{args.rounds}" + (":both" if args.fits == "both" else "")
             if key in state["points"]:
                 continue
             state["points"][key] = {"profile": args.profile,
-                                    **measure(t, tau, prompts, scale, share, args.rounds, show)}
+                                    **measure(t, tau, prompts, scale, share, args.rounds, show, args.fits)}
             atomic_write_json(PATH, state)
             write_report(state)
             write_plot(state)

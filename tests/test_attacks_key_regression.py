@@ -75,6 +75,51 @@ def test_a_start_right_too_rarely_fixes_no_key():
     assert (cand[:, 0] == pool).mean() < 0.2
 
 
+def offset_table_and_key(n=8000, d=32, dp=48, alpha=0.3, seed=0):
+    """Like a real embedding table: a common mean far from zero and directions of very different spread."""
+    g = torch.Generator().manual_seed(seed)
+    T = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.logspace(0, -1, d, dtype=torch.float64)
+    T = T * (0.5 + torch.rand(n, 1, generator=g, dtype=torch.float64))
+    T = T + 3 * torch.randn(d, generator=g, dtype=torch.float64) / d ** 0.5
+    K = torch.randn(d, dp, generator=g, dtype=torch.float64)
+    noise = torch.randn(n, d, generator=g, dtype=torch.float64) * alpha * T.norm(dim=1, keepdim=True) / d ** 0.5
+    return T, (T + noise) @ K
+
+
+def test_inverse_fit_reads_a_table_with_a_mean_from_a_start_the_trimmed_fit_cannot_use():
+    """Right for 10% of the rows, uniform elsewhere: the trimmed fit's key is pulled anywhere by the wrong pairs
+    (they share the table's mean), the inverse fit sees them as zero-mean noise and reads the table."""
+    T, Y = offset_table_and_key()
+    pool = np.arange(len(T))
+    start = partly_right(len(T), 0.1)
+    trimmed, _ = kr.regress([(Y, T)], start, pool, 1, row_shaped=True, rounds=2)
+    both, log = kr.regress([(Y, T)], start, pool, 1, row_shaped=True, rounds=2, inverse=True)
+    assert (trimmed[:, 0] == pool).mean() < 0.01
+    assert (both[:, 0] == pool).mean() > 0.9
+    assert log["fit_per_round"][0] == "inverse"
+    shares = log["distinct_per_round"][0]
+    assert shares["inverse"] > shares["trimmed"]
+
+
+def test_the_round_with_the_most_distinct_first_choices_is_returned():
+    T, Y = offset_table_and_key(alpha=0.5)
+    pool = np.arange(len(T))
+    seen = []
+    cand, log = kr.regress([(Y, T)], partly_right(len(T), 0.1), pool, 2, row_shaped=True, rounds=3, inverse=True,
+                           on_round=lambda guess: seen.append(guess.copy()))
+    assert len(seen) == log["rounds"] == len(log["fit_per_round"]) == len(log["distinct_per_round"])
+    best = [max(sh.values()) for sh in log["distinct_per_round"]]
+    assert log["best_round"] == int(np.argmax(best))
+    assert (cand[:, 0] == seen[log["best_round"]]).all()
+    assert kr.distinct_share(cand[:, 0]) == pytest.approx(max(best))
+
+
+def test_distinct_share_is_one_for_a_permutation():
+    assert kr.distinct_share(np.random.default_rng(0).permutation(100)) == 1.0
+    assert kr.distinct_share(np.array([3, 3, 3, 4])) == 0.5
+    assert kr.distinct_share(np.array([], dtype=np.int64)) == 0.0
+
+
 def test_occurrences_of_one_group_add_their_evidence():
     """Many noisy copies of one row, each unreadable alone, read together."""
     T, K, _ = table_and_key(n=2000, alpha=0.0)
@@ -102,6 +147,11 @@ def test_bad_input_is_refused_with_a_reason():
         kr.fit_key(T[:100], Y[:99])
     with pytest.raises(AloeError, match="share of pairs"):
         kr.fit_key(T, Y, keep=0.0)
+    with pytest.raises(AloeError, match="not groups of occurrences"):
+        kr.regress([(Y, T)], np.arange(200), np.arange(200), 1, True, rounds=1, groups=np.zeros(200, dtype=np.int64),
+                   inverse=True)
+    with pytest.raises(AloeError, match="cannot fix an inverse key"):
+        kr.InverseSide(Y[:20], T, np.arange(200))
 
 
 @pytest.fixture(scope="module")
