@@ -169,14 +169,16 @@ def write_plot(state: dict) -> None:
         ax = axes[0] if e["scale"] == 1 else axes[1]
         ys = [100 * e["start_read"], *(100 * r for r in e["read_per_round"])]
         inv = e.get("fits", "trimmed") == "both"
-        ax.plot(range(len(ys)), ys, marker="o", ls="-" if inv else "--",
-                label=(f"start {100 * e['start_read']:.1f}%" if e["scale"] == 1 else f"noise x{e['scale']:g}")
-                + (", trimmed + inverse" if inv else ", trimmed"))
+        line, = ax.plot(range(len(ys)), ys, marker="o", ls="-" if inv else "--",
+                        label=(f"start {100 * e['start_read']:.1f}%" if e["scale"] == 1 else f"noise x{e['scale']:g}")
+                        + (", trimmed + inverse" if inv else ", trimmed"))
+        answer = e.get("best_round", len(e["read_per_round"]) - 1) + 1      # the round the attack returns
+        ax.plot([answer], [100 * e["token_recovery"]], marker="*", ms=14, color=line.get_color(), ls="none")
     for ax, title in zip(axes, ("the artifact's noise, weaker starts", "more noise, started from the right reading")):
         ax.axhline(5.0, ls=":", lw=0.8, color="grey")
         ax.set_xlabel("round (0: the start)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title + " (star: the round returned)", fontsize=9)
         ax.legend(fontsize=7)
     axes[0].set_ylabel("% of the vocabulary read")
     fig.tight_layout()
