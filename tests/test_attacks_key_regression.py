@@ -114,6 +114,26 @@ def test_the_round_with_the_most_distinct_first_choices_is_returned():
     assert kr.distinct_share(cand[:, 0]) == pytest.approx(max(best))
 
 
+def test_a_reading_collapsed_on_a_few_ids_still_fixes_the_inverse_key():
+    """Right for 10% of the rows, the rest all read as one of 10 ids (what a failed read looks like): weighted by
+    1 / collisions those 10 ids count as 10 pairs: the inverse fit reads most of the table in one round (unweighted:
+    31%), and the next round's trimmed fit the rest."""
+    T, Y = offset_table_and_key()
+    n = len(T)
+    rng = np.random.default_rng(1)
+    start = np.where(rng.random(n) < 0.1, np.arange(n), rng.choice(rng.choice(n, 10, replace=False), n))
+    w = kr.collision_weights(start)
+    assert float(w[torch.as_tensor(start == np.arange(n))].mean()) > 0.9
+    assert float(w.sum()) == pytest.approx(len(np.unique(start)))
+    sides = [kr.InverseSide(Y, T, np.arange(n))]
+    read = kr.inverse_read(sides, start, np.arange(n), 1)[:, 0]
+    assert (read == np.arange(n)).mean() > 0.7
+    both, _ = kr.regress([(Y, T)], start, np.arange(n), 1, row_shaped=True, rounds=2, inverse=True)
+    assert (both[:, 0] == np.arange(n)).mean() > 0.98
+    trimmed, _ = kr.regress([(Y, T)], start, np.arange(n), 1, row_shaped=True, rounds=2)
+    assert (trimmed[:, 0] == np.arange(n)).mean() < 0.05
+
+
 def test_distinct_share_is_one_for_a_permutation():
     assert kr.distinct_share(np.random.default_rng(0).permutation(100)) == 1.0
     assert kr.distinct_share(np.array([3, 3, 3, 4])) == 0.5
