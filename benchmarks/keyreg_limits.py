@@ -50,6 +50,7 @@ from aloe.attacks.suite import texts_for  # noqa: E402
 from aloe.obfuscation.secret import load_secret  # noqa: E402
 from common import RESULTS, resumed_report_head, save_png  # noqa: E402
 from privacy import all_profiles, build  # noqa: E402
+from privacy_full import source_revision  # noqa: E402
 
 PATH = RESULTS / "keyreg_limits.json"
 DEFAULT_POINTS = ["1:0.15", "1:0.1", "2:1", "3:1", "4:1"]
@@ -127,8 +128,9 @@ def pct(x: float) -> str:
 def write_report(state: dict) -> None:
     rows = ["| profile | fit | noise x | start: % right | % read after each round (at most) | fit kept each round | "
             "% vocabulary (top 10) | "
-            "% prompt tokens | sigma per coordinate, last round (embedding / head) | seconds per round (median) |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "% prompt tokens | sigma per coordinate, last round (embedding / head) | seconds per round (median) | "
+            "commit |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in sorted(state["points"].values(),
                     key=lambda e: (e["profile"], e.get("fits", "trimmed"), e["scale"], -e["start"])):
         sig = " / ".join(f"{s:.3f}" for s in e["sigma_per_round"][-1])
@@ -138,7 +140,7 @@ def write_report(state: dict) -> None:
                     f"{' → '.join(pct(r) for r in e['read_per_round'])} ({e['rounds_max']}) | {kept} | "
                     f"**{pct(e['token_recovery'])}** "
                     f"({pct(e['token_recovery_top10'])}) | {pct(e['prompt_token_recovery'])} | {sig} | "
-                    f"{float(np.median(e['seconds_per_round'])):.0f} |")
+                    f"{float(np.median(e['seconds_per_round'])):.0f} | {e.get('commit') or '–'} |")
     md = [*resumed_report_head("Key regression: the weakest start it grows from, and the noise that stops it "
                                "(SmolLM2-135M)", "keyreg_limits.py", state.get("commands", [])),
           "The start is made with the secret: the right plain token on a random share of the movable ids, a uniformly "
@@ -149,7 +151,8 @@ def write_report(state: dict) -> None:
           "reading with more distinct first choices), at most the recorded number of rounds, stopping once nothing "
           "changes. The vocabulary and prompt figures are the attack's answer: with the inverse fit, the round with "
           "the most distinct first choices; with the trimmed fit alone, the last round. Rows with the trimmed fit "
-          "alone are the attack as it was before the inverse fit. "
+          "alone are the attack as it was before the inverse fit. The commit column names the code each row was "
+          "measured with (recorded since the inverse fit; '–': before it). "
           "'noise x' multiplies the artifact's own noise draw on both tables (see the script's docstring); at x1 the "
           "tables are the artifact's. One draw per row. Goal of the privacy issue: at most 5%.", "",
           *rows, "", "![key regression limits](keyreg_limits.png)", ""]
@@ -192,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=6, help="at most this many rounds of fit and read")
     ap.add_argument("--fits", choices=sorted(FITS), default="both",
                     help="both: the attack's rounds (trimmed and inverse fit); trimmed: the trimmed fit alone")
+    ap.add_argument("--rerun", action="store_true", help="measure the points again even where they are recorded")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report and plot from the JSON")
@@ -218,9 +222,9 @@ def main(argv: list[str] | None = None) -> int:
             state["commands"].append(command)
         for scale, share in points:
             key = f"{args.profile}:{scale:g}:{share:g}:{args.rounds}" + (":both" if args.fits == "both" else "")
-            if key in state["points"]:
+            if key in state["points"] and not args.rerun:
                 continue
-            state["points"][key] = {"profile": args.profile,
+            state["points"][key] = {"profile": args.profile, "commit": source_revision(),
                                     **measure(t, tau, prompts, scale, share, args.rounds, show, args.fits)}
             atomic_write_json(PATH, state)
             write_report(state)
