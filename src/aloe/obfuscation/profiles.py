@@ -78,9 +78,9 @@ PROFILES: dict[str, Profile] = {
         name="paper", keys="paper", h=128, lam=0.3, alpha_e=1.0, alpha_h=0.2, beta=8, gamma=1e3,
         description="the paper's default working point (lambda 0.3, h 128, alpha_e 1.0, alpha_h 0.2, beta 8, "
                     "gamma 1e3) with its approximate norm; small models lose accuracy at alpha_e = 1.0.",
-        protects="the table attacks taken alone (on SmolLM2 at the full attack budget NN 0%, IA 1.2%, VMA 2.3%), "
-                 "not a server that learns the map: the learned matcher reads 59-67% of the vocabulary, and the key "
-                 "fitted on its reading 99.99% and every token of real prompts (key regression), at a cost that "
+        protects="only the table attacks' first readings (on SmolLM2 at the full attack budget NN 0%, IA 1.2%, "
+                 "VMA 2.3%): the key fitted on IA's reading reads 99.99% of the vocabulary and every token of real "
+                 "prompts with no copy trained (key regression), the learned matcher 59-67%, at a cost that "
                  "destroys a small model (SmolLM2: perplexity x130-220).",
     ),
     "balanced": Profile(
