@@ -22,7 +22,7 @@ an invariant that throws most of the row away.
   directions they span) to the centred plain rows, a wrong pair is a random plain row: it adds zero-mean noise whose
   covariance is the table's own, and the fit is ``p x + noise`` for a share p of right pairs. Each row is then read
   by its likelihood under that model in the table's whitened space. From a random start right for 10% of the ids
-  this reads 99.97% of SmolLM2's `paper` tables in one round, where the trimmed fit reads nothing; it is the weaker
+  this reads 99.96% of SmolLM2's `paper` tables in one round, where the trimmed fit reads nothing; it is the weaker
   of the two once the reading is right and the noise large.
 - **Collisions**: of the rows a reading sends to one plain id at most one is right, so in the inverse fit each pair
   weighs 1 / (the rows read as its plain id): a reading that collapsed on a few ids keeps the rows it reads alone
@@ -63,36 +63,33 @@ def collision_weights(guess: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(1.0 / counts[inverse], dtype=torch.float64)
 
 
-def _weighted_lstsq(A: torch.Tensor, B: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
-    if w is None:
-        return torch.linalg.lstsq(A, B).solution
+def _weighted_lstsq(A: torch.Tensor, B: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """argmin_M sum_i w_i ||A_i M - B_i||^2."""
     r = w.sqrt()[:, None]
     return torch.linalg.lstsq(A * r, B * r).solution
 
 
 def fit_key(plain_rows: torch.Tensor, obf_rows: torch.Tensor, trim_rounds: int = TRIM_ROUNDS,
-            keep: float = TRIM_KEEP, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The key K (d x d') with ``obf_rows ~ plain_rows @ K`` by trimmed least squares (each pair weighted by
-    ``weights`` if given), and the mask of the pairs the last fit kept. Each trim keeps the share ``keep`` of the
-    pairs with the smallest residual relative to the obfuscated row's norm."""
+            keep: float = TRIM_KEEP) -> tuple[torch.Tensor, torch.Tensor]:
+    """The key K (d x d') with ``obf_rows ~ plain_rows @ K`` by trimmed least squares, and the mask of the pairs the
+    last fit kept. Each trim keeps the share ``keep`` of the pairs with the smallest residual relative to the
+    obfuscated row's norm."""
     X, Y = plain_rows.double(), obf_rows.double()
     if X.shape[0] != Y.shape[0]:
         raise AloeError(f"{X.shape[0]} plain rows against {Y.shape[0]} obfuscated rows")
-    if weights is not None and weights.shape != (X.shape[0],):
-        raise AloeError(f"{tuple(weights.shape)} weights for {X.shape[0]} pairs")
     if not 0 < keep <= 1:
         raise AloeError(f"the share of pairs kept must be in (0, 1], not {keep}")
     if X.shape[0] < X.shape[1]:
         raise AloeError(f"{X.shape[0]} pairs cannot fix a key of {X.shape[1]} input dimensions")
     kept = torch.ones(X.shape[0], dtype=torch.bool)
-    K = _weighted_lstsq(X, Y, weights)
+    K = torch.linalg.lstsq(X, Y).solution
     for _ in range(trim_rounds):
         rel = ((X @ K - Y) ** 2).sum(1) / (Y * Y).sum(1).clamp_min(1e-30)
         trimmed = rel <= rel.quantile(keep)
         if int(trimmed.sum()) < X.shape[1]:  # too few pairs left: keep the last fit and the pairs it used
             break
         kept = trimmed
-        K = _weighted_lstsq(X[kept], Y[kept], None if weights is None else weights[kept])
+        K = torch.linalg.lstsq(X[kept], Y[kept]).solution
     return K, kept
 
 
@@ -170,7 +167,7 @@ class InverseSide:
     def fit(self, guess: np.ndarray) -> tuple[torch.Tensor, float, float]:
         """The rows mapped into the plain space by the inverse key fitted on ``guess`` (pairs weighted by
         :func:`collision_weights`), their slope ``p`` on the guessed rows and the noise variance ``c`` per whitened
-        coordinate (median over the pairs)."""
+        coordinate (the weighted median over the pairs)."""
         X = self.centred[torch.as_tensor(guess)]
         w = collision_weights(guess)
         xhat = self.Z @ _weighted_lstsq(self.Z, X, w)
