@@ -4,8 +4,9 @@ vocabulary, and how much more noise the tables would need before even the right 
 `key-regression` in the suite starts from the learned matcher's reading (59-99% of the ids right at the full
 budget). Here the start is made with the secret, for measurement: a share ``START`` of the movable ids is given its
 right plain token, every other id a plain token drawn uniformly from the movable ids (a draw that hits the right one
-by chance counts as right; the recorded ``start_read`` is the share actually right). Random wrong readings are the
-hard case for the fit: a matcher's errors are near misses whose rows lie close to the right ones. From that start the
+by chance counts as right; the recorded ``start_read`` is the share actually right). Random wrong readings are one
+kind of error: a matcher's are near misses whose rows lie close to the right ones, and a weak table attack's collide
+on a few ids (the starts from VMA's and IA's real readings are measured by ``privacy_full.py``). From that start the
 attack's own rounds run unchanged (``aloe.attacks.key_regression.regress``, both tables, every movable id, the
 profile's public noise shape; each round reads through the trimmed fit and the inverse fit and keeps the reading with
 more distinct first choices), at most ``--rounds`` of them, stopping once no first choice changes; each round's
@@ -20,7 +21,7 @@ perplexity): the point measures the noise the defence would need, started from t
 best case for the server.
 
     python benchmarks/keyreg_limits.py [--profile paper] [--points 1:0.15 1:0.1 2:1 3:1 4:1] [--rounds 6]
-        [--fits both|trimmed] [--threads 2] [--json]
+        [--fits both|trimmed] [--rerun] [--threads 2] [--json]
     python benchmarks/keyreg_limits.py --report-only
 
 Each point is saved when done (an interrupted run resumes). The artifacts are the ones ``privacy.py`` built (same
