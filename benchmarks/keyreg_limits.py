@@ -8,10 +8,12 @@ by chance counts as right; the recorded ``start_read`` is the share actually rig
 kind of error: a matcher's are near misses whose rows lie close to the right ones, and a weak table attack's collide
 on a few ids (the starts from VMA's and IA's real readings are measured by ``privacy_full.py``). From that start the
 attack's own rounds run unchanged (``aloe.attacks.key_regression.regress``, both tables, every movable id, the
-profile's public noise shape; each round reads through the trimmed fit and the inverse fit and keeps the reading with
-more distinct first choices), at most ``--rounds`` of them, stopping once no first choice changes; each round's
-reading is scored with the secret as it ends, and the attack's answer is the round with the most distinct first
-choices. ``--fits trimmed`` runs the trimmed fit alone, the attack as it was before the inverse fit.
+profile's public noise shape; each round reads through the trimmed fit, the untrimmed least-squares fit and the
+inverse fit and keeps the reading with the most distinct first choices), at most ``--rounds`` of them, stopping once
+no first choice changes; each round's reading is scored with the secret as it ends, and the attack's answer is the
+round with the most distinct first choices. ``--fits`` picks older versions of the attack (``both``: trimmed and
+inverse; ``trimmed``: the trimmed fit alone) or ``untrimmed``, plain least squares alone: from the right reading
+(``START`` 1) it fits the very key that ``SCALE`` below writes with, so its read is what the right key reads.
 
 ``SCALE`` multiplies the noise the artifact already carries, on both tables: with the key fitted by least squares on
 the right pairs (what the secret gives), each obfuscated row becomes ``x K + SCALE * (y - x K)``, the row's own noise
@@ -21,7 +23,7 @@ perplexity): the point measures the noise the defence would need, started from t
 best case for the server.
 
     python benchmarks/keyreg_limits.py [--profile paper] [--points 1:0.15 1:0.1 2:1 3:1 4:1] [--rounds 6]
-        [--fits both|trimmed] [--rerun] [--threads 2] [--json]
+        [--fits all|both|trimmed|untrimmed] [--rerun] [--threads 2] [--json]
     python benchmarks/keyreg_limits.py --report-only
 
 Each point is saved when done (an interrupted run resumes). The artifacts are the ones ``privacy.py`` built (same
@@ -45,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from aloe.assets.cache import atomic_write_json, atomic_write_text  # noqa: E402
 from aloe.attacks.common import Budget, Target  # noqa: E402
+from aloe.attacks.key_regression import FITS as FIT_NAMES  # noqa: E402
 from aloe.attacks.key_regression import regress  # noqa: E402
 from aloe.attacks.scoring import IdGuess, score_ids  # noqa: E402
 from aloe.attacks.suite import texts_for  # noqa: E402
@@ -76,7 +79,8 @@ def make_start(truth: np.ndarray, pool: np.ndarray, share: float, rng: np.random
 
 def scale_noise(plain_rows: torch.Tensor, obf_rows: torch.Tensor, scale: float) -> torch.Tensor:
     """``x K + scale * (y - x K)`` with K the least-squares key of the right pairs: each row's noise ``scale`` times
-    larger (float32, as the artifact holds it)."""
+    larger (float32, as the artifact holds it). The scaled part is orthogonal to the plain rows' span, so least
+    squares on the right pairs fits the same K again."""
     if scale == 1:
         return obf_rows
     X, Y = plain_rows.double(), obf_rows.double()
@@ -84,11 +88,13 @@ def scale_noise(plain_rows: torch.Tensor, obf_rows: torch.Tensor, scale: float) 
     return (fit + scale * (Y - fit)).float()
 
 
-FITS = {"both": "trimmed + inverse", "trimmed": "trimmed"}
+FITS = {"all": "trimmed + untrimmed + inverse", "both": "trimmed + inverse", "trimmed": "trimmed",
+        "untrimmed": "untrimmed"}
+READINGS = {"all": FIT_NAMES, "both": ("trimmed", "inverse"), "trimmed": ("trimmed",), "untrimmed": ("untrimmed",)}
 
 
 def measure(t: Target, tau: np.ndarray, prompts: list, scale: float, share: float, rounds: int,
-            show: bool, fits: str = "both") -> dict:
+            show: bool, fits: str = "all") -> dict:
     pool = t.movable_ids
     inv = np.empty_like(tau)
     inv[tau] = np.arange(len(tau))
@@ -113,7 +119,7 @@ def measure(t: Target, tau: np.ndarray, prompts: list, scale: float, share: floa
     with tqdm(total=rounds, desc=f"key regression, noise x{scale:g}, start {share:.0%}", unit="round",
               disable=not show) as bar:
         cand, log = regress(sides, start, pool, t.budget.topk, row_shaped, rounds, progress=bar, on_round=on_round,
-                            inverse=fits == "both")
+                            fits=READINGS[fits])
     res = score_ids(IdGuess(ids, cand), tau, prompts, t.fixed_ids)
     return {"scale": scale, "start": share, "start_read": float((start == truth).mean()), "seed": seed,
             "rounds_max": rounds, "read_per_round": read, "seconds_per_round": seconds, "sides": len(sides),
@@ -172,10 +178,10 @@ def write_plot(state: dict) -> None:
     for e in sorted(pts, key=lambda e: (e["scale"], -e["start"])):
         ax = axes[0] if e["scale"] == 1 else axes[1]
         ys = [100 * e["start_read"], *(100 * r for r in e["read_per_round"])]
-        inv = e.get("fits", "trimmed") == "both"
+        inv = e.get("fits", "trimmed") != "trimmed"
         line, = ax.plot(range(len(ys)), ys, marker="o", ls="-" if inv else "--",
                         label=(f"start {100 * e['start_read']:.1f}%" if e["scale"] == 1 else f"noise x{e['scale']:g}")
-                        + (", trimmed + inverse" if inv else ", trimmed"))
+                        + f", {FITS[e.get('fits', 'trimmed')]}")
         answer = e.get("best_round", len(e["read_per_round"]) - 1) + 1      # the round the attack returns
         ax.plot([answer], [100 * e["token_recovery"]], marker="*", ms=14, color=line.get_color(), ls="none")
     for ax, title in zip(axes, ("the artifact's noise, weaker starts", "more noise, started from the right reading")):
@@ -194,8 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="paper", help="a profile of benchmarks/privacy.py (its cached artifact)")
     ap.add_argument("--points", nargs="+", default=DEFAULT_POINTS, metavar="SCALE:START")
     ap.add_argument("--rounds", type=int, default=6, help="at most this many rounds of fit and read")
-    ap.add_argument("--fits", choices=sorted(FITS), default="both",
-                    help="both: the attack's rounds (trimmed and inverse fit); trimmed: the trimmed fit alone")
+    ap.add_argument("--fits", choices=sorted(FITS), default="all",
+                    help="all: the attack's rounds (the trimmed, untrimmed and inverse fits' readings); both: trimmed "
+                         "and inverse, the attack before the untrimmed reading; trimmed: the trimmed fit alone, the "
+                         "attack before the inverse fit; untrimmed: plain least squares alone (from the right reading: "
+                         "the read through the right key)")
     ap.add_argument("--rerun", action="store_true", help="measure the points again even where they are recorded")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true")
@@ -222,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         if command not in state.setdefault("commands", []):
             state["commands"].append(command)
         for scale, share in points:
-            key = f"{args.profile}:{scale:g}:{share:g}:{args.rounds}" + (":both" if args.fits == "both" else "")
+            fit = "" if args.fits == "trimmed" else f":{args.fits}"
+            key = f"{args.profile}:{scale:g}:{share:g}:{args.rounds}{fit}"
             if key in state["points"] and not args.rerun:
                 continue
             state["points"][key] = {"profile": args.profile, "commit": source_revision(),

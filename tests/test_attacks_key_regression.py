@@ -93,7 +93,7 @@ def test_inverse_fit_reads_a_table_with_a_mean_from_a_start_the_trimmed_fit_cann
     pool = np.arange(len(T))
     start = partly_right(len(T), 0.1)
     trimmed, _ = kr.regress([(Y, T)], start, pool, 1, row_shaped=True, rounds=2)
-    both, log = kr.regress([(Y, T)], start, pool, 1, row_shaped=True, rounds=2, inverse=True)
+    both, log = kr.regress([(Y, T)], start, pool, 1, row_shaped=True, rounds=2, fits=("trimmed", "inverse"))
     assert (trimmed[:, 0] == pool).mean() < 0.01
     assert (both[:, 0] == pool).mean() > 0.9
     assert log["fit_per_round"][0] == "inverse"
@@ -105,8 +105,8 @@ def test_the_round_with_the_most_distinct_first_choices_is_returned():
     T, Y = offset_table_and_key(alpha=0.5)
     pool = np.arange(len(T))
     seen = []
-    cand, log = kr.regress([(Y, T)], partly_right(len(T), 0.1), pool, 2, row_shaped=True, rounds=3, inverse=True,
-                           on_round=lambda guess: seen.append(guess.copy()))
+    cand, log = kr.regress([(Y, T)], partly_right(len(T), 0.1), pool, 2, row_shaped=True, rounds=3,
+                           fits=("trimmed", "inverse"), on_round=lambda guess: seen.append(guess.copy()))
     assert len(seen) == log["rounds"] == len(log["fit_per_round"]) == len(log["distinct_per_round"])
     best = [max(sh.values()) for sh in log["distinct_per_round"]]
     assert log["best_round"] == int(np.argmax(best))
@@ -128,10 +128,40 @@ def test_a_reading_collapsed_on_a_few_ids_still_fixes_the_inverse_key():
     sides = [kr.InverseSide(Y, T, np.arange(n))]
     read = kr.inverse_read(sides, start, np.arange(n), 1)[:, 0]
     assert (read == np.arange(n)).mean() > 0.7
-    both, _ = kr.regress([(Y, T)], start, np.arange(n), 1, row_shaped=True, rounds=2, inverse=True)
+    both, _ = kr.regress([(Y, T)], start, np.arange(n), 1, row_shaped=True, rounds=2, fits=("trimmed", "inverse"))
     assert (both[:, 0] == np.arange(n)).mean() > 0.98
     trimmed, _ = kr.regress([(Y, T)], start, np.arange(n), 1, row_shaped=True, rounds=2)
     assert (trimmed[:, 0] == np.arange(n)).mean() < 0.05
+
+
+def two_noisy_tables(n=8000, d=64, dp=80, sigma=1.0, seed=0):
+    """A table with a common mean and a spread falling 30-fold over its directions, read twice (embedding and
+    head) through two keys, each with its own entry-shaped noise of sigma times the table's deviation."""
+    g = torch.Generator().manual_seed(seed)
+    T = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.logspace(0, -1.5, d, dtype=torch.float64)
+    T = T + 3 * torch.randn(d, generator=g, dtype=torch.float64) / d ** 0.5
+    sides = []
+    for _ in range(2):
+        K = torch.randn(d, dp, generator=g, dtype=torch.float64)
+        noise = torch.randn(n, d, generator=g, dtype=torch.float64) * sigma * float(T.std())
+        sides.append(((T + noise) @ K, T))
+    return T, sides
+
+
+def test_untrimmed_key_reads_more_once_the_noise_dominates_and_the_attack_keeps_it():
+    """From the right reading, noise as large as the table's own spread: trimming by residual keeps the pairs whose
+    noise happens to be small, and the key it fits reads the other rows worse than plain least squares does."""
+    T, sides = two_noisy_tables()
+    pool = np.arange(len(T))
+    right = {}
+    for fit in kr.FITS:
+        cand, log = kr.regress(sides, pool, pool, 1, row_shaped=False, rounds=1, fits=(fit,))
+        right[fit] = float((cand[:, 0] == pool).mean())
+    assert right["trimmed"] < 0.6 < 0.8 < right["untrimmed"]
+    cand, log = kr.regress(sides, pool, pool, 1, row_shaped=False, rounds=1, fits=kr.FITS)
+    assert log["fit_per_round"] == ["untrimmed"]
+    assert float((cand[:, 0] == pool).mean()) == pytest.approx(right["untrimmed"])
+    assert set(log["distinct_per_round"][0]) == set(kr.FITS)
 
 
 def test_distinct_share_is_one_for_a_permutation():
@@ -169,7 +199,13 @@ def test_bad_input_is_refused_with_a_reason():
         kr.fit_key(T, Y, keep=0.0)
     with pytest.raises(AloeError, match="not groups of occurrences"):
         kr.regress([(Y, T)], np.arange(200), np.arange(200), 1, True, rounds=1, groups=np.zeros(200, dtype=np.int64),
-                   inverse=True)
+                   fits=("trimmed", "inverse"))
+    with pytest.raises(AloeError, match="distinct names among trimmed, untrimmed, inverse, not lasso"):
+        kr.regress([(Y, T)], np.arange(200), np.arange(200), 1, True, rounds=1, fits=("lasso",))
+    with pytest.raises(AloeError, match="not trimmed, trimmed"):
+        kr.regress([(Y, T)], np.arange(200), np.arange(200), 1, True, rounds=1, fits=("trimmed", "trimmed"))
+    with pytest.raises(AloeError, match="not none"):
+        kr.regress([(Y, T)], np.arange(200), np.arange(200), 1, True, rounds=1, fits=())
     with pytest.raises(AloeError, match="cannot fix an inverse key"):
         kr.InverseSide(Y[:20], T, np.arange(200))
 

@@ -40,3 +40,25 @@ def test_scaling_multiplies_each_rows_own_noise():
     rel = float(((scaled - X @ K) - 3 * noise).norm() / (3 * noise).norm())
     assert rel < 0.1
     assert float((scaled - Y.double()).norm() / noise.norm()) == pytest.approx(2, rel=0.05)
+
+
+def test_least_squares_on_the_right_pairs_fits_the_scaled_tables_own_key():
+    """The scaled noise is orthogonal to the plain rows' span: the untrimmed fit from the right reading is the key
+    the scaled table is written with, so its read is the right key's."""
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(3000, 12, generator=g, dtype=torch.float64)
+    K = torch.randn(12, 20, generator=g, dtype=torch.float64)
+    Y = (X @ K + 0.5 * torch.randn(3000, 20, generator=g, dtype=torch.float64)).float()
+    before = torch.linalg.lstsq(X, Y.double()).solution
+    after = torch.linalg.lstsq(X, scale_noise(X, Y, 16).double()).solution
+    assert float((after - before).norm() / before.norm()) < 1e-5
+    assert float((before - K).norm() / K.norm()) > 1e-3          # not the writer's own K: the fit's share of noise
+
+
+def test_each_fits_choice_names_readings_the_attack_makes():
+    from aloe.attacks.key_regression import FITS as names
+    from keyreg_limits import FITS, READINGS
+
+    assert set(FITS) == set(READINGS)
+    assert READINGS["all"] == names
+    assert all(r and set(r) <= set(names) for r in READINGS.values())
