@@ -154,12 +154,17 @@ def write_report(state: dict) -> None:
           "drawn one on the others. From it the attack's own rounds run (`key-regression`: a trimmed least-squares "
           "fit of each table's key, every row read back through it by its likelihood under the profile's noise "
           "shape, embedding and head added; with the inverse fit, each round also fits the map from the obfuscated "
-          "rows back to the centred plain rows, reads by likelihood in the table's whitened space, and keeps the "
-          "reading with more distinct first choices), at most the recorded number of rounds, stopping once nothing "
-          "changes. The vocabulary and prompt figures are the attack's answer: with the inverse fit, the round with "
-          "the most distinct first choices; with the trimmed fit alone, the last round. Rows with the trimmed fit "
-          "alone are the attack as it was before the inverse fit. The commit column names the code each row was "
-          "measured with (recorded since the inverse fit; '–': before it). "
+          "rows back to the centred plain rows and reads by likelihood in the table's whitened space; the attack as "
+          "it is also reads through the untrimmed least-squares key; with more than one reading, each round keeps "
+          "the one with the most distinct first choices), at most the recorded number of rounds, stopping once "
+          "nothing changes. The vocabulary and prompt figures are the attack's answer: with more than one fit, the "
+          "round with the most distinct first choices; with one, the last round. Rows with the trimmed fit alone "
+          "are the attack as it was before the inverse fit, rows with trimmed + inverse before the untrimmed "
+          "reading. The untrimmed fit alone from the right reading (start 100%) fits the very key the scaled table "
+          "is written with: its read is the right key's. The sigma column is a forward fit's (the trimmed one's "
+          "when the inverse reading is kept). The commit column names the code each row was measured with "
+          "(recorded since the inverse fit; '–': before it); the commands above ran with the default fits of their "
+          "day (trimmed before the inverse fit, trimmed + inverse before 51103b3), as the fit column shows. "
           "'noise x' multiplies the artifact's own noise draw on both tables (see the script's docstring); at x1 the "
           "tables are the artifact's. One draw per row. Goal of the privacy issue: at most 5%.", "",
           *rows, "", "![key regression limits](keyreg_limits.png)", ""]
@@ -167,30 +172,45 @@ def write_report(state: dict) -> None:
 
 
 def write_plot(state: dict) -> None:
+    """Left: `paper`'s tables at their own noise, the read after each round from the weaker starts. Right: the read
+    the attack returns from the right reading against the noise multiplier, one line per fit. Other profiles' points
+    are in the report's table only."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    pts = list(state["points"].values())
+    pts = [e for e in state["points"].values() if e["profile"] == "paper"]
     fig, axes = plt.subplots(1, 2, figsize=(9.6, 4.0), sharey=True)
-    for e in sorted(pts, key=lambda e: (e["scale"], -e["start"])):
-        ax = axes[0] if e["scale"] == 1 else axes[1]
+    ax = axes[0]
+    for e in sorted((e for e in pts if e["start"] < 1), key=lambda e: -e["start"]):
         ys = [100 * e["start_read"], *(100 * r for r in e["read_per_round"])]
-        inv = e.get("fits", "trimmed") != "trimmed"
-        line, = ax.plot(range(len(ys)), ys, marker="o", ls="-" if inv else "--",
-                        label=(f"start {100 * e['start_read']:.1f}%" if e["scale"] == 1 else f"noise x{e['scale']:g}")
-                        + f", {FITS[e.get('fits', 'trimmed')]}")
+        fits = e.get("fits", "trimmed")
+        line, = ax.plot(range(len(ys)), ys, marker="o", ls="--" if fits == "trimmed" else "-",
+                        label=f"start {100 * e['start_read']:.1f}%, {FITS[fits]}")
         answer = e.get("best_round", len(e["read_per_round"]) - 1) + 1      # the round the attack returns
         ax.plot([answer], [100 * e["token_recovery"]], marker="*", ms=14, color=line.get_color(), ls="none")
-    for ax, title in zip(axes, ("the artifact's noise, weaker starts", "more noise, started from the right reading")):
+    ax.set_xlabel("round (0: the start)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title("the artifact's noise, weaker starts (star: the round returned)", fontsize=9)
+    ax.set_ylabel("% of the vocabulary read")
+    ax = axes[1]
+    right = [e for e in pts if e["start"] == 1]
+    for fits in FITS:
+        line = sorted((e for e in right if e.get("fits", "trimmed") == fits), key=lambda e: e["scale"])
+        if line:
+            hollow = fits == "all"                       # drawn over the right key's point it matches
+            ax.plot([e["scale"] for e in line], [100 * e["token_recovery"] for e in line],
+                    marker="s" if hollow else "o", ms=11 if hollow else 6, mfc="none" if hollow else None,
+                    ls="--" if fits == "trimmed" else "-",
+                    label=FITS[fits] + (" (the right key)" if fits == "untrimmed" else ""))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("noise (x the paper's), started from the right reading")
+    ax.set_title("more noise: the read returned", fontsize=9)
+    for ax in axes:
         ax.axhline(5.0, ls=":", lw=0.8, color="grey")
-        ax.set_xlabel("round (0: the start)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(title + " (star: the round returned)", fontsize=9)
         ax.legend(fontsize=7)
-    axes[0].set_ylabel("% of the vocabulary read")
     fig.tight_layout()
     save_png(fig, RESULTS / "keyreg_limits.png")
 
