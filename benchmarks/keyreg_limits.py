@@ -47,8 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from aloe.assets.cache import atomic_write_json, atomic_write_text  # noqa: E402
 from aloe.attacks.common import Budget, Target  # noqa: E402
-from aloe.attacks.key_regression import FITS as FIT_NAMES  # noqa: E402
-from aloe.attacks.key_regression import regress  # noqa: E402
+from aloe.attacks.key_regression import FITS, regress  # noqa: E402
 from aloe.attacks.scoring import IdGuess, score_ids  # noqa: E402
 from aloe.attacks.suite import texts_for  # noqa: E402
 from aloe.obfuscation.secret import load_secret  # noqa: E402
@@ -88,9 +87,9 @@ def scale_noise(plain_rows: torch.Tensor, obf_rows: torch.Tensor, scale: float) 
     return (fit + scale * (Y - fit)).float()
 
 
-FITS = {"all": "trimmed + untrimmed + inverse", "both": "trimmed + inverse", "trimmed": "trimmed",
-        "untrimmed": "untrimmed"}
-READINGS = {"all": FIT_NAMES, "both": ("trimmed", "inverse"), "trimmed": ("trimmed",), "untrimmed": ("untrimmed",)}
+FIT_LABELS = {"all": "trimmed + untrimmed + inverse", "both": "trimmed + inverse", "trimmed": "trimmed",
+              "untrimmed": "untrimmed"}
+READINGS = {"all": FITS, "both": ("trimmed", "inverse"), "trimmed": ("trimmed",), "untrimmed": ("untrimmed",)}
 
 
 def measure(t: Target, tau: np.ndarray, prompts: list, scale: float, share: float, rounds: int,
@@ -142,7 +141,7 @@ def write_report(state: dict) -> None:
                     key=lambda e: (e["profile"], e.get("fits", "trimmed"), e["scale"], -e["start"])):
         sig = " / ".join(f"{s:.3f}" for s in e["sigma_per_round"][-1])
         kept = " → ".join(e.get("fit_per_round", [])) or "–"
-        fit = FITS[e.get("fits", "trimmed")]
+        fit = FIT_LABELS[e.get("fits", "trimmed")]
         rows.append(f"| `{e['profile']}` | {fit} | {e['scale']:g} | {pct(e['start_read'])} | "
                     f"{' → '.join(pct(r) for r in e['read_per_round'])} ({e['rounds_max']}) | {kept} | "
                     f"**{pct(e['token_recovery'])}** "
@@ -188,7 +187,7 @@ def write_plot(state: dict) -> None:
         ys = [100 * e["start_read"], *(100 * r for r in e["read_per_round"])]
         fits = e.get("fits", "trimmed")
         line, = ax.plot(range(len(ys)), ys, marker="o", ls="--" if fits == "trimmed" else "-",
-                        label=f"start {100 * e['start_read']:.1f}%, {FITS[fits]}")
+                        label=f"start {100 * e['start_read']:.1f}%, {FIT_LABELS[fits]}")
         answer = e.get("best_round", len(e["read_per_round"]) - 1) + 1      # the round the attack returns
         ax.plot([answer], [100 * e["token_recovery"]], marker="*", ms=14, color=line.get_color(), ls="none")
     ax.set_xlabel("round (0: the start)")
@@ -197,14 +196,14 @@ def write_plot(state: dict) -> None:
     ax.set_ylabel("% of the vocabulary read")
     ax = axes[1]
     right = [e for e in pts if e["start"] == 1]
-    for fits in FITS:
+    for fits in FIT_LABELS:
         line = sorted((e for e in right if e.get("fits", "trimmed") == fits), key=lambda e: e["scale"])
         if line:
             hollow = fits == "all"                       # drawn over the right key's point it matches
             ax.plot([e["scale"] for e in line], [100 * e["token_recovery"] for e in line],
                     marker="s" if hollow else "o", ms=11 if hollow else 6, mfc="none" if hollow else None,
                     ls="--" if fits == "trimmed" else "-",
-                    label=FITS[fits] + (" (the right key)" if fits == "untrimmed" else ""))
+                    label=FIT_LABELS[fits] + (" (the right key)" if fits == "untrimmed" else ""))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("noise (x the paper's), started from the right reading")
     ax.set_title("more noise: the read returned", fontsize=9)
@@ -220,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="paper", help="a profile of benchmarks/privacy.py (its cached artifact)")
     ap.add_argument("--points", nargs="+", default=DEFAULT_POINTS, metavar="SCALE:START")
     ap.add_argument("--rounds", type=int, default=6, help="at most this many rounds of fit and read")
-    ap.add_argument("--fits", choices=sorted(FITS), default="all",
+    ap.add_argument("--fits", choices=sorted(FIT_LABELS), default="all",
                     help="all: the attack's rounds (the trimmed, untrimmed and inverse fits' readings); both: trimmed "
                          "and inverse, the attack before the untrimmed reading; trimmed: the trimmed fit alone, the "
                          "attack before the inverse fit; untrimmed: plain least squares alone (from the right reading: "

@@ -57,8 +57,8 @@ def test_least_squares_on_the_right_pairs_fits_the_scaled_tables_own_key():
 
 def test_each_fits_choice_names_readings_the_attack_makes():
     from aloe.attacks.key_regression import FITS as names
-    from keyreg_limits import FITS, READINGS
+    from keyreg_limits import FIT_LABELS, READINGS
 
-    assert set(FITS) == set(READINGS)
+    assert set(FIT_LABELS) == set(READINGS)
     assert READINGS["all"] == names
     assert all(r and set(r) <= set(names) for r in READINGS.values())

@@ -258,9 +258,9 @@ def regress(sides: list[tuple[torch.Tensor, torch.Tensor]], start: np.ndarray, p
             fit = max(shares, key=shares.get)
             log["fit_per_round"].append(fit)
             log["distinct_per_round"].append(shares)
+            if shares[fit] > best_share:
+                best, best_share = readings[fit], shares[fit]
         cand = readings[fit]
-        if choose and shares[fit] > best_share:
-            best, best_share = cand, shares[fit]
         kept_share, sigmas = stats.get(fit) or next(iter(stats.values()), ([], []))   # the forward fit's figures
         changed = float((cand[:, 0] != guess).mean())
         log["changed_per_round"].append(changed)
