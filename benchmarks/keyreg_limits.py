@@ -115,7 +115,7 @@ def measure(t: Target, tau: np.ndarray, prompts: list, scale: float, share: floa
         t0 = time.perf_counter()
 
     row_shaped = t.profile.get("noise_shape", "entry") == "row"
-    with tqdm(total=rounds, desc=f"key regression, noise x{scale:g}, start {share:.0%}", unit="round",
+    with tqdm(total=rounds, desc=f"key regression, noise x{scale:g}, start {100 * share:g}%", unit="round",
               disable=not show) as bar:
         cand, log = regress(sides, start, pool, t.budget.topk, row_shaped, rounds, progress=bar, on_round=on_round,
                             fits=READINGS[fits])
