@@ -25,9 +25,9 @@ an invariant that throws most of the row away.
   directions they span) to the centred plain rows, a wrong pair is a random plain row: it adds zero-mean noise whose
   covariance is the table's own, and the fit is ``p x + noise`` for a share p of right pairs. Each row is then read
   by its likelihood under that model in the table's whitened space. With it the attack reads 99.99% of SmolLM2's
-  `paper` tables from a random start right for 1% of the ids, where the trimmed fit alone reads nothing from 10%
-  (``benchmarks/keyreg_limits.py``); from the right reading at sixteen times `paper`'s noise its first choices are
-  the least distinct of the three readings.
+  `paper` tables from a random start right for 1% of the ids (one right for 0.5% settled on a wrong reading), where
+  the trimmed fit alone reads nothing from 10% (``benchmarks/keyreg_limits.py``); from the right reading at sixteen
+  times `paper`'s noise its first choices are the least distinct of the three readings.
 - **Collisions**: of the rows a reading sends to one plain id at most one is right, so in the inverse fit each pair
   weighs 1 / (the rows read as its plain id): a reading that collapsed on a few ids keeps the rows it reads alone
   (the trimmed fit, which trims by residual, takes every pair as it is).
