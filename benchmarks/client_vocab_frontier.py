@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from aloe.assets.cache import atomic_write_json, atomic_write_text  # noqa: E402
+from aloe.attacks import key_regression  # noqa: E402
 from aloe.attacks.common import Budget, Target  # noqa: E402
 from aloe.attacks.decoding import decode_linked  # noqa: E402
 from aloe.attacks.occurrence import attack_keyed, attack_linked, attack_vectors, score_links, score_occurrences  # noqa: E402
@@ -93,29 +94,67 @@ def attacks(model: Path, alpha: float, paths, stream_tokens: int, decode_tokens:
                          threshold=linked["threshold"], calibration_same_pairs_missed=linked["same_pairs_missed"],
                          calibration_other_pairs_linked=linked["other_pairs_linked"])
     if stream_tokens > 0:
-        extra = texts.stream[~np.isin(texts.stream, target.fixed_ids)][:stream_tokens]
-        sent = torch.cat([vectors, client.embed(load_secret(secret).tau[extra])])
-        both = attack_linked(target, sent, alpha, SHAPE)
-        m = len(toks)
-        out["linked_stream"] = dict(score_occurrences(both["candidates"][:m], toks),
-                                    **score_links(both["labels"][:m], toks), stream_tokens=int(len(extra)),
-                                    all_occurrence_recovery=float((both["candidates"][:, 0] ==
-                                                                   np.concatenate([toks, extra])).mean()))
-        # the key fitted on the linked attack's reading of every vector sent, each vector then read alone through
-        # it, and with the occurrences of each linked cluster pooled
-        for fam, labels in (("keyed_stream", None), ("keyed_linked_stream", both["labels"])):
-            kd = attack_keyed(target, sent, both["candidates"][:, 0], SHAPE, labels)
-            out[fam] = dict(score_occurrences(kd.pop("candidates")[:m], toks), stream_tokens=int(len(extra)), **kd)
-        if decode_tokens > 0:
-            n_dec = len(toks) + min(decode_tokens, len(extra))
-            lengths = [int((~np.isin(p, target.fixed_ids)).sum()) for p in texts.prompts]
-            chunks = [min(512, n_dec - s) for s in range(len(toks), n_dec, 512)]
-            with tqdm(desc="decoding", unit="sweep", disable=not show, leave=False) as bar:
-                dec = decode_linked(model, lengths + chunks, both["labels"][:n_dec], both["cluster_candidates"], bar)
-            out["decoded_stream"] = dict(score_occurrences(dec.pop("candidates")[:len(toks)], toks),
-                                         decoded_tokens=int(n_dec - len(toks)), **dec)
+        out.update(stream_attacks(model, target, texts, toks, vectors, client, secret, alpha, stream_tokens,
+                                  decode_tokens, show))
     out["seconds"] = time.perf_counter() - t1
     out["texts"] = texts.source
+    return out
+
+
+def more_traffic(model: Path, alpha: float, paths, stream_tokens: int, show: bool) -> dict:
+    """The stream-level attacks alone (no decoding) on a fresh draw of the vectors, the prompts sent among
+    ``stream_tokens`` tokens of other traffic: how the figures grow with what the server sees."""
+    _, secret, server, client_file = paths
+    t1 = time.perf_counter()
+    target = Target(model, server, Budget())
+    texts = texts_for(target)
+    toks = np.concatenate(texts.prompts)
+    toks = toks[~np.isin(toks, target.fixed_ids)]
+    client = ClientVocabulary(client_file, occurrence_noise=alpha)
+    vectors = client.embed(load_secret(secret).tau[toks])
+    out = stream_attacks(model, target, texts, toks, vectors, client, secret, alpha, stream_tokens, 0, show)
+    out["seconds"] = time.perf_counter() - t1
+    return out
+
+
+def stream_attacks(model: Path, target: Target, texts, toks: np.ndarray, vectors: torch.Tensor,
+                   client: ClientVocabulary, secret: Path, alpha: float, stream_tokens: int, decode_tokens: int,
+                   show: bool) -> dict:
+    """The stream-level attacker over the prompts' ``vectors`` sent among ``stream_tokens`` tokens of other traffic
+    (each with its own fresh noise): the linked attack, the key fitted on its reading (each vector alone, and each
+    linked cluster pooled), the read through the right key (with the secret, for measurement) and, with
+    ``decode_tokens``, the linked clusters decoded with the language prior. Scored on the prompt occurrences."""
+    out: dict = {}
+    extra = texts.stream[~np.isin(texts.stream, target.fixed_ids)][:stream_tokens]
+    sent = torch.cat([vectors, client.embed(load_secret(secret).tau[extra])])
+    both = attack_linked(target, sent, alpha, SHAPE)
+    m = len(toks)
+    out["linked_stream"] = dict(score_occurrences(both["candidates"][:m], toks),
+                                **score_links(both["labels"][:m], toks), stream_tokens=int(len(extra)),
+                                all_occurrence_recovery=float((both["candidates"][:, 0] ==
+                                                               np.concatenate([toks, extra])).mean()))
+    # the key fitted on the linked attack's reading of every vector sent, each vector then read alone through
+    # it, and with the occurrences of each linked cluster pooled
+    for fam, labels in (("keyed_stream", None), ("keyed_linked_stream", both["labels"])):
+        kd = attack_keyed(target, sent, both["candidates"][:, 0], SHAPE, labels)
+        out[fam] = dict(score_occurrences(kd.pop("candidates")[:m], toks), stream_tokens=int(len(extra)), **kd)
+    # for measurement, with the secret: the key fitted by plain least squares on the right token of every vector
+    # sent, each vector read alone through it: what the noise itself leaves to a server that has the key
+    truth = np.concatenate([toks, extra])
+    rk, rk_log = key_regression.regress([(sent.double(), target.plain_embed)], truth, target.movable_ids,
+                                        target.budget.topk, SHAPE == "row", 1, fits=("untrimmed",))
+    out["right_key_stream"] = dict(score_occurrences(rk[:m], toks), stream_tokens=int(len(extra)),
+                                   all_occurrence_recovery=float((rk[:, 0] == truth).mean()),
+                                   sigma=rk_log["sigma_per_round"][0][0])
+    out["linked_stream"]["all_distinct_right"] = int(len(np.unique(truth[both["candidates"][:, 0] == truth])))
+    if decode_tokens > 0:
+        n_dec = len(toks) + min(decode_tokens, len(extra))
+        lengths = [int((~np.isin(p, target.fixed_ids)).sum()) for p in texts.prompts]
+        chunks = [min(512, n_dec - s) for s in range(len(toks), n_dec, 512)]
+        with tqdm(desc="decoding", unit="sweep", disable=not show, leave=False) as bar:
+            dec = decode_linked(model, lengths + chunks, both["labels"][:n_dec], both["cluster_candidates"], bar)
+        out["decoded_stream"] = dict(score_occurrences(dec.pop("candidates")[:len(toks)], toks),
+                                     decoded_tokens=int(n_dec - len(toks)), **dec)
     return out
 
 
@@ -127,8 +166,9 @@ def write_report(state: dict) -> None:
     rows = ["| occurrence noise alpha | ppl ratio | top-1 agree | greedy agree (prompts exact) | IA | states | "
             "IA + states | linked: prompts (pairs linked: recall / precision) | linked: among other traffic | "
             "linked among other traffic, decoded with the language prior (top-10 of the linked attack) | "
-            "key regression among other traffic: each vector / linked clusters pooled | goal met |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "key regression among other traffic: each vector / linked clusters pooled | "
+            "through the right key, with the secret (not an attack) | goal met |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(state["points"], key=float):
         e = state["points"][key]
         f, a = e["fidelity"], e["attacks"]
@@ -150,7 +190,19 @@ def write_report(state: dict) -> None:
                     + (f" | {pct(a['keyed_stream']['occurrence_recovery'])} / "
                        f"{pct(a['keyed_linked_stream']['occurrence_recovery'])}"
                        if "keyed_linked_stream" in a else " | –")
+                    + (f" | {pct(a['right_key_stream']['occurrence_recovery'])}" if "right_key_stream" in a else " | –")
                     + f" | {'yes' if met else 'no'} |")
+    more = ["| occurrence noise alpha | other traffic (tokens) | linked | key regression: each vector / linked "
+            "clusters pooled (fit) | through the right key, with the secret (not an attack) | seconds |",
+            "|---|---|---|---|---|---|"]
+    for key in sorted(state["points"], key=float):
+        e = state["points"][key]
+        for n, a in sorted(e.get("more_traffic", {}).items(), key=lambda kv: int(kv[0])):
+            more.append(f"| {e['alpha']} | {int(n):,} | {pct(a['linked_stream']['occurrence_recovery'])} | "
+                        f"{pct(a['keyed_stream']['occurrence_recovery'])} / "
+                        f"{pct(a['keyed_linked_stream']['occurrence_recovery'])} "
+                        f"({a['keyed_stream'].get('fit', 'trimmed')}) | "
+                        f"{pct(a['right_key_stream']['occurrence_recovery'])} | {a['seconds']:.0f} |")
     md = ["# Client-held vocabulary with fresh per-occurrence noise (SmolLM2-135M-Instruct)", "",
           "Produced by " + ", then ".join(f"`python benchmarks/client_vocab_frontier.py {' '.join(c)}`"
                                          for c in state.get("commands", [])) + ".", "",
@@ -170,8 +222,16 @@ def write_report(state: dict) -> None:
           "of every vector sent (prompts and other traffic), each vector mapped back through it and read by its "
           "likelihood under the noise against every plain token, refitted on that reading (at most 3 rounds; "
           "`aloe.attacks.occurrence.attack_keyed`); alone, and with the occurrences of each linked cluster pooled. "
+          "Through the right key: a measurement with the secret, not an attack (it is not counted in the goal): the "
+          "key fitted by plain least squares on the right token of every vector sent, each vector read alone "
+          "through it, what the noise itself leaves once a server has the key. "
           "Every family of a row is measured on one draw of the vectors. Goal: ppl ratio "
           "<= 1.10, greedy >= 0.80, every attack <= 5%.", "", *rows, ""]
+    if len(more) > 2:
+        md += ["## More traffic", "",
+               "The stream-level attacks again (`--more-traffic N`), on a fresh draw of the vectors, the prompts sent "
+               "among N tokens of other traffic (the Lee background text), no decoding; scored on the prompt "
+               "occurrences. The fit is the key regression's, picked by the public profile.", "", *more, ""]
     atomic_write_text(RESULTS / "client_vocab_frontier.md", "\n".join(md))
 
 
@@ -190,6 +250,11 @@ def write_plot(state: dict) -> None:
                 label={"linked": "linked (cluster means)", "linked_stream": "linked among other traffic",
                        "decoded_stream": "linked + language prior", "keyed_stream": "key regression",
                        "keyed_linked_stream": "key regression, clusters pooled"}.get(fam, fam))
+    have = [e for e in pts if "right_key_stream" in e["attacks"]]
+    if have:
+        ax.plot([100 * e["attacks"]["right_key_stream"]["occurrence_recovery"] for e in have],
+                [e["fidelity"]["ppl_ratio"] for e in have], ls="--", color="black", marker=".",
+                label="through the right key (secret; not an attack)")
     for e in pts:
         ax.annotate(f"alpha {e['alpha']}", (100 * e["attacks"]["combined"]["occurrence_recovery"],
                                             e["fidelity"]["ppl_ratio"]), fontsize=7, xytext=(3, 3),
@@ -216,13 +281,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-tokens", type=int, default=2000,
                     help="tokens of the other traffic decoded with the prompts by the language-prior decoder "
                          "(0: no decoding)")
+    ap.add_argument("--rerun", action="store_true",
+                    help="redo the attacks of the listed alphas (their fidelity is kept)")
+    ap.add_argument("--more-traffic", type=int, default=0, metavar="N",
+                    help="only the stream-level attacks, no decoding, of the listed (measured) alphas, the prompts "
+                         "among N tokens of other traffic; stored beside the point's figures")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if any(not a >= 0 for a in args.alphas):
         ap.error("every alpha must be >= 0")
-    if args.stream_tokens < 0 or args.decode_tokens < 0:
-        ap.error("--stream-tokens and --decode-tokens must be >= 0")
+    if args.stream_tokens < 0 or args.decode_tokens < 0 or args.more_traffic < 0:
+        ap.error("--stream-tokens, --decode-tokens and --more-traffic must be >= 0")
     torch.set_num_threads(max(1, args.threads))
     from aloe.obfuscation.commands import resolve_model
 
@@ -238,8 +308,16 @@ def main(argv: list[str] | None = None) -> int:
     for alpha in tqdm(args.alphas, desc="occurrence noise", disable=not show):
         key = repr(float(alpha))
         e = state["points"].get(key)
+        if args.more_traffic:
+            if e is None:
+                ap.error(f"alpha {alpha} is not measured yet: run it without --more-traffic first")
+            e.setdefault("more_traffic", {})[str(args.more_traffic)] = more_traffic(model, alpha, paths,
+                                                                                    args.more_traffic, show)
+            atomic_write_json(PATH, state)
+            write_report(state)
+            continue
         need = "keyed_stream" if args.stream_tokens > 0 else "linked"
-        if e is not None and need in e["attacks"] and (
+        if not args.rerun and e is not None and need in e["attacks"] and (
                 need == "linked" or e["attacks"][need]["stream_tokens"] >= args.stream_tokens) and (
                 need == "linked" or args.decode_tokens == 0 or "decoded_stream" in e["attacks"]):
             continue

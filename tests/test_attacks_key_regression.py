@@ -306,8 +306,11 @@ def test_client_held_vectors_are_read_through_the_key_fitted_on_a_partial_readin
     assert alone["candidates"].shape == (600, 5) and (alone["candidates"][:, 0] == truth).mean() >= 0.85
     pooled = attack_keyed(t, sent, start, labels=np.unique(truth, return_inverse=True)[1])
     assert (pooled["candidates"][:, 0] == truth).mean() >= max(0.97, (alone["candidates"][:, 0] == truth).mean())
+    assert alone["fit"] == "trimmed"            # the paper's keys are no isometry
     with pytest.raises(AloeError, match="noise shape"):
         attack_keyed(t, sent, start, shape="column")
+    with pytest.raises(AloeError, match="unknown key fit"):
+        attack_keyed(t, sent, start, fit="procrustes")
     with pytest.raises(AloeError, match="cannot fix a key"):
         attack_keyed(t, sent[:20], start[:20])
 
@@ -317,3 +320,71 @@ def test_the_mask_returned_is_the_one_the_key_was_fitted_on():
     T, K, Y = table_and_key(n=30, alpha=0.0)
     K_hat, kept = kr.fit_key(T, Y)
     assert bool(kept.all()) and float((K_hat - K).norm() / K.norm()) < 1e-6
+
+
+def isometric_stream(n=2000, d=24, dp=40, m=3000, alpha=1.0, seed=0):
+    """A plain table, a scaled isometry P (d x dp, P P^T = c^2 I, the exact-norm design's writer key) and a stream
+    of m occurrences with Zipf-like token frequencies, each sent as its row through P plus fresh row-shaped noise of
+    level alpha in the dp coordinates."""
+    g = torch.Generator().manual_seed(seed)
+    T = torch.randn(n, d, generator=g, dtype=torch.float64) * (0.5 + torch.rand(n, 1, generator=g,
+                                                                                 dtype=torch.float64))
+    Qr, _ = torch.linalg.qr(torch.randn(dp, d, generator=g, dtype=torch.float64))
+    P = 1.7 * Qr.T
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, n + 1)
+    toks = rng.choice(n, m, p=p / p.sum())
+    Y = T[torch.as_tensor(toks)] @ P
+    Y = Y + torch.randn(Y.shape, generator=g, dtype=torch.float64) * alpha * Y.norm(dim=1, keepdim=True) / dp ** 0.5
+    return T, P, toks, Y
+
+
+def test_isometry_fit_recovers_the_key_on_the_span_of_few_distinct_rows():
+    """Ten distinct plain rows (in 24 dimensions) fix the scaled isometry on their span and nowhere else; with a
+    third of the pairs wrong, trimming drops them."""
+    T, P, _, _ = isometric_stream()
+    rows = torch.as_tensor(np.repeat(np.arange(10), 5))
+    Q, A, c, kept = kr.fit_isometry(T[rows], T[rows] @ P, trim_rounds=0)
+    assert Q.shape == (10, 24) and abs(c - 1.7) < 1e-9 and bool(kept.all())
+    assert torch.allclose(A @ A.T, c ** 2 * torch.eye(10, dtype=A.dtype), atol=1e-9)
+    x = torch.randn(3, 10, dtype=torch.float64) @ T[:10]                 # in the span: mapped as P maps it
+    assert torch.allclose(x @ Q.T @ A, x @ P, atol=1e-8)
+    rng = np.random.default_rng(1)
+    truth = rng.integers(0, len(T), 600)
+    guess = np.where(rng.random(600) < 0.67, truth, rng.integers(0, len(T), 600))
+    Q, A, c, kept = kr.fit_isometry(T[torch.as_tensor(guess)], T[torch.as_tensor(truth)] @ P)
+    right = torch.as_tensor(guess == truth)
+    assert bool(kept[~right].logical_not().all()) and float((Q.T @ A - P).norm() / P.norm()) < 1e-8
+    with pytest.raises(AloeError, match="share of pairs kept"):
+        kr.fit_isometry(T[:30], T[:30] @ P, keep=0.0)
+
+
+def test_isometry_rounds_read_a_stream_whose_start_is_right_for_its_frequent_tokens_only():
+    """The stream's start is right only for the occurrences of its 6 most frequent tokens (6 directions of 24, 30% of
+    the occurrences), random elsewhere: least squares, trimmed or not, fixes no key on so few directions, while the
+    isometry fit reads on their span, trusts what it reads with a margin and grows the span to the whole space."""
+    T, P, toks, Y = isometric_stream(alpha=0.5)
+    top = np.argsort(-np.bincount(toks, minlength=len(T)))[:6]
+    rng = np.random.default_rng(2)
+    start = np.where(np.isin(toks, top), toks, rng.integers(0, len(T), len(toks)))
+    assert 0.25 <= (start == toks).mean() <= 0.35
+    pool = np.arange(len(T))
+    iso, log = kr.regress_isometry(Y, T, start, pool, 5, True, 12)
+    assert (iso[:, 0] == toks).mean() >= 0.97 and log["span_per_round"][-1] == 24
+    assert log["trusted_per_round"][-1] >= 0.9 and log["rounds"] == len(log["changed_per_round"])
+    for fit in ("trimmed", "untrimmed"):
+        ls, _ = kr.regress([(Y, T)], start, pool, 5, True, 12, fits=(fit,))
+        assert (ls[:, 0] == toks).mean() <= 0.5
+    with pytest.raises(AloeError, match="one plain id per obfuscated row"):
+        kr.regress_isometry(Y, T, start[:10], pool, 5, True, 3)
+
+
+def test_the_profile_picks_the_isometry_fit_for_unsheared_exact_norm_keys():
+    from dataclasses import asdict
+    from types import SimpleNamespace
+
+    from aloe.attacks.occurrence import keyed_fit
+
+    assert keyed_fit(SimpleNamespace(profile=asdict(PROFILES["balanced"]))) == "isometry"
+    assert keyed_fit(SimpleNamespace(profile={"keys": "exact-norm", "embed_shear": 1.0})) == "trimmed"
+    assert keyed_fit(SimpleNamespace(profile={"keys": "paper"})) == "trimmed"

@@ -57,6 +57,7 @@ from aloe.attacks.scoring import IdGuess
 
 TRIM_ROUNDS = 3
 TRIM_KEEP = 0.5
+TRUST_NATS = 5.0    # the isometry fit's rounds trust a row whose first choice beats its second by this many nats
 CHUNK = 512
 FITS = ("trimmed", "untrimmed", "inverse")  # the readings a round can make: see regress
 STARTS = ("learned", "vma", "ia", "nn", "anchored", "behavioural")  # per-id attacks over the tables' rows
@@ -203,6 +204,124 @@ def inverse_read(sides: list[InverseSide], guess: np.ndarray, pool: np.ndarray, 
         score = sum(x[s:s + CHUNK] @ TW.T + bias[None] for x, TW, bias in parts)
         out.append(pool_t[score.topk(k, dim=1).indices])
     return torch.cat(out).numpy()
+
+
+def fit_isometry(plain_rows: torch.Tensor, obf_rows: torch.Tensor, trim_rounds: int = TRIM_ROUNDS,
+                 keep: float = TRIM_KEEP, tol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
+    """The key as the exact-norm design writes it, a scaled isometry (``P P^T = c^2 I``), fitted on the span of the
+    plain rows: ``Q`` (r x d), an orthonormal basis of the span of the pairs kept, and ``A`` (r x d') with
+    ``A A^T = c^2 I`` minimising ``||X Q^T A - Y||`` (scaled orthogonal Procrustes: ``A = c U V^T`` from the SVD of
+    ``(X Q^T)^T Y``). Trimmed as :func:`fit_key`: each trim keeps the share ``keep`` of the pairs with the smallest
+    residual relative to the obfuscated row's norm (a pair whose plain row leaves the span counts that part as
+    residual). Returns Q, A, c and the mask of the pairs the last fit used."""
+    X, Y = plain_rows.double(), obf_rows.double()
+    if X.shape[0] != Y.shape[0]:
+        raise AloeError(f"{X.shape[0]} plain rows against {Y.shape[0]} obfuscated rows")
+    if X.shape[0] < 2:
+        raise AloeError(f"{X.shape[0]} pairs cannot fix a key")
+    if not 0 < keep <= 1:
+        raise AloeError(f"the share of pairs kept must be in (0, 1], not {keep}")
+
+    def procrustes(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        Xk = X[idx]
+        _, sv, vh = torch.linalg.svd(Xk, full_matrices=False)
+        Q = vh[: int((sv > tol * sv[0]).sum())]
+        Xs = Xk @ Q.T
+        U, S, Vh = torch.linalg.svd(Xs.T @ Y[idx], full_matrices=False)
+        c = float(S.sum() / (Xs * Xs).sum().clamp_min(1e-30))
+        return Q, c * U @ Vh, c
+
+    kept = torch.ones(X.shape[0], dtype=torch.bool)
+    Q, A, c = procrustes(kept)
+    for _ in range(trim_rounds):
+        rel = ((X @ Q.T @ A - Y) ** 2).sum(1) / (Y * Y).sum(1).clamp_min(1e-30)
+        trimmed = rel <= rel.quantile(keep)
+        if int(trimmed.sum()) < 2:
+            break
+        kept = trimmed
+        Q, A, c = procrustes(kept)
+    return Q, A, c, kept
+
+
+def isometry_read(z: torch.Tensor, Q: torch.Tensor, table: torch.Tensor, pool: np.ndarray, sigma2: float, k: int,
+                  row_shaped: bool, groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` plain ids of ``pool`` for each row's coordinates ``z`` (m, r) on the span ``Q`` (r x d), by the
+    Gaussian log-likelihood of ``z`` around every plain row's coordinates (noise of variance sigma^2 w_j^2 in each of
+    the r coordinates, w_j the full row's norm for ``row`` noise); and the margin of the first choice over the
+    second, in nats. With ``groups`` the rows of a group add their scores, as in :func:`read`."""
+    k = min(max(k, 2), len(pool))
+    pool_t = torch.as_tensor(pool)
+    T = table[pool_t].double()
+    Tq = (T @ Q.T).float()
+    w2 = (_weights(T, row_shaped) ** 2).float()
+    r = Q.shape[0]
+    zf = z.float()
+    bias = (-(Tq * Tq).sum(1) / (2 * sigma2 * w2) - 0.5 * r * torch.log(w2))[None]
+
+    def score(s: int) -> torch.Tensor:
+        x = zf[s:s + CHUNK]
+        return (x @ Tq.T) / (sigma2 * w2[None]) - (x * x).sum(1, keepdim=True) / (2 * sigma2 * w2[None]) + bias
+
+    m = z.shape[0]
+    if groups is None:
+        tops = [score(s).topk(k, dim=1) for s in range(0, m, CHUNK)]
+        values = torch.cat([t.values for t in tops]) if tops else torch.zeros(0, k)
+        idx = torch.cat([t.indices for t in tops]) if tops else torch.zeros(0, k, dtype=torch.long)
+        return pool_t[idx].numpy(), (values[:, 0] - values[:, 1]).numpy()
+    groups = np.asarray(groups)
+    total = torch.zeros(int(groups.max()) + 1 if m else 0, len(pool))
+    for s in range(0, m, CHUNK):
+        total.index_add_(0, torch.as_tensor(groups[s:s + CHUNK]), score(s))
+    top = total.topk(k, dim=1)
+    return pool_t[top.indices].numpy()[groups], (top.values[:, 0] - top.values[:, 1]).numpy()[groups]
+
+
+def regress_isometry(Y: torch.Tensor, table: torch.Tensor, start: np.ndarray, pool: np.ndarray, k: int,
+                     row_shaped: bool, rounds: int, groups: np.ndarray | None = None, progress=None,
+                     trust_nats: float = TRUST_NATS) -> tuple[np.ndarray, dict]:
+    """The rounds of fit and read for a key the public design makes a scaled isometry (the exact-norm keys without
+    a shear). Each round fits the key on the pairs it trusts (:func:`fit_isometry`, trimmed), only on the span of
+    their plain rows, reads every row there (:func:`isometry_read`: the directions no trusted pair reaches add no
+    noise to the read), and trusts next the rows whose first choice beats the second by ``trust_nats`` or more; the
+    first round trusts every pair of ``start``. A reading right for few distinct tokens (a stream repeats its
+    frequent ones) fixes the key on few directions only; the span grows as the read finds more of them. Returns the
+    last round's candidates (m, k) and what each round did."""
+    if rounds < 1:
+        raise AloeError(f"key regression needs at least 1 round, not {rounds}")
+    guess = np.asarray(start, dtype=np.int64)
+    if guess.shape != (Y.shape[0],):
+        raise AloeError("the start must give one plain id per obfuscated row")
+    Y = Y.double()
+    trust = np.ones(len(guess), dtype=bool)
+    log: dict = {"changed_per_round": [], "kept_per_round": [], "sigma_per_round": [], "trusted_per_round": [],
+                 "span_per_round": []}
+    cand = guess[:, None]
+    for _ in range(rounds):
+        idx = np.flatnonzero(trust)
+        if len(idx) < 2:
+            break
+        X = table[torch.as_tensor(guess[idx])].double()
+        Q, A, c, kept = fit_isometry(X, Y[idx])
+        z = Y @ A.T / c ** 2
+        ki = idx[kept.numpy()]
+        Xk = table[torch.as_tensor(guess[ki])].double()
+        res = ((z[torch.as_tensor(ki)] - Xk @ Q.T) ** 2).sum(1) / _weights(Xk, row_shaped) ** 2
+        s2 = max(float(res.median()) / Q.shape[0], 1e-30)
+        cand, margin = isometry_read(z, Q, table, pool, s2, k, row_shaped, groups)
+        changed = float((cand[:, 0] != guess).mean())
+        log["changed_per_round"].append(changed)
+        log["kept_per_round"].append([float(kept.double().mean())])
+        log["sigma_per_round"].append([float(np.sqrt(s2))])
+        log["span_per_round"].append(int(Q.shape[0]))
+        guess = cand[:, 0]
+        trust = margin >= trust_nats
+        log["trusted_per_round"].append(float(trust.mean()))
+        if progress is not None:
+            progress.update(1)
+        if changed == 0:
+            break
+    log["rounds"] = len(log["changed_per_round"])
+    return cand, log
 
 
 def distinct_share(first: np.ndarray) -> float:

@@ -163,21 +163,49 @@ def attack_linked(t: Target, vectors: torch.Tensor, alpha: float, shape: str = "
     return {"candidates": cand[labels], "cluster_candidates": cand, "labels": labels, "clusters": n, **cal}
 
 
+KEYED_FITS = ("trimmed", "isometry")
+KEYED_ROUNDS = {"trimmed": 3, "isometry": 12}
+
+
+def keyed_fit(t: Target) -> str:
+    """The fit the public profile calls for: the exact-norm keys without a shear make the writer key a scaled
+    isometry (``P P^T = c^2 I``), which :func:`aloe.attacks.key_regression.regress_isometry` fits with far fewer
+    right pairs; any other key is fitted by trimmed least squares."""
+    prof = t.profile
+    return "isometry" if prof.get("keys") == "exact-norm" and not prof.get("embed_shear") else "trimmed"
+
+
 def attack_keyed(t: Target, vectors: torch.Tensor, start: np.ndarray, shape: str = "row",
-                 labels: np.ndarray | None = None, rounds: int = 3, progress=None) -> dict:
+                 labels: np.ndarray | None = None, rounds: int | None = None, progress=None,
+                 fit: str | None = None) -> dict:
     """Key regression on the received vectors (:mod:`aloe.attacks.key_regression`): the writer key fitted on the
     reading ``start`` (m,) (the linked attack's first choices), every vector mapped back into the plain space, where
     it is the plain row plus the client's fresh noise, and read by its likelihood under that noise against every
-    plain token; refitted on that reading, ``rounds`` times at most. With ``labels`` (m,) (the linked attack's
-    clusters) the occurrences of a cluster add their evidence. ``shape`` is the deployment's public noise shape;
-    the level is estimated from the fit's residuals. Returns the candidates (m, topk) and what each round did."""
+    plain token; refitted on that reading, ``rounds`` times at most (:data:`KEYED_ROUNDS` by default; it stops
+    when no first choice changes). With ``labels`` (m,) (the linked attack's clusters) the occurrences of a cluster
+    add their evidence. ``shape`` is the deployment's public noise shape; the level is estimated from the fit's
+    residuals. ``fit``: ``trimmed`` (least squares, trimmed) or ``isometry`` (the key as a scaled isometry on the
+    span of the pairs it trusts); by default the one the public profile calls for (:func:`keyed_fit`). Returns the
+    candidates (m, topk) and what each round did."""
     from aloe.attacks import key_regression
 
     if shape not in NOISE_SHAPES:
         raise AloeError(f"unknown noise shape {shape!r}; choose one of {', '.join(NOISE_SHAPES)}")
-    cand, log = key_regression.regress([(vectors.double(), t.plain_embed)], np.asarray(start), t.movable_ids,
-                                       t.budget.topk, shape == "row", rounds, labels, progress)
-    return {"candidates": cand, **log}
+    fit = keyed_fit(t) if fit is None else fit
+    if fit not in KEYED_FITS:
+        raise AloeError(f"unknown key fit {fit!r}; choose one of {', '.join(KEYED_FITS)}")
+    rounds = KEYED_ROUNDS[fit] if rounds is None else rounds
+    if fit == "isometry":
+        if vectors.shape[0] < t.plain_embed.shape[1]:
+            raise AloeError(f"{vectors.shape[0]} vectors cannot fix a key of {t.plain_embed.shape[1]} input "
+                            "dimensions")
+        cand, log = key_regression.regress_isometry(vectors.double(), t.plain_embed, np.asarray(start),
+                                                    t.movable_ids, t.budget.topk, shape == "row", rounds, labels,
+                                                    progress)
+    else:
+        cand, log = key_regression.regress([(vectors.double(), t.plain_embed)], np.asarray(start), t.movable_ids,
+                                           t.budget.topk, shape == "row", rounds, labels, progress)
+    return {"candidates": cand, "fit": fit, **log}
 
 
 def score_links(labels: np.ndarray, truth: np.ndarray) -> dict:
