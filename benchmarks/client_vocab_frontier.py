@@ -158,6 +158,13 @@ def stream_attacks(model: Path, target: Target, texts, toks: np.ndarray, vectors
     return out
 
 
+def fit_label(keyed: dict) -> str:
+    """The key regression's fit and its round cap (entries before the cap was recorded ran with 3 for the trimmed
+    fit and 12 for the isometry fit)."""
+    fit = keyed.get("fit", "trimmed")
+    return f"{fit}, <= {keyed.get('max_rounds', 3 if fit == 'trimmed' else 12)} rounds"
+
+
 def pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
@@ -166,7 +173,7 @@ def write_report(state: dict) -> None:
     rows = ["| occurrence noise alpha | ppl ratio | top-1 agree | greedy agree (prompts exact) | IA | states | "
             "IA + states | linked: prompts (pairs linked: recall / precision) | linked: among other traffic | "
             "linked among other traffic, decoded with the language prior (top-10 of the linked attack) | "
-            "key regression among other traffic: each vector / linked clusters pooled | "
+            "key regression among other traffic: each vector / linked clusters pooled (fit) | "
             "through the right key, with the secret (not an attack) | goal met |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(state["points"], key=float):
@@ -188,7 +195,8 @@ def write_report(state: dict) -> None:
                        f"{pct(a['linked_stream']['occurrence_recovery_top10'])})"
                        if "decoded_stream" in a else " | –")
                     + (f" | {pct(a['keyed_stream']['occurrence_recovery'])} / "
-                       f"{pct(a['keyed_linked_stream']['occurrence_recovery'])}"
+                       f"{pct(a['keyed_linked_stream']['occurrence_recovery'])} "
+                       f"({fit_label(a['keyed_stream'])})"
                        if "keyed_linked_stream" in a else " | –")
                     + (f" | {pct(a['right_key_stream']['occurrence_recovery'])}" if "right_key_stream" in a else " | –")
                     + f" | {'yes' if met else 'no'} |")
@@ -201,7 +209,7 @@ def write_report(state: dict) -> None:
             more.append(f"| {e['alpha']} | {int(n):,} | {pct(a['linked_stream']['occurrence_recovery'])} | "
                         f"{pct(a['keyed_stream']['occurrence_recovery'])} / "
                         f"{pct(a['keyed_linked_stream']['occurrence_recovery'])} "
-                        f"({a['keyed_stream'].get('fit', 'trimmed')}) | "
+                        f"({fit_label(a['keyed_stream'])}) | "
                         f"{pct(a['right_key_stream']['occurrence_recovery'])} | {a['seconds']:.0f} |")
     md = ["# Client-held vocabulary with fresh per-occurrence noise (SmolLM2-135M-Instruct)", "",
           "Produced by " + ", then ".join(f"`python benchmarks/client_vocab_frontier.py {' '.join(c)}`"
@@ -222,6 +230,9 @@ def write_report(state: dict) -> None:
           "of every vector sent (prompts and other traffic), each vector mapped back through it and read by its "
           "likelihood under the noise against every plain token, refitted on that reading (at most 3 rounds; "
           "`aloe.attacks.occurrence.attack_keyed`); alone, and with the occurrences of each linked cluster pooled. "
+          "Fit `isometry`: the key fitted as the scaled isometry the exact-norm keys are, on the span of the pairs "
+          "it trusts, which grows each round (`aloe.attacks.key_regression.regress_isometry`; it stops once at "
+          "most 0.1% of the first choices change); the rows marked `trimmed` ran before it. "
           "Through the right key: a measurement with the secret, not an attack (it is not counted in the goal): the "
           "key fitted by plain least squares on the right token of every vector sent, each vector read alone "
           "through it, what the noise itself leaves once a server has the key. "
@@ -286,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--more-traffic", type=int, default=0, metavar="N",
                     help="only the stream-level attacks, no decoding, of the listed (measured) alphas, the prompts "
                          "among N tokens of other traffic; stored beside the point's figures")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the report and plot from the JSON")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -293,6 +305,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("every alpha must be >= 0")
     if args.stream_tokens < 0 or args.decode_tokens < 0 or args.more_traffic < 0:
         ap.error("--stream-tokens, --decode-tokens and --more-traffic must be >= 0")
+    if args.report_only:
+        if not PATH.is_file():
+            ap.error(f"no results yet: {PATH}")
+        state = json.loads(PATH.read_text())
+        write_report(state)
+        write_plot(state)
+        print(json.dumps(state, indent=1) if args.json else (RESULTS / "client_vocab_frontier.md").read_text())
+        return 0
     torch.set_num_threads(max(1, args.threads))
     from aloe.obfuscation.commands import resolve_model
 

@@ -38,10 +38,20 @@ an invariant that throws most of the row away.
 - **Start**: the first choices of another per-id attack of the suite (``Budget.keyreg_start``, one of
   :data:`STARTS`; the learned matcher by default).
 
+- **Isometry fit** (:func:`regress_isometry`, the client-held stream's fit for the exact-norm keys): that design
+  writes every row through a scaled isometry (``P P^T = c^2 I``), a public property of the profile. A stream repeats
+  its frequent tokens, so a first reading right for half the occurrences can be right for a few hundred distinct
+  tokens, fewer than the key's d input directions, and least squares then fixes the rest of the key on wrong pairs.
+  The isometry fit (:func:`fit_isometry`, scaled orthogonal Procrustes, trimmed) keys only the span of the pairs it
+  trusts and reads every vector on that span (:func:`isometry_read`), where no untrusted direction adds noise; the
+  next round trusts the vectors whose first choice beats the second by ``TRUST_NATS`` nats, and the span grows
+  with what it reads.
+
 No secret is used: the start is another attack's reading, the noise's shape and the key's dimensions are public.
 The start matters: fitted on a reading that is right for too few ids, the key is noise and so is the read
 (``benchmarks/keyreg_limits.py`` measures the share it needs). The trimmed fit and its read also serve the
-client-held deployment's received vectors (:func:`aloe.attacks.occurrence.attack_keyed`); the inverse fit is not
+client-held deployment's received vectors (:func:`aloe.attacks.occurrence.attack_keyed`, with the isometry fit
+where the profile's keys are exact-norm and unsheared); the inverse fit is not
 used there, since the occurrences of a stream are not a uniform draw of the vocabulary and its centring needs one,
 and a stream repeats its tokens, so distinct first choices do not rank its readings.
 """
@@ -58,6 +68,7 @@ from aloe.attacks.scoring import IdGuess
 TRIM_ROUNDS = 3
 TRIM_KEEP = 0.5
 TRUST_NATS = 5.0    # the isometry fit's rounds trust a row whose first choice beats its second by this many nats
+SETTLED = 1e-3      # ... and stop once this share of the first choices, or less, changes in a round
 CHUNK = 512
 FITS = ("trimmed", "untrimmed", "inverse")  # the readings a round can make: see regress
 STARTS = ("learned", "vma", "ia", "nn", "anchored", "behavioural")  # per-id attacks over the tables' rows
@@ -278,14 +289,15 @@ def isometry_read(z: torch.Tensor, Q: torch.Tensor, table: torch.Tensor, pool: n
 
 def regress_isometry(Y: torch.Tensor, table: torch.Tensor, start: np.ndarray, pool: np.ndarray, k: int,
                      row_shaped: bool, rounds: int, groups: np.ndarray | None = None, progress=None,
-                     trust_nats: float = TRUST_NATS) -> tuple[np.ndarray, dict]:
+                     trust_nats: float = TRUST_NATS, settled: float = SETTLED) -> tuple[np.ndarray, dict]:
     """The rounds of fit and read for a key the public design makes a scaled isometry (the exact-norm keys without
     a shear). Each round fits the key on the pairs it trusts (:func:`fit_isometry`, trimmed), only on the span of
     their plain rows, reads every row there (:func:`isometry_read`: the directions no trusted pair reaches add no
     noise to the read), and trusts next the rows whose first choice beats the second by ``trust_nats`` or more; the
     first round trusts every pair of ``start``. A reading right for few distinct tokens (a stream repeats its
-    frequent ones) fixes the key on few directions only; the span grows as the read finds more of them. Returns the
-    last round's candidates (m, k) and what each round did."""
+    frequent ones) fixes the key on few directions only; the span grows as the read finds more of them. It stops
+    when the share of first choices that changed is ``settled`` or less. Returns the last round's candidates (m, k)
+    and what each round did."""
     if rounds < 1:
         raise AloeError(f"key regression needs at least 1 round, not {rounds}")
     guess = np.asarray(start, dtype=np.int64)
@@ -318,7 +330,7 @@ def regress_isometry(Y: torch.Tensor, table: torch.Tensor, start: np.ndarray, po
         log["trusted_per_round"].append(float(trust.mean()))
         if progress is not None:
             progress.update(1)
-        if changed == 0:
+        if changed <= settled:
             break
     log["rounds"] = len(log["changed_per_round"])
     return cand, log

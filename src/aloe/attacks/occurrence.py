@@ -30,7 +30,8 @@ own noisy copies of plain rows, :func:`link_occurrences` clusters the received v
 The invariants throw most of each vector away. :func:`attack_keyed` keeps it: the key is one linear map for every
 vector, so the server fits it by least squares on the linked attack's reading (trimmed of the pairs no key fits),
 maps every received vector back into the plain space, where it is the plain row plus the client's noise, and reads
-it by its likelihood under that noise (:mod:`aloe.attacks.key_regression`).
+it by its likelihood under that noise (:mod:`aloe.attacks.key_regression`); for the exact-norm keys, a scaled
+isometry, only on the span of the pairs it trusts, which grows round by round (:func:`keyed_fit`).
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ def attack_linked(t: Target, vectors: torch.Tensor, alpha: float, shape: str = "
 
 
 KEYED_FITS = ("trimmed", "isometry")
-KEYED_ROUNDS = {"trimmed": 3, "isometry": 12}
+KEYED_ROUNDS = {"trimmed": 3, "isometry": 30}
 
 
 def keyed_fit(t: Target) -> str:
@@ -182,7 +183,7 @@ def attack_keyed(t: Target, vectors: torch.Tensor, start: np.ndarray, shape: str
     reading ``start`` (m,) (the linked attack's first choices), every vector mapped back into the plain space, where
     it is the plain row plus the client's fresh noise, and read by its likelihood under that noise against every
     plain token; refitted on that reading, ``rounds`` times at most (:data:`KEYED_ROUNDS` by default; it stops
-    when no first choice changes). With ``labels`` (m,) (the linked attack's clusters) the occurrences of a cluster
+    earlier once the reading settles). With ``labels`` (m,) (the linked attack's clusters) the occurrences of a cluster
     add their evidence. ``shape`` is the deployment's public noise shape; the level is estimated from the fit's
     residuals. ``fit``: ``trimmed`` (least squares, trimmed) or ``isometry`` (the key as a scaled isometry on the
     span of the pairs it trusts); by default the one the public profile calls for (:func:`keyed_fit`). Returns the
@@ -205,7 +206,7 @@ def attack_keyed(t: Target, vectors: torch.Tensor, start: np.ndarray, shape: str
     else:
         cand, log = key_regression.regress([(vectors.double(), t.plain_embed)], np.asarray(start), t.movable_ids,
                                            t.budget.topk, shape == "row", rounds, labels, progress)
-    return {"candidates": cand, "fit": fit, **log}
+    return {"candidates": cand, "fit": fit, "max_rounds": rounds, **log}
 
 
 def score_links(labels: np.ndarray, truth: np.ndarray) -> dict:
