@@ -14,9 +14,15 @@ For each alpha:
   vocabulary; the stream-level attacker first links the occurrences of one token and reads each cluster's mean.
 
     python benchmarks/client_vocab_frontier.py [--alphas 0 0.05 0.1 0.2 0.4 0.8] [--stream-tokens 4000] [--threads 2]
-        [--json]
+        [--decode-tokens 2000] [--rerun] [--more-traffic N] [--report-only] [--json]
 
-Resumable per alpha (a point measured before the linked attack keeps its fidelity and has its attacks redone).
+The stream-level attacks also fit the writer key on the linked attack's reading (key regression) and, for
+measurement only, read every vector through the right key (fitted with the secret): what the noise itself leaves.
+``--more-traffic N`` reruns the stream-level attacks of measured alphas with the prompts among N tokens of other
+traffic (a fresh draw, stored beside the point's figures).
+
+Resumable per alpha (a point measured before the linked attack keeps its fidelity and has its attacks redone;
+``--rerun`` redoes the attacks of the listed alphas).
 Writes benchmarks/results/client_vocab_frontier.{json,md,png}.
 """
 
@@ -101,6 +107,39 @@ def attacks(model: Path, alpha: float, paths, stream_tokens: int, decode_tokens:
     return out
 
 
+def right_key_read(target: Target, client: ClientVocabulary, secret: Path, sent: torch.Tensor, truth: np.ndarray,
+                   m: int) -> dict:
+    """For measurement, with the secret: every vector sent read alone through the writer key itself (fitted by least
+    squares on the client's noise-free table against the plain one, every movable id: exact), by its likelihood
+    under the noise. What the noise leaves to a server that has the key. The key is not fitted on the vectors read,
+    so their own noise cannot leak into it. Scored on the first ``m`` (the prompt occurrences)."""
+    ids = target.movable_ids
+    tau = load_secret(secret).tau
+    K = torch.linalg.lstsq(target.plain_embed[torch.as_tensor(ids)].double(),
+                           client.embed_table[torch.as_tensor(tau[ids])].double()).solution
+    xhat = key_regression.back_project(sent, K)
+    s2 = key_regression.noise_level(xhat, target.plain_embed, truth, SHAPE == "row")
+    rk = key_regression.read([(xhat, target.plain_embed, s2)], ids, target.budget.topk, SHAPE == "row")
+    return dict(score_occurrences(rk[:m], truth[:m]), stream_tokens=int(len(truth) - m),
+                all_occurrence_recovery=float((rk[:, 0] == truth).mean()), sigma=float(np.sqrt(s2)), key="exact")
+
+
+def right_key_only(model: Path, alpha: float, paths, stream_tokens: int) -> dict:
+    """:func:`right_key_read` alone on a fresh draw of the vectors, the prompts among ``stream_tokens`` tokens of
+    other traffic."""
+    _, secret, server, client_file = paths
+    target = Target(model, server, Budget())
+    texts = texts_for(target)
+    toks = np.concatenate(texts.prompts)
+    toks = toks[~np.isin(toks, target.fixed_ids)]
+    extra = texts.stream[~np.isin(texts.stream, target.fixed_ids)][:stream_tokens]
+    client = ClientVocabulary(client_file, occurrence_noise=alpha)
+    tau = load_secret(secret).tau
+    sent = torch.cat([client.embed(tau[toks]), client.embed(tau[extra])])
+    return dict(right_key_read(target, client, secret, sent, np.concatenate([toks, extra]), len(toks)),
+                draw="its own")
+
+
 def more_traffic(model: Path, alpha: float, paths, stream_tokens: int, show: bool) -> dict:
     """The stream-level attacks alone (no decoding) on a fresh draw of the vectors, the prompts sent among
     ``stream_tokens`` tokens of other traffic: how the figures grow with what the server sees."""
@@ -138,14 +177,8 @@ def stream_attacks(model: Path, target: Target, texts, toks: np.ndarray, vectors
     for fam, labels in (("keyed_stream", None), ("keyed_linked_stream", both["labels"])):
         kd = attack_keyed(target, sent, both["candidates"][:, 0], SHAPE, labels)
         out[fam] = dict(score_occurrences(kd.pop("candidates")[:m], toks), stream_tokens=int(len(extra)), **kd)
-    # for measurement, with the secret: the key fitted by plain least squares on the right token of every vector
-    # sent, each vector read alone through it: what the noise itself leaves to a server that has the key
     truth = np.concatenate([toks, extra])
-    rk, rk_log = key_regression.regress([(sent.double(), target.plain_embed)], truth, target.movable_ids,
-                                        target.budget.topk, SHAPE == "row", 1, fits=("untrimmed",))
-    out["right_key_stream"] = dict(score_occurrences(rk[:m], toks), stream_tokens=int(len(extra)),
-                                   all_occurrence_recovery=float((rk[:, 0] == truth).mean()),
-                                   sigma=rk_log["sigma_per_round"][0][0])
+    out["right_key_stream"] = right_key_read(target, client, secret, sent, truth, m)
     out["linked_stream"]["all_distinct_right"] = int(len(np.unique(truth[both["candidates"][:, 0] == truth])))
     if decode_tokens > 0:
         n_dec = len(toks) + min(decode_tokens, len(extra))
@@ -233,9 +266,10 @@ def write_report(state: dict) -> None:
           "Fit `isometry`: the key fitted as the scaled isometry the exact-norm keys are, on the span of the pairs "
           "it trusts, which grows each round (`aloe.attacks.key_regression.regress_isometry`; it stops once at "
           "most 0.1% of the first choices change); the rows marked `trimmed` ran before it. "
-          "Through the right key: a measurement with the secret, not an attack (it is not counted in the goal): the "
-          "key fitted by plain least squares on the right token of every vector sent, each vector read alone "
-          "through it, what the noise itself leaves once a server has the key. "
+          "Through the right key: a measurement with the secret, not an attack (it is not counted in the goal): "
+          "every vector sent read alone through the writer key itself (fitted on the client's noise-free table, "
+          "so no vector's noise enters it), what the noise itself leaves once a server has the key; on its own "
+          "draw of the vectors (`--right-key-only`). "
           "Every family of a row is measured on one draw of the vectors. Goal: ppl ratio "
           "<= 1.10, greedy >= 0.80, every attack <= 5%.", "", *rows, ""]
     if len(more) > 2:
@@ -298,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="only the stream-level attacks, no decoding, of the listed (measured) alphas, the prompts "
                          "among N tokens of other traffic; stored beside the point's figures")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report and plot from the JSON")
+    ap.add_argument("--right-key-only", action="store_true",
+                    help="redo only the read through the right key of the listed (measured) alphas, on a fresh "
+                         "draw of the vectors, for the point and each of its --more-traffic entries")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -328,6 +365,16 @@ def main(argv: list[str] | None = None) -> int:
     for alpha in tqdm(args.alphas, desc="occurrence noise", disable=not show):
         key = repr(float(alpha))
         e = state["points"].get(key)
+        if args.right_key_only:
+            if e is None or "right_key_stream" not in e["attacks"]:
+                ap.error(f"alpha {alpha} has no stream-level figures yet: run it without --right-key-only first")
+            e["attacks"]["right_key_stream"] = right_key_only(model, alpha, paths,
+                                                              e["attacks"]["right_key_stream"]["stream_tokens"])
+            for n, entry in e.get("more_traffic", {}).items():
+                entry["right_key_stream"] = right_key_only(model, alpha, paths, int(n))
+            atomic_write_json(PATH, state)
+            write_report(state)
+            continue
         if args.more_traffic:
             if e is None:
                 ap.error(f"alpha {alpha} is not measured yet: run it without --more-traffic first")
