@@ -79,19 +79,24 @@ def fidelity(model: Path, alpha: float, paths, tokens: int, prompts: int, new_to
     return fid
 
 
+def victim(model: Path, alpha: float, paths) -> tuple[Target, object, np.ndarray, ClientVocabulary]:
+    """What every measurement of a point starts from: the server's target, the suite's texts, the prompt tokens
+    sent (fixed ids dropped) and the client holding the vocabulary with occurrence noise ``alpha``."""
+    target = Target(model, paths[2], Budget())
+    texts = texts_for(target)
+    toks = np.concatenate(texts.prompts)
+    return target, texts, toks[~np.isin(toks, target.fixed_ids)], ClientVocabulary(paths[3], occurrence_noise=alpha)
+
+
 def attacks(model: Path, alpha: float, paths, stream_tokens: int, decode_tokens: int, show: bool) -> dict:
     """Every family on one draw of the occurrence vectors: each vector alone, and the stream-level attacker that
     links the occurrences of one token first, over the prompts alone and over the prompts sent among
     ``stream_tokens`` tokens of other traffic (the first tokens of the suite's stream text, each with its own
     fresh noise; scored on the prompt occurrences); then that attacker's clusters decoded as text with the public
     model as the language prior, over the prompts and the first ``decode_tokens`` of the other traffic."""
-    _, secret, server, client_file = paths
+    secret = paths[1]
     t1 = time.perf_counter()
-    target = Target(model, server, Budget())
-    texts = texts_for(target)
-    toks = np.concatenate(texts.prompts)
-    toks = toks[~np.isin(toks, target.fixed_ids)]
-    client = ClientVocabulary(client_file, occurrence_noise=alpha)
+    target, texts, toks, client = victim(model, alpha, paths)
     vectors = client.embed(load_secret(secret).tau[toks])
     cands = attack_vectors(target, vectors, alpha, SHAPE)
     out = {f: score_occurrences(cands[f], toks) for f in FAMILIES if f in cands}
@@ -127,13 +132,9 @@ def right_key_read(target: Target, client: ClientVocabulary, secret: Path, sent:
 def right_key_only(model: Path, alpha: float, paths, stream_tokens: int) -> dict:
     """:func:`right_key_read` alone on a fresh draw of the vectors, the prompts among ``stream_tokens`` tokens of
     other traffic."""
-    _, secret, server, client_file = paths
-    target = Target(model, server, Budget())
-    texts = texts_for(target)
-    toks = np.concatenate(texts.prompts)
-    toks = toks[~np.isin(toks, target.fixed_ids)]
+    secret = paths[1]
+    target, texts, toks, client = victim(model, alpha, paths)
     extra = texts.stream[~np.isin(texts.stream, target.fixed_ids)][:stream_tokens]
-    client = ClientVocabulary(client_file, occurrence_noise=alpha)
     tau = load_secret(secret).tau
     sent = torch.cat([client.embed(tau[toks]), client.embed(tau[extra])])
     return dict(right_key_read(target, client, secret, sent, np.concatenate([toks, extra]), len(toks)),
@@ -143,13 +144,9 @@ def right_key_only(model: Path, alpha: float, paths, stream_tokens: int) -> dict
 def more_traffic(model: Path, alpha: float, paths, stream_tokens: int, show: bool) -> dict:
     """The stream-level attacks alone (no decoding) on a fresh draw of the vectors, the prompts sent among
     ``stream_tokens`` tokens of other traffic: how the figures grow with what the server sees."""
-    _, secret, server, client_file = paths
+    secret = paths[1]
     t1 = time.perf_counter()
-    target = Target(model, server, Budget())
-    texts = texts_for(target)
-    toks = np.concatenate(texts.prompts)
-    toks = toks[~np.isin(toks, target.fixed_ids)]
-    client = ClientVocabulary(client_file, occurrence_noise=alpha)
+    target, texts, toks, client = victim(model, alpha, paths)
     vectors = client.embed(load_secret(secret).tau[toks])
     out = stream_attacks(model, target, texts, toks, vectors, client, secret, alpha, stream_tokens, 0, show)
     out["seconds"] = time.perf_counter() - t1
