@@ -119,10 +119,13 @@ def test_block_permutation_moves_only_low_frequencies_and_error_is_bounded(rng):
             worst = max(worst, np.linalg.norm(obf - plain) / np.linalg.norm(plain))
         return worst
 
-    # Relative Frobenius error of the attention scores, isotropic q/k. Measured maxima at gamma 1e3: 0.05 (128
-    # positions), 0.21 (512), 0.52 (2048); at gamma 1e5: 0.0004, 0.0012, 0.0055.
-    assert score_error(1e3, 128) < 0.1
-    assert score_error(1e5, 512) < 0.005
+    # Relative Frobenius error of the attention scores, isotropic q/k, growing with the positions (a few draws at
+    # gamma 1e3: 0.05 at 128 positions, 0.21 at 512, 0.52 at 2048; at gamma 1e5: 0.0004, 0.0012, 0.0055).
+    # The permutation and q/k are fresh secure draws each run. Over 300 single draws: gamma 1e3, 128 positions, median
+    # 0.018, 99th percentile 0.059, max 0.078 (one run's worst of 5 reached 0.107); gamma 1e5, 512 positions, median
+    # 0.0003, max 0.0049. The bounds leave room for the tail of the worst of 5.
+    assert score_error(1e3, 128) < 0.15
+    assert score_error(1e5, 512) < 0.01
     assert score_error(1e5, 512) < score_error(1e3, 512)
 
 
