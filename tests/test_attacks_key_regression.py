@@ -315,6 +315,8 @@ def test_client_held_vectors_are_read_through_the_key_fitted_on_a_partial_readin
         attack_keyed(t, sent, start, fit="procrustes")
     with pytest.raises(AloeError, match="cannot fix a key"):
         attack_keyed(t, sent[:20], start[:20])
+    with pytest.raises(AloeError, match="cannot fix a key"):
+        attack_keyed(t, sent[:20], start[:20], fit="isometry")
 
 
 def test_the_mask_returned_is_the_one_the_key_was_fitted_on():
