@@ -16,7 +16,7 @@ from aloe.attacks.common import Target
 from aloe.attacks.scoring import score_ids, score_sequences
 
 ATTACKS = ("vma", "ia", "nn", "isa", "ima", "tfma", "sda", "behavioural", "anchored", "learned", "decoded",
-           "sda-decoded", "key-regression")
+           "sda-decoded", "key-regression", "weight-key")
 
 
 @dataclass
@@ -109,7 +109,7 @@ def _id_guess(name: str, target: Target, received: np.ndarray, texts: Texts, tau
         return _sda_guess(target, texts, tau, texts.prior, "sda", progress)
     from importlib import import_module
 
-    return import_module(f"aloe.attacks.{name}").attack(target, received, progress)
+    return import_module(f"aloe.attacks.{name.replace('-', '_')}").attack(target, received, progress)
 
 
 def run(target: Target, names: list[str], tau: np.ndarray, texts: Texts, progress: bool = True) -> dict:
@@ -140,7 +140,7 @@ def run(target: Target, names: list[str], tau: np.ndarray, texts: Texts, progres
         t0 = time.perf_counter()
         bar = tqdm(desc=name, disable=not progress, leave=False, unit="step")
         pr = bar if progress else None
-        if name in ("vma", "ia", "nn", "behavioural", "anchored", "learned", "sda"):
+        if name in ("vma", "ia", "nn", "behavioural", "anchored", "learned", "sda", "weight-key"):
             guesses[name] = _id_guess(name, target, received, texts, tau, pr)
             res = score_ids(guesses[name], tau, texts.prompts, fixed)
             if name == "sda":

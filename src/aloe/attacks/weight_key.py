@@ -1,0 +1,173 @@
+"""Weight-side key recovery: the exact-norm design's writer key read off the transformer body, with no row read first.
+
+The exact-norm keys write every residual vector through one key, ``x~ = x P`` with ``P P^T = c^2 I`` (P is d x d':
+a scaled isometry onto a d-dimensional subspace S of the d' obfuscated coordinates). Every attack that fits the key
+(:mod:`aloe.attacks.key_regression`) needs a first reading of some rows. The body the server runs gives it without
+one:
+
+1. **The subspace.** Every residual writer (``down_proj``, ``o_proj``) ends in ``... P``, so its outputs lie in S. The
+   first d left singular vectors of a few writers (HF layout, d' x n) are an orthonormal basis U (d' x d) of S, and
+   the (d+1)-th singular value is float rounding (a design with a fresh writer key per layer, the paper's, spans
+   more: :attr:`WeightKey.subspace_gap` says which).
+2. **The rotation.** In that basis ``P = c R U^T`` with R orthogonal. A reader Q (d' x d) inverts P (``P Q = I``) and
+   its fresh part lies outside S, so ``U^T Q = R^T / c`` whatever that part is. The FFN gate of a layer reads
+   ``x~ Q (gamma W_gate^T) Z`` with Z the secret unit permutation; in U's coordinates its HF weight is
+   ``Z^T W R / c`` (W the plain gate with its norm's gamma folded in, public), and the Gram matrix over the units
+   drops Z: ``G = R^T (W^T W) R / c^2``. That holds for every layer, so R is the map that carries the public
+   matrices ``W_l^T W_l`` to the artifact's ``c^2 G_l``: the eigenvectors of their sums over the layers fix it up to
+   one sign per eigenvector; the layers one by one fix the signs up to one global sign; the mean of the gate rows
+   over the units (also free of Z) fixes that, and the traces give c.
+3. **The read.** An embedding row or a vector the client sends is ``(x + noise) P`` (plus, for the client-held
+   stream, fresh noise in all d' coordinates): mapped by ``v U R^T / c`` it is the plain row plus noise, read by its
+   likelihood against every plain token under the public noise level (:func:`aloe.attacks.key_regression.read`).
+   A head row is ``(w + noise) Q^T``, mapped by ``h U R^T c``.
+
+Nothing secret is used: the writers and gates are the artifact's, the plain gates and norms the public model's, the
+noise levels the public profile's. The gate's SwiGLU is what keeps its columns unscaled (the up projection carries
+the secret per-unit scales), so the attack needs a dense gated FFN (Llama, Qwen2, Mistral and their kin).
+:attr:`WeightKey.gram_residual` says how well one rotation explains every layer: float rounding for the exact-norm
+keys; large where the design is not one isometry (the paper's keys) or the body moved (adaptation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from aloe import AloeError
+from aloe.attacks import key_regression
+from aloe.attacks.common import Target
+from aloe.attacks.scoring import IdGuess
+from aloe.obfuscation.embedding import NOISE_SHAPES
+
+WRITERS = ("mlp.down_proj", "self_attn.o_proj")
+SUBSPACE_LAYERS = 3   # writers of this many layers give the residual stream's subspace
+GATE = "mlp.gate_proj"
+FLOOR = 1e-12         # the read's sigma^2 where the public profile adds no noise (nearest neighbour)
+
+
+@dataclass
+class WeightKey:
+    """The writer key as the body gives it: ``x = v @ basis @ to_plain / scale`` for an embedding row or a residual
+    vector v, ``w = h @ basis @ to_plain * scale`` for a head row h."""
+
+    basis: torch.Tensor       # U (d' x d): orthonormal basis of the residual stream's subspace
+    to_plain: torch.Tensor    # R^T (d x d), orthogonal
+    scale: float              # c
+    subspace_gap: float       # singular value d+1 over singular value d of the writers (rounding for one key)
+    gram_residual: float      # max over layers of ||R^T M_l R - c^2 G_l|| / ||M_l||
+    sign_agreement: float     # mean cosine of the gate means under the key, over the layers (1: the sign is sure)
+    layers: int
+
+    def embed_side(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.double() @ self.basis @ self.to_plain / self.scale
+
+    def head_side(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.double() @ self.basis @ self.to_plain * self.scale
+
+    def summary(self) -> dict:
+        return {"subspace_gap": self.subspace_gap, "gram_residual": self.gram_residual,
+                "sign_agreement": self.sign_agreement, "key_scale": self.scale, "gate_layers": self.layers}
+
+
+def _layer_weight(t: Target, layer: int, name: str, plain: bool) -> torch.Tensor:
+    try:
+        w = t.plain_layer(layer, name) if plain else t.obf_layer(layer, name)
+    except KeyError:
+        raise AloeError(f"the weight-key attack reads dense gated FFNs; layer {layer} has no {name}") from None
+    return w.double()
+
+
+@torch.no_grad()
+def recover(t: Target, progress=None) -> WeightKey:
+    """The writer key from the server's body alone (see the module's docstring). Raises if the artifact has no
+    dense gated FFN or its residual stream is no wider than the plain one."""
+    d, L = t.arch.d, t.arch.n_layers
+    writers = torch.cat([_layer_weight(t, layer, w, False) for layer in range(min(SUBSPACE_LAYERS, L))
+                         for w in WRITERS], 1)
+    if writers.shape[0] < d:
+        raise AloeError(f"the residual stream is {writers.shape[0]} wide, narrower than the plain {d}")
+    U, sv, _ = torch.linalg.svd(writers, full_matrices=False)
+    gap = float(sv[d] / sv[d - 1]) if len(sv) > d else 0.0
+    U = U[:, :d]
+    plain_grams, obf_grams, obf_means, plain_means = [], [], [], []
+    for layer in range(L):
+        wp = _layer_weight(t, layer, GATE, True)                 # ffn x d
+        wo = _layer_weight(t, layer, GATE, False) @ U            # ffn x d: Z^T W R / c
+        plain_grams.append(wp.T @ wp)
+        obf_grams.append(wo.T @ wo)
+        plain_means.append(wp.mean(0))
+        obf_means.append(wo.mean(0))
+        if progress is not None:
+            progress.update(1)
+    c2 = float(np.median([float(torch.trace(m) / torch.trace(g)) for m, g in zip(plain_grams, obf_grams)]))
+    _, V = torch.linalg.eigh(sum(plain_grams))
+    _, Vo = torch.linalg.eigh(c2 * sum(obf_grams))
+    # R^T V = Vo S for one sign per eigenvector: each layer's (V^T M V)_ij must equal s_i s_j (Vo^T c^2 G Vo)_ij
+    agree = sum((V.T @ m @ V) * (c2 * Vo.T @ g @ Vo) for m, g in zip(plain_grams, obf_grams))
+    s = torch.sign(torch.linalg.eigh(agree)[1][:, -1])
+    s[s == 0] = 1
+    Rt = Vo @ torch.diag(s) @ V.T                                # R^T: R^T M R = c^2 G
+    residual = max(float((Rt @ m @ Rt.T - c2 * g).norm() / m.norm()) for m, g in zip(plain_grams, obf_grams))
+    # the global sign: the gate's mean row over the units is Z-free, mean(W) R / c
+    cos = [float(o @ (p @ Rt.T) / (o.norm() * p.norm()).clamp_min(1e-30)) for o, p in zip(obf_means, plain_means)]
+    sign = 1.0 if sum(cos) >= 0 else -1.0
+    return WeightKey(U, sign * Rt, float(np.sqrt(c2)), gap, residual, sign * float(np.mean(cos)), L)
+
+
+def _sigma2(table: torch.Tensor, alpha: float, shape: str, row_shaped: bool, dims: int) -> float:
+    """sigma^2 per plain coordinate of noise of level ``alpha`` and ``shape`` drawn in ``dims`` coordinates relative
+    to ``table`` (as :func:`aloe.obfuscation.embedding.noise_std` draws it), in the units the read uses: relative to
+    each row's squared norm for a ``row_shaped`` read, absolute otherwise."""
+    if alpha <= 0:
+        return 0.0
+    T = table.double()
+    mean_sq = float((T * T).sum(1).mean())                  # the rows' mean squared norm
+    if shape == "row":                                       # sigma_i = alpha ||row_i|| / sqrt(dims)
+        return alpha ** 2 / dims * (1.0 if row_shaped else mean_sq)
+    s2 = alpha ** 2 * mean_sq / dims                         # one sigma, the table's RMS entry (mean taken as 0)
+    return s2 / mean_sq if row_shaped else s2
+
+
+@torch.no_grad()
+def read_vectors(t: Target, key: WeightKey, vectors: torch.Tensor, alpha: float, shape: str = "row",
+                 groups: np.ndarray | None = None) -> np.ndarray:
+    """Top-k plain candidates (m, k) of vectors a client-held-vocabulary client sent: each is an obfuscated embedding
+    row (the profile's own table noise) plus fresh noise of public level ``alpha`` and ``shape`` in the d'
+    coordinates, read through ``key``. With ``groups`` (m,) the rows of a group add their scores."""
+    if shape not in NOISE_SHAPES:
+        raise AloeError(f"unknown noise shape {shape!r}; choose one of {', '.join(NOISE_SHAPES)}")
+    prof = t.profile
+    row = shape == "row"
+    E = t.plain_embed
+    s2 = (_sigma2(E, alpha, shape, row, vectors.shape[1])
+          + _sigma2(E, float(prof.get("alpha_e", 0.0)), prof.get("noise_shape", "entry"), row, E.shape[1]))
+    return key_regression.read([(key.embed_side(vectors), E, max(s2, FLOOR))], t.movable_ids, t.budget.topk, row,
+                               groups)
+
+
+@torch.no_grad()
+def attack(t: Target, received: np.ndarray, progress=None) -> IdGuess:
+    """Every movable obfuscated id read through the key the body gives: its embedding row and, when the server
+    holds the head, its head row, by their summed likelihood under the profile's public noise. Reads the same ids
+    as the other per-id attacks; no claim on rows the server does not hold."""
+    q_ids, uniform = t.query_ids(must=received)
+    k = t.budget.topk
+    held = t.held_rows[torch.as_tensor(q_ids)]
+    if not bool(held.any()):  # the client keeps the tables: no rows to read
+        return IdGuess(q_ids, -np.ones((len(q_ids), k), dtype=np.int64), uniform=uniform, extra={"rows_held": 0})
+    key = recover(t, progress)
+    prof = t.profile
+    shape = prof.get("noise_shape", "entry")
+    row = shape == "row"
+    qi = torch.as_tensor(q_ids)
+    E, H = t.plain_embed, t.plain_head
+    sides = [(key.embed_side(t.obf_embed[qi]), E, max(_sigma2(E, float(prof.get("alpha_e", 0.0)), shape, row,
+                                                              E.shape[1]), FLOOR))]
+    if t.head_held:
+        sides.append((key.head_side(t.obf_head[qi]), H,
+                      max(_sigma2(H, float(prof.get("alpha_h", 0.0)), shape, row, H.shape[1]), FLOOR)))
+    cand = t.no_claim_on_unheld(q_ids, torch.as_tensor(key_regression.read(sides, t.movable_ids, k, row)))
+    return IdGuess(q_ids, cand.numpy(), uniform=uniform, extra={"sides": len(sides), **key.summary()})
