@@ -41,10 +41,18 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from aloe.assets.cache import atomic_write_json, atomic_write_text  # noqa: E402
-from aloe.attacks import key_regression  # noqa: E402
+from aloe.attacks import key_regression, weight_key  # noqa: E402
 from aloe.attacks.common import Budget, Target  # noqa: E402
 from aloe.attacks.decoding import decode_linked  # noqa: E402
-from aloe.attacks.occurrence import attack_keyed, attack_linked, attack_vectors, score_links, score_occurrences  # noqa: E402
+from aloe.attacks.occurrence import (  # noqa: E402
+    attack_keyed,
+    attack_linked,
+    attack_vectors,
+    link_occurrences,
+    link_threshold,
+    score_links,
+    score_occurrences,
+)
 from aloe.attacks.suite import texts_for  # noqa: E402
 from aloe.obfuscation.client_vocab import ClientVocabulary, split_vocabulary, with_occurrence_noise  # noqa: E402
 from aloe.obfuscation.fidelity import PROMPTS, corpus_token_ids, greedy_fidelity, load_models, logit_fidelity  # noqa: E402
@@ -55,7 +63,8 @@ from privacy import RESULTS, all_profiles, build  # noqa: E402
 PATH = RESULTS / "client_vocab_frontier.json"
 SHAPE = "row"
 FAMILIES = ("ia", "states", "combined", "linked")
-STREAM_FAMILIES = ("linked_stream", "decoded_stream", "keyed_stream", "keyed_linked_stream")
+STREAM_FAMILIES = ("linked_stream", "decoded_stream", "keyed_stream", "keyed_linked_stream", "weight_key_stream",
+                   "weight_key_linked_stream")
 
 
 def deployment(model: Path, show: bool) -> tuple[Path, Path, Path, Path]:
@@ -141,6 +150,37 @@ def right_key_only(model: Path, alpha: float, paths, stream_tokens: int) -> dict
                 draw="its own")
 
 
+def weight_key_read(target: Target, sent: torch.Tensor, truth: np.ndarray, m: int, alpha: float,
+                    labels: np.ndarray | None = None) -> dict:
+    """The attack that needs no reading first: the writer key read off the server's body
+    (:func:`aloe.attacks.weight_key.recover`), every vector sent read through it (alone, or with ``labels`` the
+    occurrences of each linked cluster pooled). Scored on the first ``m`` (the prompt occurrences)."""
+    key = weight_key.recover(target)
+    cand = weight_key.read_vectors(target, key, sent, alpha, SHAPE, labels)
+    return dict(score_occurrences(cand[:m], truth[:m]), stream_tokens=int(len(truth) - m),
+                all_occurrence_recovery=float((cand[:, 0] == truth).mean()), **key.summary())
+
+
+def weight_key_only(model: Path, alpha: float, paths, stream_tokens: int, link: bool) -> dict:
+    """:func:`weight_key_read` on a fresh draw of the vectors, the prompts among ``stream_tokens`` tokens of other
+    traffic: each vector alone and, with ``link``, the linked attack's clusters pooled; beside it the read through
+    the right key (with the secret) on the same draw."""
+    secret = paths[1]
+    target, texts, toks, client = victim(model, alpha, paths)
+    extra = texts.stream[~np.isin(texts.stream, target.fixed_ids)][:stream_tokens]
+    tau = load_secret(secret).tau
+    truth = np.concatenate([toks, extra])
+    sent = client.embed(tau[truth])
+    out = {"weight_key_stream": dict(weight_key_read(target, sent, truth, len(toks), alpha), draw="its own",
+                                     right_key_same_draw=right_key_read(target, client, secret, sent, truth,
+                                                                        len(toks))["occurrence_recovery"])}
+    if link:
+        labels = link_occurrences(sent, link_threshold(target, alpha, SHAPE)["threshold"])
+        out["weight_key_linked_stream"] = dict(weight_key_read(target, sent, truth, len(toks), alpha, labels),
+                                               draw="its own (as the alone row)")
+    return out
+
+
 def more_traffic(model: Path, alpha: float, paths, stream_tokens: int, show: bool) -> dict:
     """The stream-level attacks alone (no decoding) on a fresh draw of the vectors, the prompts sent among
     ``stream_tokens`` tokens of other traffic: how the figures grow with what the server sees."""
@@ -175,6 +215,8 @@ def stream_attacks(model: Path, target: Target, texts, toks: np.ndarray, vectors
         kd = attack_keyed(target, sent, both["candidates"][:, 0], SHAPE, labels)
         out[fam] = dict(score_occurrences(kd.pop("candidates")[:m], toks), stream_tokens=int(len(extra)), **kd)
     truth = np.concatenate([toks, extra])
+    out["weight_key_stream"] = weight_key_read(target, sent, truth, m, alpha)
+    out["weight_key_linked_stream"] = weight_key_read(target, sent, truth, m, alpha, both["labels"])
     out["right_key_stream"] = right_key_read(target, client, secret, sent, truth, m)
     out["linked_stream"]["all_distinct_right"] = int(len(np.unique(truth[both["candidates"][:, 0] == truth])))
     if decode_tokens > 0:
@@ -204,8 +246,9 @@ def write_report(state: dict) -> None:
             "IA + states | linked: prompts (pairs linked: recall / precision) | linked: among other traffic | "
             "linked among other traffic, decoded with the language prior (top-10 of the linked attack) | "
             "key regression among other traffic: each vector / linked clusters pooled (fit) | "
+            "key from the body's weights: each vector / linked clusters pooled | "
             "through the right key, with the secret (not an attack) | goal met |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(state["points"], key=float):
         e = state["points"][key]
         f, a = e["fidelity"], e["attacks"]
@@ -228,11 +271,15 @@ def write_report(state: dict) -> None:
                        f"{pct(a['keyed_linked_stream']['occurrence_recovery'])} "
                        f"({fit_label(a['keyed_stream'])})"
                        if "keyed_linked_stream" in a else " | –")
+                    + (f" | {pct(a['weight_key_stream']['occurrence_recovery'])} / "
+                       + (pct(a['weight_key_linked_stream']['occurrence_recovery'])
+                          if "weight_key_linked_stream" in a else "–") if "weight_key_stream" in a else " | –")
                     + (f" | {pct(a['right_key_stream']['occurrence_recovery'])}" if "right_key_stream" in a else " | –")
                     + f" | {'yes' if met else 'no'} |")
     more = ["| occurrence noise alpha | other traffic (tokens) | linked | key regression: each vector / linked "
-            "clusters pooled (fit) | through the right key, with the secret (not an attack) | seconds |",
-            "|---|---|---|---|---|---|"]
+            "clusters pooled (fit) | key from the body's weights: each vector | through the right key, with the "
+            "secret (not an attack) | seconds |",
+            "|---|---|---|---|---|---|---|"]
     for key in sorted(state["points"], key=float):
         e = state["points"][key]
         for n, a in sorted(e.get("more_traffic", {}).items(), key=lambda kv: int(kv[0])):
@@ -240,7 +287,8 @@ def write_report(state: dict) -> None:
                         f"{pct(a['keyed_stream']['occurrence_recovery'])} / "
                         f"{pct(a['keyed_linked_stream']['occurrence_recovery'])} "
                         f"({fit_label(a['keyed_stream'])}) | "
-                        f"{pct(a['right_key_stream']['occurrence_recovery'])} | {a['seconds']:.0f} |")
+                        + (pct(a["weight_key_stream"]["occurrence_recovery"]) if "weight_key_stream" in a else "–")
+                        + f" | {pct(a['right_key_stream']['occurrence_recovery'])} | {a['seconds']:.0f} |")
     md = ["# Client-held vocabulary with fresh per-occurrence noise (SmolLM2-135M-Instruct)", "",
           "Produced by " + ", then ".join(f"`python benchmarks/client_vocab_frontier.py {' '.join(c)}`"
                                          for c in state.get("commands", [])) + ".", "",
@@ -263,6 +311,13 @@ def write_report(state: dict) -> None:
           "Fit `isometry`: the key fitted as the scaled isometry the exact-norm keys are, on the span of the pairs "
           "it trusts, which grows each round (`aloe.attacks.key_regression.regress_isometry`; it stops once at "
           "most 0.1% of the first choices change); the rows marked `trimmed` ran before it. "
+          "Key from the body's weights: an attack that reads nothing first. The exact-norm keys write the residual "
+          "stream through one scaled isometry, and the server's own FFN gates and residual writers give it: the "
+          "writers span its subspace, and the Gram matrices of the gates over their units (free of the unit "
+          "permutation) are the public model's rotated by it (`aloe.attacks.weight_key`); every vector sent is "
+          "read through it by its likelihood under the public noise level, alone and with the occurrences of each "
+          "linked cluster pooled. On the rows that ran it on its own draw (`--weight-key-only`) the read through "
+          "the right key on that same draw is in the JSON (`right_key_same_draw`). "
           "Through the right key: a measurement with the secret, not an attack (it is not counted in the goal): "
           "every vector sent read alone through the writer key itself (fitted on the client's noise-free table, "
           "so no vector's noise enters it), what the noise itself leaves once a server has the key; on its own "
@@ -284,14 +339,16 @@ def write_plot(state: dict) -> None:
     import matplotlib.pyplot as plt
 
     pts = sorted(state["points"].values(), key=lambda e: e["alpha"])
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for fam, marker in zip((*FAMILIES, *STREAM_FAMILIES), "os^Dv*PX"):
+    fig, ax = plt.subplots(figsize=(9.6, 4.8))
+    for fam, marker in zip((*FAMILIES, *STREAM_FAMILIES), "os^Dv*PXhd"):
         have = [e for e in pts if fam in e["attacks"]]
         ax.plot([100 * e["attacks"][fam]["occurrence_recovery"] for e in have],
                 [e["fidelity"]["ppl_ratio"] for e in have], marker=marker,
                 label={"linked": "linked (cluster means)", "linked_stream": "linked among other traffic",
                        "decoded_stream": "linked + language prior", "keyed_stream": "key regression",
-                       "keyed_linked_stream": "key regression, clusters pooled"}.get(fam, fam))
+                       "keyed_linked_stream": "key regression, clusters pooled",
+                       "weight_key_stream": "key from the body's weights",
+                       "weight_key_linked_stream": "key from the body's weights, clusters pooled"}.get(fam, fam))
     have = [e for e in pts if "right_key_stream" in e["attacks"]]
     if have:
         ax.plot([100 * e["attacks"]["right_key_stream"]["occurrence_recovery"] for e in have],
@@ -307,7 +364,7 @@ def write_plot(state: dict) -> None:
     ax.set_xlabel("% of prompt-token occurrences read")
     ax.set_ylabel("perplexity ratio (noisy / plain)")
     ax.set_title("Client-held vocabulary + fresh occurrence noise (goal: below 1.10, left of 5%)", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     save_png(fig, RESULTS / "client_vocab_frontier.png")
 
@@ -332,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--right-key-only", action="store_true",
                     help="redo only the read through the right key of the listed (measured) alphas, on a fresh "
                          "draw of the vectors, for the point and each of its --more-traffic entries")
+    ap.add_argument("--weight-key-only", action="store_true",
+                    help="run only the attack through the key read off the body's weights on the listed (measured) "
+                         "alphas, on a fresh draw of the vectors (each vector alone and the linked clusters pooled; "
+                         "alone for each --more-traffic entry)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -371,6 +432,17 @@ def main(argv: list[str] | None = None) -> int:
                 entry["right_key_stream"] = right_key_only(model, alpha, paths, int(n))
             atomic_write_json(PATH, state)
             write_report(state)
+            continue
+        if args.weight_key_only:
+            if e is None or "linked_stream" not in e["attacks"]:
+                ap.error(f"alpha {alpha} has no stream-level figures yet: run it without --weight-key-only first")
+            e["attacks"].update(weight_key_only(model, alpha, paths, e["attacks"]["linked_stream"]["stream_tokens"],
+                                                True))
+            for n, entry in e.get("more_traffic", {}).items():
+                entry.update(weight_key_only(model, alpha, paths, int(n), False))
+            atomic_write_json(PATH, state)
+            write_report(state)
+            write_plot(state)
             continue
         if args.more_traffic:
             if e is None:
