@@ -133,6 +133,15 @@ def test_embeds_api_rejects_bad_input_with_a_reason(split):
     assert client.delete(f"/v1/aloe/sessions/{s[2]}").status_code == 404
 
 
+def test_the_text_summary_says_the_body_still_gives_the_key(split, capsys):
+    """Keeping the tables does not keep the exact-norm key (``aloe.attacks.weight_key``): the summary says so."""
+    assert aloe_main(["obfuscate", str(split / "plain"), str(split / "told"), "--secret", str(split / "told.json"),
+                      "--profile", "exact", "--h", "8", "--client-vocab", str(split / "told.st"),
+                      "--occurrence-noise", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "client-held vocabulary:" in out and "reads the writer key off the body's weights" in out
+
+
 def test_cli_refuses_occurrence_noise_without_client_vocab(split, capsys):
     assert aloe_main(["obfuscate", str(split / "plain"), str(split / "x"), "--secret", str(split / "secret.json"),
                       "--occurrence-noise", "0.1"]) != 0
