@@ -31,7 +31,9 @@ The invariants throw most of each vector away. :func:`attack_keyed` keeps it: th
 vector, so the server fits it by least squares on the linked attack's reading (trimmed of the pairs no key fits),
 maps every received vector back into the plain space, where it is the plain row plus the client's noise, and reads
 it by its likelihood under that noise (:mod:`aloe.attacks.key_regression`); for the exact-norm keys, a scaled
-isometry, only on the span of the pairs it trusts, which grows round by round (:func:`keyed_fit`).
+isometry, only on the span of the pairs it trusts, which grows round by round (:func:`keyed_fit`). For those keys
+the server need not fit anything: the body gives the key (:mod:`aloe.attacks.weight_key`), and
+:func:`aloe.attacks.weight_key.read_vectors` reads every vector through it with no reading first.
 """
 
 from __future__ import annotations
