@@ -72,7 +72,7 @@ PROFILES: dict[str, Profile] = {
         protects="only in part a passive observer of the traffic, who sees permuted token ids yet reads 28-37% "
                  "of the prompt tokens by their frequencies and neighbours (SDA; the more text of the victim's kind "
                  "it trains on, the more it reads); a server holding the public model reads the whole vocabulary "
-                 "(VMA, IA, NN).",
+                 "(VMA, IA, NN, and the key read off the body's weights).",
     ),
     "paper": Profile(
         name="paper", keys="paper", h=128, lam=0.3, alpha_e=1.0, alpha_h=0.2, beta=8, gamma=1e3,
@@ -94,7 +94,7 @@ PROFILES: dict[str, Profile] = {
         protects="only in part a passive observer of the traffic, who sees permuted token ids yet reads 28-37% "
                  "of the prompt tokens by their frequencies and neighbours (SDA; the more text of the victim's kind "
                  "it trains on, the more it reads); a server holding the public model reads the whole vocabulary "
-                 "(VMA, IA, NN).",
+                 "(VMA, IA, NN, and the key read off the body's weights).",
     ),
     "private": Profile(
         name="private", keys="exact-norm", h=128, sv_floor=0.5, alpha_e=0.6, alpha_h=0.25, noise_shape="row",
@@ -105,9 +105,9 @@ PROFILES: dict[str, Profile] = {
                     "About 25 minutes on a 2-core CPU for SmolLM2. Chosen from the measured frontier in "
                     "docs/attacks.md; on SmolLM2-135M it does NOT reach the fidelity goal.",
         protects="not against a server that holds the public model: on SmolLM2 at the full attack budget the key "
-                 "fitted on VMA's reading reads 99.996% of the vocabulary with no copy trained, the learned matcher "
-                 "99% (IA 18%, VMA 22%, NN 0.01%), a passive observer of the traffic 29% of the prompt tokens "
-                 "(SDA), and perplexity doubles (see the README).",
+                 "read off the body's own weights reads 99.98% of the vocabulary with nothing read first, the key "
+                 "fitted on VMA's reading 99.996%, the learned matcher 99% (IA 18%, VMA 22%, NN 0.01%), a passive "
+                 "observer of the traffic 29% of the prompt tokens (SDA), and perplexity doubles (see the README).",
     ),
 }
 
