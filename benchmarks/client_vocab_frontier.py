@@ -41,18 +41,10 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from aloe.assets.cache import atomic_write_json, atomic_write_text  # noqa: E402
-from aloe.attacks import key_regression, weight_key  # noqa: E402
+from aloe.attacks import key_regression, occurrence, weight_key  # noqa: E402
 from aloe.attacks.common import Budget, Target  # noqa: E402
 from aloe.attacks.decoding import decode_linked  # noqa: E402
-from aloe.attacks.occurrence import (  # noqa: E402
-    attack_keyed,
-    attack_linked,
-    attack_vectors,
-    link_occurrences,
-    link_threshold,
-    score_links,
-    score_occurrences,
-)
+from aloe.attacks.occurrence import attack_keyed, attack_linked, attack_vectors, score_links, score_occurrences  # noqa: E402
 from aloe.attacks.suite import texts_for  # noqa: E402
 from aloe.obfuscation.client_vocab import ClientVocabulary, split_vocabulary, with_occurrence_noise  # noqa: E402
 from aloe.obfuscation.fidelity import PROMPTS, corpus_token_ids, greedy_fidelity, load_models, logit_fidelity  # noqa: E402
@@ -175,7 +167,7 @@ def weight_key_only(model: Path, alpha: float, paths, stream_tokens: int, link: 
                                      right_key_same_draw=right_key_read(target, client, secret, sent, truth,
                                                                         len(toks))["occurrence_recovery"])}
     if link:
-        labels = link_occurrences(sent, link_threshold(target, alpha, SHAPE)["threshold"])
+        labels = occurrence.link_occurrences(sent, occurrence.link_threshold(target, alpha, SHAPE)["threshold"])
         out["weight_key_linked_stream"] = dict(weight_key_read(target, sent, truth, len(toks), alpha, labels),
                                                draw="its own (as the alone row)")
     return out
