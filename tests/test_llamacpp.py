@@ -2,6 +2,7 @@
 the plain model's greedy tokens, and a recording relay in front of llama-server shows that it received only
 tau-mapped token ids. Builds llama-server from the pinned vendored source on first use (cached)."""
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -61,6 +62,68 @@ def test_llama_server_on_obfuscated_gguf_gives_the_plain_greedy_tokens(llama_ser
                                                      [client.chat_ids(q) for q in QUESTIONS])
     assert len(received) == len(QUESTIONS) + 2
     assert [r["prompt"] for r in received[-2:]] == [client.map.to_server(client.chat_ids(QUESTIONS[0]))] * 2
+
+
+def test_a_token_llama_server_would_hold_back_is_still_streamed(llama_server, smollm2_path, smollm2_exact, tmp_path):
+    """llama-server holds back from its stream a token whose own text leaves an incomplete UTF-8 sequence (server id
+    142 is byte 0xC3 in SmolLM2's vocabulary) and never sends that token's id; the export marks such tokens CONTROL,
+    whose text is empty to llama-server. A plain token forced onto that server id by a logit bias streams every time,
+    as the whole answer gives it."""
+    from gguf import GGUFReader, TokenType
+
+    obf_dir, secret = smollm2_exact
+    gguf = cached_gguf(obf_dir, "f32")
+    types = GGUFReader(gguf).fields["tokenizer.ggml.token_type"]
+    assert int(types.parts[types.data[142]][0]) == TokenType.CONTROL
+    assert sum(int(types.parts[i][0]) == TokenType.CONTROL for i in types.data) > 300   # 313 partial + specials
+    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    port = free_port()
+    with server_process(llama_server_command(gguf, "127.0.0.1", port, 2, 512), port, timeout=300,
+                        log=tmp_path / "llama-server.log"):
+        client = PrivateClient(f"http://127.0.0.1:{port}", secret, tok, backend="llama.cpp")
+        plain = int(np.flatnonzero(client.map.tau == 142)[0])
+        params = dict(max_tokens=4, temperature=0.0, logit_bias={plain: 100.0})
+        whole = client.complete("Say something.", **params)
+        streamed = list(client.open_stream("Say something.", **params))
+    assert whole.server_output_ids == [142] * 4 and whole.token_ids == [plain] * 4
+    assert streamed == whole.token_ids
+
+
+def tiny_vocab_gguf(path, model, tokens, types):
+    from gguf import GGUFWriter
+
+    w = GGUFWriter(path, "llama")
+    w.add_tokenizer_model(model)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def token_types(path):
+    from gguf import GGUFReader
+
+    f = GGUFReader(path).fields["tokenizer.ggml.token_type"]
+    return [int(f.parts[i][0]) for i in f.data]
+
+
+def test_only_tokens_whose_text_is_not_utf8_alone_are_marked(tmp_path):
+    """Byte-level BPE: 'Ã' (0xC3, a lead byte) and '¡' (0xA1, a continuation byte) are marked, 'Ã©' (é) and the
+    others are not, nor is a special token touched; a second pass marks nothing. SentencePiece: the byte token
+    <0xC3> is marked, <0x41> ('A') is not. A tokenizer model not handled is left alone."""
+    from aloe.serving.llamacpp import mark_partial_utf8_tokens
+
+    bpe = tiny_vocab_gguf(tmp_path / "bpe.gguf", "gpt2", ["a", "\u00c3", "\u00a1", "\u0120b", "<|x|>", "\u00c3\u00a9"],
+                          [1, 1, 1, 1, 3, 1])
+    assert mark_partial_utf8_tokens(bpe) == 2 and token_types(bpe) == [1, 3, 3, 1, 3, 1]
+    assert mark_partial_utf8_tokens(bpe) == 0
+    spm = tiny_vocab_gguf(tmp_path / "spm.gguf", "llama", ["<0xC3>", "<0x41>", "\u2581hi"], [6, 6, 1])
+    assert mark_partial_utf8_tokens(spm) == 1 and token_types(spm) == [3, 6, 1]
+    other = tiny_vocab_gguf(tmp_path / "other.gguf", "bert", ["\u00c3", "a"], [1, 1])
+    assert mark_partial_utf8_tokens(other) == 0 and token_types(other) == [1, 1]
 
 
 def test_export_refuses_bad_input(tmp_path):

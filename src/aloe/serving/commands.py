@@ -15,10 +15,10 @@ from aloe.assets.cache import cache_root
 
 def cached_gguf(model_dir: Path, outtype: str = "f32") -> Path:
     """GGUF export of a model folder, cached by the folder's manifest/config and weights' identity."""
-    from aloe.serving.llamacpp import export_gguf
+    from aloe.serving.llamacpp import GGUF_LAYOUT, export_gguf
 
     model_dir = Path(model_dir)
-    h = hashlib.sha256()
+    h = hashlib.sha256(f"layout {GGUF_LAYOUT}".encode())
     for name in sorted(os.listdir(model_dir)):
         p = model_dir / name
         if p.is_file():

@@ -77,8 +77,63 @@ def llama_server_binary(*, jobs: int | None = None, progress: bool = True) -> Pa
     return binary
 
 
+GGUF_LAYOUT = "2"  # what export_gguf writes beyond the converter's output; cached exports carry it in their name
+
+
+def token_bytes(text: str, tokenizer_model: str, token_type: int, byte_decoder: dict[str, int]) -> bytes | None:
+    """The bytes llama.cpp writes for a token (``gpt2``: byte-level BPE text, mapped back through ``byte_decoder``;
+    ``llama``: SentencePiece pieces and ``<0xNN>`` byte tokens), or None for a tokenizer model not handled here."""
+    from gguf import TokenType
+
+    if tokenizer_model == "gpt2":
+        return bytes(byte_decoder.get(c, 0x3F) for c in text)  # a character outside the byte alphabet: printable
+    if tokenizer_model == "llama":
+        if token_type == TokenType.BYTE and text.startswith("<0x") and text.endswith(">"):
+            return bytes([int(text[3:-1], 16)])
+        return text.replace("\u2581", " ").encode()
+    return None
+
+
+def mark_partial_utf8_tokens(gguf_file: Path) -> int:
+    """For token-id serving of an obfuscated model: mark CONTROL every normal or byte token whose text is not valid
+    UTF-8 on its own. The client reads token ids and llama-server's text of an obfuscated id means nothing; but
+    llama-server holds back from its stream a token whose text leaves an incomplete UTF-8 sequence, and when a later
+    token completes it, sends only the later token's id, so the held one is lost to a streaming client (seen on
+    SmolLM2: 313 of 49,152 texts are not valid UTF-8 alone; a tau that sends a generated token onto one of them
+    drops it). A CONTROL token's text is empty to llama-server, so nothing is held back; generation, sampling and
+    the end-of-generation ids do not read token types. Edits the file in place; returns the number of tokens
+    marked (0 for a tokenizer model not handled)."""
+    from gguf import GGUFReader, TokenType
+    from gguf.vocab import bytes_to_unicode
+
+    byte_decoder = {v: k for k, v in bytes_to_unicode().items()}
+    reader = GGUFReader(gguf_file, "r+")
+    fields = reader.fields
+    if "tokenizer.ggml.tokens" not in fields or "tokenizer.ggml.token_type" not in fields:
+        return 0
+    model = bytes(fields["tokenizer.ggml.model"].parts[-1]).decode() if "tokenizer.ggml.model" in fields else ""
+    texts, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
+    marked = 0
+    for ti, yi in zip(texts.data, types.data):
+        kind = int(types.parts[yi][0])
+        if kind not in (TokenType.NORMAL, TokenType.BYTE):
+            continue
+        raw = token_bytes(bytes(texts.parts[ti]).decode("utf-8"), model, kind, byte_decoder)
+        if raw is None:
+            return 0
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            types.parts[yi][0] = TokenType.CONTROL
+            marked += 1
+    reader.data.flush()
+    return marked
+
+
 def export_gguf(model_dir: Path, out_file: Path, *, outtype: str = "f32") -> Path:
-    """Convert a (plain or obfuscated) HF folder to GGUF with llama.cpp's own converter and its own gguf-py."""
+    """Convert a (plain or obfuscated) HF folder to GGUF with llama.cpp's own converter and its own gguf-py. For an
+    aloe artifact, the tokens llama-server would hold back from its stream are marked
+    (:func:`mark_partial_utf8_tokens`)."""
     if outtype not in ("f32", "f16"):
         raise AloeError("GGUF export supports f32 and f16")
     model_dir, out_file = Path(model_dir), Path(out_file)
@@ -98,6 +153,8 @@ def export_gguf(model_dir: Path, out_file: Path, *, outtype: str = "f32") -> Pat
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise AloeError(f"GGUF export failed: {last}")
+        if (model_dir / "aloe.json").is_file():
+            mark_partial_utf8_tokens(Path(tmp))
         os.replace(tmp, out_file)
     finally:
         if os.path.exists(tmp):
