@@ -153,10 +153,11 @@ def weight_key_read(target: Target, sent: torch.Tensor, truth: np.ndarray, m: in
                 all_occurrence_recovery=float((cand[:, 0] == truth).mean()), **key.summary())
 
 
-def weight_key_only(model: Path, alpha: float, paths, stream_tokens: int, link: bool) -> dict:
+def weight_key_only(model: Path, alpha: float, paths, stream_tokens: int, link: bool, draws: int = 1) -> dict:
     """:func:`weight_key_read` on a fresh draw of the vectors, the prompts among ``stream_tokens`` tokens of other
     traffic: each vector alone and, with ``link``, the linked attack's clusters pooled; beside it the read through
-    the right key (with the secret) on the same draw."""
+    the right key (with the secret) on the same draw. With ``draws`` > 1 the read of each vector alone is repeated on
+    that many fresh draws in all (``occurrence_recovery_per_draw``, the first being the row's own)."""
     secret = paths[1]
     target, texts, toks, client = victim(model, alpha, paths)
     extra = texts.stream[~np.isin(texts.stream, target.fixed_ids)][:stream_tokens]
@@ -166,6 +167,12 @@ def weight_key_only(model: Path, alpha: float, paths, stream_tokens: int, link: 
     out = {"weight_key_stream": dict(weight_key_read(target, sent, truth, len(toks), alpha), draw="its own",
                                      right_key_same_draw=right_key_read(target, client, secret, sent, truth,
                                                                         len(toks))["occurrence_recovery"])}
+    if draws > 1:
+        key = weight_key.recover(target)
+        more = [score_occurrences(weight_key.read_vectors(target, key, client.embed(tau[toks]), alpha, SHAPE), toks)
+                for _ in range(draws - 1)]     # the prompts alone: the read takes each vector alone
+        out["weight_key_stream"]["occurrence_recovery_per_draw"] = [
+            out["weight_key_stream"]["occurrence_recovery"], *(m["occurrence_recovery"] for m in more)]
     if link:
         labels = occurrence.link_occurrences(sent, occurrence.link_threshold(target, alpha, SHAPE)["threshold"])
         out["weight_key_linked_stream"] = dict(weight_key_read(target, sent, truth, len(toks), alpha, labels),
@@ -233,6 +240,12 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def spread(entry: dict) -> str:
+    """`` (lo-hi over n draws)`` where the entry was read on several draws (``--draws``), else nothing."""
+    d = entry.get("occurrence_recovery_per_draw") or []
+    return f" ({pct(min(d))}-{pct(max(d))} over {len(d)} draws)" if len(d) > 1 else ""
+
+
 def write_report(state: dict) -> None:
     rows = ["| occurrence noise alpha | ppl ratio | top-1 agree | greedy agree (prompts exact) | IA | states | "
             "IA + states | linked: prompts (pairs linked: recall / precision) | linked: among other traffic | "
@@ -263,7 +276,7 @@ def write_report(state: dict) -> None:
                        f"{pct(a['keyed_linked_stream']['occurrence_recovery'])} "
                        f"({fit_label(a['keyed_stream'])})"
                        if "keyed_linked_stream" in a else " | –")
-                    + (f" | {pct(a['weight_key_stream']['occurrence_recovery'])} / "
+                    + (f" | {pct(a['weight_key_stream']['occurrence_recovery'])}{spread(a['weight_key_stream'])} / "
                        + (pct(a['weight_key_linked_stream']['occurrence_recovery'])
                           if "weight_key_linked_stream" in a else "–") if "weight_key_stream" in a else " | –")
                     + (f" | {pct(a['right_key_stream']['occurrence_recovery'])}" if "right_key_stream" in a else " | –")
@@ -309,7 +322,8 @@ def write_report(state: dict) -> None:
           "permutation) are the public model's rotated by it (`aloe.attacks.weight_key`); every vector sent is "
           "read through it by its likelihood under the public noise level, alone and with the occurrences of each "
           "linked cluster pooled. On the rows that ran it on its own draw (`--weight-key-only`) the read through "
-          "the right key on that same draw is in the JSON (`right_key_same_draw`). "
+          "the right key on that same draw is in the JSON (`right_key_same_draw`); with `--draws N`, in brackets "
+          "the range of each vector's read alone over N fresh draws of the prompt vectors. "
           "Through the right key: a measurement with the secret, not an attack (it is not counted in the goal): "
           "every vector sent read alone through the writer key itself (fitted on the client's noise-free table, "
           "so no vector's noise enters it), what the noise itself leaves once a server has the key; on its own "
@@ -385,11 +399,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="run only the attack through the key read off the body's weights on the listed (measured) "
                          "alphas, on a fresh draw of the vectors (each vector alone and the linked clusters pooled; "
                          "alone for each --more-traffic entry)")
+    ap.add_argument("--draws", type=int, default=1,
+                    help="with --weight-key-only: fresh draws of the prompt vectors read alone (the spread of a "
+                         "point's figure)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if any(not a >= 0 for a in args.alphas):
         ap.error("every alpha must be >= 0")
+    if args.draws < 1:
+        ap.error("--draws must be >= 1")
     if args.stream_tokens < 0 or args.decode_tokens < 0 or args.more_traffic < 0:
         ap.error("--stream-tokens, --decode-tokens and --more-traffic must be >= 0")
     if args.report_only:
@@ -429,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
             if e is None or "linked_stream" not in e["attacks"]:
                 ap.error(f"alpha {alpha} has no stream-level figures yet: run it without --weight-key-only first")
             e["attacks"].update(weight_key_only(model, alpha, paths, e["attacks"]["linked_stream"]["stream_tokens"],
-                                                True))
+                                                True, args.draws))
             for n, entry in e.get("more_traffic", {}).items():
                 entry.update(weight_key_only(model, alpha, paths, int(n), False))
             atomic_write_json(PATH, state)
