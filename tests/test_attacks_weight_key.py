@@ -94,13 +94,7 @@ def test_a_body_without_a_dense_gated_ffn_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("ALOE_CACHE", str(tmp_path))
     plain, obf, _ = build(tmp_path, "llama-gqa-tied", "e", PROFILES["exact"].with_overrides(name="e", h=8))
     t = Target(plain, obf, Budget(topk=5, seed=1))
-    real = t.obf_layer
-
-    def no_gate(layer, name):
-        if name == wk.GATE:
-            raise KeyError(name)
-        return real(layer, name)
-
-    monkeypatch.setattr(t, "obf_layer", no_gate)
+    assert t.has_weight(f"model.layers.0.{wk.GATE}.weight") and not t.has_weight("model.layers.0.mlp.experts")
+    monkeypatch.setattr(t, "has_weight", lambda name: wk.GATE not in name)   # a body whose FFNs have no gate
     with pytest.raises(AloeError, match="dense gated FFNs; layer 0 has no mlp.gate_proj"):
         wk.recover(t)

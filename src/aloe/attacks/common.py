@@ -176,6 +176,10 @@ class Target:
             w = w * self.plain(p + "post_attention_layernorm.weight")[None, :]
         return w
 
+    def has_weight(self, name: str) -> bool:
+        """Whether both the plain and the obfuscated checkpoint hold tensor ``name``."""
+        return name in self._plain and name in self._obf
+
     def obf_layer(self, layer: int, name: str) -> torch.Tensor:
         return self.obf(f"model.layers.{layer}.{name}.weight")
 

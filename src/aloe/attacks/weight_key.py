@@ -73,11 +73,9 @@ class WeightKey:
 
 
 def _layer_weight(t: Target, layer: int, name: str, plain: bool) -> torch.Tensor:
-    try:
-        w = t.plain_layer(layer, name) if plain else t.obf_layer(layer, name)
-    except KeyError:
-        raise AloeError(f"the weight-key attack reads dense gated FFNs; layer {layer} has no {name}") from None
-    return w.double()
+    if not t.has_weight(f"model.layers.{layer}.{name}.weight"):
+        raise AloeError(f"the weight-key attack reads dense gated FFNs; layer {layer} has no {name}")
+    return (t.plain_layer(layer, name) if plain else t.obf_layer(layer, name)).double()
 
 
 @torch.no_grad()
