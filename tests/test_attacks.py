@@ -360,7 +360,7 @@ def test_cli_prints_every_attack_in_json(plain_dir, weak, capsys, tmp_path):
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"vma", "ia", "nn", "isa", "ima", "tfma", "sda", "behavioural", "anchored", "learned",
-                        "decoded", "sda-decoded", "key-regression", "weight-key"}
+                        "decoded", "sda-decoded", "key-regression", "weight-key", "post-norm"}
     for r in out.values():
         assert 0.0 <= r["token_recovery"] <= 1.0 and 0.0 <= r["prompt_token_recovery"] <= 1.0
     other = tmp_path / "other.json"

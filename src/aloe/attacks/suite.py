@@ -16,7 +16,7 @@ from aloe.attacks.common import Target
 from aloe.attacks.scoring import score_ids, score_sequences
 
 ATTACKS = ("vma", "ia", "nn", "isa", "ima", "tfma", "sda", "behavioural", "anchored", "learned", "decoded",
-           "sda-decoded", "key-regression", "weight-key")
+           "sda-decoded", "key-regression", "weight-key", "post-norm")
 
 
 @dataclass
@@ -140,7 +140,7 @@ def run(target: Target, names: list[str], tau: np.ndarray, texts: Texts, progres
         t0 = time.perf_counter()
         bar = tqdm(desc=name, disable=not progress, leave=False, unit="step")
         pr = bar if progress else None
-        if name in ("vma", "ia", "nn", "behavioural", "anchored", "learned", "sda", "weight-key"):
+        if name in ("vma", "ia", "nn", "behavioural", "anchored", "learned", "sda", "weight-key", "post-norm"):
             guesses[name] = _id_guess(name, target, received, texts, tau, pr)
             res = score_ids(guesses[name], tau, texts.prompts, fixed)
             if name == "sda":
