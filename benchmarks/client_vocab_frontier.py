@@ -14,7 +14,8 @@ For each alpha:
   vocabulary; the stream-level attacker first links the occurrences of one token and reads each cluster's mean.
 
     python benchmarks/client_vocab_frontier.py [--alphas 0 0.05 0.1 0.2 0.4 0.8] [--stream-tokens 4000] [--threads 2]
-        [--decode-tokens 2000] [--rerun] [--more-traffic N] [--report-only] [--json]
+        [--decode-tokens 2000] [--rerun] [--more-traffic N] [--right-key-only] [--weight-key-only [--draws N]]
+        [--report-only] [--json]
 
 The stream-level attacks also fit the writer key on the linked attack's reading (key regression) and, for
 measurement only, read every vector through the right key (fitted with the secret): what the noise itself leaves.
@@ -143,11 +144,12 @@ def right_key_only(model: Path, alpha: float, paths, stream_tokens: int) -> dict
 
 
 def weight_key_read(target: Target, sent: torch.Tensor, truth: np.ndarray, m: int, alpha: float,
-                    labels: np.ndarray | None = None) -> dict:
+                    labels: np.ndarray | None = None, key: weight_key.WeightKey | None = None) -> dict:
     """The attack that needs no reading first: the writer key read off the server's body
-    (:func:`aloe.attacks.weight_key.recover`), every vector sent read through it (alone, or with ``labels`` the
-    occurrences of each linked cluster pooled). Scored on the first ``m`` (the prompt occurrences)."""
-    key = weight_key.recover(target)
+    (:func:`aloe.attacks.weight_key.recover`, unless ``key`` is that already), every vector sent read through it
+    (alone, or with ``labels`` the occurrences of each linked cluster pooled). Scored on the first ``m`` (the prompt
+    occurrences)."""
+    key = weight_key.recover(target) if key is None else key
     cand = weight_key.read_vectors(target, key, sent, alpha, SHAPE, labels)
     return dict(score_occurrences(cand[:m], truth[:m]), stream_tokens=int(len(truth) - m),
                 all_occurrence_recovery=float((cand[:, 0] == truth).mean()), **key.summary())
@@ -164,18 +166,18 @@ def weight_key_only(model: Path, alpha: float, paths, stream_tokens: int, link: 
     tau = load_secret(secret).tau
     truth = np.concatenate([toks, extra])
     sent = client.embed(tau[truth])
-    out = {"weight_key_stream": dict(weight_key_read(target, sent, truth, len(toks), alpha), draw="its own",
+    key = weight_key.recover(target)
+    out = {"weight_key_stream": dict(weight_key_read(target, sent, truth, len(toks), alpha, key=key), draw="its own",
                                      right_key_same_draw=right_key_read(target, client, secret, sent, truth,
                                                                         len(toks))["occurrence_recovery"])}
     if draws > 1:
-        key = weight_key.recover(target)
         more = [score_occurrences(weight_key.read_vectors(target, key, client.embed(tau[toks]), alpha, SHAPE), toks)
                 for _ in range(draws - 1)]     # the prompts alone: the read takes each vector alone
         out["weight_key_stream"]["occurrence_recovery_per_draw"] = [
             out["weight_key_stream"]["occurrence_recovery"], *(m["occurrence_recovery"] for m in more)]
     if link:
         labels = occurrence.link_occurrences(sent, occurrence.link_threshold(target, alpha, SHAPE)["threshold"])
-        out["weight_key_linked_stream"] = dict(weight_key_read(target, sent, truth, len(toks), alpha, labels),
+        out["weight_key_linked_stream"] = dict(weight_key_read(target, sent, truth, len(toks), alpha, labels, key),
                                                draw="its own (as the alone row)")
     return out
 
@@ -214,8 +216,9 @@ def stream_attacks(model: Path, target: Target, texts, toks: np.ndarray, vectors
         kd = attack_keyed(target, sent, both["candidates"][:, 0], SHAPE, labels)
         out[fam] = dict(score_occurrences(kd.pop("candidates")[:m], toks), stream_tokens=int(len(extra)), **kd)
     truth = np.concatenate([toks, extra])
-    out["weight_key_stream"] = weight_key_read(target, sent, truth, m, alpha)
-    out["weight_key_linked_stream"] = weight_key_read(target, sent, truth, m, alpha, both["labels"])
+    key = weight_key.recover(target)
+    out["weight_key_stream"] = weight_key_read(target, sent, truth, m, alpha, key=key)
+    out["weight_key_linked_stream"] = weight_key_read(target, sent, truth, m, alpha, both["labels"], key)
     out["right_key_stream"] = right_key_read(target, client, secret, sent, truth, m)
     out["linked_stream"]["all_distinct_right"] = int(len(np.unique(truth[both["candidates"][:, 0] == truth])))
     if decode_tokens > 0:
@@ -328,7 +331,7 @@ def write_report(state: dict) -> None:
           "every vector sent read alone through the writer key itself (fitted on the client's noise-free table, "
           "so no vector's noise enters it), what the noise itself leaves once a server has the key; on its own "
           "draw of the vectors (`--right-key-only`). "
-          "Every family of a row is measured on one draw of the vectors. Goal: ppl ratio "
+          "The other families of a row are measured on one draw of the vectors. Goal: ppl ratio "
           "<= 1.10, greedy >= 0.80, every attack <= 5%.", "", *rows, ""]
     if len(more) > 2:
         md += ["## More traffic", "",
