@@ -2,13 +2,15 @@
 the plain model's greedy tokens, and a recording relay in front of llama-server shows that it received only
 tau-mapped token ids. Builds llama-server from the pinned vendored source on first use (cached)."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from aloe import AloeError
-from aloe.obfuscation.client import PrivateClient
+from aloe.obfuscation.client import PrivateClient, ServerError
 from aloe.serving.commands import cached_gguf, llama_server_command
 from aloe.serving.llamacpp import export_gguf, llama_server_binary
 from aloe.serving.local import app_thread, free_port, server_process
@@ -87,6 +89,26 @@ def test_a_token_llama_server_would_hold_back_is_still_streamed(llama_server, sm
         streamed = list(client.open_stream("Say something.", **params))
     assert whole.server_output_ids == [142] * 4 and whole.token_ids == [plain] * 4
     assert streamed == whole.token_ids
+    # the same GGUF with token 142 left as the converter wrote it: llama-server drops its ids from the stream, and the
+    # client refuses the streamed answer (its chunks count the generated tokens) instead of losing them silently
+    unmarked = tmp_path / "unmarked.gguf"
+    shutil.copyfile(gguf, unmarked)
+    try:
+        from gguf import GGUFReader
+
+        fields = GGUFReader(unmarked, "r+").fields["tokenizer.ggml.token_type"]
+        fields.parts[fields.data[142]][0] = TokenType.NORMAL
+        del fields
+        port = free_port()
+        with server_process(llama_server_command(unmarked, "127.0.0.1", port, 2, 512), port, timeout=300,
+                            log=tmp_path / "llama-server-unmarked.log"):
+            client = PrivateClient(f"http://127.0.0.1:{port}", secret, tok, backend="llama.cpp")
+            assert client.complete("Say something.", **params).server_output_ids == [142] * 4
+            with pytest.raises(ServerError, match="generated 4 tokens but streamed the ids of 0") as err:
+                list(client.open_stream("Say something.", **params))
+            assert err.value.kind == "incomplete"
+    finally:
+        unmarked.unlink()
 
 
 def tiny_vocab_gguf(path, model, tokens, types):
@@ -134,3 +156,57 @@ def test_export_refuses_bad_input(tmp_path):
     (tmp_path / "m" / "config.json").write_text("{}")
     with pytest.raises(AloeError, match="already exists"):
         export_gguf(tmp_path / "m", tmp_path / "exists.gguf")
+
+
+def test_the_gguf_cache_keeps_the_recently_used_exports_within_its_budget(tmp_path, monkeypatch):
+    """Each obfuscation gets its own cached export; the least recently used ones go once the cache passes its
+    budget, never the export just made nor another process's export in progress. A cache hit counts as a use."""
+    import os
+
+    import aloe.serving.llamacpp as llamacpp
+    from aloe.serving.commands import evict_gguf_cache
+
+    folder = tmp_path / "gguf"
+    folder.mkdir()
+    old = []
+    for k in range(4):
+        p = folder / f"m{k}.gguf"
+        p.write_bytes(b"x" * 100)
+        os.utime(p, (1000 + k, 1000 + k))
+        old.append(p)
+    busy = folder / ".m9.gguf.tmp-1.gguf"
+    busy.write_bytes(b"x" * 100)
+    os.utime(busy, (1, 1))
+    new = folder / "new.gguf"
+    new.write_bytes(b"x" * 100)
+    os.utime(new, (1, 1))  # the oldest time, still kept
+    assert evict_gguf_cache(folder, keep=new, budget_bytes=250) == old[:3]
+    assert sorted(p.name for p in folder.iterdir()) == [busy.name, "m3.gguf", "new.gguf"]
+    assert evict_gguf_cache(folder, keep=new, budget_bytes=250) == []
+
+    monkeypatch.setenv("ALOE_CACHE", str(tmp_path / "cache"))
+    made = []
+
+    def export(src, out, outtype):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(b"g")
+        made.append(out)
+
+    monkeypatch.setattr(llamacpp, "export_gguf", export)
+    models = []
+    for k in range(3):
+        (tmp_path / f"model{k}").mkdir()
+        (tmp_path / f"model{k}" / "config.json").write_text(str(k))
+        models.append(tmp_path / f"model{k}")
+    monkeypatch.setenv("ALOE_GGUF_CACHE_GB", str(2.5 / 2**30))  # room for two one-byte exports
+    first = cached_gguf(models[0])
+    os.utime(first, (1, 1))
+    second = cached_gguf(models[1])
+    os.utime(second, (2, 2))
+    assert cached_gguf(models[0]) == first and len(made) == 2  # a hit: not exported again, and now the newest
+    third = cached_gguf(models[2])
+    assert first.is_file() and third.is_file() and not second.exists()
+    monkeypatch.setenv("ALOE_GGUF_CACHE_GB", "lots")
+    with pytest.raises(AloeError, match="ALOE_GGUF_CACHE_GB must be a number"):
+        cached_gguf(tmp_path / "model1")
+    assert len(made) == 3  # refused before exporting

@@ -72,7 +72,8 @@ class Completion:
 
 class ServerError(AloeError):
     """The untrusted server could not be reached (``kind`` "unreachable"), was too slow ("timeout"), or answered
-    with an error (``kind`` "status", its HTTP code in ``status``)."""
+    with an error (``kind`` "status", its HTTP code in ``status``), or streamed fewer token ids than it generated
+    ("incomplete")."""
 
     def __init__(self, message: str, kind: str, status: int | None = None) -> None:
         super().__init__(message)
@@ -83,6 +84,17 @@ def server_error(exc: httpx.HTTPError, server: str) -> ServerError:
     if isinstance(exc, httpx.TimeoutException):
         return ServerError(f"the server at {server} did not answer in time ({type(exc).__name__})", "timeout")
     return ServerError(f"cannot reach the server at {server}: {exc}", "unreachable")
+
+
+def check_stream_count(received: int, predicted) -> None:
+    """llama-server counts the tokens it generated in every stream chunk (``tokens_predicted``). It holds back from its
+    stream a token whose own text leaves an incomplete UTF-8 sequence and never sends that token's id: with an
+    obfuscated model the server-side text of an id means nothing, so a GGUF whose such tokens are not marked (not
+    exported by aloe, or by an older aloe) loses generated tokens silently. Refuse the answer instead."""
+    if isinstance(predicted, int) and predicted > received:
+        raise ServerError(f"llama-server generated {predicted} tokens but streamed the ids of {received}: it holds "
+                          "back tokens whose text is incomplete UTF-8, so serve a GGUF that aloe exported (it marks "
+                          "them) or ask without streaming", "incomplete")
 
 
 class IncrementalDecoder:
@@ -291,6 +303,7 @@ class PrivateClient:
                     resp.read()
                     raise ServerError(f"server answered {resp.status_code}: {resp.text[:300]}", "status",
                                       resp.status_code)
+                received = 0
                 for line in resp.iter_lines():
                     if not line.startswith("data:"):
                         continue
@@ -303,6 +316,8 @@ class PrivateClient:
                         ids, finish = choice.get("token_ids") or [], choice.get("finish_reason")
                     else:
                         ids, finish = chunk.get("tokens") or [], ("stop" if chunk.get("stop") else None)
+                        received += len(ids)
+                        check_stream_count(received, chunk.get("tokens_predicted"))
                     for i in ids:
                         yield int(i), None
                         if int(i) in stops:

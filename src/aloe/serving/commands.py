@@ -25,9 +25,47 @@ def cached_gguf(model_dir: Path, outtype: str = "f32") -> Path:
             st = p.stat()
             h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
     target = cache_root() / "gguf" / f"{model_dir.name}-{h.hexdigest()[:16]}-{outtype}.gguf"
-    if not target.is_file():
-        export_gguf(model_dir, target, outtype=outtype)
+    if target.is_file():
+        os.utime(target)  # recently used: evicted last
+        return target
+    budget = gguf_cache_budget()
+    export_gguf(model_dir, target, outtype=outtype)
+    evict_gguf_cache(target.parent, keep=target, budget_bytes=budget)
     return target
+
+
+def gguf_cache_budget() -> int:
+    """``ALOE_GGUF_CACHE_GB`` (default 8) in bytes."""
+    try:
+        return int(float(os.environ.get("ALOE_GGUF_CACHE_GB", "8")) * 2**30)
+    except ValueError:
+        raise AloeError("ALOE_GGUF_CACHE_GB must be a number of gigabytes") from None
+
+
+def evict_gguf_cache(folder: Path, keep: Path, budget_bytes: int | None = None) -> list[Path]:
+    """Every export is cached by its folder's identity, so each new obfuscation adds one (938 MB for SmolLM2 in f32).
+    Remove the least recently used exports until the cache fits ``budget_bytes`` (``ALOE_GGUF_CACHE_GB``, default
+    8); the export just made is always kept. A llama-server still serving a removed file keeps its open copy."""
+    if budget_bytes is None:
+        budget_bytes = gguf_cache_budget()
+    files = []
+    for p in folder.glob("*.gguf"):
+        if p.name.startswith(".") or p == keep:
+            continue  # another process's export in progress, or the one just made
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            continue
+        files.append((st.st_mtime, st.st_size, p))
+    total = sum(size for _, size, _ in files) + keep.stat().st_size
+    removed = []
+    for _, size, p in sorted(files):
+        if total <= budget_bytes:
+            break
+        p.unlink(missing_ok=True)
+        total -= size
+        removed.append(p)
+    return removed
 
 
 def llama_server_command(gguf: Path, host: str, port: int, threads: int | None, context: int) -> list[str]:
