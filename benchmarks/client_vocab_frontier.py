@@ -15,10 +15,12 @@ For each alpha:
 
     python benchmarks/client_vocab_frontier.py [--alphas 0 0.05 0.1 0.2 0.4 0.8] [--stream-tokens 4000] [--threads 2]
         [--decode-tokens 2000] [--rerun] [--more-traffic N] [--right-key-only] [--weight-key-only [--draws N]]
-        [--report-only] [--json]
+        [--answers-only] [--report-only] [--json]
 
 The stream-level attacks also fit the writer key on the linked attack's reading (key regression) and, for
 measurement only, read every vector through the right key (fitted with the secret): what the noise itself leaves.
+``--answers-only`` measures the other half of the traffic: the client decodes the 8 chat prompts greedily and the
+server reads each token the client picks from the final hidden state it returned, through the key its body gives.
 ``--more-traffic N`` reruns the stream-level attacks of measured alphas with the prompts among N tokens of other
 traffic (a fresh draw, stored beside the point's figures).
 
@@ -182,6 +184,39 @@ def weight_key_only(model: Path, alpha: float, paths, stream_tokens: int, link: 
     return out
 
 
+def weight_key_answers(model: Path, alpha: float, paths, prompts: int, new_tokens: int, show: bool) -> dict:
+    """The answers: the client-held deployment decodes the chat prompts greedily (the server's body in this process,
+    fresh noise on every vector the client sends, the client's own head), and the server reads the token the client
+    picks at each step from the final hidden state it returned, through the key its body gives and the public head
+    (:func:`aloe.attacks.weight_key.read_answers`). Scored on the answer tokens that tau moves (not the end id)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from aloe.obfuscation.client_vocab import local_greedy
+
+    t1 = time.perf_counter()
+    target, _, _, client = victim(model, alpha, paths)
+    key = weight_key.recover(target)
+    tok = AutoTokenizer.from_pretrained(model)
+    body = AutoModelForCausalLM.from_pretrained(paths[2], dtype=torch.float32).eval()
+    tau = load_secret(paths[1]).tau
+    inv = np.argsort(tau)
+    picked, states = [], []
+    for prompt in tqdm(PROMPTS[:prompts], desc=f"answers, alpha {alpha}", disable=not show, leave=False):
+        x = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                    return_tensors="pt", return_dict=True)["input_ids"][0].numpy()
+        ids, hidden = local_greedy(body, client, tau[x], new_tokens)
+        picked.append(inv[np.asarray(ids, dtype=np.int64)])
+        states.append(hidden)
+    truth, hidden = np.concatenate(picked), torch.cat(states)
+    keep = ~np.isin(truth, target.fixed_ids)
+    cand = weight_key.read_answers(target, key, hidden[torch.as_tensor(keep)])
+    return dict(answer_tokens=int(keep.sum()), distinct_answer_tokens=int(len(np.unique(truth[keep]))),
+                answer_recovery=float((cand[:, 0] == truth[keep]).mean()) if keep.any() else 0.0,
+                answer_recovery_top10=float((cand[:, :10] == truth[keep][:, None]).any(1).mean())
+                if keep.any() else 0.0, prompts=prompts, new_tokens=new_tokens,
+                seconds=time.perf_counter() - t1, **key.summary())
+
+
 def more_traffic(model: Path, alpha: float, paths, stream_tokens: int, show: bool) -> dict:
     """The stream-level attacks alone (no decoding) on a fresh draw of the vectors, the prompts sent among
     ``stream_tokens`` tokens of other traffic: how the figures grow with what the server sees."""
@@ -333,6 +368,28 @@ def write_report(state: dict) -> None:
           "draw of the vectors (`--right-key-only`). "
           "The other families of a row are measured on one draw of the vectors. Goal: ppl ratio "
           "<= 1.10, greedy >= 0.80, every attack <= 5%.", "", *rows, ""]
+    answers = ["| occurrence noise alpha | ppl ratio | answer tokens (distinct) | read from the returned states: "
+               "top-1 | top-10 | prompt occurrences: worst attack | prompts and answers both <= 5% |",
+               "|---|---|---|---|---|---|---|"]
+    for key in sorted(state["points"], key=float):
+        e = state["points"][key]
+        if "answers" not in e:
+            continue
+        r, a = e["answers"], e["attacks"]
+        worst = max(a[fam]["occurrence_recovery"] for fam in (*FAMILIES, *STREAM_FAMILIES) if fam in a)
+        answers.append(f"| {e['alpha']} | {e['fidelity']['ppl_ratio']:.3f} | {r['answer_tokens']} "
+                       f"({r['distinct_answer_tokens']}) | **{pct(r['answer_recovery'])}** | "
+                       f"{pct(r['answer_recovery_top10'])} | {pct(worst)} | "
+                       f"{'yes' if max(worst, r['answer_recovery']) <= 0.05 else 'no'} |")
+    if len(answers) > 2:
+        md += ["## The answers", "",
+               "The other half of the traffic (`--answers-only`): the client decodes the 8 chat prompts greedily "
+               "(up to 64 new tokens each, fresh noise on every vector it sends, its own head), and for every "
+               "token it picks the server reads the pick from the final hidden state it returned: the state through "
+               "the key its body gives, then the public head (`aloe.attacks.weight_key.read_answers`). Scored on "
+               "the answer tokens that tau moves (the end id not counted). The noise the client adds changes the "
+               "state, and the client reads the changed state too; what the server lacks is the head's own fresh "
+               "key part, which reads the noise outside the residual subspace.", "", *answers, ""]
     if len(more) > 2:
         md += ["## More traffic", "",
                "The stream-level attacks again (`--more-traffic N`), on a fresh draw of the vectors, the prompts sent "
@@ -363,6 +420,10 @@ def write_plot(state: dict) -> None:
         ax.plot([100 * e["attacks"]["right_key_stream"]["occurrence_recovery"] for e in have],
                 [e["fidelity"]["ppl_ratio"] for e in have], ls="--", color="black", marker=".",
                 label="through the right key (secret; not an attack)")
+    have = [e for e in pts if "answers" in e]
+    if have:
+        ax.plot([100 * e["answers"]["answer_recovery"] for e in have], [e["fidelity"]["ppl_ratio"] for e in have],
+                color="crimson", marker="o", mfc="none", lw=2, label="the answers, read from the returned states")
     for e in pts:
         ax.annotate(f"alpha {e['alpha']}", (100 * e["attacks"]["combined"]["occurrence_recovery"],
                                             e["fidelity"]["ppl_ratio"]), fontsize=7, xytext=(3, 3),
@@ -402,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="run only the attack through the key read off the body's weights on the listed (measured) "
                          "alphas, on a fresh draw of the vectors (each vector alone and the linked clusters pooled; "
                          "alone for each --more-traffic entry)")
+    ap.add_argument("--answers-only", action="store_true",
+                    help="run only the read of the answers (the client decodes the chat prompts greedily; the server "
+                         "reads each pick from the hidden state it returned) on the listed (measured) alphas")
     ap.add_argument("--draws", type=int, default=1,
                     help="with --weight-key-only: fresh draws of the prompt vectors read alone (the spread of a "
                          "point's figure)")
@@ -454,6 +518,15 @@ def main(argv: list[str] | None = None) -> int:
                                                 True, args.draws))
             for n, entry in e.get("more_traffic", {}).items():
                 entry.update(weight_key_only(model, alpha, paths, int(n), False))
+            atomic_write_json(PATH, state)
+            write_report(state)
+            write_plot(state)
+            continue
+        if args.answers_only:
+            if e is None:
+                ap.error(f"alpha {alpha} is not measured yet: run it without --answers-only first")
+            e["answers"] = weight_key_answers(model, alpha, paths, args.fidelity_prompts, args.fidelity_new_tokens,
+                                              show)
             atomic_write_json(PATH, state)
             write_report(state)
             write_plot(state)

@@ -98,3 +98,40 @@ def test_a_body_without_a_dense_gated_ffn_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(t, "has_weight", lambda name: wk.GATE not in name)   # a body whose FFNs have no gate
     with pytest.raises(AloeError, match="dense gated FFNs; layer 0 has no mlp.gate_proj"):
         wk.recover(t)
+
+
+def test_the_answers_are_read_from_the_hidden_states_the_server_returns(tmp_path, monkeypatch):
+    """Client-held vocabulary: the client decodes greedily with its own head from the final hidden state the server
+    returns. The server maps that state through the key its body gives and applies the public head: without
+    occurrence noise it reads every pick (the decode loop is the artifact's own greedy decoding); with fresh noise on
+    every vector sent (alpha 1) it still reads most picks, since the client reads the noisy state too. Over 20
+    draws at alpha 1: 93.8-99.0%."""
+    from transformers import AutoModelForCausalLM
+
+    from aloe.obfuscation.client_vocab import ClientVocabulary, local_greedy, split_vocabulary
+
+    monkeypatch.setenv("ALOE_CACHE", str(tmp_path))
+    plain, obf, tau = build(tmp_path, "llama-gqa-tied", "bal", PROFILES["balanced"].with_overrides(name="b", h=8))
+    inv = np.argsort(tau)
+    prompts = [tau[np.random.default_rng(k).choice(np.arange(3, 97), 8)] for k in range(6)]
+    full = AutoModelForCausalLM.from_pretrained(obf, dtype=torch.float32).eval()
+    for alpha, least in ((0.0, 1.0), (1.0, 0.8)):
+        server = tmp_path / f"server-{alpha}"
+        split_vocabulary(obf, server, tmp_path / f"client-{alpha}.st", occurrence_noise=alpha)
+        t = Target(plain, server, Budget(topk=5, seed=1))
+        client = ClientVocabulary(tmp_path / f"client-{alpha}.st")
+        body = AutoModelForCausalLM.from_pretrained(server, dtype=torch.float32).eval()
+        key = wk.recover(t)
+        picked, states = [], []
+        for p in prompts:
+            ids, hidden = local_greedy(body, client, p, 16)
+            assert hidden.shape == (len(ids), body.config.hidden_size)
+            if alpha == 0.0:   # the artifact's own greedy decoding, up to the end id where it stops
+                want = full.generate(torch.as_tensor(p)[None], attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                     max_new_tokens=16, do_sample=False)[0, len(p):].tolist()
+                assert ids == want[:len(ids)]
+            picked.append(inv[np.asarray(ids)])
+            states.append(hidden)
+        truth = np.concatenate(picked)
+        got = wk.read_answers(t, key, torch.cat(states))
+        assert got.shape == (len(truth), 5) and (got[:, 0] == truth).mean() >= least, alpha

@@ -21,6 +21,10 @@ one:
    stream, fresh noise in all d' coordinates): mapped by ``v U R^T / c`` it is the plain row plus noise, read by its
    likelihood against every plain token under the public noise level (:func:`aloe.attacks.key_regression.read`).
    A head row is ``(w + noise) Q^T``, mapped by ``h U R^T c``.
+4. **The answer.** In the client-held deployment the server returns the final hidden state of every step and the
+   client applies its head. Mapped into the plain frame by the same key, the state meets the public head (the final
+   norm's gamma folded in) and gives the token a greedy client picks (:func:`read_answers`), whatever noise the
+   client put on the vectors it sent: that noise changes the state, and the client reads the changed state too.
 
 Nothing secret is used: the writers and gates are the artifact's, the plain gates and norms the public model's, the
 noise levels the public profile's. The gate's SwiGLU is what keeps its columns unscaled (the up projection carries
@@ -144,6 +148,15 @@ def read_vectors(t: Target, key: WeightKey, vectors: torch.Tensor, alpha: float,
           + _sigma2(E, float(prof.get("alpha_e", 0.0)), prof.get("noise_shape", "entry"), row, E.shape[1]))
     return key_regression.read([(key.embed_side(vectors), E, max(s2, FLOOR))], t.movable_ids, t.budget.topk, row,
                                groups)
+
+
+@torch.no_grad()
+def read_answers(t: Target, key: WeightKey, hidden: torch.Tensor, k: int | None = None) -> np.ndarray:
+    """Top-k plain candidates (m, k) for the token the client picks after each final hidden state (m x d') the server
+    returned in the client-held deployment: the state through ``key`` into the plain frame, then the public head
+    (the final norm's gamma folded in; ranking only, so the key's scale does not matter)."""
+    logits = key.embed_side(hidden) @ t.plain_head.double().T
+    return torch.topk(logits, k or t.budget.topk, dim=1).indices.numpy()
 
 
 @torch.no_grad()

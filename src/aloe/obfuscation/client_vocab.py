@@ -208,3 +208,24 @@ def decode_array(text: str, width: int) -> np.ndarray:
     if not np.isfinite(arr).all():
         raise AloeError("embeds: values must be finite")
     return arr
+
+
+@torch.no_grad()
+def local_greedy(body, client: ClientVocabulary, obf_prompt, max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """The client-held decode loop with the server's body in this process (``body``: the stock causal LM loaded from
+    the server folder): the client's noisy vectors in, the last final hidden state out, the client's head and a
+    greedy pick, until an end-of-sequence id or ``max_new_tokens``. Returns the obfuscated ids picked (the end id
+    not included) and the hidden state each pick was made from (n x d'), exactly what the server returned."""
+    ids, cache, picked, states = list(obf_prompt), None, [], []
+    eos = set(client.eos_ids)
+    for _ in range(max_new_tokens):
+        vectors = client.embed(ids)[None].to(body.dtype)
+        out = body.model(inputs_embeds=vectors, cache=cache, use_cache=True)
+        cache, h = out.cache, out.last_hidden_state[0, -1].float()
+        nxt = int(client.logits(h[None])[0].argmax())
+        if nxt in eos:
+            break
+        picked.append(nxt)
+        states.append(h)
+        ids = [nxt]
+    return picked, torch.stack(states) if states else torch.empty(0, client.hidden_size)
