@@ -431,7 +431,7 @@ def write_plot(state: dict) -> None:
     ax.axhline(1.10, ls="--", lw=0.8, color="grey")
     ax.axvline(5.0, ls=":", lw=0.8, color="grey")
     ax.set_yscale("log")
-    ax.set_xlabel("% of prompt-token occurrences read")
+    ax.set_xlabel("% read: prompt-token occurrences (the answers: answer tokens)")
     ax.set_ylabel("perplexity ratio (noisy / plain)")
     ax.set_title("Client-held vocabulary + fresh occurrence noise (goal: below 1.10, left of 5%)", fontsize=9)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))

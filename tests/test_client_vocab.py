@@ -140,6 +140,7 @@ def test_the_text_summary_says_the_body_still_gives_the_key(split, capsys):
                       "--occurrence-noise", "0.5"]) == 0
     out = capsys.readouterr().out
     assert "client-held vocabulary:" in out and "reads the writer key off the body's weights" in out
+    assert "the answers through the hidden states it returns" in out
 
 
 def test_cli_refuses_occurrence_noise_without_client_vocab(split, capsys):
