@@ -90,14 +90,47 @@ def test_client_held_vectors_are_read_through_the_key_the_body_gives(tmp_path, m
         wk.read_vectors(t, key, sent, 2.5, shape="column")
 
 
-def test_a_body_without_a_dense_gated_ffn_is_refused(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["qwen3-moe", "qwen2-moe-shared", "mixtral"])
+def test_sparse_moe_bodies_give_the_key_through_the_sum_over_their_experts(kind, tmp_path, monkeypatch):
+    """Sparse MoE blocks (every expert obfuscated as an FFN with its own unit permutation, the experts moved to
+    secret slots, a dense layer among them in the Qwen3-MoE model, a shared expert in the Qwen2-MoE one): the gates
+    summed over every expert are free of both permutations, and the key they give maps both tables back onto the
+    plain ones up to rounding."""
+    from test_obfuscation_arch import tiny
+
+    monkeypatch.setenv("ALOE_CACHE", str(tmp_path))
+    plain = tiny(kind, tmp_path / "plain")
+    obfuscate_checkpoint(plain, tmp_path / "obf", tmp_path / "s.json", PROFILES["exact"].with_overrides(name="e", h=8),
+                         progress=False)
+    tau = torch.as_tensor(load_secret(tmp_path / "s.json").tau)
+    t = Target(plain, tmp_path / "obf", Budget(topk=5, seed=1))
+    layers = [wk.ffn_parts(t, layer)[0] for layer in range(t.arch.n_layers)]
+    assert any(len(g) >= t.arch.n_experts > 1 for g in layers)
+    key = wk.recover(t)
+    s = key.summary()
+    assert s["subspace_gap"] < 1e-4 and s["gram_residual"] < 1e-4 and s["sign_agreement"] > 0.99
+    for got, want in ((key.embed_side(t.obf_embed[tau]), t.plain_embed),
+                      (key.head_side(t.obf_head[tau]), t.plain_head)):
+        assert float((got - want).norm() / want.norm()) < 1e-4
+    r = run(t, ["weight-key"], tau.numpy(), synthetic_texts(t.arch.vocab, t.fixed_ids, t.budget), progress=False)
+    assert r["weight-key"]["token_recovery"] == 1.0
+
+
+def test_a_body_without_a_gated_ffn_or_with_sandwich_norms_is_refused(tmp_path, monkeypatch):
+    from test_obfuscation_arch import tiny
+
     monkeypatch.setenv("ALOE_CACHE", str(tmp_path))
     plain, obf, _ = build(tmp_path, "llama-gqa-tied", "e", PROFILES["exact"].with_overrides(name="e", h=8))
     t = Target(plain, obf, Budget(topk=5, seed=1))
     assert t.has_weight(f"model.layers.0.{wk.GATE}.weight") and not t.has_weight("model.layers.0.mlp.experts")
     monkeypatch.setattr(t, "has_weight", lambda name: wk.GATE not in name)   # a body whose FFNs have no gate
-    with pytest.raises(AloeError, match="dense gated FFNs; layer 0 has no mlp.gate_proj"):
+    with pytest.raises(AloeError, match="gated FFNs, dense or sparse MoE; layer 0 has neither"):
         wk.recover(t)
+    g3 = tiny("gemma3", tmp_path / "g3")
+    obfuscate_checkpoint(g3, tmp_path / "g3-obf", tmp_path / "g3.json", PROFILES["exact"].with_overrides(name="e", h=8),
+                         progress=False)
+    with pytest.raises(AloeError, match="sandwich norms force another key, which the post-norm attack reads"):
+        wk.recover(Target(g3, tmp_path / "g3-obf", Budget(topk=5, seed=1)))
 
 
 def test_the_answers_are_read_from_the_hidden_states_the_server_returns(tmp_path, monkeypatch):

@@ -28,7 +28,8 @@ one:
 
 Nothing secret is used: the writers and gates are the artifact's, the plain gates and norms the public model's, the
 noise levels the public profile's. The gate's SwiGLU is what keeps its columns unscaled (the up projection carries
-the secret per-unit scales), so the attack needs a dense gated FFN (Llama, Qwen2, Mistral and their kin).
+the secret per-unit scales), so the attack needs gated FFNs: dense (Llama, Qwen2, Mistral and their kin) or sparse
+MoE (Qwen2-MoE, Qwen3-MoE, Mixtral), whose gates are summed over every expert, since the expert slots are secret too.
 :attr:`WeightKey.gram_residual` says how well one rotation explains every layer: float rounding for the exact-norm
 keys; large where the design is not one isometry (the paper's keys) or the body moved (adaptation).
 """
@@ -46,7 +47,7 @@ from aloe.attacks.common import Target
 from aloe.attacks.scoring import IdGuess
 from aloe.obfuscation.embedding import NOISE_SHAPES
 
-WRITERS = ("mlp.down_proj", "self_attn.o_proj")
+ATTENTION_WRITER = "self_attn.o_proj"
 SUBSPACE_LAYERS = 3   # writers of this many layers give the residual stream's subspace
 GATE = "mlp.gate_proj"
 FLOOR = 1e-12         # the read's sigma^2 where the public profile adds no noise (nearest neighbour)
@@ -76,19 +77,49 @@ class WeightKey:
                 "sign_agreement": self.sign_agreement, "key_scale": self.scale, "gate_layers": self.layers}
 
 
-def _layer_weight(t: Target, layer: int, name: str, plain: bool) -> torch.Tensor:
-    if not t.has_weight(f"model.layers.{layer}.{name}.weight"):
-        raise AloeError(f"the weight-key attack reads dense gated FFNs; layer {layer} has no {name}")
-    return (t.plain_layer(layer, name) if plain else t.obf_layer(layer, name)).double()
+def ffn_parts(t: Target, layer: int) -> tuple[list[str], list[str]]:
+    """The gates and the residual writers of a layer's FFN (names relative to the layer, without ``.weight``): the
+    dense gated MLP, or every expert of a sparse MoE block and its shared expert. The experts' slots are secret, but
+    a sum over all of them is free of that permutation as the sum over the units is of theirs."""
+    spec = t.arch.spec
+    if spec is not None and spec.sandwich:
+        raise AloeError(f"the weight-key attack reads pre-norm bodies; {t.arch.model_type}'s sandwich norms force "
+                        "another key, which the post-norm attack reads")
+    if t.has_weight(f"model.layers.{layer}.{GATE}.weight"):
+        return [GATE], ["mlp.down_proj"]
+    moe = spec.moe if spec is not None else None
+    if moe is not None and t.arch.n_experts and t.has_weight(f"model.layers.{layer}.{moe.expert_weight(0, 0)}"):
+        gates = [moe.expert_weight(e, 0).removesuffix(".weight") for e in range(t.arch.n_experts)]
+        downs = [moe.expert_weight(e, 2).removesuffix(".weight") for e in range(t.arch.n_experts)]
+        if moe.shared and t.has_weight(f"model.layers.{layer}.{moe.shared}.gate_proj.weight"):
+            gates.append(f"{moe.shared}.gate_proj")
+            downs.append(f"{moe.shared}.down_proj")
+        return gates, downs
+    raise AloeError(f"the weight-key attack reads gated FFNs, dense or sparse MoE; layer {layer} has neither")
+
+
+def _obf_weight(t: Target, layer: int, name: str) -> torch.Tensor:
+    return t.obf_layer(layer, name).double()
+
+
+def _plain_gate(t: Target, layer: int, name: str) -> torch.Tensor:
+    """A plain gate (HF layout, units x d) with the gamma of the norm before the FFN folded in, as the mechanism
+    folds it."""
+    spec = t.arch.spec
+    norm = spec.pre_ffn_norm if spec is not None else "post_attention_layernorm"
+    offset = float(spec.norm_offset) if spec is not None else 0.0
+    gamma = t.plain(f"model.layers.{layer}.{norm}.weight") + offset
+    return (t.plain(f"model.layers.{layer}.{name}.weight") * gamma[None, :]).double()
 
 
 @torch.no_grad()
 def recover(t: Target, progress=None) -> WeightKey:
-    """The writer key from the server's body alone (see the module's docstring). Raises if the artifact has no
-    dense gated FFN or its residual stream is no wider than the plain one."""
+    """The writer key from the server's body alone (see the module's docstring). Raises if a layer has no gated FFN
+    (dense or sparse MoE), the body has sandwich norms, or its residual stream is no wider than the plain one."""
     d, L = t.arch.d, t.arch.n_layers
-    writers = torch.cat([_layer_weight(t, layer, w, False) for layer in range(min(SUBSPACE_LAYERS, L))
-                         for w in WRITERS], 1)
+    parts = [ffn_parts(t, layer) for layer in range(L)]
+    writers = torch.cat([_obf_weight(t, layer, w) for layer in range(min(SUBSPACE_LAYERS, L))
+                         for w in (*parts[layer][1], ATTENTION_WRITER)], 1)
     if writers.shape[0] < d:
         raise AloeError(f"the residual stream is {writers.shape[0]} wide, narrower than the plain {d}")
     U, sv, _ = torch.linalg.svd(writers, full_matrices=False)
@@ -96,8 +127,9 @@ def recover(t: Target, progress=None) -> WeightKey:
     U = U[:, :d]
     plain_grams, obf_grams, obf_means, plain_means = [], [], [], []
     for layer in range(L):
-        wp = _layer_weight(t, layer, GATE, True)                 # ffn x d
-        wo = _layer_weight(t, layer, GATE, False) @ U            # ffn x d: Z^T W R / c
+        gates = parts[layer][0]
+        wp = torch.cat([_plain_gate(t, layer, g) for g in gates])            # units x d
+        wo = torch.cat([_obf_weight(t, layer, g) for g in gates]) @ U        # units x d: Z^T W R / c
         plain_grams.append(wp.T @ wp)
         obf_grams.append(wo.T @ wo)
         plain_means.append(wp.mean(0))
