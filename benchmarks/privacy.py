@@ -224,7 +224,17 @@ def publish(state: dict) -> None:
     atomic_write_json(RESULTS / "privacy.json", state)
     write_report(state)
     write_plot(state)
-    atomic_write_json(ROOT / "src" / "aloe" / "attacks" / "privacy_table.json", table_from_state(state))
+    atomic_write_json(ROOT / "src" / "aloe" / "attacks" / "privacy_table.json",
+                      table_from_state(state, measured_model()))
+
+
+def measured_model() -> dict:
+    """The model every profile here is measured on: its name and weight fingerprint (an artifact of another model
+    does not carry these figures)."""
+    from aloe.obfuscation.checkpoint import CheckpointReader
+    from aloe.obfuscation.commands import resolve_model
+
+    return {"name": "SmolLM2-135M-Instruct", "sha256": CheckpointReader(resolve_model("smollm2")).fingerprint()}
 
 
 def mitigate(model: Path, prof, state: dict, budget, attacks: list[str], path: Path, show: bool) -> None:

@@ -438,6 +438,17 @@ def test_measured_risk_matches_profiles_exactly(tmp_path):
     assert r["status"] == "measured" and r["recovery"] == {"vma": 0.25, "ima": 0.0, "ima_known_plaintext": 0.5}
     assert measured_risk(dict(prof, alpha_e=0.31), path) == {"status": "not measured"}
     assert measured_risk(prof, tmp_path / "missing.json") == {"status": "not measured"}
+    # the figures are the measured model's: an artifact of another model does not carry them
+    from aloe.obfuscation.commands import risk_line
+
+    path.write_text(json.dumps(table_from_state(state, {"name": "SmolLM2-135M-Instruct", "sha256": "ab" * 32})))
+    same = measured_risk(prof, path, source_sha256="ab" * 32)
+    assert same["status"] == "measured" and same["measured_on"] == "SmolLM2-135M-Instruct"
+    assert "measured as 'balanced' on SmolLM2-135M-Instruct): ima 0.0%" in risk_line(same)
+    other = measured_risk(prof, path, source_sha256="cd" * 32)
+    assert other == {"status": "not measured", "measured_on": "SmolLM2-135M-Instruct"}
+    assert risk_line(other).startswith("privacy risk: not measured for this model (the profiles were measured on "
+                                       "SmolLM2-135M-Instruct")
 
 
 def test_wide_secret_scales_do_not_stop_the_column_normalised_attacks(plain_dir, tmp_path_factory):

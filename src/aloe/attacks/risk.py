@@ -23,22 +23,31 @@ def profile_key(profile: dict) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in full.items() if k not in IGNORED}
 
 
-def measured_risk(profile: dict, table: Path = TABLE) -> dict:
-    """The measured recovery of a profile with exactly these parameters, or ``{"status": "not measured"}``."""
+def measured_risk(profile: dict, table: Path = TABLE, source_sha256: str | None = None) -> dict:
+    """The measured recovery of a profile with exactly these parameters, or ``{"status": "not measured"}``. The
+    figures hold for the model they were measured on: with ``source_sha256`` (the source model's weight
+    fingerprint) another model gets ``not measured`` and the name of the model that was."""
     try:
         rows = json.loads(Path(table).read_text())
     except (OSError, ValueError):
         return {"status": "not measured"}
+    model = rows.get("model") or {}
+    if source_sha256 is not None and model.get("sha256") and model["sha256"] != source_sha256:
+        return {"status": "not measured", "measured_on": model.get("name", "another model")}
     for name, row in rows.get("profiles", {}).items():
         if profile_key(row["profile"]) == profile_key(profile):
-            return {"status": "measured", "measured_as": name, "recovery": row["recovery"],
-                    "ppl_ratio": row.get("ppl_ratio"), "budget": rows.get("budget"), "source": rows.get("source")}
+            return {"status": "measured", "measured_as": name, "measured_on": model.get("name"),
+                    "recovery": row["recovery"], "ppl_ratio": row.get("ppl_ratio"), "budget": rows.get("budget"),
+                    "source": rows.get("source")}
     return {"status": "not measured"}
 
 
-def table_from_state(state: dict) -> dict:
-    """The compact table shipped with the package, from the benchmark's full state."""
+def table_from_state(state: dict, model: dict | None = None) -> dict:
+    """The compact table shipped with the package, from the benchmark's full state; ``model`` (``name``,
+    ``sha256``: the weight fingerprint) is the model it was measured on."""
     out = {"source": "benchmarks/results/privacy.md", "budget": state.get("budget"), "profiles": {}}
+    if model is not None:
+        out["model"] = model
     for name, e in state.get("profiles", {}).items():
         if not e.get("attacks") or e.get("mitigation"):
             continue

@@ -88,9 +88,14 @@ def _obfuscate(args: argparse.Namespace) -> int:
 def risk_line(risk: dict) -> str:
     """One line saying how much of the vocabulary each attack recovered on this profile (benchmarks/privacy.py)."""
     if risk.get("status") != "measured":
+        if risk.get("measured_on"):
+            return (f"privacy risk: not measured for this model (the profiles were measured on "
+                    f"{risk['measured_on']}; run benchmarks/privacy.py)")
         return "privacy risk: not measured for these parameters (run benchmarks/privacy.py)"
     parts = ", ".join(f"{k} {100 * v:.1f}%" for k, v in sorted(risk["recovery"].items()))
-    return f"privacy risk (attack recovery over the full vocabulary, measured as '{risk['measured_as']}'): {parts}"
+    on = f" on {risk['measured_on']}" if risk.get("measured_on") else ""
+    return (f"privacy risk (attack recovery over the full vocabulary, measured as '{risk['measured_as']}'{on}): "
+            f"{parts}")
 
 
 def _fidelity(args: argparse.Namespace) -> int:

@@ -318,7 +318,7 @@ def obfuscate_checkpoint(model_dir: Path, out_dir: Path, secret_path: Path, prof
         "fixed_token_ids": int(np.sum(plan.secret.tau == np.arange(arch.vocab))),
         "residual_key": plan.keys.design,
         "secret_fingerprint": plan.secret.fingerprint,
-        "measured_risk": measured_risk(profile.to_dict()),
+        "measured_risk": measured_risk(profile.to_dict(), source_sha256=source["sha256"]),
         "source": source,
     }
 
