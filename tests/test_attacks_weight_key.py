@@ -168,3 +168,49 @@ def test_the_answers_are_read_from_the_hidden_states_the_server_returns(tmp_path
         truth = np.concatenate(picked)
         got = wk.read_answers(t, key, torch.cat(states))
         assert got.shape == (len(truth), 5) and (got[:, 0] == truth).mean() >= least, alpha
+
+
+def test_the_stream_decoded_with_the_public_model_as_prior(tmp_path, monkeypatch):
+    """Client-held vectors read as text: without evidence the beam search is the public model's own greedy
+    continuation of its start id; without noise it is the text sent; and on text the public model predicts (its own
+    greedy continuations), at a noise level where each vector alone reads about half, the prior lifts the read. Over
+    6 draws at alpha 2.5: alone 55-66%, decoded 89-99%."""
+    from transformers import AutoModelForCausalLM
+
+    from aloe.obfuscation.client_vocab import ClientVocabulary, split_vocabulary
+
+    monkeypatch.setenv("ALOE_CACHE", str(tmp_path))
+    plain = tiny_model("llama-gqa-tied", tmp_path / "plain")
+    lm = AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32).eval()
+    with torch.no_grad():
+        lm.model.norm.weight.mul_(6.0)   # a confident language model, as a trained one is on its own continuations
+    lm.save_pretrained(plain)
+    obfuscate_checkpoint(plain, tmp_path / "obf", tmp_path / "s.json", PROFILES["balanced"].with_overrides(
+        name="b", h=8), progress=False, calibration_ids=CALIBRATION)
+    obf, tau = tmp_path / "obf", load_secret(tmp_path / "s.json").tau
+    bos = lm.config.bos_token_id
+    with torch.no_grad():
+        texts = [lm.generate(torch.tensor([[bos, int(s)]]), attention_mask=torch.ones(1, 2, dtype=torch.long),
+                             max_new_tokens=11, do_sample=False, eos_token_id=None)[0, 1:].numpy()
+                 for s in np.random.default_rng(0).choice(np.arange(3, 97), 8, replace=False)]
+    for alpha in (0.0, 2.5):
+        split_vocabulary(obf, tmp_path / f"s{alpha}", tmp_path / f"c{alpha}.st", occurrence_noise=alpha)
+        t = Target(plain, tmp_path / f"s{alpha}", Budget(topk=5, seed=1))
+        client = ClientVocabulary(tmp_path / f"c{alpha}.st")
+        key = wk.recover(t)
+        docs = [client.embed(tau[x]) for x in texts]
+        decoded = wk.decode_vectors(t, key, docs, alpha, beam=4)
+        assert [len(d) for d in decoded] == [len(x) for x in texts]
+        truth, got = np.concatenate(texts), np.concatenate(decoded)
+        if alpha == 0.0:
+            assert (got == truth).all()
+            alone = wk.decode_vectors(t, key, docs[:1], alpha, beam=1, evidence=0.0)[0]
+            with torch.no_grad():
+                want = lm.generate(torch.tensor([[bos]]), attention_mask=torch.ones(1, 1, dtype=torch.long),
+                                   max_new_tokens=len(alone), do_sample=False, eos_token_id=None)[0, 1:].numpy()
+            assert (alone == want).all()
+        else:
+            each = wk.read_vectors(t, key, torch.cat(docs), alpha)[:, 0]
+            assert (each == truth).mean() <= 0.8 and (got == truth).mean() >= (each == truth).mean() + 0.15
+    with pytest.raises(AloeError, match="beam"):
+        wk.decode_vectors(t, key, docs, alpha, beam=0)

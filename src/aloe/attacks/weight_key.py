@@ -173,13 +173,69 @@ def read_vectors(t: Target, key: WeightKey, vectors: torch.Tensor, alpha: float,
     coordinates, read through ``key``. With ``groups`` (m,) the rows of a group add their scores."""
     if shape not in NOISE_SHAPES:
         raise AloeError(f"unknown noise shape {shape!r}; choose one of {', '.join(NOISE_SHAPES)}")
-    prof = t.profile
+    s2 = _vector_sigma2(t, alpha, shape, vectors.shape[1])
+    return key_regression.read([(key.embed_side(vectors), t.plain_embed, s2)], t.movable_ids, t.budget.topk,
+                               shape == "row", groups)
+
+
+def _vector_sigma2(t: Target, alpha: float, shape: str, width: int) -> float:
+    """sigma^2 of a sent vector read through the key: the fresh noise of public level ``alpha`` in ``width``
+    coordinates plus the profile's own table noise."""
+    prof, E = t.profile, t.plain_embed
     row = shape == "row"
-    E = t.plain_embed
-    s2 = (_sigma2(E, alpha, shape, row, vectors.shape[1])
-          + _sigma2(E, float(prof.get("alpha_e", 0.0)), prof.get("noise_shape", "entry"), row, E.shape[1]))
-    return key_regression.read([(key.embed_side(vectors), E, max(s2, FLOOR))], t.movable_ids, t.budget.topk, row,
-                               groups)
+    return max(_sigma2(E, alpha, shape, row, width)
+               + _sigma2(E, float(prof.get("alpha_e", 0.0)), prof.get("noise_shape", "entry"), row, E.shape[1]), FLOOR)
+
+
+@torch.no_grad()
+def decode_vectors(t: Target, key: WeightKey, docs: list[torch.Tensor], alpha: float, shape: str = "row",
+                   beam: int = 4, evidence: float = 1.0, progress=None) -> list[np.ndarray]:
+    """The stream read as text: each doc (n x d', the vectors a client-held-vocabulary client sent, in order) decoded
+    by a beam search over the noisy channel, the public model as the language prior. A prefix's score adds, at each
+    position, ``log p_public(x | prefix)`` and ``evidence`` times the vector's log-likelihood under token x (read
+    through ``key`` at the public noise level, every id of the vocabulary). ``evidence`` 0 is the language model
+    alone, the baseline of what the prior guesses without a vector. Returns the decoded plain ids of each doc."""
+    from transformers import AutoModelForCausalLM
+
+    if shape not in NOISE_SHAPES:
+        raise AloeError(f"unknown noise shape {shape!r}; choose one of {', '.join(NOISE_SHAPES)}")
+    if beam < 1:
+        raise AloeError("the beam must hold at least one prefix")
+    lm = AutoModelForCausalLM.from_pretrained(str(t.plain_dir), dtype=torch.float32).eval()
+    pool = np.arange(t.arch.vocab)
+    out = []
+    for vectors in docs:
+        n = vectors.shape[0]
+        if n == 0:
+            out.append(np.zeros(0, dtype=np.int64))
+            continue
+        ll = evidence * key_regression.log_likelihoods(key.embed_side(vectors), t.plain_embed, pool,
+                                                       _vector_sigma2(t, alpha, shape, vectors.shape[1]),
+                                                       shape == "row")
+        bos = lm.config.bos_token_id
+        if bos is None:
+            first, cache = torch.zeros(t.arch.vocab), None
+        else:
+            res = lm(input_ids=torch.tensor([[int(bos)]]), use_cache=True)
+            first, cache = torch.log_softmax(res.logits[0, -1].float(), -1), res.cache
+        total = first[: t.arch.vocab] + ll[0]
+        score, ids = total.topk(min(beam, t.arch.vocab))
+        prefixes = ids[:, None]
+        if cache is not None:
+            cache.batch_repeat_interleave(len(ids))
+        for i in range(1, n):
+            res = lm(input_ids=prefixes[:, -1:], cache=cache, use_cache=True)
+            cache = res.cache
+            lp = torch.log_softmax(res.logits[:, -1].float(), -1)[:, : t.arch.vocab]
+            total = (score[:, None] + lp + ll[i][None]).reshape(-1)
+            score, flat = total.topk(min(beam, total.numel()))
+            rows, tokens = flat // t.arch.vocab, flat % t.arch.vocab
+            cache.reorder_cache(rows)
+            prefixes = torch.cat([prefixes[rows], tokens[:, None]], 1)
+        out.append(prefixes[int(score.argmax())].numpy())
+        if progress is not None:
+            progress.update(1)
+    return out
 
 
 @torch.no_grad()
