@@ -15,10 +15,12 @@ For each alpha:
 
     python benchmarks/client_vocab_frontier.py [--alphas 0 0.05 0.1 0.2 0.4 0.8] [--stream-tokens 4000] [--threads 2]
         [--decode-tokens 2000] [--rerun] [--more-traffic N] [--right-key-only] [--weight-key-only [--draws N]]
-        [--answers-only] [--report-only] [--json]
+        [--answers-only] [--decode-only [--beam 4]] [--report-only] [--json]
 
 The stream-level attacks also fit the writer key on the linked attack's reading (key regression) and, for
 measurement only, read every vector through the right key (fitted with the secret): what the noise itself leaves.
+``--decode-only`` reads the prompts as text: every vector through the key the body gives, decoded by a beam search
+with the public model as the prior.
 ``--answers-only`` measures the other half of the traffic: the client decodes the 8 chat prompts greedily and the
 server reads each token the client picks from the final hidden state it returned, through the key its body gives.
 ``--more-traffic N`` reruns the stream-level attacks of measured alphas with the prompts among N tokens of other
@@ -59,7 +61,7 @@ PATH = RESULTS / "client_vocab_frontier.json"
 SHAPE = "row"
 FAMILIES = ("ia", "states", "combined", "linked")
 STREAM_FAMILIES = ("linked_stream", "decoded_stream", "keyed_stream", "keyed_linked_stream", "weight_key_stream",
-                   "weight_key_linked_stream")
+                   "weight_key_linked_stream", "weight_key_decoded")
 
 
 def deployment(model: Path, show: bool) -> tuple[Path, Path, Path, Path]:
@@ -217,6 +219,42 @@ def weight_key_answers(model: Path, alpha: float, paths, prompts: int, new_token
                 seconds=time.perf_counter() - t1, **key.summary())
 
 
+CALIBRATION_DOCS, CALIBRATION_TOKENS = 8, 48       # the attacker's own text for the evidence weight
+CALIBRATION_WEIGHTS = (1.0, 1.5, 2.0, 3.0)
+
+
+def weight_key_decoded(model: Path, alpha: float, paths, beam: int, show: bool) -> dict:
+    """The prompts read as text: each prompt's vectors (a fresh draw) read through the key the body gives and decoded
+    by a beam search over the noisy channel with the public model as the prior
+    (:func:`aloe.attacks.weight_key.decode_vectors`), at the evidence weight the attacker picks on its own text
+    (8 x 48 tokens of its prior corpus sent through its own simulation of the client,
+    :func:`aloe.attacks.weight_key.calibrate_evidence`); beside it, on the same draw, the decoder at weight 1,
+    each vector read alone, and the public model alone (no vector read: what the prior guesses, the baseline)."""
+    t1 = time.perf_counter()
+    target, texts, toks, client = victim(model, alpha, paths)
+    key = weight_key.recover(target)
+    tau = load_secret(paths[1]).tau
+    docs = [client.embed(tau[p]) for p in texts.prompts]
+    truth = np.concatenate(texts.prompts)
+    keep = ~np.isin(truth, target.fixed_ids)
+    own = [texts.prior[k * CALIBRATION_TOKENS:(k + 1) * CALIBRATION_TOKENS] for k in range(CALIBRATION_DOCS)]
+    bar = tqdm(total=(len(CALIBRATION_WEIGHTS) * len(own) + 3 * len(docs)), desc=f"decode, alpha {alpha}",
+               disable=not show, leave=False)
+    weight, calibration = weight_key.calibrate_evidence(target, key, own, alpha, SHAPE, beam, CALIBRATION_WEIGHTS,
+                                                        progress=bar)
+    decoded = np.concatenate(weight_key.decode_vectors(target, key, docs, alpha, SHAPE, beam, weight, progress=bar))
+    plain_bayes = np.concatenate(weight_key.decode_vectors(target, key, docs, alpha, SHAPE, beam, progress=bar))
+    prior = np.concatenate(weight_key.decode_vectors(target, key, docs, alpha, SHAPE, beam, evidence=0.0,
+                                                     progress=bar))
+    bar.close()
+    alone = weight_key.read_vectors(target, key, torch.cat(docs), alpha, SHAPE)[:, 0]
+    return dict(occurrence_recovery=float((decoded == truth)[keep].mean()), evidence_weight=weight,
+                calibration=calibration, evidence_weight_1=float((plain_bayes == truth)[keep].mean()),
+                alone_same_draw=float((alone == truth)[keep].mean()),
+                language_model_alone=float((prior == truth)[keep].mean()), occurrences=int(keep.sum()), beam=beam,
+                draw="its own", seconds=time.perf_counter() - t1)
+
+
 def more_traffic(model: Path, alpha: float, paths, stream_tokens: int, show: bool) -> dict:
     """The stream-level attacks alone (no decoding) on a fresh draw of the vectors, the prompts sent among
     ``stream_tokens`` tokens of other traffic: how the figures grow with what the server sees."""
@@ -290,8 +328,10 @@ def write_report(state: dict) -> None:
             "linked among other traffic, decoded with the language prior (top-10 of the linked attack) | "
             "key regression among other traffic: each vector / linked clusters pooled (fit) | "
             "key from the body's weights: each vector / linked clusters pooled | "
+            "key from the body's weights, decoded with the public model as prior (each vector alone / the public "
+            "model alone, same draw) | "
             "through the right key, with the secret (not an attack) | goal met |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(state["points"], key=float):
         e = state["points"][key]
         f, a = e["fidelity"], e["attacks"]
@@ -317,6 +357,10 @@ def write_report(state: dict) -> None:
                     + (f" | {pct(a['weight_key_stream']['occurrence_recovery'])}{spread(a['weight_key_stream'])} / "
                        + (pct(a['weight_key_linked_stream']['occurrence_recovery'])
                           if "weight_key_linked_stream" in a else "–") if "weight_key_stream" in a else " | –")
+                    + (f" | {pct(a['weight_key_decoded']['occurrence_recovery'])} "
+                       f"({pct(a['weight_key_decoded']['alone_same_draw'])} / "
+                       f"{pct(a['weight_key_decoded']['language_model_alone'])})"
+                       if "weight_key_decoded" in a else " | –")
                     + (f" | {pct(a['right_key_stream']['occurrence_recovery'])}" if "right_key_stream" in a else " | –")
                     + f" | {'yes' if met else 'no'} |")
     more = ["| occurrence noise alpha | other traffic (tokens) | linked | key regression: each vector / linked "
@@ -362,6 +406,11 @@ def write_report(state: dict) -> None:
           "linked cluster pooled. On the rows that ran it on its own draw (`--weight-key-only`) the read through "
           "the right key on that same draw is in the JSON (`right_key_same_draw`); with `--draws N`, in brackets "
           "the range of each vector's read alone over N fresh draws of the prompt vectors. "
+          "Decoded with the public model as prior (`--decode-only`, its own draw of the prompt vectors): each "
+          "prompt read as text by a beam search over the noisy channel, every vector's likelihood through the key "
+          "the body gives plus the public model's log-probability of the token after the prefix "
+          "(`aloe.attacks.weight_key.decode_vectors`); in brackets, on the same draw, each vector read alone and "
+          "the public model alone (no vector read: the prior's guess, not counted as an attack). "
           "Through the right key: a measurement with the secret, not an attack (it is not counted in the goal): "
           "every vector sent read alone through the writer key itself (fitted on the client's noise-free table, "
           "so no vector's noise enters it), what the noise itself leaves once a server has the key; on its own "
@@ -406,7 +455,7 @@ def write_plot(state: dict) -> None:
 
     pts = sorted(state["points"].values(), key=lambda e: e["alpha"])
     fig, ax = plt.subplots(figsize=(9.6, 4.8))
-    for fam, marker in zip((*FAMILIES, *STREAM_FAMILIES), "os^Dv*PXhd"):
+    for fam, marker in zip((*FAMILIES, *STREAM_FAMILIES), "os^Dv*PXhdp"):
         have = [e for e in pts if fam in e["attacks"]]
         ax.plot([100 * e["attacks"][fam]["occurrence_recovery"] for e in have],
                 [e["fidelity"]["ppl_ratio"] for e in have], marker=marker,
@@ -414,7 +463,8 @@ def write_plot(state: dict) -> None:
                        "decoded_stream": "linked + language prior", "keyed_stream": "key regression",
                        "keyed_linked_stream": "key regression, clusters pooled",
                        "weight_key_stream": "key from the body's weights",
-                       "weight_key_linked_stream": "key from the body's weights, clusters pooled"}.get(fam, fam))
+                       "weight_key_linked_stream": "key from the body's weights, clusters pooled",
+                       "weight_key_decoded": "key from the body's weights, decoded with the prior"}.get(fam, fam))
     have = [e for e in pts if "right_key_stream" in e["attacks"]]
     if have:
         ax.plot([100 * e["attacks"]["right_key_stream"]["occurrence_recovery"] for e in have],
@@ -466,6 +516,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--answers-only", action="store_true",
                     help="run only the read of the answers (the client decodes the chat prompts greedily; the server "
                          "reads each pick from the hidden state it returned) on the listed (measured) alphas")
+    ap.add_argument("--decode-only", action="store_true",
+                    help="run only the decoding of the prompts read through the key the body gives (a beam search "
+                         "with the public model as the prior) on the listed (measured) alphas")
+    ap.add_argument("--beam", type=int, default=4, help="with --decode-only: prefixes kept by the beam search")
     ap.add_argument("--draws", type=int, default=1,
                     help="with --weight-key-only: fresh draws of the prompt vectors read alone (the spread of a "
                          "point's figure)")
@@ -518,6 +572,14 @@ def main(argv: list[str] | None = None) -> int:
                                                 True, args.draws))
             for n, entry in e.get("more_traffic", {}).items():
                 entry.update(weight_key_only(model, alpha, paths, int(n), False))
+            atomic_write_json(PATH, state)
+            write_report(state)
+            write_plot(state)
+            continue
+        if args.decode_only:
+            if e is None:
+                ap.error(f"alpha {alpha} is not measured yet: run it without --decode-only first")
+            e["attacks"]["weight_key_decoded"] = weight_key_decoded(model, alpha, paths, args.beam, show)
             atomic_write_json(PATH, state)
             write_report(state)
             write_plot(state)

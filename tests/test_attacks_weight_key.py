@@ -212,5 +212,10 @@ def test_the_stream_decoded_with_the_public_model_as_prior(tmp_path, monkeypatch
         else:
             each = wk.read_vectors(t, key, torch.cat(docs), alpha)[:, 0]
             assert (each == truth).mean() <= 0.8 and (got == truth).mean() >= (each == truth).mean() + 0.15
+    # the attacker's own simulation of the client: through the key the body gives, its rows are the plain ones
+    ids = np.asarray(t.movable_ids[:20])
+    assert float((key.embed_side(wk.simulate_vectors(t, key, ids, 0.0)) - t.plain_embed[ids]).abs().max()) < 1e-4
+    weight, reads = wk.calibrate_evidence(t, key, texts[:4], alpha, beam=2, weights=(0.5, 1.0))
+    assert set(reads) == {0.5, 1.0} and reads[weight] == max(reads.values())
     with pytest.raises(AloeError, match="beam"):
         wk.decode_vectors(t, key, docs, alpha, beam=0)

@@ -45,7 +45,7 @@ from aloe import AloeError
 from aloe.attacks import key_regression
 from aloe.attacks.common import Target
 from aloe.attacks.scoring import IdGuess
-from aloe.obfuscation.embedding import NOISE_SHAPES
+from aloe.obfuscation.embedding import NOISE_SHAPES, noise_std
 
 ATTENTION_WRITER = "self_attn.o_proj"
 SUBSPACE_LAYERS = 3   # writers of this many layers give the residual stream's subspace
@@ -236,6 +236,35 @@ def decode_vectors(t: Target, key: WeightKey, docs: list[torch.Tensor], alpha: f
         if progress is not None:
             progress.update(1)
     return out
+
+
+@torch.no_grad()
+def simulate_vectors(t: Target, key: WeightKey, plain_ids: np.ndarray, alpha: float, shape: str = "row",
+                     seed: int = 0) -> torch.Tensor:
+    """What a client would send for ``plain_ids``, as the attacker simulates it with the key the body gives: each
+    plain row written through that key (``x c R U^T``) plus fresh noise of public level ``alpha`` in the d'
+    coordinates (the profile's own table noise and the table key's part outside the subspace are left out). For
+    the attacker's own calibration; nothing secret."""
+    rows = t.plain_embed[torch.as_tensor(plain_ids)].double() @ key.to_plain.T @ key.basis.T * key.scale
+    sigma = torch.from_numpy(noise_std(rows.numpy(), alpha, shape)) if alpha > 0 else torch.zeros(len(rows))
+    gen = torch.Generator().manual_seed(seed)
+    return (rows + torch.randn(rows.shape, generator=gen, dtype=torch.float64) * sigma[:, None]).float()
+
+
+def calibrate_evidence(t: Target, key: WeightKey, docs: list[np.ndarray], alpha: float, shape: str = "row",
+                       beam: int = 4, weights=(1.0, 1.5, 2.0, 3.0), progress=None) -> tuple[float, dict]:
+    """The evidence weight of :func:`decode_vectors` the attacker picks on its own text: ``docs`` (plain ids, the
+    attacker's corpus) sent through :func:`simulate_vectors` and decoded with each weight; returns the weight that
+    reads most and every weight's read. (The prior is conditioned on the decoded prefix, which the noise makes
+    unreliable, so the right balance is an empirical one.)"""
+    sims = [simulate_vectors(t, key, d, alpha, shape, seed=k) for k, d in enumerate(docs)]
+    truth = np.concatenate(docs)
+    keep = ~np.isin(truth, t.fixed_ids)
+    reads = {}
+    for w in weights:
+        got = np.concatenate(decode_vectors(t, key, sims, alpha, shape, beam, evidence=float(w), progress=progress))
+        reads[float(w)] = float((got == truth)[keep].mean()) if keep.any() else 0.0
+    return max(reads, key=lambda w: (reads[w], -abs(w - 1.0))), reads
 
 
 @torch.no_grad()
