@@ -223,13 +223,15 @@ CALIBRATION_DOCS, CALIBRATION_TOKENS = 8, 48       # the attacker's own text for
 CALIBRATION_WEIGHTS = (1.0, 1.5, 2.0, 3.0)
 
 
-def weight_key_decoded(model: Path, alpha: float, paths, beam: int, show: bool) -> dict:
+def weight_key_decoded(model: Path, alpha: float, paths, beam: int, show: bool, draws: int = 1) -> dict:
     """The prompts read as text: each prompt's vectors (a fresh draw) read through the key the body gives and decoded
     by a beam search over the noisy channel with the public model as the prior
     (:func:`aloe.attacks.weight_key.decode_vectors`), at the evidence weight the attacker picks on its own text
     (8 x 48 tokens of its prior corpus sent through its own simulation of the client,
     :func:`aloe.attacks.weight_key.calibrate_evidence`); beside it, on the same draw, the decoder at weight 1,
-    each vector read alone, and the public model alone (no vector read: what the prior guesses, the baseline)."""
+    each vector read alone, and the public model alone (no vector read: what the prior guesses, the baseline).
+    With ``draws`` > 1 the decoding at the picked weight is repeated on that many fresh draws in all
+    (``occurrence_recovery_per_draw``, the first being the row's own)."""
     t1 = time.perf_counter()
     target, texts, toks, client = victim(model, alpha, paths)
     key = weight_key.recover(target)
@@ -248,7 +250,13 @@ def weight_key_decoded(model: Path, alpha: float, paths, beam: int, show: bool) 
                                                      progress=bar))
     bar.close()
     alone = weight_key.read_vectors(target, key, torch.cat(docs), alpha, SHAPE)[:, 0]
-    return dict(occurrence_recovery=float((decoded == truth)[keep].mean()), evidence_weight=weight,
+    per_draw = [float((decoded == truth)[keep].mean())]
+    for _ in range(draws - 1):     # fresh draws of the prompt vectors, decoded at the weight picked once
+        more = [client.embed(tau[p]) for p in texts.prompts]
+        got = np.concatenate(weight_key.decode_vectors(target, key, more, alpha, SHAPE, beam, weight))
+        per_draw.append(float((got == truth)[keep].mean()))
+    spread = {"occurrence_recovery_per_draw": per_draw} if draws > 1 else {}
+    return dict(occurrence_recovery=per_draw[0], **spread, evidence_weight=weight,
                 calibration=calibration, evidence_weight_1=float((plain_bayes == truth)[keep].mean()),
                 alone_same_draw=float((alone == truth)[keep].mean()),
                 language_model_alone=float((prior == truth)[keep].mean()), occurrences=int(keep.sum()), beam=beam,
@@ -357,7 +365,7 @@ def write_report(state: dict) -> None:
                     + (f" | {pct(a['weight_key_stream']['occurrence_recovery'])}{spread(a['weight_key_stream'])} / "
                        + (pct(a['weight_key_linked_stream']['occurrence_recovery'])
                           if "weight_key_linked_stream" in a else "–") if "weight_key_stream" in a else " | –")
-                    + (f" | {pct(a['weight_key_decoded']['occurrence_recovery'])} "
+                    + (f" | {pct(a['weight_key_decoded']['occurrence_recovery'])}{spread(a['weight_key_decoded'])} "
                        f"({pct(a['weight_key_decoded']['alone_same_draw'])} / "
                        f"{pct(a['weight_key_decoded']['language_model_alone'])})"
                        if "weight_key_decoded" in a else " | –")
@@ -521,15 +529,15 @@ def main(argv: list[str] | None = None) -> int:
                          "with the public model as the prior) on the listed (measured) alphas")
     ap.add_argument("--beam", type=int, default=4, help="with --decode-only: prefixes kept by the beam search")
     ap.add_argument("--draws", type=int, default=1,
-                    help="with --weight-key-only: fresh draws of the prompt vectors read alone (the spread of a "
-                         "point's figure)")
+                    help="with --weight-key-only or --decode-only: fresh draws of the prompt vectors read alone or "
+                         "decoded (the spread of a point's figure)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if any(not a >= 0 for a in args.alphas):
         ap.error("every alpha must be >= 0")
-    if args.draws < 1:
-        ap.error("--draws must be >= 1")
+    if args.draws < 1 or args.beam < 1:
+        ap.error("--draws and --beam must be >= 1")
     if args.stream_tokens < 0 or args.decode_tokens < 0 or args.more_traffic < 0:
         ap.error("--stream-tokens, --decode-tokens and --more-traffic must be >= 0")
     if args.report_only:
@@ -576,19 +584,16 @@ def main(argv: list[str] | None = None) -> int:
             write_report(state)
             write_plot(state)
             continue
-        if args.decode_only:
+        if args.decode_only or args.answers_only:
             if e is None:
-                ap.error(f"alpha {alpha} is not measured yet: run it without --decode-only first")
-            e["attacks"]["weight_key_decoded"] = weight_key_decoded(model, alpha, paths, args.beam, show)
-            atomic_write_json(PATH, state)
-            write_report(state)
-            write_plot(state)
-            continue
-        if args.answers_only:
-            if e is None:
-                ap.error(f"alpha {alpha} is not measured yet: run it without --answers-only first")
-            e["answers"] = weight_key_answers(model, alpha, paths, args.fidelity_prompts, args.fidelity_new_tokens,
-                                              show)
+                mode = "--decode-only" if args.decode_only else "--answers-only"
+                ap.error(f"alpha {alpha} is not measured yet: run it without {mode} first")
+            if args.decode_only:
+                e["attacks"]["weight_key_decoded"] = weight_key_decoded(model, alpha, paths, args.beam, show,
+                                                                        args.draws)
+            else:
+                e["answers"] = weight_key_answers(model, alpha, paths, args.fidelity_prompts,
+                                                  args.fidelity_new_tokens, show)
             atomic_write_json(PATH, state)
             write_report(state)
             write_plot(state)
