@@ -467,6 +467,7 @@ def write_plot(state: dict) -> None:
         have = [e for e in pts if fam in e["attacks"]]
         ax.plot([100 * e["attacks"][fam]["occurrence_recovery"] for e in have],
                 [e["fidelity"]["ppl_ratio"] for e in have], marker=marker,
+                color="darkgoldenrod" if fam == "weight_key_decoded" else None,  # the default cycle has 10
                 label={"linked": "linked (cluster means)", "linked_stream": "linked among other traffic",
                        "decoded_stream": "linked + language prior", "keyed_stream": "key regression",
                        "keyed_linked_stream": "key regression, clusters pooled",
