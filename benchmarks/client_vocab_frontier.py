@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from aloe.assets.cache import atomic_write_json, atomic_write_text  # noqa: E402
-from aloe.attacks import key_regression, occurrence, weight_key  # noqa: E402
+from aloe.attacks import client_held, key_regression, occurrence, weight_key  # noqa: E402
 from aloe.attacks.common import Budget, Target  # noqa: E402
 from aloe.attacks.decoding import decode_linked  # noqa: E402
 from aloe.attacks.occurrence import attack_keyed, attack_linked, attack_vectors, score_links, score_occurrences  # noqa: E402
@@ -190,77 +190,35 @@ def weight_key_answers(model: Path, alpha: float, paths, prompts: int, new_token
     """The answers: the client-held deployment decodes the chat prompts greedily (the server's body in this process,
     fresh noise on every vector the client sends, the client's own head), and the server reads the token the client
     picks at each step from the final hidden state it returned, through the key its body gives and the public head
-    (:func:`aloe.attacks.weight_key.read_answers`). Scored on the answer tokens that tau moves (not the end id)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from aloe.obfuscation.client_vocab import local_greedy
+    (:func:`aloe.attacks.client_held.answer_reads`)."""
+    from transformers import AutoTokenizer
 
     t1 = time.perf_counter()
     target, _, _, client = victim(model, alpha, paths)
     key = weight_key.recover(target)
     tok = AutoTokenizer.from_pretrained(model)
-    body = AutoModelForCausalLM.from_pretrained(paths[2], dtype=torch.float32).eval()
     tau = load_secret(paths[1]).tau
-    inv = np.argsort(tau)
-    picked, states = [], []
-    for prompt in tqdm(PROMPTS[:prompts], desc=f"answers, alpha {alpha}", disable=not show, leave=False):
-        x = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                    return_tensors="pt", return_dict=True)["input_ids"][0].numpy()
-        ids, hidden = local_greedy(body, client, tau[x], new_tokens)
-        picked.append(inv[np.asarray(ids, dtype=np.int64)])
-        states.append(hidden)
-    truth, hidden = np.concatenate(picked), torch.cat(states)
-    keep = ~np.isin(truth, target.fixed_ids)
-    cand = weight_key.read_answers(target, key, hidden[torch.as_tensor(keep)])
-    return dict(answer_tokens=int(keep.sum()), distinct_answer_tokens=int(len(np.unique(truth[keep]))),
-                answer_recovery=float((cand[:, 0] == truth[keep]).mean()) if keep.any() else 0.0,
-                answer_recovery_top10=float((cand[:, :10] == truth[keep][:, None]).any(1).mean())
-                if keep.any() else 0.0, prompts=prompts, new_tokens=new_tokens,
-                seconds=time.perf_counter() - t1, **key.summary())
-
-
-CALIBRATION_DOCS, CALIBRATION_TOKENS = 8, 48       # the attacker's own text for the evidence weight
-CALIBRATION_WEIGHTS = (1.0, 1.5, 2.0, 3.0)
+    obf = [tau[x] for x in client_held.chat_prompt_ids(tok, PROMPTS[:prompts])]
+    with tqdm(total=len(obf), desc=f"answers, alpha {alpha}", disable=not show, leave=False) as bar:
+        out = client_held.answer_reads(target, key, paths[2], client, tau, obf, new_tokens, progress=bar)
+    return dict(out, seconds=time.perf_counter() - t1, **key.summary())
 
 
 def weight_key_decoded(model: Path, alpha: float, paths, beam: int, show: bool, draws: int = 1) -> dict:
     """The prompts read as text: each prompt's vectors (a fresh draw) read through the key the body gives and decoded
-    by a beam search over the noisy channel with the public model as the prior
-    (:func:`aloe.attacks.weight_key.decode_vectors`), at the evidence weight the attacker picks on its own text
-    (8 x 48 tokens of its prior corpus sent through its own simulation of the client,
-    :func:`aloe.attacks.weight_key.calibrate_evidence`); beside it, on the same draw, the decoder at weight 1,
-    each vector read alone, and the public model alone (no vector read: what the prior guesses, the baseline).
-    With ``draws`` > 1 the decoding at the picked weight is repeated on that many fresh draws in all
-    (``occurrence_recovery_per_draw``, the first being the row's own)."""
+    by a beam search over the noisy channel with the public model as the prior, at the evidence weight the attacker
+    picks on its own text (8 x 48 tokens of its prior corpus sent through its own simulation of the client); beside
+    it, on the same draw, the decoder at weight 1, each vector read alone, and the public model alone
+    (:func:`aloe.attacks.client_held.prompt_reads`). With ``draws`` > 1 the decoding at the picked weight is
+    repeated on that many fresh draws in all (``occurrence_recovery_per_draw``, the first being the row's own)."""
     t1 = time.perf_counter()
-    target, texts, toks, client = victim(model, alpha, paths)
+    target, texts, _, client = victim(model, alpha, paths)
     key = weight_key.recover(target)
     tau = load_secret(paths[1]).tau
-    docs = [client.embed(tau[p]) for p in texts.prompts]
-    truth = np.concatenate(texts.prompts)
-    keep = ~np.isin(truth, target.fixed_ids)
-    own = [texts.prior[k * CALIBRATION_TOKENS:(k + 1) * CALIBRATION_TOKENS] for k in range(CALIBRATION_DOCS)]
-    bar = tqdm(total=(len(CALIBRATION_WEIGHTS) * len(own) + 3 * len(docs)), desc=f"decode, alpha {alpha}",
-               disable=not show, leave=False)
-    weight, calibration = weight_key.calibrate_evidence(target, key, own, alpha, SHAPE, beam, CALIBRATION_WEIGHTS,
-                                                        progress=bar)
-    decoded = np.concatenate(weight_key.decode_vectors(target, key, docs, alpha, SHAPE, beam, weight, progress=bar))
-    plain_bayes = np.concatenate(weight_key.decode_vectors(target, key, docs, alpha, SHAPE, beam, progress=bar))
-    prior = np.concatenate(weight_key.decode_vectors(target, key, docs, alpha, SHAPE, beam, evidence=0.0,
-                                                     progress=bar))
-    bar.close()
-    alone = weight_key.read_vectors(target, key, torch.cat(docs), alpha, SHAPE)[:, 0]
-    per_draw = [float((decoded == truth)[keep].mean())]
-    for _ in range(draws - 1):     # fresh draws of the prompt vectors, decoded at the weight picked once
-        more = [client.embed(tau[p]) for p in texts.prompts]
-        got = np.concatenate(weight_key.decode_vectors(target, key, more, alpha, SHAPE, beam, weight))
-        per_draw.append(float((got == truth)[keep].mean()))
-    spread = {"occurrence_recovery_per_draw": per_draw} if draws > 1 else {}
-    return dict(occurrence_recovery=per_draw[0], **spread, evidence_weight=weight,
-                calibration=calibration, evidence_weight_1=float((plain_bayes == truth)[keep].mean()),
-                alone_same_draw=float((alone == truth)[keep].mean()),
-                language_model_alone=float((prior == truth)[keep].mean()), occurrences=int(keep.sum()), beam=beam,
-                draw="its own", seconds=time.perf_counter() - t1)
+    with tqdm(desc=f"decode, alpha {alpha}", disable=not show, leave=False) as bar:
+        out = client_held.prompt_reads(target, key, client, tau, texts.prompts, texts.prior, alpha, SHAPE, beam,
+                                       draws, progress=bar)
+    return dict(out, draw="its own", seconds=time.perf_counter() - t1)
 
 
 def more_traffic(model: Path, alpha: float, paths, stream_tokens: int, show: bool) -> dict:

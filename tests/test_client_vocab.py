@@ -205,3 +205,31 @@ def test_occurrence_noise_inside_a_stock_model_is_fresh_per_lookup_and_off_at_ze
     assert bool(((rel > 0.2) & (rel < 1.0)).all())                            # about alpha times the row's norm
     with pytest.raises(AloeError):
         with_occurrence_noise(base, -1.0)
+
+
+def test_cli_measures_what_the_server_reads_of_a_client_held_deployment(split, capsys):
+    """`aloe attack-client-held`: the key the body gives, the prompts read alone and decoded as text, and the answers
+    read from the hidden states returned. Without occurrence noise every prompt occurrence and every answer token is
+    read; with noise of the rows' own size (alpha 1) the answers are still read (93.8-99.0% over 20 draws in
+    test_attacks_weight_key). A folder that holds its tables, or a client file of another secret, is refused."""
+    base = ["attack-client-held", "--model", str(split / "plain"), "--server", str(split / "server"), "--client-vocab",
+            str(split / "client.st"), "--secret", str(split / "secret.json"), "--beam", "2", "--answer-prompts", "3",
+            "--new-tokens", "8", "--json"]
+    for noise, least in (("0", 1.0), ("1.0", 0.8)):
+        assert aloe_main([*base, "--occurrence-noise", noise]) == 0
+        res = json.loads(capsys.readouterr().out)
+        assert res["occurrence_noise"] == float(noise) and res["key"]["gram_residual"] < 1e-4
+        p, a = res["prompts"], res["answers"]
+        assert p["occurrences"] > 0 and set(p["calibration"]) == {"1.0", "1.5", "2.0", "3.0"}
+        assert a["prompts"] == 3 and a["answer_tokens"] > 0 and a["answer_recovery"] >= least
+        if noise == "0":
+            assert p["occurrence_recovery"] == 1.0 and p["alone_same_draw"] == 1.0
+    assert aloe_main([*base[:4], str(split / "whole"), *base[5:]]) != 0
+    assert "holds its vocabulary tables: attack it with `aloe attack`" in capsys.readouterr().err
+    other = split / "other.st"
+    assert aloe_main(["obfuscate", str(split / "plain"), str(split / "other"), "--secret", str(split / "other.json"),
+                      "--profile", "exact", "--h", "8", "--client-vocab", str(other), "--json"]) == 0
+    capsys.readouterr()
+    assert aloe_main([*base[:6], str(other), *base[7:]]) != 0
+    assert "does not belong to this secret" in capsys.readouterr().err
+    assert aloe_main([*base, "--beam", "0"]) != 0 and "--beam" in capsys.readouterr().err

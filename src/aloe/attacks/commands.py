@@ -1,4 +1,4 @@
-"""``aloe attack`` and ``aloe privacy-bound``."""
+"""``aloe attack``, ``aloe attack-client-held`` and ``aloe privacy-bound``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import math
 from pathlib import Path
 
+from aloe import AloeError
 from aloe.attacks.common import Budget
 from aloe.attacks.key_regression import STARTS as KEYREG_STARTS
 from aloe.attacks.suite import ATTACKS
@@ -116,6 +117,57 @@ def _attack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _attack_client_held(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from aloe.attacks import client_held, weight_key
+    from aloe.attacks.common import Target
+    from aloe.attacks.suite import texts_for
+    from aloe.cli import print_json
+    from aloe.obfuscation.client_vocab import ClientVocabulary
+    from aloe.obfuscation.commands import resolve_model
+    from aloe.obfuscation.fidelity import PROMPTS
+    from aloe.obfuscation.secret import check_artifact_secret, load_secret
+
+    if args.beam < 1 or args.draws < 1 or args.answer_prompts < 0 or args.new_tokens < 1:
+        raise AloeError("--beam, --draws and --new-tokens must be >= 1, --answer-prompts >= 0")
+    model = resolve_model(args.model)
+    secret = load_secret(args.secret)
+    check_artifact_secret(args.server, secret)
+    client = ClientVocabulary(args.client_vocab, occurrence_noise=args.occurrence_noise)
+    if client.fingerprint != secret.fingerprint:
+        raise AloeError(f"{args.client_vocab} does not belong to this secret (fingerprint mismatch)")
+    target = Target(model, args.server, budget_from_args(args))
+    if not target.client_held:
+        raise AloeError(f"{args.server} holds its vocabulary tables: attack it with `aloe attack`")
+    show = not args.json
+    alpha = client.occurrence_noise
+    texts = texts_for(target)
+    key = weight_key.recover(target)
+    with tqdm(desc="prompts", disable=not show, leave=False) as bar:
+        prompts = client_held.prompt_reads(target, key, client, secret.tau, texts.prompts, texts.prior, alpha,
+                                           "row", args.beam, args.draws, progress=bar)
+    if (Path(model) / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        plain = client_held.chat_prompt_ids(AutoTokenizer.from_pretrained(str(model)), PROMPTS[:args.answer_prompts])
+    else:     # a model without a tokenizer: the suite's own prompts
+        plain = texts.prompts[:args.answer_prompts]
+    with tqdm(total=len(plain), desc="answers", disable=not show, leave=False) as bar:
+        answers = client_held.answer_reads(target, key, args.server, client, secret.tau,
+                                           [secret.tau[x] for x in plain], args.new_tokens, progress=bar)
+    res = {"occurrence_noise": alpha, "key": key.summary(), "prompts": prompts, "answers": answers,
+           "texts": texts.source}
+    if args.json:
+        print_json(res)
+    else:
+        print(f"occurrence noise {alpha}: prompt occurrences read {100 * prompts['occurrence_recovery']:.1f}% "
+              f"decoded as text, {100 * prompts['alone_same_draw']:.1f}% one vector at a time "
+              f"(the public model alone: {100 * prompts['language_model_alone']:.1f}%); answer tokens read "
+              f"{100 * answers['answer_recovery']:.1f}% ({answers['answer_tokens']} tokens)")
+    return 0
+
+
 def _bound(args: argparse.Namespace) -> int:
     import torch
 
@@ -150,6 +202,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_budget_flags(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_attack)
+
+    c = sub.add_parser("attack-client-held",
+                       help="AloePri: what a server reads of a client-held-vocabulary deployment (its prompts and the "
+                            "answers) through the key its body gives")
+    c.add_argument("--model", required=True, help="plain model folder, or 'smollm2'")
+    c.add_argument("--server", type=Path, required=True, help="the server folder of aloe obfuscate --client-vocab")
+    c.add_argument("--client-vocab", type=Path, required=True, help="the client vocabulary file")
+    c.add_argument("--secret", type=Path, required=True, help="the client's secret (used only to score)")
+    c.add_argument("--occurrence-noise", type=float, default=None, help="override the client file's level")
+    c.add_argument("--beam", type=int, default=4, help="prefixes kept by the decoding of the prompts")
+    c.add_argument("--draws", type=int, default=1, help="fresh draws of the prompt vectors decoded")
+    c.add_argument("--answer-prompts", type=int, default=8, help="chat prompts the client answers")
+    c.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per answer")
+    add_budget_flags(c)
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=_attack_client_held)
 
     b = sub.add_parser("privacy-bound", help="AloePri: Theorem 6 bound on single-token recovery for alpha_e/alpha_h")
     b.add_argument("--model", required=True, help="plain model folder, or 'smollm2'")

@@ -1,0 +1,99 @@
+"""The client-held vocabulary deployment measured through the key its body gives (:mod:`aloe.attacks.weight_key`).
+
+The server holds the body only, receives the client's noisy input vectors and returns a final hidden state per decode
+step. Three reads, scored against what the client sent or picked:
+
+- each prompt vector alone, by its likelihood through the key at the public noise level;
+- each prompt decoded as text: a beam search over the noisy channel with the public model as the prior, at the
+  evidence weight the attacker picks on its own simulated text (nothing of the victim's);
+- the answers: for every token a greedy client picks, the hidden state it picked from, read through the key and the
+  public head.
+
+``aloe attack-client-held`` runs them on the real prompts; ``benchmarks/client_vocab_frontier.py`` over noise levels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from aloe.attacks import weight_key
+from aloe.attacks.common import Target
+
+CALIBRATION_DOCS, CALIBRATION_TOKENS = 8, 48       # the attacker's own text for the evidence weight
+CALIBRATION_WEIGHTS = (1.0, 1.5, 2.0, 3.0)
+
+
+def chat_prompt_ids(tokenizer, prompts: list[str]) -> list[np.ndarray]:
+    """The plain ids of each prompt as one user turn of the chat template, ready for the answer."""
+    return [np.asarray(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                     return_dict=True)["input_ids"], dtype=np.int64) for p in prompts]
+
+
+def _share(got: np.ndarray, truth: np.ndarray, keep: np.ndarray) -> float:
+    return float((got == truth)[keep].mean()) if keep.any() else 0.0
+
+
+@torch.no_grad()
+def prompt_reads(t: Target, key: weight_key.WeightKey, client, tau: np.ndarray, prompts: list[np.ndarray],
+                 own_text: np.ndarray, alpha: float, shape: str = "row", beam: int = 4, draws: int = 1,
+                 progress=None) -> dict:
+    """The ``prompts`` (plain ids) sent by ``client`` (a :class:`~aloe.obfuscation.client_vocab.ClientVocabulary`
+    with occurrence noise ``alpha``), read by the server: decoded as text at the evidence weight it calibrates on
+    ``own_text`` (its own corpus, 8 x 48 tokens), and on the same draw the decoder at weight 1, each vector alone and
+    the public model alone (no vector read: the prior's guess, the floor). With ``draws`` > 1 the decoding is
+    repeated on fresh draws (``occurrence_recovery_per_draw``, the first being the main figure). Scored on the
+    occurrences that tau moves."""
+    docs = [client.embed(tau[p]) for p in prompts]
+    truth = np.concatenate(prompts)
+    keep = ~np.isin(truth, t.fixed_ids)
+    own = [own_text[k * CALIBRATION_TOKENS:(k + 1) * CALIBRATION_TOKENS] for k in range(CALIBRATION_DOCS)]
+    own = [d for d in own if len(d)]
+
+    def decode(vectors, evidence):
+        return np.concatenate(weight_key.decode_vectors(t, key, vectors, alpha, shape, beam, evidence,
+                                                        progress=progress))
+
+    weight, calibration = weight_key.calibrate_evidence(t, key, own, alpha, shape, beam, CALIBRATION_WEIGHTS,
+                                                        progress=progress)
+    per_draw = [_share(decode(docs, weight), truth, keep)]
+    at_one, prior = decode(docs, 1.0), decode(docs, 0.0)
+    alone = weight_key.read_vectors(t, key, torch.cat(docs), alpha, shape)[:, 0]
+    for _ in range(draws - 1):     # fresh draws of the prompt vectors, decoded at the weight picked once
+        per_draw.append(_share(decode([client.embed(tau[p]) for p in prompts], weight), truth, keep))
+    spread = {"occurrence_recovery_per_draw": per_draw} if draws > 1 else {}
+    return dict(occurrence_recovery=per_draw[0], **spread, evidence_weight=weight, calibration=calibration,
+                evidence_weight_1=_share(at_one, truth, keep), alone_same_draw=_share(alone, truth, keep),
+                language_model_alone=_share(prior, truth, keep), occurrences=int(keep.sum()), beam=beam)
+
+
+@torch.no_grad()
+def answer_reads(t: Target, key: weight_key.WeightKey, server_dir: Path, client, tau: np.ndarray,
+                 obf_prompts: list[np.ndarray], new_tokens: int, progress=None) -> dict:
+    """The client decodes each of ``obf_prompts`` (server ids) greedily with the server's body loaded here from
+    ``server_dir`` (fresh noise on every vector, its own head: :func:`~aloe.obfuscation.client_vocab.local_greedy`),
+    and the server reads every pick from the hidden state it returned (:func:`weight_key.read_answers`). Scored on
+    the answer tokens that tau moves (the end id is not one)."""
+    from transformers import AutoModelForCausalLM
+
+    from aloe.obfuscation.client_vocab import local_greedy
+
+    body = AutoModelForCausalLM.from_pretrained(str(server_dir), dtype=torch.float32).eval()
+    inv = np.argsort(tau)
+    picked, states = [], []
+    for x in obf_prompts:
+        ids, hidden = local_greedy(body, client, x, new_tokens)
+        picked.append(inv[np.asarray(ids, dtype=np.int64)])
+        states.append(hidden)
+        if progress is not None:
+            progress.update(1)
+    truth, hidden = np.concatenate(picked), torch.cat(states)
+    keep = ~np.isin(truth, t.fixed_ids)
+    cand = weight_key.read_answers(t, key, hidden[torch.as_tensor(keep)])
+    wanted = truth[keep]
+    return dict(answer_tokens=int(keep.sum()), distinct_answer_tokens=int(len(np.unique(wanted))),
+                answer_recovery=float((cand[:, 0] == wanted).mean()) if keep.any() else 0.0,
+                answer_recovery_top10=float((cand[:, :10] == wanted[:, None]).any(1).mean()) if keep.any() else 0.0,
+                prompts=len(obf_prompts), new_tokens=new_tokens)
