@@ -157,7 +157,10 @@ class Proxy:
         threading.Thread(target=self._pump_back, args=(b, a), daemon=True).start()
         buf = b""
         while True:
-            data = a.recv(65536)
+            try:
+                data = a.recv(65536)
+            except OSError:   # the other direction closed this socket when the server hung up
+                data = b""
             if not data:
                 b.close()
                 return
@@ -178,7 +181,10 @@ class Proxy:
     @staticmethod
     def _pump_back(src, dst):
         while True:
-            data = src.recv(65536)
+            try:
+                data = src.recv(65536)
+            except OSError:   # closed by the other direction
+                data = b""
             if not data:
                 dst.close()
                 return
