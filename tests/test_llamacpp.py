@@ -94,11 +94,11 @@ def test_a_token_llama_server_would_hold_back_is_still_streamed(llama_server, sm
     unmarked = tmp_path / "unmarked.gguf"
     shutil.copyfile(gguf, unmarked)
     try:
-        from gguf import GGUFReader
-
-        fields = GGUFReader(unmarked, "r+").fields["tokenizer.ggml.token_type"]
+        reader = GGUFReader(unmarked, "r+")
+        fields = reader.fields["tokenizer.ggml.token_type"]
         fields.parts[fields.data[142]][0] = TokenType.NORMAL
-        del fields
+        reader.data.flush()
+        del reader, fields
         port = free_port()
         with server_process(llama_server_command(unmarked, "127.0.0.1", port, 2, 512), port, timeout=300,
                             log=tmp_path / "llama-server-unmarked.log"):

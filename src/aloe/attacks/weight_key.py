@@ -36,6 +36,7 @@ keys; large where the design is not one isometry (the paper's keys) or the body 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -187,6 +188,15 @@ def _vector_sigma2(t: Target, alpha: float, shape: str, width: int) -> float:
                + _sigma2(E, float(prof.get("alpha_e", 0.0)), prof.get("noise_shape", "entry"), row, E.shape[1]), FLOOR)
 
 
+@functools.lru_cache(maxsize=1)
+def _public_lm(plain_dir: str):
+    """The public model as the decoder's prior, loaded once for the calls that decode with it (the calibration
+    decodes the attacker's text once per weight, then the victim's)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(plain_dir, dtype=torch.float32).eval()
+
+
 @torch.no_grad()
 def decode_vectors(t: Target, key: WeightKey, docs: list[torch.Tensor], alpha: float, shape: str = "row",
                    beam: int = 4, evidence: float = 1.0, progress=None) -> list[np.ndarray]:
@@ -195,13 +205,11 @@ def decode_vectors(t: Target, key: WeightKey, docs: list[torch.Tensor], alpha: f
     position, ``log p_public(x | prefix)`` and ``evidence`` times the vector's log-likelihood under token x (read
     through ``key`` at the public noise level, every id of the vocabulary). ``evidence`` 0 is the language model
     alone, the baseline of what the prior guesses without a vector. Returns the decoded plain ids of each doc."""
-    from transformers import AutoModelForCausalLM
-
     if shape not in NOISE_SHAPES:
         raise AloeError(f"unknown noise shape {shape!r}; choose one of {', '.join(NOISE_SHAPES)}")
     if beam < 1:
         raise AloeError("the beam must hold at least one prefix")
-    lm = AutoModelForCausalLM.from_pretrained(str(t.plain_dir), dtype=torch.float32).eval()
+    lm = _public_lm(str(t.plain_dir))
     pool = np.arange(t.arch.vocab)
     out = []
     for vectors in docs:
