@@ -155,15 +155,16 @@ class Proxy:
         a, _ = self.srv.accept()
         b = socket.create_connection(self.target)
         threading.Thread(target=self._pump_back, args=(b, a), daemon=True).start()
+        try:
+            self._relay(a, b)
+        except OSError:   # a side hung up mid-relay (the server refusing a record closes its end): the relay is over
+            pass
+        finally:
+            b.close()
+
+    def _relay(self, a, b):
         buf = b""
-        while True:
-            try:
-                data = a.recv(65536)
-            except OSError:   # the other direction closed this socket when the server hung up
-                data = b""
-            if not data:
-                b.close()
-                return
+        while data := a.recv(65536):
             buf += data
             while len(buf) >= 5 and len(buf) >= 5 + int.from_bytes(buf[3:5], "big"):
                 n = 5 + int.from_bytes(buf[3:5], "big")
@@ -180,15 +181,13 @@ class Proxy:
 
     @staticmethod
     def _pump_back(src, dst):
-        while True:
-            try:
-                data = src.recv(65536)
-            except OSError:   # closed by the other direction
-                data = b""
-            if not data:
-                dst.close()
-                return
-            dst.sendall(data)
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:   # a side hung up: the relay is over
+            pass
+        finally:
+            dst.close()
 
 
 @pytest.mark.parametrize("action", ["replay", "flip"])
