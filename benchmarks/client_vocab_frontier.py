@@ -15,7 +15,7 @@ For each alpha:
 
     python benchmarks/client_vocab_frontier.py [--alphas 0 0.05 0.1 0.2 0.4 0.8] [--stream-tokens 4000] [--threads 2]
         [--decode-tokens 2000] [--rerun] [--more-traffic N] [--right-key-only] [--weight-key-only [--draws N]]
-        [--answers-only] [--decode-only [--beam 4]] [--report-only] [--json]
+        [--answers-only [--draws N]] [--decode-only [--beam 4] [--draws N]] [--report-only] [--json]
 
 The stream-level attacks also fit the writer key on the linked attack's reading (key regression) and, for
 measurement only, read every vector through the right key (fitted with the secret): what the noise itself leaves.
@@ -186,11 +186,14 @@ def weight_key_only(model: Path, alpha: float, paths, stream_tokens: int, link: 
     return out
 
 
-def weight_key_answers(model: Path, alpha: float, paths, prompts: int, new_tokens: int, show: bool) -> dict:
+def weight_key_answers(model: Path, alpha: float, paths, prompts: int, new_tokens: int, show: bool,
+                       draws: int = 1) -> dict:
     """The answers: the client-held deployment decodes the chat prompts greedily (the server's body in this process,
     fresh noise on every vector the client sends, the client's own head), and the server reads the token the client
     picks at each step from the final hidden state it returned, through the key its body gives and the public head
-    (:func:`aloe.attacks.client_held.answer_reads`)."""
+    (:func:`aloe.attacks.client_held.answer_reads`). With ``draws`` > 1 the whole session is repeated that many times
+    in all, each with its own noise and so its own answers (``answer_recovery_per_draw``, the first being the row's
+    own)."""
     from transformers import AutoTokenizer
 
     t1 = time.perf_counter()
@@ -199,9 +202,14 @@ def weight_key_answers(model: Path, alpha: float, paths, prompts: int, new_token
     tok = AutoTokenizer.from_pretrained(model)
     tau = load_secret(paths[1]).tau
     obf = [tau[x] for x in client_held.chat_prompt_ids(tok, PROMPTS[:prompts])]
-    with tqdm(total=len(obf), desc=f"answers, alpha {alpha}", disable=not show, leave=False) as bar:
-        out = client_held.answer_reads(target, key, paths[2], client, tau, obf, new_tokens, progress=bar)
-    return dict(out, seconds=time.perf_counter() - t1, **key.summary())
+    with tqdm(total=len(obf) * draws, desc=f"answers, alpha {alpha}", disable=not show, leave=False) as bar:
+        runs = [client_held.answer_reads(target, key, paths[2], client, tau, obf, new_tokens, progress=bar)
+                for _ in range(draws)]
+    spread = {} if draws == 1 else {
+        "answer_recovery_per_draw": [r["answer_recovery"] for r in runs],
+        "answer_recovery_top10_per_draw": [r["answer_recovery_top10"] for r in runs],
+        "answer_tokens_per_draw": [r["answer_tokens"] for r in runs]}
+    return dict(runs[0], **spread, seconds=time.perf_counter() - t1, **key.summary())
 
 
 def weight_key_decoded(model: Path, alpha: float, paths, beam: int, show: bool, draws: int = 1) -> dict:
@@ -282,9 +290,9 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
-def spread(entry: dict) -> str:
+def spread(entry: dict, field: str = "occurrence_recovery") -> str:
     """`` (lo-hi over n draws)`` where the entry was read on several draws (``--draws``), else nothing."""
-    d = entry.get("occurrence_recovery_per_draw") or []
+    d = entry.get(f"{field}_per_draw") or []
     return f" ({pct(min(d))}-{pct(max(d))} over {len(d)} draws)" if len(d) > 1 else ""
 
 
@@ -392,10 +400,12 @@ def write_report(state: dict) -> None:
             continue
         r, a = e["answers"], e["attacks"]
         worst = max(a[fam]["occurrence_recovery"] for fam in (*FAMILIES, *STREAM_FAMILIES) if fam in a)
+        every = r.get("answer_recovery_per_draw") or [r["answer_recovery"]]
         answers.append(f"| {e['alpha']} | {e['fidelity']['ppl_ratio']:.3f} | {r['answer_tokens']} "
-                       f"({r['distinct_answer_tokens']}) | **{pct(r['answer_recovery'])}** | "
-                       f"{pct(r['answer_recovery_top10'])} | {pct(worst)} | "
-                       f"{'yes' if max(worst, r['answer_recovery']) <= 0.05 else 'no'} |")
+                       f"({r['distinct_answer_tokens']}) | **{pct(r['answer_recovery'])}**"
+                       f"{spread(r, 'answer_recovery')} | {pct(r['answer_recovery_top10'])}"
+                       f"{spread(r, 'answer_recovery_top10')} | {pct(worst)} | "
+                       f"{'yes' if max(worst, *every) <= 0.05 else 'no'} |")
     if len(answers) > 2:
         md += ["## The answers", "",
                "The other half of the traffic (`--answers-only`): the client decodes the 8 chat prompts greedily "
@@ -488,8 +498,8 @@ def main(argv: list[str] | None = None) -> int:
                          "with the public model as the prior) on the listed (measured) alphas")
     ap.add_argument("--beam", type=int, default=4, help="with --decode-only: prefixes kept by the beam search")
     ap.add_argument("--draws", type=int, default=1,
-                    help="with --weight-key-only or --decode-only: fresh draws of the prompt vectors read alone or "
-                         "decoded (the spread of a point's figure)")
+                    help="with --weight-key-only, --decode-only or --answers-only: fresh draws of the prompt vectors "
+                         "read alone or decoded, or of the whole answering session (the spread of a point's figure)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -552,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                         args.draws)
             else:
                 e["answers"] = weight_key_answers(model, alpha, paths, args.fidelity_prompts,
-                                                  args.fidelity_new_tokens, show)
+                                                  args.fidelity_new_tokens, show, args.draws)
             atomic_write_json(PATH, state)
             write_report(state)
             write_plot(state)
