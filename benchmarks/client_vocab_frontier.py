@@ -15,7 +15,7 @@ For each alpha:
 
     python benchmarks/client_vocab_frontier.py [--alphas 0 0.05 0.1 0.2 0.4 0.8] [--stream-tokens 4000] [--threads 2]
         [--decode-tokens 2000] [--rerun] [--more-traffic N] [--right-key-only] [--weight-key-only [--draws N]]
-        [--answers-only [--draws N]] [--decode-only [--beam 4] [--draws N]] [--report-only] [--json]
+        [--answers-only [--draws N]] [--decode-only [--beam 4] [--draws N]] [--states-only] [--report-only] [--json]
 
 The stream-level attacks also fit the writer key on the linked attack's reading (key regression) and, for
 measurement only, read every vector through the right key (fitted with the secret): what the noise itself leaves.
@@ -61,7 +61,8 @@ PATH = RESULTS / "client_vocab_frontier.json"
 SHAPE = "row"
 FAMILIES = ("ia", "states", "combined", "linked")
 STREAM_FAMILIES = ("linked_stream", "decoded_stream", "keyed_stream", "keyed_linked_stream", "weight_key_stream",
-                   "weight_key_linked_stream", "weight_key_decoded")
+                   "weight_key_linked_stream", "weight_key_decoded", "weight_key_decoded_wide")
+BEAM = 4   # the decoder's beam; --decode-only with another beam stores its figures as weight_key_decoded_wide
 
 
 def deployment(model: Path, show: bool) -> tuple[Path, Path, Path, Path]:
@@ -229,6 +230,24 @@ def weight_key_decoded(model: Path, alpha: float, paths, beam: int, show: bool, 
     return dict(out, draw="its own", seconds=time.perf_counter() - t1)
 
 
+def weight_key_states(model: Path, alpha: float, paths, beam: int, evidence: float, show: bool) -> dict:
+    """The states the server computes at the prompt positions (``--states-only``): on a fresh draw of the prompt
+    vectors, what the server's own forward pass predicts there read alone, and the decoder at the point's picked
+    evidence weight with those predictions joined at each weight, the weights scored on the victim's own prompts (an
+    oracle, not an attack: :func:`aloe.attacks.client_held.state_reads`)."""
+    from transformers import AutoModelForCausalLM
+
+    t1 = time.perf_counter()
+    target, texts, _, client = victim(model, alpha, paths)
+    key = weight_key.recover(target)
+    body = AutoModelForCausalLM.from_pretrained(str(paths[2]), dtype=torch.float32).eval()
+    tau = load_secret(paths[1]).tau
+    with tqdm(desc=f"states, alpha {alpha}", disable=not show, leave=False) as bar:
+        out = client_held.state_reads(target, key, body, client, tau, texts.prompts, alpha, SHAPE, beam, evidence,
+                                      progress=bar)
+    return dict(out, seconds=time.perf_counter() - t1)
+
+
 def more_traffic(model: Path, alpha: float, paths, stream_tokens: int, show: bool) -> dict:
     """The stream-level attacks alone (no decoding) on a fresh draw of the vectors, the prompts sent among
     ``stream_tokens`` tokens of other traffic: how the figures grow with what the server sees."""
@@ -303,7 +322,7 @@ def write_report(state: dict) -> None:
             "key regression among other traffic: each vector / linked clusters pooled (fit) | "
             "key from the body's weights: each vector / linked clusters pooled | "
             "key from the body's weights, decoded with the public model as prior (each vector alone / the public "
-            "model alone, same draw) | "
+            "model alone, same draw; a wider beam after the semicolon) | "
             "through the right key, with the secret (not an attack) | goal met |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(state["points"], key=float):
@@ -334,6 +353,9 @@ def write_report(state: dict) -> None:
                     + (f" | {pct(a['weight_key_decoded']['occurrence_recovery'])}{spread(a['weight_key_decoded'])} "
                        f"({pct(a['weight_key_decoded']['alone_same_draw'])} / "
                        f"{pct(a['weight_key_decoded']['language_model_alone'])})"
+                       + (f"; beam {a['weight_key_decoded_wide']['beam']}: "
+                          f"{pct(a['weight_key_decoded_wide']['occurrence_recovery'])}"
+                          f"{spread(a['weight_key_decoded_wide'])}" if "weight_key_decoded_wide" in a else "")
                        if "weight_key_decoded" in a else " | –")
                     + (f" | {pct(a['right_key_stream']['occurrence_recovery'])}" if "right_key_stream" in a else " | –")
                     + f" | {'yes' if met else 'no'} |")
@@ -415,6 +437,22 @@ def write_report(state: dict) -> None:
                "the answer tokens that tau moves (the end id not counted). The noise the client adds changes the "
                "state, and the client reads the changed state too; what the server lacks is the head's own fresh "
                "key part, which reads the noise outside the residual subspace.", "", *answers, ""]
+    states = ["| occurrence noise alpha | evidence weight | the server's states alone | decoded (same draw, no "
+              "states) | with the states at prediction weight 0.25 / 0.5 / 1 |", "|---|---|---|---|---|"]
+    for key in sorted(state["points"], key=float):
+        r = state["points"][key].get("states_oracle")
+        if r is not None:
+            by = {float(w): v for w, v in r["decoded_by_prediction_weight"].items()}
+            states.append(f"| {key} | {r['evidence_weight']:g} | {pct(r['states_alone'])} | {pct(by[0.0])} | "
+                          + " / ".join(pct(v) for w, v in sorted(by.items()) if w > 0) + " |")
+    if len(states) > 2:
+        md += ["## The states at the prompt positions", "",
+               "The server computes a final hidden state at every prompt position, not only the last "
+               "(`--states-only`). Through the key its body gives and the public head, the state at i - 1 predicts "
+               "prompt token i (`aloe.attacks.weight_key.state_predictions`): read alone, and joined to the "
+               "decoder at the point's picked evidence weight, each prediction weight scored on the victim's own "
+               "prompts (an oracle's choice, an upper bound of what the states add; not counted as an attack). "
+               "One fresh draw of the prompt vectors per row; % of the prompt occurrences.", "", *states, ""]
     if len(more) > 2:
         md += ["## More traffic", "",
                "The stream-level attacks again (`--more-traffic N`), on a fresh draw of the vectors, the prompts sent "
@@ -431,17 +469,19 @@ def write_plot(state: dict) -> None:
 
     pts = sorted(state["points"].values(), key=lambda e: e["alpha"])
     fig, ax = plt.subplots(figsize=(9.6, 4.8))
-    for fam, marker in zip((*FAMILIES, *STREAM_FAMILIES), "os^Dv*PXhdp"):
+    for fam, marker in zip((*FAMILIES, *STREAM_FAMILIES), "os^Dv*PXhdp8"):
         have = [e for e in pts if fam in e["attacks"]]
         ax.plot([100 * e["attacks"][fam]["occurrence_recovery"] for e in have],
                 [e["fidelity"]["ppl_ratio"] for e in have], marker=marker,
-                color="darkgoldenrod" if fam == "weight_key_decoded" else None,  # the default cycle has 10
+                color={"weight_key_decoded": "darkgoldenrod", "weight_key_decoded_wide": "olive"}.get(fam),
+                # the default cycle has 10 colours
                 label={"linked": "linked (cluster means)", "linked_stream": "linked among other traffic",
                        "decoded_stream": "linked + language prior", "keyed_stream": "key regression",
                        "keyed_linked_stream": "key regression, clusters pooled",
                        "weight_key_stream": "key from the body's weights",
                        "weight_key_linked_stream": "key from the body's weights, clusters pooled",
-                       "weight_key_decoded": "key from the body's weights, decoded with the prior"}.get(fam, fam))
+                       "weight_key_decoded": "key from the body's weights, decoded with the prior",
+                       "weight_key_decoded_wide": "the same decoding, a wider beam"}.get(fam, fam))
     have = [e for e in pts if "right_key_stream" in e["attacks"]]
     if have:
         ax.plot([100 * e["attacks"]["right_key_stream"]["occurrence_recovery"] for e in have],
@@ -496,7 +536,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-only", action="store_true",
                     help="run only the decoding of the prompts read through the key the body gives (a beam search "
                          "with the public model as the prior) on the listed (measured) alphas")
-    ap.add_argument("--beam", type=int, default=4, help="with --decode-only: prefixes kept by the beam search")
+    ap.add_argument("--states-only", action="store_true",
+                    help="run only the read of the states the server computes at the prompt positions, alone and "
+                         "joined to the decoder at the point's picked weight (weights scored on the victim's "
+                         "prompts: an oracle's upper bound) on the listed alphas whose prompts were decoded")
+    ap.add_argument("--beam", type=int, default=BEAM,
+                    help="with --decode-only or --states-only: prefixes kept by the beam search (with --decode-only, "
+                         f"a beam other than {BEAM} is stored as its own family, the wider search)")
     ap.add_argument("--draws", type=int, default=1,
                     help="with --weight-key-only, --decode-only or --answers-only: fresh draws of the prompt vectors "
                          "read alone or decoded, or of the whole answering session (the spread of a point's figure)")
@@ -553,12 +599,21 @@ def main(argv: list[str] | None = None) -> int:
             write_report(state)
             write_plot(state)
             continue
+        if args.states_only:
+            if e is None or "weight_key_decoded" not in e["attacks"]:
+                ap.error(f"alpha {alpha} has no decoded prompts yet: run it with --decode-only first")
+            e["states_oracle"] = weight_key_states(model, alpha, paths, args.beam,
+                                                   e["attacks"]["weight_key_decoded"]["evidence_weight"], show)
+            atomic_write_json(PATH, state)
+            write_report(state)
+            continue
         if args.decode_only or args.answers_only:
             if e is None:
                 mode = "--decode-only" if args.decode_only else "--answers-only"
                 ap.error(f"alpha {alpha} is not measured yet: run it without {mode} first")
             if args.decode_only:
-                e["attacks"]["weight_key_decoded"] = weight_key_decoded(model, alpha, paths, args.beam, show,
+                fam = "weight_key_decoded" if args.beam == BEAM else "weight_key_decoded_wide"
+                e["attacks"][fam] = weight_key_decoded(model, alpha, paths, args.beam, show,
                                                                         args.draws)
             else:
                 e["answers"] = weight_key_answers(model, alpha, paths, args.fidelity_prompts,

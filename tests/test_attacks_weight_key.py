@@ -219,3 +219,39 @@ def test_the_stream_decoded_with_the_public_model_as_prior(tmp_path, monkeypatch
     assert set(reads) == {0.5, 1.0} and reads[weight] == max(reads.values())
     with pytest.raises(AloeError, match="beam"):
         wk.decode_vectors(t, key, docs, alpha, beam=0)
+
+
+def test_the_states_at_the_prompt_positions_are_the_models_own_next_token_predictions(tmp_path, monkeypatch):
+    """The server computes a final hidden state at every prompt position. Through the key its body gives and the
+    public head, without occurrence noise, those states are the plain model's own next-token log-probabilities on
+    the plain prompt; the decoder joins them at a weight, and weight 0 is the decoder without them."""
+    from transformers import AutoModelForCausalLM
+
+    from aloe.attacks import client_held
+    from aloe.obfuscation.client_vocab import ClientVocabulary, split_vocabulary
+
+    monkeypatch.setenv("ALOE_CACHE", str(tmp_path))
+    plain, obf, tau = build(tmp_path, "llama-gqa-tied", "bal", PROFILES["balanced"].with_overrides(name="b", h=8))
+    split_vocabulary(obf, tmp_path / "server", tmp_path / "client.st", occurrence_noise=0.0)
+    t = Target(plain, tmp_path / "server", Budget(topk=5, seed=1))
+    client = ClientVocabulary(tmp_path / "client.st")
+    body = AutoModelForCausalLM.from_pretrained(tmp_path / "server", dtype=torch.float32).eval()
+    lm = AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32).eval()
+    key = wk.recover(t)
+    prompts = [np.random.default_rng(k).choice(np.arange(3, 97), 10) for k in range(3)]
+    for p in prompts:
+        got = wk.state_predictions(t, key, body, client.embed(tau[p]))
+        with torch.no_grad():
+            want = torch.log_softmax(lm(input_ids=torch.as_tensor(p)[None]).logits[0].double(), -1)[:, : t.arch.vocab]
+        assert got.shape == (len(p), t.arch.vocab)
+        assert float((got.double() - want).abs().max()) < 1e-3
+    docs = [client.embed(tau[p]) for p in prompts]
+    with pytest.raises(AloeError, match="prediction tables"):
+        wk.decode_vectors(t, key, docs, 0.0, predictions=[], prediction_weight=1.0)
+    out = client_held.state_reads(t, key, body, client, tau, prompts, 0.0, beam=2, weights=(1.0,))
+    plain_decode = np.concatenate(wk.decode_vectors(t, key, docs, 0.0, beam=2))
+    truth = np.concatenate(prompts)
+    assert set(out["decoded_by_prediction_weight"]) == {0.0, 1.0}
+    assert out["decoded_by_prediction_weight"][0.0] == (plain_decode == truth).mean() == 1.0
+    alone = np.concatenate([np.r_[-1, wk.state_predictions(t, key, body, d)[:-1].argmax(1).numpy()] for d in docs])
+    assert out["states_alone"] == pytest.approx((alone == truth).mean())

@@ -70,6 +70,31 @@ def prompt_reads(t: Target, key: weight_key.WeightKey, client, tau: np.ndarray, 
 
 
 @torch.no_grad()
+def state_reads(t: Target, key: weight_key.WeightKey, body, client, tau: np.ndarray, prompts: list[np.ndarray],
+                alpha: float, shape: str = "row", beam: int = 4, evidence: float = 1.0,
+                weights=(0.25, 0.5, 1.0), progress=None) -> dict:
+    """What the states the server computes at the prompt positions add (``body``: the stock causal LM loaded from the
+    server folder). On one draw of the ``prompts`` sent by ``client``: the server's own forward pass over each
+    prompt's vectors predicts the next prompt token through the key and the public head
+    (:func:`weight_key.state_predictions`); read alone (the argmax at i - 1 for token i), and joined to the decoder at
+    ``evidence`` with each prediction weight of ``weights`` beside the decoder without them (weight 0). The weights
+    are scored on the victim's own prompts, an oracle's choice no attacker has: an upper bound of what the states
+    add to this decoder. Scored on the occurrences that tau moves."""
+    docs = [client.embed(tau[p]) for p in prompts]
+    preds = [weight_key.state_predictions(t, key, body, v) for v in docs]
+    truth = np.concatenate(prompts)
+    keep = ~np.isin(truth, t.fixed_ids)
+    alone = np.concatenate([np.r_[-1, p[:-1].argmax(1).numpy()] for p in preds])
+    reads = {}
+    for w in (0.0, *weights):
+        got = weight_key.decode_vectors(t, key, docs, alpha, shape, beam, evidence, progress=progress,
+                                        predictions=preds, prediction_weight=float(w))
+        reads[float(w)] = _share(np.concatenate(got), truth, keep)
+    return dict(states_alone=_share(alone, truth, keep), decoded_by_prediction_weight=reads, evidence_weight=evidence,
+                occurrences=int(keep.sum()), beam=beam)
+
+
+@torch.no_grad()
 def answer_reads(t: Target, key: weight_key.WeightKey, server_dir: Path, client, tau: np.ndarray,
                  obf_prompts: list[np.ndarray], new_tokens: int, progress=None) -> dict:
     """The client decodes each of ``obf_prompts`` (server ids) greedily with the server's body loaded here from

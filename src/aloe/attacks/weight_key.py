@@ -198,21 +198,37 @@ def _public_lm(plain_dir: str):
 
 
 @torch.no_grad()
+def state_predictions(t: Target, key: WeightKey, body, vectors: torch.Tensor) -> torch.Tensor:
+    """What the server's own forward pass over a doc's vectors (n x d', as a client-held-vocabulary client sent them
+    for a prompt) predicts at each position: the final hidden state the body computes there (the server computes
+    every prompt position, not only the last) through ``key`` and the public head, as log-probabilities (n x V) of
+    the plain token that follows. ``body`` is the stock causal LM loaded from the server folder."""
+    hidden = body.model(inputs_embeds=vectors[None].to(body.dtype)).last_hidden_state[0]
+    logits = key.embed_side(hidden) @ t.plain_head.double().T
+    return torch.log_softmax(logits, -1)[:, : t.arch.vocab].float()
+
+
+@torch.no_grad()
 def decode_vectors(t: Target, key: WeightKey, docs: list[torch.Tensor], alpha: float, shape: str = "row",
-                   beam: int = 4, evidence: float = 1.0, progress=None) -> list[np.ndarray]:
+                   beam: int = 4, evidence: float = 1.0, progress=None, predictions: list[torch.Tensor] | None = None,
+                   prediction_weight: float = 0.0) -> list[np.ndarray]:
     """The stream read as text: each doc (n x d', the vectors a client-held-vocabulary client sent, in order) decoded
     by a beam search over the noisy channel, the public model as the language prior. A prefix's score adds, at each
     position, ``log p_public(x | prefix)`` and ``evidence`` times the vector's log-likelihood under token x (read
     through ``key`` at the public noise level, every id of the vocabulary). ``evidence`` 0 is the language model
-    alone, the baseline of what the prior guesses without a vector. Returns the decoded plain ids of each doc."""
+    alone, the baseline of what the prior guesses without a vector. With ``predictions`` (one n x V per doc, from
+    :func:`state_predictions`) the score at position i also adds ``prediction_weight`` times what the server's own
+    forward pass predicted there from the state at i - 1. Returns the decoded plain ids of each doc."""
     if shape not in NOISE_SHAPES:
         raise AloeError(f"unknown noise shape {shape!r}; choose one of {', '.join(NOISE_SHAPES)}")
     if beam < 1:
         raise AloeError("the beam must hold at least one prefix")
+    if predictions is not None and len(predictions) != len(docs):
+        raise AloeError(f"{len(predictions)} prediction tables for {len(docs)} docs")
     lm = _public_lm(str(t.plain_dir))
     pool = np.arange(t.arch.vocab)
     out = []
-    for vectors in docs:
+    for k, vectors in enumerate(docs):
         n = vectors.shape[0]
         if n == 0:
             out.append(np.zeros(0, dtype=np.int64))
@@ -220,6 +236,9 @@ def decode_vectors(t: Target, key: WeightKey, docs: list[torch.Tensor], alpha: f
         ll = evidence * key_regression.log_likelihoods(key.embed_side(vectors), t.plain_embed, pool,
                                                        _vector_sigma2(t, alpha, shape, vectors.shape[1]),
                                                        shape == "row")
+        if predictions is not None and prediction_weight and n > 1:
+            ll = ll.clone()
+            ll[1:] += prediction_weight * predictions[k][: n - 1].to(ll.dtype)
         bos = lm.config.bos_token_id
         if bos is None:
             first, cache = torch.zeros(t.arch.vocab), None
