@@ -209,6 +209,7 @@ def weight_key_answers(model: Path, alpha: float, paths, prompts: int, new_token
     spread = {} if draws == 1 else {
         "answer_recovery_per_draw": [r["answer_recovery"] for r in runs],
         "answer_recovery_top10_per_draw": [r["answer_recovery_top10"] for r in runs],
+        "answer_recovery_with_echo_per_draw": [r["answer_recovery_with_echo"] for r in runs],
         "answer_tokens_per_draw": [r["answer_tokens"] for r in runs]}
     return dict(runs[0], **spread, seconds=time.perf_counter() - t1, **key.summary())
 
@@ -414,19 +415,22 @@ def write_report(state: dict) -> None:
           "The other families of a row are measured on one draw of the vectors. Goal: ppl ratio "
           "<= 1.10, greedy >= 0.80, every attack <= 5%.", "", *rows, ""]
     answers = ["| occurrence noise alpha | ppl ratio | answer tokens (distinct) | read from the returned states: "
-               "top-1 | top-10 | prompt occurrences: worst attack | prompts and answers both <= 5% |",
-               "|---|---|---|---|---|---|---|"]
+               "top-1 | top-10 | with the echo: top-1 | prompt occurrences: worst attack | prompts and answers both "
+               "<= 5% |", "|---|---|---|---|---|---|---|---|"]
     for key in sorted(state["points"], key=float):
         e = state["points"][key]
         if "answers" not in e:
             continue
         r, a = e["answers"], e["attacks"]
         worst = max(a[fam]["occurrence_recovery"] for fam in (*FAMILIES, *STREAM_FAMILIES) if fam in a)
-        every = r.get("answer_recovery_per_draw") or [r["answer_recovery"]]
+        every = [*(r.get("answer_recovery_per_draw") or [r["answer_recovery"]]),
+                 *(r.get("answer_recovery_with_echo_per_draw") or [r.get("answer_recovery_with_echo", 0.0)])]
+        echo = (f"**{pct(r['answer_recovery_with_echo'])}**{spread(r, 'answer_recovery_with_echo')}"
+                if "answer_recovery_with_echo" in r else "–")
         answers.append(f"| {e['alpha']} | {e['fidelity']['ppl_ratio']:.3f} | {r['answer_tokens']} "
                        f"({r['distinct_answer_tokens']}) | **{pct(r['answer_recovery'])}**"
                        f"{spread(r, 'answer_recovery')} | {pct(r['answer_recovery_top10'])}"
-                       f"{spread(r, 'answer_recovery_top10')} | {pct(worst)} | "
+                       f"{spread(r, 'answer_recovery_top10')} | {echo} | {pct(worst)} | "
                        f"{'yes' if max(worst, *every) <= 0.05 else 'no'} |")
     if len(answers) > 2:
         md += ["## The answers", "",
@@ -436,7 +440,10 @@ def write_report(state: dict) -> None:
                "the key its body gives, then the public head (`aloe.attacks.weight_key.read_answers`). Scored on "
                "the answer tokens that tau moves (the end id not counted). The noise the client adds changes the "
                "state, and the client reads the changed state too; what the server lacks is the head's own fresh "
-               "key part, which reads the noise outside the residual subspace.", "", *answers, ""]
+               "key part, which reads the noise outside the residual subspace. With the echo: each pick the client "
+               "sends back as its next input (every pick of a reply but the last, where the reply hits the token "
+               "cap) is ranked by the state's log-probability plus that vector's log-likelihood through the key; "
+               "scored on every answer token that tau moves.", "", *answers, ""]
     states = ["| occurrence noise alpha | evidence weight | the server's states alone | decoded (same draw, no "
               "states) | with the states at prediction weight 0.25 / 0.5 / 1 |", "|---|---|---|---|---|"]
     for key in sorted(state["points"], key=float):

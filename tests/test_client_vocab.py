@@ -209,9 +209,10 @@ def test_occurrence_noise_inside_a_stock_model_is_fresh_per_lookup_and_off_at_ze
 
 def test_cli_measures_what_the_server_reads_of_a_client_held_deployment(split, capsys):
     """`aloe attack-client-held`: the key the body gives, the prompts read alone and decoded as text, and the answers
-    read from the hidden states returned. Without occurrence noise every prompt occurrence and every answer token is
-    read; with noise of the rows' own size (alpha 1) the answers are still read (93.8-99.0% over 20 draws in
-    test_attacks_weight_key). A folder that holds its tables, or a client file of another secret, is refused."""
+    read from the hidden states returned (alone, and with the vector each comes back as). Without occurrence noise
+    every prompt occurrence and every answer token is read; with noise of the rows' own size (alpha 1) the answers
+    are still read (93.8-99.0% over 20 draws in test_attacks_weight_key). A folder that holds its tables, or a
+    client file of another secret, is refused."""
     base = ["attack-client-held", "--model", str(split / "plain"), "--server", str(split / "server"), "--client-vocab",
             str(split / "client.st"), "--secret", str(split / "secret.json"), "--beam", "2", "--answer-prompts", "3",
             "--new-tokens", "8", "--json"]
@@ -222,6 +223,7 @@ def test_cli_measures_what_the_server_reads_of_a_client_held_deployment(split, c
         p, a = res["prompts"], res["answers"]
         assert p["occurrences"] > 0 and set(p["calibration"]) == {"1.0", "1.5", "2.0", "3.0"}
         assert a["prompts"] == 3 and a["answer_tokens"] > 0 and a["answer_recovery"] >= least
+        assert a["answer_recovery_with_echo"] >= least and 0 < a["echoed_answer_tokens"] <= a["answer_tokens"]
         if noise == "0":
             assert p["occurrence_recovery"] == 1.0 and p["alone_same_draw"] == 1.0
     assert aloe_main([*base[:4], str(split / "whole"), *base[5:]]) != 0

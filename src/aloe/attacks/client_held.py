@@ -107,18 +107,33 @@ def answer_reads(t: Target, key: weight_key.WeightKey, server_dir: Path, client,
 
     body = AutoModelForCausalLM.from_pretrained(str(server_dir), dtype=torch.float32).eval()
     inv = np.argsort(tau)
-    picked, states = [], []
+    picked, states, echoes, echoed = [], [], [], []
     for x in obf_prompts:
-        ids, hidden = local_greedy(body, client, x, new_tokens)
+        sent: list = []
+        ids, hidden = local_greedy(body, client, x, new_tokens, sent)
         picked.append(inv[np.asarray(ids, dtype=np.int64)])
         states.append(hidden)
+        # each pick but the last of a reply comes back as the next request's one vector
+        back = [v[0] for v in sent[1:]]
+        echoes.append(torch.stack(back) if back else torch.empty(0, hidden.shape[1]))
+        echoed.append(np.arange(len(ids)) < len(back))
         if progress is not None:
             progress.update(1)
-    truth, hidden = np.concatenate(picked), torch.cat(states)
+    truth, hidden, echoed = np.concatenate(picked), torch.cat(states), np.concatenate(echoed)
     keep = ~np.isin(truth, t.fixed_ids)
-    cand = weight_key.read_answers(t, key, hidden[torch.as_tensor(keep)])
     wanted = truth[keep]
+    cand = weight_key.read_answers(t, key, hidden[torch.as_tensor(keep)])
+    # with the echo: the picks sent back first (read_answers takes echoes for its leading rows), then the last ones
+    both = keep & echoed
+    order = np.r_[np.flatnonzero(both), np.flatnonzero(keep & ~echoed)]
+    with_echo = weight_key.read_answers(t, key, hidden[torch.as_tensor(order)], echoes=torch.cat(echoes)[
+        torch.as_tensor(np.flatnonzero(both[echoed]))], alpha=client.occurrence_noise, shape=client.noise_shape)
+
+    def share(c, want):
+        return float((c[:, 0] == want).mean()) if len(want) else 0.0
+
     return dict(answer_tokens=int(keep.sum()), distinct_answer_tokens=int(len(np.unique(wanted))),
-                answer_recovery=float((cand[:, 0] == wanted).mean()) if keep.any() else 0.0,
+                answer_recovery=share(cand, wanted),
                 answer_recovery_top10=float((cand[:, :10] == wanted[:, None]).any(1).mean()) if keep.any() else 0.0,
+                answer_recovery_with_echo=share(with_echo, truth[order]), echoed_answer_tokens=int(both.sum()),
                 prompts=len(obf_prompts), new_tokens=new_tokens)

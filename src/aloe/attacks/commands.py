@@ -164,7 +164,9 @@ def _attack_client_held(args: argparse.Namespace) -> int:
         print(f"occurrence noise {alpha}: prompt occurrences read {100 * prompts['occurrence_recovery']:.1f}% "
               f"decoded as text, {100 * prompts['alone_same_draw']:.1f}% one vector at a time "
               f"(the public model alone: {100 * prompts['language_model_alone']:.1f}%); answer tokens read "
-              f"{100 * answers['answer_recovery']:.1f}% ({answers['answer_tokens']} tokens)")
+              f"{100 * answers['answer_recovery']:.1f}% from the returned states, "
+              f"{100 * answers['answer_recovery_with_echo']:.1f}% with the vector each comes back as "
+              f"({answers['answer_tokens']} tokens)")
     return 0
 
 

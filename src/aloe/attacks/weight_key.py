@@ -295,11 +295,27 @@ def calibrate_evidence(t: Target, key: WeightKey, docs: list[np.ndarray], alpha:
 
 
 @torch.no_grad()
-def read_answers(t: Target, key: WeightKey, hidden: torch.Tensor, k: int | None = None) -> np.ndarray:
+def read_answers(t: Target, key: WeightKey, hidden: torch.Tensor, k: int | None = None,
+                 echoes: torch.Tensor | None = None, alpha: float = 0.0, shape: str = "row") -> np.ndarray:
     """Top-k plain candidates (m, k) for the token the client picks after each final hidden state (m x d') the server
     returned in the client-held deployment: the state through ``key`` into the plain frame, then the public head
-    (the final norm's gamma folded in; ranking only, so the key's scale does not matter)."""
+    (the final norm's gamma folded in). With ``echoes`` (m' x d', m' <= m), the vector the client sent back with
+    each of the first m' picks as its next input (occurrence noise of public level ``alpha``): the candidates are
+    ranked by the state's log-probability of the token plus the echo's log-likelihood under it, read through the
+    key as :func:`read_vectors` reads a vector. Picks without an echo (the last of a reply) are ranked by the state
+    alone."""
     logits = key.embed_side(hidden) @ t.plain_head.double().T
+    if echoes is not None and len(echoes):
+        if len(echoes) > len(hidden):
+            raise AloeError(f"{len(echoes)} echoes for {len(hidden)} picks")
+        s2 = _vector_sigma2(t, alpha, shape, echoes.shape[1])
+        pool = np.arange(t.arch.vocab)
+        scores = torch.log_softmax(logits[:, : t.arch.vocab], -1)
+        for s in range(0, len(echoes), 128):
+            e = echoes[s:s + 128]
+            scores[s:s + len(e)] += key_regression.log_likelihoods(key.embed_side(e), t.plain_embed, pool, s2,
+                                                                   shape == "row").double()
+        logits = scores
     return torch.topk(logits, k or t.budget.topk, dim=1).indices.numpy()
 
 

@@ -174,7 +174,8 @@ class ClientVocabulary:
                                       else occurrence_noise)
         self.hidden_size = int(self.embed_table.shape[1])
         self.vocab_size = int(self.embed_table.shape[0])
-        self._noise = OccurrenceNoise(self.embed_table, self.occurrence_noise, meta.get("noise_shape", "row"))
+        self.noise_shape = meta.get("noise_shape", "row")
+        self._noise = OccurrenceNoise(self.embed_table, self.occurrence_noise, self.noise_shape)
 
     def embed(self, obf_ids) -> torch.Tensor:
         ids = torch.as_tensor(np.asarray(obf_ids, dtype=np.int64))
@@ -211,15 +212,20 @@ def decode_array(text: str, width: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def local_greedy(body, client: ClientVocabulary, obf_prompt, max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
+def local_greedy(body, client: ClientVocabulary, obf_prompt, max_new_tokens: int,
+                 sent: list | None = None) -> tuple[list[int], torch.Tensor]:
     """The client-held decode loop with the server's body in this process (``body``: the stock causal LM loaded from
     the server folder): the client's noisy vectors in, the last final hidden state out, the client's head and a
     greedy pick, until an end-of-sequence id or ``max_new_tokens``. Returns the obfuscated ids picked (the end id
-    not included) and the hidden state each pick was made from (n x d'), exactly what the server returned."""
+    not included) and the hidden state each pick was made from (n x d'), exactly what the server returned. With
+    ``sent`` a list, the vectors of every request are appended to it as the server received them (the prompt's,
+    then one per pick sent back)."""
     ids, cache, picked, states = list(obf_prompt), None, [], []
     eos = set(client.eos_ids)
     for _ in range(max_new_tokens):
         vectors = client.embed(ids)[None].to(body.dtype)
+        if sent is not None:
+            sent.append(vectors[0])
         out = body.model(inputs_embeds=vectors, cache=cache, use_cache=True)
         cache, h = out.cache, out.last_hidden_state[0, -1].float()
         nxt = int(client.logits(h[None])[0].argmax())
