@@ -99,8 +99,10 @@ def answer_reads(t: Target, key: weight_key.WeightKey, server_dir: Path, client,
                  obf_prompts: list[np.ndarray], new_tokens: int, progress=None) -> dict:
     """The client decodes each of ``obf_prompts`` (server ids) greedily with the server's body loaded here from
     ``server_dir`` (fresh noise on every vector, its own head: :func:`~aloe.obfuscation.client_vocab.local_greedy`),
-    and the server reads every pick from the hidden state it returned (:func:`weight_key.read_answers`). Scored on
-    the answer tokens that tau moves (the end id is not one)."""
+    and the server reads every pick from the hidden state it returned (:func:`weight_key.read_answers`): from the
+    state alone, and with the echo, the vector the pick comes back as in the next request, at the state temperature
+    under which the echoes are most likely (:func:`weight_key.echo_posterior`). Scored on the answer tokens that tau
+    moves (the end id is not one)."""
     from transformers import AutoModelForCausalLM
 
     from aloe.obfuscation.client_vocab import local_greedy
@@ -113,7 +115,7 @@ def answer_reads(t: Target, key: weight_key.WeightKey, server_dir: Path, client,
         ids, hidden = local_greedy(body, client, x, new_tokens, sent)
         picked.append(inv[np.asarray(ids, dtype=np.int64)])
         states.append(hidden)
-        # each pick but the last of a reply comes back as the next request's one vector
+        # every pick comes back as the next request's one vector, but the last of a reply cut at the token cap
         back = [v[0] for v in sent[1:]]
         echoes.append(torch.stack(back) if back else torch.empty(0, hidden.shape[1]))
         echoed.append(np.arange(len(ids)) < len(back))
@@ -126,8 +128,11 @@ def answer_reads(t: Target, key: weight_key.WeightKey, server_dir: Path, client,
     # with the echo: the picks sent back first (read_answers takes echoes for its leading rows), then the last ones
     both = keep & echoed
     order = np.r_[np.flatnonzero(both), np.flatnonzero(keep & ~echoed)]
-    with_echo = weight_key.read_answers(t, key, hidden[torch.as_tensor(order)], echoes=torch.cat(echoes)[
-        torch.as_tensor(np.flatnonzero(both[echoed]))], alpha=client.occurrence_noise, shape=client.noise_shape)
+    back = torch.cat(echoes)[torch.as_tensor(np.flatnonzero(both[echoed]))]
+    with_echo = weight_key.read_answers(t, key, hidden[torch.as_tensor(order)], echoes=back,
+                                        alpha=client.occurrence_noise, shape=client.noise_shape)
+    temperature = (weight_key.echo_posterior(t, key, hidden[torch.as_tensor(order)], back, client.occurrence_noise,
+                                             client.noise_shape)[1] if len(back) else None)
 
     def share(c, want):
         return float((c[:, 0] == want).mean()) if len(want) else 0.0
@@ -136,4 +141,5 @@ def answer_reads(t: Target, key: weight_key.WeightKey, server_dir: Path, client,
                 answer_recovery=share(cand, wanted),
                 answer_recovery_top10=float((cand[:, :10] == wanted[:, None]).any(1).mean()) if keep.any() else 0.0,
                 answer_recovery_with_echo=share(with_echo, truth[order]), echoed_answer_tokens=int(both.sum()),
+                echo_temperature=temperature,
                 prompts=len(obf_prompts), new_tokens=new_tokens)

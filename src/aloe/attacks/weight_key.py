@@ -294,29 +294,47 @@ def calibrate_evidence(t: Target, key: WeightKey, docs: list[np.ndarray], alpha:
     return max(reads, key=lambda w: (reads[w], -abs(w - 1.0))), reads
 
 
+ECHO_TEMPERATURES = (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0)
+
+
+@torch.no_grad()
+def echo_posterior(t: Target, key: WeightKey, hidden: torch.Tensor, echoes: torch.Tensor, alpha: float,
+                   shape: str = "row", temperatures=ECHO_TEMPERATURES) -> tuple[torch.Tensor, float, dict]:
+    """The plain token of each of the first m' picks (m' = len(echoes) <= len(hidden)) scored by the state and its
+    echo: ``log softmax(logits / T)`` of the state read through the key and the public head, plus the echo's
+    log-likelihood under each token read through the key (occurrence noise of public level ``alpha``). The server
+    does not see the client's own head part that moves the pick off the state's argmax, so the state's sharpness is
+    unknown: T is the one of ``temperatures`` under which the echoes it received are most likely (the marginal
+    likelihood summed over the picks; nothing of the victim's text). Returns the scores (m' x V), T and each T's
+    marginal log-likelihood."""
+    if len(echoes) > len(hidden):
+        raise AloeError(f"{len(echoes)} echoes for {len(hidden)} picks")
+    V = t.arch.vocab
+    s2 = _vector_sigma2(t, alpha, shape, echoes.shape[1])
+    pool = np.arange(V)
+    logits = (key.embed_side(hidden[: len(echoes)]) @ t.plain_head.double().T)[:, :V]
+    ll = torch.cat([key_regression.log_likelihoods(key.embed_side(echoes[s:s + 128]), t.plain_embed, pool, s2,
+                                                   shape == "row").double() for s in range(0, len(echoes), 128)])
+    marginal = {float(T): float(torch.logsumexp(torch.log_softmax(logits / T, -1) + ll, 1).sum())
+                for T in temperatures}
+    T = max(marginal, key=marginal.get)
+    return torch.log_softmax(logits / T, -1) + ll, T, marginal
+
+
 @torch.no_grad()
 def read_answers(t: Target, key: WeightKey, hidden: torch.Tensor, k: int | None = None,
                  echoes: torch.Tensor | None = None, alpha: float = 0.0, shape: str = "row") -> np.ndarray:
     """Top-k plain candidates (m, k) for the token the client picks after each final hidden state (m x d') the server
     returned in the client-held deployment: the state through ``key`` into the plain frame, then the public head
     (the final norm's gamma folded in). With ``echoes`` (m' x d', m' <= m), the vector the client sent back with
-    each of the first m' picks as its next input (occurrence noise of public level ``alpha``): the candidates are
-    ranked by the state's log-probability of the token plus the echo's log-likelihood under it, read through the
-    key as :func:`read_vectors` reads a vector. Picks without an echo (the last of a reply) are ranked by the state
-    alone."""
-    logits = key.embed_side(hidden) @ t.plain_head.double().T
+    each of the first m' picks as its next input (occurrence noise of public level ``alpha``), those picks are ranked
+    by :func:`echo_posterior`; picks without an echo (the last of a reply cut at the token cap) by the state alone."""
+    k = k or t.budget.topk
+    cand = torch.topk(key.embed_side(hidden) @ t.plain_head.double().T, k, dim=1).indices
     if echoes is not None and len(echoes):
-        if len(echoes) > len(hidden):
-            raise AloeError(f"{len(echoes)} echoes for {len(hidden)} picks")
-        s2 = _vector_sigma2(t, alpha, shape, echoes.shape[1])
-        pool = np.arange(t.arch.vocab)
-        scores = torch.log_softmax(logits[:, : t.arch.vocab], -1)
-        for s in range(0, len(echoes), 128):
-            e = echoes[s:s + 128]
-            scores[s:s + len(e)] += key_regression.log_likelihoods(key.embed_side(e), t.plain_embed, pool, s2,
-                                                                   shape == "row").double()
-        logits = scores
-    return torch.topk(logits, k or t.budget.topk, dim=1).indices.numpy()
+        scores, _, _ = echo_posterior(t, key, hidden, echoes, alpha, shape)
+        cand[: len(echoes)] = torch.topk(scores, k, dim=1).indices
+    return cand.numpy()
 
 
 @torch.no_grad()
