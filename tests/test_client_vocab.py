@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from transformers import AutoModelForCausalLM
 
 from aloe import AloeError
+from aloe.attacks.weight_key import ECHO_TEMPERATURES
 from aloe.cli import main as aloe_main
 from aloe.obfuscation.client import PrivateClient
 from aloe.obfuscation.client_vocab import ClientVocabulary, encode_array, split_vocabulary
@@ -224,6 +225,7 @@ def test_cli_measures_what_the_server_reads_of_a_client_held_deployment(split, c
         assert p["occurrences"] > 0 and set(p["calibration"]) == {"1.0", "1.5", "2.0", "3.0"}
         assert a["prompts"] == 3 and a["answer_tokens"] > 0 and a["answer_recovery"] >= least
         assert a["answer_recovery_with_echo"] >= least and 0 < a["echoed_answer_tokens"] <= a["answer_tokens"]
+        assert a["echo_temperature"] in ECHO_TEMPERATURES
         if noise == "0":
             assert p["occurrence_recovery"] == 1.0 and p["alone_same_draw"] == 1.0
     assert aloe_main([*base[:4], str(split / "whole"), *base[5:]]) != 0
