@@ -7,7 +7,7 @@ step. Three reads, scored against what the client sent or picked:
 - each prompt decoded as text: a beam search over the noisy channel with the public model as the prior, at the
   evidence weight the attacker picks on its own simulated text (nothing of the victim's);
 - the answers: for every token a greedy client picks, the hidden state it picked from, read through the key and the
-  public head.
+  public head, alone and joined to the echo (the vector the pick comes back as in the next request).
 
 ``aloe attack-client-held`` runs them on the real prompts; ``benchmarks/client_vocab_frontier.py`` over noise levels.
 """

@@ -25,6 +25,9 @@ one:
    client applies its head. Mapped into the plain frame by the same key, the state meets the public head (the final
    norm's gamma folded in) and gives the token a greedy client picks (:func:`read_answers`), whatever noise the
    client put on the vectors it sent: that noise changes the state, and the client reads the changed state too.
+   Each pick then comes back as the next request's vector (its echo): the state's distribution, at the temperature
+   under which the echoes are most likely, times the echo's likelihood reads the picks the state alone misses
+   (:func:`echo_posterior`).
 
 Nothing secret is used: the writers and gates are the artifact's, the plain gates and norms the public model's, the
 noise levels the public profile's. The gate's SwiGLU is what keeps its columns unscaled (the up projection carries
