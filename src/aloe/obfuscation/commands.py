@@ -81,7 +81,7 @@ def _obfuscate(args: argparse.Namespace) -> int:
                 print("the server still reads the writer key off the body's weights (exact-norm keys), so each vector "
                       "sent is as readable as its occurrence noise allows (on SmolLM2 every prompt token up to "
                       "occurrence noise 3.2, where perplexity is x784), and the answers through the hidden states it "
-                      "returns (78-100% of the answer tokens at every noise level measured; docs/attacks.md)")
+                      "returns (88-100% of the answer tokens at every noise level measured; docs/attacks.md)")
     return 0
 
 
