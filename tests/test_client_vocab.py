@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from transformers import AutoModelForCausalLM
 
 from aloe import AloeError
+from aloe.attacks.client_held import CALIBRATION_WEIGHTS
 from aloe.attacks.weight_key import ECHO_TEMPERATURES
 from aloe.cli import main as aloe_main
 from aloe.obfuscation.client import PrivateClient
@@ -222,7 +223,7 @@ def test_cli_measures_what_the_server_reads_of_a_client_held_deployment(split, c
         res = json.loads(capsys.readouterr().out)
         assert res["occurrence_noise"] == float(noise) and res["key"]["gram_residual"] < 1e-4
         p, a = res["prompts"], res["answers"]
-        assert p["occurrences"] > 0 and set(p["calibration"]) == {"1.0", "1.5", "2.0", "3.0"}
+        assert p["occurrences"] > 0 and set(p["calibration"]) == {str(w) for w in CALIBRATION_WEIGHTS}
         assert a["prompts"] == 3 and a["answer_tokens"] > 0 and a["answer_recovery"] >= least
         assert a["answer_recovery_with_echo"] >= least and 0 < a["echoed_answer_tokens"] <= a["answer_tokens"]
         assert a["echo_temperature"] in ECHO_TEMPERATURES

@@ -23,7 +23,7 @@ from aloe.attacks import weight_key
 from aloe.attacks.common import Target
 
 CALIBRATION_DOCS, CALIBRATION_TOKENS = 8, 48       # the attacker's own text for the evidence weight
-CALIBRATION_WEIGHTS = (1.0, 1.5, 2.0, 3.0)
+CALIBRATION_WEIGHTS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
 def chat_prompt_ids(tokenizer, prompts: list[str]) -> list[np.ndarray]:
