@@ -442,7 +442,8 @@ def write_report(state: dict) -> None:
                "state, and the client reads the changed state too; what the server lacks is the head's own fresh "
                "key part, which reads the noise outside the residual subspace. With the echo: each pick the client "
                "sends back as its next input (every pick of a reply but the last, where the reply hits the token "
-               "cap) is ranked by the state's log-probability plus that vector's log-likelihood through the key; "
+               "cap) is ranked by the state's log-probability, at the softmax temperature under which the echoes "
+               "received are most likely, plus that vector's log-likelihood through the key; "
                "scored on every answer token that tau moves.", "", *answers, ""]
     states = ["| occurrence noise alpha | evidence weight | the server's states alone | decoded (same draw, no "
               "states) | with the states at prediction weight 0.25 / 0.5 / 1 |", "|---|---|---|---|---|"]
