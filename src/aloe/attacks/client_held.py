@@ -129,10 +129,11 @@ def answer_reads(t: Target, key: weight_key.WeightKey, server_dir: Path, client,
     both = keep & echoed
     order = np.r_[np.flatnonzero(both), np.flatnonzero(keep & ~echoed)]
     back = torch.cat(echoes)[torch.as_tensor(np.flatnonzero(both[echoed]))]
-    with_echo = weight_key.read_answers(t, key, hidden[torch.as_tensor(order)], echoes=back,
-                                        alpha=client.occurrence_noise, shape=client.noise_shape)
-    temperature = (weight_key.echo_posterior(t, key, hidden[torch.as_tensor(order)], back, client.occurrence_noise,
-                                             client.noise_shape)[1] if len(back) else None)
+    with_echo, temperature = weight_key.read_answers(t, key, hidden[torch.as_tensor(order)]), None
+    if len(back):   # the picks with an echo ranked by the posterior (read_answers' own rule, its temperature kept)
+        scores, temperature, _ = weight_key.echo_posterior(t, key, hidden[torch.as_tensor(order)], back,
+                                                           client.occurrence_noise, client.noise_shape)
+        with_echo[: len(back)] = torch.topk(scores, with_echo.shape[1], dim=1).indices.numpy()
 
     def share(c, want):
         return float((c[:, 0] == want).mean()) if len(want) else 0.0
