@@ -4,6 +4,7 @@ tau-mapped token ids. Builds llama-server from the pinned vendored source on fir
 
 import shutil
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -19,7 +20,14 @@ from server_recording import Recorder, assert_server_saw_only_obfuscated_ids, fo
 
 pytestmark = pytest.mark.real_model
 
-QUESTIONS = ["What is the capital of France?", "Give me three tips for a job interview."]
+QUESTIONS = ["What is the capital of France?", "Give me three tips for better sleep."]
+# llama-server's f32 log-probabilities on the obfuscated export differ from the plain model's by at most 0.023 (top 5
+# over 16 greedy steps, 7 secrets x 2 questions, median 0.002). Two log-probabilities that close can swap two tokens
+# whose plain logits are nearer than twice that: "Give me three tips for a job interview." has 0.011 between
+# " yourself" and " prepared" at its 5th step, and llama-server picked either, depending on the secret. The questions
+# are chosen so that every plain top-2 gap over their 16 greedy steps is at least 2 x LOGPROB_TOL, which the test
+# checks first; the greedy tokens are then held to exact equality and the log-probabilities to LOGPROB_TOL.
+LOGPROB_TOL = 0.04
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +51,26 @@ def test_llama_server_on_obfuscated_gguf_gives_the_plain_greedy_tokens(llama_ser
             x = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                         return_tensors="pt", return_dict=True)["input_ids"]
             with torch.no_grad():
-                want = plain.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=16,
-                                      do_sample=False)[0, x.shape[1]:].tolist()
+                out = plain.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=16, do_sample=False,
+                                     output_logits=True, return_dict_in_generate=True)
+            want = out.sequences[0, x.shape[1]:].tolist()
+            gaps = [float(-lg[0].topk(2).values.diff()) for lg in out.logits]
+            assert min(gaps) >= 2 * LOGPROB_TOL, (q, gaps)   # no near-tie that engine rounding may decide
             res = client.complete(q, max_tokens=16, temperature=0.0)
             assert res.token_ids == want, (q, res.text, tok.decode(want))
             assert res.server_output_ids != res.token_ids
+            # the server's own log-probabilities (asked of llama-server directly, beside the relay), mapped back
+            probs = httpx.post(f"http://127.0.0.1:{port}/completion", timeout=120.0, json={
+                "prompt": client.map.to_server(x[0].tolist()), "n_predict": 16, "temperature": 0, "n_probs": 5,
+                "cache_prompt": False}).json()["completion_probabilities"]
+            with torch.no_grad():
+                logp = torch.log_softmax(torch.cat(out.logits).float(), -1)
+            assert len(probs) == len(want)
+            for step, row in zip(probs, logp):
+                top = step["top_logprobs"]
+                plain_ids = client.map.from_server([t["id"] for t in top])
+                err = max(abs(t["logprob"] - float(row[i])) for t, i in zip(top, plain_ids))
+                assert err <= LOGPROB_TOL, (q, err)
         # the privacy proxy in front of the same llama-server: the stock openai package, streaming and not
         import openai
 
