@@ -188,13 +188,13 @@ def weight_key_only(model: Path, alpha: float, paths, stream_tokens: int, link: 
 
 
 def weight_key_answers(model: Path, alpha: float, paths, prompts: int, new_tokens: int, show: bool,
-                       draws: int = 1) -> dict:
+                       draws: int = 1, sampling: dict | None = None) -> dict:
     """The answers: the client-held deployment decodes the chat prompts greedily (the server's body in this process,
     fresh noise on every vector the client sends, the client's own head), and the server reads the token the client
     picks at each step from the final hidden state it returned, through the key its body gives and the public head
     (:func:`aloe.attacks.client_held.answer_reads`). With ``draws`` > 1 the whole session is repeated that many times
     in all, each with its own noise and so its own answers (``answer_recovery_per_draw``, the first being the row's
-    own)."""
+    own). With ``sampling`` (temperature, top_p) the client samples its picks instead of taking the greedy one."""
     from transformers import AutoTokenizer
 
     t1 = time.perf_counter()
@@ -204,12 +204,13 @@ def weight_key_answers(model: Path, alpha: float, paths, prompts: int, new_token
     tau = load_secret(paths[1]).tau
     obf = [tau[x] for x in client_held.chat_prompt_ids(tok, PROMPTS[:prompts])]
     with tqdm(total=len(obf) * draws, desc=f"answers, alpha {alpha}", disable=not show, leave=False) as bar:
-        runs = [client_held.answer_reads(target, key, paths[2], client, tau, obf, new_tokens, progress=bar)
-                for _ in range(draws)]
+        runs = [client_held.answer_reads(target, key, paths[2], client, tau, obf, new_tokens, progress=bar,
+                                         sampling=sampling) for _ in range(draws)]
     spread = {} if draws == 1 else {
         "answer_recovery_per_draw": [r["answer_recovery"] for r in runs],
         "answer_recovery_top10_per_draw": [r["answer_recovery_top10"] for r in runs],
         "answer_recovery_with_echo_per_draw": [r["answer_recovery_with_echo"] for r in runs],
+        "echo_temperature_per_draw": [r["echo_temperature"] for r in runs],
         "answer_tokens_per_draw": [r["answer_tokens"] for r in runs]}
     return dict(runs[0], **spread, seconds=time.perf_counter() - t1, **key.summary())
 
@@ -308,6 +309,10 @@ def fit_label(keyed: dict) -> str:
 
 def pct(x: float) -> str:
     return f"{100 * x:.1f}"
+
+
+def sampling_label(sampling: dict) -> str:
+    return f"temperature {sampling['temperature']:g}, top-p {sampling['top_p']:g}"
 
 
 def spread(entry: dict, field: str = "occurrence_recovery") -> str:
@@ -541,6 +546,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--answers-only", action="store_true",
                     help="run only the read of the answers (the client decodes the chat prompts greedily; the server "
                          "reads each pick from the hidden state it returned) on the listed (measured) alphas")
+    ap.add_argument("--client-temperature", type=float, default=0.0,
+                    help="with --answers-only: the client samples its picks at this temperature (0: greedy); a "
+                         "sampling client's figures are stored beside the greedy ones, one entry per setting")
+    ap.add_argument("--client-top-p", type=float, default=1.0,
+                    help="with --answers-only and --client-temperature: the client's nucleus sampling")
     ap.add_argument("--decode-only", action="store_true",
                     help="run only the decoding of the prompts read through the key the body gives (a beam search "
                          "with the public model as the prior) on the listed (measured) alphas")
@@ -561,6 +571,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("every alpha must be >= 0")
     if args.draws < 1 or args.beam < 1:
         ap.error("--draws and --beam must be >= 1")
+    if not args.client_temperature >= 0 or not 0 < args.client_top_p <= 1:
+        ap.error("--client-temperature must be >= 0 and --client-top-p in (0, 1]")
+    sampling = (dict(temperature=args.client_temperature, top_p=args.client_top_p) if args.client_temperature > 0
+                else None)
     if args.stream_tokens < 0 or args.decode_tokens < 0 or args.more_traffic < 0:
         ap.error("--stream-tokens, --decode-tokens and --more-traffic must be >= 0")
     if args.report_only:
@@ -623,9 +637,12 @@ def main(argv: list[str] | None = None) -> int:
                 fam = "weight_key_decoded" if args.beam == BEAM else "weight_key_decoded_wide"
                 e["attacks"][fam] = weight_key_decoded(model, alpha, paths, args.beam, show,
                                                                         args.draws)
-            else:
+            elif sampling is None:
                 e["answers"] = weight_key_answers(model, alpha, paths, args.fidelity_prompts,
                                                   args.fidelity_new_tokens, show, args.draws)
+            else:
+                e.setdefault("answers_sampled", {})[sampling_label(sampling)] = weight_key_answers(
+                    model, alpha, paths, args.fidelity_prompts, args.fidelity_new_tokens, show, args.draws, sampling)
             atomic_write_json(PATH, state)
             write_report(state)
             write_plot(state)

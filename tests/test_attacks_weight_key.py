@@ -142,7 +142,7 @@ def test_the_answers_are_read_from_the_hidden_states_the_server_returns(tmp_path
     request, it reads them all (15 of 15 draws: 100%, against 92-98% from the state alone)."""
     from transformers import AutoModelForCausalLM
 
-    from aloe.obfuscation.client_vocab import ClientVocabulary, local_greedy, split_vocabulary
+    from aloe.obfuscation.client_vocab import ClientVocabulary, local_decode, split_vocabulary
 
     monkeypatch.setenv("ALOE_CACHE", str(tmp_path))
     plain, obf, tau = build(tmp_path, "llama-gqa-tied", "bal", PROFILES["balanced"].with_overrides(name="b", h=8))
@@ -159,7 +159,7 @@ def test_the_answers_are_read_from_the_hidden_states_the_server_returns(tmp_path
         picked, states, echoes = [], [], []
         for p in prompts:
             sent: list = []
-            ids, hidden = local_greedy(body, client, p, 16, sent)
+            ids, hidden = local_decode(body, client, p, 16, sent)
             assert hidden.shape == (len(ids), body.config.hidden_size)
             assert len(sent) in (len(ids), len(ids) + 1) and sent[0].shape == (len(p), body.config.hidden_size)
             echoes.append(torch.stack([v[0] for v in sent[1:]]) if len(sent) > 1 else torch.empty(0, 0))

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from aloe import AloeError
 from aloe.attacks import weight_key
 from aloe.attacks.common import Target
 
@@ -96,23 +97,32 @@ def state_reads(t: Target, key: weight_key.WeightKey, body, client, tau: np.ndar
 
 @torch.no_grad()
 def answer_reads(t: Target, key: weight_key.WeightKey, server_dir: Path, client, tau: np.ndarray,
-                 obf_prompts: list[np.ndarray], new_tokens: int, progress=None) -> dict:
-    """The client decodes each of ``obf_prompts`` (server ids) greedily with the server's body loaded here from
-    ``server_dir`` (fresh noise on every vector, its own head: :func:`~aloe.obfuscation.client_vocab.local_greedy`),
-    and the server reads every pick from the hidden state it returned (:func:`weight_key.read_answers`): from the
-    state alone, and with the echo, the vector the pick comes back as in the next request, at the state temperature
-    under which the echoes are most likely (:func:`weight_key.echo_posterior`). Scored on the answer tokens that tau
-    moves (the end id is not one)."""
+                 obf_prompts: list[np.ndarray], new_tokens: int, progress=None,
+                 sampling: dict | None = None) -> dict:
+    """The client decodes each of ``obf_prompts`` (server ids) with the server's body loaded here from ``server_dir``
+    (fresh noise on every vector, its own head: :func:`~aloe.obfuscation.client_vocab.local_decode`): greedily, or
+    with ``sampling`` (``temperature``, ``top_p``, ``top_k``: the client's own
+    :class:`~aloe.obfuscation.client.Sampler`, keyed from the OS CSPRNG), and the server reads every pick from the
+    hidden state it returned (:func:`weight_key.read_answers`): from the state alone, and with the echo, the vector
+    the pick comes back as in the next request, at the state temperature under which the echoes are most likely
+    (:func:`weight_key.echo_posterior`). The server is told nothing of the client's sampling. Scored on the answer
+    tokens that tau moves (the end id is not one)."""
     from transformers import AutoModelForCausalLM
 
-    from aloe.obfuscation.client_vocab import local_greedy
+    from aloe.obfuscation.client import Sampler
+    from aloe.obfuscation.client_vocab import local_decode
+
+    if sampling is not None:
+        sampling = dict(dict(top_p=1.0, top_k=-1), **sampling, repetition_penalty=1.0)
+        if not sampling.get("temperature", 0) > 0 or not 0 < sampling["top_p"] <= 1:
+            raise AloeError("sampling needs a temperature > 0 and a top_p in (0, 1]")
 
     body = AutoModelForCausalLM.from_pretrained(str(server_dir), dtype=torch.float32).eval()
     inv = np.argsort(tau)
     picked, states, echoes, echoed = [], [], [], []
     for x in obf_prompts:
         sent: list = []
-        ids, hidden = local_greedy(body, client, x, new_tokens, sent)
+        ids, hidden = local_decode(body, client, x, new_tokens, sent, None if sampling is None else Sampler(sampling))
         picked.append(inv[np.asarray(ids, dtype=np.int64)])
         states.append(hidden)
         # every pick comes back as the next request's one vector, but the last of a reply cut at the token cap
@@ -143,4 +153,6 @@ def answer_reads(t: Target, key: weight_key.WeightKey, server_dir: Path, client,
                 answer_recovery_top10=float((cand[:, :10] == wanted[:, None]).any(1).mean()) if keep.any() else 0.0,
                 answer_recovery_with_echo=share(with_echo, truth[order]), echoed_answer_tokens=int(both.sum()),
                 echo_temperature=temperature,
-                prompts=len(obf_prompts), new_tokens=new_tokens)
+                prompts=len(obf_prompts), new_tokens=new_tokens,
+                client_sampling=None if sampling is None else {k: sampling[k] for k in ("temperature", "top_p",
+                                                                                          "top_k")})

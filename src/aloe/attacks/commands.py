@@ -131,6 +131,9 @@ def _attack_client_held(args: argparse.Namespace) -> int:
 
     if args.beam < 1 or args.draws < 1 or args.answer_prompts < 0 or args.new_tokens < 1:
         raise AloeError("--beam, --draws and --new-tokens must be >= 1, --answer-prompts >= 0")
+    if not args.temperature >= 0 or not 0 < args.top_p <= 1:
+        raise AloeError("--temperature must be >= 0 and --top-p in (0, 1]")
+    sampling = dict(temperature=args.temperature, top_p=args.top_p) if args.temperature > 0 else None
     model = resolve_model(args.model)
     secret = load_secret(args.secret)
     check_artifact_secret(args.server, secret)
@@ -155,7 +158,9 @@ def _attack_client_held(args: argparse.Namespace) -> int:
         plain = texts.prompts[:args.answer_prompts]
     with tqdm(total=len(plain), desc="answers", disable=not show, leave=False) as bar:
         answers = client_held.answer_reads(target, key, args.server, client, secret.tau,
-                                           [secret.tau[x] for x in plain], args.new_tokens, progress=bar)
+                                           [secret.tau[x] for x in plain], args.new_tokens, progress=bar,
+                                           sampling=sampling)
+    how = "a greedy" if sampling is None else f"a sampling (temperature {args.temperature:g}, top-p {args.top_p:g})"
     res = {"occurrence_noise": alpha, "key": key.summary(), "prompts": prompts, "answers": answers,
            "texts": texts.source}
     if args.json:
@@ -166,7 +171,7 @@ def _attack_client_held(args: argparse.Namespace) -> int:
               f"(the public model alone: {100 * prompts['language_model_alone']:.1f}%); answer tokens read "
               f"{100 * answers['answer_recovery']:.1f}% from the returned states, "
               f"{100 * answers['answer_recovery_with_echo']:.1f}% with the vector each comes back as "
-              f"({answers['answer_tokens']} tokens)")
+              f"({answers['answer_tokens']} tokens, {how} client)")
     return 0
 
 
@@ -216,7 +221,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--beam", type=int, default=4, help="prefixes kept by the decoding of the prompts")
     c.add_argument("--draws", type=int, default=1, help="fresh draws of the prompt vectors decoded")
     c.add_argument("--answer-prompts", type=int, default=8, help="chat prompts the client answers")
-    c.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per answer")
+    c.add_argument("--new-tokens", type=int, default=64, help="tokens per answer")
+    c.add_argument("--temperature", type=float, default=0.0,
+                   help="the client's sampling temperature (0: greedy, the default)")
+    c.add_argument("--top-p", type=float, default=1.0, help="the client's nucleus sampling (with --temperature > 0)")
     add_budget_flags(c)
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=_attack_client_held)

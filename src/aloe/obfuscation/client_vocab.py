@@ -212,15 +212,17 @@ def decode_array(text: str, width: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def local_greedy(body, client: ClientVocabulary, obf_prompt, max_new_tokens: int,
-                 sent: list | None = None) -> tuple[list[int], torch.Tensor]:
+def local_decode(body, client: ClientVocabulary, obf_prompt, max_new_tokens: int, sent: list | None = None,
+                 sampler=None) -> tuple[list[int], torch.Tensor]:
     """The client-held decode loop with the server's body in this process (``body``: the stock causal LM loaded from
-    the server folder): the client's noisy vectors in, the last final hidden state out, the client's head and a
-    greedy pick, until an end-of-sequence id or ``max_new_tokens``. Returns the obfuscated ids picked (the end id
-    not included) and the hidden state each pick was made from (n x d'), exactly what the server returned. With
-    ``sent`` a list, the vectors of every request are appended to it as the server received them (the prompt's,
-    then one per pick sent back)."""
-    ids, cache, picked, states = list(obf_prompt), None, [], []
+    the server folder): the client's noisy vectors in, the last final hidden state out, the client's head and its
+    pick, until an end-of-sequence id or ``max_new_tokens``. The pick is greedy, or ``sampler(context_ids, logits)``
+    (the client's own :class:`aloe.obfuscation.client.Sampler`: temperature, top-k, top-p, repetition penalty on
+    obfuscated-order logits). Returns the obfuscated ids picked (the end id not included) and the hidden state each
+    pick was made from (n x d'), exactly what the server returned. With ``sent`` a list, the vectors of every request
+    are appended to it as the server received them (the prompt's, then one per pick sent back)."""
+    context = [int(i) for i in obf_prompt]
+    ids, cache, picked, states = list(context), None, [], []
     eos = set(client.eos_ids)
     for _ in range(max_new_tokens):
         vectors = client.embed(ids)[None].to(body.dtype)
@@ -228,10 +230,12 @@ def local_greedy(body, client: ClientVocabulary, obf_prompt, max_new_tokens: int
             sent.append(vectors[0])
         out = body.model(inputs_embeds=vectors, cache=cache, use_cache=True)
         cache, h = out.cache, out.last_hidden_state[0, -1].float()
-        nxt = int(client.logits(h[None])[0].argmax())
+        logits = client.logits(h[None])[0]
+        nxt = int(logits.argmax()) if sampler is None else int(sampler(context, logits))
         if nxt in eos:
             break
         picked.append(nxt)
         states.append(h)
+        context.append(nxt)
         ids = [nxt]
     return picked, torch.stack(states) if states else torch.empty(0, client.hidden_size)
