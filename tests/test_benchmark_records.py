@@ -46,3 +46,13 @@ def test_a_changed_knob_stales_only_the_attacks_it_drives(knob, value, stale):
     assert stale_attacks(old, dict(old)) == set()
     # a knob added since the stored run stales nothing: those figures used its default
     assert stale_attacks(old, {**old, "decode_from_victim": 3}) == set()
+
+
+def test_the_gemma3_frontier_reads_its_points_and_refuses_bad_ones():
+    from gemma3_frontier import parse_point, point_key
+
+    assert parse_point("0.1:0.03") == (0.1, 0.03, "entry")
+    assert point_key(*parse_point("1:0.3:row")) == "1:0.3:row"
+    for bad in ("0.1", "a:b", "0.1:0.03:diag", "-1:0", "0.1:0.03:row:x"):
+        with pytest.raises(SystemExit, match="bad point"):
+            parse_point(bad)
