@@ -15,14 +15,16 @@ For each alpha:
 
     python benchmarks/client_vocab_frontier.py [--alphas 0 0.05 0.1 0.2 0.4 0.8] [--stream-tokens 4000] [--threads 2]
         [--decode-tokens 2000] [--rerun] [--more-traffic N] [--right-key-only] [--weight-key-only [--draws N]]
-        [--answers-only [--draws N]] [--decode-only [--beam 4] [--draws N]] [--states-only] [--report-only] [--json]
+        [--answers-only [--draws N] [--client-temperature T [--client-top-p P]]]
+        [--decode-only [--beam 4] [--draws N]] [--states-only] [--report-only] [--json]
 
 The stream-level attacks also fit the writer key on the linked attack's reading (key regression) and, for
 measurement only, read every vector through the right key (fitted with the secret): what the noise itself leaves.
 ``--decode-only`` reads the prompts as text: every vector through the key the body gives, decoded by a beam search
 with the public model as the prior.
 ``--answers-only`` measures the other half of the traffic: the client decodes the 8 chat prompts greedily and the
-server reads each token the client picks from the final hidden state it returned, through the key its body gives.
+server reads each token the client picks from the final hidden state it returned, through the key its body gives;
+with ``--client-temperature`` the client samples its picks (stored beside the greedy figures, per setting).
 ``--more-traffic N`` reruns the stream-level attacks of measured alphas with the prompts among N tokens of other
 traffic (a fresh draw, stored beside the point's figures).
 
@@ -450,6 +452,27 @@ def write_report(state: dict) -> None:
                "cap) is ranked by the state's log-probability, at the softmax temperature under which the echoes "
                "received are most likely, plus that vector's log-likelihood through the key; "
                "scored on every answer token that tau moves.", "", *answers, ""]
+    sampled = ["| occurrence noise alpha | ppl ratio | the client's sampling | answer tokens (distinct) | read from "
+               "the returned states: top-1 | top-10 | with the echo: top-1 | the echo's temperature (per draw) |",
+               "|---|---|---|---|---|---|---|---|"]
+    for key in sorted(state["points"], key=float):
+        e = state["points"][key]
+        for label, r in sorted(e.get("answers_sampled", {}).items()):
+            temps = r.get("echo_temperature_per_draw") or [r["echo_temperature"]]
+            sampled.append(f"| {e['alpha']} | {e['fidelity']['ppl_ratio']:,.3f} | {label} | {r['answer_tokens']} "
+                           f"({r['distinct_answer_tokens']}) | "
+                           f"{pct(r['answer_recovery'])}{spread(r, 'answer_recovery')} | "
+                           f"{pct(r['answer_recovery_top10'])}{spread(r, 'answer_recovery_top10')} | "
+                           f"**{pct(r['answer_recovery_with_echo'])}**{spread(r, 'answer_recovery_with_echo')} | "
+                           + ", ".join(f"{t:g}" for t in temps if t is not None) + " |")
+    if len(sampled) > 2:
+        md += ["## The answers of a sampling client", "",
+               "As above, but the client samples each pick (`--answers-only --client-temperature T "
+               "[--client-top-p P]`) with its own sampler (`aloe.obfuscation.client.Sampler`, keyed from the OS "
+               "CSPRNG; the proxy's default temperature is 1). The server is not told the client's settings: the "
+               "echo's temperature is again the one under which the echoes received are most likely. A sampled "
+               "pick is often not the state's first token, so the state alone reads less; the echo is the vector "
+               "of the pick itself.", "", *sampled, ""]
     states = ["| occurrence noise alpha | evidence weight | the server's states alone | decoded (same draw, no "
               "states) | with the states at prediction weight 0.25 / 0.5 / 1 |", "|---|---|---|---|---|"]
     for key in sorted(state["points"], key=float):
