@@ -246,3 +246,25 @@ def test_cli_measures_what_the_server_reads_of_a_client_held_deployment(split, c
     assert aloe_main([*base[:6], str(other), *base[7:]]) != 0
     assert "does not belong to this secret" in capsys.readouterr().err
     assert aloe_main([*base, "--beam", "0"]) != 0 and "--beam" in capsys.readouterr().err
+
+
+def test_the_local_decode_loop_picks_with_the_clients_own_sampler(split):
+    """`local_decode` (the client-held loop the answer read runs) picks greedily by default, with the client's
+    `Sampler` otherwise: temperature 0 is the greedy pick, a request seed repeats a sampled answer, and another seed
+    gives another one."""
+    from aloe.obfuscation.client import Sampler
+    from aloe.obfuscation.client_vocab import local_decode
+
+    body = AutoModelForCausalLM.from_pretrained(split / "server", dtype=torch.float32).eval()
+    client = ClientVocabulary(split / "client.st")
+    prompt = load_secret(split / "secret.json").tau[[1, 5, 9, 13, 17]]
+
+    def sampler(temperature, seed):
+        return Sampler(dict(temperature=temperature, top_p=1.0, top_k=-1, repetition_penalty=1.0, seed=seed))
+
+    greedy, states = local_decode(body, client, prompt, 12)
+    assert len(greedy) == states.shape[0] > 0
+    assert local_decode(body, client, prompt, 12, sampler=sampler(0.0, 1))[0] == greedy
+    one = local_decode(body, client, prompt, 12, sampler=sampler(1.0, 7))[0]
+    assert one == local_decode(body, client, prompt, 12, sampler=sampler(1.0, 7))[0]
+    assert one != greedy and one != local_decode(body, client, prompt, 12, sampler=sampler(1.0, 8))[0]
