@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -101,6 +102,18 @@ def pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
+def log10_ratio(fid: dict) -> float:
+    """log10 of the perplexity ratio, finite where the ratio itself overflows (``log_ppl_ratio``, nats per token)."""
+    import math
+
+    return (fid["log_ppl_ratio"] if "log_ppl_ratio" in fid else math.log(fid["ppl_ratio"])) / math.log(10)
+
+
+def ratio(fid: dict) -> str:
+    r = fid.get("ppl_ratio")
+    return f"{r:,.3f}" if r is not None and r < 1e6 else f"10^{log10_ratio(fid):,.0f}"
+
+
 def write_report(state: dict) -> None:
     rows = ["| alpha_e | alpha_h | noise shape | ppl ratio | top-1 agree | greedy agree (prompts exact) | post-norm: "
             "% vocabulary (top-10) | % prompt tokens | usable (ppl <= 1.10, greedy >= 0.80) | attack <= 5% |",
@@ -108,15 +121,16 @@ def write_report(state: dict) -> None:
     for key in sorted(state["points"], key=lambda k: (float(k.split(":")[0]), k)):
         p = state["points"][key]
         f, a = p["fidelity"], p["attack"]
-        usable = f["ppl_ratio"] <= GOAL["ppl_ratio"] and f["greedy_agreement"] >= GOAL["greedy"]
-        rows.append(f"| {p['alpha_e']:g} | {p['alpha_h']:g} | {p['noise_shape']} | {f['ppl_ratio']:,.3f} | "
+        usable = log10_ratio(f) <= math.log10(GOAL["ppl_ratio"]) and f["greedy_agreement"] >= GOAL["greedy"]
+        rows.append(f"| {p['alpha_e']:g} | {p['alpha_h']:g} | {p['noise_shape']} | {ratio(f)} | "
                     f"{f['top1_agreement']:.3f} | {f['greedy_agreement']:.3f} ({f['greedy_exact_prompts']}/"
                     f"{f['greedy_prompts']}) | **{pct(a['token_recovery'])}** ({pct(a['token_recovery_top10'])}) | "
                     f"{pct(a['prompt_token_recovery'])} | {'yes' if usable else 'no'} | "
                     f"{'yes' if max(a['token_recovery'], a['prompt_token_recovery']) <= GOAL['recovery'] else 'no'} |")
     for p in earlier_points():
         f, a = p["fidelity"], p["attack"]
-        rows.append(f"| {p['label']} (gemma3_post_norm.json) | | | {f['ppl_ratio']:,.3f} | {f['top1_agreement']:.3f} | "
+        rows.append(f"| {p['label']} (gemma3_post_norm.json) | | | {ratio(f)} | "
+                    f"{f['top1_agreement']:.3f} | "
                     f"{f['greedy_agreement']:.3f} ({f['greedy_exact_prompts']}/{f['greedy_prompts']}) | "
                     f"**{pct(a['token_recovery'])}** ({pct(a['token_recovery_top10'])}) | "
                     f"{pct(a['prompt_token_recovery'])} | no | no |")
@@ -142,21 +156,21 @@ def write_plot(state: dict) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for shape, colour in (("entry", "tab:blue"), ("row", "tab:orange")):
         mine = sorted((p for p in state["points"].values() if p["noise_shape"] == shape),
-                      key=lambda p: p["fidelity"]["ppl_ratio"])
+                      key=lambda p: log10_ratio(p["fidelity"]))
         if mine:
-            ax.plot([p["fidelity"]["ppl_ratio"] for p in mine], [100 * p["attack"]["token_recovery"] for p in mine],
+            ax.plot([log10_ratio(p["fidelity"]) for p in mine], [100 * p["attack"]["token_recovery"] for p in mine],
                      "o-", color=colour, label=f"noise on both tables ({shape}-shaped)")
             for p in mine:
-                ax.annotate(f"{p['alpha_e']:g}/{p['alpha_h']:g}", (p["fidelity"]["ppl_ratio"],
+                ax.annotate(f"{p['alpha_e']:g}/{p['alpha_h']:g}", (log10_ratio(p["fidelity"]),
                                                                    100 * p["attack"]["token_recovery"]),
                             textcoords="offset points", xytext=(4, -12), fontsize=7)
     for p in earlier_points():
-        ax.plot([p["fidelity"]["ppl_ratio"]], [100 * p["attack"]["token_recovery"]], "s", color="grey",
+        ax.plot([log10_ratio(p["fidelity"])], [100 * p["attack"]["token_recovery"]], "s", color="grey",
                 label="earlier run (gemma3_post_norm.json)")
-    ax.axvline(GOAL["ppl_ratio"], color="green", ls=":", lw=1)
+    ax.axvline(math.log10(GOAL["ppl_ratio"]), color="green", ls=":", lw=1)
     ax.axhline(100 * GOAL["recovery"], color="green", ls=":", lw=1, label="goal of `private`")
-    ax.set_xscale("log")
-    ax.set_xlabel("perplexity ratio (obfuscated / plain), Lee corpus")
+    ax.set_xscale("symlog", linthresh=0.01)
+    ax.set_xlabel("log10 of the perplexity ratio (obfuscated / plain), Lee corpus")
     ax.set_ylabel("post-norm attack: % of the vocabulary read")
     ax.set_ylim(-3, 103)
     ax.set_title("Gemma 3 270M: table noise against the post-norm attack")

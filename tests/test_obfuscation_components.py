@@ -173,3 +173,29 @@ def test_secure_random_is_seed_deterministic_and_label_separated():
     assert abs(z.mean()) < 0.05 and abs(z.std() - 1) < 0.05
     p = SecureRandom(seed).permutation(1000)
     assert sorted(p) == list(range(1000))
+
+
+def test_fidelity_of_a_model_whose_perplexity_overflows_gives_its_logarithm():
+    """A table noise that wrecks the model (Gemma 3 at alpha_e 16) makes the perplexity overflow a float: the
+    measure gives None there, and the log ratio (nats per token), instead of stopping with an OverflowError."""
+    from types import SimpleNamespace
+
+    from aloe.obfuscation.fidelity import logit_fidelity
+
+    vocab, ids = 8, np.array([1, 2, 3, 4, 5, 6])
+
+    def model(scale):
+        def run(x):
+            logits = torch.zeros(1, x.shape[1], vocab, dtype=torch.float64)
+            logits[0, torch.arange(x.shape[1] - 1), x[0, 1:]] = -scale   # every next token made unlikely
+            return SimpleNamespace(logits=logits)
+        return run
+
+    tau = np.arange(vocab)
+    same = logit_fidelity(model(0.0), model(0.0), tau, ids)
+    assert same["ppl_ratio"] == 1.0 and same["log_ppl_ratio"] == 0.0 and same["ppl_plain"] == pytest.approx(vocab)
+    worse = logit_fidelity(model(0.0), model(10.0), tau, ids)
+    assert worse["ppl_ratio"] == pytest.approx(np.exp(worse["log_ppl_ratio"])) and worse["log_ppl_ratio"] > 5
+    wrecked = logit_fidelity(model(0.0), model(1e4), tau, ids)
+    assert wrecked["ppl_obfuscated"] is None and wrecked["ppl_ratio"] is None
+    assert wrecked["log_ppl_ratio"] == pytest.approx(1e4 - np.log(vocab) + np.log(vocab - 1 + np.exp(-1e4)), rel=1e-3)

@@ -72,9 +72,18 @@ def logit_fidelity(plain, obf, tau: np.ndarray, ids: np.ndarray, window: int = 2
         agree += (lp[:-1].argmax(-1) == lo[:-1].argmax(-1)).sum().item()
         n += len(target)
         max_diff = max(max_diff, (lp - lo).abs().max().item())
-    ppl_p, ppl_o = math.exp(nll_p / n), math.exp(nll_o / n)
-    return {"tokens": n, "ppl_plain": ppl_p, "ppl_obfuscated": ppl_o, "ppl_ratio": ppl_o / ppl_p,
+    return {"tokens": n, "ppl_plain": exp_or_none(nll_p / n), "ppl_obfuscated": exp_or_none(nll_o / n),
+            "ppl_ratio": exp_or_none((nll_o - nll_p) / n), "log_ppl_ratio": (nll_o - nll_p) / n,
             "top1_agreement": agree / n, "max_abs_logit_diff": max_diff}
+
+
+def exp_or_none(x: float) -> float | None:
+    """e ** x, or None where it is past the largest float (a model so broken that its perplexity overflows; its
+    logarithm, ``log_ppl_ratio``, is still given)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return None
 
 
 @torch.no_grad()
