@@ -160,16 +160,23 @@ def write_plot(state: dict) -> None:
         if mine:
             ax.plot([log10_ratio(p["fidelity"]) for p in mine], [100 * p["attack"]["token_recovery"] for p in mine],
                      "o-", color=colour, label=f"noise on both tables ({shape}-shaped)")
-            for p in mine:
-                ax.annotate(f"{p['alpha_e']:g}/{p['alpha_h']:g}", (log10_ratio(p["fidelity"]),
-                                                                   100 * p["attack"]["token_recovery"]),
+            near = [p for p in mine if log10_ratio(p["fidelity"]) < 0.01]   # one label for the crowded start
+            if near:
+                lo, hi = min(p["alpha_e"] for p in near), max(p["alpha_e"] for p in near)
+                ax.annotate(f"alpha_e {lo:g}-{hi:g}", (0, 100 * min(p["attack"]["token_recovery"] for p in near)),
                             textcoords="offset points", xytext=(4, -12), fontsize=7)
+            for p in mine:
+                if log10_ratio(p["fidelity"]) >= 0.01:
+                    ax.annotate(f"{p['alpha_e']:g}/{p['alpha_h']:g}", (log10_ratio(p["fidelity"]),
+                                                                       100 * p["attack"]["token_recovery"]),
+                                textcoords="offset points", xytext=(4, -12), fontsize=7)
     for p in earlier_points():
         ax.plot([log10_ratio(p["fidelity"])], [100 * p["attack"]["token_recovery"]], "s", color="grey",
                 label="earlier run (gemma3_post_norm.json)")
     ax.axvline(math.log10(GOAL["ppl_ratio"]), color="green", ls=":", lw=1)
     ax.axhline(100 * GOAL["recovery"], color="green", ls=":", lw=1, label="goal of `private`")
     ax.set_xscale("symlog", linthresh=0.01)
+    ax.set_xlim(left=-0.002)
     ax.set_xlabel("log10 of the perplexity ratio (obfuscated / plain), Lee corpus")
     ax.set_ylabel("post-norm attack: % of the vocabulary read")
     ax.set_ylim(-3, 103)
