@@ -22,8 +22,8 @@ pytestmark = pytest.mark.real_model
 
 QUESTIONS = ["What is the capital of France?", "Give me three tips for better sleep."]
 # llama-server's f32 log-probabilities on the obfuscated export differ from the plain model's by at most 0.023 (top 5
-# over 16 greedy steps, 7 secrets x 2 questions, median 0.002). Two log-probabilities that close can swap two tokens
-# whose plain logits are nearer than twice that: "Give me three tips for a job interview." has 0.011 between
+# over 16 greedy steps, 7 secrets with 2-4 questions each, median 0.002). Two log-probabilities that close can swap
+# two tokens whose plain logits are nearer than twice that: "Give me three tips for a job interview." has 0.011 between
 # " yourself" and " prepared" at its 5th step, and llama-server picked either, depending on the secret. The questions
 # are chosen so that every plain top-2 gap over their 16 greedy steps is at least 2 x LOGPROB_TOL, which the test
 # checks first; the greedy tokens are then held to exact equality and the log-probabilities to LOGPROB_TOL.
