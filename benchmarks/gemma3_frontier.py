@@ -154,22 +154,25 @@ def write_plot(state: dict) -> None:
     if not pts:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for shape, colour in (("entry", "tab:blue"), ("row", "tab:orange")):
+    # entry-shaped noise is the swept curve; row-shaped points (a few levels) are drawn as markers, not joined
+    for shape, colour, style, offset in (("entry", "tab:blue", "o-", -12), ("row", "tab:orange", "D", 6)):
         mine = sorted((p for p in state["points"].values() if p["noise_shape"] == shape),
                       key=lambda p: log10_ratio(p["fidelity"]))
-        if mine:
-            ax.plot([log10_ratio(p["fidelity"]) for p in mine], [100 * p["attack"]["token_recovery"] for p in mine],
-                     "o-", color=colour, label=f"noise on both tables ({shape}-shaped)")
-            near = [p for p in mine if log10_ratio(p["fidelity"]) < 0.01]   # one label for the crowded start
-            if near:
-                lo, hi = min(p["alpha_e"] for p in near), max(p["alpha_e"] for p in near)
-                ax.annotate(f"alpha_e {lo:g}-{hi:g}", (0, 100 * min(p["attack"]["token_recovery"] for p in near)),
-                            textcoords="offset points", xytext=(4, -12), fontsize=7)
-            for p in mine:
-                if log10_ratio(p["fidelity"]) >= 0.01:
-                    ax.annotate(f"{p['alpha_e']:g}/{p['alpha_h']:g}", (log10_ratio(p["fidelity"]),
-                                                                       100 * p["attack"]["token_recovery"]),
-                                textcoords="offset points", xytext=(4, -12), fontsize=7)
+        if not mine:
+            continue
+        ax.plot([log10_ratio(p["fidelity"]) for p in mine], [100 * p["attack"]["token_recovery"] for p in mine],
+                style, color=colour, label=f"noise on both tables ({shape}-shaped)")
+        near = [p for p in mine if log10_ratio(p["fidelity"]) < 0.01]   # one label for the crowded start
+        if near:
+            lo, hi = min(p["alpha_e"] for p in near), max(p["alpha_e"] for p in near)
+            ax.annotate(f"alpha_e {lo:g}-{hi:g}" if lo != hi else f"alpha_e {lo:g}",
+                        (0, 100 * min(p["attack"]["token_recovery"] for p in near)), textcoords="offset points",
+                        xytext=(4, offset), fontsize=7, color=colour)
+        for p in mine:
+            if log10_ratio(p["fidelity"]) >= 0.01:
+                ax.annotate(f"{p['alpha_e']:g}/{p['alpha_h']:g}", (log10_ratio(p["fidelity"]),
+                                                                   100 * p["attack"]["token_recovery"]),
+                            textcoords="offset points", xytext=(4, offset), fontsize=7, color=colour)
     for p in earlier_points():
         ax.plot([log10_ratio(p["fidelity"])], [100 * p["attack"]["token_recovery"]], "s", color="grey",
                 label="earlier run (gemma3_post_norm.json)")
