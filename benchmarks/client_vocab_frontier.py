@@ -15,7 +15,8 @@ For each alpha:
 
     python benchmarks/client_vocab_frontier.py [--alphas 0 0.05 0.1 0.2 0.4 0.8] [--stream-tokens 4000] [--threads 2]
         [--decode-tokens 2000] [--rerun] [--more-traffic N] [--right-key-only] [--weight-key-only [--draws N]]
-        [--answers-only [--draws N] [--client-temperature T [--client-top-p P]]]
+        [--answers-only [--draws N] [--client-temperature T [--client-top-p P] [--client-top-k K]
+        [--client-repetition-penalty R]]]
         [--decode-only [--beam 4] [--draws N]] [--states-only] [--report-only] [--json]
 
 The stream-level attacks also fit the writer key on the linked attack's reading (key regression) and, for
@@ -213,6 +214,8 @@ def weight_key_answers(model: Path, alpha: float, paths, prompts: int, new_token
         "answer_recovery_top10_per_draw": [r["answer_recovery_top10"] for r in runs],
         "answer_recovery_with_echo_per_draw": [r["answer_recovery_with_echo"] for r in runs],
         "echo_temperature_per_draw": [r["echo_temperature"] for r in runs],
+        "echo_sampler_per_draw": [r["echo_sampler"] for r in runs],
+        "answer_recovery_with_echo_untruncated_per_draw": [r["answer_recovery_with_echo_untruncated"] for r in runs],
         "answer_tokens_per_draw": [r["answer_tokens"] for r in runs]}
     return dict(runs[0], **spread, seconds=time.perf_counter() - t1, **key.summary())
 
@@ -314,7 +317,23 @@ def pct(x: float) -> str:
 
 
 def sampling_label(sampling: dict) -> str:
-    return f"temperature {sampling['temperature']:g}, top-p {sampling['top_p']:g}"
+    label = f"temperature {sampling['temperature']:g}, top-p {sampling['top_p']:g}"
+    if sampling.get("top_k", -1) > 0:
+        label += f", top-k {sampling['top_k']}"
+    if sampling.get("repetition_penalty", 1.0) != 1.0:
+        label += f", repetition penalty {sampling['repetition_penalty']:g}"
+    return label
+
+
+def sampler_fit(fit: dict | None) -> str:
+    """The server's model of the client's sampler, as the echo picked it: ``T 0.75, p 0.9, k 40, f 0.01``."""
+    if fit is None:
+        return "–"
+    out = f"T {fit['temperature']:g}"
+    if fit.get("floor") is not None:
+        out += (f", p {fit['top_p']:g}" if fit["top_p"] < 1 else "") + (f", k {fit['top_k']}" if fit["top_k"] > 0
+                                                                       else "") + f", f {fit['floor']:g}"
+    return out
 
 
 def spread(entry: dict, field: str = "occurrence_recovery") -> str:
@@ -453,26 +472,41 @@ def write_report(state: dict) -> None:
                "received are most likely, plus that vector's log-likelihood through the key; "
                "scored on every answer token that tau moves.", "", *answers, ""]
     sampled = ["| occurrence noise alpha | ppl ratio | the client's sampling | answer tokens (distinct) | read from "
-               "the returned states: top-1 | top-10 | with the echo: top-1 | the echo's temperature (per draw) |",
-               "|---|---|---|---|---|---|---|---|"]
+               "the returned states: top-1 | top-10 | with the echo, softmax model: top-1 | with the echo, "
+               "truncated model: top-1 | the server's model of the sampler (per draw) |",
+               "|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(state["points"], key=float):
         e = state["points"][key]
         for label, r in sorted(e.get("answers_sampled", {}).items()):
-            temps = r.get("echo_temperature_per_draw") or [r["echo_temperature"]]
+            if "echo_sampler" in r:   # measured with the model of the client's truncation
+                fits = r.get("echo_sampler_per_draw") or [r["echo_sampler"]]
+                softmax = (f"{pct(r['answer_recovery_with_echo_untruncated'])}"
+                           f"{spread(r, 'answer_recovery_with_echo_untruncated')}")
+                truncated = f"**{pct(r['answer_recovery_with_echo'])}**{spread(r, 'answer_recovery_with_echo')}"
+                model = "; ".join(sampler_fit(f) for f in fits)
+            else:                     # measured before it: the softmax model only
+                temps = r.get("echo_temperature_per_draw") or [r["echo_temperature"]]
+                softmax = f"**{pct(r['answer_recovery_with_echo'])}**{spread(r, 'answer_recovery_with_echo')}"
+                truncated = "–"
+                model = "; ".join(f"T {t:g}" for t in temps if t is not None)
             sampled.append(f"| {e['alpha']} | {e['fidelity']['ppl_ratio']:,.3f} | {label} | {r['answer_tokens']} "
                            f"({r['distinct_answer_tokens']}) | "
                            f"{pct(r['answer_recovery'])}{spread(r, 'answer_recovery')} | "
                            f"{pct(r['answer_recovery_top10'])}{spread(r, 'answer_recovery_top10')} | "
-                           f"**{pct(r['answer_recovery_with_echo'])}**{spread(r, 'answer_recovery_with_echo')} | "
-                           + ", ".join(f"{t:g}" for t in temps if t is not None) + " |")
+                           f"{softmax} | {truncated} | {model} |")
     if len(sampled) > 2:
         md += ["## The answers of a sampling client", "",
                "As above, but the client samples each pick (`--answers-only --client-temperature T "
-               "[--client-top-p P]`) with its own sampler (`aloe.obfuscation.client.Sampler`, keyed from the OS "
-               "CSPRNG; the proxy's default temperature is 1). The server is not told the client's settings: the "
-               "echo's temperature is again the one under which the echoes received are most likely. A sampled "
-               "pick is often not the state's first token, so the state alone reads less; the echo is the vector "
-               "of the pick itself.", "", *sampled, ""]
+               "[--client-top-p P] [--client-top-k K] [--client-repetition-penalty R]`) with its own sampler "
+               "(`aloe.obfuscation.client.Sampler`, keyed from the OS CSPRNG; the proxy's default temperature is "
+               "1). The server is not told the client's settings: it models the sampler as the state's softmax at "
+               "temperature T, truncated to its top-k and then its top-p nucleus with a floor f (the share of "
+               "picks let fall outside the server's kept set), and takes the (T, p, k, f) of a grid under which "
+               "the echoes received are most likely (`aloe.attacks.weight_key.echo_posterior`); the softmax model "
+               "alone (T only) is read beside it. The server's model has no repetition penalty. A sampled pick "
+               "is often not the state's first token, so the state alone reads less; the echo is the vector of "
+               "the pick itself. Rows without a truncated figure were measured with the softmax model only.",
+               "", *sampled, ""]
     states = ["| occurrence noise alpha | evidence weight | the server's states alone | decoded (same draw, no "
               "states) | with the states at prediction weight 0.25 / 0.5 / 1 |", "|---|---|---|---|---|"]
     for key in sorted(state["points"], key=float):
@@ -574,6 +608,10 @@ def main(argv: list[str] | None = None) -> int:
                          "sampling client's figures are stored beside the greedy ones, one entry per setting")
     ap.add_argument("--client-top-p", type=float, default=1.0,
                     help="with --answers-only and --client-temperature: the client's nucleus sampling")
+    ap.add_argument("--client-top-k", type=int, default=0,
+                    help="with --answers-only and --client-temperature: the client's top-k (0: off)")
+    ap.add_argument("--client-repetition-penalty", type=float, default=1.0,
+                    help="with --answers-only and --client-temperature: the client's repetition penalty (1: none)")
     ap.add_argument("--decode-only", action="store_true",
                     help="run only the decoding of the prompts read through the key the body gives (a beam search "
                          "with the public model as the prior) on the listed (measured) alphas")
@@ -596,8 +634,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--draws and --beam must be >= 1")
     if not args.client_temperature >= 0 or not 0 < args.client_top_p <= 1:
         ap.error("--client-temperature must be >= 0 and --client-top-p in (0, 1]")
-    sampling = (dict(temperature=args.client_temperature, top_p=args.client_top_p) if args.client_temperature > 0
-                else None)
+    if args.client_top_k < 0 or not args.client_repetition_penalty > 0:
+        ap.error("--client-top-k must be >= 0 and --client-repetition-penalty > 0")
+    sampling = (dict(temperature=args.client_temperature, top_p=args.client_top_p, top_k=args.client_top_k or -1,
+                     repetition_penalty=args.client_repetition_penalty) if args.client_temperature > 0 else None)
     if args.stream_tokens < 0 or args.decode_tokens < 0 or args.more_traffic < 0:
         ap.error("--stream-tokens, --decode-tokens and --more-traffic must be >= 0")
     if args.report_only:

@@ -268,3 +268,51 @@ def test_the_states_at_the_prompt_positions_are_the_models_own_next_token_predic
     assert out["decoded_by_prediction_weight"][0.0] == (plain_decode == truth).mean() == 1.0
     alone = np.concatenate([np.r_[-1, wk.state_predictions(t, key, body, d)[:-1].argmax(1).numpy()] for d in docs])
     assert out["states_alone"] == pytest.approx((alone == truth).mean())
+
+
+def test_the_kept_set_of_a_clients_top_k_and_top_p_is_transformers_own():
+    """`_kept_counts` (the truncation the echo read models) keeps as many tokens as transformers' own temperature,
+    top-k and top-p warpers leave finite, the sampler the client runs."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    logits = torch.randn(64, 500, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 3
+    for T, p, k in ((1.0, 0.9, 0), (0.7, 0.95, 40), (1.0, 1.0, 50), (1.5, 0.8, 0), (0.5, 0.9, 20)):
+        procs = [TemperatureLogitsWarper(T)] + ([TopKLogitsWarper(k)] if k else []) + ([TopPLogitsWarper(p)]
+                                                                                        if p < 1 else [])
+        want = torch.isfinite(LogitsProcessorList(procs)(torch.zeros(64, 1, dtype=torch.long), logits)).sum(1)
+        ranked = torch.sort(logits, 1, descending=True).values
+        cum = torch.cumsum(torch.softmax(ranked / T, -1), 1)
+        assert torch.equal(wk._kept_counts(cum, p, k), want), (T, p, k)
+
+
+def test_the_echo_read_fits_the_clients_truncation(monkeypatch):
+    """The echo posterior models the client's sampler as the state's softmax truncated to its top-k and top-p
+    nucleus, fitted by the marginal likelihood of the echoes: on states whose head is the client's own, a client
+    sampling from the 0.8 nucleus is fitted as one (T 1, top-p 0.8), a client that does not truncate as the plain
+    softmax, and the truncated model reads at least what the softmax model reads."""
+    from types import SimpleNamespace
+
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+    g = torch.Generator().manual_seed(0)
+    V, d, m, s2 = 300, 24, 600, 4.0
+    H, E = torch.randn(V, d, generator=g, dtype=torch.float64), torch.randn(V, d, generator=g)
+    h = torch.randn(m, d, generator=g, dtype=torch.float64) * 0.8
+    t = SimpleNamespace(arch=SimpleNamespace(vocab=V), plain_head=H, plain_embed=E, profile={})
+    key = SimpleNamespace(embed_side=lambda x: x.double())
+    monkeypatch.setattr(wk, "_vector_sigma2", lambda *a: s2)
+    for p in (1.0, 0.8):
+        procs = LogitsProcessorList([TemperatureLogitsWarper(1.0)] + ([TopPLogitsWarper(p)] if p < 1 else []))
+        scores = procs(torch.zeros(m, 1, dtype=torch.long), (h @ H.T).float())
+        pick = torch.multinomial(torch.softmax(scores, -1), 1, generator=g)[:, 0]
+        echo = E[pick] + torch.randn(m, d, generator=g) * s2 ** 0.5
+        got, fit = wk.echo_posterior(t, key, h, echo, 0.0, "entry")
+        plain, plain_fit = wk.echo_posterior(t, key, h, echo, 0.0, "entry", top_ps=(1.0,), top_ks=(0,))
+        assert fit["temperature"] == 1.0 and fit["log_marginal"] >= plain_fit["log_marginal"], fit
+        assert plain_fit["floor"] is None and plain_fit["log_marginal"] == fit["log_marginal_untruncated"]
+        if p == 1.0:
+            assert fit["floor"] is None and (fit["top_p"], fit["top_k"]) == (1.0, 0), fit
+        else:
+            assert fit["floor"] is not None and (fit["top_p"], fit["top_k"]) == (0.8, 0), fit
+        read, read_plain = ((s.argmax(1) == pick).double().mean() for s in (got, plain))
+        assert read >= read_plain and read > 0.7, (read, read_plain)

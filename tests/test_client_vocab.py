@@ -216,7 +216,8 @@ def test_cli_measures_what_the_server_reads_of_a_client_held_deployment(split, c
     are still read (93.8-99.0% over 20 draws in test_attacks_weight_key). A client that samples (temperature 1) picks
     tokens its state does not rank first (the state alone read 0-5% of them over 16 draws of this tiny random model),
     and the echo still reads each pick that comes back (93-96% of all picks, the last of each reply never coming
-    back). A folder that holds its tables, a client file of another secret, or a negative temperature is refused."""
+    back); with top-k 5 and a repetition penalty 1.3 as well, the echo reads 87.5-96.9% (13 draws). A folder that
+    holds its tables, a client file of another secret, a negative temperature or top-k is refused."""
     base = ["attack-client-held", "--model", str(split / "plain"), "--server", str(split / "server"), "--client-vocab",
             str(split / "client.st"), "--secret", str(split / "secret.json"), "--beam", "2", "--answer-prompts", "3",
             "--new-tokens", "8", "--json"]
@@ -234,9 +235,17 @@ def test_cli_measures_what_the_server_reads_of_a_client_held_deployment(split, c
     assert aloe_main([*base, "--occurrence-noise", "1.0", "--temperature", "1.0", "--answer-prompts", "8",
                       "--new-tokens", "12"]) == 0
     a = json.loads(capsys.readouterr().out)["answers"]
-    assert a["client_sampling"] == {"temperature": 1.0, "top_p": 1.0, "top_k": -1}
+    assert a["client_sampling"] == {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0}
     assert a["answer_recovery"] < 0.5 and a["answer_recovery_with_echo"] >= 0.8, a
     assert aloe_main([*base, "--temperature", "-1"]) != 0 and "--temperature" in capsys.readouterr().err
+    # top-k and the repetition penalty reach the client's sampler; the server fits its own model of the sampler
+    assert aloe_main([*base, "--occurrence-noise", "1.0", "--temperature", "1.0", "--top-k", "5",
+                      "--repetition-penalty", "1.3", "--answer-prompts", "4"]) == 0
+    a = json.loads(capsys.readouterr().out)["answers"]
+    assert a["client_sampling"] == {"temperature": 1.0, "top_p": 1.0, "top_k": 5, "repetition_penalty": 1.3}
+    assert a["echo_sampler"]["temperature"] == a["echo_temperature"] in ECHO_TEMPERATURES
+    assert a["answer_recovery_with_echo"] >= 0.8 and a["answer_recovery_with_echo_untruncated"] >= 0.8, a
+    assert aloe_main([*base, "--temperature", "1", "--top-k", "-1"]) != 0 and "--top-k" in capsys.readouterr().err
     assert aloe_main([*base[:4], str(split / "whole"), *base[5:]]) != 0
     assert "holds its vocabulary tables: attack it with `aloe attack`" in capsys.readouterr().err
     other = split / "other.st"

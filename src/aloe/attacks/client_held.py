@@ -101,21 +101,24 @@ def answer_reads(t: Target, key: weight_key.WeightKey, server_dir: Path, client,
                  sampling: dict | None = None) -> dict:
     """The client decodes each of ``obf_prompts`` (server ids) with the server's body loaded here from ``server_dir``
     (fresh noise on every vector, its own head: :func:`~aloe.obfuscation.client_vocab.local_decode`): greedily, or
-    with ``sampling`` (``temperature``, ``top_p``, ``top_k``: the client's own
+    with ``sampling`` (``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``: the client's own
     :class:`~aloe.obfuscation.client.Sampler`, keyed from the OS CSPRNG), and the server reads every pick from the
     hidden state it returned (:func:`weight_key.read_answers`): from the state alone, and with the echo, the vector
-    the pick comes back as in the next request, at the state temperature under which the echoes are most likely
-    (:func:`weight_key.echo_posterior`). The server is told nothing of the client's sampling. Scored on the answer
-    tokens that tau moves (the end id is not one)."""
+    the pick comes back as in the next request, under the model of the client's sampler (temperature, top-p, top-k)
+    under which the echoes are most likely (:func:`weight_key.echo_posterior`; beside it the plain softmax's read,
+    ``answer_recovery_with_echo_untruncated``). The server is told nothing of the client's sampling, and its model
+    has no repetition penalty. Scored on the answer tokens that tau moves (the end id is not one)."""
     from transformers import AutoModelForCausalLM
 
     from aloe.obfuscation.client import Sampler
     from aloe.obfuscation.client_vocab import local_decode
 
     if sampling is not None:
-        sampling = dict(dict(top_p=1.0, top_k=-1), **sampling, repetition_penalty=1.0)
+        sampling = dict(dict(top_p=1.0, top_k=-1, repetition_penalty=1.0), **sampling)
         if not sampling.get("temperature", 0) > 0 or not 0 < sampling["top_p"] <= 1:
             raise AloeError("sampling needs a temperature > 0 and a top_p in (0, 1]")
+        if not sampling["repetition_penalty"] > 0:
+            raise AloeError("sampling needs a repetition_penalty > 0")
 
     body = AutoModelForCausalLM.from_pretrained(str(server_dir), dtype=torch.float32).eval()
     inv = np.argsort(tau)
@@ -139,11 +142,17 @@ def answer_reads(t: Target, key: weight_key.WeightKey, server_dir: Path, client,
     both = keep & echoed
     order = np.r_[np.flatnonzero(both), np.flatnonzero(keep & ~echoed)]
     back = torch.cat(echoes)[torch.as_tensor(np.flatnonzero(both[echoed]))]
-    with_echo, temperature = weight_key.read_answers(t, key, hidden[torch.as_tensor(order)]), None
-    if len(back):   # the picks with an echo ranked by the posterior (read_answers' own rule, its temperature kept)
-        scores, temperature, _ = weight_key.echo_posterior(t, key, hidden[torch.as_tensor(order)], back,
-                                                           client.occurrence_noise, client.noise_shape)
+    with_echo, fit = weight_key.read_answers(t, key, hidden[torch.as_tensor(order)]), None
+    untruncated = with_echo.copy()
+    if len(back):   # the picks with an echo ranked by the posterior (read_answers' own rule, its fit kept)
+        scores, fit = weight_key.echo_posterior(t, key, hidden[torch.as_tensor(order)], back,
+                                                client.occurrence_noise, client.noise_shape)
         with_echo[: len(back)] = torch.topk(scores, with_echo.shape[1], dim=1).indices.numpy()
+        scores, plain = weight_key.echo_posterior(t, key, hidden[torch.as_tensor(order)], back,
+                                                  client.occurrence_noise, client.noise_shape, top_ps=(1.0,),
+                                                  top_ks=(0,))
+        untruncated[: len(back)] = torch.topk(scores, with_echo.shape[1], dim=1).indices.numpy()
+        del scores
 
     def share(c, want):
         return float((c[:, 0] == want).mean()) if len(want) else 0.0
@@ -152,7 +161,10 @@ def answer_reads(t: Target, key: weight_key.WeightKey, server_dir: Path, client,
                 answer_recovery=share(cand, wanted),
                 answer_recovery_top10=float((cand[:, :10] == wanted[:, None]).any(1).mean()) if keep.any() else 0.0,
                 answer_recovery_with_echo=share(with_echo, truth[order]), echoed_answer_tokens=int(both.sum()),
-                echo_temperature=temperature,
+                answer_recovery_with_echo_untruncated=share(untruncated, truth[order]),
+                echo_temperature=None if fit is None else fit["temperature"], echo_sampler=fit,
+                echo_temperature_untruncated=None if fit is None else plain["temperature"],
                 prompts=len(obf_prompts), new_tokens=new_tokens,
                 client_sampling=None if sampling is None else {k: sampling[k] for k in ("temperature", "top_p",
-                                                                                          "top_k")})
+                                                                                          "top_k",
+                                                                                          "repetition_penalty")})

@@ -133,7 +133,10 @@ def _attack_client_held(args: argparse.Namespace) -> int:
         raise AloeError("--beam, --draws and --new-tokens must be >= 1, --answer-prompts >= 0")
     if not args.temperature >= 0 or not 0 < args.top_p <= 1:
         raise AloeError("--temperature must be >= 0 and --top-p in (0, 1]")
-    sampling = dict(temperature=args.temperature, top_p=args.top_p) if args.temperature > 0 else None
+    if args.top_k < 0 or not args.repetition_penalty > 0:
+        raise AloeError("--top-k must be >= 0 and --repetition-penalty > 0")
+    sampling = (dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or -1,
+                     repetition_penalty=args.repetition_penalty) if args.temperature > 0 else None)
     model = resolve_model(args.model)
     secret = load_secret(args.secret)
     check_artifact_secret(args.server, secret)
@@ -160,7 +163,9 @@ def _attack_client_held(args: argparse.Namespace) -> int:
         answers = client_held.answer_reads(target, key, args.server, client, secret.tau,
                                            [secret.tau[x] for x in plain], args.new_tokens, progress=bar,
                                            sampling=sampling)
-    how = "a greedy" if sampling is None else f"a sampling (temperature {args.temperature:g}, top-p {args.top_p:g})"
+    how = "a greedy" if sampling is None else (f"a sampling (temperature {args.temperature:g}, top-p {args.top_p:g}, "
+                                               f"top-k {args.top_k or 'off'}, repetition penalty "
+                                               f"{args.repetition_penalty:g})")
     res = {"occurrence_noise": alpha, "key": key.summary(), "prompts": prompts, "answers": answers,
            "texts": texts.source}
     if args.json:
@@ -225,6 +230,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--temperature", type=float, default=0.0,
                    help="the client's sampling temperature (0: greedy, the default)")
     c.add_argument("--top-p", type=float, default=1.0, help="the client's nucleus sampling (with --temperature > 0)")
+    c.add_argument("--top-k", type=int, default=0, help="the client's top-k (with --temperature > 0; 0: off)")
+    c.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="the client's repetition penalty (with --temperature > 0; 1: none)")
     add_budget_flags(c)
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=_attack_client_held)

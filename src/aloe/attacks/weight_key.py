@@ -298,18 +298,40 @@ def calibrate_evidence(t: Target, key: WeightKey, docs: list[np.ndarray], alpha:
 
 
 ECHO_TEMPERATURES = (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0)
+# the truncations the server tries on the state's distribution: nucleus (top-p) and top-k at common client settings
+# (1.0 and 0: none), each with a floor, the share of picks it lets fall outside the truncated set (the server's
+# read of the state is not the client's, so the client's kept set is not exactly the server's)
+ECHO_TOP_PS = (1.0, 0.95, 0.9, 0.8)
+ECHO_TOP_KS = (0, 40, 50)
+ECHO_FLOORS = (1e-3, 1e-2, 0.1)
+
+
+def _kept_counts(cum: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
+    """How many of each row's most likely tokens a client's top-k, then top-p, keeps (transformers' warpers' rule:
+    top-p on the top-k renormalised; a token stays while the mass before it is under p). ``cum``: the cumulative
+    probabilities of each row sorted in descending order (m x V)."""
+    V = cum.shape[1]
+    k = V if top_k <= 0 else min(top_k, V)
+    if top_p >= 1.0:
+        return torch.full((cum.shape[0],), k, dtype=torch.long)
+    inside = cum[:, :k] < top_p * cum[:, k - 1: k]
+    return torch.clamp(1 + inside[:, : k - 1].sum(1), max=k)
 
 
 @torch.no_grad()
 def echo_posterior(t: Target, key: WeightKey, hidden: torch.Tensor, echoes: torch.Tensor, alpha: float,
-                   shape: str = "row", temperatures=ECHO_TEMPERATURES) -> tuple[torch.Tensor, float, dict]:
+                   shape: str = "row", temperatures=ECHO_TEMPERATURES, top_ps=ECHO_TOP_PS, top_ks=ECHO_TOP_KS,
+                   floors=ECHO_FLOORS) -> tuple[torch.Tensor, dict]:
     """The plain token of each of the first m' picks (m' = len(echoes) <= len(hidden)) scored by the state and its
-    echo: ``log softmax(logits / T)`` of the state read through the key and the public head, plus the echo's
-    log-likelihood under each token read through the key (occurrence noise of public level ``alpha``). The server
-    does not see the client's own head part that moves the pick off the state's argmax, so the state's sharpness is
-    unknown: T is the one of ``temperatures`` under which the echoes it received are most likely (the marginal
-    likelihood summed over the picks; nothing of the victim's text). Returns the scores (m' x V), T and each T's
-    marginal log-likelihood."""
+    echo: the log-probability of the token under a model of the client's sampler on the state read through the key
+    and the public head, plus the echo's log-likelihood under each token read through the key (occurrence noise of
+    public level ``alpha``). The sampler model is ``softmax(logits / T)``, truncated to its top-k and then its top-p
+    nucleus with a floor f: ``(1 - f) q 1[kept] / q(kept) + f q``. The server sees neither the client's settings nor
+    its own head part that moves the pick off the state's argmax, so it takes the (T, top-p, top-k, f) of the grid
+    under which the echoes it received are most likely (the marginal likelihood summed over the picks; nothing of
+    the victim's text); top-p 1 and top-k 0 is the plain softmax, where f plays no part. Returns the scores
+    (m' x V, token order) and the fit: ``temperature``, ``top_p``, ``top_k``, ``floor`` (None where untruncated),
+    ``log_marginal``, and ``log_marginal_untruncated`` (the best plain softmax, for comparison)."""
     if len(echoes) > len(hidden):
         raise AloeError(f"{len(echoes)} echoes for {len(hidden)} picks")
     V = t.arch.vocab
@@ -318,10 +340,45 @@ def echo_posterior(t: Target, key: WeightKey, hidden: torch.Tensor, echoes: torc
     logits = (key.embed_side(hidden[: len(echoes)]) @ t.plain_head.double().T)[:, :V]
     ll = torch.cat([key_regression.log_likelihoods(key.embed_side(echoes[s:s + 128]), t.plain_embed, pool, s2,
                                                    shape == "row").double() for s in range(0, len(echoes), 128)])
-    marginal = {float(T): float(torch.logsumexp(torch.log_softmax(logits / T, -1) + ll, 1).sum())
-                for T in temperatures}
-    T = max(marginal, key=marginal.get)
-    return torch.log_softmax(logits / T, -1) + ll, T, marginal
+    # one order serves every temperature; the echo's likelihoods follow it
+    ranked, order = torch.sort(logits, dim=1, descending=True)
+    del logits
+    ll = torch.gather(ll, 1, order)
+    rows = torch.arange(len(echoes))
+    truncations = [(p, k) for p in top_ps for k in top_ks]
+    best, plain = None, None
+    for T in temperatures:
+        logq = torch.log_softmax(ranked / T, -1)
+        cum = torch.cumsum(logq.exp(), 1)
+        x = logq + ll
+        pre = torch.logcumsumexp(x, 1)
+        suf = torch.flip(torch.logcumsumexp(torch.flip(x, [1]), 1), [1])
+        suf = torch.cat([suf, torch.full((len(x), 1), -torch.inf, dtype=x.dtype)], 1)
+        for p, k in truncations:
+            n = _kept_counts(cum, p, k)
+            mass, inside, outside = cum[rows, n - 1], pre[rows, n - 1], suf[rows, n]
+            for f in ((None,) if bool((n == V).all()) else floors):
+                if f is None:
+                    total = float(inside.sum())
+                else:
+                    total = float(torch.logaddexp(torch.log((1 - f) / mass + f) + inside,
+                                                  np.log(f) + outside).sum())
+                fit = dict(temperature=float(T), top_p=float(p), top_k=int(k), floor=f, log_marginal=total)
+                if best is None or total > best[0]["log_marginal"]:
+                    best = (fit, n, mass)
+                if p >= 1.0 and k <= 0 and (plain is None or total > plain):
+                    plain = total
+        del logq, cum, x, pre, suf
+    fit, n, mass = best
+    x = torch.log_softmax(ranked / fit["temperature"], -1) + ll
+    if fit["floor"] is not None:
+        f = fit["floor"]
+        inside = torch.arange(V)[None, :] < n[:, None]
+        x = x + torch.where(inside, torch.log((1 - f) / mass + f)[:, None], torch.tensor(np.log(f), dtype=x.dtype))
+    else:
+        fit["top_p"], fit["top_k"] = 1.0, 0
+    scores = torch.empty_like(x).scatter_(1, order, x)
+    return scores, dict(fit, log_marginal_untruncated=plain)
 
 
 @torch.no_grad()
@@ -335,7 +392,7 @@ def read_answers(t: Target, key: WeightKey, hidden: torch.Tensor, k: int | None 
     k = k or t.budget.topk
     cand = torch.topk(key.embed_side(hidden) @ t.plain_head.double().T, k, dim=1).indices
     if echoes is not None and len(echoes):
-        scores, _, _ = echo_posterior(t, key, hidden, echoes, alpha, shape)
+        scores, _ = echo_posterior(t, key, hidden, echoes, alpha, shape)
         cand[: len(echoes)] = torch.topk(scores, k, dim=1).indices
     return cand.numpy()
 
