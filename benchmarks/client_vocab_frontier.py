@@ -216,6 +216,8 @@ def weight_key_answers(model: Path, alpha: float, paths, prompts: int, new_token
         "echo_temperature_per_draw": [r["echo_temperature"] for r in runs],
         "echo_sampler_per_draw": [r["echo_sampler"] for r in runs],
         "answer_recovery_with_echo_untruncated_per_draw": [r["answer_recovery_with_echo_untruncated"] for r in runs],
+        "answer_recovery_with_echo_unpenalised_per_draw": [r.get("answer_recovery_with_echo_unpenalised")
+                                                           for r in runs],
         "answer_tokens_per_draw": [r["answer_tokens"] for r in runs]}
     return dict(runs[0], **spread, seconds=time.perf_counter() - t1, **key.summary())
 
@@ -330,6 +332,8 @@ def sampler_fit(fit: dict | None) -> str:
     if fit is None:
         return "–"
     out = f"T {fit['temperature']:g}"
+    if fit.get("repetition_penalty", 1.0) != 1.0:
+        out = f"r {fit['repetition_penalty']:g}, " + out
     if fit.get("floor") is not None:
         out += (f", p {fit['top_p']:g}" if fit["top_p"] < 1 else "") + (f", k {fit['top_k']}" if fit["top_k"] > 0
                                                                        else "") + f", f {fit['floor']:g}"
@@ -472,9 +476,9 @@ def write_report(state: dict) -> None:
                "received are most likely, plus that vector's log-likelihood through the key; "
                "scored on every answer token that tau moves.", "", *answers, ""]
     sampled = ["| occurrence noise alpha | ppl ratio | the client's sampling | answer tokens (distinct) | read from "
-               "the returned states: top-1 | top-10 | with the echo, softmax model: top-1 | with the echo, "
-               "truncated model: top-1 | the server's model of the sampler (per draw) |",
-               "|---|---|---|---|---|---|---|---|---|"]
+               "the returned states: top-1 | top-10 | with the echo, softmax model: top-1 | + truncation | "
+               "+ truncation and repetition penalty | the server's model of the sampler (per draw) |",
+               "|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(state["points"], key=float):
         e = state["points"][key]
         for label, r in sorted(e.get("answers_sampled", {}).items()):
@@ -482,30 +486,38 @@ def write_report(state: dict) -> None:
                 fits = r.get("echo_sampler_per_draw") or [r["echo_sampler"]]
                 softmax = (f"{pct(r['answer_recovery_with_echo_untruncated'])}"
                            f"{spread(r, 'answer_recovery_with_echo_untruncated')}")
-                truncated = f"**{pct(r['answer_recovery_with_echo'])}**{spread(r, 'answer_recovery_with_echo')}"
+                if "answer_recovery_with_echo_unpenalised" in r:
+                    truncated = (f"{pct(r['answer_recovery_with_echo_unpenalised'])}"
+                                 f"{spread(r, 'answer_recovery_with_echo_unpenalised')}")
+                    penalised = f"**{pct(r['answer_recovery_with_echo'])}**{spread(r, 'answer_recovery_with_echo')}"
+                else:                 # measured before the penalty was modelled
+                    truncated = f"**{pct(r['answer_recovery_with_echo'])}**{spread(r, 'answer_recovery_with_echo')}"
+                    penalised = "–"
                 model = "; ".join(sampler_fit(f) for f in fits)
             else:                     # measured before it: the softmax model only
                 temps = r.get("echo_temperature_per_draw") or [r["echo_temperature"]]
                 softmax = f"**{pct(r['answer_recovery_with_echo'])}**{spread(r, 'answer_recovery_with_echo')}"
-                truncated = "–"
+                truncated = penalised = "–"
                 model = "; ".join(f"T {t:g}" for t in temps if t is not None)
             sampled.append(f"| {e['alpha']} | {e['fidelity']['ppl_ratio']:,.3f} | {label} | {r['answer_tokens']} "
                            f"({r['distinct_answer_tokens']}) | "
                            f"{pct(r['answer_recovery'])}{spread(r, 'answer_recovery')} | "
                            f"{pct(r['answer_recovery_top10'])}{spread(r, 'answer_recovery_top10')} | "
-                           f"{softmax} | {truncated} | {model} |")
+                           f"{softmax} | {truncated} | {penalised} | {model} |")
     if len(sampled) > 2:
         md += ["## The answers of a sampling client", "",
                "As above, but the client samples each pick (`--answers-only --client-temperature T "
                "[--client-top-p P] [--client-top-k K] [--client-repetition-penalty R]`) with its own sampler "
                "(`aloe.obfuscation.client.Sampler`, keyed from the OS CSPRNG; the proxy's default temperature is "
-               "1). The server is not told the client's settings: it models the sampler as the state's softmax at "
-               "temperature T, truncated to its top-k and then its top-p nucleus with a floor f (the share of "
-               "picks let fall outside the server's kept set), and takes the (T, p, k, f) of a grid under which "
-               "the echoes received are most likely (`aloe.attacks.weight_key.echo_posterior`); the softmax model "
-               "alone (T only) is read beside it. The server's model has no repetition penalty. A sampled pick "
-               "is often not the state's first token, so the state alone reads less; the echo is the vector of "
-               "the pick itself. Rows without a truncated figure were measured with the softmax model only.",
+               "1). The server is not told the client's settings: it models the sampler as transformers' chain, "
+               "a repetition penalty r on the pick's context as the server reads it (each prompt vector alone, "
+               "the reply's earlier picks as read with their echoes), then the state's softmax at temperature T, "
+               "truncated to its top-k and then its top-p nucleus with a floor f (the share of picks let fall "
+               "outside the server's kept set), and takes the (r, T, p, k, f) of a grid under which the echoes "
+               "received are most likely (`aloe.attacks.weight_key.echo_posterior`); the softmax model alone "
+               "(T only) and the truncated one without a penalty are read beside it. A sampled pick is often not "
+               "the state's first token, so the state alone reads less; the echo is the vector of the pick itself. "
+               "Rows with a dash were measured before that part of the model was built.",
                "", *sampled, ""]
     states = ["| occurrence noise alpha | evidence weight | the server's states alone | decoded (same draw, no "
               "states) | with the states at prediction weight 0.25 / 0.5 / 1 |", "|---|---|---|---|---|"]

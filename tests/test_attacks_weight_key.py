@@ -285,27 +285,37 @@ def test_the_kept_set_of_a_clients_top_k_and_top_p_is_transformers_own():
         assert torch.equal(wk._kept_counts(cum, p, k), want), (T, p, k)
 
 
-def test_the_echo_read_fits_the_clients_truncation(monkeypatch):
-    """The echo posterior models the client's sampler as the state's softmax truncated to its top-k and top-p
-    nucleus, fitted by the marginal likelihood of the echoes: on states whose head is the client's own, a client
-    sampling from the 0.8 nucleus is fitted as one (T 1, top-p 0.8), a client that does not truncate as the plain
-    softmax, and the truncated model reads at least what the softmax model reads."""
+def _echo_stub(monkeypatch, V=300, d=24, m=600, s2=4.0):
+    """States whose head is the client's own (the key the identity), a public head and table, and a sampler that
+    draws each pick from the client's processed logits and sends back its row plus noise of variance s2."""
     from types import SimpleNamespace
 
-    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
-
     g = torch.Generator().manual_seed(0)
-    V, d, m, s2 = 300, 24, 600, 4.0
     H, E = torch.randn(V, d, generator=g, dtype=torch.float64), torch.randn(V, d, generator=g)
     h = torch.randn(m, d, generator=g, dtype=torch.float64) * 0.8
     t = SimpleNamespace(arch=SimpleNamespace(vocab=V), plain_head=H, plain_embed=E, profile={})
     key = SimpleNamespace(embed_side=lambda x: x.double())
     monkeypatch.setattr(wk, "_vector_sigma2", lambda *a: s2)
+
+    def sample(procs, context):
+        scores = procs(context, (h @ H.T).float())
+        pick = torch.multinomial(torch.softmax(scores, -1), 1, generator=g)[:, 0]
+        return pick, E[pick] + torch.randn(m, d, generator=g) * s2 ** 0.5
+
+    return t, key, h, H, g, sample
+
+
+def test_the_echo_read_fits_the_clients_truncation(monkeypatch):
+    """The echo posterior models the client's sampler as the state's softmax truncated to its top-k and top-p
+    nucleus, fitted by the marginal likelihood of the echoes: on states whose head is the client's own, a client
+    sampling from the 0.8 nucleus is fitted as one (T 1, top-p 0.8), a client that does not truncate as the plain
+    softmax, and the truncated model reads at least what the softmax model reads."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+    t, key, h, _, _, sample = _echo_stub(monkeypatch)
     for p in (1.0, 0.8):
         procs = LogitsProcessorList([TemperatureLogitsWarper(1.0)] + ([TopPLogitsWarper(p)] if p < 1 else []))
-        scores = procs(torch.zeros(m, 1, dtype=torch.long), (h @ H.T).float())
-        pick = torch.multinomial(torch.softmax(scores, -1), 1, generator=g)[:, 0]
-        echo = E[pick] + torch.randn(m, d, generator=g) * s2 ** 0.5
+        pick, echo = sample(procs, torch.zeros(len(h), 1, dtype=torch.long))
         got, fit = wk.echo_posterior(t, key, h, echo, 0.0, "entry")
         plain, plain_fit = wk.echo_posterior(t, key, h, echo, 0.0, "entry", top_ps=(1.0,), top_ks=(0,))
         assert fit["temperature"] == 1.0 and fit["log_marginal"] >= plain_fit["log_marginal"], fit
@@ -316,3 +326,24 @@ def test_the_echo_read_fits_the_clients_truncation(monkeypatch):
             assert fit["floor"] is not None and (fit["top_p"], fit["top_k"]) == (0.8, 0), fit
         read, read_plain = ((s.argmax(1) == pick).double().mean() for s in (got, plain))
         assert read >= read_plain and read > 0.7, (read, read_plain)
+
+
+def test_the_echo_read_fits_the_clients_repetition_penalty(monkeypatch):
+    """With each pick's context as the server reads it, the echo posterior also fits the client's repetition
+    penalty (transformers' processor, here 1.3 on 10 of each state's 30 most likely tokens): the fit finds 1.3, and
+    reads more than the model without a penalty (80.3% against 78.3%). Contexts that do not match the echoes are
+    refused."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    t, key, h, H, g, sample = _echo_stub(monkeypatch)
+    top = torch.topk(h @ H.T, 30, 1).indices
+    seen = [top[i, torch.randperm(30, generator=g)[:10]].numpy() for i in range(len(h))]
+    pick, echo = sample(RepetitionPenaltyLogitsProcessor(1.3), torch.as_tensor(np.stack(seen)))
+    got, fit = wk.echo_posterior(t, key, h, echo, 0.0, "entry", seen=seen, penalties=wk.ECHO_PENALTIES)
+    plain, plain_fit = wk.echo_posterior(t, key, h, echo, 0.0, "entry")
+    assert fit["repetition_penalty"] == 1.3 and plain_fit["repetition_penalty"] == 1.0, fit
+    assert fit["log_marginal"] > plain_fit["log_marginal"]
+    read, read_plain = ((s.argmax(1) == pick).double().mean() for s in (got, plain))
+    assert read > read_plain, (read, read_plain)
+    with pytest.raises(AloeError, match="contexts"):
+        wk.echo_posterior(t, key, h, echo, 0.0, "entry", seen=seen[:-1], penalties=wk.ECHO_PENALTIES)

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from aloe import AloeError
 from aloe.attacks.client_held import CALIBRATION_WEIGHTS
-from aloe.attacks.weight_key import ECHO_TEMPERATURES
+from aloe.attacks.weight_key import ECHO_PENALTIES, ECHO_TEMPERATURES
 from aloe.cli import main as aloe_main
 from aloe.obfuscation.client import PrivateClient
 from aloe.obfuscation.client_vocab import ClientVocabulary, encode_array, split_vocabulary
@@ -216,7 +216,7 @@ def test_cli_measures_what_the_server_reads_of_a_client_held_deployment(split, c
     are still read (93.8-99.0% over 20 draws in test_attacks_weight_key). A client that samples (temperature 1) picks
     tokens its state does not rank first (the state alone read 0-5% of them over 16 draws of this tiny random model),
     and the echo still reads each pick that comes back (93-96% of all picks, the last of each reply never coming
-    back); with top-k 5 and a repetition penalty 1.3 as well, the echo reads 87.5-96.9% (13 draws). A folder that
+    back); with top-k 5 and a repetition penalty 1.3 as well, the echo reads 87.5-96.9% (14 draws). A folder that
     holds its tables, a client file of another secret, a negative temperature or top-k is refused."""
     base = ["attack-client-held", "--model", str(split / "plain"), "--server", str(split / "server"), "--client-vocab",
             str(split / "client.st"), "--secret", str(split / "secret.json"), "--beam", "2", "--answer-prompts", "3",
@@ -244,7 +244,9 @@ def test_cli_measures_what_the_server_reads_of_a_client_held_deployment(split, c
     a = json.loads(capsys.readouterr().out)["answers"]
     assert a["client_sampling"] == {"temperature": 1.0, "top_p": 1.0, "top_k": 5, "repetition_penalty": 1.3}
     assert a["echo_sampler"]["temperature"] == a["echo_temperature"] in ECHO_TEMPERATURES
-    assert a["answer_recovery_with_echo"] >= 0.8 and a["answer_recovery_with_echo_untruncated"] >= 0.8, a
+    assert a["echo_sampler"]["repetition_penalty"] in ECHO_PENALTIES
+    assert min(a["answer_recovery_with_echo"], a["answer_recovery_with_echo_unpenalised"],
+               a["answer_recovery_with_echo_untruncated"]) >= 0.8, a
     assert aloe_main([*base, "--temperature", "1", "--top-k", "-1"]) != 0 and "--top-k" in capsys.readouterr().err
     assert aloe_main([*base[:4], str(split / "whole"), *base[5:]]) != 0
     assert "holds its vocabulary tables: attack it with `aloe attack`" in capsys.readouterr().err

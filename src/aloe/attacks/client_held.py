@@ -104,10 +104,13 @@ def answer_reads(t: Target, key: weight_key.WeightKey, server_dir: Path, client,
     with ``sampling`` (``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``: the client's own
     :class:`~aloe.obfuscation.client.Sampler`, keyed from the OS CSPRNG), and the server reads every pick from the
     hidden state it returned (:func:`weight_key.read_answers`): from the state alone, and with the echo, the vector
-    the pick comes back as in the next request, under the model of the client's sampler (temperature, top-p, top-k)
-    under which the echoes are most likely (:func:`weight_key.echo_posterior`; beside it the plain softmax's read,
-    ``answer_recovery_with_echo_untruncated``). The server is told nothing of the client's sampling, and its model
-    has no repetition penalty. Scored on the answer tokens that tau moves (the end id is not one)."""
+    the pick comes back as in the next request, under the model of the client's sampler (repetition penalty,
+    temperature, top-p, top-k) under which the echoes are most likely (:func:`weight_key.echo_posterior`). The
+    penalty acts on the pick's context as the server reads it: each prompt vector alone, and the reply's earlier
+    picks as the model without a penalty reads them. Beside it, the plain softmax's read
+    (``answer_recovery_with_echo_untruncated``) and the truncated model's without a penalty
+    (``answer_recovery_with_echo_unpenalised``). The server is told nothing of the client's sampling. Scored on the
+    answer tokens that tau moves (the end id is not one)."""
     from transformers import AutoModelForCausalLM
 
     from aloe.obfuscation.client import Sampler
@@ -122,48 +125,58 @@ def answer_reads(t: Target, key: weight_key.WeightKey, server_dir: Path, client,
 
     body = AutoModelForCausalLM.from_pretrained(str(server_dir), dtype=torch.float32).eval()
     inv = np.argsort(tau)
-    picked, states, echoes, echoed = [], [], [], []
+    picked, states, echoes, echoed, prompts = [], [], [], [], []
     for x in obf_prompts:
         sent: list = []
         ids, hidden = local_decode(body, client, x, new_tokens, sent, None if sampling is None else Sampler(sampling))
         picked.append(inv[np.asarray(ids, dtype=np.int64)])
         states.append(hidden)
+        prompts.append(sent[0])
         # every pick comes back as the next request's one vector, but the last of a reply cut at the token cap
         back = [v[0] for v in sent[1:]]
         echoes.append(torch.stack(back) if back else torch.empty(0, hidden.shape[1]))
         echoed.append(np.arange(len(ids)) < len(back))
         if progress is not None:
             progress.update(1)
+    alpha, shape = client.occurrence_noise, client.noise_shape
+    reply = np.concatenate([np.full(len(p), r) for r, p in enumerate(picked)])
     truth, hidden, echoed = np.concatenate(picked), torch.cat(states), np.concatenate(echoed)
     keep = ~np.isin(truth, t.fixed_ids)
     wanted = truth[keep]
-    cand = weight_key.read_answers(t, key, hidden[torch.as_tensor(keep)])
-    # with the echo: the picks sent back first (read_answers takes echoes for its leading rows), then the last ones
-    both = keep & echoed
-    order = np.r_[np.flatnonzero(both), np.flatnonzero(keep & ~echoed)]
-    back = torch.cat(echoes)[torch.as_tensor(np.flatnonzero(both[echoed]))]
-    with_echo, fit = weight_key.read_answers(t, key, hidden[torch.as_tensor(order)]), None
-    untruncated = with_echo.copy()
-    if len(back):   # the picks with an echo ranked by the posterior (read_answers' own rule, its fit kept)
-        scores, fit = weight_key.echo_posterior(t, key, hidden[torch.as_tensor(order)], back,
-                                                client.occurrence_noise, client.noise_shape)
-        with_echo[: len(back)] = torch.topk(scores, with_echo.shape[1], dim=1).indices.numpy()
-        scores, plain = weight_key.echo_posterior(t, key, hidden[torch.as_tensor(order)], back,
-                                                  client.occurrence_noise, client.noise_shape, top_ps=(1.0,),
-                                                  top_ks=(0,))
-        untruncated[: len(back)] = torch.topk(scores, with_echo.shape[1], dim=1).indices.numpy()
-        del scores
+    cand = weight_key.read_answers(t, key, hidden)   # every pick from its state alone
+    sent_back = np.flatnonzero(echoed)               # the picks with an echo, in the order of their echoes
+    back = torch.cat(echoes)
 
-    def share(c, want):
-        return float((c[:, 0] == want).mean()) if len(want) else 0.0
+    def posterior(**model):
+        """The picks with an echo ranked by the posterior under a model of the client's sampler, the others by
+        the state alone (read_answers' own rule)."""
+        read, fit = cand.copy(), None
+        if len(back):
+            scores, fit = weight_key.echo_posterior(t, key, hidden[torch.as_tensor(sent_back)], back, alpha, shape,
+                                                    **model)
+            read[sent_back] = torch.topk(scores, cand.shape[1], dim=1).indices.numpy()
+        return read, fit
+
+    untruncated, plain = posterior(top_ps=(1.0,), top_ks=(0,))
+    unpenalised, _ = posterior()
+    # the repetition penalty acts on the pick's context: the prompt and the reply so far, as the server reads them
+    # (each prompt vector alone, special ids included; the picks before it with their echoes, no penalty modelled)
+    context = [weight_key.read_vectors(t, key, v, alpha, shape, every_id=True)[:, 0] for v in prompts]
+    start = np.r_[0, np.cumsum([len(p) for p in picked])]
+    seen = [np.unique(np.r_[context[reply[j]], unpenalised[start[reply[j]]:j, 0]]) for j in sent_back]
+    with_echo, fit = posterior(seen=seen, penalties=weight_key.ECHO_PENALTIES)
+
+    def share(read):
+        return float((read[keep, 0] == wanted).mean()) if keep.any() else 0.0
 
     return dict(answer_tokens=int(keep.sum()), distinct_answer_tokens=int(len(np.unique(wanted))),
-                answer_recovery=share(cand, wanted),
-                answer_recovery_top10=float((cand[:, :10] == wanted[:, None]).any(1).mean()) if keep.any() else 0.0,
-                answer_recovery_with_echo=share(with_echo, truth[order]), echoed_answer_tokens=int(both.sum()),
-                answer_recovery_with_echo_untruncated=share(untruncated, truth[order]),
+                answer_recovery=share(cand),
+                answer_recovery_top10=float((cand[keep, :10] == wanted[:, None]).any(1).mean()) if keep.any() else 0.0,
+                answer_recovery_with_echo=share(with_echo), echoed_answer_tokens=int((keep & echoed).sum()),
+                answer_recovery_with_echo_unpenalised=share(unpenalised),
+                answer_recovery_with_echo_untruncated=share(untruncated),
                 echo_temperature=None if fit is None else fit["temperature"], echo_sampler=fit,
-                echo_temperature_untruncated=None if fit is None else plain["temperature"],
+                echo_temperature_untruncated=None if plain is None else plain["temperature"],
                 prompts=len(obf_prompts), new_tokens=new_tokens,
                 client_sampling=None if sampling is None else {k: sampling[k] for k in ("temperature", "top_p",
                                                                                           "top_k",

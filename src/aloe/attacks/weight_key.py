@@ -171,14 +171,16 @@ def _sigma2(table: torch.Tensor, alpha: float, shape: str, row_shaped: bool, dim
 
 @torch.no_grad()
 def read_vectors(t: Target, key: WeightKey, vectors: torch.Tensor, alpha: float, shape: str = "row",
-                 groups: np.ndarray | None = None) -> np.ndarray:
+                 groups: np.ndarray | None = None, every_id: bool = False) -> np.ndarray:
     """Top-k plain candidates (m, k) of vectors a client-held-vocabulary client sent: each is an obfuscated embedding
     row (the profile's own table noise) plus fresh noise of public level ``alpha`` and ``shape`` in the d'
-    coordinates, read through ``key``. With ``groups`` (m,) the rows of a group add their scores."""
+    coordinates, read through ``key``. With ``groups`` (m,) the rows of a group add their scores. Candidates are the
+    movable ids, or with ``every_id`` the fixed ones too (a chat template's special tokens)."""
     if shape not in NOISE_SHAPES:
         raise AloeError(f"unknown noise shape {shape!r}; choose one of {', '.join(NOISE_SHAPES)}")
     s2 = _vector_sigma2(t, alpha, shape, vectors.shape[1])
-    return key_regression.read([(key.embed_side(vectors), t.plain_embed, s2)], t.movable_ids, t.budget.topk,
+    pool = np.arange(t.arch.vocab) if every_id else t.movable_ids
+    return key_regression.read([(key.embed_side(vectors), t.plain_embed, s2)], pool, t.budget.topk,
                                shape == "row", groups)
 
 
@@ -304,6 +306,7 @@ ECHO_TEMPERATURES = (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0)
 ECHO_TOP_PS = (1.0, 0.95, 0.9, 0.8)
 ECHO_TOP_KS = (0, 40, 50)
 ECHO_FLOORS = (1e-3, 1e-2, 0.1)
+ECHO_PENALTIES = (1.0, 1.1, 1.2, 1.3)   # repetition penalties the server tries (1: none)
 
 
 def _kept_counts(cum: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
@@ -318,59 +321,80 @@ def _kept_counts(cum: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
     return torch.clamp(1 + inside[:, : k - 1].sum(1), max=k)
 
 
+def _penalised(logits: torch.Tensor, seen: torch.Tensor | None, penalty: float) -> torch.Tensor:
+    """transformers' repetition penalty on the tokens of ``seen`` (m x V mask): a positive logit divided by it, a
+    negative one multiplied."""
+    if seen is None or penalty == 1.0:
+        return logits
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
 @torch.no_grad()
 def echo_posterior(t: Target, key: WeightKey, hidden: torch.Tensor, echoes: torch.Tensor, alpha: float,
                    shape: str = "row", temperatures=ECHO_TEMPERATURES, top_ps=ECHO_TOP_PS, top_ks=ECHO_TOP_KS,
-                   floors=ECHO_FLOORS) -> tuple[torch.Tensor, dict]:
+                   floors=ECHO_FLOORS, seen: list[np.ndarray] | None = None,
+                   penalties=(1.0,)) -> tuple[torch.Tensor, dict]:
     """The plain token of each of the first m' picks (m' = len(echoes) <= len(hidden)) scored by the state and its
     echo: the log-probability of the token under a model of the client's sampler on the state read through the key
     and the public head, plus the echo's log-likelihood under each token read through the key (occurrence noise of
-    public level ``alpha``). The sampler model is ``softmax(logits / T)``, truncated to its top-k and then its top-p
-    nucleus with a floor f: ``(1 - f) q 1[kept] / q(kept) + f q``. The server sees neither the client's settings nor
-    its own head part that moves the pick off the state's argmax, so it takes the (T, top-p, top-k, f) of the grid
-    under which the echoes it received are most likely (the marginal likelihood summed over the picks; nothing of
-    the victim's text); top-p 1 and top-k 0 is the plain softmax, where f plays no part. Returns the scores
-    (m' x V, token order) and the fit: ``temperature``, ``top_p``, ``top_k``, ``floor`` (None where untruncated),
-    ``log_marginal``, and ``log_marginal_untruncated`` (the best plain softmax, for comparison)."""
+    public level ``alpha``). The sampler model is transformers' order: a repetition penalty r on the tokens of each
+    pick's context as the server reads it (``seen``: m' arrays of plain ids; r 1 without), then
+    ``softmax(logits / T)``, truncated to its top-k and then its top-p nucleus with a floor f:
+    ``(1 - f) q 1[kept] / q(kept) + f q``. The server sees neither the client's settings nor its own head part that
+    moves the pick off the state's argmax, so it takes the (r, T, top-p, top-k, f) of the grid under which the echoes
+    it received are most likely (the marginal likelihood summed over the picks; nothing of the victim's text); top-p 1
+    and top-k 0 is the plain softmax, where f plays no part. Returns the scores (m' x V, token order) and the fit:
+    ``repetition_penalty``, ``temperature``, ``top_p``, ``top_k``, ``floor`` (None where untruncated),
+    ``log_marginal``, and ``log_marginal_untruncated`` (the best plain softmax without a penalty, for comparison)."""
     if len(echoes) > len(hidden):
         raise AloeError(f"{len(echoes)} echoes for {len(hidden)} picks")
-    V = t.arch.vocab
+    if seen is not None and len(seen) != len(echoes):
+        raise AloeError(f"{len(seen)} contexts for {len(echoes)} echoes")
+    V, m = t.arch.vocab, len(echoes)
     s2 = _vector_sigma2(t, alpha, shape, echoes.shape[1])
     pool = np.arange(V)
-    logits = (key.embed_side(hidden[: len(echoes)]) @ t.plain_head.double().T)[:, :V]
+    logits = (key.embed_side(hidden[:m]) @ t.plain_head.double().T)[:, :V]
     ll = torch.cat([key_regression.log_likelihoods(key.embed_side(echoes[s:s + 128]), t.plain_embed, pool, s2,
-                                                   shape == "row").double() for s in range(0, len(echoes), 128)])
-    # one order serves every temperature; the echo's likelihoods follow it
-    ranked, order = torch.sort(logits, dim=1, descending=True)
-    del logits
-    ll = torch.gather(ll, 1, order)
-    rows = torch.arange(len(echoes))
+                                                   shape == "row").double() for s in range(0, m, 128)])
+    mask = None
+    if seen is not None and any(r != 1.0 for r in penalties):
+        mask = torch.zeros(m, V, dtype=torch.bool)
+        mask[torch.as_tensor(np.repeat(np.arange(m), [len(c) for c in seen])),
+             torch.as_tensor(np.concatenate([np.asarray(c, dtype=np.int64) for c in seen]))] = True
+    rows = torch.arange(m)
     truncations = [(p, k) for p in top_ps for k in top_ks]
     best, plain = None, None
-    for T in temperatures:
-        logq = torch.log_softmax(ranked / T, -1)
-        cum = torch.cumsum(logq.exp(), 1)
-        x = logq + ll
-        pre = torch.logcumsumexp(x, 1)
-        suf = torch.flip(torch.logcumsumexp(torch.flip(x, [1]), 1), [1])
-        suf = torch.cat([suf, torch.full((len(x), 1), -torch.inf, dtype=x.dtype)], 1)
-        for p, k in truncations:
-            n = _kept_counts(cum, p, k)
-            mass, inside, outside = cum[rows, n - 1], pre[rows, n - 1], suf[rows, n]
-            for f in ((None,) if bool((n == V).all()) else floors):
-                if f is None:
-                    total = float(inside.sum())
-                else:
-                    total = float(torch.logaddexp(torch.log((1 - f) / mass + f) + inside,
-                                                  np.log(f) + outside).sum())
-                fit = dict(temperature=float(T), top_p=float(p), top_k=int(k), floor=f, log_marginal=total)
-                if best is None or total > best[0]["log_marginal"]:
-                    best = (fit, n, mass)
-                if p >= 1.0 and k <= 0 and (plain is None or total > plain):
-                    plain = total
-        del logq, cum, x, pre, suf
+    for r in (penalties if mask is not None else (1.0,)):
+        # one order serves every temperature; the echo's likelihoods follow it
+        ranked, order = torch.sort(_penalised(logits, mask, r), dim=1, descending=True)
+        llr = torch.gather(ll, 1, order)
+        for T in temperatures:
+            logq = torch.log_softmax(ranked / T, -1)
+            cum = torch.cumsum(logq.exp(), 1)
+            x = logq + llr
+            pre = torch.logcumsumexp(x, 1)
+            suf = torch.flip(torch.logcumsumexp(torch.flip(x, [1]), 1), [1])
+            suf = torch.cat([suf, torch.full((m, 1), -torch.inf, dtype=x.dtype)], 1)
+            for p, k in truncations:
+                n = _kept_counts(cum, p, k)
+                mass, inside, outside = cum[rows, n - 1], pre[rows, n - 1], suf[rows, n]
+                for f in ((None,) if bool((n == V).all()) else floors):
+                    if f is None:
+                        total = float(inside.sum())
+                    else:
+                        total = float(torch.logaddexp(torch.log((1 - f) / mass + f) + inside,
+                                                      np.log(f) + outside).sum())
+                    fit = dict(repetition_penalty=float(r), temperature=float(T), top_p=float(p), top_k=int(k),
+                               floor=f, log_marginal=total)
+                    if best is None or total > best[0]["log_marginal"]:
+                        best = (fit, n, mass)
+                    if r == 1.0 and p >= 1.0 and k <= 0 and (plain is None or total > plain):
+                        plain = total
+            del logq, cum, x, pre, suf
+        del ranked, order, llr
     fit, n, mass = best
-    x = torch.log_softmax(ranked / fit["temperature"], -1) + ll
+    ranked, order = torch.sort(_penalised(logits, mask, fit["repetition_penalty"]), dim=1, descending=True)
+    x = torch.log_softmax(ranked / fit["temperature"], -1) + torch.gather(ll, 1, order)
     if fit["floor"] is not None:
         f = fit["floor"]
         inside = torch.arange(V)[None, :] < n[:, None]
