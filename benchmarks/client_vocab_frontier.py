@@ -64,7 +64,8 @@ PATH = RESULTS / "client_vocab_frontier.json"
 SHAPE = "row"
 FAMILIES = ("ia", "states", "combined", "linked")
 STREAM_FAMILIES = ("linked_stream", "decoded_stream", "keyed_stream", "keyed_linked_stream", "weight_key_stream",
-                   "weight_key_linked_stream", "weight_key_decoded", "weight_key_decoded_wide")
+                   "weight_key_linked_stream", "weight_key_decoded", "weight_key_decoded_wide",
+                   "weight_key_decoded_states")
 BEAM = 4   # the decoder's beam; --decode-only with another beam stores its figures as weight_key_decoded_wide
 
 
@@ -243,7 +244,8 @@ def weight_key_states(model: Path, alpha: float, paths, beam: int, evidence: flo
     """The states the server computes at the prompt positions (``--states-only``): on a fresh draw of the prompt
     vectors, what the server's own forward pass predicts there read alone, and the decoder at the point's picked
     evidence weight with those predictions joined at each weight, the weights scored on the victim's own prompts (an
-    oracle, not an attack: :func:`aloe.attacks.client_held.state_reads`)."""
+    oracle), and at the weight the attacker picks on its own text (the attack:
+    :func:`aloe.attacks.client_held.state_reads`)."""
     from transformers import AutoModelForCausalLM
 
     t1 = time.perf_counter()
@@ -253,7 +255,7 @@ def weight_key_states(model: Path, alpha: float, paths, beam: int, evidence: flo
     tau = load_secret(paths[1]).tau
     with tqdm(desc=f"states, alpha {alpha}", disable=not show, leave=False) as bar:
         out = client_held.state_reads(target, key, body, client, tau, texts.prompts, alpha, SHAPE, beam, evidence,
-                                      progress=bar)
+                                      progress=bar, own_text=texts.prior)
     return dict(out, seconds=time.perf_counter() - t1)
 
 
@@ -520,21 +522,28 @@ def write_report(state: dict) -> None:
                "Rows with a dash were measured before that part of the model was built.",
                "", *sampled, ""]
     states = ["| occurrence noise alpha | evidence weight | the server's states alone | decoded (same draw, no "
-              "states) | with the states at prediction weight 0.25 / 0.5 / 1 |", "|---|---|---|---|---|"]
+              "states) | with the states at prediction weight 0.25 / 0.5 / 1 | **the attack**: at the weight picked "
+              "on the attacker's own text |", "|---|---|---|---|---|---|"]
     for key in sorted(state["points"], key=float):
         r = state["points"][key].get("states_oracle")
         if r is not None:
             by = {float(w): v for w, v in r["decoded_by_prediction_weight"].items()}
+            picked = (f"**{pct(r['decoded_at_prediction_weight'])}** (weight {r['prediction_weight']:g})"
+                      if "prediction_weight" in r else "–")
             states.append(f"| {key} | {r['evidence_weight']:g} | {pct(r['states_alone'])} | {pct(by[0.0])} | "
-                          + " / ".join(pct(v) for w, v in sorted(by.items()) if w > 0) + " |")
+                          + " / ".join(pct(v) for w, v in sorted(by.items()) if w > 0) + f" | {picked} |")
     if len(states) > 2:
         md += ["## The states at the prompt positions", "",
                "The server computes a final hidden state at every prompt position, not only the last "
                "(`--states-only`). Through the key its body gives and the public head, the state at i - 1 predicts "
                "prompt token i (`aloe.attacks.weight_key.state_predictions`): read alone, and joined to the "
                "decoder at the point's picked evidence weight, each prediction weight scored on the victim's own "
-               "prompts (an oracle's choice, an upper bound of what the states add; not counted as an attack). "
-               "One fresh draw of the prompt vectors per row; % of the prompt occurrences.", "", *states, ""]
+               "prompts (an oracle's choice, an upper bound of what the states add; not counted as an attack), and "
+               "at the weight the attacker picks itself: its own text (8 x 48 tokens of its corpus) sent through "
+               "its simulation of the client, run through the body, and decoded at each weight "
+               "(`aloe.attacks.weight_key.calibrate_prediction_weight`); that read counts as an attack "
+               "(`weight_key_decoded_states`). One fresh draw of the prompt vectors per row; % of the prompt "
+               "occurrences. Rows with a dash ran before the attacker's calibration was built.", "", *states, ""]
     if len(more) > 2:
         md += ["## More traffic", "",
                "The stream-level attacks again (`--more-traffic N`), on a fresh draw of the vectors, the prompts sent "
@@ -551,11 +560,12 @@ def write_plot(state: dict) -> None:
 
     pts = sorted(state["points"].values(), key=lambda e: e["alpha"])
     fig, ax = plt.subplots(figsize=(9.6, 4.8))
-    for fam, marker in zip((*FAMILIES, *STREAM_FAMILIES), "os^Dv*PXhdp8"):
+    for fam, marker in zip((*FAMILIES, *STREAM_FAMILIES), "os^Dv*PXhdp8H", strict=True):
         have = [e for e in pts if fam in e["attacks"]]
         ax.plot([100 * e["attacks"][fam]["occurrence_recovery"] for e in have],
                 [e["fidelity"]["ppl_ratio"] for e in have], marker=marker,
-                color={"weight_key_decoded": "darkgoldenrod", "weight_key_decoded_wide": "olive"}.get(fam),
+                color={"weight_key_decoded": "darkgoldenrod", "weight_key_decoded_wide": "olive",
+                       "weight_key_decoded_states": "teal"}.get(fam),
                 # the default cycle has 10 colours
                 label={"linked": "linked (cluster means)", "linked_stream": "linked among other traffic",
                        "decoded_stream": "linked + language prior", "keyed_stream": "key regression",
@@ -563,7 +573,8 @@ def write_plot(state: dict) -> None:
                        "weight_key_stream": "key from the body's weights",
                        "weight_key_linked_stream": "key from the body's weights, clusters pooled",
                        "weight_key_decoded": "key from the body's weights, decoded with the prior",
-                       "weight_key_decoded_wide": "the same decoding, a wider beam"}.get(fam, fam))
+                       "weight_key_decoded_wide": "the same decoding, a wider beam",
+                       "weight_key_decoded_states": "the same decoding with the server's own states"}.get(fam, fam))
     have = [e for e in pts if "right_key_stream" in e["attacks"]]
     if have:
         ax.plot([100 * e["attacks"]["right_key_stream"]["occurrence_recovery"] for e in have],
@@ -699,8 +710,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.states_only:
             if e is None or "weight_key_decoded" not in e["attacks"]:
                 ap.error(f"alpha {alpha} has no decoded prompts yet: run it with --decode-only first")
-            e["states_oracle"] = weight_key_states(model, alpha, paths, args.beam,
-                                                   e["attacks"]["weight_key_decoded"]["evidence_weight"], show)
+            e["states_oracle"] = r = weight_key_states(model, alpha, paths, args.beam,
+                                                       e["attacks"]["weight_key_decoded"]["evidence_weight"], show)
+            e["attacks"]["weight_key_decoded_states"] = dict(
+                occurrence_recovery=r["decoded_at_prediction_weight"], prediction_weight=r["prediction_weight"],
+                prediction_calibration=r["prediction_calibration"], evidence_weight=r["evidence_weight"],
+                beam=r["beam"], seconds=r["seconds"])
             atomic_write_json(PATH, state)
             write_report(state)
             continue

@@ -237,7 +237,8 @@ def test_the_stream_decoded_with_the_public_model_as_prior(tmp_path, monkeypatch
 def test_the_states_at_the_prompt_positions_are_the_models_own_next_token_predictions(tmp_path, monkeypatch):
     """The server computes a final hidden state at every prompt position. Through the key its body gives and the
     public head, without occurrence noise, those states are the plain model's own next-token log-probabilities on
-    the plain prompt; the decoder joins them at a weight, and weight 0 is the decoder without them."""
+    the plain prompt; the decoder joins them at a weight, and weight 0 is the decoder without them. The attacker
+    picks that weight on its own text, the one that reads most of it."""
     from transformers import AutoModelForCausalLM
 
     from aloe.attacks import client_held
@@ -268,6 +269,22 @@ def test_the_states_at_the_prompt_positions_are_the_models_own_next_token_predic
     assert out["decoded_by_prediction_weight"][0.0] == (plain_decode == truth).mean() == 1.0
     alone = np.concatenate([np.r_[-1, wk.state_predictions(t, key, body, d)[:-1].argmax(1).numpy()] for d in docs])
     assert out["states_alone"] == pytest.approx((alone == truth).mean())
+    # the attacker picks the weight on its own text: without noise every weight reads all of it, and the smallest
+    # wins the tie; the victim's prompts are then read at that weight
+    own = np.random.default_rng(7).choice(np.arange(3, 97), 8 * 48)
+    out = client_held.state_reads(t, key, body, client, tau, prompts, 0.0, beam=2, weights=(1.0,), own_text=own)
+    assert out["prediction_calibration"] == {0.0: 1.0, 1.0: 1.0} and out["prediction_weight"] == 0.0
+    assert out["decoded_at_prediction_weight"] == out["decoded_by_prediction_weight"][0.0]
+    # and where one weight reads more of its own text, that one
+    real = wk.decode_vectors
+
+    def decode(*a, prediction_weight=0.0, **kw):
+        got = real(*a, prediction_weight=prediction_weight, **kw)
+        return got if prediction_weight == 0.5 else [np.zeros_like(g) for g in got]
+
+    monkeypatch.setattr(wk, "decode_vectors", decode)
+    w, reads = wk.calibrate_prediction_weight(t, key, body, [own[:48], own[48:96]], 0.0, beam=2)
+    assert w == 0.5 and reads[0.5] == 1.0 and max(v for k, v in reads.items() if k != 0.5) < 0.1, reads
 
 
 def test_the_kept_set_of_a_clients_top_k_and_top_p_is_transformers_own():
@@ -319,7 +336,7 @@ def test_the_echo_read_fits_the_clients_truncation(monkeypatch):
         got, fit = wk.echo_posterior(t, key, h, echo, 0.0, "entry")
         plain, plain_fit = wk.echo_posterior(t, key, h, echo, 0.0, "entry", top_ps=(1.0,), top_ks=(0,))
         assert fit["temperature"] == 1.0 and fit["log_marginal"] >= plain_fit["log_marginal"], fit
-        assert plain_fit["floor"] is None and plain_fit["log_marginal"] == fit["log_marginal_untruncated"]
+        assert plain_fit["floor"] is None and plain_fit["log_marginal"] == fit["untruncated"]["log_marginal"]
         if p == 1.0:
             assert fit["floor"] is None and (fit["top_p"], fit["top_k"]) == (1.0, 0), fit
         else:

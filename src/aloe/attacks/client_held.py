@@ -73,14 +73,17 @@ def prompt_reads(t: Target, key: weight_key.WeightKey, client, tau: np.ndarray, 
 @torch.no_grad()
 def state_reads(t: Target, key: weight_key.WeightKey, body, client, tau: np.ndarray, prompts: list[np.ndarray],
                 alpha: float, shape: str = "row", beam: int = 4, evidence: float = 1.0,
-                weights=(0.25, 0.5, 1.0), progress=None) -> dict:
+                weights=(0.25, 0.5, 1.0), progress=None, own_text: np.ndarray | None = None) -> dict:
     """What the states the server computes at the prompt positions add (``body``: the stock causal LM loaded from the
     server folder). On one draw of the ``prompts`` sent by ``client``: the server's own forward pass over each
     prompt's vectors predicts the next prompt token through the key and the public head
     (:func:`weight_key.state_predictions`); read alone (the argmax at i - 1 for token i), and joined to the decoder at
-    ``evidence`` with each prediction weight of ``weights`` beside the decoder without them (weight 0). The weights
+    ``evidence`` with each prediction weight of ``weights`` beside the decoder without them (weight 0). Those weights
     are scored on the victim's own prompts, an oracle's choice no attacker has: an upper bound of what the states
-    add to this decoder. Scored on the occurrences that tau moves."""
+    add to this decoder. With ``own_text`` (the attacker's corpus, 8 x 48 tokens of it) the attacker also picks the
+    weight itself, on its own text sent through its simulation of the client
+    (:func:`weight_key.calibrate_prediction_weight`), and ``decoded_at_prediction_weight`` is the victim's prompts
+    read at that weight: the attack. Scored on the occurrences that tau moves."""
     docs = [client.embed(tau[p]) for p in prompts]
     preds = [weight_key.state_predictions(t, key, body, v) for v in docs]
     truth = np.concatenate(prompts)
@@ -91,8 +94,15 @@ def state_reads(t: Target, key: weight_key.WeightKey, body, client, tau: np.ndar
         got = weight_key.decode_vectors(t, key, docs, alpha, shape, beam, evidence, progress=progress,
                                         predictions=preds, prediction_weight=float(w))
         reads[float(w)] = _share(np.concatenate(got), truth, keep)
+    picked = {}
+    if own_text is not None:
+        own = [own_text[k * CALIBRATION_TOKENS:(k + 1) * CALIBRATION_TOKENS] for k in range(CALIBRATION_DOCS)]
+        w, calibration = weight_key.calibrate_prediction_weight(t, key, body, [d for d in own if len(d)], alpha,
+                                                                shape, beam, evidence, (0.0, *weights), progress)
+        picked = dict(prediction_weight=w, prediction_calibration=calibration,
+                      decoded_at_prediction_weight=reads[w])
     return dict(states_alone=_share(alone, truth, keep), decoded_by_prediction_weight=reads, evidence_weight=evidence,
-                occurrences=int(keep.sum()), beam=beam)
+                occurrences=int(keep.sum()), beam=beam, **picked)
 
 
 @torch.no_grad()
@@ -147,24 +157,34 @@ def answer_reads(t: Target, key: weight_key.WeightKey, server_dir: Path, client,
     sent_back = np.flatnonzero(echoed)               # the picks with an echo, in the order of their echoes
     back = torch.cat(echoes)
 
-    def posterior(**model):
-        """The picks with an echo ranked by the posterior under a model of the client's sampler, the others by
-        the state alone (read_answers' own rule)."""
-        read, fit = cand.copy(), None
-        if len(back):
-            scores, fit = weight_key.echo_posterior(t, key, hidden[torch.as_tensor(sent_back)], back, alpha, shape,
-                                                    **model)
+    def ranked(scores):
+        """The picks with an echo ranked by a posterior, the others by the state alone (read_answers' own rule)."""
+        read = cand.copy()
+        if scores is not None:
             read[sent_back] = torch.topk(scores, cand.shape[1], dim=1).indices.numpy()
-        return read, fit
+        return read
 
-    untruncated, plain = posterior(top_ps=(1.0,), top_ks=(0,))
-    unpenalised, _ = posterior()
-    # the repetition penalty acts on the pick's context: the prompt and the reply so far, as the server reads them
-    # (each prompt vector alone, special ids included; the picks before it with their echoes, no penalty modelled)
-    context = [weight_key.read_vectors(t, key, v, alpha, shape, every_id=True)[:, 0] for v in prompts]
-    start = np.r_[0, np.cumsum([len(p) for p in picked])]
-    seen = [np.unique(np.r_[context[reply[j]], unpenalised[start[reply[j]]:j, 0]]) for j in sent_back]
-    with_echo, fit = posterior(seen=seen, penalties=weight_key.ECHO_PENALTIES)
+    fit = plain = None
+    untruncated = unpenalised = with_echo = cand
+    if len(back):
+        states = hidden[torch.as_tensor(sent_back)]
+        scores, fit, soft = weight_key.echo_posterior(t, key, states, back, alpha, shape, plain_scores=True)
+        plain = fit.pop("untruncated")
+        untruncated, unpenalised = ranked(soft), ranked(scores)
+        del soft
+        # the repetition penalty acts on the pick's context: the prompt and the reply so far, as the server reads
+        # them (each prompt vector alone, special ids included; the picks before it with their echoes, as the
+        # model without a penalty reads them); the penalised fit is kept where the echoes are likelier under it
+        context = [weight_key.read_vectors(t, key, v, alpha, shape, every_id=True)[:, 0] for v in prompts]
+        start = np.r_[0, np.cumsum([len(p) for p in picked])]
+        seen = [np.unique(np.r_[context[reply[j]], unpenalised[start[reply[j]]:j, 0]]) for j in sent_back]
+        penalised, pfit = weight_key.echo_posterior(t, key, states, back, alpha, shape, seen=seen,
+                                                    penalties=[r for r in weight_key.ECHO_PENALTIES if r != 1.0])
+        pfit.pop("untruncated")
+        if pfit["log_marginal"] > fit["log_marginal"]:
+            scores, fit = penalised, pfit
+        with_echo = ranked(scores)
+        del scores, penalised
 
     def share(read):
         return float((read[keep, 0] == wanted).mean()) if keep.any() else 0.0

@@ -299,6 +299,25 @@ def calibrate_evidence(t: Target, key: WeightKey, docs: list[np.ndarray], alpha:
     return max(reads, key=lambda w: (reads[w], -abs(w - 1.0))), reads
 
 
+def calibrate_prediction_weight(t: Target, key: WeightKey, body, docs: list[np.ndarray], alpha: float,
+                                shape: str = "row", beam: int = 4, evidence: float = 1.0,
+                                weights=(0.0, 0.25, 0.5, 1.0), progress=None) -> tuple[float, dict]:
+    """The weight of the server's own next-token predictions in :func:`decode_vectors` that the attacker picks on
+    its own text: ``docs`` (plain ids, its corpus) sent through :func:`simulate_vectors`, run through ``body`` (the
+    stock causal LM of the server folder) for :func:`state_predictions`, and decoded at ``evidence`` with each
+    weight; returns the weight that reads most (the smallest among equals) and every weight's read."""
+    sims = [simulate_vectors(t, key, d, alpha, shape, seed=k) for k, d in enumerate(docs)]
+    preds = [state_predictions(t, key, body, v) for v in sims]
+    truth = np.concatenate(docs)
+    keep = ~np.isin(truth, t.fixed_ids)
+    reads = {}
+    for w in weights:
+        got = np.concatenate(decode_vectors(t, key, sims, alpha, shape, beam, evidence, progress=progress,
+                                            predictions=preds, prediction_weight=float(w)))
+        reads[float(w)] = float((got == truth)[keep].mean()) if keep.any() else 0.0
+    return max(reads, key=lambda w: (reads[w], -w)), reads
+
+
 ECHO_TEMPERATURES = (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0)
 # the truncations the server tries on the state's distribution: nucleus (top-p) and top-k at common client settings
 # (1.0 and 0: none), each with a floor, the share of picks it lets fall outside the truncated set (the server's
@@ -317,8 +336,10 @@ def _kept_counts(cum: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
     k = V if top_k <= 0 else min(top_k, V)
     if top_p >= 1.0:
         return torch.full((cum.shape[0],), k, dtype=torch.long)
-    inside = cum[:, :k] < top_p * cum[:, k - 1: k]
-    return torch.clamp(1 + inside[:, : k - 1].sum(1), max=k)
+    # cum is non-decreasing along a row: the tokens whose mass before them is under p, counted by bisection (over the
+    # whole row: no rank from k on lies under p times the mass of the first k)
+    below = torch.searchsorted(cum, top_p * cum[:, k - 1: k], right=False)
+    return torch.clamp(1 + below[:, 0], max=k)
 
 
 def _penalised(logits: torch.Tensor, seen: torch.Tensor | None, penalty: float) -> torch.Tensor:
@@ -332,8 +353,8 @@ def _penalised(logits: torch.Tensor, seen: torch.Tensor | None, penalty: float) 
 @torch.no_grad()
 def echo_posterior(t: Target, key: WeightKey, hidden: torch.Tensor, echoes: torch.Tensor, alpha: float,
                    shape: str = "row", temperatures=ECHO_TEMPERATURES, top_ps=ECHO_TOP_PS, top_ks=ECHO_TOP_KS,
-                   floors=ECHO_FLOORS, seen: list[np.ndarray] | None = None,
-                   penalties=(1.0,)) -> tuple[torch.Tensor, dict]:
+                   floors=ECHO_FLOORS, seen: list[np.ndarray] | None = None, penalties=(1.0,),
+                   plain_scores: bool = False):
     """The plain token of each of the first m' picks (m' = len(echoes) <= len(hidden)) scored by the state and its
     echo: the log-probability of the token under a model of the client's sampler on the state read through the key
     and the public head, plus the echo's log-likelihood under each token read through the key (occurrence noise of
@@ -345,7 +366,8 @@ def echo_posterior(t: Target, key: WeightKey, hidden: torch.Tensor, echoes: torc
     it received are most likely (the marginal likelihood summed over the picks; nothing of the victim's text); top-p 1
     and top-k 0 is the plain softmax, where f plays no part. Returns the scores (m' x V, token order) and the fit:
     ``repetition_penalty``, ``temperature``, ``top_p``, ``top_k``, ``floor`` (None where untruncated),
-    ``log_marginal``, and ``log_marginal_untruncated`` (the best plain softmax without a penalty, for comparison)."""
+    ``log_marginal``, and ``untruncated``, the best plain softmax without a penalty (its temperature and
+    log_marginal), for comparison; with ``plain_scores`` that softmax's scores as a third item."""
     if len(echoes) > len(hidden):
         raise AloeError(f"{len(echoes)} echoes for {len(hidden)} picks")
     if seen is not None and len(seen) != len(echoes):
@@ -371,13 +393,17 @@ def echo_posterior(t: Target, key: WeightKey, hidden: torch.Tensor, echoes: torc
         for T in temperatures:
             logq = torch.log_softmax(ranked / T, -1)
             cum = torch.cumsum(logq.exp(), 1)
+            # the joint mass of the first n ranks and of the rest, by one cumulative sum (the rest's share is
+            # float rounding only where it is under ~1e-12 of the whole, and then it weighs nothing)
             x = logq + llr
-            pre = torch.logcumsumexp(x, 1)
-            suf = torch.flip(torch.logcumsumexp(torch.flip(x, [1]), 1), [1])
-            suf = torch.cat([suf, torch.full((m, 1), -torch.inf, dtype=x.dtype)], 1)
+            top = x.max(1, keepdim=True).values
+            pre = torch.cumsum(torch.exp(x - top), 1)
+            whole = pre[:, -1]
             for p, k in truncations:
                 n = _kept_counts(cum, p, k)
-                mass, inside, outside = cum[rows, n - 1], pre[rows, n - 1], suf[rows, n]
+                mass, kept = cum[rows, n - 1], pre[rows, n - 1]
+                inside = torch.log(kept) + top[:, 0]
+                outside = torch.log((whole - kept).clamp_min(0)) + top[:, 0]
                 for f in ((None,) if bool((n == V).all()) else floors):
                     if f is None:
                         total = float(inside.sum())
@@ -388,21 +414,32 @@ def echo_posterior(t: Target, key: WeightKey, hidden: torch.Tensor, echoes: torc
                                floor=f, log_marginal=total)
                     if best is None or total > best[0]["log_marginal"]:
                         best = (fit, n, mass)
-                    if r == 1.0 and p >= 1.0 and k <= 0 and (plain is None or total > plain):
-                        plain = total
-            del logq, cum, x, pre, suf
+                    if r == 1.0 and p >= 1.0 and k <= 0 and (plain is None or total > plain["log_marginal"]):
+                        plain = dict(fit)
+            del logq, cum, x, pre
         del ranked, order, llr
     fit, n, mass = best
+    scores = _echo_scores(logits, ll, mask, fit, n, mass)
+    if fit["floor"] is None:
+        fit["top_p"], fit["top_k"] = 1.0, 0
+    untruncated = None if plain is None else {"temperature": plain["temperature"],
+                                              "log_marginal": plain["log_marginal"]}
+    fit = dict(fit, untruncated=untruncated)
+    if not plain_scores:
+        return scores, fit
+    return scores, fit, None if plain is None else _echo_scores(logits, ll, None, plain, None, None)
+
+
+def _echo_scores(logits: torch.Tensor, ll: torch.Tensor, mask: torch.Tensor | None, fit: dict, n, mass):
+    """The posterior scores (token order) of :func:`echo_posterior` under one fitted sampler model (``n`` and
+    ``mass``: each row's kept count and kept probability, where the model truncates)."""
     ranked, order = torch.sort(_penalised(logits, mask, fit["repetition_penalty"]), dim=1, descending=True)
     x = torch.log_softmax(ranked / fit["temperature"], -1) + torch.gather(ll, 1, order)
     if fit["floor"] is not None:
         f = fit["floor"]
-        inside = torch.arange(V)[None, :] < n[:, None]
+        inside = torch.arange(x.shape[1])[None, :] < n[:, None]
         x = x + torch.where(inside, torch.log((1 - f) / mass + f)[:, None], torch.tensor(np.log(f), dtype=x.dtype))
-    else:
-        fit["top_p"], fit["top_k"] = 1.0, 0
-    scores = torch.empty_like(x).scatter_(1, order, x)
-    return scores, dict(fit, log_marginal_untruncated=plain)
+    return torch.empty_like(x).scatter_(1, order, x)
 
 
 @torch.no_grad()
