@@ -447,8 +447,9 @@ def write_report(state: dict) -> None:
           "The other families of a row are measured on one draw of the vectors. Goal: ppl ratio "
           "<= 1.10, greedy >= 0.80, every attack <= 5%.", "", *rows, ""]
     answers = ["| occurrence noise alpha | ppl ratio | answer tokens (distinct) | read from the returned states: "
-               "top-1 | top-10 | with the echo: top-1 | prompt occurrences: worst attack | prompts and answers both "
-               "<= 5% |", "|---|---|---|---|---|---|---|---|"]
+               "top-1 | top-10 | with the echo, softmax model: top-1 | with the echo: top-1 | the server's model of "
+               "the sampler (per draw) | prompt occurrences: worst attack | prompts and answers both <= 5% |",
+               "|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(state["points"], key=float):
         e = state["points"][key]
         if "answers" not in e:
@@ -459,10 +460,17 @@ def write_report(state: dict) -> None:
                  *(r.get("answer_recovery_with_echo_per_draw") or [r.get("answer_recovery_with_echo", 0.0)])]
         echo = (f"**{pct(r['answer_recovery_with_echo'])}**{spread(r, 'answer_recovery_with_echo')}"
                 if "answer_recovery_with_echo" in r else "–")
+        if "echo_sampler" in r:   # measured with the model of the client's sampler, the softmax beside it
+            softmax = (f"{pct(r['answer_recovery_with_echo_untruncated'])}"
+                       f"{spread(r, 'answer_recovery_with_echo_untruncated')}")
+            model = "; ".join(sampler_fit(f) for f in (r.get("echo_sampler_per_draw") or [r["echo_sampler"]]))
+        else:                     # measured before it: the softmax model is the read
+            softmax, model = "–", "; ".join(f"T {t:g}" for t in (r.get("echo_temperature_per_draw")
+                                                                 or [r.get("echo_temperature")]) if t is not None)
         answers.append(f"| {e['alpha']} | {e['fidelity']['ppl_ratio']:.3f} | {r['answer_tokens']} "
                        f"({r['distinct_answer_tokens']}) | **{pct(r['answer_recovery'])}**"
                        f"{spread(r, 'answer_recovery')} | {pct(r['answer_recovery_top10'])}"
-                       f"{spread(r, 'answer_recovery_top10')} | {echo} | {pct(worst)} | "
+                       f"{spread(r, 'answer_recovery_top10')} | {softmax} | {echo} | {model or '–'} | {pct(worst)} | "
                        f"{'yes' if max(worst, *every) <= 0.05 else 'no'} |")
     if len(answers) > 2:
         md += ["## The answers", "",
@@ -474,9 +482,12 @@ def write_report(state: dict) -> None:
                "state, and the client reads the changed state too; what the server lacks is the head's own fresh "
                "key part, which reads the noise outside the residual subspace. With the echo: each pick the client "
                "sends back as its next input (every pick of a reply but the last, where the reply hits the token "
-               "cap) is ranked by the state's log-probability, at the softmax temperature under which the echoes "
-               "received are most likely, plus that vector's log-likelihood through the key; "
-               "scored on every answer token that tau moves.", "", *answers, ""]
+               "cap) is ranked by its log-probability under the server's model of the client's sampler (below: "
+               "a softmax at a temperature, cut to a top-k or top-p nucleus with a floor, after a repetition "
+               "penalty, the one under which the echoes received are most likely), plus that vector's "
+               "log-likelihood through the key; scored on every answer token that tau moves. Beside it the softmax "
+               "model alone (T only); rows with a dash there were measured with the softmax model only.", "",
+               *answers, ""]
     sampled = ["| occurrence noise alpha | ppl ratio | the client's sampling | answer tokens (distinct) | read from "
                "the returned states: top-1 | top-10 | with the echo, softmax model: top-1 | + truncation | "
                "+ truncation and repetition penalty | the server's model of the sampler (per draw) |",
