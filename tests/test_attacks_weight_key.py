@@ -348,8 +348,8 @@ def test_the_echo_read_fits_the_clients_truncation(monkeypatch):
 def test_the_echo_read_fits_the_clients_repetition_penalty(monkeypatch):
     """With each pick's context as the server reads it, the echo posterior also fits the client's repetition
     penalty (transformers' processor, here 1.3 on 10 of each state's 30 most likely tokens): the fit finds 1.3, and
-    reads more than the model without a penalty (80.3% against 78.3%). Contexts that do not match the echoes are
-    refused."""
+    reads more than the model without a penalty (80.3% against 78.3%). Contexts that do not match the echoes, or an
+    empty one, are refused."""
     from transformers import RepetitionPenaltyLogitsProcessor
 
     t, key, h, H, g, sample = _echo_stub(monkeypatch)
@@ -364,3 +364,6 @@ def test_the_echo_read_fits_the_clients_repetition_penalty(monkeypatch):
     assert read > read_plain, (read, read_plain)
     with pytest.raises(AloeError, match="contexts"):
         wk.echo_posterior(t, key, h, echo, 0.0, "entry", seen=seen[:-1], penalties=wk.ECHO_PENALTIES)
+    with pytest.raises(AloeError, match="context needs"):
+        wk.echo_posterior(t, key, h, echo, 0.0, "entry", seen=[np.zeros(0, dtype=np.int64), *seen[1:]],
+                          penalties=wk.ECHO_PENALTIES)

@@ -167,8 +167,8 @@ def answer_reads(t: Target, key: weight_key.WeightKey, server_dir: Path, client,
     fit = plain = None
     untruncated = unpenalised = with_echo = cand
     if len(back):
-        states = hidden[torch.as_tensor(sent_back)]
-        scores, fit, soft = weight_key.echo_posterior(t, key, states, back, alpha, shape, plain_scores=True)
+        returned = hidden[torch.as_tensor(sent_back)]   # the states of the picks with an echo
+        scores, fit, soft = weight_key.echo_posterior(t, key, returned, back, alpha, shape, plain_scores=True)
         plain = fit.pop("untruncated")
         untruncated, unpenalised = ranked(soft), ranked(scores)
         del soft
@@ -178,7 +178,7 @@ def answer_reads(t: Target, key: weight_key.WeightKey, server_dir: Path, client,
         context = [weight_key.read_vectors(t, key, v, alpha, shape, every_id=True)[:, 0] for v in prompts]
         start = np.r_[0, np.cumsum([len(p) for p in picked])]
         seen = [np.unique(np.r_[context[reply[j]], unpenalised[start[reply[j]]:j, 0]]) for j in sent_back]
-        penalised, pfit = weight_key.echo_posterior(t, key, states, back, alpha, shape, seen=seen,
+        penalised, pfit = weight_key.echo_posterior(t, key, returned, back, alpha, shape, seen=seen,
                                                     penalties=[r for r in weight_key.ECHO_PENALTIES if r != 1.0])
         pfit.pop("untruncated")
         if pfit["log_marginal"] > fit["log_marginal"]:

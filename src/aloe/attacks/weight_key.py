@@ -290,13 +290,21 @@ def calibrate_evidence(t: Target, key: WeightKey, docs: list[np.ndarray], alpha:
     reads most and every weight's read. (The prior is conditioned on the decoded prefix, which the noise makes
     unreliable, so the right balance is an empirical one.)"""
     sims = [simulate_vectors(t, key, d, alpha, shape, seed=k) for k, d in enumerate(docs)]
+    return _best_weight(t, docs, weights, lambda w: decode_vectors(t, key, sims, alpha, shape, beam, evidence=w,
+                                                                   progress=progress),
+                        prefer=lambda w: -abs(w - 1.0))
+
+
+def _best_weight(t: Target, docs: list[np.ndarray], weights, decode, prefer) -> tuple[float, dict]:
+    """The weight of ``weights`` under which ``decode(w)`` (the attacker's simulated ``docs`` decoded) reads most of
+    them, ties broken by ``prefer``; and every weight's read."""
     truth = np.concatenate(docs)
     keep = ~np.isin(truth, t.fixed_ids)
     reads = {}
     for w in weights:
-        got = np.concatenate(decode_vectors(t, key, sims, alpha, shape, beam, evidence=float(w), progress=progress))
+        got = np.concatenate(decode(float(w)))
         reads[float(w)] = float((got == truth)[keep].mean()) if keep.any() else 0.0
-    return max(reads, key=lambda w: (reads[w], -abs(w - 1.0))), reads
+    return max(reads, key=lambda w: (reads[w], prefer(w))), reads
 
 
 def calibrate_prediction_weight(t: Target, key: WeightKey, body, docs: list[np.ndarray], alpha: float,
@@ -308,14 +316,10 @@ def calibrate_prediction_weight(t: Target, key: WeightKey, body, docs: list[np.n
     weight; returns the weight that reads most (the smallest among equals) and every weight's read."""
     sims = [simulate_vectors(t, key, d, alpha, shape, seed=k) for k, d in enumerate(docs)]
     preds = [state_predictions(t, key, body, v) for v in sims]
-    truth = np.concatenate(docs)
-    keep = ~np.isin(truth, t.fixed_ids)
-    reads = {}
-    for w in weights:
-        got = np.concatenate(decode_vectors(t, key, sims, alpha, shape, beam, evidence, progress=progress,
-                                            predictions=preds, prediction_weight=float(w)))
-        reads[float(w)] = float((got == truth)[keep].mean()) if keep.any() else 0.0
-    return max(reads, key=lambda w: (reads[w], -w)), reads
+    return _best_weight(t, docs, weights, lambda w: decode_vectors(t, key, sims, alpha, shape, beam, evidence,
+                                                                   progress=progress, predictions=preds,
+                                                                   prediction_weight=w),
+                        prefer=lambda w: -w)
 
 
 ECHO_TEMPERATURES = (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0)
@@ -342,12 +346,13 @@ def _kept_counts(cum: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
     return torch.clamp(1 + below[:, 0], max=k)
 
 
-def _penalised(logits: torch.Tensor, seen: torch.Tensor | None, penalty: float) -> torch.Tensor:
-    """transformers' repetition penalty on the tokens of ``seen`` (m x V mask): a positive logit divided by it, a
-    negative one multiplied."""
-    if seen is None or penalty == 1.0:
+def _penalised(logits: torch.Tensor, context: torch.Tensor | None, penalty: float) -> torch.Tensor:
+    """transformers' own repetition penalty (the client's processor) on each row's ``context`` ids (m x n)."""
+    if context is None or penalty == 1.0:
         return logits
-    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    return RepetitionPenaltyLogitsProcessor(penalty)(context, logits.clone())
 
 
 @torch.no_grad()
@@ -378,17 +383,18 @@ def echo_posterior(t: Target, key: WeightKey, hidden: torch.Tensor, echoes: torc
     logits = (key.embed_side(hidden[:m]) @ t.plain_head.double().T)[:, :V]
     ll = torch.cat([key_regression.log_likelihoods(key.embed_side(echoes[s:s + 128]), t.plain_embed, pool, s2,
                                                    shape == "row").double() for s in range(0, m, 128)])
-    mask = None
+    context = None  # each row's context ids, padded with its own ids (a repeated id is penalised once)
     if seen is not None and any(r != 1.0 for r in penalties):
-        mask = torch.zeros(m, V, dtype=torch.bool)
-        mask[torch.as_tensor(np.repeat(np.arange(m), [len(c) for c in seen])),
-             torch.as_tensor(np.concatenate([np.asarray(c, dtype=np.int64) for c in seen]))] = True
+        if any(len(c) == 0 for c in seen):
+            raise AloeError("every pick's context needs at least one id")
+        width = max(len(c) for c in seen)
+        context = torch.as_tensor(np.stack([np.resize(np.asarray(c, dtype=np.int64), width) for c in seen]))
     rows = torch.arange(m)
     truncations = [(p, k) for p in top_ps for k in top_ks]
     best, plain = None, None
-    for r in (penalties if mask is not None else (1.0,)):
+    for r in (penalties if context is not None else (1.0,)):
         # one order serves every temperature; the echo's likelihoods follow it
-        ranked, order = torch.sort(_penalised(logits, mask, r), dim=1, descending=True)
+        ranked, order = torch.sort(_penalised(logits, context, r), dim=1, descending=True)
         llr = torch.gather(ll, 1, order)
         for T in temperatures:
             logq = torch.log_softmax(ranked / T, -1)
@@ -419,7 +425,7 @@ def echo_posterior(t: Target, key: WeightKey, hidden: torch.Tensor, echoes: torc
             del logq, cum, x, pre
         del ranked, order, llr
     fit, n, mass = best
-    scores = _echo_scores(logits, ll, mask, fit, n, mass)
+    scores = _echo_scores(logits, ll, context, fit, n, mass)
     if fit["floor"] is None:
         fit["top_p"], fit["top_k"] = 1.0, 0
     untruncated = None if plain is None else {"temperature": plain["temperature"],
@@ -430,10 +436,10 @@ def echo_posterior(t: Target, key: WeightKey, hidden: torch.Tensor, echoes: torc
     return scores, fit, None if plain is None else _echo_scores(logits, ll, None, plain, None, None)
 
 
-def _echo_scores(logits: torch.Tensor, ll: torch.Tensor, mask: torch.Tensor | None, fit: dict, n, mass):
+def _echo_scores(logits: torch.Tensor, ll: torch.Tensor, context: torch.Tensor | None, fit: dict, n, mass):
     """The posterior scores (token order) of :func:`echo_posterior` under one fitted sampler model (``n`` and
     ``mass``: each row's kept count and kept probability, where the model truncates)."""
-    ranked, order = torch.sort(_penalised(logits, mask, fit["repetition_penalty"]), dim=1, descending=True)
+    ranked, order = torch.sort(_penalised(logits, context, fit["repetition_penalty"]), dim=1, descending=True)
     x = torch.log_softmax(ranked / fit["temperature"], -1) + torch.gather(ll, 1, order)
     if fit["floor"] is not None:
         f = fit["floor"]
