@@ -289,17 +289,26 @@ def test_the_states_at_the_prompt_positions_are_the_models_own_next_token_predic
 
 def test_the_kept_set_of_a_clients_top_k_and_top_p_is_transformers_own():
     """`_kept_counts` (the truncation the echo read models) keeps as many tokens as transformers' own temperature,
-    top-k and top-p warpers leave finite, the sampler the client runs."""
-    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    top-k, top-p and min-p warpers leave finite, the sampler the client runs."""
+    from transformers import (
+        LogitsProcessorList,
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     logits = torch.randn(64, 500, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 3
-    for T, p, k in ((1.0, 0.9, 0), (0.7, 0.95, 40), (1.0, 1.0, 50), (1.5, 0.8, 0), (0.5, 0.9, 20)):
-        procs = [TemperatureLogitsWarper(T)] + ([TopKLogitsWarper(k)] if k else []) + ([TopPLogitsWarper(p)]
-                                                                                        if p < 1 else [])
+    for T, p, k, mp in ((1.0, 0.9, 0, 0.0), (0.7, 0.95, 40, 0.0), (1.0, 1.0, 50, 0.0), (1.5, 0.8, 0, 0.0),
+                        (0.5, 0.9, 20, 0.0), (1.0, 1.0, 0, 0.1), (0.8, 0.95, 40, 0.05), (1.5, 1.0, 0, 0.05),
+                        (1.0, 0.8, 0, 0.3)):
+        procs = ([TemperatureLogitsWarper(T)] + ([TopKLogitsWarper(k)] if k else [])
+                 + ([TopPLogitsWarper(p)] if p < 1 else []) + ([MinPLogitsWarper(mp)] if mp else []))
         want = torch.isfinite(LogitsProcessorList(procs)(torch.zeros(64, 1, dtype=torch.long), logits)).sum(1)
         ranked = torch.sort(logits, 1, descending=True).values
-        cum = torch.cumsum(torch.softmax(ranked / T, -1), 1)
-        assert torch.equal(wk._kept_counts(cum, p, k), want), (T, p, k)
+        logq = torch.log_softmax(ranked / T, -1)
+        cum = torch.cumsum(logq.exp(), 1)
+        assert torch.equal(wk._kept_counts(cum, p, k, logq, mp), want), (T, p, k, mp)
 
 
 def _echo_stub(monkeypatch, V=300, d=24, m=600, s2=4.0):
@@ -334,13 +343,14 @@ def test_the_echo_read_fits_the_clients_truncation(monkeypatch):
         procs = LogitsProcessorList([TemperatureLogitsWarper(1.0)] + ([TopPLogitsWarper(p)] if p < 1 else []))
         pick, echo = sample(procs, torch.zeros(len(h), 1, dtype=torch.long))
         got, fit = wk.echo_posterior(t, key, h, echo, 0.0, "entry")
-        plain, plain_fit = wk.echo_posterior(t, key, h, echo, 0.0, "entry", top_ps=(1.0,), top_ks=(0,))
+        plain, plain_fit = wk.echo_posterior(t, key, h, echo, 0.0, "entry", top_ps=(1.0,), top_ks=(0,),
+                                             min_ps=(0.0,))
         assert fit["temperature"] == 1.0 and fit["log_marginal"] >= plain_fit["log_marginal"], fit
         assert plain_fit["floor"] is None and plain_fit["log_marginal"] == fit["untruncated"]["log_marginal"]
         if p == 1.0:
             assert fit["floor"] is None and (fit["top_p"], fit["top_k"]) == (1.0, 0), fit
         else:
-            assert fit["floor"] is not None and (fit["top_p"], fit["top_k"]) == (0.8, 0), fit
+            assert fit["floor"] is not None and (fit["top_p"], fit["top_k"], fit["min_p"]) == (0.8, 0, 0.0), fit
         read, read_plain = ((s.argmax(1) == pick).double().mean() for s in (got, plain))
         assert read >= read_plain and read > 0.7, (read, read_plain)
 
@@ -367,3 +377,51 @@ def test_the_echo_read_fits_the_clients_repetition_penalty(monkeypatch):
     with pytest.raises(AloeError, match="context needs"):
         wk.echo_posterior(t, key, h, echo, 0.0, "entry", seen=[np.zeros(0, dtype=np.int64), *seen[1:]],
                           penalties=wk.ECHO_PENALTIES)
+
+
+def test_the_echo_read_fits_a_min_p_client(monkeypatch):
+    """A client that samples at temperature 1 from the min-p 0.1 set is fitted as one, and the fitted model reads
+    more than the softmax alone."""
+    from transformers import LogitsProcessorList, MinPLogitsWarper, TemperatureLogitsWarper
+
+    t, key, h, _, _, sample = _echo_stub(monkeypatch)
+    pick, echo = sample(LogitsProcessorList([TemperatureLogitsWarper(1.0), MinPLogitsWarper(0.1)]),
+                        torch.zeros(len(h), 1, dtype=torch.long))
+    got, fit = wk.echo_posterior(t, key, h, echo, 0.0, "entry")
+    plain, plain_fit = wk.echo_posterior(t, key, h, echo, 0.0, "entry", top_ps=(1.0,), top_ks=(0,), min_ps=(0.0,))
+    # (a top-p of 0.9 may come with it: on these states it cuts few rows' min-p sets any further)
+    assert (fit["min_p"], fit["top_k"], fit["temperature"]) == (0.1, 0, 1.0) and fit["top_p"] >= 0.9, fit
+    assert fit["log_marginal"] > plain_fit["log_marginal"]
+    read, read_plain = ((s.argmax(1) == pick).double().mean() for s in (got, plain))
+    assert read > read_plain, (read, read_plain)
+
+
+def test_the_echo_read_fits_the_clients_presence_and_frequency_penalties(monkeypatch):
+    """With the reply's earlier picks as the server reads them, the echo posterior fits OpenAI's presence and
+    frequency penalties (the client's `OutputPenalty`, here frequency 1 on earlier picks drawn among each state's
+    20 most likely tokens, some twice): the fit finds (0, 1) and reads more than the model without a penalty.
+    Replies that do not match the echoes are refused."""
+    from aloe.obfuscation.client import OutputPenalty
+
+    t, key, h, H, g, sample = _echo_stub(monkeypatch)
+    top = torch.topk(h @ H.T, 20, 1).indices
+    replied = [top[i, torch.randint(0, 20, (8,), generator=g)].numpy() for i in range(len(h))]
+
+    def client(context, scores):
+        out = scores.clone()
+        for i, ids in enumerate(replied):
+            pen = OutputPenalty(0.0, 1.0)
+            pen.start = 0   # every id here is an earlier pick of the reply
+            out[i] = pen(torch.as_tensor(ids)[None], scores[i:i + 1])[0]
+        return out
+
+    pick, echo = sample(client, torch.zeros(len(h), 1, dtype=torch.long))
+    got, fit = wk.echo_posterior(t, key, h, echo, 0.0, "entry", replied=replied,
+                                 output_penalties=((0.0, 0.0), *wk.ECHO_OUTPUT_PENALTIES))
+    plain, plain_fit = wk.echo_posterior(t, key, h, echo, 0.0, "entry")
+    assert (fit["presence_penalty"], fit["frequency_penalty"], fit["repetition_penalty"]) == (0.0, 1.0, 1.0), fit
+    assert fit["log_marginal"] > plain_fit["log_marginal"]
+    read, read_plain = ((s.argmax(1) == pick).double().mean() for s in (got, plain))
+    assert read > read_plain, (read, read_plain)
+    with pytest.raises(AloeError, match="replies"):
+        wk.echo_posterior(t, key, h, echo, 0.0, "entry", replied=replied[:-1], output_penalties=((0.0, 1.0),))

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from aloe import AloeError
 from aloe.attacks.client_held import CALIBRATION_WEIGHTS
-from aloe.attacks.weight_key import ECHO_PENALTIES, ECHO_TEMPERATURES
+from aloe.attacks.weight_key import ECHO_MIN_PS, ECHO_OUTPUT_PENALTIES, ECHO_PENALTIES, ECHO_TEMPERATURES
 from aloe.cli import main as aloe_main
 from aloe.obfuscation.client import PrivateClient
 from aloe.obfuscation.client_vocab import ClientVocabulary, encode_array, split_vocabulary
@@ -235,19 +235,28 @@ def test_cli_measures_what_the_server_reads_of_a_client_held_deployment(split, c
     assert aloe_main([*base, "--occurrence-noise", "1.0", "--temperature", "1.0", "--answer-prompts", "8",
                       "--new-tokens", "12"]) == 0
     a = json.loads(capsys.readouterr().out)["answers"]
-    assert a["client_sampling"] == {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0}
+    assert a["client_sampling"] == {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0,
+                                    "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
     assert a["answer_recovery"] < 0.5 and a["answer_recovery_with_echo"] >= 0.8, a
     assert aloe_main([*base, "--temperature", "-1"]) != 0 and "--temperature" in capsys.readouterr().err
-    # top-k and the repetition penalty reach the client's sampler; the server fits its own model of the sampler
-    assert aloe_main([*base, "--occurrence-noise", "1.0", "--temperature", "1.0", "--top-k", "5",
-                      "--repetition-penalty", "1.3", "--answer-prompts", "4"]) == 0
-    a = json.loads(capsys.readouterr().out)["answers"]
-    assert a["client_sampling"] == {"temperature": 1.0, "top_p": 1.0, "top_k": 5, "repetition_penalty": 1.3}
-    assert a["echo_sampler"]["temperature"] == a["echo_temperature"] in ECHO_TEMPERATURES
-    assert a["echo_sampler"]["repetition_penalty"] in ECHO_PENALTIES
-    assert min(a["answer_recovery_with_echo"], a["answer_recovery_with_echo_unpenalised"],
-               a["answer_recovery_with_echo_untruncated"]) >= 0.8, a
+    # top-k, min-p and the penalties reach the client's sampler; the server fits its own model of the sampler
+    for extra, want in ((["--top-k", "5", "--repetition-penalty", "1.3"], dict(top_k=5, repetition_penalty=1.3)),
+                        (["--min-p", "0.05", "--frequency-penalty", "0.5", "--presence-penalty", "0.5"],
+                         dict(min_p=0.05, presence_penalty=0.5, frequency_penalty=0.5))):
+        assert aloe_main([*base, "--occurrence-noise", "1.0", "--temperature", "1.0", *extra,
+                          "--answer-prompts", "4"]) == 0
+        a = json.loads(capsys.readouterr().out)["answers"]
+        assert a["client_sampling"] == dict(dict(temperature=1.0, top_p=1.0, top_k=-1, min_p=0.0,
+                                                 repetition_penalty=1.0, presence_penalty=0.0,
+                                                 frequency_penalty=0.0), **want)
+        fit = a["echo_sampler"]
+        assert fit["temperature"] == a["echo_temperature"] in ECHO_TEMPERATURES
+        assert fit["repetition_penalty"] in ECHO_PENALTIES and fit["min_p"] in ECHO_MIN_PS
+        assert (fit["presence_penalty"], fit["frequency_penalty"]) in ((0.0, 0.0), *ECHO_OUTPUT_PENALTIES)
+        assert min(a["answer_recovery_with_echo"], a["answer_recovery_with_echo_unpenalised"],
+                   a["answer_recovery_with_echo_untruncated"]) >= 0.8, a
     assert aloe_main([*base, "--temperature", "1", "--top-k", "-1"]) != 0 and "--top-k" in capsys.readouterr().err
+    assert aloe_main([*base, "--temperature", "1", "--min-p", "2"]) != 0 and "--min-p" in capsys.readouterr().err
     assert aloe_main([*base[:4], str(split / "whole"), *base[5:]]) != 0
     assert "holds its vocabulary tables: attack it with `aloe attack`" in capsys.readouterr().err
     other = split / "other.st"

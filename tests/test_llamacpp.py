@@ -81,12 +81,18 @@ def test_llama_server_on_obfuscated_gguf_gives_the_plain_greedy_tokens(llama_ser
             whole = api.chat.completions.create(model="m", messages=msg, max_tokens=16, temperature=0)
             chunks = api.chat.completions.create(model="m", messages=msg, max_tokens=16, temperature=0, stream=True)
             streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            # min-p 1 leaves llama-server only the likeliest token: sampling with it is greedy
+            sampled = api.chat.completions.create(model="m", messages=msg, max_tokens=16, temperature=1.0, seed=7,
+                                                  presence_penalty=0.0, extra_body={"min_p": 1.0})
         assert "Paris" in whole.choices[0].message.content and streamed == whole.choices[0].message.content
+        assert sampled.choices[0].message.content == whole.choices[0].message.content
     # what the untrusted server received: token-id prompts mapped with tau, never a plain word or the plain ids
     received = assert_server_saw_only_obfuscated_ids(relay.bodies, client, QUESTIONS,
                                                      [client.chat_ids(q) for q in QUESTIONS])
-    assert len(received) == len(QUESTIONS) + 2
-    assert [r["prompt"] for r in received[-2:]] == [client.map.to_server(client.chat_ids(QUESTIONS[0]))] * 2
+    assert len(received) == len(QUESTIONS) + 3
+    assert [r["prompt"] for r in received[-3:]] == [client.map.to_server(client.chat_ids(QUESTIONS[0]))] * 3
+    assert [r["min_p"] for r in received] == [0.0] * (len(QUESTIONS) + 2) + [1.0]   # llama-server's 0.05 never acts
+    assert all(r["presence_penalty"] == r["frequency_penalty"] == 0.0 for r in received)
 
 
 def test_a_token_llama_server_would_hold_back_is_still_streamed(llama_server, smollm2_path, smollm2_exact, tmp_path):

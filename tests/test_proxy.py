@@ -112,6 +112,9 @@ def test_stop_cutter_and_incremental_decoder():
     (b'{"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}', "stop"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000}', "refused"),
     (b'[1, 2]', "JSON object"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "min_p": 1.5}', "min_p"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 2.5}', "presence_penalty"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": -3}', "frequency_penalty"),
 ])
 def test_malformed_requests_get_a_one_line_4xx(stack, body, reason):
     r = httpx.post(stack["proxy"] + "/v1/chat/completions", content=body, headers={"content-type": "application/json"},
@@ -183,6 +186,25 @@ def test_top_p_and_seed_reach_the_server(stack, openai_client):
     for body in sent:
         assert (body["top_p"], body["seed"], body["temperature"], body["max_tokens"]) == (0.9, 1234, 1.0, 6), body
     assert whole == streamed  # the same seed samples the same answer
+
+
+def test_min_p_and_the_openai_penalties_reach_the_server(stack, openai_client):
+    """min-p 1 keeps only the likeliest token, so a sampled answer is the greedy one under the same penalties: the
+    settings reach the server unchanged (they act on ids alone, so they commute with the permutation)."""
+    since = len(stack["recorder"].bodies)
+    ask = {"model": "any", "messages": [{"role": "user", "content": "Write the word cat five times."}],
+           "max_tokens": 8, "presence_penalty": 0.5, "frequency_penalty": 1.5}
+    sampled = openai_client.chat.completions.create(**ask, temperature=1.0, seed=99, extra_body={"min_p": 1.0})
+    greedy = openai_client.chat.completions.create(**ask, temperature=0.0)
+    plain = openai_client.chat.completions.create(model="any", messages=ask["messages"], max_tokens=8,
+                                                  temperature=0.0)
+    sent = stack["recorder"].bodies[since:]
+    assert len(sent) == 3
+    sent = [json.loads(b) for b in sent]
+    assert [(b["min_p"], b["presence_penalty"], b["frequency_penalty"]) for b in sent] == [
+        (1.0, 0.5, 1.5), (0.0, 0.5, 1.5), (0.0, 0.0, 0.0)]
+    assert sampled.choices[0].message.content == greedy.choices[0].message.content
+    assert greedy.choices[0].message.content != plain.choices[0].message.content, plain   # the penalties act
 
 
 @contextlib.contextmanager

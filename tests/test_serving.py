@@ -74,6 +74,56 @@ def test_client_through_server_matches_plain_greedy(tiny_artifact):
             client.complete(prompt, stop=["\n"])
 
 
+def test_penalties_and_min_p_through_the_server_match_the_plain_model(tiny_artifact):
+    """OpenAI's presence and frequency penalties count ids, so they commute with the permutation: the greedy answer
+    under them through the obfuscated server is the plain model's under the same processor; min-p 1 leaves only the
+    likeliest token, so sampling with it is greedy."""
+    from transformers import LogitsProcessorList
+
+    from aloe.obfuscation.client import OutputPenalty
+
+    plain_dir, obf_dir, secret = tiny_artifact
+    model = AutoModelForCausalLM.from_pretrained(plain_dir, dtype=torch.float32).eval()
+    prompt = [7, 33, 12, 80, 41]
+    x = torch.tensor([prompt])
+
+    def plain(presence, frequency):
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=16, do_sample=False,
+                             eos_token_id=2, pad_token_id=2,
+                             logits_processor=LogitsProcessorList([OutputPenalty(presence, frequency)]))
+        return out[0, len(prompt):].tolist()
+
+    with server_thread(obf_dir) as url:
+        client = PrivateClient(url, secret, IdTokenizer())
+        greedy = client.complete(prompt, max_tokens=16, temperature=0.0).token_ids
+        penalised = client.complete(prompt, max_tokens=16, temperature=0.0, presence_penalty=1.0,
+                                    frequency_penalty=2.0).token_ids
+        assert penalised == plain(1.0, 2.0)
+        assert len(set(penalised)) > len(set(greedy)), (greedy, penalised)   # the tiny model repeats itself
+        assert client.complete(prompt, max_tokens=16, temperature=1.0, min_p=1.0, seed=4).token_ids == greedy
+        for bad in (dict(min_p=1.5), dict(presence_penalty=-2.5), dict(frequency_penalty=3.0)):
+            with pytest.raises(AloeError, match=next(iter(bad))):
+                client.complete(prompt, max_tokens=4, **bad)
+
+
+def test_output_penalty_counts_the_reply_only():
+    from aloe.obfuscation.client import OutputPenalty, Sampler
+
+    pen = OutputPenalty(0.5, 2.0)
+    scores = torch.zeros(1, 10)
+    assert torch.equal(pen(torch.tensor([[5, 5, 7]]), scores.clone()), scores)   # the prompt is not counted
+    got = pen(torch.tensor([[5, 5, 7, 9, 9, 3]]), scores.clone())[0]
+    want = torch.zeros(10)
+    want[9], want[3] = -(2 * 2.0 + 0.5), -(2.0 + 0.5)
+    assert torch.equal(got, want)
+    # the client's sampler (embeds mode): min-p 1 is the greedy pick, and the penalties move it off a repeated id
+    logits = torch.tensor([0.0, 3.0, 2.5, 1.0])
+    body = dict(temperature=1.0, top_p=1.0, top_k=-1, repetition_penalty=1.0, min_p=1.0, seed=None)
+    assert {Sampler(body)([0], logits) for _ in range(20)} == {1}
+    pick = Sampler(dict(body, frequency_penalty=1.0))
+    assert pick([0], logits) == 1 and pick([0, 1], logits) == 2
+
+
 def test_client_refuses_a_server_with_another_secret(tiny_artifact, tmp_path):
     plain_dir, obf_dir, _ = tiny_artifact
     prof = PROFILES["exact"].with_overrides(name="exact-tiny", h=8)

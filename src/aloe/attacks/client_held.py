@@ -105,20 +105,25 @@ def state_reads(t: Target, key: weight_key.WeightKey, body, client, tau: np.ndar
                 occurrences=int(keep.sum()), beam=beam, **picked)
 
 
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty")
+
+
 @torch.no_grad()
 def answer_reads(t: Target, key: weight_key.WeightKey, server_dir: Path, client, tau: np.ndarray,
                  obf_prompts: list[np.ndarray], new_tokens: int, progress=None,
                  sampling: dict | None = None) -> dict:
     """The client decodes each of ``obf_prompts`` (server ids) with the server's body loaded here from ``server_dir``
     (fresh noise on every vector, its own head: :func:`~aloe.obfuscation.client_vocab.local_decode`): greedily, or
-    with ``sampling`` (``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``: the client's own
-    :class:`~aloe.obfuscation.client.Sampler`, keyed from the OS CSPRNG), and the server reads every pick from the
-    hidden state it returned (:func:`weight_key.read_answers`): from the state alone, and with the echo, the vector
-    the pick comes back as in the next request, under the model of the client's sampler (repetition penalty,
-    temperature, top-p, top-k) under which the echoes are most likely (:func:`weight_key.echo_posterior`). The
-    penalty acts on the pick's context as the server reads it: each prompt vector alone, and the reply's earlier
-    picks as the model without a penalty reads them. Beside it, the plain softmax's read
-    (``answer_recovery_with_echo_untruncated``) and the truncated model's without a penalty
+    with ``sampling`` (``temperature``, ``top_p``, ``top_k``, ``min_p``, ``repetition_penalty``,
+    ``presence_penalty``, ``frequency_penalty``: the client's own :class:`~aloe.obfuscation.client.Sampler`, keyed
+    from the OS CSPRNG), and the server reads every pick from the hidden state it returned
+    (:func:`weight_key.read_answers`): from the state alone, and with the echo, the vector the pick comes back as in
+    the next request, under the model of the client's sampler (a penalty, temperature, top-k, top-p, min-p) under
+    which the echoes are most likely (:func:`weight_key.echo_posterior`). A repetition penalty acts on the pick's
+    context as the server reads it: each prompt vector alone, and the reply's earlier picks as the model without a
+    penalty reads them; the presence and frequency penalties on those picks alone. Beside it, the plain softmax's
+    read (``answer_recovery_with_echo_untruncated``) and the truncated model's without a penalty
     (``answer_recovery_with_echo_unpenalised``). The server is told nothing of the client's sampling. Scored on the
     answer tokens that tau moves (the end id is not one)."""
     from transformers import AutoModelForCausalLM
@@ -127,11 +132,16 @@ def answer_reads(t: Target, key: weight_key.WeightKey, server_dir: Path, client,
     from aloe.obfuscation.client_vocab import local_decode
 
     if sampling is not None:
-        sampling = dict(dict(top_p=1.0, top_k=-1, repetition_penalty=1.0), **sampling)
+        sampling = dict(dict(top_p=1.0, top_k=-1, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0,
+                             frequency_penalty=0.0), **sampling)
         if not sampling.get("temperature", 0) > 0 or not 0 < sampling["top_p"] <= 1:
             raise AloeError("sampling needs a temperature > 0 and a top_p in (0, 1]")
+        if not 0 <= sampling["min_p"] <= 1:
+            raise AloeError("sampling needs a min_p in [0, 1]")
         if not sampling["repetition_penalty"] > 0:
             raise AloeError("sampling needs a repetition_penalty > 0")
+        if not all(-2 <= sampling[k] <= 2 for k in ("presence_penalty", "frequency_penalty")):
+            raise AloeError("sampling needs presence and frequency penalties in [-2, 2]")
 
     body = AutoModelForCausalLM.from_pretrained(str(server_dir), dtype=torch.float32).eval()
     inv = np.argsort(tau)
@@ -172,14 +182,17 @@ def answer_reads(t: Target, key: weight_key.WeightKey, server_dir: Path, client,
         plain = fit.pop("untruncated")
         untruncated, unpenalised = ranked(soft), ranked(scores)
         del soft
-        # the repetition penalty acts on the pick's context: the prompt and the reply so far, as the server reads
+        # a repetition penalty acts on the pick's context: the prompt and the reply so far, as the server reads
         # them (each prompt vector alone, special ids included; the picks before it with their echoes, as the
-        # model without a penalty reads them); the penalised fit is kept where the echoes are likelier under it
+        # model without a penalty reads them); the presence and frequency penalties on the reply's picks alone,
+        # repeats counted; the penalised fit is kept where the echoes are likelier under it
         context = [weight_key.read_vectors(t, key, v, alpha, shape, every_id=True)[:, 0] for v in prompts]
         start = np.r_[0, np.cumsum([len(p) for p in picked])]
-        seen = [np.unique(np.r_[context[reply[j]], unpenalised[start[reply[j]]:j, 0]]) for j in sent_back]
+        replied = [unpenalised[start[reply[j]]:j, 0] for j in sent_back]
+        seen = [np.unique(np.r_[context[reply[j]], r]) for j, r in zip(sent_back, replied)]
         penalised, pfit = weight_key.echo_posterior(t, key, returned, back, alpha, shape, seen=seen,
-                                                    penalties=[r for r in weight_key.ECHO_PENALTIES if r != 1.0])
+                                                    penalties=[r for r in weight_key.ECHO_PENALTIES if r != 1.0],
+                                                    replied=replied, output_penalties=weight_key.ECHO_OUTPUT_PENALTIES)
         pfit.pop("untruncated")
         if pfit["log_marginal"] > fit["log_marginal"]:
             scores, fit = penalised, pfit
@@ -198,6 +211,4 @@ def answer_reads(t: Target, key: weight_key.WeightKey, server_dir: Path, client,
                 echo_temperature=None if fit is None else fit["temperature"], echo_sampler=fit,
                 echo_temperature_untruncated=None if plain is None else plain["temperature"],
                 prompts=len(obf_prompts), new_tokens=new_tokens,
-                client_sampling=None if sampling is None else {k: sampling[k] for k in ("temperature", "top_p",
-                                                                                          "top_k",
-                                                                                          "repetition_penalty")})
+                client_sampling=None if sampling is None else {k: sampling[k] for k in SAMPLING_KEYS})

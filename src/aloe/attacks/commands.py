@@ -135,8 +135,11 @@ def _attack_client_held(args: argparse.Namespace) -> int:
         raise AloeError("--temperature must be >= 0 and --top-p in (0, 1]")
     if args.top_k < 0 or not args.repetition_penalty > 0:
         raise AloeError("--top-k must be >= 0 and --repetition-penalty > 0")
-    sampling = (dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or -1,
-                     repetition_penalty=args.repetition_penalty) if args.temperature > 0 else None)
+    if not 0 <= args.min_p <= 1 or not all(-2 <= v <= 2 for v in (args.presence_penalty, args.frequency_penalty)):
+        raise AloeError("--min-p must lie in [0, 1], --presence-penalty and --frequency-penalty in [-2, 2]")
+    sampling = (dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or -1, min_p=args.min_p,
+                     repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                     frequency_penalty=args.frequency_penalty) if args.temperature > 0 else None)
     model = resolve_model(args.model)
     secret = load_secret(args.secret)
     check_artifact_secret(args.server, secret)
@@ -164,8 +167,10 @@ def _attack_client_held(args: argparse.Namespace) -> int:
                                            [secret.tau[x] for x in plain], args.new_tokens, progress=bar,
                                            sampling=sampling)
     how = "a greedy" if sampling is None else (f"a sampling (temperature {args.temperature:g}, top-p {args.top_p:g}, "
-                                               f"top-k {args.top_k or 'off'}, repetition penalty "
-                                               f"{args.repetition_penalty:g})")
+                                               f"top-k {args.top_k or 'off'}, min-p {args.min_p:g}, repetition "
+                                               f"penalty {args.repetition_penalty:g}, presence penalty "
+                                               f"{args.presence_penalty:g}, frequency penalty "
+                                               f"{args.frequency_penalty:g})")
     res = {"occurrence_noise": alpha, "key": key.summary(), "prompts": prompts, "answers": answers,
            "texts": texts.source}
     if args.json:
@@ -231,8 +236,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the client's sampling temperature (0: greedy, the default)")
     c.add_argument("--top-p", type=float, default=1.0, help="the client's nucleus sampling (with --temperature > 0)")
     c.add_argument("--top-k", type=int, default=0, help="the client's top-k (with --temperature > 0; 0: off)")
+    c.add_argument("--min-p", type=float, default=0.0, help="the client's min-p (with --temperature > 0; 0: off)")
     c.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="the client's repetition penalty (with --temperature > 0; 1: none)")
+    c.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="the client's OpenAI presence penalty (with --temperature > 0)")
+    c.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="the client's OpenAI frequency penalty (with --temperature > 0)")
     add_budget_flags(c)
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=_attack_client_held)

@@ -329,54 +329,82 @@ ECHO_TEMPERATURES = (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0)
 ECHO_TOP_PS = (1.0, 0.95, 0.9, 0.8)
 ECHO_TOP_KS = (0, 40, 50)
 ECHO_FLOORS = (1e-3, 1e-2, 0.1)
+ECHO_MIN_PS = (0.0, 0.05, 0.1)   # min-p (0: none); llama.cpp's default is 0.05
 ECHO_PENALTIES = (1.0, 1.1, 1.2, 1.3)   # repetition penalties the server tries (1: none)
+# OpenAI's (presence, frequency) penalties the server tries, each alone, without a repetition penalty
+ECHO_OUTPUT_PENALTIES = ((0.5, 0.0), (1.0, 0.0), (0.0, 0.5), (0.0, 1.0), (0.5, 0.5))
 
 
-def _kept_counts(cum: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
-    """How many of each row's most likely tokens a client's top-k, then top-p, keeps (transformers' warpers' rule:
-    top-p on the top-k renormalised; a token stays while the mass before it is under p). ``cum``: the cumulative
-    probabilities of each row sorted in descending order (m x V)."""
+def _kept_counts(cum: torch.Tensor, top_p: float, top_k: int, logq: torch.Tensor | None = None,
+                 min_p: float = 0.0) -> torch.Tensor:
+    """How many of each row's most likely tokens a client's top-k, then top-p, then min-p keeps (transformers'
+    warpers' rules: top-p on the top-k renormalised, a token stays while the mass before it is under p; min-p keeps
+    the tokens of at least ``min_p`` times the likeliest one's probability, a ratio no renormalisation moves).
+    ``cum``: the cumulative probabilities of each row sorted in descending order (m x V); ``logq``: their
+    log-probabilities (for min-p)."""
     V = cum.shape[1]
     k = V if top_k <= 0 else min(top_k, V)
     if top_p >= 1.0:
-        return torch.full((cum.shape[0],), k, dtype=torch.long)
-    # cum is non-decreasing along a row: the tokens whose mass before them is under p, counted by bisection (over the
-    # whole row: no rank from k on lies under p times the mass of the first k)
-    below = torch.searchsorted(cum, top_p * cum[:, k - 1: k], right=False)
-    return torch.clamp(1 + below[:, 0], max=k)
+        kept = torch.full((cum.shape[0],), k, dtype=torch.long)
+    else:
+        # cum is non-decreasing along a row: the tokens whose mass before them is under p, counted by bisection
+        # (over the whole row: no rank from k on lies under p times the mass of the first k)
+        below = torch.searchsorted(cum, top_p * cum[:, k - 1: k], right=False)
+        kept = torch.clamp(1 + below[:, 0], max=k)
+    if min_p > 0:
+        # -logq is non-decreasing along a row: the ranks within log(min_p) of the first
+        within = torch.searchsorted(-logq, -(logq[:, :1] + np.log(min_p)), right=True)
+        kept = torch.minimum(kept, within[:, 0].clamp_min(1))
+    return kept
 
 
-def _penalised(logits: torch.Tensor, context: torch.Tensor | None, penalty: float) -> torch.Tensor:
-    """transformers' own repetition penalty (the client's processor) on each row's ``context`` ids (m x n)."""
-    if context is None or penalty == 1.0:
-        return logits
-    from transformers import RepetitionPenaltyLogitsProcessor
+def _penalised(logits: torch.Tensor, context: torch.Tensor | None, penalty: float,
+               replied: tuple[torch.Tensor, torch.Tensor] | None = None, presence: float = 0.0,
+               frequency: float = 0.0) -> torch.Tensor:
+    """The client's penalties on the state's logits (m x V): transformers' own repetition penalty on each row's
+    ``context`` ids (m x n), or OpenAI's presence and frequency penalties (:class:`~aloe.obfuscation.client.
+    OutputPenalty`) on the ids each row's reply picked before it (``replied``: the (row, id) pairs, one per pick,
+    repeats included)."""
+    if context is not None and penalty != 1.0:
+        from transformers import RepetitionPenaltyLogitsProcessor
 
-    return RepetitionPenaltyLogitsProcessor(penalty)(context, logits.clone())
+        logits = RepetitionPenaltyLogitsProcessor(penalty)(context, logits.clone())
+    if replied is not None and (presence or frequency) and len(replied[0]):
+        rows, ids = replied
+        logits = logits.clone()
+        if frequency:
+            logits.index_put_((rows, ids), torch.full(rows.shape, -frequency, dtype=logits.dtype), accumulate=True)
+        if presence:
+            once = torch.unique(rows * logits.shape[1] + ids)
+            logits.view(-1)[once] -= presence
+    return logits
 
 
 @torch.no_grad()
 def echo_posterior(t: Target, key: WeightKey, hidden: torch.Tensor, echoes: torch.Tensor, alpha: float,
                    shape: str = "row", temperatures=ECHO_TEMPERATURES, top_ps=ECHO_TOP_PS, top_ks=ECHO_TOP_KS,
-                   floors=ECHO_FLOORS, seen: list[np.ndarray] | None = None, penalties=(1.0,),
-                   plain_scores: bool = False):
+                   min_ps=ECHO_MIN_PS, floors=ECHO_FLOORS, seen: list[np.ndarray] | None = None, penalties=(1.0,),
+                   replied: list[np.ndarray] | None = None, output_penalties=(), plain_scores: bool = False):
     """The plain token of each of the first m' picks (m' = len(echoes) <= len(hidden)) scored by the state and its
     echo: the log-probability of the token under a model of the client's sampler on the state read through the key
     and the public head, plus the echo's log-likelihood under each token read through the key (occurrence noise of
-    public level ``alpha``). The sampler model is transformers' order: a repetition penalty r on the tokens of each
-    pick's context as the server reads it (``seen``: m' arrays of plain ids; r 1 without), then
-    ``softmax(logits / T)``, truncated to its top-k and then its top-p nucleus with a floor f:
-    ``(1 - f) q 1[kept] / q(kept) + f q``. The server sees neither the client's settings nor its own head part that
-    moves the pick off the state's argmax, so it takes the (r, T, top-p, top-k, f) of the grid under which the echoes
-    it received are most likely (the marginal likelihood summed over the picks; nothing of the victim's text); top-p 1
-    and top-k 0 is the plain softmax, where f plays no part. Returns the scores (m' x V, token order) and the fit:
-    ``repetition_penalty``, ``temperature``, ``top_p``, ``top_k``, ``floor`` (None where untruncated),
-    ``log_marginal``, and ``untruncated``, the best plain softmax without a penalty (its temperature and
-    log_marginal), for comparison; with ``plain_scores`` that softmax's scores as a third item."""
+    public level ``alpha``). The sampler model is transformers' order: a penalty, either a repetition penalty r on
+    the tokens of each pick's context as the server reads it (``seen``: m' arrays of plain ids; r 1 without) or
+    OpenAI's presence and frequency penalties (pp, fp) on the picks of the reply before it (``replied``: m' arrays,
+    repeats included; ``output_penalties``: the (pp, fp) pairs tried); then ``softmax(logits / T)``, truncated to
+    its top-k, then its top-p nucleus, then its min-p set, with a floor f: ``(1 - f) q 1[kept] / q(kept) + f q``.
+    The server sees neither the client's settings nor its own head part that moves the pick off the state's argmax,
+    so it takes the (penalty, T, top-p, top-k, min-p, f) of the grid under which the echoes it received are most
+    likely (the marginal likelihood summed over the picks; nothing of the victim's text); no truncation is the plain
+    softmax, where f plays no part. Returns the scores (m' x V, token order) and the fit: ``repetition_penalty``,
+    ``presence_penalty``, ``frequency_penalty``, ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``floor`` (None
+    where untruncated), ``log_marginal``, and ``untruncated``, the best plain softmax without a penalty (its
+    temperature and log_marginal), for comparison; with ``plain_scores`` that softmax's scores as a third item."""
     if len(echoes) > len(hidden):
         raise AloeError(f"{len(echoes)} echoes for {len(hidden)} picks")
-    if seen is not None and len(seen) != len(echoes):
-        raise AloeError(f"{len(seen)} contexts for {len(echoes)} echoes")
+    for name, lists in (("contexts", seen), ("replies", replied)):
+        if lists is not None and len(lists) != len(echoes):
+            raise AloeError(f"{len(lists)} {name} for {len(echoes)} echoes")
     V, m = t.arch.vocab, len(echoes)
     s2 = _vector_sigma2(t, alpha, shape, echoes.shape[1])
     pool = np.arange(V)
@@ -389,12 +417,24 @@ def echo_posterior(t: Target, key: WeightKey, hidden: torch.Tensor, echoes: torc
             raise AloeError("every pick's context needs at least one id")
         width = max(len(c) for c in seen)
         context = torch.as_tensor(np.stack([np.resize(np.asarray(c, dtype=np.int64), width) for c in seen]))
+    picks = None    # the (row, id) pairs of the reply's earlier picks
+    if replied is not None and output_penalties:
+        picks = (torch.as_tensor(np.repeat(np.arange(m), [len(c) for c in replied]), dtype=torch.long),
+                 torch.as_tensor(np.concatenate([np.asarray(c, dtype=np.int64) for c in replied] or [[]]),
+                                 dtype=torch.long))
+    # the penalties tried: the repetition penalties with a context, the output penalties with the replies
+    settings = [(float(r), 0.0, 0.0) for r in penalties] if context is not None else []
+    if picks is not None:
+        settings += [(1.0, float(pp), float(fp)) for pp, fp in output_penalties]
+    settings = settings or [(1.0, 0.0, 0.0)]
     rows = torch.arange(m)
-    truncations = [(p, k) for p in top_ps for k in top_ks]
+    truncations = [(p, k, mp) for p in top_ps for k in top_ks for mp in min_ps]
     best, plain = None, None
-    for r in (penalties if context is not None else (1.0,)):
+    for r, pp, fp in settings:
         # one order serves every temperature; the echo's likelihoods follow it
-        ranked, order = torch.sort(_penalised(logits, context, r), dim=1, descending=True)
+        penalised = _penalised(logits, context, r, picks, pp, fp)
+        ranked, order = torch.sort(penalised, dim=1, descending=True)
+        del penalised
         llr = torch.gather(ll, 1, order)
         for T in temperatures:
             logq = torch.log_softmax(ranked / T, -1)
@@ -405,8 +445,8 @@ def echo_posterior(t: Target, key: WeightKey, hidden: torch.Tensor, echoes: torc
             top = x.max(1, keepdim=True).values
             pre = torch.cumsum(torch.exp(x - top), 1)
             whole = pre[:, -1]
-            for p, k in truncations:
-                n = _kept_counts(cum, p, k)
+            for p, k, mp in truncations:
+                n = _kept_counts(cum, p, k, logq, mp)
                 mass, kept = cum[rows, n - 1], pre[rows, n - 1]
                 inside = torch.log(kept) + top[:, 0]
                 outside = torch.log((whole - kept).clamp_min(0)) + top[:, 0]
@@ -416,30 +456,33 @@ def echo_posterior(t: Target, key: WeightKey, hidden: torch.Tensor, echoes: torc
                     else:
                         total = float(torch.logaddexp(torch.log((1 - f) / mass + f) + inside,
                                                       np.log(f) + outside).sum())
-                    fit = dict(repetition_penalty=float(r), temperature=float(T), top_p=float(p), top_k=int(k),
-                               floor=f, log_marginal=total)
+                    fit = dict(repetition_penalty=r, presence_penalty=pp, frequency_penalty=fp, temperature=float(T),
+                               top_p=float(p), top_k=int(k), min_p=float(mp), floor=f, log_marginal=total)
                     if best is None or total > best[0]["log_marginal"]:
                         best = (fit, n, mass)
-                    if r == 1.0 and p >= 1.0 and k <= 0 and (plain is None or total > plain["log_marginal"]):
+                    if (r, pp, fp) == (1.0, 0.0, 0.0) and f is None and (plain is None
+                                                                          or total > plain["log_marginal"]):
                         plain = dict(fit)
             del logq, cum, x, pre
         del ranked, order, llr
     fit, n, mass = best
-    scores = _echo_scores(logits, ll, context, fit, n, mass)
+    scores = _echo_scores(logits, ll, context, picks, fit, n, mass)
     if fit["floor"] is None:
-        fit["top_p"], fit["top_k"] = 1.0, 0
+        fit["top_p"], fit["top_k"], fit["min_p"] = 1.0, 0, 0.0
     untruncated = None if plain is None else {"temperature": plain["temperature"],
                                               "log_marginal": plain["log_marginal"]}
     fit = dict(fit, untruncated=untruncated)
     if not plain_scores:
         return scores, fit
-    return scores, fit, None if plain is None else _echo_scores(logits, ll, None, plain, None, None)
+    return scores, fit, None if plain is None else _echo_scores(logits, ll, None, None, plain, None, None)
 
 
-def _echo_scores(logits: torch.Tensor, ll: torch.Tensor, context: torch.Tensor | None, fit: dict, n, mass):
+def _echo_scores(logits: torch.Tensor, ll: torch.Tensor, context: torch.Tensor | None, picks, fit: dict, n, mass):
     """The posterior scores (token order) of :func:`echo_posterior` under one fitted sampler model (``n`` and
     ``mass``: each row's kept count and kept probability, where the model truncates)."""
-    ranked, order = torch.sort(_penalised(logits, context, fit["repetition_penalty"]), dim=1, descending=True)
+    penalised = _penalised(logits, context, fit["repetition_penalty"], picks, fit["presence_penalty"],
+                           fit["frequency_penalty"])
+    ranked, order = torch.sort(penalised, dim=1, descending=True)
     x = torch.log_softmax(ranked / fit["temperature"], -1) + torch.gather(ll, 1, order)
     if fit["floor"] is not None:
         f = fit["floor"]

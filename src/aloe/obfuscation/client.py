@@ -228,22 +228,29 @@ class PrivateClient:
                                 f"vocabulary's {self.vocab.hidden_size}")
         return info
 
-    def _body(self, prompt_ids: list[int], max_tokens: int, temperature: float, top_p: float, top_k: int,
-              repetition_penalty: float, seed: int | None, stop_token_ids: list[int], logit_bias: dict | None,
-              stream: bool, extra: dict) -> dict:
+    def _body(self, prompt_ids: list[int], max_tokens: int, sampling: dict, stop_token_ids: list[int],
+              logit_bias: dict | None, stream: bool, extra: dict) -> dict:
+        """The request for the backend; ``sampling``: temperature, top_p, top_k, repetition_penalty, min_p,
+        presence_penalty, frequency_penalty and seed (every one commutes with the permutation)."""
         for key in extra:
             if key in REFUSED:
                 raise AloeError(f"'{key}' is not supported: {REFUSED[key]}")
             raise AloeError(f"unknown sampling parameter {key!r}")
+        s = sampling
+        if not 0.0 <= s["min_p"] <= 1.0:
+            raise AloeError(f"min_p must lie in [0, 1], got {s['min_p']}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= s[name] <= 2.0:
+                raise AloeError(f"{name} must lie in [-2, 2], got {s[name]}")
         bias = {self.map.tau[int(k)]: float(v) for k, v in (logit_bias or {}).items()}
         stops = self.map.to_server(stop_token_ids)
         if self.backend == "embeds":
-            return {"prompt": prompt_ids, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
-                    "top_k": top_k, "repetition_penalty": repetition_penalty, "seed": seed, "logit_bias": bias}
+            return dict(s, prompt=prompt_ids, max_tokens=max_tokens, logit_bias=bias)
+        seed = s["seed"]
         if self.backend == "openai":
-            body = {"prompt": prompt_ids, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
-                    "top_k": top_k, "repetition_penalty": repetition_penalty, "stream": stream,
-                    "stop_token_ids": stops, "return_token_ids": True, "skip_special_tokens": False}
+            body = {"prompt": prompt_ids, "max_tokens": max_tokens, "stream": stream, "stop_token_ids": stops,
+                    "return_token_ids": True, "skip_special_tokens": False,
+                    **{k: v for k, v in s.items() if k != "seed"}}
             if self.model:
                 body["model"] = self.model
             if seed is not None:
@@ -251,9 +258,12 @@ class PrivateClient:
             if bias:
                 body["logit_bias"] = {str(k): v for k, v in bias.items()}
             return body
-        body = {"prompt": prompt_ids, "n_predict": max_tokens, "temperature": temperature, "top_p": top_p,
-                "top_k": max(top_k, 0), "repeat_penalty": repetition_penalty, "stream": stream,
-                "return_tokens": True, "cache_prompt": True, "min_p": 0.0}
+        # llama-server's names; its min_p is set always (its own default is 0.05), and its presence and frequency
+        # penalties count the last repeat_last_n tokens of the context, prompt included (64 by default)
+        body = {"prompt": prompt_ids, "n_predict": max_tokens, "temperature": s["temperature"], "top_p": s["top_p"],
+                "top_k": max(s["top_k"], 0), "repeat_penalty": s["repetition_penalty"], "min_p": s["min_p"],
+                "presence_penalty": s["presence_penalty"], "frequency_penalty": s["frequency_penalty"],
+                "stream": stream, "return_tokens": True, "cache_prompt": True}
         if seed is not None:
             body["seed"] = seed
         if bias:
@@ -330,13 +340,16 @@ class PrivateClient:
             raise server_error(exc, self.server) from None
 
     def open_stream(self, prompt: list[dict] | str | list[int], *, max_tokens: int = 256, temperature: float = 0.0,
-                    top_p: float = 1.0, top_k: int = -1, repetition_penalty: float = 1.0, seed: int | None = None,
+                    top_p: float = 1.0, top_k: int = -1, repetition_penalty: float = 1.0, min_p: float = 0.0,
+                    presence_penalty: float = 0.0, frequency_penalty: float = 0.0, seed: int | None = None,
                     stop_token_ids: list[int] = (), logit_bias: dict | None = None, **extra) -> TokenStream:
         """A streamed request, not yet sent: iterate it for the answer's plain ids as the server sends them."""
+        sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+                        min_p=min_p, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                        seed=seed)
         plain = list(prompt) if _is_ids(prompt) else self.chat_ids(prompt)
         server_prompt = self.map.to_server(plain)
-        body = self._body(server_prompt, max_tokens, temperature, top_p, top_k, repetition_penalty, seed,
-                          list(stop_token_ids), logit_bias, True, extra)
+        body = self._body(server_prompt, max_tokens, sampling, list(stop_token_ids), logit_bias, True, extra)
         return TokenStream(self, plain, server_prompt, body, set(self.map.to_server(stop_token_ids)))
 
     def stream(self, prompt: list[dict] | str | list[int], **params) -> Iterator[str]:
@@ -349,12 +362,15 @@ class PrivateClient:
             yield tail
 
     def complete(self, prompt: list[dict] | str | list[int], *, max_tokens: int = 256, temperature: float = 0.0,
-                 top_p: float = 1.0, top_k: int = -1, repetition_penalty: float = 1.0, seed: int | None = None,
+                 top_p: float = 1.0, top_k: int = -1, repetition_penalty: float = 1.0, min_p: float = 0.0,
+                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0, seed: int | None = None,
                  stop_token_ids: list[int] = (), logit_bias: dict | None = None, **extra) -> Completion:
+        sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+                        min_p=min_p, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                        seed=seed)
         if self.backend == "embeds":
-            stream = self.open_stream(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                      top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
-                                      stop_token_ids=stop_token_ids, logit_bias=logit_bias, **extra)
+            stream = self.open_stream(prompt, max_tokens=max_tokens, stop_token_ids=stop_token_ids,
+                                      logit_bias=logit_bias, **sampling, **extra)
             t0 = time.perf_counter()
             out = [i for i in stream if i not in set(stop_token_ids)]
             return Completion(self.detokenize(out), out, stream.finish_reason, [], [],
@@ -363,8 +379,7 @@ class PrivateClient:
         t0 = time.perf_counter()
         server_prompt = self.map.to_server(plain)
         t_map = time.perf_counter() - t0
-        body = self._body(server_prompt, max_tokens, temperature, top_p, top_k, repetition_penalty, seed,
-                          list(stop_token_ids), logit_bias, False, extra)
+        body = self._body(server_prompt, max_tokens, sampling, list(stop_token_ids), logit_bias, False, extra)
         t1 = time.perf_counter()
         data = self._post("/v1/completions" if self.backend == "openai" else "/completion", body)
         t_server = time.perf_counter() - t1
@@ -392,9 +407,31 @@ class PrivateClient:
                           {"client_map_seconds": t_map + t_unmap, "server_seconds": t_server})
 
 
+class OutputPenalty:
+    """OpenAI's presence and frequency penalties as a logits processor: each token's logit less ``frequency`` times
+    the number of times it was picked in this reply so far and ``presence`` once if it was picked at all. Only the
+    reply counts (as in OpenAI's and vLLM's API), not the prompt: the first call's ids are taken as the prompt. Both
+    act on ids alone, so they commute with the vocabulary permutation. transformers has no such processor."""
+
+    def __init__(self, presence: float, frequency: float) -> None:
+        self.presence, self.frequency, self.start = float(presence), float(frequency), None
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        if self.start is None:
+            self.start = input_ids.shape[1]
+        picked = input_ids[:, self.start:]
+        if picked.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores).scatter_add_(1, picked, torch.ones_like(picked, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
 class Sampler:
-    """Next-token choice on the client (embeds mode), with transformers' own logits processors. Temperature, top-k,
-    top-p and the repetition penalty commute with the vocabulary permutation, so they act on obfuscated-order
+    """Next-token choice on the client (embeds mode), with transformers' own logits processors in transformers'
+    order: the repetition penalty, the presence and frequency penalties (:class:`OutputPenalty`), temperature,
+    top-k, top-p, min-p. All of them commute with the vocabulary permutation, so they act on obfuscated-order
     logits directly; ``logit_bias`` keys are already obfuscated ids. A request seed makes sampling reproducible;
     without one the generator is keyed from the OS CSPRNG."""
 
@@ -404,6 +441,7 @@ class Sampler:
         import torch
         from transformers import (
             LogitsProcessorList,
+            MinPLogitsWarper,
             RepetitionPenaltyLogitsProcessor,
             TemperatureLogitsWarper,
             TopKLogitsWarper,
@@ -414,12 +452,17 @@ class Sampler:
         procs = []
         if body["repetition_penalty"] != 1.0:
             procs.append(RepetitionPenaltyLogitsProcessor(body["repetition_penalty"]))
+        presence, frequency = body.get("presence_penalty", 0.0), body.get("frequency_penalty", 0.0)
+        if presence or frequency:
+            procs.append(OutputPenalty(presence, frequency))
         if not self.greedy:
             procs.append(TemperatureLogitsWarper(body["temperature"]))
             if body["top_k"] > 0:
                 procs.append(TopKLogitsWarper(body["top_k"]))
             if body["top_p"] < 1.0:
                 procs.append(TopPLogitsWarper(body["top_p"]))
+            if body.get("min_p", 0.0) > 0:
+                procs.append(MinPLogitsWarper(body["min_p"]))
         self.procs = LogitsProcessorList(procs)
         self.bias = body.get("logit_bias") or {}
         seed = body.get("seed")

@@ -167,12 +167,17 @@ def _client(args: argparse.Namespace):
     return client
 
 
+def _sampling(args: argparse.Namespace) -> dict:
+    return dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                repetition_penalty=args.repetition_penalty, min_p=args.min_p, presence_penalty=args.presence_penalty,
+                frequency_penalty=args.frequency_penalty, seed=args.seed)
+
+
 def _complete(args: argparse.Namespace) -> int:
     from aloe.cli import print_json
 
     client = _client(args)
-    res = client.complete(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.seed)
+    res = client.complete(args.prompt, max_tokens=args.max_tokens, **_sampling(args))
     out = {"text": res.text, "token_ids": res.token_ids, "finish_reason": res.finish_reason,
            "client_map_ms": 1000 * res.timings.get("client_map_seconds", 0.0)}
     if args.show_server_view:
@@ -205,8 +210,7 @@ def _chat(args: argparse.Namespace) -> int:
         history.append({"role": "user", "content": line})
         print("assistant> ", end="", flush=True)
         reply = []
-        for piece in client.stream(history, max_tokens=args.max_tokens, temperature=args.temperature,
-                                   top_p=args.top_p, top_k=args.top_k, seed=args.seed):
+        for piece in client.stream(history, max_tokens=args.max_tokens, **_sampling(args)):
             reply.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -227,6 +231,11 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens under this share of the likeliest one's "
+                   "probability (0: off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2]")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2]")
     p.add_argument("--seed", type=int)
     p.add_argument("--timeout", type=float, default=300.0)
 

@@ -49,13 +49,14 @@ class _Sampling(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(-1, ge=-1)                      # extensions that commute with the permutation
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
     stream_options: dict | None = None
     n: int = Field(1, ge=1, le=1)
-    presence_penalty: float = Field(0.0, ge=0.0, le=0.0)
-    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logprobs: bool | int | None = None
     user: str | None = None
 
@@ -148,7 +149,9 @@ class Proxy:
         stops = _stops(req.stop)
         stream = self.client.open_stream(prompt, max_tokens=max_tokens or self.default_max_tokens,
                                          temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                                         repetition_penalty=req.repetition_penalty, seed=req.seed)
+                                         repetition_penalty=req.repetition_penalty, min_p=req.min_p,
+                                         presence_penalty=req.presence_penalty,
+                                         frequency_penalty=req.frequency_penalty, seed=req.seed)
         decoder, cutter = IncrementalDecoder(self.client.detokenize), StopCutter(stops)
         tokens = iter(stream)
         try:

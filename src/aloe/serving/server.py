@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, 
 from transformers.generation.streamers import BaseStreamer
 
 from aloe import AloeError
+from aloe.obfuscation.client import OutputPenalty
 from aloe.obfuscation.client_vocab import decode_array
 from aloe.serving.errors import validation_message
 
@@ -52,6 +53,9 @@ class CompletionRequest(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(-1, ge=-1)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
     logit_bias: dict[str, float] | None = None
@@ -203,15 +207,20 @@ class TransformersEngine:
                   "stopping_criteria": StoppingCriteriaList([_Cancelled(cancel)])}
         if req.temperature > 0:
             kwargs.update(do_sample=True, temperature=req.temperature, top_p=req.top_p,
-                          top_k=req.top_k if req.top_k > 0 else 0)
+                          top_k=req.top_k if req.top_k > 0 else 0, min_p=req.min_p or None)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if req.repetition_penalty != 1.0:
             kwargs["repetition_penalty"] = req.repetition_penalty
+        processors = []   # generate runs them after its own penalties, before temperature and truncation
+        if req.presence_penalty or req.frequency_penalty:
+            processors.append(OutputPenalty(req.presence_penalty, req.frequency_penalty))
         if req.logit_bias:
+            processors.append(_Bias({int(k): v for k, v in req.logit_bias.items()}))
+        if processors:
             from transformers import LogitsProcessorList
 
-            kwargs["logits_processor"] = LogitsProcessorList([_Bias({int(k): v for k, v in req.logit_bias.items()})])
+            kwargs["logits_processor"] = LogitsProcessorList(processors)
         ids = torch.tensor([req.prompt], dtype=torch.long)
         try:
             with self.lock, torch.no_grad():
