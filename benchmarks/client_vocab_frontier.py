@@ -16,7 +16,8 @@ For each alpha:
     python benchmarks/client_vocab_frontier.py [--alphas 0 0.05 0.1 0.2 0.4 0.8] [--stream-tokens 4000] [--threads 2]
         [--decode-tokens 2000] [--rerun] [--more-traffic N] [--right-key-only] [--weight-key-only [--draws N]]
         [--answers-only [--draws N] [--client-temperature T [--client-top-p P] [--client-top-k K]
-        [--client-repetition-penalty R]]]
+        [--client-min-p M] [--client-repetition-penalty R] [--client-presence-penalty P]
+        [--client-frequency-penalty F]]]
         [--decode-only [--beam 4] [--draws N]] [--states-only] [--report-only] [--json]
 
 The stream-level attacks also fit the writer key on the linked attack's reading (key regression) and, for
@@ -324,21 +325,32 @@ def sampling_label(sampling: dict) -> str:
     label = f"temperature {sampling['temperature']:g}, top-p {sampling['top_p']:g}"
     if sampling.get("top_k", -1) > 0:
         label += f", top-k {sampling['top_k']}"
+    if sampling.get("min_p", 0.0) > 0:
+        label += f", min-p {sampling['min_p']:g}"
     if sampling.get("repetition_penalty", 1.0) != 1.0:
         label += f", repetition penalty {sampling['repetition_penalty']:g}"
+    for name in ("presence", "frequency"):
+        if sampling.get(f"{name}_penalty", 0.0):
+            label += f", {name} penalty {sampling[f'{name}_penalty']:g}"
     return label
 
 
 def sampler_fit(fit: dict | None) -> str:
-    """The server's model of the client's sampler, as the echo picked it: ``T 0.75, p 0.9, k 40, f 0.01``."""
+    """The server's model of the client's sampler, as the echo picked it: ``T 0.75, p 0.9, k 40, f 0.01``
+    (``r``: a repetition penalty, ``pp``/``fp``: presence/frequency penalties, ``min-p``)."""
     if fit is None:
         return "–"
     out = f"T {fit['temperature']:g}"
+    if fit.get("frequency_penalty", 0.0):
+        out = f"fp {fit['frequency_penalty']:g}, " + out
+    if fit.get("presence_penalty", 0.0):
+        out = f"pp {fit['presence_penalty']:g}, " + out
     if fit.get("repetition_penalty", 1.0) != 1.0:
         out = f"r {fit['repetition_penalty']:g}, " + out
     if fit.get("floor") is not None:
-        out += (f", p {fit['top_p']:g}" if fit["top_p"] < 1 else "") + (f", k {fit['top_k']}" if fit["top_k"] > 0
-                                                                       else "") + f", f {fit['floor']:g}"
+        out += ((f", p {fit['top_p']:g}" if fit["top_p"] < 1 else "")
+                + (f", k {fit['top_k']}" if fit["top_k"] > 0 else "")
+                + (f", min-p {fit['min_p']:g}" if fit.get("min_p", 0.0) > 0 else "") + f", f {fit['floor']:g}")
     return out
 
 
@@ -490,7 +502,7 @@ def write_report(state: dict) -> None:
                *answers, ""]
     sampled = ["| occurrence noise alpha | ppl ratio | the client's sampling | answer tokens (distinct) | read from "
                "the returned states: top-1 | top-10 | with the echo, softmax model: top-1 | + truncation | "
-               "+ truncation and repetition penalty | the server's model of the sampler (per draw) |",
+               "+ truncation and a penalty | the server's model of the sampler (per draw) |",
                "|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(state["points"], key=float):
         e = state["points"][key]
@@ -520,15 +532,19 @@ def write_report(state: dict) -> None:
     if len(sampled) > 2:
         md += ["## The answers of a sampling client", "",
                "As above, but the client samples each pick (`--answers-only --client-temperature T "
-               "[--client-top-p P] [--client-top-k K] [--client-repetition-penalty R]`) with its own sampler "
+               "[--client-top-p P] [--client-top-k K] [--client-min-p M] [--client-repetition-penalty R] "
+               "[--client-presence-penalty P] [--client-frequency-penalty F]`) with its own sampler "
                "(`aloe.obfuscation.client.Sampler`, keyed from the OS CSPRNG; the proxy's default temperature is "
                "1). The server is not told the client's settings: it models the sampler as transformers' chain, "
-               "a repetition penalty r on the pick's context as the server reads it (each prompt vector alone, "
-               "the reply's earlier picks as read with their echoes), then the state's softmax at temperature T, "
-               "truncated to its top-k and then its top-p nucleus with a floor f (the share of picks let fall "
-               "outside the server's kept set), and takes the (r, T, p, k, f) of a grid under which the echoes "
-               "received are most likely (`aloe.attacks.weight_key.echo_posterior`); the softmax model alone "
-               "(T only) and the truncated one without a penalty are read beside it. A sampled pick is often not "
+               "a penalty, either a repetition penalty r on the pick's context as the server reads it (each prompt "
+               "vector alone, the reply's earlier picks as read with their echoes) or OpenAI's presence and "
+               "frequency penalties pp, fp on those picks alone, then the state's softmax at temperature T, "
+               "truncated to its top-k, its top-p nucleus and its min-p set with a floor f (the share of picks let "
+               "fall outside the server's kept set), and takes the (penalty, T, p, k, min-p, f) of a grid under "
+               "which the echoes received are most likely (`aloe.attacks.weight_key.echo_posterior`); the softmax "
+               "model alone (T only) and the truncated one without a penalty are read beside it. Min-p and the "
+               "presence and frequency penalties joined the model after the other rows ran (their fits show none). "
+               "A sampled pick is often not "
                "the state's first token, so the state alone reads less; the echo is the vector of the pick itself. "
                "Rows with a dash were measured before that part of the model was built.",
                "", *sampled, ""]
@@ -644,8 +660,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --answers-only and --client-temperature: the client's nucleus sampling")
     ap.add_argument("--client-top-k", type=int, default=0,
                     help="with --answers-only and --client-temperature: the client's top-k (0: off)")
+    ap.add_argument("--client-min-p", type=float, default=0.0,
+                    help="with --answers-only and --client-temperature: the client's min-p (0: off)")
     ap.add_argument("--client-repetition-penalty", type=float, default=1.0,
                     help="with --answers-only and --client-temperature: the client's repetition penalty (1: none)")
+    ap.add_argument("--client-presence-penalty", type=float, default=0.0,
+                    help="with --answers-only and --client-temperature: the client's OpenAI presence penalty")
+    ap.add_argument("--client-frequency-penalty", type=float, default=0.0,
+                    help="with --answers-only and --client-temperature: the client's OpenAI frequency penalty")
     ap.add_argument("--decode-only", action="store_true",
                     help="run only the decoding of the prompts read through the key the body gives (a beam search "
                          "with the public model as the prior) on the listed (measured) alphas")
@@ -670,8 +692,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--client-temperature must be >= 0 and --client-top-p in (0, 1]")
     if args.client_top_k < 0 or not args.client_repetition_penalty > 0:
         ap.error("--client-top-k must be >= 0 and --client-repetition-penalty > 0")
+    if not 0 <= args.client_min_p <= 1 or not all(-2 <= v <= 2 for v in (args.client_presence_penalty,
+                                                                         args.client_frequency_penalty)):
+        ap.error("--client-min-p must lie in [0, 1], --client-presence-penalty and --client-frequency-penalty in "
+                 "[-2, 2]")
     sampling = (dict(temperature=args.client_temperature, top_p=args.client_top_p, top_k=args.client_top_k or -1,
-                     repetition_penalty=args.client_repetition_penalty) if args.client_temperature > 0 else None)
+                     min_p=args.client_min_p, repetition_penalty=args.client_repetition_penalty,
+                     presence_penalty=args.client_presence_penalty, frequency_penalty=args.client_frequency_penalty)
+                if args.client_temperature > 0 else None)
     if args.stream_tokens < 0 or args.decode_tokens < 0 or args.more_traffic < 0:
         ap.error("--stream-tokens, --decode-tokens and --more-traffic must be >= 0")
     if args.report_only:
