@@ -335,13 +335,11 @@ ECHO_PENALTIES = (1.0, 1.1, 1.2, 1.3)   # repetition penalties the server tries 
 ECHO_OUTPUT_PENALTIES = ((0.5, 0.0), (1.0, 0.0), (0.0, 0.5), (0.0, 1.0), (0.5, 0.5))
 
 
-def _kept_counts(cum: torch.Tensor, top_p: float, top_k: int, logq: torch.Tensor | None = None,
-                 min_p: float = 0.0) -> torch.Tensor:
+def _kept_counts(cum: torch.Tensor, top_p: float, top_k: int, within: torch.Tensor | None = None) -> torch.Tensor:
     """How many of each row's most likely tokens a client's top-k, then top-p, then min-p keeps (transformers'
-    warpers' rules: top-p on the top-k renormalised, a token stays while the mass before it is under p; min-p keeps
-    the tokens of at least ``min_p`` times the likeliest one's probability, a ratio no renormalisation moves).
-    ``cum``: the cumulative probabilities of each row sorted in descending order (m x V); ``logq``: their
-    log-probabilities (for min-p)."""
+    warpers' rule for top-p: on the top-k renormalised, a token stays while the mass before it is under p).
+    ``cum``: the cumulative probabilities of each row sorted in descending order (m x V); ``within``: each row's
+    min-p count (:func:`_min_p_counts`), None without min-p."""
     V = cum.shape[1]
     k = V if top_k <= 0 else min(top_k, V)
     if top_p >= 1.0:
@@ -351,11 +349,15 @@ def _kept_counts(cum: torch.Tensor, top_p: float, top_k: int, logq: torch.Tensor
         # (over the whole row: no rank from k on lies under p times the mass of the first k)
         below = torch.searchsorted(cum, top_p * cum[:, k - 1: k], right=False)
         kept = torch.clamp(1 + below[:, 0], max=k)
-    if min_p > 0:
-        # -logq is non-decreasing along a row: the ranks within log(min_p) of the first
-        within = torch.searchsorted(-logq, -(logq[:, :1] + np.log(min_p)), right=True)
-        kept = torch.minimum(kept, within[:, 0].clamp_min(1))
-    return kept
+    return kept if within is None else torch.minimum(kept, within)
+
+
+def _min_p_counts(neg_logq: torch.Tensor, min_p: float) -> torch.Tensor:
+    """How many of each row's most likely tokens min-p keeps: those of at least ``min_p`` times the likeliest one's
+    probability (transformers' rule; a ratio that no renormalisation by top-k or top-p moves). ``neg_logq``: the
+    negated log-probabilities of each row sorted in descending order (non-decreasing along a row)."""
+    within = torch.searchsorted(neg_logq, neg_logq[:, :1] - np.log(min_p), right=True)
+    return within[:, 0].clamp_min(1)
 
 
 def _penalised(logits: torch.Tensor, context: torch.Tensor | None, penalty: float,
@@ -445,8 +447,11 @@ def echo_posterior(t: Target, key: WeightKey, hidden: torch.Tensor, echoes: torc
             top = x.max(1, keepdim=True).values
             pre = torch.cumsum(torch.exp(x - top), 1)
             whole = pre[:, -1]
+            neg = -logq
+            within = {mp: _min_p_counts(neg, mp) for mp in min_ps if mp > 0}
+            del neg
             for p, k, mp in truncations:
-                n = _kept_counts(cum, p, k, logq, mp)
+                n = _kept_counts(cum, p, k, within.get(mp))
                 mass, kept = cum[rows, n - 1], pre[rows, n - 1]
                 inside = torch.log(kept) + top[:, 0]
                 outside = torch.log((whole - kept).clamp_min(0)) + top[:, 0]
