@@ -207,6 +207,26 @@ def test_min_p_and_the_openai_penalties_reach_the_server(stack, openai_client):
     assert greedy.choices[0].message.content != plain.choices[0].message.content, plain   # the penalties act
 
 
+def test_aloe_complete_passes_every_sampling_setting(stack, smollm2_exact, smollm2_path, capsys):
+    """`aloe complete` sends its sampling flags to the server as the client's own settings: min-p 1 leaves the
+    greedy pick under the same penalties, which the library call gives too."""
+    since = len(stack["recorder"].bodies)
+    question = "Write the word cat five times."
+    assert aloe_main(["complete", "--server", stack["server"], "--secret", str(smollm2_exact[1]), "--tokenizer",
+                      str(smollm2_path), "--max-tokens", "8", "--temperature", "1", "--top-p", "0.9", "--top-k", "20",
+                      "--min-p", "1", "--repetition-penalty", "1.1", "--presence-penalty", "0.5",
+                      "--frequency-penalty", "1.5", "--seed", "3", "--json", question]) == 0
+    out = json.loads(capsys.readouterr().out)
+    body = json.loads(stack["recorder"].bodies[since])
+    assert {k: body[k] for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                                 "frequency_penalty", "seed", "max_tokens")} == dict(
+        temperature=1.0, top_p=0.9, top_k=20, min_p=1.0, repetition_penalty=1.1, presence_penalty=0.5,
+        frequency_penalty=1.5, seed=3, max_tokens=8)
+    greedy = stack["client"].complete([{"role": "user", "content": question}], max_tokens=8, temperature=0.0,
+                                      repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=1.5)
+    assert out["token_ids"] == greedy.token_ids and out["text"] == greedy.text
+
+
 @contextlib.contextmanager
 def _serve_on(app, port: int):
     """``app`` on a given loopback port (uvicorn in a thread), so that it can come back at the same address."""
