@@ -101,7 +101,8 @@ def test_penalties_and_min_p_through_the_server_match_the_plain_model(tiny_artif
         assert penalised == plain(1.0, 2.0)
         assert len(set(penalised)) > len(set(greedy)), (greedy, penalised)   # the tiny model repeats itself
         assert client.complete(prompt, max_tokens=16, temperature=1.0, min_p=1.0, seed=4).token_ids == greedy
-        for bad in (dict(min_p=1.5), dict(presence_penalty=-2.5), dict(frequency_penalty=3.0)):
+        for bad in (dict(min_p=1.5), dict(presence_penalty=-2.5), dict(frequency_penalty=3.0), dict(top_p=0.0),
+                    dict(repetition_penalty=0.0)):
             with pytest.raises(AloeError, match=next(iter(bad))):
                 client.complete(prompt, max_tokens=4, **bad)
 

@@ -128,20 +128,15 @@ def answer_reads(t: Target, key: weight_key.WeightKey, server_dir: Path, client,
     answer tokens that tau moves (the end id is not one)."""
     from transformers import AutoModelForCausalLM
 
-    from aloe.obfuscation.client import Sampler
+    from aloe.obfuscation.client import Sampler, check_sampling
     from aloe.obfuscation.client_vocab import local_decode
 
     if sampling is not None:
         sampling = dict(dict(top_p=1.0, top_k=-1, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0,
                              frequency_penalty=0.0), **sampling)
-        if not sampling.get("temperature", 0) > 0 or not 0 < sampling["top_p"] <= 1:
-            raise AloeError("sampling needs a temperature > 0 and a top_p in (0, 1]")
-        if not 0 <= sampling["min_p"] <= 1:
-            raise AloeError("sampling needs a min_p in [0, 1]")
-        if not sampling["repetition_penalty"] > 0:
-            raise AloeError("sampling needs a repetition_penalty > 0")
-        if not all(-2 <= sampling[k] <= 2 for k in ("presence_penalty", "frequency_penalty")):
-            raise AloeError("sampling needs presence and frequency penalties in [-2, 2]")
+        if not sampling.get("temperature", 0) > 0:
+            raise AloeError("sampling needs a temperature > 0")
+        check_sampling(sampling)
 
     body = AutoModelForCausalLM.from_pretrained(str(server_dir), dtype=torch.float32).eval()
     inv = np.argsort(tau)

@@ -237,11 +237,7 @@ class PrivateClient:
                 raise AloeError(f"'{key}' is not supported: {REFUSED[key]}")
             raise AloeError(f"unknown sampling parameter {key!r}")
         s = sampling
-        if not 0.0 <= s["min_p"] <= 1.0:
-            raise AloeError(f"min_p must lie in [0, 1], got {s['min_p']}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2.0 <= s[name] <= 2.0:
-                raise AloeError(f"{name} must lie in [-2, 2], got {s[name]}")
+        check_sampling(s)
         bias = {self.map.tau[int(k)]: float(v) for k, v in (logit_bias or {}).items()}
         stops = self.map.to_server(stop_token_ids)
         if self.backend == "embeds":
@@ -405,6 +401,20 @@ class PrivateClient:
         text = self.detokenize(plain_out)
         return Completion(text, plain_out, finish, server_prompt, out_ids,
                           {"client_map_seconds": t_map + t_unmap, "server_seconds": t_server})
+
+
+def check_sampling(s: dict) -> None:
+    """Refuse sampling settings outside the ranges OpenAI's API and vLLM accept (``top_p``, ``min_p``,
+    ``repetition_penalty``, ``presence_penalty``, ``frequency_penalty``) with a one-line error."""
+    if not 0.0 < s["top_p"] <= 1.0:
+        raise AloeError(f"top_p must lie in (0, 1], got {s['top_p']}")
+    if not 0.0 <= s["min_p"] <= 1.0:
+        raise AloeError(f"min_p must lie in [0, 1], got {s['min_p']}")
+    if not s["repetition_penalty"] > 0:
+        raise AloeError(f"repetition_penalty must be > 0, got {s['repetition_penalty']}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not -2.0 <= s[name] <= 2.0:
+            raise AloeError(f"{name} must lie in [-2, 2], got {s[name]}")
 
 
 class OutputPenalty:
