@@ -16,6 +16,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
+from aloe.attacks.risk import TABLE
 from aloe.cli import main as aloe_main
 from aloe.obfuscation.client import IncrementalDecoder, TokenMap
 from aloe.obfuscation.secret import Secret, load_secret, save_secret
@@ -336,8 +337,17 @@ def test_chat_page_in_a_headless_browser(stack, tmp_path):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     client = stack["client"]
+    wait = WebDriverWait(driver, 180)
     try:
         driver.get(stack["proxy"] + "/")
+        # the header says how much of what the server sees the strongest measured attack read on its profile
+        info = httpx.get(stack["proxy"] + "/aloe/info").json()
+        shipped = json.loads(TABLE.read_text())["profiles"]["exact"]["recovery"]
+        assert (info["privacy"]["profile"], info["privacy"]["attack"], info["privacy"]["recovery"]) == (
+            "exact", *max(shipped.items(), key=lambda kv: kv[1]))
+        wait.until(lambda d: info["privacy"]["text"] in d.find_element(By.ID, "privacy").text)
+        assert "reads 100.0% of the vocabulary" in driver.find_element(By.ID, "privacy").text
+        assert stack["server"] in driver.find_element(By.TAG_NAME, "header").text
         # every change of the latest answer's text, as the page shows it while the answer streams in
         driver.execute_script("""
             window.answerLengths = [];
@@ -351,7 +361,6 @@ def test_chat_page_in_a_headless_browser(stack, tmp_path):
         driver.find_element(By.ID, "max-tokens").send_keys("16")
         box.send_keys(QUESTION)
         box.send_keys(Keys.ENTER)
-        wait = WebDriverWait(driver, 180)
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant.done, .msg.error"))
         assert not driver.find_elements(By.CSS_SELECTOR, ".msg.error"), driver.find_element(By.ID, "history").text
         answer = driver.find_element(By.CSS_SELECTOR, ".msg.assistant .body").get_attribute("textContent")
@@ -364,12 +373,26 @@ def test_chat_page_in_a_headless_browser(stack, tmp_path):
         assert ids == client.map.to_server(client.chat_ids(QUESTION))
         assert driver.find_element(By.ID, "server-prompt-text").text
         assert "capital of France" not in driver.find_element(By.ID, "server-pane").text
-        # a second question: the conversation stays on the page and goes to the server as history
+        # a second question, with every sampling setting of the page: the conversation stays on the page and goes
+        # to the server as history, and the settings reach the server as they were typed
+        driver.find_element(By.CSS_SELECTOR, "#sampling summary").click()
+        settings = {"top-p": "0.9", "top-k": "5", "min-p": "0.1", "repetition-penalty": "1.1",
+                    "presence-penalty": "0.5", "frequency-penalty": "0.5", "seed": "7"}
+        for field, value in settings.items():
+            driver.find_element(By.ID, field).clear()
+            driver.find_element(By.ID, field).send_keys(value)
+        since = len(stack["recorder"].bodies)
         second = "And what is the capital of Italy?"
         box.send_keys(second)
         box.send_keys(Keys.ENTER)
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant.done, .msg.error")) == 2)
         assert not driver.find_elements(By.CSS_SELECTOR, ".msg.error"), driver.find_element(By.ID, "history").text
+        sent = [json.loads(b) for b in stack["recorder"].bodies[since:] if b]
+        assert len(sent) == 1
+        assert {k: sent[0][k] for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                                        "presence_penalty", "frequency_penalty", "seed")} == dict(
+            temperature=0.0, top_p=0.9, top_k=5, min_p=0.1, repetition_penalty=1.1, presence_penalty=0.5,
+            frequency_penalty=0.5, seed=7)
         conversation = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": answer},
                         {"role": "user", "content": second}]
         sent = json.dumps(client.map.to_server(client.chat_ids(conversation)), separators=(",", ":"))
@@ -395,5 +418,62 @@ def test_chat_page_in_a_headless_browser(stack, tmp_path):
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.error"))
         assert "refused" in driver.find_element(By.CSS_SELECTOR, ".msg.error").text
         assert shown("user") == [QUESTION, second, "Again?"] and shown("assistant") == answers
+        # a setting the proxy refuses: its one-line reason is shown and nothing reaches the server
+        since = len(stack["recorder"].bodies)
+        driver.find_element(By.ID, "max-tokens").clear()
+        driver.find_element(By.ID, "max-tokens").send_keys("64")
+        driver.find_element(By.ID, "top-p").clear()
+        driver.find_element(By.ID, "top-p").send_keys("0")
+        box.send_keys("Once more?")
+        box.send_keys(Keys.ENTER)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.error")) == 2)
+        assert "top_p" in driver.find_elements(By.CSS_SELECTOR, ".msg.error")[-1].text
+        assert len(stack["recorder"].bodies) == since and shown("assistant") == answers
+        driver.find_element(By.ID, "top-p").clear()
+        driver.find_element(By.ID, "top-p").send_keys("1")
+        # Stop, as soon as the answer starts to stream in: the part received stays in the conversation, the proxy
+        # closes the server's stream (and records the exchange as cancelled), and the chat goes on
+        box.send_keys("Tell me a long story about a brave little cat.")
+        box.send_keys(Keys.ENTER)
+        streaming = ".msg.assistant.streaming .body"
+        WebDriverWait(driver, 180, poll_frequency=0.02).until(
+            lambda d: any(e.get_attribute("textContent") for e in d.find_elements(By.CSS_SELECTOR, streaming)))
+        driver.find_element(By.ID, "stop").click()
+        wait.until(lambda d: "stopped by you" in d.find_element(By.ID, "server-output-count").text)
+        partial = driver.find_element(By.CSS_SELECTOR, ".msg.assistant.stopped .body").get_attribute("textContent")
+        last = httpx.get(stack["proxy"] + "/aloe/last-exchange").json()["exchange"]
+        assert last["finish_reason"] == "cancelled" and 0 < len(last["server_output_ids"]) < 64, last
+        assert partial and driver.find_element(By.ID, "stop").get_attribute("disabled")
+        box.send_keys("Thanks.")
+        box.send_keys(Keys.ENTER)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant.done")) == 4)
+        assert len(driver.find_elements(By.CSS_SELECTOR, ".msg.error")) == 2
+        conversation += [{"role": "assistant", "content": answers[1]},
+                         {"role": "user", "content": "Tell me a long story about a brave little cat."},
+                         {"role": "assistant", "content": partial}, {"role": "user", "content": "Thanks."}]
+        sent = json.dumps(client.map.to_server(client.chat_ids(conversation)), separators=(",", ":"))
+        wait.until(lambda d: d.find_element(By.ID, "server-prompt-ids").get_attribute("textContent") == sent)
     finally:
         driver.quit()
+
+
+def test_privacy_statement_says_only_what_was_measured():
+    """The page's line on how much the server reads: the strongest measured attack of the profile the server
+    names, and otherwise that it is not stated or not measured (never a figure that was not measured)."""
+    from types import SimpleNamespace
+
+    from aloe.serving.proxy import privacy_statement
+
+    measured = {"status": "measured", "measured_as": "private", "measured_on": "SmolLM2-135M-Instruct",
+                "recovery": {"vma": 0.2, "weight-key": 0.9999, "ia": 0.18}}
+    said = {"profile": {"name": "private"}, "measured_risk": measured}
+    s = privacy_statement(SimpleNamespace(backend="openai", artifact=said))
+    assert (s["attack"], s["recovery"], s["sees"]) == ("weight-key", 0.9999, "obfuscated token ids")
+    assert "strongest attack of the suite (weight-key) reads 100.0% of the vocabulary" in s["text"]
+    other = {"profile": {"name": "private"}, "measured_risk": {"status": "not measured", "measured_on": "SmolLM2"}}
+    s = privacy_statement(SimpleNamespace(backend="openai", artifact=other))
+    assert s["recovery"] is None and "not measured for this model" in s["text"] and "SmolLM2" in s["text"]
+    s = privacy_statement(SimpleNamespace(backend="llama.cpp", artifact={}))
+    assert s["recovery"] is None and "does not say which profile" in s["text"] and "llama.cpp" in s["text"]
+    s = privacy_statement(SimpleNamespace(backend="embeds", artifact=said))
+    assert s["recovery"] is None and "input vectors" in s["sees"] and "does not state it" in s["text"]

@@ -176,6 +176,7 @@ class PrivateClient:
         self.server = server.rstrip("/")
         self.backend = backend
         self.model = model
+        self.artifact: dict = {}  # what the server said of its artifact on verify() (aloe serve only): profile, risk
         self.http = httpx.Client(timeout=timeout)
 
     # -- local text handling -------------------------------------------------------------------------------------
@@ -218,6 +219,7 @@ class PrivateClient:
             models = info.get("data") or [{}]
             self.model = self.model or models[0].get("id")
             aloe = models[0].get("aloe") or {}
+            self.artifact = aloe
             fp = aloe.get("secret_fingerprint")
             if fp is not None and fp != self.secret.fingerprint:
                 raise AloeError("the server's model was not made with this secret (fingerprint mismatch)")

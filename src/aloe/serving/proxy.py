@@ -4,8 +4,9 @@ Apps talk to the proxy as to any OpenAI server (``/v1/chat/completions``, ``/v1/
 streaming or not). The proxy holds the secret: it applies the chat template, maps the prompt ids with tau, sends
 token ids to the untrusted server through :class:`~aloe.obfuscation.client.PrivateClient`, maps the answer back,
 detokenizes incrementally and applies stop *strings* on the plain text. It listens on loopback only; the secret
-never appears in a response or a log line. ``/`` is a chat page and ``/aloe/last-exchange`` shows what the server
-saw and sent for the latest request (obfuscated ids and their meaningless text).
+never appears in a response or a log line. ``/`` is a chat page, ``/aloe/last-exchange`` shows what the server
+saw and sent for the latest request (obfuscated ids and their meaningless text), and ``/aloe/info`` says which
+server the proxy talks to and how much of what it sees the suite's strongest attack read on its profile.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from importlib import resources
 from typing import Literal
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -162,6 +164,10 @@ class Proxy:
                     break
             if not cutter.stopped and (piece := cutter.push(decoder.flush()) + cutter.flush()):
                 yield piece
+        except GeneratorExit:  # the app went away mid-answer (the page's Stop): the server's stream is closed below
+            tokens.close()
+            self.record(stream, "cancelled")
+            raise
         finally:
             tokens.close()
         finish = "stop" if cutter.stopped else (stream.finish_reason or "length")
@@ -169,6 +175,58 @@ class Proxy:
         n_out = len(stream.token_ids)
         yield {"finish_reason": finish, "usage": {"prompt_tokens": len(stream.prompt_ids), "completion_tokens": n_out,
                                                   "total_tokens": len(stream.prompt_ids) + n_out}}
+
+
+class _ClosingStream(StreamingResponse):
+    """A streamed answer whose generator is closed as soon as the response ends, the app gone away included (the
+    chat page's Stop), so that the server's stream is closed then and not whenever the generator is collected."""
+
+    def __init__(self, events: Iterator[str], **kwargs) -> None:
+        super().__init__(events, **kwargs)
+        self.events = events
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._close)
+
+    def _close(self) -> None:
+        while self.events.gi_running:  # the piece being read when the app went away: it comes within a token
+            time.sleep(0.005)
+        self.events.close()
+
+
+def privacy_statement(client: PrivateClient) -> dict:
+    """What the chat page says of how much the server can read: the profile the server says it serves and the
+    recovery of the suite's strongest attack on it, as measured (``benchmarks/privacy.py``, carried by the artifact),
+    or that it is not stated. Never a claim the measurement does not make."""
+    art = client.artifact or {}
+    profile = (art.get("profile") or {}).get("name") or None
+    risk = art.get("measured_risk") or {}
+    out = {"profile": profile, "attack": None, "recovery": None, "measured_as": None, "measured_on": None}
+    if client.backend == "embeds":
+        sees = "input vectors and returns final hidden states (the client holds the vocabulary)"
+        text = ("How much of them a server holding the public model reads is measured in docs/attacks.md "
+                "(client-held vocabulary); the server does not state it.")
+        return dict(out, sees=sees, text=text)
+    sees = "obfuscated token ids"
+    if not art:
+        text = (f"The server does not say which profile it serves ({client.backend} backend), so how much of the ids "
+                "it can read is not stated here; docs/attacks.md has the measured figures per profile.")
+    elif risk.get("status") == "measured" and risk.get("recovery"):
+        attack, rec = max(risk["recovery"].items(), key=lambda kv: kv[1])
+        on = f" on {risk['measured_on']}" if risk.get("measured_on") else ""
+        out.update(attack=attack, recovery=float(rec), measured_as=risk.get("measured_as"),
+                   measured_on=risk.get("measured_on"))
+        text = (f"Profile '{profile}', measured as '{risk.get('measured_as')}'{on}: the strongest attack of the "
+                f"suite ({attack}) reads {100 * rec:.1f}% of the vocabulary.")
+    else:
+        where = (f" for this model (the profiles were measured on {risk['measured_on']})"
+                 if risk.get("measured_on") else "")
+        text = f"Profile '{profile or 'unnamed'}': how much of the ids a server can read is not measured{where}."
+    return dict(out, sees=sees, text=text)
 
 
 def _server_failure(exc: Exception) -> ProxyError:
@@ -259,7 +317,7 @@ def create_proxy_app(client: PrivateClient, default_max_tokens: int = 256) -> Fa
                 pieces.close()
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+        return _ClosingStream(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
     @app.get("/v1/models")
     def models():
@@ -330,6 +388,11 @@ def create_proxy_app(client: PrivateClient, default_max_tokens: int = 256) -> Fa
                     "model": proxy.model, "choices": [choice(text, end["finish_reason"])], "usage": end["usage"]}
 
         return respond(pieces, req, chunk, final)
+
+    @app.get("/aloe/info")
+    def info():
+        return {"model": proxy.model, "backend": client.backend, "server": client.server,
+                "privacy": privacy_statement(client)}
 
     @app.get("/aloe/last-exchange")
     def last_exchange():

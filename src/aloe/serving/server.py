@@ -261,7 +261,8 @@ def create_app(model_dir: Path, limits: Limits | None = None, threads: int | Non
     def models():
         entry = {"id": engine.name, "object": "model", "owned_by": "aloe", "max_model_len": engine.context}
         if engine.manifest:
-            entry["aloe"] = {k: engine.manifest.get(k) for k in ("format", "secret_fingerprint", "profile")}
+            said = ("format", "secret_fingerprint", "profile", "measured_risk")  # public: no part of the secret
+            entry["aloe"] = {k: engine.manifest.get(k) for k in said}
             entry["aloe"].update(client_held_vocabulary=engine.client_held, hidden_size=engine.hidden_size)
         return {"object": "list", "data": [entry]}
 

@@ -4,6 +4,42 @@
 
 const conversation = [];
 const $ = (id) => document.getElementById(id);
+let inFlight = null;  // the AbortController of the answer streaming in, if any
+let chats = 0;        // how many times "New chat" was pressed: a turn from before it is dropped
+
+// the sampling settings as the proxy's OpenAI API names them; a blank field is left to the proxy's default
+const SETTINGS = [
+  ["temperature", "temperature", parseFloat], ["top-p", "top_p", parseFloat], ["top-k", "top_k", Number],
+  ["min-p", "min_p", parseFloat], ["repetition-penalty", "repetition_penalty", parseFloat],
+  ["presence-penalty", "presence_penalty", parseFloat], ["frequency-penalty", "frequency_penalty", parseFloat],
+  ["seed", "seed", Number],
+];
+
+function sampling() {
+  const out = {};
+  for (const [id, key, parse] of SETTINGS) {
+    const raw = $(id).value.trim();
+    if (raw === "") {
+      if ($(id).validity.badInput) throw new Error(`${key}: not a number`);
+      continue;
+    }
+    const value = parse(raw);
+    if (!Number.isFinite(value)) throw new Error(`${key}: not a number`);
+    out[key] = value;
+  }
+  return out;
+}
+
+async function showInfo() {
+  try {
+    const info = await (await fetch("/aloe/info")).json();
+    $("server-name").textContent = `(${info.server}, ${info.backend})`;
+    $("server-sees").textContent = info.privacy.sees;
+    $("privacy").textContent = "How much of them it can still read: " + info.privacy.text;
+  } catch (err) {
+    $("privacy").textContent = "How much of them it can still read: the proxy did not say (" + err + ")";
+  }
+}
 
 function addMessage(role, text) {
   const div = document.createElement("div");
@@ -28,23 +64,29 @@ function errorText(status, raw) {
   return `${status ? status + ": " : ""}${raw || "request failed"}`;
 }
 
-async function showServerView() {
+async function showServerView(since) {
   try {
-    const r = await fetch("/aloe/last-exchange");
-    const x = (await r.json()).exchange;
+    let x = null;
+    // a stopped answer is recorded by the proxy once it has closed the server's stream: wait for it, briefly
+    for (let tries = 0; tries < 20; tries++) {
+      x = (await (await fetch("/aloe/last-exchange")).json()).exchange;
+      if (!since || (x && x.time >= since)) break;
+      await new Promise((done) => setTimeout(done, 100));
+    }
     if (!x) return;
     $("server-prompt-text").textContent = x.server_prompt_text;
     $("server-prompt-ids").textContent = JSON.stringify(x.server_prompt_ids);
     $("server-prompt-count").textContent = `(${x.server_prompt_ids.length} ids)`;
     $("server-output-text").textContent = x.server_output_text;
     $("server-output-ids").textContent = JSON.stringify(x.server_output_ids);
-    $("server-output-count").textContent = `(${x.server_output_ids.length} ids)`;
+    const finish = x.finish_reason === "cancelled" ? ", stopped by you" : "";
+    $("server-output-count").textContent = `(${x.server_output_ids.length} ids${finish})`;
   } catch (err) {
     addMessage("error", "could not read the server view: " + err);
   }
 }
 
-async function ask(question) {
+async function ask(question, settings) {
   conversation.push({ role: "user", content: question });
   addMessage("user", question);
   const out = addMessage("assistant", "");
@@ -52,13 +94,18 @@ async function ask(question) {
   const body = {
     messages: conversation, stream: true,
     max_tokens: Math.max(1, parseInt($("max-tokens").value, 10) || 64),
-    temperature: Math.max(0, parseFloat($("temperature").value) || 0),
+    ...settings,
   };
+  const since = Date.now() / 1000, chat = chats;
   let answer = "";
   let failed = null;
+  let stopped = false;
+  inFlight = new AbortController();
+  $("stop").disabled = false;
   try {
     const resp = await fetch("/v1/chat/completions", {
       method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body),
+      signal: inFlight.signal,
     });
     if (!resp.ok) {
       failed = errorText(resp.status, await resp.text());
@@ -91,9 +138,18 @@ async function ask(question) {
       }
     }
   } catch (err) {
-    failed = "the proxy did not answer: " + err;
+    if (err.name === "AbortError") stopped = true;
+    else failed = "the proxy did not answer: " + err;
   }
+  inFlight = null;
+  $("stop").disabled = true;
+  if (chat !== chats) return;
   out.parentElement.classList.remove("streaming");
+  if (stopped) {
+    out.parentElement.classList.add("stopped");
+    out.previousSibling.textContent = "assistant (stopped)";
+    if (!answer) out.parentElement.remove();
+  }
   if (failed) {
     addMessage("error", failed);
     if (!answer) out.parentElement.remove();
@@ -104,20 +160,36 @@ async function ask(question) {
     conversation.pop();  // a failed turn is not kept in the conversation
   }
   out.parentElement.classList.add("done");
-  await showServerView();
+  await showServerView(stopped ? since : 0);
 }
 
 $("ask").addEventListener("submit", async (ev) => {
   ev.preventDefault();
   const question = $("question").value.trim();
   if (!question) return;
+  let settings;
+  try {
+    settings = sampling();
+  } catch (err) {
+    addMessage("error", err.message);  // nothing is sent, and the question stays in the box
+    return;
+  }
   $("question").value = "";
   $("send").disabled = true;
-  try { await ask(question); } finally { $("send").disabled = false; $("question").focus(); }
+  try { await ask(question, settings); } finally { $("send").disabled = false; $("question").focus(); }
 });
+
+$("stop").addEventListener("click", () => { if (inFlight) inFlight.abort(); });
 
 $("question").addEventListener("keydown", (ev) => {
   if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); $("ask").requestSubmit(); }
 });
 
-$("clear").addEventListener("click", () => { conversation.length = 0; $("history").replaceChildren(); });
+$("clear").addEventListener("click", () => {
+  chats += 1;
+  if (inFlight) inFlight.abort();
+  conversation.length = 0;
+  $("history").replaceChildren();
+});
+
+showInfo();
