@@ -107,6 +107,34 @@ def test_penalties_and_min_p_through_the_server_match_the_plain_model(tiny_artif
                 client.complete(prompt, max_tokens=4, **bad)
 
 
+def test_logit_bias_comes_before_the_repetition_penalty(tiny_artifact):
+    """The server applies logit_bias before the penalties, as llama.cpp, vLLM and the client's own sampler do (the
+    repetition penalty scales a logit, so the order shows): the greedy answer through the obfuscated server is the
+    plain model's with the bias first, not with the penalty first."""
+    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+    from aloe.serving.server import _Bias
+
+    plain_dir, obf_dir, secret = tiny_artifact
+    model = AutoModelForCausalLM.from_pretrained(plain_dir, dtype=torch.float32).eval()
+    prompt = [7, 33, 12, 80, 41]
+    x = torch.tensor([prompt])
+
+    def plain(*processors):
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=16, do_sample=False,
+                             eos_token_id=2, pad_token_id=2, logits_processor=LogitsProcessorList(processors))
+        return out[0, len(prompt):].tolist()
+
+    favoured = plain()[0]   # the greedy answer repeats it; a small bias keeps it on top only with the penalty first
+    bias, rep = {favoured: 0.3}, RepetitionPenaltyLogitsProcessor(3.0)
+    bias_first, penalty_first = plain(_Bias(bias), rep), plain(rep, _Bias(bias))
+    assert bias_first != penalty_first   # the order matters here
+    with server_thread(obf_dir) as url:
+        client = PrivateClient(url, secret, IdTokenizer())
+        got = client.complete(prompt, max_tokens=16, temperature=0.0, repetition_penalty=3.0, logit_bias=bias)
+        assert got.token_ids == bias_first
+
+
 def test_output_penalty_counts_the_reply_only():
     from aloe.obfuscation.client import OutputPenalty, Sampler
 

@@ -24,7 +24,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
-from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 from transformers.generation.streamers import BaseStreamer
 
 from aloe import AloeError
@@ -210,16 +217,18 @@ class TransformersEngine:
                           top_k=req.top_k if req.top_k > 0 else 0, min_p=req.min_p or None)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if req.repetition_penalty != 1.0:
-            kwargs["repetition_penalty"] = req.repetition_penalty
-        processors = []   # generate runs them after its own penalties, before temperature and truncation
-        if req.presence_penalty or req.frequency_penalty:
-            processors.append(OutputPenalty(req.presence_penalty, req.frequency_penalty))
+        # logit_bias first, then the penalties (llama.cpp's and vLLM's order, and the client's own sampler's), then
+        # generate's temperature and truncation; the request's repetition penalty replaces any the checkpoint's
+        # generation config sets, which generate would otherwise run before the bias
+        kwargs["repetition_penalty"] = 1.0
+        processors = []
         if req.logit_bias:
             processors.append(_Bias({int(k): v for k, v in req.logit_bias.items()}))
+        if req.repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(req.repetition_penalty))
+        if req.presence_penalty or req.frequency_penalty:
+            processors.append(OutputPenalty(req.presence_penalty, req.frequency_penalty))
         if processors:
-            from transformers import LogitsProcessorList
-
             kwargs["logits_processor"] = LogitsProcessorList(processors)
         ids = torch.tensor([req.prompt], dtype=torch.long)
         try:
