@@ -1,5 +1,7 @@
 """More architectures on tiny random float64 models: Qwen3 (QK-norm), MoE (Qwen3-MoE, Qwen2-MoE with a shared
-expert, Mixtral) and Gemma 3 (sandwich norms, (1 + w) norms, GeGLU, scaled embedding, sliding layers).
+expert, Mixtral), Gemma 3 (sandwich norms, (1 + w) norms, GeGLU, scaled embedding, sliding layers), Gemma 2 (the
+same without QK-norm, with attention and final logit soft-capping), Mistral and Ministral (sliding windows), Granite
+(embedding, residual, attention and logit multipliers) and SmolLM3 (layers without RoPE).
 
 Each obfuscated checkpoint is loaded by stock transformers (``AutoModelForCausalLM``, no aloe code) and its
 de-permuted logits must equal the plain model's to 1e-9 through prefill and KV-cache decode; the float32 conversion
@@ -15,17 +17,27 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
     Gemma3TextConfig,
+    GraniteConfig,
+    MinistralConfig,
+    MistralConfig,
     MixtralConfig,
     Qwen2MoeConfig,
     Qwen3Config,
     Qwen3MoeConfig,
+    SmolLM3Config,
 )
+from transformers.models.gemma2 import modeling_gemma2
 from transformers.models.gemma3 import modeling_gemma3
+from transformers.models.granite import modeling_granite
+from transformers.models.ministral import modeling_ministral
+from transformers.models.mistral import modeling_mistral
 from transformers.models.mixtral import modeling_mixtral
 from transformers.models.qwen2_moe import modeling_qwen2_moe
 from transformers.models.qwen3 import modeling_qwen3
 from transformers.models.qwen3_moe import modeling_qwen3_moe
+from transformers.models.smollm3 import modeling_smollm3
 
 from aloe import AloeError
 from aloe.obfuscation import model as conversion
@@ -63,6 +75,23 @@ CONFIGS = {
         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
         rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+    "gemma2": lambda: Gemma2Config(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, vocab_size=97, sliding_window=4, query_pre_attn_scalar=8, attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0),
+    "mistral": lambda: MistralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, head_dim=8, vocab_size=97, sliding_window=4,
+                                     tie_word_embeddings=False),
+    "ministral": lambda: MinistralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=97,
+                                         sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
+    "granite": lambda: GraniteConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, vocab_size=97, embedding_multiplier=12.0,
+                                     residual_multiplier=0.22, attention_multiplier=0.0156, logits_scaling=8.0,
+                                     tie_word_embeddings=True),
+    "smollm3": lambda: SmolLM3Config(hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                                     num_key_value_heads=2, vocab_size=97, no_rope_layer_interval=2,
+                                     tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2),
 }
 EAGER = {"experts_implementation": "eager"}   # the grouped-matmul experts take no float64 on CPU
 ROUTERS = {"qwen3-moe": "mlp.gate", "qwen2-moe-shared": "mlp.gate", "mixtral": "mlp.gate"}
@@ -84,9 +113,11 @@ def _router_native_dtype(self, hidden_states):
 @pytest.fixture
 def float64_everywhere(monkeypatch):
     for cls in (modeling_qwen3.Qwen3RMSNorm, modeling_qwen3_moe.Qwen3MoeRMSNorm, modeling_qwen2_moe.Qwen2MoeRMSNorm,
-                modeling_mixtral.MixtralRMSNorm):
+                modeling_mixtral.MixtralRMSNorm, modeling_mistral.MistralRMSNorm, modeling_ministral.MinistralRMSNorm,
+                modeling_granite.GraniteRMSNorm, modeling_smollm3.SmolLM3RMSNorm):
         monkeypatch.setattr(cls, "forward", _rms_norm_native_dtype)
-    monkeypatch.setattr(modeling_gemma3.Gemma3RMSNorm, "forward", _gemma_norm_native_dtype)
+    for cls in (modeling_gemma3.Gemma3RMSNorm, modeling_gemma2.Gemma2RMSNorm):
+        monkeypatch.setattr(cls, "forward", _gemma_norm_native_dtype)
     for cls in (modeling_qwen3_moe.Qwen3MoeTopKRouter, modeling_qwen2_moe.Qwen2MoeTopKRouter,
                 modeling_mixtral.MixtralTopKRouter):
         monkeypatch.setattr(cls, "forward", _router_native_dtype)
@@ -152,7 +183,8 @@ def test_exact_profile_is_exact_through_prefill_and_kv_cache_decode(tmp_path, fl
 # relative to that tensor's largest entry (measured: <= 3.5e-7), as tests/test_obfuscation_streaming.py bounds Qwen2
 F32_LOGIT_TOL = 2e-6
 F32_TENSOR_TOL = 5e-6
-F32_KINDS = ("qwen3", "qwen3-bias-mqa-tied", "qwen3-moe", "qwen2-moe-shared", "mixtral", "gemma3")
+F32_KINDS = ("qwen3", "qwen3-bias-mqa-tied", "qwen3-moe", "qwen2-moe-shared", "mixtral", "gemma3", "gemma2",
+             "granite", "smollm3")
 
 
 @pytest.mark.parametrize("kind", F32_KINDS)
@@ -299,8 +331,9 @@ def test_stock_configs_and_refusals(tmp_path):
     phi = tmp_path / "phi"
     phi.mkdir()
     (phi / "config.json").write_text(json.dumps({"model_type": "phi3", "architectures": ["Phi3ForCausalLM"]}))
-    with pytest.raises(AloeError, match="unsupported architecture.*Qwen3ForCausalLM, Qwen3MoeForCausalLM, "
-                                        "Qwen2MoeForCausalLM, MixtralForCausalLM, Gemma3ForCausalLM"):
+    with pytest.raises(AloeError, match="unsupported architecture.*MistralForCausalLM.*Qwen3ForCausalLM, "
+                                        "Qwen3MoeForCausalLM, Qwen2MoeForCausalLM, MixtralForCausalLM, "
+                                        "Gemma2ForCausalLM, Gemma3ForCausalLM"):
         obfuscate_checkpoint(phi, tmp_path / "o3", tmp_path / "s3.json", EXACT, progress=False)
 
     relu = tmp_path / "relu"

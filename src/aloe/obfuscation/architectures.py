@@ -77,6 +77,10 @@ class ArchSpec:
 
 SPECS: dict[str, ArchSpec] = {s.model_type: s for s in (
     ArchSpec("llama", "LlamaForCausalLM", "llama", "LlamaRotaryEmbedding"),
+    ArchSpec("mistral", "MistralForCausalLM", "mistral", "MistralRotaryEmbedding"),
+    ArchSpec("ministral", "MinistralForCausalLM", "ministral", "MinistralRotaryEmbedding"),
+    ArchSpec("granite", "GraniteForCausalLM", "granite", "GraniteRotaryEmbedding"),
+    ArchSpec("smollm3", "SmolLM3ForCausalLM", "smollm3", "SmolLM3RotaryEmbedding"),
     ArchSpec("qwen2", "Qwen2ForCausalLM", "qwen2", "Qwen2RotaryEmbedding"),
     ArchSpec("qwen3", "Qwen3ForCausalLM", "qwen3", "Qwen3RotaryEmbedding", qk_norm=True),
     ArchSpec("qwen3_moe", "Qwen3MoeForCausalLM", "qwen3_moe", "Qwen3MoeRotaryEmbedding", qk_norm=True,
@@ -84,6 +88,10 @@ SPECS: dict[str, ArchSpec] = {s.model_type: s for s in (
     ArchSpec("qwen2_moe", "Qwen2MoeForCausalLM", "qwen2_moe", "Qwen2MoeRotaryEmbedding", moe=QWEN2_MOE),
     ArchSpec("mixtral", "MixtralForCausalLM", "mixtral", "MixtralRotaryEmbedding", moe=MIXTRAL_MOE,
              moe_ffn_field="intermediate_size"),
+    ArchSpec("gemma2", "Gemma2ForCausalLM", "gemma2", "Gemma2RotaryEmbedding",
+             activations=("gelu_pytorch_tanh",), act_field="hidden_activation", norm_offset=1.0,
+             pre_ffn_norm="pre_feedforward_layernorm", post_attn_norm="post_attention_layernorm",
+             post_ffn_norm="post_feedforward_layernorm", embed_scale=True),
     ArchSpec("gemma3_text", "Gemma3ForCausalLM", "gemma3", "Gemma3RotaryEmbedding",
              activations=("gelu_pytorch_tanh",), act_field="hidden_activation", qk_norm=True, norm_offset=1.0,
              pre_ffn_norm="pre_feedforward_layernorm", post_attn_norm="post_attention_layernorm",
