@@ -1,4 +1,6 @@
-"""llama.cpp's own ``llama-server`` on the obfuscated Qwen3 (QK-norm) and mixture-of-experts architectures.
+"""llama.cpp's own ``llama-server`` on the obfuscated Qwen3 (QK-norm), mixture-of-experts, Mistral and SmolLM3 (layers
+without RoPE) architectures. An obfuscated Gemma 2 or Granite is refused at export: llama.cpp ties Gemma 2's output
+layer to the token embedding, and its Granite converter drops head_dim.
 
 Tiny random models of each architecture get SmolLM2's tokenizer and vocabulary (49152), because llama.cpp's
 ``convert_hf_to_gguf.py`` only exports a tokenizer whose pre-tokenizer it knows. Each is obfuscated with the ``exact``
@@ -25,7 +27,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Gemma2Config,
+    GraniteConfig,
+    MinistralConfig,
+    MistralConfig,
+    MixtralConfig,
+    Qwen2MoeConfig,
+    Qwen3Config,
+    Qwen3MoeConfig,
+    SmolLM3Config,
+)
 
 from aloe import AloeError
 from aloe.obfuscation.client import PrivateClient
@@ -52,12 +66,21 @@ CONFIGS = {
     "qwen2-moe": lambda: Qwen2MoeConfig(intermediate_size=96, moe_intermediate_size=32,
                                         shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
                                         **COMMON),
+    "mistral": lambda: MistralConfig(intermediate_size=96, head_dim=16, **COMMON),
+    "granite": lambda: GraniteConfig(intermediate_size=96, embedding_multiplier=4.0, residual_multiplier=0.5,
+                                     attention_multiplier=0.1, logits_scaling=1.0, **COMMON),
+    "smollm3": lambda: SmolLM3Config(intermediate_size=96, no_rope_layer_interval=2, **COMMON),
+    "ministral": lambda: MinistralConfig(intermediate_size=96, head_dim=16, **COMMON),
+    "gemma2": lambda: Gemma2Config(intermediate_size=96, head_dim=16, query_pre_attn_scalar=16, **COMMON),
 }
-GGUF_ARCH = {"qwen3": "qwen3", "qwen3-moe": "qwen3moe", "mixtral": "llama", "qwen2-moe": "qwen2moe"}
+GGUF_ARCH = {"qwen3": "qwen3", "qwen3-moe": "qwen3moe", "mixtral": "llama", "qwen2-moe": "qwen2moe",
+             "mistral": "llama", "granite": "granite", "smollm3": "smollm3"}
+MOE = ("qwen3-moe", "mixtral", "qwen2-moe")
 EAGER = {"experts_implementation": "eager"}   # the grouped-matmul experts take no float64 on CPU
 PROMPTS = ["The capital of France is", "Give me three tips for a job interview."]
 N_TOKENS = 12
-SEEDS = {"qwen3": 3, "qwen3-moe": 3, "mixtral": 0, "qwen2-moe": 0}   # init seeds with decisive greedy runs
+SEEDS = {"qwen3": 3, "qwen3-moe": 3, "mixtral": 0, "qwen2-moe": 0,   # init seeds with decisive greedy runs
+         "mistral": 0, "smollm3": 0}
 MIN_MARGIN = 0.04    # top-1 minus top-2 logit at every plain greedy step (the top logits are about 35, the std 8)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
@@ -135,7 +158,7 @@ def llama_server_bin():
 
 
 @pytest.mark.parametrize("kind", [
-    "qwen3", "qwen3-moe", "mixtral",
+    "qwen3", "qwen3-moe", "mixtral", "mistral", "smollm3",
     pytest.param("qwen2-moe", marks=pytest.mark.xfail(
         strict=True, raises=LlamaCppRefused,
         reason="llama.cpp's qwen2moe loader assumes n_head * head_dim == n_embd (attn_q is n_embd x n_embd)")),
@@ -162,7 +185,7 @@ def test_llama_server_on_obfuscated_gguf_gives_the_plain_greedy_tokens(kind, lla
     assert meta[f"{a}.attention.key_length"] == meta[f"{a}.attention.value_length"] == 16
     assert tensors["blk.0.attn_q.weight"][0] == (cfg.hidden_size + 2 * H, 4 * 16)
     assert tensors["token_embd.weight"][0] == (cfg.hidden_size + 2 * H, VOCAB)
-    if kind != "qwen3":
+    if kind in MOE:
         assert meta[f"{a}.expert_count"] == 4 and meta[f"{a}.expert_used_count"] == 2
     buf.close()
 
@@ -173,3 +196,22 @@ def test_llama_server_on_obfuscated_gguf_gives_the_plain_greedy_tokens(kind, lla
             got = client.complete(ids, max_tokens=N_TOKENS, temperature=0.0)
             assert got.token_ids == want, (kind, tok.decode(ids), got.token_ids, want)
             assert got.server_prompt_ids != ids and got.server_output_ids != want
+
+
+@pytest.mark.parametrize("kind,reason", [("gemma2", "cannot serve an obfuscated Gemma2ForCausalLM"),
+                                         ("granite", "cannot serve an obfuscated GraniteForCausalLM"),
+                                         ("ministral", "MinistralForCausalLM")])
+def test_export_refuses_what_llama_cpp_would_serve_wrong(kind, reason, smollm2_path, tmp_path):
+    """llama.cpp's Gemma 2 takes its output layer from the token embedding (its converter drops lm_head), which
+    would answer wrong tokens for an obfuscated model, whose head has its own key; its Granite converter drops
+    head_dim, which the widened hidden size needs; its converter does not know Ministral. The export says so, in one
+    line, and writes nothing."""
+    plain_dir = tiny_model_with_smollm2_vocab(kind, tmp_path / "plain", smollm2_path)
+    obfuscate_checkpoint(plain_dir, tmp_path / "obf", tmp_path / "secret.json", EXACT, progress=False)
+    out = tmp_path / "obf.gguf"
+    res = subprocess.run([sys.executable, "-m", "aloe.cli", "export", "gguf", str(tmp_path / "obf"), str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and not out.exists() and not list(tmp_path.glob(".obf.gguf*"))
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and reason in err[0], err
+    assert kind == "ministral" or "aloe serve" in err[0]

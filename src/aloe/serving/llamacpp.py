@@ -7,6 +7,7 @@ vocabulary unmodified (its Python server cannot: it neither accepts nor returns 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -130,6 +131,16 @@ def mark_partial_utf8_tokens(gguf_file: Path) -> int:
     return marked
 
 
+# architectures that llama.cpp serves only in a form an obfuscated checkpoint does not have (read in its source):
+# the answer would be wrong or the load would fail, so the export refuses them
+NOT_FOR_OBFUSCATED = {
+    "Gemma2ForCausalLM": "its Gemma 2 model ties the output layer to the token embedding, and the converter drops "
+                         "lm_head, while the obfuscated model's head differs from its embedding",
+    "GraniteForCausalLM": "its Granite converter drops head_dim, so llama.cpp would cut the widened hidden size "
+                          "into heads of the wrong size",
+}
+
+
 def export_gguf(model_dir: Path, out_file: Path, *, outtype: str = "f32") -> Path:
     """Convert a (plain or obfuscated) HF folder to GGUF with llama.cpp's own converter and its own gguf-py. For an
     aloe artifact, the tokens llama-server would hold back from its stream are marked
@@ -139,6 +150,10 @@ def export_gguf(model_dir: Path, out_file: Path, *, outtype: str = "f32") -> Pat
     model_dir, out_file = Path(model_dir), Path(out_file)
     if not (model_dir / "config.json").is_file():
         raise AloeError(f"{model_dir} is not a Hugging Face model folder (no config.json)")
+    arch = (json.loads((model_dir / "config.json").read_text()).get("architectures") or [None])[0]
+    if (model_dir / "aloe.json").is_file() and arch in NOT_FOR_OBFUSCATED:
+        raise AloeError(f"llama.cpp cannot serve an obfuscated {arch}: {NOT_FOR_OBFUSCATED[arch]}; serve it with "
+                        "aloe serve (transformers) or vLLM")
     if out_file.exists():
         raise AloeError(f"{out_file} already exists")
     src = source_dir()
