@@ -1,6 +1,7 @@
 """Post-norm owner matching: the sandwich-norm key (Gemma 3) read off the post-norm weights."""
 
 import numpy as np
+import pytest
 import torch
 
 from aloe.attacks import post_norm
@@ -13,12 +14,13 @@ from obfuscation_helpers import tiny_model
 from test_obfuscation_arch import tiny
 
 
-def test_the_post_norms_give_each_slots_owner_and_the_rows_their_magnitudes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["gemma3", "gemma2"])
+def test_the_post_norms_give_each_slots_owner_and_the_rows_their_magnitudes(kind, tmp_path, monkeypatch):
     """A tiny Gemma 3 (trained-like norms) obfuscated with the exact profile and with row noise (alpha_e 0.3): the
     post-norm multipliers give every slot's owner, and the rows' per-coordinate magnitudes read every id of both
-    (100% on each of 8 draws), where NN reads the noisy one 0-31%."""
+    (100% on each of 8 draws), where NN reads the noisy one 0-31%. Gemma 2's sandwich norms give the same."""
     monkeypatch.setenv("ALOE_CACHE", str(tmp_path))
-    plain = tiny("gemma3", tmp_path / "plain")
+    plain = tiny(kind, tmp_path / "plain")
     for name, prof in (("exact", PROFILES["exact"].with_overrides(name="e", h=8)),
                        ("noisy", PROFILES["balanced"].with_overrides(name="b", h=8, alpha_e=0.3, noise_shape="row"))):
         obfuscate_checkpoint(plain, tmp_path / name, tmp_path / f"{name}.json", prof, progress=False)
