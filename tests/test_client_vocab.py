@@ -66,10 +66,14 @@ def test_embeds_mode_gives_the_token_id_servings_greedy_answer(split):
                                    client_vocab=split / "client.st")
         ids_client.verify(), emb_client.verify()
         for p in prompts:
-            a = ids_client.complete(p, max_tokens=12)
-            stream = emb_client.open_stream(p, max_tokens=12)
+            a = ids_client.complete(p, max_tokens=12, logprobs=2)
+            stream = emb_client.open_stream(p, max_tokens=12, logprobs=2)
             got = list(stream)
             assert got == a.token_ids and stream.finish_reason == a.finish_reason
+            # the model's log-probabilities: the server's over ids, the client's own over the hidden states
+            for (own, top), (own_e, top_e) in zip(a.logprobs, stream.logprobs, strict=True):
+                assert abs(own - own_e) < 1e-4 and list(top) == list(top_e)
+                assert max(abs(top[i] - top_e[i]) for i in top) < 1e-4
             assert stream.server_prompt_ids == [] and stream.server_output_ids == []
             assert stream.server_vectors == len(ids_client.chat_ids(p)) + len(got) - 1
         # sampling on the client: a seed reproduces, two seeds differ somewhere

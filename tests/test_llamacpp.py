@@ -71,6 +71,15 @@ def test_llama_server_on_obfuscated_gguf_gives_the_plain_greedy_tokens(llama_ser
                 plain_ids = client.map.from_server([t["id"] for t in top])
                 err = max(abs(t["logprob"] - float(row[i])) for t, i in zip(top, plain_ids))
                 assert err <= LOGPROB_TOL, (q, err)
+            # the same through the client's logprobs (the whole answer, and streamed), plain ids
+            direct = PrivateClient(f"http://127.0.0.1:{port}", secret, tok, backend="llama.cpp")
+            stream = direct.open_stream(q, max_tokens=16, temperature=0.0, logprobs=3)
+            assert list(stream) == want
+            for got in (direct.complete(q, max_tokens=16, temperature=0.0, logprobs=3).logprobs, stream.logprobs):
+                assert len(got) == len(want)
+                for (own, top), row, i in zip(got, logp, want, strict=True):
+                    assert abs(own - float(row[i])) <= LOGPROB_TOL and set(top) == set(row.topk(3).indices.tolist())
+                    assert max(abs(v - float(row[j])) for j, v in top.items()) <= LOGPROB_TOL
         # the privacy proxy in front of the same llama-server: the stock openai package, streaming and not
         import openai
 

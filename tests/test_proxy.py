@@ -208,6 +208,65 @@ def test_min_p_and_the_openai_penalties_reach_the_server(stack, openai_client):
     assert greedy.choices[0].message.content != plain.choices[0].message.content, plain   # the penalties act
 
 
+def test_logprobs_are_the_plain_models_through_the_proxy(stack, openai_client, smollm2_path):
+    """Chat ``logprobs``/``top_logprobs`` and legacy ``logprobs`` through the stock ``openai`` package: each answer
+    token's log-probability and the likeliest ones, computed by the server over obfuscated ids and mapped back by the
+    proxy, are the plain model's (exact profile, float32 on both sides), streamed or not, with the tokens' text and
+    bytes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ask = {"model": "any", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 8, "temperature": 0}
+    res = openai_client.chat.completions.create(**ask, logprobs=True, top_logprobs=3)
+    answer, content = res.choices[0].message.content, res.choices[0].logprobs.content
+    # every generated token is listed, the end-of-turn token included (counted in usage, not shown in the text)
+    assert len(content) == res.usage.completion_tokens and "".join(c.token for c in content) == answer + "<|im_end|>"
+    client = stack["client"]
+    prompt = client.chat_ids(QUESTION)
+    plain = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
+    ids = client.complete(QUESTION, max_tokens=8).token_ids
+    with torch.no_grad():
+        rows = torch.log_softmax(plain(torch.tensor([prompt + ids])).logits[0].double(), -1)[len(prompt) - 1:]
+    for n, c in enumerate(content):
+        assert abs(c.logprob - float(rows[n, ids[n]])) < 2e-3 and c.bytes == list(c.token.encode())
+        assert len(c.top_logprobs) == 3 and c.top_logprobs[0].token == c.token   # greedy: the likeliest
+        want = rows[n].topk(3)
+        assert [client.tokenizer.decode([int(i)]) for i in want.indices] == [t.token for t in c.top_logprobs]
+        assert all(abs(t.logprob - float(v)) < 2e-3 for t, v in zip(c.top_logprobs, want.values, strict=True))
+    streamed = []
+    for chunk in openai_client.chat.completions.create(**ask, logprobs=True, top_logprobs=3, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs:
+            streamed += chunk.choices[0].logprobs.content
+    assert [(c.token, c.logprob) for c in streamed] == [(c.token, c.logprob) for c in content]
+    assert openai_client.chat.completions.create(**ask).choices[0].logprobs is None
+    text = openai_client.completions.create(model="any", prompt="The capital of France is", max_tokens=4,
+                                            temperature=0, logprobs=2).choices[0]
+    lp = text.logprobs
+    assert "".join(lp.tokens) == text.text and len(lp.token_logprobs) == 4
+    assert all(len(top) <= 3 and max(top.values()) == pytest.approx(own) for own, top in
+               zip(lp.token_logprobs, lp.top_logprobs, strict=True))   # greedy: its own is the top one
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:n]) for n in range(4)]
+    for body, reason in (({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21},
+                                                                 "top_logprobs")):
+        r = httpx.post(stack["proxy"] + "/v1/chat/completions", json={**ask, **body}, timeout=60)
+        assert r.status_code in (400, 422) and reason in r.json()["error"]["message"], r.text
+    r = httpx.post(stack["proxy"] + "/v1/completions", json={"prompt": "Hi", "logprobs": 30}, timeout=60)
+    assert r.status_code == 400 and "logprobs" in r.json()["error"]["message"]
+
+
+def test_token_texts_give_each_tokens_exact_bytes(smollm2_path):
+    """A byte-level BPE token that holds part of a UTF-8 character has bytes that are not its text's."""
+    from transformers import AutoTokenizer
+
+    from aloe.serving.proxy import TokenTexts
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    texts = TokenTexts(tok)
+    ids = tok("é café", add_special_tokens=False)["input_ids"]
+    assert b"".join(bytes(texts(i)[1]) for i in ids) == "é café".encode()
+    assert texts(142)[1] == [0xC3] and texts(2) == ("<|im_end|>", list(b"<|im_end|>"))
+
+
 def test_aloe_complete_passes_every_sampling_setting(stack, smollm2_exact, smollm2_path, capsys):
     """`aloe complete` sends its sampling flags to the server as the client's own settings: min-p 1 leaves the
     greedy pick under the same penalties, which the library call gives too."""
@@ -216,13 +275,15 @@ def test_aloe_complete_passes_every_sampling_setting(stack, smollm2_exact, smoll
     assert aloe_main(["complete", "--server", stack["server"], "--secret", str(smollm2_exact[1]), "--tokenizer",
                       str(smollm2_path), "--max-tokens", "8", "--temperature", "1", "--top-p", "0.9", "--top-k", "20",
                       "--min-p", "1", "--repetition-penalty", "1.1", "--presence-penalty", "0.5",
-                      "--frequency-penalty", "1.5", "--seed", "3", "--json", question]) == 0
+                      "--frequency-penalty", "1.5", "--seed", "3", "--logprobs", "2", "--json", question]) == 0
     out = json.loads(capsys.readouterr().out)
+    assert len(out["logprobs"]) == len(out["token_ids"])
+    assert all(len(e["top"]) <= 3 and e["top"][0][1] >= e["logprob"] for e in out["logprobs"])
     body = json.loads(stack["recorder"].bodies[since])
     assert {k: body[k] for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-                                 "frequency_penalty", "seed", "max_tokens")} == dict(
+                                 "frequency_penalty", "seed", "max_tokens", "logprobs")} == dict(
         temperature=1.0, top_p=0.9, top_k=20, min_p=1.0, repetition_penalty=1.1, presence_penalty=0.5,
-        frequency_penalty=1.5, seed=3, max_tokens=8)
+        frequency_penalty=1.5, seed=3, max_tokens=8, logprobs=2)
     greedy = stack["client"].complete([{"role": "user", "content": question}], max_tokens=8, temperature=0.0,
                                       repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=1.5)
     assert out["token_ids"] == greedy.token_ids and out["text"] == greedy.text

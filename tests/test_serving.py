@@ -135,6 +135,37 @@ def test_logit_bias_comes_before_the_repetition_penalty(tiny_artifact):
         assert got.token_ids == bias_first
 
 
+def test_logprobs_are_the_plain_models_own_through_the_obfuscated_server(tiny_artifact):
+    """logprobs k: each answer token's log-probability under the model and the k likeliest, which the server computes
+    over obfuscated ids and the client maps back: they are the plain model's own (exact profile), streamed or not,
+    and the sampling settings do not change them (raw log-probabilities, as vLLM returns by default)."""
+    plain_dir, obf_dir, secret = tiny_artifact
+    model = AutoModelForCausalLM.from_pretrained(plain_dir, dtype=torch.float32).eval()
+    prompt = [7, 33, 12, 80, 41]
+    with server_thread(obf_dir) as url:
+        client = PrivateClient(url, secret, IdTokenizer())
+        res = client.complete(prompt, max_tokens=6, temperature=0.0, logprobs=3)
+        assert len(res.logprobs) == len(res.token_ids) == 6
+        with torch.no_grad():
+            rows = torch.log_softmax(model(torch.tensor([prompt + res.token_ids])).logits[0].double(), -1)
+        for n, (pid, (own, top)) in enumerate(zip(res.token_ids, res.logprobs, strict=True)):
+            row = rows[len(prompt) - 1 + n]
+            assert abs(own - float(row[pid])) < 1e-4
+            want = row.topk(3).indices.tolist()
+            assert list(top) == want and all(abs(top[i] - float(row[i])) < 1e-4 for i in want)   # greedy: in top 1
+        stream = client.open_stream(prompt, max_tokens=6, temperature=0.0, logprobs=3)
+        assert list(stream) == res.token_ids and stream.logprobs == res.logprobs
+        sampled = client.complete(prompt, max_tokens=6, temperature=1.5, top_k=5, seed=2, logprobs=0)
+        for n, (pid, (own, top)) in enumerate(zip(sampled.token_ids, sampled.logprobs, strict=True)):
+            with torch.no_grad():
+                row = torch.log_softmax(model(torch.tensor([prompt + sampled.token_ids[:n]])).logits[0, -1].double(),
+                                        -1)
+            assert abs(own - float(row[pid])) < 1e-4 and list(top) == [pid]   # k = 0: the chosen token only
+        assert client.complete(prompt, max_tokens=2).logprobs is None
+        with pytest.raises(AloeError, match="logprobs must be an integer in"):
+            client.complete(prompt, max_tokens=2, logprobs=21)
+
+
 def test_output_penalty_counts_the_reply_only():
     from aloe.obfuscation.client import OutputPenalty, Sampler
 

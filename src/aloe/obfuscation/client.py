@@ -68,6 +68,7 @@ class Completion:
     server_prompt_ids: list[int]         # what the server received
     server_output_ids: list[int]         # what the server sent
     timings: dict = field(default_factory=dict)
+    logprobs: list[tuple[float, dict[int, float]]] | None = None   # per answer token: its own, the top ones (plain ids)
 
 
 class ServerError(AloeError):
@@ -124,24 +125,28 @@ class TokenStream:
     the server receives."""
 
     def __init__(self, client: PrivateClient, prompt_ids: list[int], server_prompt_ids: list[int], body: dict,
-                 stops: set[int]) -> None:
+                 stops: set[int], logprobs: int | None = None) -> None:
         self.client, self.prompt_ids, self.server_prompt_ids = client, prompt_ids, server_prompt_ids
         self.body, self.stops = body, stops
         self.token_ids: list[int] = []
         self.server_output_ids: list[int] = []
         self.server_vectors = 0              # embeds mode: input vectors the server received (it sees no id)
         self.finish_reason: str | None = None
+        self.k = logprobs
+        self.logprobs: list[tuple[float, dict[int, float]]] | None = [] if logprobs is not None else None
         if client.backend == "embeds":
             self.server_prompt_ids = []
 
     def __iter__(self) -> Iterator[int]:
-        events = self.client._stream_server_ids(self.body, self.stops)
+        events = self.client._stream_server_ids(self.body, self.stops, self.k)
         try:  # leaving early (a consumer's stop string, a closed connection) closes the server's stream too
-            for sid, finish in events:
+            for sid, finish, lp in events:
                 if finish is not None:
                     self.finish_reason = finish
                     return
                 pid = self.client.map.from_server([sid])[0]
+                if self.logprobs is not None:
+                    self.logprobs.append(self.client.plain_logprob(lp, sid))
                 if self.client.backend == "embeds":
                     self.server_vectors = len(self.prompt_ids) + len(self.token_ids)
                 else:
@@ -238,12 +243,15 @@ class PrivateClient:
             if key in REFUSED:
                 raise AloeError(f"'{key}' is not supported: {REFUSED[key]}")
             raise AloeError(f"unknown sampling parameter {key!r}")
-        s = sampling
+        s = dict(sampling)
+        k = s.pop("logprobs", None)
         check_sampling(s)
+        if k is not None and not (isinstance(k, int) and 0 <= k <= 20):
+            raise AloeError(f"logprobs must be an integer in [0, 20], got {k!r}")
         bias = {self.map.tau[int(k)]: float(v) for k, v in (logit_bias or {}).items()}
         stops = self.map.to_server(stop_token_ids)
         if self.backend == "embeds":
-            return dict(s, prompt=prompt_ids, max_tokens=max_tokens, logit_bias=bias)
+            return dict(s, prompt=prompt_ids, max_tokens=max_tokens, logit_bias=bias, logprobs=k)
         seed = s["seed"]
         if self.backend == "openai":
             body = {"prompt": prompt_ids, "max_tokens": max_tokens, "stream": stream, "stop_token_ids": stops,
@@ -254,7 +262,9 @@ class PrivateClient:
             if seed is not None:
                 body["seed"] = seed
             if bias:
-                body["logit_bias"] = {str(k): v for k, v in bias.items()}
+                body["logit_bias"] = {str(i): v for i, v in bias.items()}
+            if k is not None:   # the model's own log-probabilities, the tokens as ids (vLLM's names)
+                body.update(logprobs=k, return_tokens_as_token_ids=True)
             return body
         # llama-server's names; its min_p is set always (its own default is 0.05), and its presence and frequency
         # penalties count the last repeat_last_n tokens of the context, prompt included (64 by default)
@@ -265,10 +275,12 @@ class PrivateClient:
         if seed is not None:
             body["seed"] = seed
         if bias:
-            body["logit_bias"] = [[int(k), v] for k, v in bias.items()]
+            body["logit_bias"] = [[int(i), v] for i, v in bias.items()]
+        if k is not None:   # its n_probs 0 gives none at all; the top ones are cut to k on reading
+            body.update(n_probs=max(k, 1), post_sampling_probs=False)
         return body
 
-    def _embeds_ids(self, body: dict, stops: set[int]) -> Iterator[tuple[int, str | None]]:
+    def _embeds_ids(self, body: dict, stops: set[int]) -> Iterator[tuple[int, str | None, tuple | None]]:
         """The embeds mode's decode loop: one request per generated token, the KV cache kept by the server."""
         import torch
 
@@ -285,14 +297,16 @@ class PrivateClient:
                 data = self._post("/v1/aloe/embeds", req)
                 session = data["session"]
                 hidden = torch.from_numpy(decode_array(data["hidden"], self.vocab.hidden_size).copy())
-                nxt = pick(ids, self.vocab.logits(hidden))
+                logits = self.vocab.logits(hidden)
+                nxt = pick(ids, logits)
                 ids.append(nxt)
-                yield nxt, None
+                yield nxt, None, (top_logprobs(logits, nxt, body["logprobs"]) if body.get("logprobs") is not None
+                                  else None)
                 if nxt in stops or nxt in eos:
-                    yield -1, "stop"
+                    yield -1, "stop", None
                     return
                 x = self.vocab.embed([nxt])
-            yield -1, "length"
+            yield -1, "length", None
         finally:
             if session is not None:
                 try:
@@ -300,7 +314,9 @@ class PrivateClient:
                 except httpx.HTTPError:
                     pass  # the server drops idle sessions itself
 
-    def _stream_server_ids(self, body: dict, stops: set[int]) -> Iterator[tuple[int, str | None]]:
+    def _stream_server_ids(self, body: dict, stops: set[int],
+                           k: int | None = None) -> Iterator[tuple[int, str | None, tuple | None]]:
+        """(server id, None, its log-probabilities or None) for each answer token, then (-1, finish reason, None)."""
         if self.backend == "embeds":
             yield from self._embeds_ids(body, stops)
             return
@@ -326,13 +342,14 @@ class PrivateClient:
                         ids, finish = chunk.get("tokens") or [], ("stop" if chunk.get("stop") else None)
                         received += len(ids)
                         check_stream_count(received, chunk.get("tokens_predicted"))
-                    for i in ids:
-                        yield int(i), None
+                    lps = server_logprobs(self.backend, choice if self.backend == "openai" else chunk, ids, k)
+                    for i, lp in zip(ids, lps, strict=True):
+                        yield int(i), None, lp
                         if int(i) in stops:
-                            yield -1, "stop"
+                            yield -1, "stop", None
                             return
                     if finish:
-                        yield -1, finish
+                        yield -1, finish, None
                         return
         except httpx.HTTPError as exc:
             raise server_error(exc, self.server) from None
@@ -340,15 +357,18 @@ class PrivateClient:
     def open_stream(self, prompt: list[dict] | str | list[int], *, max_tokens: int = 256, temperature: float = 0.0,
                     top_p: float = 1.0, top_k: int = -1, repetition_penalty: float = 1.0, min_p: float = 0.0,
                     presence_penalty: float = 0.0, frequency_penalty: float = 0.0, seed: int | None = None,
-                    stop_token_ids: list[int] = (), logit_bias: dict | None = None, **extra) -> TokenStream:
-        """A streamed request, not yet sent: iterate it for the answer's plain ids as the server sends them."""
+                    stop_token_ids: list[int] = (), logit_bias: dict | None = None, logprobs: int | None = None,
+                    **extra) -> TokenStream:
+        """A streamed request, not yet sent: iterate it for the answer's plain ids as the server sends them.
+        ``logprobs`` k (0-20): each answer token's log-probability under the model and the k likeliest (in
+        ``stream.logprobs``, plain ids)."""
         sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
                         min_p=min_p, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                        seed=seed)
+                        seed=seed, logprobs=logprobs)
         plain = list(prompt) if _is_ids(prompt) else self.chat_ids(prompt)
         server_prompt = self.map.to_server(plain)
         body = self._body(server_prompt, max_tokens, sampling, list(stop_token_ids), logit_bias, True, extra)
-        return TokenStream(self, plain, server_prompt, body, set(self.map.to_server(stop_token_ids)))
+        return TokenStream(self, plain, server_prompt, body, set(self.map.to_server(stop_token_ids)), logprobs)
 
     def stream(self, prompt: list[dict] | str | list[int], **params) -> Iterator[str]:
         """Yield the answer's text incrementally (decoded from the plain ids so far); ``params`` as for complete."""
@@ -362,17 +382,19 @@ class PrivateClient:
     def complete(self, prompt: list[dict] | str | list[int], *, max_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = -1, repetition_penalty: float = 1.0, min_p: float = 0.0,
                  presence_penalty: float = 0.0, frequency_penalty: float = 0.0, seed: int | None = None,
-                 stop_token_ids: list[int] = (), logit_bias: dict | None = None, **extra) -> Completion:
+                 stop_token_ids: list[int] = (), logit_bias: dict | None = None, logprobs: int | None = None,
+                 **extra) -> Completion:
         sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
                         min_p=min_p, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                        seed=seed)
+                        seed=seed, logprobs=logprobs)
         if self.backend == "embeds":
             stream = self.open_stream(prompt, max_tokens=max_tokens, stop_token_ids=stop_token_ids,
                                       logit_bias=logit_bias, **sampling, **extra)
             t0 = time.perf_counter()
             out = [i for i in stream if i not in set(stop_token_ids)]
             return Completion(self.detokenize(out), out, stream.finish_reason, [], [],
-                              {"server_vectors": stream.server_vectors, "seconds": time.perf_counter() - t0})
+                              {"server_vectors": stream.server_vectors, "seconds": time.perf_counter() - t0},
+                              stream.logprobs[:len(out)] if stream.logprobs is not None else None)
         plain = list(prompt) if _is_ids(prompt) else self.chat_ids(prompt)
         t0 = time.perf_counter()
         server_prompt = self.map.to_server(plain)
@@ -392,6 +414,7 @@ class PrivateClient:
             if out_ids is None:
                 raise AloeError("llama-server returned no token ids (needs return_tokens support)")
         out_ids = [int(i) for i in out_ids]
+        lps = server_logprobs(self.backend, choice if self.backend == "openai" else data, out_ids, logprobs)
         stops = set(self.map.to_server(stop_token_ids))
         for k, i in enumerate(out_ids):
             if i in stops:
@@ -401,8 +424,53 @@ class PrivateClient:
         plain_out = self.map.from_server(out_ids)
         t_unmap = time.perf_counter() - t2
         text = self.detokenize(plain_out)
+        plain_lps = ([self.plain_logprob(lp, sid) for lp, sid in zip(lps, out_ids, strict=False)]
+                     if logprobs is not None else None)
         return Completion(text, plain_out, finish, server_prompt, out_ids,
-                          {"client_map_seconds": t_map + t_unmap, "server_seconds": t_server})
+                          {"client_map_seconds": t_map + t_unmap, "server_seconds": t_server}, plain_lps)
+
+    def plain_logprob(self, lp: tuple[float, dict[int, float]] | None, server_id: int) -> tuple[float, dict]:
+        """A token's log-probabilities with the server's ids mapped back to plain ids."""
+        if lp is None:
+            raise AloeError(f"the server returned no log-probabilities for token {server_id}")
+        own, top = lp
+        return own, {int(p): v for p, v in zip(self.map.from_server(list(top)), top.values(), strict=True)}
+
+
+def top_logprobs(logits, chosen: int, k: int) -> tuple[float, dict[int, float]]:
+    """The chosen id's log-probability under ``logits`` and the ``k`` likeliest ids' (the chosen one among them)."""
+    import torch
+
+    row = torch.log_softmax(logits.reshape(-1).double(), -1)
+    top = {int(i): float(row[i]) for i in row.topk(k).indices} if k else {}
+    top.setdefault(int(chosen), float(row[chosen]))
+    return float(row[chosen]), top
+
+
+def server_logprobs(backend: str, part: dict, ids: list, k: int | None) -> list:
+    """The log-probabilities a server sent with ``ids`` (one stream chunk, or a whole answer): for each, its own
+    and the k likeliest, by server id; ``None`` each where none were asked for. vLLM's and aloe serve's
+    completion logprobs (tokens as ``token_id:N``) or llama-server's ``completion_probabilities``."""
+    if k is None:
+        return [None] * len(ids)
+    out = []
+    try:
+        if backend == "openai":
+            lp = part.get("logprobs") or {}
+            rows = zip(lp.get("token_logprobs") or [], lp.get("top_logprobs") or [], strict=True)
+            for own, top in rows:
+                out.append((float(own), {int(t.removeprefix("token_id:")): float(v) for t, v in top.items()}))
+        else:
+            for entry in part.get("completion_probabilities") or []:
+                top = {int(t["id"]): float(t["logprob"]) for t in entry.get("top_logprobs") or []}
+                top = dict(sorted(top.items(), key=lambda kv: -kv[1])[:k])
+                top.setdefault(int(entry["id"]), float(entry["logprob"]))
+                out.append((float(entry["logprob"]), top))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AloeError(f"the server's log-probabilities are malformed ({exc!r}); token ids are needed") from None
+    if len(out) != len(ids):
+        raise AloeError(f"the server sent log-probabilities for {len(out)} of {len(ids)} tokens")
+    return out
 
 
 def check_sampling(s: dict) -> None:

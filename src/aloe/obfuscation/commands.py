@@ -177,9 +177,12 @@ def _complete(args: argparse.Namespace) -> int:
     from aloe.cli import print_json
 
     client = _client(args)
-    res = client.complete(args.prompt, max_tokens=args.max_tokens, **_sampling(args))
+    res = client.complete(args.prompt, max_tokens=args.max_tokens, logprobs=args.logprobs, **_sampling(args))
     out = {"text": res.text, "token_ids": res.token_ids, "finish_reason": res.finish_reason,
            "client_map_ms": 1000 * res.timings.get("client_map_seconds", 0.0)}
+    if res.logprobs is not None:   # per answer token: its log-probability, and the likeliest (plain ids)
+        out["logprobs"] = [{"logprob": own, "top": [[i, v] for i, v in sorted(top.items(), key=lambda kv: -kv[1])]}
+                           for own, top in res.logprobs]
     if args.show_server_view:
         out["server_prompt_text"] = client.server_view(res.server_prompt_ids)
         out["server_output_text"] = client.server_view(res.server_output_ids)
@@ -245,6 +248,8 @@ def register_client(sub: argparse._SubParsersAction) -> None:
     _client_args(c)
     c.add_argument("prompt")
     c.add_argument("--show-server-view", action="store_true", help="also show what the server saw and sent")
+    c.add_argument("--logprobs", type=int, metavar="K", help="with --json: each answer token's log-probability "
+                   "under the model and the K likeliest tokens' (0-20)")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=_complete)
     ch = sub.add_parser("chat", help="AloePri client: interactive private chat (streaming)")

@@ -73,11 +73,55 @@ class _Message(BaseModel):
 class ChatRequest(_Sampling):
     messages: list[_Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def k(self) -> int | None:
+        """How many likeliest tokens to give with each answer token's log-probability, or None for no logprobs."""
+        if self.top_logprobs is not None and self.logprobs is not True:
+            raise ProxyError(400, "top_logprobs: set logprobs to true to use it")
+        if self.logprobs not in (None, False, True):
+            raise ProxyError(400, "logprobs: true or false (top_logprobs says how many)")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class TextRequest(_Sampling):
     prompt: str | list[str] | list[int]
     echo: bool = False
+
+    def k(self) -> int | None:
+        if self.logprobs is None or self.logprobs is False:
+            return None
+        if self.logprobs is True or not 0 <= self.logprobs <= 20:
+            raise ProxyError(400, "logprobs: the number of likeliest tokens to give, 0-20")
+        return int(self.logprobs)
+
+
+class TokenTexts:
+    """What a plain token reads as (``token``) and its exact bytes (``bytes``, which a token holding part of a UTF-8
+    character needs): byte-level BPE pieces through their byte table, SentencePiece's ``<0xHH>`` byte pieces as
+    that byte, other pieces with the word-boundary mark as a space."""
+
+    def __init__(self, tokenizer) -> None:
+        import tokenizers
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.byte_level = backend is not None and isinstance(backend.decoder, tokenizers.decoders.ByteLevel)
+        self.byte_of = {c: b for b, c in bytes_to_unicode().items()}
+        self.cache: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, pid: int) -> tuple[str, list[int]]:
+        if pid not in self.cache:
+            piece = self.tokenizer.convert_ids_to_tokens(int(pid))
+            if self.byte_level and all(c in self.byte_of for c in piece):
+                raw = bytes(self.byte_of[c] for c in piece)
+            elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                raw = bytes([int(piece[3:5], 16)])
+            else:
+                raw = piece.replace("\u2581", " ").encode()
+            self.cache[pid] = (self.tokenizer.decode([int(pid)]), list(raw))
+        return self.cache[pid]
 
 
 def _stops(stop: str | list[str] | None) -> list[str]:
@@ -133,6 +177,28 @@ class Proxy:
         self.model = client.model or "aloe-private"
         self.lock = threading.Lock()
         self.last: dict | None = None
+        self.texts = TokenTexts(client.tokenizer)
+
+    def chat_logprob(self, pid: int, lp: tuple[float, dict[int, float]], k: int) -> dict:
+        """One answer token in OpenAI's chat ``logprobs.content`` form (plain tokens, the k likeliest)."""
+        def one(i, v):
+            text, raw = self.texts(i)
+            return {"token": text, "logprob": v, "bytes": raw}
+
+        own, top = lp
+        ranked = sorted(top.items(), key=lambda kv: -kv[1])[:k]
+        return dict(one(pid, own), top_logprobs=[one(i, v) for i, v in ranked])
+
+    def text_logprobs(self, entries: list[tuple[int, tuple[float, dict[int, float]]]], offset: int) -> dict:
+        """OpenAI's legacy completion ``logprobs`` of these answer tokens, text offsets from ``offset`` on."""
+        tokens, offsets = [], []
+        for pid, _ in entries:
+            offsets.append(offset)
+            tokens.append(self.texts(pid)[0])
+            offset += len(tokens[-1])
+        return {"tokens": tokens, "token_logprobs": [own for _, (own, _) in entries],
+                "top_logprobs": [{self.texts(i)[0]: v for i, v in top.items()} for _, (_, top) in entries],
+                "text_offset": offsets}
 
     def record(self, stream, finish: str) -> None:
         sent, got, view = list(stream.server_prompt_ids), list(stream.server_output_ids), self.client.server_view
@@ -146,18 +212,23 @@ class Proxy:
         with self.lock:
             self.last = last
 
-    def run(self, prompt, req: _Sampling, max_tokens: int | None) -> Iterator[str | dict]:
-        """Yield the answer's plain text pieces, then one dict: finish reason and usage."""
+    def run(self, prompt, req: _Sampling, max_tokens: int | None, k: int | None = None,
+            logprobs: list | None = None) -> Iterator[str | dict]:
+        """Yield the answer's plain text pieces, then one dict: finish reason and usage. With ``k``, each answer
+        token's ``(plain id, (log-probability, top ones))`` is appended to ``logprobs`` as it arrives (before the
+        text it makes is yielded)."""
         stops = _stops(req.stop)
         stream = self.client.open_stream(prompt, max_tokens=max_tokens or self.default_max_tokens,
                                          temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                                          repetition_penalty=req.repetition_penalty, min_p=req.min_p,
                                          presence_penalty=req.presence_penalty,
-                                         frequency_penalty=req.frequency_penalty, seed=req.seed)
+                                         frequency_penalty=req.frequency_penalty, seed=req.seed, logprobs=k)
         decoder, cutter = IncrementalDecoder(self.client.detokenize), StopCutter(stops)
         tokens = iter(stream)
         try:
             for pid in tokens:
+                if k is not None:
+                    logprobs.append((pid, stream.logprobs[-1]))
                 if piece := cutter.push(decoder.push(pid)):
                     yield piece
                 if cutter.stopped:
@@ -285,9 +356,15 @@ def create_proxy_app(client: PrivateClient, default_max_tokens: int = 256) -> Fa
         return JSONResponse(_error_body(ProxyError(500, f"internal error ({type(exc).__name__})", "server_error")),
                             500)
 
-    def respond(pieces: Iterator[str | dict], req: _Sampling, chunk, final) -> object:
+    def respond(pieces: Iterator[str | dict], req: _Sampling, chunk, final, logprobs: list) -> object:
         """Non-streaming: collect. Streaming: SSE. Failures before the first piece get a status code; later ones
-        an error event in the stream."""
+        an error event in the stream. ``logprobs``: the answer tokens' log-probabilities as ``pieces`` fills it;
+        each chunk carries those of the tokens that arrived since the last one."""
+        def take() -> list:
+            out = logprobs[:]
+            del logprobs[:len(out)]
+            return out
+
         try:
             first = next(pieces)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a one-line JSON error
@@ -300,17 +377,17 @@ def create_proxy_app(client: PrivateClient, default_max_tokens: int = 256) -> Fa
                     end = next(pieces)
             except Exception as exc:  # noqa: BLE001
                 raise _server_failure(exc) from None
-            return final("".join(text), end)
+            return final("".join(text), end, take())
         created, rid = int(time.time()), uuid.uuid4().hex
 
         def events():
             item = first
             try:
-                yield chunk(rid, created, None, None)
+                yield chunk(rid, created, None, None, [])
                 while isinstance(item, str):
-                    yield chunk(rid, created, item, None)
+                    yield chunk(rid, created, item, None, take())
                     item = next(pieces)
-                yield chunk(rid, created, None, item)
+                yield chunk(rid, created, None, item, take())
             except Exception as exc:  # noqa: BLE001
                 yield f"data: {json.dumps(_error_body(_server_failure(exc)))}\n\n"
             finally:
@@ -331,27 +408,32 @@ def create_proxy_app(client: PrivateClient, default_max_tokens: int = 256) -> Fa
             prompt = client.chat_ids(messages)
         except Exception as exc:  # noqa: BLE001 - a template that refuses this conversation
             raise ProxyError(400, f"messages: the chat template refused them ({exc})") from None
-        pieces = proxy.run(prompt, req, req.max_completion_tokens or req.max_tokens)
+        k, logprobs = req.k(), []
+        pieces = proxy.run(prompt, req, req.max_completion_tokens or req.max_tokens, k, logprobs)
 
-        def chunk(rid, created, text, end):
+        def content(entries):
+            return None if k is None else {"content": [proxy.chat_logprob(pid, lp, k) for pid, lp in entries]}
+
+        def chunk(rid, created, text, end, entries):
             if end is not None:
                 delta, finish = {}, end["finish_reason"]
             else:
                 delta, finish = ({"content": text} if text is not None else {"role": "assistant", "content": ""}), None
             body = {"id": f"chatcmpl-{rid}", "object": "chat.completion.chunk", "created": created,
                     "model": proxy.model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
-                                                       "logprobs": None}]}
+                                                       "logprobs": content(entries)}]}
             if end is not None:
                 body["usage"] = end["usage"]
             return f"data: {json.dumps(body)}\n\n"
 
-        def final(text, end):
+        def final(text, end, entries):
             return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                     "model": proxy.model, "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                                       "finish_reason": end["finish_reason"], "logprobs": None}],
+                                                       "finish_reason": end["finish_reason"],
+                                                       "logprobs": content(entries)}],
                     "usage": end["usage"]}
 
-        return respond(pieces, req, chunk, final)
+        return respond(pieces, req, chunk, final, logprobs)
 
     @app.post("/v1/completions")
     def completions(req: TextRequest):
@@ -369,25 +451,31 @@ def create_proxy_app(client: PrivateClient, default_max_tokens: int = 256) -> Fa
             raise ProxyError(400, f"prompt: token ids must lie in 0..{vocab - 1}")
         if req.echo:
             raise ProxyError(400, "echo is not supported")
-        pieces = proxy.run(prompt, req, req.max_tokens)
+        k, logprobs, offset = req.k(), [], [0]
+        pieces = proxy.run(prompt, req, req.max_tokens, k, logprobs)
 
-        def choice(text, finish):
-            return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+        def choice(text, finish, entries):
+            lp = None
+            if k is not None:
+                lp = proxy.text_logprobs(entries, offset[0])
+                offset[0] += sum(len(t) for t in lp["tokens"])
+            return {"index": 0, "text": text, "finish_reason": finish, "logprobs": lp}
 
-        def chunk(rid, created, text, end):
+        def chunk(rid, created, text, end, entries):
             if text is None and end is None:
                 return ""
             body = {"id": f"cmpl-{rid}", "object": "text_completion", "created": created, "model": proxy.model,
-                    "choices": [choice(text or "", end and end["finish_reason"])]}
+                    "choices": [choice(text or "", end and end["finish_reason"], entries)]}
             if end is not None:
                 body["usage"] = end["usage"]
             return f"data: {json.dumps(body)}\n\n"
 
-        def final(text, end):
+        def final(text, end, entries):
             return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                    "model": proxy.model, "choices": [choice(text, end["finish_reason"])], "usage": end["usage"]}
+                    "model": proxy.model, "choices": [choice(text, end["finish_reason"], entries)],
+                    "usage": end["usage"]}
 
-        return respond(pieces, req, chunk, final)
+        return respond(pieces, req, chunk, final, logprobs)
 
     @app.get("/aloe/info")
     def info():

@@ -70,6 +70,8 @@ class CompletionRequest(BaseModel):
     n: int = Field(1, ge=1, le=1)
     return_token_ids: bool = True
     skip_special_tokens: bool = True
+    logprobs: int | None = Field(None, ge=0, le=20)     # the model's own log-probabilities, as vLLM returns them
+    return_tokens_as_token_ids: bool = False
     user: str | None = None
 
 
@@ -100,6 +102,27 @@ class _IdStreamer(BaseStreamer):
 
     def end(self):
         self.q.put(None)
+
+
+class _Logprobs:
+    """A logits processor that changes nothing: it keeps each step's log-probabilities of the model itself (before
+    logit_bias, penalties, temperature and truncation, as vLLM's default), for the ``logprobs`` of the answer."""
+
+    def __init__(self) -> None:
+        self.rows: list[torch.Tensor] = []
+
+    def __call__(self, input_ids, scores):
+        self.rows.append(torch.log_softmax(scores[0].double(), -1).float())
+        return scores
+
+    def entry(self, step: int, chosen: int, k: int) -> tuple[float, dict[int, float]]:
+        """The chosen id's log-probability at ``step`` and the ``k`` likeliest ids' (the chosen one always among
+        them, as OpenAI's legacy API and vLLM give it)."""
+        row = self.rows[step]
+        top = row.topk(k) if k else None
+        out = {int(i): float(v) for i, v in zip(top.indices, top.values, strict=True)} if top is not None else {}
+        out.setdefault(int(chosen), float(row[chosen]))
+        return float(row[chosen]), out
 
 
 class _Cancelled(StoppingCriteria):
@@ -207,7 +230,8 @@ class TransformersEngine:
         with self.waiting_lock:
             self.waiting -= 1
 
-    def generate(self, req: CompletionRequest, streamer: _IdStreamer, cancel: threading.Event) -> None:
+    def generate(self, req: CompletionRequest, streamer: _IdStreamer, cancel: threading.Event,
+                 logprobs: _Logprobs | None = None) -> None:
         """Run ``generate`` (under the engine lock); ids arrive through ``streamer``."""
         kwargs = {"max_new_tokens": req.max_tokens, "eos_token_id": self.eos + list(req.stop_token_ids),
                   "pad_token_id": self.eos[0] if self.eos else 0, "streamer": streamer,
@@ -221,7 +245,7 @@ class TransformersEngine:
         # generate's temperature and truncation; the request's repetition penalty replaces any the checkpoint's
         # generation config sets, which generate would otherwise run before the bias
         kwargs["repetition_penalty"] = 1.0
-        processors = []
+        processors = [logprobs] if logprobs is not None else []
         if req.logit_bias:
             processors.append(_Bias({int(k): v for k, v in req.logit_bias.items()}))
         if req.repetition_penalty != 1.0:
@@ -283,15 +307,30 @@ def create_app(model_dir: Path, limits: Limits | None = None, threads: int | Non
         if not engine.admit():
             return error(503, "server busy: too many requests waiting")
         streamer, cancel = _IdStreamer(), threading.Event()
-        worker = threading.Thread(target=_run, args=(engine, req, streamer, cancel), daemon=True)
+        recorder = _Logprobs() if req.logprobs is not None else None
+        worker = threading.Thread(target=_run, args=(engine, req, streamer, cancel, recorder), daemon=True)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def chunk(ids, finish):
+        def name(i: int) -> str:
+            if req.return_tokens_as_token_ids or engine.tokenizer is None:
+                return f"token_id:{i}"
+            return engine.tokenizer.decode([i])
+
+        def logprobs(ids, first):
+            """vLLM's (and OpenAI's legacy) completion logprobs of ``ids``, the answer's tokens from ``first`` on."""
+            if recorder is None:
+                return None
+            entries = [recorder.entry(first + n, i, req.logprobs) for n, i in enumerate(ids)]
+            return {"tokens": [name(i) for i in ids], "token_logprobs": [lp for lp, _ in entries],
+                    "top_logprobs": [{name(j): v for j, v in top.items()} for _, top in entries],
+                    "text_offset": [0] * len(ids)}
+
+        def chunk(ids, finish, first=0):
             text = (engine.tokenizer.decode(ids, skip_special_tokens=req.skip_special_tokens)
                     if ids and engine.tokenizer is not None else "")
             return {"id": rid, "object": "text_completion", "created": created, "model": engine.name,
                     "choices": [{"index": 0, "text": text, "token_ids": ids, "finish_reason": finish,
-                                 "logprobs": None}]}
+                                 "logprobs": logprobs(ids, first)}]}
 
         def finish_reason(out: list[int]) -> str:
             return "stop" if out and out[-1] in set(engine.eos) | set(req.stop_token_ids) else "length"
@@ -303,7 +342,7 @@ def create_app(model_dir: Path, limits: Limits | None = None, threads: int | Non
                 try:
                     while (i := streamer.q.get()) is not None:
                         out.append(i)
-                        yield f"data: {json.dumps(chunk([i], None))}\n\n"
+                        yield f"data: {json.dumps(chunk([i], None, len(out) - 1))}\n\n"
                     yield f"data: {json.dumps(chunk([], finish_reason(out)))}\n\n"
                     yield "data: [DONE]\n\n"
                 finally:
@@ -349,9 +388,10 @@ def create_app(model_dir: Path, limits: Limits | None = None, threads: int | Non
     return app
 
 
-def _run(engine: TransformersEngine, req: CompletionRequest, streamer: _IdStreamer, cancel: threading.Event):
+def _run(engine: TransformersEngine, req: CompletionRequest, streamer: _IdStreamer, cancel: threading.Event,
+         logprobs: _Logprobs | None = None):
     try:
-        engine.generate(req, streamer, cancel)
+        engine.generate(req, streamer, cancel, logprobs)
     finally:
         engine.release()
 
