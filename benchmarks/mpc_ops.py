@@ -195,13 +195,16 @@ def main() -> int:
         print(json.dumps(measure(ops, reps)))
         return 0
     lan = measure(ops, reps)
-    report = {"lan": lan, "machine": f"{os.cpu_count()} CPU cores, loopback", "mode": "quick" if args.quick else "full"}
+    report = {"lan": lan, "machine": f"{os.cpu_count()} CPU cores, loopback", "mode": "quick" if args.quick else "full",
+              "channels": {"aloe": "TLS 1.3", "crypten": "plain TCP"}}
     md = ["# aloe MPC engine vs CrypTen (side by side, one run)", "",
           f"Command: `python benchmarks/mpc_ops.py{' --quick' if args.quick else ''}{' --wan' if args.wan else ''}`"
           f" ({reps} timed repetitions after a warm-up; medians). CrypTen {lan['crypten_version']} with provider TTP, "
           f"torch {lan['torch']}. Online bits: both parties summed (aloe: bytes on the L-R channel including frames; "
           "CrypTen: rank 1's counter, which counts its sends and receives). aloe ms: dealer starts with the "
-          "parties; aloe online ms: the dealer's corrections were sent before the clock starts.", "",
+          "parties; aloe online ms: the dealer's corrections were sent before the clock starts. Channels: aloe's "
+          "are TLS 1.3 (its default; `benchmarks/mpc_tls.py` measures what TLS costs against plain channels), "
+          "CrypTen's plain TCP (it has no TLS).", "",
           markdown(lan, "LAN (loopback)")]
     if args.wan:
         cmd = ("ip link set lo up && tc qdisc add dev lo root tbf rate 100mbit burst 1mbit latency 100ms && "
