@@ -505,6 +505,7 @@ def test_chat_page_in_a_headless_browser(stack, tmp_path):
         last = httpx.get(stack["proxy"] + "/aloe/last-exchange").json()["exchange"]
         assert last["finish_reason"] == "cancelled" and 0 < len(last["server_output_ids"]) < 64, last
         assert partial and driver.find_element(By.ID, "stop").get_attribute("disabled")
+        driver.find_element(By.ID, "system").send_keys("You answer in one sentence.")   # sent first from now on
         box.send_keys("Thanks.")
         box.send_keys(Keys.ENTER)
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant.done")) == 4)
@@ -512,7 +513,8 @@ def test_chat_page_in_a_headless_browser(stack, tmp_path):
         conversation += [{"role": "assistant", "content": answers[1]},
                          {"role": "user", "content": "Tell me a long story about a brave little cat."},
                          {"role": "assistant", "content": partial}, {"role": "user", "content": "Thanks."}]
-        sent = json.dumps(client.map.to_server(client.chat_ids(conversation)), separators=(",", ":"))
+        system = [{"role": "system", "content": "You answer in one sentence."}]
+        sent = json.dumps(client.map.to_server(client.chat_ids(system + conversation)), separators=(",", ":"))
         wait.until(lambda d: d.find_element(By.ID, "server-prompt-ids").get_attribute("textContent") == sent)
     finally:
         driver.quit()

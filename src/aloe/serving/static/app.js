@@ -91,8 +91,9 @@ async function ask(question, settings) {
   addMessage("user", question);
   const out = addMessage("assistant", "");
   out.parentElement.classList.add("streaming");
+  const system = $("system").value.trim();
   const body = {
-    messages: conversation, stream: true,
+    messages: system ? [{ role: "system", content: system }, ...conversation] : conversation, stream: true,
     max_tokens: Math.max(1, parseInt($("max-tokens").value, 10) || 64),
     ...settings,
   };
