@@ -1,6 +1,7 @@
 """The untrusted side on a tiny obfuscated model: the embedded server + client give the plain model's tokens;
 the request parser answers malformed input with 4xx and stays up; a bounded concurrent load succeeds."""
 
+import json
 import resource
 import threading
 
@@ -210,6 +211,8 @@ def app_client(tiny_artifact):
     (b'{"prompt": [1, 2], "n": 3}', 422, "n"),
     (b'{"prompt": [1, 2], "grammar": "root ::= x"}', 422, "grammar"),
     (b'{"prompt": [1, 2], "stop_token_ids": [500]}', 422, "outside the vocabulary"),
+    (b'{"prompt": [1, 2], "logprobs": 21}', 422, "logprobs"),
+    (b'{"prompt": [1, 2], "logprobs": -1}', 422, "logprobs"),
     (b'{"prompt": ' + str(list(range(1, 90))).encode() + b"}", 422, "limit"),
 ])
 def test_malformed_requests_get_4xx_with_a_reason(app_client, body, status, reason):
@@ -217,6 +220,24 @@ def test_malformed_requests_get_4xx_with_a_reason(app_client, body, status, reas
     assert r.status_code == status
     assert reason.lower() in r.json()["error"]["message"].lower()
     assert app_client.get("/health").status_code == 200
+
+
+def test_logprobs_in_vllms_completion_format(app_client):
+    """vLLM's completion logprobs: per token its own log-probability and the k likeliest, the token named as
+    ``token_id:N`` (this artifact has no tokenizer; vLLM's ``return_tokens_as_token_ids``), streamed or not."""
+    whole = app_client.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 3, "temperature": 0,
+                                                      "logprobs": 2}).json()["choices"][0]
+    lp = whole["logprobs"]
+    assert lp["tokens"] == [f"token_id:{i}" for i in whole["token_ids"]] and len(lp["token_logprobs"]) == 3
+    for own, top, tok in zip(lp["token_logprobs"], lp["top_logprobs"], lp["tokens"], strict=True):
+        assert len(top) == 2 and top[tok] == own == max(top.values()) and own < 0   # greedy: the likeliest
+    with app_client.stream("POST", "/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 3, "temperature": 0,
+                                                            "logprobs": 2, "stream": True}) as r:
+        chunks = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:") and "[DONE]" not in line]
+    streamed = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["token_ids"]]
+    assert [x["token_logprobs"][0] for x in streamed] == lp["token_logprobs"]
+    assert app_client.post("/v1/completions", json={"prompt": [5], "max_tokens": 1}).json()["choices"][0][
+        "logprobs"] is None
 
 
 def test_oversized_body_is_refused(app_client):
