@@ -427,3 +427,36 @@ def test_the_echo_read_fits_the_clients_presence_and_frequency_penalties(monkeyp
     assert read > read_plain, (read, read_plain)
     with pytest.raises(AloeError, match="replies"):
         wk.echo_posterior(t, key, h, echo, 0.0, "entry", replied=replied[:-1], output_penalties=((0.0, 1.0),))
+
+
+def test_the_echo_read_fits_a_client_that_sets_both_kinds_of_penalty(monkeypatch):
+    """A client with a repetition penalty (1.3 on 10 of each state's 30 likeliest tokens, its context) and OpenAI's
+    frequency penalty (1 on earlier picks of its reply, applied after, as transformers' order and the client's
+    sampler do) is fitted as one with both when the grid combines them, and reads at least what the best single
+    penalty reads."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from aloe.obfuscation.client import OutputPenalty
+
+    t, key, h, H, g, sample = _echo_stub(monkeypatch)
+    top = torch.topk(h @ H.T, 30, 1).indices
+    seen = [top[i, torch.randperm(30, generator=g)[:10]].numpy() for i in range(len(h))]
+    replied = [top[i, torch.randint(0, 30, (8,), generator=g)].numpy() for i in range(len(h))]
+
+    def client(context, scores):
+        out = RepetitionPenaltyLogitsProcessor(1.3)(context, scores.clone())
+        for i, ids in enumerate(replied):
+            pen = OutputPenalty(0.0, 1.0)
+            pen.start = 0   # every id here is an earlier pick of the reply
+            out[i] = pen(torch.as_tensor(ids)[None], out[i:i + 1])[0]
+        return out
+
+    pick, echo = sample(client, torch.as_tensor(np.stack(seen)))
+    grid = dict(seen=seen, penalties=wk.ECHO_PENALTIES, replied=replied, output_penalties=wk.ECHO_OUTPUT_PENALTIES)
+    got, fit = wk.echo_posterior(t, key, h, echo, 0.0, "entry", combined=True, **grid)
+    single, single_fit = wk.echo_posterior(t, key, h, echo, 0.0, "entry", **grid)
+    assert (fit["repetition_penalty"], fit["presence_penalty"], fit["frequency_penalty"]) == (1.3, 0.0, 1.0), fit
+    assert single_fit["repetition_penalty"] == 1.0 or single_fit["frequency_penalty"] == 0.0   # one kind only
+    assert fit["log_marginal"] > single_fit["log_marginal"]
+    read, read_single = ((s.argmax(1) == pick).double().mean() for s in (got, single))
+    assert read >= read_single, (read, read_single)

@@ -187,7 +187,8 @@ def answer_reads(t: Target, key: weight_key.WeightKey, server_dir: Path, client,
         seen = [np.unique(np.r_[context[reply[j]], r]) for j, r in zip(sent_back, replied)]
         penalised, pfit = weight_key.echo_posterior(t, key, returned, back, alpha, shape, seen=seen,
                                                     penalties=[r for r in weight_key.ECHO_PENALTIES if r != 1.0],
-                                                    replied=replied, output_penalties=weight_key.ECHO_OUTPUT_PENALTIES)
+                                                    replied=replied, output_penalties=weight_key.ECHO_OUTPUT_PENALTIES,
+                                                    combined=True)
         pfit.pop("untruncated")
         if pfit["log_marginal"] > fit["log_marginal"]:
             scores, fit = penalised, pfit

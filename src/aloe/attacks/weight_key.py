@@ -331,7 +331,7 @@ ECHO_TOP_KS = (0, 40, 50)
 ECHO_FLOORS = (1e-3, 1e-2, 0.1)
 ECHO_MIN_PS = (0.0, 0.05, 0.1)   # min-p (0: none); llama.cpp's default is 0.05
 ECHO_PENALTIES = (1.0, 1.1, 1.2, 1.3)   # repetition penalties the server tries (1: none)
-# OpenAI's (presence, frequency) penalties the server tries, each alone, without a repetition penalty
+# OpenAI's (presence, frequency) penalties the server tries, alone and (with ``combined``) after each repetition penalty
 ECHO_OUTPUT_PENALTIES = ((0.5, 0.0), (1.0, 0.0), (0.0, 0.5), (0.0, 1.0), (0.5, 0.5))
 
 
@@ -386,14 +386,16 @@ def _penalised(logits: torch.Tensor, context: torch.Tensor | None, penalty: floa
 def echo_posterior(t: Target, key: WeightKey, hidden: torch.Tensor, echoes: torch.Tensor, alpha: float,
                    shape: str = "row", temperatures=ECHO_TEMPERATURES, top_ps=ECHO_TOP_PS, top_ks=ECHO_TOP_KS,
                    min_ps=ECHO_MIN_PS, floors=ECHO_FLOORS, seen: list[np.ndarray] | None = None, penalties=(1.0,),
-                   replied: list[np.ndarray] | None = None, output_penalties=(), plain_scores: bool = False):
+                   replied: list[np.ndarray] | None = None, output_penalties=(), combined: bool = False,
+                   plain_scores: bool = False):
     """The plain token of each of the first m' picks (m' = len(echoes) <= len(hidden)) scored by the state and its
     echo: the log-probability of the token under a model of the client's sampler on the state read through the key
     and the public head, plus the echo's log-likelihood under each token read through the key (occurrence noise of
     public level ``alpha``). The sampler model is transformers' order: a penalty, either a repetition penalty r on
     the tokens of each pick's context as the server reads it (``seen``: m' arrays of plain ids; r 1 without) or
     OpenAI's presence and frequency penalties (pp, fp) on the picks of the reply before it (``replied``: m' arrays,
-    repeats included; ``output_penalties``: the (pp, fp) pairs tried); then ``softmax(logits / T)``, truncated to
+    repeats included; ``output_penalties``: the (pp, fp) pairs tried; with ``combined`` each of them after each
+    repetition penalty too, as a client that sets both applies them); then ``softmax(logits / T)``, truncated to
     its top-k, then its top-p nucleus, then its min-p set, with a floor f: ``(1 - f) q 1[kept] / q(kept) + f q``.
     The server sees neither the client's settings nor its own head part that moves the pick off the state's argmax,
     so it takes the (penalty, T, top-p, top-k, min-p, f) of the grid under which the echoes it received are most
@@ -428,6 +430,9 @@ def echo_posterior(t: Target, key: WeightKey, hidden: torch.Tensor, echoes: torc
     settings = [(float(r), 0.0, 0.0) for r in penalties] if context is not None else []
     if picks is not None:
         settings += [(1.0, float(pp), float(fp)) for pp, fp in output_penalties]
+        if combined and context is not None:
+            settings += [(float(r), float(pp), float(fp)) for r in penalties if r != 1.0
+                         for pp, fp in output_penalties if pp or fp]
     settings = settings or [(1.0, 0.0, 0.0)]
     rows = torch.arange(m)
     truncations = [(p, k, mp) for p in top_ps for k in top_ks for mp in min_ps]
