@@ -35,7 +35,7 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 from aloe import AloeError
-from aloe.obfuscation.client import OutputPenalty
+from aloe.obfuscation.client import OutputPenalty, top_logprobs
 from aloe.obfuscation.client_vocab import decode_array
 from aloe.serving.errors import validation_message
 
@@ -105,24 +105,20 @@ class _IdStreamer(BaseStreamer):
 
 
 class _Logprobs:
-    """A logits processor that changes nothing: it keeps each step's log-probabilities of the model itself (before
-    logit_bias, penalties, temperature and truncation, as vLLM's default), for the ``logprobs`` of the answer."""
+    """A logits processor that changes nothing: it keeps each step's logits of the model itself (before logit_bias,
+    penalties, temperature and truncation, as vLLM's default), for the ``logprobs`` of the answer."""
 
     def __init__(self) -> None:
         self.rows: list[torch.Tensor] = []
 
     def __call__(self, input_ids, scores):
-        self.rows.append(torch.log_softmax(scores[0].double(), -1).float())
+        self.rows.append(scores[0].detach().clone())
         return scores
 
     def entry(self, step: int, chosen: int, k: int) -> tuple[float, dict[int, float]]:
         """The chosen id's log-probability at ``step`` and the ``k`` likeliest ids' (the chosen one always among
         them, as OpenAI's legacy API and vLLM give it)."""
-        row = self.rows[step]
-        top = row.topk(k) if k else None
-        out = {int(i): float(v) for i, v in zip(top.indices, top.values, strict=True)} if top is not None else {}
-        out.setdefault(int(chosen), float(row[chosen]))
-        return float(row[chosen]), out
+        return top_logprobs(self.rows[step], chosen, k)
 
 
 class _Cancelled(StoppingCriteria):
