@@ -16,11 +16,13 @@ import json
 import os
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -31,6 +33,7 @@ from obfuscation_fidelity import conversion_flops, gemm_gflops
 STAGES = [
     ("fingerprint", "source fingerprint (SHA-256 of the weight files)"),
     ("special_ids", "special token ids (tokenizer load)"),
+    ("rope", "RoPE frequencies (the model's config class imported and read)"),
     ("plan", "plan: tau, INIT of the keys, factored float32 keys (draws excluded)"),
     ("draws", "secret draws (AES-CTR stream: normals, uniforms, permutations, Haar QR)"),
     ("read", "reading input tensors (safetensors + finiteness check)"),
@@ -118,6 +121,7 @@ def instrument(timer: StageTimer) -> None:
     CheckpointReader.tensor = timer.wrap("read", CheckpointReader.tensor)
     model.special_token_ids = timer.wrap("special_ids", model.special_token_ids)
     model.make_plan = timer.wrap("plan", model.make_plan)
+    model.rope_inv_freq = timer.wrap("rope", model.rope_inv_freq)
     Float32Keys.__init__ = timer.wrap("plan", Float32Keys.__init__)
     for name in ("uniform", "normal", "permutation", "orthogonal"):
         setattr(SecureRandom, name, timer.wrap("draws", getattr(SecureRandom, name)))
@@ -193,6 +197,46 @@ def gemm_rates() -> tuple[float, float]:
     return wall_rate, wall_rate * (time.perf_counter() - w0) / (time.process_time() - c0)
 
 
+_FIRST_CALL_CHILD = """
+import json, sys, time
+from pathlib import Path
+import transformers
+from transformers import AutoTokenizer
+from aloe.obfuscation.architectures import rope_inv_freq, rotary_class_inv_freq
+from aloe.obfuscation.model import _fast_tokenizer_special_ids
+src, vocab, how = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+t = time.perf_counter()
+if how == "special:tokenizers":
+    out = sorted(_fast_tokenizer_special_ids(src, vocab))
+elif how == "special:transformers":
+    tok = AutoTokenizer.from_pretrained(str(src))
+    ids = {int(i) for i in tok.all_special_ids} | {int(i) for i in tok.added_tokens_decoder}
+    out = sorted(ids | set(range(len(tok), vocab)))
+elif how == "rope:config":
+    out = rope_inv_freq(src, "llama").tolist()
+else:
+    out = rotary_class_inv_freq(transformers.AutoConfig.from_pretrained(str(src)), "llama").tolist()
+print(json.dumps({"seconds": time.perf_counter() - t, "out": out}))
+"""
+
+
+def first_calls_side_by_side(src: Path, vocab_size: int, pair: tuple[str, str], repeats: int = 3) -> dict:
+    """Two ways of one step of the conversion, each the first call of a fresh process that has imported
+    transformers and aloe, as the conversion's is; alternating, medians."""
+    times: dict[str, list[float]] = {how: [] for how in pair}
+    outs: dict[str, list] = {}
+    for _ in range(repeats):
+        for how in pair:
+            res = subprocess.run([sys.executable, "-c", _FIRST_CALL_CHILD, str(src), str(vocab_size), how],
+                                 check=True, capture_output=True, text=True).stdout
+            got = json.loads(res.strip().splitlines()[-1])
+            times[how].append(got["seconds"])
+            outs[how] = got["out"]
+    new, old = (float(np.median(times[how])) for how in pair)
+    return {"repeats": repeats, "new": pair[0], "old": pair[1], "new_seconds": new, "old_seconds": old,
+            "ratio": new / old, "same_result": outs[pair[0]] == outs[pair[1]]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -229,6 +273,8 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     run = json.loads(stdout.decode().strip().splitlines()[-1])
+    special = first_calls_side_by_side(src, int(cfg["vocab_size"]), ("special:tokenizers", "special:transformers"))
+    rope = first_calls_side_by_side(src, int(cfg["vocab_size"]), ("rope:config", "rope:class"))
     gemm, gemm_cpu = (gemm_before + gemm_after) / 2, (gemm_cpu_before + gemm_cpu_after) / 2
     total = run["seconds"]
     stages = [{"stage": label, "key": k, "seconds": run["stages"][k], "share": run["stages"][k] / total,
@@ -274,7 +320,8 @@ def main() -> int:
         "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         "conversion_seconds": total, "conversion_cpu_seconds": run["cpu_seconds"], "process_wall_seconds": wall,
         "out_gb": run["out_bytes"] / 2 ** 30,
-        "stages": stages, "rates": rates, "memory": memory,
+        "stages": stages, "rates": rates, "memory": memory, "special_ids": special,
+        "rope": rope,
     }
     md = "\n".join([
         "# Conversion profile (SmolLM2-135M-Instruct, exact profile, float32 out)\n",
@@ -297,6 +344,17 @@ def main() -> int:
         "`CPU seconds`: the process's CPU time in the stage (wall above CPU is waiting: for the disk, or for a CPU on "
         "a loaded machine). `peak RSS raised`: how far the process's peak RSS rose during the stage (checked at "
         "every stage boundary).",
+        "",
+        "Two steps, each done two ways side by side (each way the first call in a fresh process that has "
+        f"imported transformers and aloe, as in the conversion; {special['repeats']} alternating runs, medians):\n",
+        "| step | as the conversion does it | seconds | the earlier way | seconds | ratio | same result |",
+        "|---|---|---|---|---|---|---|",
+        f"| special ids | the `tokenizers` library alone | {special['new_seconds']:.3f} | transformers' "
+        f"AutoTokenizer | {special['old_seconds']:.3f} | {special['ratio']:.2f} | "
+        f"{'yes' if special['same_result'] else 'NO'} |",
+        f"| RoPE frequencies | the config's RoPE parameters | {rope['new_seconds']:.3f} | the model's rotary class "
+        f"(modeling module imported) | {rope['old_seconds']:.3f} | {rope['ratio']:.2f} | "
+        f"{'yes' if rope['same_result'] else 'NO'} |",
         "",
         "## GEMM rate\n",
         "| what | GFLOP | seconds | GFLOP/s | vs fp32 GEMM |", "|---|---|---|---|---|",

@@ -361,3 +361,31 @@ def test_paper_keys_with_calibrated_kappa_on_a_moe_model_with_qk_norm(tmp_path, 
         lp, lo = plain(ids).logits, obf(tau[ids]).logits[..., tau]
     rel = ((lp - lo).norm() / lp.norm()).item()
     assert 1e-6 < rel < 0.3
+
+
+def test_rope_frequencies_without_the_modeling_module_equal_the_rotary_class(tmp_path, smollm2_path, gemma3_path):
+    """The conversion reads single-parameter RoPE configs without importing the model's modeling module; its
+    frequencies must be the rotary class's, bit for bit, on every architecture and RoPE scaling the tests convert."""
+    from transformers import AutoConfig, LlamaConfig
+
+    from aloe.obfuscation.architectures import layer_types, rope_inv_freq, rotary_class_inv_freq
+    from obfuscation_helpers import CONFIGS as LLAMA_QWEN2_CONFIGS
+
+    configs = {**{f"helpers-{k}": v for k, v in LLAMA_QWEN2_CONFIGS.items()}, **CONFIGS}
+    configs["llama-yarn"] = lambda: LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                num_attention_heads=4, head_dim=8, vocab_size=97,
+                                                rope_parameters={"rope_type": "yarn", "rope_theta": 1e4,
+                                                                 "factor": 4.0,
+                                                                 "original_max_position_embeddings": 64})
+    folders = {"smollm2": smollm2_path, "gemma3": gemma3_path}
+    for kind, make in configs.items():
+        make().save_pretrained(tmp_path / kind)
+        folders[kind] = tmp_path / kind
+    for kind, folder in folders.items():
+        cfg = AutoConfig.from_pretrained(str(folder))
+        for lt in set(layer_types(cfg.to_dict(), cfg.num_hidden_layers)):
+            got = rope_inv_freq(folder, cfg.model_type, lt)
+            want = rotary_class_inv_freq(cfg, cfg.model_type, lt)
+            assert got.dtype == want.dtype and np.array_equal(got, want), (kind, lt)
+    assert not np.array_equal(rope_inv_freq(folders["llama-yarn"], "llama"),
+                              rope_inv_freq(folders["helpers-llama-gqa-tied"], "llama"))

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,3 +175,43 @@ def test_sharded_output_loads(tmp_path, monkeypatch):
     ids = torch.randint(0, 97, (1, 6))
     with torch.no_grad():
         assert (plain(ids).logits - obf(tau[ids]).logits[..., tau]).abs().max().item() <= 1e-9
+
+
+def _special_ids_through_transformers(model_dir, vocab_size):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    return ({int(i) for i in tok.all_special_ids} | {int(i) for i in tok.added_tokens_decoder}
+            | set(range(len(tok), vocab_size)))
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+def test_special_ids_read_with_tokenizers_match_transformers(request, tmp_path, model):
+    from aloe.obfuscation.model import _fast_tokenizer_special_ids
+
+    src = Path(request.getfixturevalue(f"{model}_path"))
+    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    fast = _fast_tokenizer_special_ids(src, vocab + 7)
+    assert fast == _special_ids_through_transformers(src, vocab + 7)
+    assert set(range(vocab, vocab + 7)) <= fast and 0 < len(fast) < vocab
+    if model != "smollm2":
+        return
+    # a tokenizer_config that names an ordinary token special and adds tokens past the vocabulary (in a config that
+    # lists its added tokens, as SmolLM2's does: transformers then takes that list as the whole of them)
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_bytes((src / "tokenizer.json").read_bytes())
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    cfg["additional_special_tokens"] = ["hello"]
+    n = len(json.loads((src / "tokenizer.json").read_text())["model"]["vocab"])
+    extra = {str(n + k): {"content": f"<extra_{k}>", "special": True, "lstrip": False, "rstrip": False,
+                               "normalized": False, "single_word": False} for k in range(2)}
+    cfg["added_tokens_decoder"] = {**cfg.get("added_tokens_decoder", {}), **extra}
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    want = _special_ids_through_transformers(folder, n + 50)
+    got = _fast_tokenizer_special_ids(folder, n + 50)
+    assert got == want
+    from tokenizers import Tokenizer
+
+    assert Tokenizer.from_file(str(src / "tokenizer.json")).token_to_id("hello") in got

@@ -99,7 +99,10 @@ def special_token_ids(model_dir: Path, config: dict) -> set[int]:
         for key in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
             v = src.get(key)
             ids.update(v if isinstance(v, list) else [] if v is None else [v])
-    if (Path(model_dir) / "tokenizer_config.json").is_file() or (Path(model_dir) / "tokenizer.json").is_file():
+    model_dir = Path(model_dir)
+    if (model_dir / "tokenizer.json").is_file():
+        ids.update(_fast_tokenizer_special_ids(model_dir, int(config["vocab_size"])))
+    elif (model_dir / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -107,6 +110,37 @@ def special_token_ids(model_dir: Path, config: dict) -> set[int]:
         ids.update(int(i) for i in tok.added_tokens_decoder)
         ids.update(range(len(tok), int(config["vocab_size"])))
     return {int(i) for i in ids}
+
+
+_SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _fast_tokenizer_special_ids(model_dir: Path, vocab_size: int) -> set[int]:
+    """The ids transformers' fast tokenizer calls special or added, read with the ``tokenizers`` library alone: every
+    added token of tokenizer.json and of tokenizer_config.json's ``added_tokens_decoder``, the special tokens that
+    tokenizer_config.json names, and the rows past the tokenizer's length. Loading the whole transformers tokenizer
+    for this was 15% of a SmolLM2 conversion."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    ids = {int(i) for i in tok.get_added_tokens_decoder()}
+    length = tok.get_vocab_size(with_added_tokens=True)
+    cfg_path = model_dir / "tokenizer_config.json"
+    if cfg_path.is_file():
+        cfg = json.loads(cfg_path.read_text())
+        names: list = [cfg.get(k) for k in _SPECIAL_TOKEN_KEYS]
+        for k in ("additional_special_tokens", "extra_special_tokens"):
+            extra = cfg.get(k) or []
+            names.extend(extra.values() if isinstance(extra, dict) else extra)
+        for name in names:
+            name = name.get("content") if isinstance(name, dict) else name
+            if isinstance(name, str) and (i := tok.token_to_id(name)) is not None:
+                ids.add(int(i))
+        for i in cfg.get("added_tokens_decoder") or {}:
+            ids.add(int(i))
+            length = max(length, int(i) + 1)
+    ids.update(range(length, vocab_size))
+    return ids
 
 
 @dataclass
