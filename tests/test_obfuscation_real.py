@@ -52,3 +52,28 @@ def test_embedded_server_and_client_give_the_plain_greedy_answer(smollm2_path, s
         assert sum(s == p and p not in special for s, p in zip(served, plain_ids)) <= 1
     assert "capital of France" not in client.server_view(res.server_prompt_ids)
     assert "is Paris" not in client.server_view(res.server_output_ids)
+
+
+def test_completion_logprobs_give_each_tokens_place_in_the_text(smollm2_exact):
+    """``text_offset`` (vLLM's completion logprobs): where each answer token's text begins in the answer's text, as
+    the server's tokenizer decodes it; streamed, the offsets run on across the chunks."""
+    from fastapi.testclient import TestClient
+
+    from aloe.serving.server import Limits, create_app
+
+    obf_dir, _ = smollm2_exact
+    app = TestClient(create_app(obf_dir, Limits(max_prompt_tokens=64, max_new_tokens=16)))
+    body = {"prompt": [1, 504, 3458, 282, 4649, 314], "max_tokens": 8, "temperature": 0, "logprobs": 1}
+    whole = app.post("/v1/completions", json=body).json()["choices"][0]
+    offsets, text, ids = whole["logprobs"]["text_offset"], whole["text"], whole["token_ids"]
+    assert len(offsets) == len(ids) == 8 and offsets[0] == 0 and text
+    assert offsets == sorted(offsets) and offsets[-1] < len(text) and len(set(offsets)) > 1
+    tok = app.app.state.engine.tokenizer
+    assert tok is not None and tok.decode(ids) == text
+    assert all(text[:o] == tok.decode(ids[:n]) for n, o in enumerate(offsets))
+    with app.stream("POST", "/v1/completions", json=dict(body, stream=True)) as r:
+        chunks = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:") and "[DONE]" not in line]
+    pieces = [c["choices"][0] for c in chunks if c["choices"][0]["token_ids"]]
+    streamed = [p["logprobs"]["text_offset"][0] for p in pieces]
+    assert streamed == [sum(len(p["text"]) for p in pieces[:n]) for n in range(len(pieces))]
+    assert streamed[0] == 0 and len(set(streamed)) > 1

@@ -312,21 +312,25 @@ def create_app(model_dir: Path, limits: Limits | None = None, threads: int | Non
                 return f"token_id:{i}"
             return engine.tokenizer.decode([i])
 
-        def logprobs(ids, first):
-            """vLLM's (and OpenAI's legacy) completion logprobs of ``ids``, the answer's tokens from ``first`` on."""
+        def decode(ids) -> str:
+            return (engine.tokenizer.decode(ids, skip_special_tokens=req.skip_special_tokens)
+                    if ids and engine.tokenizer is not None else "")
+
+        def logprobs(ids, first, start):
+            """vLLM's (and OpenAI's legacy) completion logprobs of ``ids``, the answer's tokens from ``first`` on;
+            ``text_offset``: where each token's text begins in the answer's text, ``start`` characters of which
+            came before ``ids``."""
             if recorder is None:
                 return None
             entries = [recorder.entry(first + n, i, req.logprobs) for n, i in enumerate(ids)]
             return {"tokens": [name(i) for i in ids], "token_logprobs": [lp for lp, _ in entries],
                     "top_logprobs": [{name(j): v for j, v in top.items()} for _, top in entries],
-                    "text_offset": [0] * len(ids)}
+                    "text_offset": [start + len(decode(ids[:n])) for n in range(len(ids))]}
 
-        def chunk(ids, finish, first=0):
-            text = (engine.tokenizer.decode(ids, skip_special_tokens=req.skip_special_tokens)
-                    if ids and engine.tokenizer is not None else "")
+        def chunk(ids, finish, first=0, start=0):
             return {"id": rid, "object": "text_completion", "created": created, "model": engine.name,
-                    "choices": [{"index": 0, "text": text, "token_ids": ids, "finish_reason": finish,
-                                 "logprobs": logprobs(ids, first)}]}
+                    "choices": [{"index": 0, "text": decode(ids), "token_ids": ids, "finish_reason": finish,
+                                 "logprobs": logprobs(ids, first, start)}]}
 
         def finish_reason(out: list[int]) -> str:
             return "stop" if out and out[-1] in set(engine.eos) | set(req.stop_token_ids) else "length"
@@ -335,10 +339,13 @@ def create_app(model_dir: Path, limits: Limits | None = None, threads: int | Non
         if req.stream:
             def events():
                 out: list[int] = []
+                sent = 0    # characters of the answer's text streamed so far
                 try:
                     while (i := streamer.q.get()) is not None:
                         out.append(i)
-                        yield f"data: {json.dumps(chunk([i], None, len(out) - 1))}\n\n"
+                        piece = chunk([i], None, len(out) - 1, sent)
+                        sent += len(piece["choices"][0]["text"])
+                        yield f"data: {json.dumps(piece)}\n\n"
                     yield f"data: {json.dumps(chunk([], finish_reason(out)))}\n\n"
                     yield "data: [DONE]\n\n"
                 finally:
