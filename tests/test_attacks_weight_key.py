@@ -47,17 +47,32 @@ def test_the_body_gives_the_exact_norm_key_and_every_row_through_it(kind, tmp_pa
     assert w["sides"] == 2 and w["gram_residual"] < 1e-4
 
 
-def test_the_paper_keys_are_no_one_isometry_and_the_figures_say_so(tmp_path, monkeypatch):
-    """The paper's design writes through a fresh key per writer and a non-isometric base: the writers span more than
-    d directions, no rotation carries the plain gates' Gram matrices to the artifact's, and the read finds little."""
+@pytest.mark.parametrize("kind", ["llama-gqa-tied", "qwen2-gqa3-bias-untied"])
+def test_the_body_gives_the_paper_keys_too(kind, tmp_path, monkeypatch):
+    """The paper's design writes through a fresh key per writer and a non-isometric base: the writers span d + h/2
+    directions and no rotation explains the gates, but every reader maps that span to the plain space through one
+    linear map, which the gates' Gram matrices give up to a sign per direction and their mean rows fix. The tables
+    map back to rounding without noise; with the paper's own noise on both tables (alpha 1, as large as the
+    entries), where IA and NN read little, every id is read."""
     monkeypatch.setenv("ALOE_CACHE", str(tmp_path))
-    prof = PROFILES["paper"].with_overrides(name="p", h=8, alpha_e=0.5, alpha_h=0.5, beta=4, gamma=10.0)
-    plain, obf, tau = build(tmp_path, "llama-gqa-tied", "paper", prof)
+    prof = PROFILES["paper"].with_overrides(name="p", h=8, alpha_e=0.0, alpha_h=0.0, beta=4, gamma=10.0)
+    plain, obf, tau = build(tmp_path, kind, "paper", prof)
     t = Target(plain, obf, Budget(topk=5, seed=1))
-    r = run(t, ["weight-key"], tau, synthetic_texts(t.arch.vocab, t.fixed_ids, t.budget), progress=False)
+    key = wk.recover(t)
+    s = key.summary()
+    assert s["key_design"] == "linear" and s["subspace_rank"] == t.arch.d + 4
+    assert s["subspace_gap"] < 1e-4 and s["gram_residual"] < 1e-4 and s["sign_agreement"] > 0.99
+    ti = torch.as_tensor(tau)
+    for got, want in ((key.embed_side(t.obf_embed[ti]), t.plain_embed), (key.head_side(t.obf_head[ti]), t.plain_head)):
+        assert float((got - want).norm() / want.norm()) < 1e-4
+    x = t.plain_embed[:7].double()
+    assert torch.allclose(key.embed_side(key.write(x)), x, atol=1e-8)
+    plain, obf, tau = build(tmp_path, kind, "paper-noisy", prof.with_overrides(alpha_e=1.0, alpha_h=1.0))
+    t = Target(plain, obf, Budget(topk=5, seed=1))
+    r = run(t, ["ia", "nn", "weight-key"], tau, synthetic_texts(t.arch.vocab, t.fixed_ids, t.budget), progress=False)
+    assert r["ia"]["token_recovery"] <= 0.35 and r["nn"]["token_recovery"] <= 0.35
     w = r["weight-key"]
-    assert w["subspace_gap"] > 0.5 and w["gram_residual"] > 0.1
-    assert w["token_recovery"] <= 0.35                 # at most 15.8% over 40 draws
+    assert w["token_recovery"] >= 0.95 and w["prompt_token_recovery"] >= 0.95 and w["key_design"] == "linear"
 
 
 def test_client_held_vectors_are_read_through_the_key_the_body_gives(tmp_path, monkeypatch):

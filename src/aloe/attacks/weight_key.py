@@ -59,26 +59,39 @@ FLOOR = 1e-12         # the read's sigma^2 where the public profile adds no nois
 
 @dataclass
 class WeightKey:
-    """The writer key as the body gives it: ``x = v @ basis @ to_plain / scale`` for an embedding row or a residual
-    vector v, ``w = h @ basis @ to_plain * scale`` for a head row h."""
+    """The key as the body gives it: ``x = v @ basis @ to_plain / scale`` for an embedding row or a residual vector
+    v. For the exact-norm keys (``design`` "isometry") ``to_plain`` is orthogonal and a head row h maps by
+    ``h @ basis @ to_plain * scale``; for the paper's keys ("linear") it is any invertible map and a head row maps by
+    its inverse transpose."""
 
-    basis: torch.Tensor       # U (d' x d): orthonormal basis of the residual stream's subspace
-    to_plain: torch.Tensor    # R^T (d x d), orthogonal
-    scale: float              # c
-    subspace_gap: float       # singular value d+1 over singular value d of the writers (rounding for one key)
-    gram_residual: float      # max over layers of ||R^T M_l R - c^2 G_l|| / ||M_l||
-    sign_agreement: float     # mean cosine of the gate means under the key, over the layers (1: the sign is sure)
+    basis: torch.Tensor       # d' x d, orthonormal columns: where the plain coordinates are read from
+    to_plain: torch.Tensor    # d x d: R^T (orthogonal) for the isometry, the general map for "linear"
+    scale: float              # c (1 for "linear", whose map carries its own scale)
+    subspace_gap: float       # the writers' first negligible singular value over their last (rounding)
+    gram_residual: float      # max over layers of how far the key leaves the gates' Gram matrices from the public ones
+    sign_agreement: float     # mean cosine of the gate means under the key, over the layers (1: the signs are sure)
     layers: int
+    design: str = "isometry"
+    subspace_rank: int = 0    # the dimension the residual writers span (d for one key, d + h/2 for the paper's)
 
     def embed_side(self, rows: torch.Tensor) -> torch.Tensor:
         return rows.double() @ self.basis @ self.to_plain / self.scale
 
     def head_side(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.design == "linear":
+            return rows.double() @ self.basis @ torch.linalg.inv(self.to_plain).T
         return rows.double() @ self.basis @ self.to_plain * self.scale
+
+    def write(self, plain: torch.Tensor) -> torch.Tensor:
+        """Plain residual rows written as the body reads them (the inverse of :meth:`embed_side` on the basis)."""
+        if self.design == "linear":
+            return plain.double() @ torch.linalg.inv(self.to_plain) @ self.basis.T
+        return plain.double() @ self.to_plain.T @ self.basis.T * self.scale
 
     def summary(self) -> dict:
         return {"subspace_gap": self.subspace_gap, "gram_residual": self.gram_residual,
-                "sign_agreement": self.sign_agreement, "key_scale": self.scale, "gate_layers": self.layers}
+                "sign_agreement": self.sign_agreement, "key_scale": self.scale, "gate_layers": self.layers,
+                "key_design": self.design, "subspace_rank": self.subspace_rank}
 
 
 def ffn_parts(t: Target, layer: int) -> tuple[list[str], list[str]]:
@@ -116,10 +129,32 @@ def _plain_gate(t: Target, layer: int, name: str) -> torch.Tensor:
     return (t.plain(f"model.layers.{layer}.{name}.weight") * gamma[None, :]).double()
 
 
+RANK_TOL = 1e-4       # a writer singular value under this share of the largest is rounding
+
+
+def _gate_grams(t: Target, parts, U: torch.Tensor, progress=None):
+    """Per layer: the public gate Gram matrix over the units (W^T W, d x d), the artifact's in U's coordinates, and
+    both gates' mean rows over the units (all free of the secret unit and expert permutations)."""
+    plain_grams, obf_grams, plain_means, obf_means = [], [], [], []
+    for layer in range(t.arch.n_layers):
+        gates = parts[layer][0]
+        wp = torch.cat([_plain_gate(t, layer, g) for g in gates])            # units x d
+        wo = torch.cat([_obf_weight(t, layer, g) for g in gates]) @ U        # units x rank
+        plain_grams.append(wp.T @ wp)
+        obf_grams.append(wo.T @ wo)
+        plain_means.append(wp.mean(0))
+        obf_means.append(wo.mean(0))
+        if progress is not None:
+            progress.update(1)
+    return plain_grams, obf_grams, plain_means, obf_means
+
+
 @torch.no_grad()
 def recover(t: Target, progress=None) -> WeightKey:
-    """The writer key from the server's body alone (see the module's docstring). Raises if a layer has no gated FFN
-    (dense or sparse MoE), the body has sandwich norms, or its residual stream is no wider than the plain one."""
+    """The key from the server's body alone (see the module's docstring): the exact-norm design's isometry, or,
+    where the residual writers span more than d directions (the paper's fresh key per writer), the linear map of
+    :func:`_recover_linear`. Raises if a layer has no gated FFN (dense or sparse MoE), the body has sandwich norms,
+    or its residual stream is no wider than the plain one."""
     d, L = t.arch.d, t.arch.n_layers
     parts = [ffn_parts(t, layer) for layer in range(L)]
     writers = torch.cat([_obf_weight(t, layer, w) for layer in range(min(SUBSPACE_LAYERS, L))
@@ -127,19 +162,13 @@ def recover(t: Target, progress=None) -> WeightKey:
     if writers.shape[0] < d:
         raise AloeError(f"the residual stream is {writers.shape[0]} wide, narrower than the plain {d}")
     U, sv, _ = torch.linalg.svd(writers, full_matrices=False)
+    rank = max(d, int((sv > RANK_TOL * sv[0]).sum()))
+    if rank > d:
+        return _recover_linear(t, parts, U[:, :rank], float(sv[rank] / sv[rank - 1]) if len(sv) > rank else 0.0,
+                               progress)
     gap = float(sv[d] / sv[d - 1]) if len(sv) > d else 0.0
     U = U[:, :d]
-    plain_grams, obf_grams, obf_means, plain_means = [], [], [], []
-    for layer in range(L):
-        gates = parts[layer][0]
-        wp = torch.cat([_plain_gate(t, layer, g) for g in gates])            # units x d
-        wo = torch.cat([_obf_weight(t, layer, g) for g in gates]) @ U        # units x d: Z^T W R / c
-        plain_grams.append(wp.T @ wp)
-        obf_grams.append(wo.T @ wo)
-        plain_means.append(wp.mean(0))
-        obf_means.append(wo.mean(0))
-        if progress is not None:
-            progress.update(1)
+    plain_grams, obf_grams, plain_means, obf_means = _gate_grams(t, parts, U, progress)
     c2 = float(np.median([float(torch.trace(m) / torch.trace(g)) for m, g in zip(plain_grams, obf_grams)]))
     _, V = torch.linalg.eigh(sum(plain_grams))
     _, Vo = torch.linalg.eigh(c2 * sum(obf_grams))
@@ -152,7 +181,52 @@ def recover(t: Target, progress=None) -> WeightKey:
     # the global sign: the gate's mean row over the units is Z-free, mean(W) R / c
     cos = [float(o @ (p @ Rt.T) / (o.norm() * p.norm()).clamp_min(1e-30)) for o, p in zip(obf_means, plain_means)]
     sign = 1.0 if sum(cos) >= 0 else -1.0
-    return WeightKey(U, sign * Rt, float(np.sqrt(c2)), gap, residual, sign * float(np.mean(cos)), L)
+    return WeightKey(U, sign * Rt, float(np.sqrt(c2)), gap, residual, sign * float(np.mean(cos)), L,
+                     subspace_rank=d)
+
+
+def _generalized_eigh(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenpairs of ``B v = lam A v`` (A positive definite): V with ``V^T A V = I`` and ``V^T B V = diag(lam)``."""
+    Li = torch.linalg.inv(torch.linalg.cholesky(A))
+    lam, W = torch.linalg.eigh(Li @ B @ Li.T)
+    return lam, Li.T @ W
+
+
+def _recover_linear(t: Target, parts, U: torch.Tensor, gap: float, progress=None) -> WeightKey:
+    """The paper's keys: every writer ``P_i = [B | C_i | E] Z`` has its own C_i, so the writers span d + h/2
+    directions S (U, d' x rank), and every reader ``Q_j = Z^T [B^-1 ; F ; D_j]`` maps a vector of S to the same plain
+    vector: ``x = v Q_j = (v U) K`` with one K = U^T Q_j (rank x d) for every reader. A layer's gate reads
+    ``Z_units W K^T`` in U's coordinates, so its Gram matrix over the units is ``K M_l K^T`` (M_l = W_l^T W_l,
+    public). Its top d eigenvectors Vk give K's range, ``K = Vk R``, and ``N_l = Vk^T G_l Vk = R M_l R^T`` for every
+    layer: R is the congruence that carries two public pools of the M_l (their plain sum and a signed, weighted one)
+    onto the artifact's, found by the generalized eigenvectors of each pair, up to one sign per eigenvector, which
+    the gates' mean rows over the units (``mean(W_l) R^T``, free of the unit permutation) fix one by one. A per-layer
+    scalar the mechanism could fold into a gate (relative to the first layer's) is read off the traces of
+    ``N_0^-1 N_l`` against the public ones."""
+    d, L = t.arch.d, t.arch.n_layers
+    plain_grams, obf_grams, plain_means, obf_means = _gate_grams(t, parts, U, progress)
+    _, Vk = torch.linalg.eigh(sum(obf_grams))
+    Vk = Vk[:, -d:]
+    N = [Vk.T @ g @ Vk for g in obf_grams]
+    ratio = [float(torch.trace(torch.linalg.solve(N[0], n)) / torch.trace(torch.linalg.solve(plain_grams[0], m)))
+             for n, m in zip(N, plain_grams)]
+    N = [n / r for n, r in zip(N, ratio)]
+    weights = [(-1.0) ** layer * (1.0 + layer / L) for layer in range(L)]  # public: any generic pooling will do
+    A, B = sum(N), sum(w * n for w, n in zip(weights, N))
+    MA, MB = sum(plain_grams), sum(w * m for w, m in zip(weights, plain_grams))
+    _, V = _generalized_eigh(MB, MA)
+    _, Vo = _generalized_eigh(B, A)
+    # R^T Vo = V S: the gate means (mean(W) R^T = o Vk) give each sign, mean(W) V S = o Vk Vo
+    votes = sum((o @ Vk @ Vo) * (p @ V) for o, p in zip(obf_means, plain_means))
+    s = torch.sign(votes)
+    s[s == 0] = 1
+    Rt = V @ torch.diag(s) @ torch.linalg.inv(Vo)
+    R = Rt.T                                                     # N_l = R M_l R^T;  x = (v U Vk) R
+    residual = max(float((R @ m @ R.T - n).norm() / n.norm()) for m, n in zip(plain_grams, N))
+    cos = [float((o @ Vk) @ (p @ Rt) / ((o @ Vk).norm() * (p @ Rt).norm()).clamp_min(1e-30))
+           for o, p in zip(obf_means, plain_means)]
+    return WeightKey(U @ Vk, R, 1.0, gap, residual, float(np.mean(cos)), L, design="linear",
+                     subspace_rank=U.shape[1])
 
 
 def _sigma2(table: torch.Tensor, alpha: float, shape: str, row_shaped: bool, dims: int) -> float:
@@ -277,7 +351,7 @@ def simulate_vectors(t: Target, key: WeightKey, plain_ids: np.ndarray, alpha: fl
     plain row written through that key (``x c R U^T``) plus fresh noise of public level ``alpha`` in the d'
     coordinates (the profile's own table noise and the table key's part outside the subspace are left out). For
     the attacker's own calibration; nothing secret."""
-    rows = t.plain_embed[torch.as_tensor(plain_ids)].double() @ key.to_plain.T @ key.basis.T * key.scale
+    rows = key.write(t.plain_embed[torch.as_tensor(plain_ids)])
     sigma = torch.from_numpy(noise_std(rows.numpy(), alpha, shape)) if alpha > 0 else torch.zeros(len(rows))
     gen = torch.Generator().manual_seed(seed)
     return (rows + torch.randn(rows.shape, generator=gen, dtype=torch.float64) * sigma[:, None]).float()
