@@ -105,19 +105,21 @@ def test_client_held_vectors_are_read_through_the_key_the_body_gives(tmp_path, m
         wk.read_vectors(t, key, sent, 2.5, shape="column")
 
 
+@pytest.mark.parametrize("design", ["exact", "paper"])
 @pytest.mark.parametrize("kind", ["qwen3-moe", "qwen2-moe-shared", "mixtral", "mistral", "granite", "smollm3"])
-def test_moe_and_newer_dense_bodies_give_the_key_through_their_gates(kind, tmp_path, monkeypatch):
+def test_moe_and_newer_dense_bodies_give_the_key_through_their_gates(kind, design, tmp_path, monkeypatch):
     """Sparse MoE blocks (every expert obfuscated as an FFN with its own unit permutation, the experts moved to
     secret slots, a dense layer among them in the Qwen3-MoE model, a shared expert in the Qwen2-MoE one): the gates
     summed over every expert are free of both permutations, and the key they give maps both tables back onto the
     plain ones up to rounding. The dense architectures added since (Mistral, Granite with its multipliers, SmolLM3
-    with layers without RoPE) give it the same way."""
+    with layers without RoPE) give it the same way, with the exact-norm keys and with the paper's."""
     from test_obfuscation_arch import ROUTERS, tiny
 
     monkeypatch.setenv("ALOE_CACHE", str(tmp_path))
     plain = tiny(kind, tmp_path / "plain")
-    obfuscate_checkpoint(plain, tmp_path / "obf", tmp_path / "s.json", PROFILES["exact"].with_overrides(name="e", h=8),
-                         progress=False)
+    prof = PROFILES[design].with_overrides(name="e", h=8, alpha_e=0.0, alpha_h=0.0)
+    obfuscate_checkpoint(plain, tmp_path / "obf", tmp_path / "s.json", prof, progress=False,
+                         calibration_ids=CALIBRATION)
     tau = torch.as_tensor(load_secret(tmp_path / "s.json").tau)
     t = Target(plain, tmp_path / "obf", Budget(topk=5, seed=1))
     layers = [wk.ffn_parts(t, layer)[0] for layer in range(t.arch.n_layers)]
@@ -125,6 +127,7 @@ def test_moe_and_newer_dense_bodies_give_the_key_through_their_gates(kind, tmp_p
     key = wk.recover(t)
     s = key.summary()
     assert s["subspace_gap"] < 1e-4 and s["gram_residual"] < 1e-4 and s["sign_agreement"] > 0.99
+    assert s["key_design"] == {"exact": "isometry", "paper": "linear"}[design]
     for got, want in ((key.embed_side(t.obf_embed[tau]), t.plain_embed),
                       (key.head_side(t.obf_head[tau]), t.plain_head)):
         assert float((got - want).norm() / want.norm()) < 1e-4

@@ -7,8 +7,8 @@ one:
 
 1. **The subspace.** Every residual writer (``down_proj``, ``o_proj``) ends in ``... P``, so its outputs lie in S. The
    first d left singular vectors of a few writers (HF layout, d' x n) are an orthonormal basis U (d' x d) of S, and
-   the (d+1)-th singular value is float rounding (a design with a fresh writer key per layer, the paper's, spans
-   more: :attr:`WeightKey.subspace_gap` says which).
+   the (d+1)-th singular value is float rounding. The paper's design, a fresh writer key per writer, spans d + h/2
+   directions; its key is read by :func:`_recover_linear` (below).
 2. **The rotation.** In that basis ``P = c R U^T`` with R orthogonal. A reader Q (d' x d) inverts P (``P Q = I``) and
    its fresh part lies outside S, so ``U^T Q = R^T / c`` whatever that part is. The FFN gate of a layer reads
    ``x~ Q (gamma W_gate^T) Z`` with Z the secret unit permutation; in U's coordinates its HF weight is
@@ -33,8 +33,15 @@ Nothing secret is used: the writers and gates are the artifact's, the plain gate
 noise levels the public profile's. The gate's SwiGLU is what keeps its columns unscaled (the up projection carries
 the secret per-unit scales), so the attack needs gated FFNs: dense (Llama, Qwen2, Mistral and their kin) or sparse
 MoE (Qwen2-MoE, Qwen3-MoE, Mixtral), whose gates are summed over every expert, since the expert slots are secret too.
-:attr:`WeightKey.gram_residual` says how well one rotation explains every layer: float rounding for the exact-norm
-keys; large where the design is not one isometry (the paper's keys) or the body moved (adaptation).
+:attr:`WeightKey.gram_residual` says how well the key explains every layer's gate: float rounding for the unadapted
+bodies; large where the body moved (adaptation).
+
+**The paper's keys.** Each writer is ``P_i = [B | C_i | E] Z`` with a fresh C_i and B not orthogonal, so no isometry
+exists; but every reader ``Q_j = Z^T [B^-1 ; F ; D_j]`` maps a vector of the writers' span the same way (its fresh
+D_j meets only directions outside it), so the body reads that span through one linear map K, and the gates give it
+as they give R: their Gram matrices are ``K M_l K^T`` with the public ``M_l``, which fix K up to one sign per
+generalized eigenvector, and their mean rows fix the signs (:func:`_recover_linear`). Embedding rows and sent vectors
+map back through K, head rows through its inverse transpose.
 """
 
 from __future__ import annotations

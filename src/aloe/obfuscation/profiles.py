@@ -79,9 +79,10 @@ PROFILES: dict[str, Profile] = {
         description="the paper's default working point (lambda 0.3, h 128, alpha_e 1.0, alpha_h 0.2, beta 8, "
                     "gamma 1e3) with its approximate norm; small models lose accuracy at alpha_e = 1.0.",
         protects="only the table attacks' first readings (on SmolLM2 at the full attack budget NN 0%, IA 1.2%, "
-                 "VMA 2.3%): the key fitted on IA's reading reads 99.99% of the vocabulary and every token of real "
-                 "prompts with no copy trained (key regression), the learned matcher 59-67%, at a cost that "
-                 "destroys a small model (SmolLM2: perplexity x130-220).",
+                 "VMA 2.3%): the key read off the body's own weights reads 99.996% of the vocabulary and every "
+                 "token of real prompts with nothing read first, the key fitted on IA's reading 99.99% with no "
+                 "copy trained (key regression), the learned matcher 59-67%, at a cost that destroys a small model "
+                 "(SmolLM2: perplexity x130-220).",
     ),
     "balanced": Profile(
         name="balanced", keys="exact-norm", h=128, sv_floor=0.5, alpha_e=0.0, alpha_h=0.0, beta=8, gamma=1e5,
