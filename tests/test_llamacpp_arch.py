@@ -1,6 +1,7 @@
 """llama.cpp's own ``llama-server`` on the obfuscated Qwen3 (QK-norm), mixture-of-experts, Mistral and SmolLM3 (layers
-without RoPE) architectures. An obfuscated Gemma 2 or Granite is refused at export: llama.cpp ties Gemma 2's output
-layer to the token embedding, and its Granite converter drops head_dim.
+without RoPE) architectures. An obfuscated Gemma 2, Granite or Phi-3 is refused at export: llama.cpp ties Gemma 2's
+output layer to the token embedding, its Granite converter drops head_dim, and its Phi-3 converter derives the head
+size from the hidden size.
 
 Tiny random models of each architecture get SmolLM2's tokenizer and vocabulary (49152), because llama.cpp's
 ``convert_hf_to_gguf.py`` only exports a tokenizer whose pre-tokenizer it knows. Each is obfuscated with the ``exact``
@@ -35,6 +36,7 @@ from transformers import (
     MinistralConfig,
     MistralConfig,
     MixtralConfig,
+    Phi3Config,
     Qwen2MoeConfig,
     Qwen3Config,
     Qwen3MoeConfig,
@@ -72,6 +74,7 @@ CONFIGS = {
     "smollm3": lambda: SmolLM3Config(intermediate_size=96, no_rope_layer_interval=2, **COMMON),
     "ministral": lambda: MinistralConfig(intermediate_size=96, head_dim=16, **COMMON),
     "gemma2": lambda: Gemma2Config(intermediate_size=96, head_dim=16, query_pre_attn_scalar=16, **COMMON),
+    "phi3": lambda: Phi3Config(intermediate_size=96, **COMMON),
 }
 GGUF_ARCH = {"qwen3": "qwen3", "qwen3-moe": "qwen3moe", "mixtral": "llama", "qwen2-moe": "qwen2moe",
              "mistral": "llama", "granite": "granite", "smollm3": "smollm3"}
@@ -200,11 +203,13 @@ def test_llama_server_on_obfuscated_gguf_gives_the_plain_greedy_tokens(kind, lla
 
 @pytest.mark.parametrize("kind,reason", [("gemma2", "cannot serve an obfuscated Gemma2ForCausalLM"),
                                          ("granite", "cannot serve an obfuscated GraniteForCausalLM"),
+                                         ("phi3", "cannot serve an obfuscated Phi3ForCausalLM"),
                                          ("ministral", "MinistralForCausalLM")])
 def test_export_refuses_what_llama_cpp_would_serve_wrong(kind, reason, smollm2_path, tmp_path):
     """llama.cpp's Gemma 2 takes its output layer from the token embedding (its converter drops lm_head), which
     would answer wrong tokens for an obfuscated model, whose head has its own key; its Granite converter drops
-    head_dim, which the widened hidden size needs; its converter does not know Ministral. The export says so, in one
+    head_dim, which the widened hidden size needs, and its Phi-3 converter derives the head size and the RoPE
+    dimensions from the hidden size; its converter does not know Ministral. The export says so, in one
     line, and writes nothing."""
     plain_dir = tiny_model_with_smollm2_vocab(kind, tmp_path / "plain", smollm2_path)
     obfuscate_checkpoint(plain_dir, tmp_path / "obf", tmp_path / "secret.json", EXACT, progress=False)

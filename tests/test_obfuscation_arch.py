@@ -1,7 +1,8 @@
 """More architectures on tiny random float64 models: Qwen3 (QK-norm), MoE (Qwen3-MoE, Qwen2-MoE with a shared
 expert, Mixtral), Gemma 3 (sandwich norms, (1 + w) norms, GeGLU, scaled embedding, sliding layers), Gemma 2 (the
 same without QK-norm, with attention and final logit soft-capping), Mistral and Ministral (sliding windows), Granite
-(embedding, residual, attention and logit multipliers) and SmolLM3 (layers without RoPE).
+(embedding, residual, attention and logit multipliers), SmolLM3 (layers without RoPE) and Phi-3 (q, k, v in one
+fused tensor, gate and up in another).
 
 Each obfuscated checkpoint is loaded by stock transformers (``AutoModelForCausalLM``, no aloe code) and its
 de-permuted logits must equal the plain model's to 1e-9 through prefill and KV-cache decode; the float32 conversion
@@ -23,6 +24,7 @@ from transformers import (
     MinistralConfig,
     MistralConfig,
     MixtralConfig,
+    Phi3Config,
     Qwen2MoeConfig,
     Qwen3Config,
     Qwen3MoeConfig,
@@ -34,6 +36,7 @@ from transformers.models.granite import modeling_granite
 from transformers.models.ministral import modeling_ministral
 from transformers.models.mistral import modeling_mistral
 from transformers.models.mixtral import modeling_mixtral
+from transformers.models.phi3 import modeling_phi3
 from transformers.models.qwen2_moe import modeling_qwen2_moe
 from transformers.models.qwen3 import modeling_qwen3
 from transformers.models.qwen3_moe import modeling_qwen3_moe
@@ -92,7 +95,18 @@ CONFIGS = {
     "smollm3": lambda: SmolLM3Config(hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
                                      num_key_value_heads=2, vocab_size=97, no_rope_layer_interval=2,
                                      tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "phi3": lambda: Phi3Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, vocab_size=97, sliding_window=4, tie_word_embeddings=False,
+                               pad_token_id=0, bos_token_id=1, eos_token_id=2),
 }
+# long-context Phi-3 (longrope): transformers checks its factors against hidden_size / heads, so a widened config
+# would not load; the conversion refuses it before any work
+PHI3_LONGROPE = lambda: Phi3Config(  # noqa: E731
+    hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=97, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    max_position_embeddings=64, original_max_position_embeddings=8,
+    rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0, 1.1, 1.3, 1.7],
+                     "long_factor": [1.0, 2.0, 4.0, 9.0], "original_max_position_embeddings": 8})
 EAGER = {"experts_implementation": "eager"}   # the grouped-matmul experts take no float64 on CPU
 ROUTERS = {"qwen3-moe": "mlp.gate", "qwen2-moe-shared": "mlp.gate", "mixtral": "mlp.gate"}
 
@@ -114,7 +128,7 @@ def _router_native_dtype(self, hidden_states):
 def float64_everywhere(monkeypatch):
     for cls in (modeling_qwen3.Qwen3RMSNorm, modeling_qwen3_moe.Qwen3MoeRMSNorm, modeling_qwen2_moe.Qwen2MoeRMSNorm,
                 modeling_mixtral.MixtralRMSNorm, modeling_mistral.MistralRMSNorm, modeling_ministral.MinistralRMSNorm,
-                modeling_granite.GraniteRMSNorm, modeling_smollm3.SmolLM3RMSNorm):
+                modeling_granite.GraniteRMSNorm, modeling_smollm3.SmolLM3RMSNorm, modeling_phi3.Phi3RMSNorm):
         monkeypatch.setattr(cls, "forward", _rms_norm_native_dtype)
     for cls in (modeling_gemma3.Gemma3RMSNorm, modeling_gemma2.Gemma2RMSNorm):
         monkeypatch.setattr(cls, "forward", _gemma_norm_native_dtype)
@@ -184,7 +198,7 @@ def test_exact_profile_is_exact_through_prefill_and_kv_cache_decode(tmp_path, fl
 F32_LOGIT_TOL = 2e-6
 F32_TENSOR_TOL = 5e-6
 F32_KINDS = ("qwen3", "qwen3-bias-mqa-tied", "qwen3-moe", "qwen2-moe-shared", "mixtral", "gemma3", "gemma2",
-             "granite", "smollm3")
+             "granite", "smollm3", "phi3")
 
 
 @pytest.mark.parametrize("kind", F32_KINDS)
@@ -328,13 +342,14 @@ def test_stock_configs_and_refusals(tmp_path):
                              PROFILES["paper"].with_overrides(h=8), calibration_ids=np.arange(64), progress=False)
     assert not (tmp_path / "o2").exists() and not (tmp_path / "s2.json").exists()
 
-    phi = tmp_path / "phi"
-    phi.mkdir()
-    (phi / "config.json").write_text(json.dumps({"model_type": "phi3", "architectures": ["Phi3ForCausalLM"]}))
-    with pytest.raises(AloeError, match="unsupported architecture.*MistralForCausalLM.*Qwen3ForCausalLM, "
+    olmo = tmp_path / "olmo"
+    olmo.mkdir()
+    (olmo / "config.json").write_text(json.dumps({"model_type": "olmo2", "architectures": ["Olmo2ForCausalLM"]}))
+    with pytest.raises(AloeError, match="unsupported architecture.*MistralForCausalLM.*Qwen2ForCausalLM, "
+                                        "Phi3ForCausalLM, Qwen3ForCausalLM, "
                                         "Qwen3MoeForCausalLM, Qwen2MoeForCausalLM, MixtralForCausalLM, "
                                         "Gemma2ForCausalLM, Gemma3ForCausalLM"):
-        obfuscate_checkpoint(phi, tmp_path / "o3", tmp_path / "s3.json", EXACT, progress=False)
+        obfuscate_checkpoint(olmo, tmp_path / "o3", tmp_path / "s3.json", EXACT, progress=False)
 
     relu = tmp_path / "relu"
     tiny("qwen3", relu)
@@ -342,6 +357,12 @@ def test_stock_configs_and_refusals(tmp_path):
     (relu / "config.json").write_text(json.dumps(dict(cfg, hidden_act="relu")))
     with pytest.raises(AloeError, match="hidden_act 'relu' is not supported for Qwen3ForCausalLM"):
         obfuscate_checkpoint(relu, tmp_path / "o4", tmp_path / "s4.json", EXACT, progress=False)
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(PHI3_LONGROPE(), dtype=torch.float64).save_pretrained(tmp_path / "longrope")
+    with pytest.raises(AloeError, match="transformers would not load the obfuscated config .* short_factor"):
+        obfuscate_checkpoint(tmp_path / "longrope", tmp_path / "o5", tmp_path / "s5.json", EXACT, progress=False)
+    assert not (tmp_path / "o5").exists() and not (tmp_path / "s5.json").exists()
 
 
 def test_paper_keys_with_calibrated_kappa_on_a_moe_model_with_qk_norm(tmp_path, float64_everywhere):
@@ -389,3 +410,34 @@ def test_rope_frequencies_without_the_modeling_module_equal_the_rotary_class(tmp
             assert got.dtype == want.dtype and np.array_equal(got, want), (kind, lt)
     assert not np.array_equal(rope_inv_freq(folders["llama-yarn"], "llama"),
                               rope_inv_freq(folders["helpers-llama-gqa-tied"], "llama"))
+
+
+def test_fused_projections_are_checked_and_written_fused(tmp_path):
+    """Phi-3 stores q, k, v in one tensor and gate, up in another: the artifact keeps that layout (a stock Phi-3
+    checkpoint), a fused tensor whose rows are not its parts' sum is refused, and so is a bias on one."""
+    from safetensors.torch import load_file, save_file
+
+    plain = tiny("phi3", tmp_path / "plain")
+    obfuscate_checkpoint(plain, tmp_path / "obf", tmp_path / "s.json", EXACT, progress=False)
+    with safe_open(str(tmp_path / "obf" / "model.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+        assert tuple(f.get_slice("model.layers.0.self_attn.qkv_proj.weight").get_shape()) == (4 * 8 + 2 * 2 * 8, 48)
+        assert tuple(f.get_slice("model.layers.1.mlp.gate_up_proj.weight").get_shape()) == (2 * 48, 48)
+    assert not any(n.endswith((".q_proj.weight", ".k_proj.weight", ".gate_proj.weight", ".up_proj.weight"))
+                   for n in names)
+    weights = load_file(str(plain / "model.safetensors"))
+    for name, edit, reason in (
+            ("model.layers.1.self_attn.qkv_proj.weight", lambda w: w[:-1], "has 63 rows, expected 64"),
+            ("model.layers.0.mlp.gate_up_proj.bias", lambda w: torch.zeros(96, dtype=torch.float64),
+             "biases on fused projections are not supported")):
+        broken = tmp_path / f"broken-{name.rsplit('.', 1)[-1]}"
+        broken.mkdir()
+        for f in plain.iterdir():
+            if f.name != "model.safetensors":
+                (broken / f.name).write_bytes(f.read_bytes())
+        edited = dict(weights)
+        edited[name] = edit(weights.get(name, weights["model.layers.0.mlp.gate_up_proj.weight"]))
+        save_file(edited, str(broken / "model.safetensors"))
+        with pytest.raises(AloeError, match=reason):
+            obfuscate_checkpoint(broken, tmp_path / "o-bad", tmp_path / "s-bad.json", EXACT, progress=False)
+        assert not (tmp_path / "o-bad").exists() and not (tmp_path / "s-bad.json").exists()

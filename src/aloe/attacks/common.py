@@ -94,6 +94,8 @@ class Target:
             raise AloeError("the obfuscated model's vocabulary differs from the plain model's")
         self._plain = CheckpointReader(self.plain_dir)
         self._obf = CheckpointReader(self.obf_dir)
+        for reader in (self._plain, self._obf):   # fused projections (Phi-3) read as their parts, on both sides
+            reader.unfuse(self.arch.fused_parts())
 
     # ---- public facts -------------------------------------------------------------------------------------------
     @property

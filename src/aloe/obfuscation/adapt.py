@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 
 from aloe import AloeError
 
-TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                  "qkv_proj", "gate_up_proj")   # the last two: fused projections (Phi-3)
 STATE_FORMAT = "aloe-adapt-state-v1"
 
 

@@ -61,10 +61,24 @@ class ArchSpec:
     moe: MoeNames | None = None
     n_experts_fields: tuple[str, ...] = ("num_experts", "num_local_experts")   # the first one present counts
     moe_ffn_field: str = "moe_intermediate_size"
+    fused_qkv: str | None = None            # one tensor holding q, k and v stacked by rows (Phi-3)
+    fused_gate_up: str | None = None        # one tensor holding gate and up stacked by rows (Phi-3)
 
     @property
     def sandwich(self) -> bool:
         return self.post_attn_norm is not None
+
+    def fused_parts(self, n_layers: int, q: int, kv: int, ffn: int) -> dict[str, list[tuple[str, int]]]:
+        """Per fused tensor of every layer, its parts in row order: ``{fused: [(part, rows), ...]}`` (names
+        without ``.weight``, relative to the model). Empty where the architecture stores each projection apart."""
+        out: dict[str, list[tuple[str, int]]] = {}
+        for layer in range(n_layers):
+            p = f"model.layers.{layer}."
+            if self.fused_qkv:
+                out[p + self.fused_qkv] = [(p + f"self_attn.{n}_proj", r) for n, r in (("q", q), ("k", kv), ("v", kv))]
+            if self.fused_gate_up:
+                out[p + self.fused_gate_up] = [(p + "mlp.gate_proj", ffn), (p + "mlp.up_proj", ffn)]
+        return out
 
     def norm_multiplier(self, stored: np.ndarray) -> np.ndarray:
         """What the engine multiplies a normalised vector by, given the stored weight."""
@@ -82,6 +96,8 @@ SPECS: dict[str, ArchSpec] = {s.model_type: s for s in (
     ArchSpec("granite", "GraniteForCausalLM", "granite", "GraniteRotaryEmbedding"),
     ArchSpec("smollm3", "SmolLM3ForCausalLM", "smollm3", "SmolLM3RotaryEmbedding"),
     ArchSpec("qwen2", "Qwen2ForCausalLM", "qwen2", "Qwen2RotaryEmbedding"),
+    ArchSpec("phi3", "Phi3ForCausalLM", "phi3", "Phi3RotaryEmbedding", fused_qkv="self_attn.qkv_proj",
+             fused_gate_up="mlp.gate_up_proj"),
     ArchSpec("qwen3", "Qwen3ForCausalLM", "qwen3", "Qwen3RotaryEmbedding", qk_norm=True),
     ArchSpec("qwen3_moe", "Qwen3MoeForCausalLM", "qwen3_moe", "Qwen3MoeRotaryEmbedding", qk_norm=True,
              moe=QWEN_MOE),
@@ -122,13 +138,16 @@ def rope_inv_freq(model_dir: Path, model_type: str, layer_type: str | None = Non
     A model whose config holds one set of RoPE parameters gets them without importing its modeling module (about 2
     s, a quarter of a SmolLM2 conversion): a scaled RoPE type through transformers' own ``ROPE_INIT_FUNCTIONS``, the
     default type by the formula every supported model's rotary class uses, in the same float32 arithmetic (equal
-    to the class's frequencies for every supported architecture: tests). Per-layer-type parameters go through the
-    model's rotary class."""
+    to the class's frequencies for every supported architecture: tests). Per-layer-type parameters, a partial
+    rotary factor and the types whose frequencies change with the sequence length (longrope, dynamic) go through
+    the model's rotary class."""
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(str(model_dir))
     params = getattr(cfg, "rope_parameters", None)
-    if isinstance(params, dict) and "rope_theta" in params:
+    if (isinstance(params, dict) and "rope_theta" in params and params.get("rope_type") not in ("longrope", "dynamic")
+            and float(params.get("partial_rotary_factor") or getattr(cfg, "partial_rotary_factor", None) or 1.0)
+            == 1.0):
         return _single_rope_inv_freq(cfg, params)
     return rotary_class_inv_freq(cfg, model_type, layer_type)
 

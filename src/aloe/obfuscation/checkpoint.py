@@ -39,6 +39,8 @@ class CheckpointReader:
 
     def __init__(self, model_dir: Path) -> None:
         self.dir = Path(model_dir)
+        self.virtual: dict[str, tuple[str, int, int]] = {}   # part -> (fused tensor, first row, end row)
+        self._fused: tuple[str, torch.Tensor] | None = None   # the last fused tensor read (its parts come in a row)
         single = self.dir / "model.safetensors"
         index = self.dir / "model.safetensors.index.json"
         if single.is_file():
@@ -67,11 +69,37 @@ class CheckpointReader:
             raise AloeError(f"weight file {path} is corrupt: {exc}") from None
 
     def __contains__(self, name: str) -> bool:
-        return name in self.where
+        return name in self.where or name in self.virtual
+
+    def unfuse(self, parts: dict[str, list[tuple[str, int]]]) -> None:
+        """Present every fused weight (``{fused: [(part, rows), ...]}``, names without ``.weight``) as its parts, row
+        blocks in that order, under the parts' own names (as :meth:`ArchSpec.fused_parts` gives them). A fused
+        weight that is missing, or whose rows are not the parts' sum, raises when a part is read."""
+        for fused, blocks in parts.items():
+            start = 0
+            for part, rows in blocks:
+                self.virtual[part + ".weight"] = (fused + ".weight", start, start + rows)
+                start += rows
+
+    def _part(self, name: str, shape: tuple[int, ...] | None) -> torch.Tensor:
+        fused, a, b = self.virtual[name]
+        if self._fused is None or self._fused[0] != fused:
+            self._fused = (fused, self.tensor(fused))
+        whole = self._fused[1]
+        end = max(e for f, _, e in self.virtual.values() if f == fused)
+        if whole.shape[0] != end:
+            raise AloeError(f"tensor {fused} has {whole.shape[0]} rows, expected {end} (its parts stacked)")
+        t = whole[a:b].clone()
+        if shape is not None and tuple(t.shape) != tuple(shape):
+            raise AloeError(f"tensor {name} (rows {a}:{b} of {fused}) has shape {tuple(t.shape)}, expected "
+                            f"{tuple(shape)}")
+        return t
 
     def tensor(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """A tensor in its stored dtype (read alone from its file); missing, corrupt, wrongly shaped or non-finite
         tensors raise :class:`AloeError`."""
+        if name in self.virtual and name not in self.where:
+            return self._part(name, shape)
         path = self.where.get(name)
         if path is None:
             raise AloeError(f"tensor {name} is missing from {self.dir}")

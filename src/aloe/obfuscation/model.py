@@ -58,6 +58,12 @@ class Arch:
     shared_ffn: int = 0
     layer_types: tuple = ()
 
+    def fused_parts(self) -> dict[str, list[tuple[str, int]]]:
+        """The fused projections of every layer and their parts (see :meth:`ArchSpec.fused_parts`)."""
+        if self.spec is None:
+            return {}
+        return self.spec.fused_parts(self.n_layers, self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.ffn)
+
     @classmethod
     def from_config(cls, c: dict) -> Arch:
         spec = spec_for(c.get("model_type"))
@@ -294,6 +300,11 @@ def obfuscate_checkpoint(model_dir: Path, out_dir: Path, secret_path: Path, prof
     config = read_config(model_dir)
     arch = Arch.from_config(config)
     reader = CheckpointReader(model_dir)
+    fused = arch.fused_parts()
+    reader.unfuse(fused)
+    for name in fused:
+        if name + ".bias" in reader:
+            raise AloeError(f"tensor {name}.bias: biases on fused projections are not supported")
     source = _source_summary(reader, model_dir)
     partial = out_dir.with_name(out_dir.name + ".partial")
 
@@ -322,6 +333,7 @@ def obfuscate_checkpoint(model_dir: Path, out_dir: Path, secret_path: Path, prof
                         "remove it or choose another path")
 
     plan = make_plan(seed, arch, profile, special_token_ids(model_dir, config))
+    check_output_config(config, plan.keys.d_out, arch.head_dim)
     if existing is not None and not np.array_equal(existing.tau, plan.secret.tau):
         raise AloeError(f"secret file {secret_path} was made for another model or tokenizer (its tau differs)")
     if profile.noise_shape not in NOISE_SHAPES:
@@ -411,12 +423,30 @@ def _resumable(partial: Path, secret: Secret, profile: Profile | None = None, so
             and (source is None or manifest.get("source", {}).get("sha256") == source["sha256"]))
 
 
-def _write_side_files(folder: Path, model_dir: Path, config: dict, d_out: int, head_dim: int, eps_out: float,
-                      dtype: str) -> None:
+def _output_config(config: dict, d_out: int, head_dim: int, eps_out: float, dtype: str) -> dict:
     out_config = dict(config)
     out_config.update(hidden_size=d_out, head_dim=head_dim, tie_word_embeddings=False, rms_norm_eps=eps_out,
                       dtype=dtype)
     out_config.pop("torch_dtype", None)
+    return out_config
+
+
+def check_output_config(config: dict, d_out: int, head_dim: int) -> None:
+    """Refuse, before any work, a model whose widened config transformers would not load (its config class
+    validates it): e.g. Phi-3's longrope factors, which transformers checks against hidden_size / heads."""
+    from transformers import AutoConfig
+
+    out = _output_config(config, d_out, head_dim, float(config.get("rms_norm_eps", 1e-6)), "float32")
+    try:
+        AutoConfig.for_model(**out)
+    except Exception as exc:   # the config classes raise ValueError and hub validation errors alike
+        reason = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__
+        raise AloeError(f"transformers would not load the obfuscated config (hidden size {d_out}): {reason}") from None
+
+
+def _write_side_files(folder: Path, model_dir: Path, config: dict, d_out: int, head_dim: int, eps_out: float,
+                      dtype: str) -> None:
+    out_config = _output_config(config, d_out, head_dim, eps_out, dtype)
     (folder / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
     for f in Path(model_dir).iterdir():
         if f.is_file() and f.name not in SKIP_FILES and f.suffix not in (".safetensors", ".bin", ".gguf"):
@@ -433,7 +463,7 @@ def _write_weights(folder: Path, reader: CheckpointReader, arch: Arch, plan: Pla
     Any narrower output takes the float32 path: the factored keys (:class:`aloe.obfuscation.keys.Float32Keys`) and
     float32 torch GEMMs, with the same secrets; docs/aloepri.md ("Conversion speed and memory") gives its error."""
     spec, d, d_out = arch.spec, arch.d, plan.keys.d_out
-    writer = ShardWriter(folder, dtype, max_shard_bytes)
+    writer = FusingWriter(ShardWriter(folder, dtype, max_shard_bytes), arch.fused_parts())
     fast = None if dtype == "float64" or compute64 else Float32Keys(plan.keys)
     # q_norm/k_norm share the config's rms_norm_eps, which the residual norms scale by kappa^2 (median over norms)
     qk_gain = float(np.median(kappas))
@@ -484,6 +514,41 @@ def _write_weights(folder: Path, reader: CheckpointReader, arch: Arch, plan: Pla
     shards = writer.close()
     steps.update(1)
     return shards
+
+
+class FusingWriter:
+    """A :class:`ShardWriter` for architectures that store some projections fused (Phi-3's ``qkv_proj`` and
+    ``gate_up_proj``): the transforms give each part under its own name, and the fused tensor is written, its parts
+    stacked by rows in the architecture's order, once the last of them has come. Everything else passes through."""
+
+    def __init__(self, writer: ShardWriter, parts: dict[str, list[tuple[str, int]]]) -> None:
+        self.writer = writer
+        self.order = {fused + ".weight": [p + ".weight" for p, _ in blocks] for fused, blocks in parts.items()}
+        self.owner = {part: fused for fused, names in self.order.items() for part in names}
+        self.held: dict[str, dict] = {}
+
+    def add(self, name: str, array) -> None:
+        fused = self.owner.get(name)
+        if fused is None:
+            self.writer.add(name, array)
+            return
+        got = self.held.setdefault(fused, {})
+        got[name] = array
+        if len(got) == len(self.order[fused]):
+            parts = [got[n] for n in self.order[fused]]
+            del self.held[fused]
+            if any(isinstance(x, torch.Tensor) for x in parts):
+                self.writer.add(fused, torch.cat([torch.as_tensor(x) for x in parts]))
+            else:
+                self.writer.add(fused, np.concatenate(parts))
+
+    def add_rows(self, name: str, shape: tuple[int, ...], chunks) -> None:
+        self.writer.add_rows(name, shape, chunks)
+
+    def close(self) -> list[str]:
+        if self.held:
+            raise AloeError(f"fused tensors left incomplete: {', '.join(sorted(self.held))}")
+        return self.writer.close()
 
 
 def _biases(reader: CheckpointReader, prefix: str, sizes: dict[str, int], w: dict) -> dict:

@@ -138,6 +138,8 @@ NOT_FOR_OBFUSCATED = {
                          "lm_head, while the obfuscated model's head differs from its embedding",
     "GraniteForCausalLM": "its Granite converter drops head_dim, so llama.cpp would cut the widened hidden size "
                           "into heads of the wrong size",
+    "Phi3ForCausalLM": "its Phi-3 converter takes the head size and the RoPE dimensions from hidden_size / "
+                       "num_attention_heads, which the widened hidden size makes wrong",
 }
 
 
