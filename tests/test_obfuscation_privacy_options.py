@@ -126,6 +126,12 @@ def test_adaptation_recovers_fidelity_keeps_the_noisy_tables_and_writes_a_stock_
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         assert torch.equal(a[name], n[name])                 # the noisy tables stay as the profile made them
     assert not torch.equal(a["model.layers.0.mlp.gate_proj.weight"], n["model.layers.0.mlp.gate_proj.weight"])
+    # the adapted body leaves the writer key's subspace a little, and the key read off it is still the isometry
+    from aloe.attacks import weight_key
+    from aloe.attacks.common import Budget, Target
+
+    key = weight_key.recover(Target(plain_dir, tmp_path / "adapted", Budget(topk=5, seed=1)))
+    assert key.design == "isometry" and key.subspace_gap > 1e-4, key.summary()
     manifest = json.loads((tmp_path / "adapted" / "aloe.json").read_text())
     assert manifest["adaptation"]["steps"] == 60 and manifest["adaptation"]["kl_last"] < manifest["adaptation"][
         "kl_first"]

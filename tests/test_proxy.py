@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -516,6 +517,34 @@ def test_chat_page_in_a_headless_browser(stack, tmp_path):
         system = [{"role": "system", "content": "You answer in one sentence."}]
         sent = json.dumps(client.map.to_server(client.chat_ids(system + conversation)), separators=(",", ":"))
         wait.until(lambda d: d.find_element(By.ID, "server-prompt-ids").get_attribute("textContent") == sent)
+        # under every finished answer, its token count and timing (the stopped one has no count from the server)
+        stats = [e.get_attribute("textContent") for e in driver.find_elements(By.CSS_SELECTOR, ".msg .stats")]
+        assert len(stats) == 3 and all(re.fullmatch(r"\d+ tokens?: the first after \d+\.\d\d s"
+                                                    r"(, then \d+\.\d tokens/s)?", x) for x in stats), stats
+        # a reload keeps the conversation (failed turns and errors aside) and the settings, and goes on from them
+        thanks = shown("assistant")[-1]
+        driver.refresh()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.user")) == 4)
+        assert shown("user") == [QUESTION, second, "Tell me a long story about a brave little cat.", "Thanks."]
+        assert shown("assistant") == [answer, answers[1], partial, thanks]
+        assert not driver.find_elements(By.CSS_SELECTOR, ".msg.error")
+        assert driver.find_element(By.ID, "system").get_attribute("value") == "You answer in one sentence."
+        assert driver.find_element(By.ID, "top-k").get_attribute("value") == "5"
+        box = driver.find_element(By.ID, "question")
+        box.send_keys("Bye.")
+        box.send_keys(Keys.ENTER)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant.done")) == 5)
+        conversation += [{"role": "assistant", "content": thanks}, {"role": "user", "content": "Bye."}]
+        sent = json.dumps(client.map.to_server(client.chat_ids(system + conversation)), separators=(",", ":"))
+        wait.until(lambda d: d.find_element(By.ID, "server-prompt-ids").get_attribute("textContent") == sent)
+        n_sent = len(json.loads(driver.find_element(By.ID, "server-output-ids").get_attribute("textContent")))
+        last = driver.find_elements(By.CSS_SELECTOR, ".msg .stats")[-1].get_attribute("textContent")
+        assert last.startswith(f"{n_sent} token"), (last, n_sent)     # the count is the server's own
+        # New chat forgets the conversation, across a reload too; the settings stay
+        driver.find_element(By.ID, "clear").click()
+        driver.refresh()
+        wait.until(lambda d: d.find_element(By.ID, "system").get_attribute("value") == "You answer in one sentence.")
+        assert not driver.find_elements(By.CSS_SELECTOR, ".msg")
     finally:
         driver.quit()
 

@@ -7,6 +7,34 @@ const $ = (id) => document.getElementById(id);
 let inFlight = null;  // the AbortController of the answer streaming in, if any
 let chats = 0;        // how many times "New chat" was pressed: a turn from before it is dropped
 
+// The conversation and the settings outlive a reload of the page, in this tab's session storage (the browser drops
+// it with the tab; nothing is written for other tabs or later sessions). "New chat" forgets the conversation.
+const STORE = "aloe-chat-v1";
+const FIELDS = ["max-tokens", "temperature", "top-p", "top-k", "min-p", "repetition-penalty", "presence-penalty",
+  "frequency-penalty", "seed", "system"];
+
+function saveState() {
+  const fields = {};
+  for (const id of FIELDS) fields[id] = $(id).value;
+  try {
+    sessionStorage.setItem(STORE, JSON.stringify({ conversation, fields }));
+  } catch (_) { /* storage full or disabled: the page still works, it only forgets on reload */ }
+}
+
+function restoreState() {
+  let state = null;
+  try { state = JSON.parse(sessionStorage.getItem(STORE) || "null"); } catch (_) { state = null; }
+  if (!state) return;
+  for (const id of FIELDS) {
+    if (state.fields && typeof state.fields[id] === "string") $(id).value = state.fields[id];
+  }
+  for (const m of state.conversation || []) {
+    if ((m.role !== "user" && m.role !== "assistant") || typeof m.content !== "string") continue;
+    conversation.push({ role: m.role, content: m.content });
+    addMessage(m.role, m.content).parentElement.classList.add("done", "restored");
+  }
+}
+
 // the sampling settings as the proxy's OpenAI API names them; a blank field is left to the proxy's default
 const SETTINGS = [
   ["temperature", "temperature", parseFloat], ["top-p", "top_p", parseFloat], ["top-k", "top_k", Number],
@@ -97,7 +125,8 @@ async function ask(question, settings) {
     max_tokens: Math.max(1, parseInt($("max-tokens").value, 10) || 64),
     ...settings,
   };
-  const since = Date.now() / 1000, chat = chats;
+  const since = Date.now() / 1000, chat = chats, started = performance.now();
+  let firstAt = null, usage = null;
   let answer = "";
   let failed = null;
   let stopped = false;
@@ -128,8 +157,10 @@ async function ask(question, settings) {
             if (data === "[DONE]") continue;
             const chunk = JSON.parse(data);
             if (chunk.error) { failed = errorText(0, JSON.stringify(chunk)); continue; }
+            if (chunk.usage) usage = chunk.usage;
             const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
             if (delta && delta.content) {
+              if (firstAt === null) firstAt = performance.now();
               answer += delta.content;
               out.textContent = answer;
               $("history").scrollTop = $("history").scrollHeight;
@@ -157,11 +188,25 @@ async function ask(question, settings) {
   }
   if (answer) {
     conversation.push({ role: "assistant", content: answer });
+    showStats(out.parentElement, usage, started, firstAt, performance.now());
   } else {
     conversation.pop();  // a failed turn is not kept in the conversation
   }
   out.parentElement.classList.add("done");
+  saveState();
   await showServerView(stopped ? since : 0);
+}
+
+// under an answer: how many tokens the server sent, how long the first took, and the rate of the rest
+function showStats(div, usage, started, firstAt, ended) {
+  const n = usage && usage.completion_tokens;
+  if (!n || firstAt === null) return;
+  const first = (firstAt - started) / 1000, rest = (ended - firstAt) / 1000;
+  const rate = n > 1 && rest > 0 ? `, then ${((n - 1) / rest).toFixed(1)} tokens/s` : "";
+  const stats = document.createElement("span");
+  stats.className = "stats";
+  stats.textContent = `${n} token${n === 1 ? "" : "s"}: the first after ${first.toFixed(2)} s${rate}`;
+  div.append(stats);
 }
 
 $("ask").addEventListener("submit", async (ev) => {
@@ -191,6 +236,10 @@ $("clear").addEventListener("click", () => {
   if (inFlight) inFlight.abort();
   conversation.length = 0;
   $("history").replaceChildren();
+  saveState();
 });
 
+for (const id of FIELDS) $(id).addEventListener("change", saveState);
+
+restoreState();
 showInfo();
