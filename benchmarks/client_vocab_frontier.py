@@ -220,6 +220,7 @@ def weight_key_answers(model: Path, alpha: float, paths, prompts: int, new_token
         "answer_recovery_with_echo_untruncated_per_draw": [r["answer_recovery_with_echo_untruncated"] for r in runs],
         "answer_recovery_with_echo_unpenalised_per_draw": [r.get("answer_recovery_with_echo_unpenalised")
                                                            for r in runs],
+        "answer_recovery_with_echo_grid_per_draw": [r.get("answer_recovery_with_echo_grid") for r in runs],
         "answer_tokens_per_draw": [r["answer_tokens"] for r in runs]}
     return dict(runs[0], **spread, seconds=time.perf_counter() - t1, **key.summary())
 
@@ -342,11 +343,11 @@ def sampler_fit(fit: dict | None) -> str:
         return "–"
     out = f"T {fit['temperature']:g}"
     if fit.get("frequency_penalty", 0.0):
-        out = f"fp {fit['frequency_penalty']:g}, " + out
+        out = f"fp {fit['frequency_penalty']:.3g}, " + out
     if fit.get("presence_penalty", 0.0):
-        out = f"pp {fit['presence_penalty']:g}, " + out
+        out = f"pp {fit['presence_penalty']:.3g}, " + out
     if fit.get("repetition_penalty", 1.0) != 1.0:
-        out = f"r {fit['repetition_penalty']:g}, " + out
+        out = f"r {fit['repetition_penalty']:.3g}, " + out
     if fit.get("floor") is not None:
         out += ((f", p {fit['top_p']:g}" if fit["top_p"] < 1 else "")
                 + (f", k {fit['top_k']}" if fit["top_k"] > 0 else "")
@@ -515,6 +516,9 @@ def write_report(state: dict) -> None:
                     truncated = (f"{pct(r['answer_recovery_with_echo_unpenalised'])}"
                                  f"{spread(r, 'answer_recovery_with_echo_unpenalised')}")
                     penalised = f"**{pct(r['answer_recovery_with_echo'])}**{spread(r, 'answer_recovery_with_echo')}"
+                    if "answer_recovery_with_echo_grid" in r:   # the penalties refined around the grid's
+                        penalised += (f"; the grid's penalties alone {pct(r['answer_recovery_with_echo_grid'])}"
+                                      f"{spread(r, 'answer_recovery_with_echo_grid')}")
                 else:                 # measured before the penalty was modelled
                     truncated = f"**{pct(r['answer_recovery_with_echo'])}**{spread(r, 'answer_recovery_with_echo')}"
                     penalised = "–"

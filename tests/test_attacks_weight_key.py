@@ -478,3 +478,36 @@ def test_the_echo_read_fits_a_client_that_sets_both_kinds_of_penalty(monkeypatch
     assert fit["log_marginal"] > single_fit["log_marginal"]
     read, read_single = ((s.argmax(1) == pick).double().mean() for s in (got, single))
     assert read >= read_single, (read, read_single)
+
+
+def test_the_echo_read_refines_a_penalty_off_its_grid(monkeypatch):
+    """A client with a frequency penalty of 0.3, which the grid does not hold (0.5 and 1 are its values): the grid
+    fits one of its own (as a presence or a frequency penalty: on ids picked once they act alike), and the finer
+    search around it comes closer to 0.3, at a likelihood no lower. The grid's own fit and scores are given beside
+    the refined ones."""
+    from aloe.obfuscation.client import OutputPenalty
+
+    t, key, h, H, g, sample = _echo_stub(monkeypatch, m=800)
+    top = torch.topk(h @ H.T, 20, 1).indices
+    replied = [top[i, torch.randint(0, 20, (8,), generator=g)].numpy() for i in range(len(h))]
+
+    def client(context, scores):
+        out = scores.clone()
+        for i, ids in enumerate(replied):
+            pen = OutputPenalty(0.0, 0.3)
+            pen.start = 0
+            out[i] = pen(torch.as_tensor(ids)[None], scores[i:i + 1])[0]
+        return out
+
+    pick, echo = sample(client, torch.zeros(len(h), 1, dtype=torch.long))
+    kw = dict(replied=replied, output_penalties=wk.ECHO_OUTPUT_PENALTIES)
+    got, fit, grid_scores = wk.echo_posterior(t, key, h, echo, 0.0, "entry", refine=2, grid_scores=True, **kw)
+    grid = fit["grid"]
+
+    def once(f):   # what a penalty takes off an id picked once (most of these picks): presence + frequency
+        return f["presence_penalty"] + f["frequency_penalty"]
+
+    assert once(grid) in (0.5, 1.0) and abs(once(fit) - 0.3) < abs(once(grid) - 0.3), fit
+    assert fit["log_marginal"] >= grid["log_marginal"]
+    only_grid, grid_fit = wk.echo_posterior(t, key, h, echo, 0.0, "entry", **kw)
+    assert torch.equal(grid_scores, only_grid) and grid_fit["log_marginal"] == grid["log_marginal"]

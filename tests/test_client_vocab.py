@@ -254,11 +254,13 @@ def test_cli_measures_what_the_server_reads_of_a_client_held_deployment(split, c
                                                  repetition_penalty=1.0, presence_penalty=0.0,
                                                  frequency_penalty=0.0), **want)
         fit = a["echo_sampler"]
-        assert fit["temperature"] == a["echo_temperature"] in ECHO_TEMPERATURES
-        assert fit["repetition_penalty"] in ECHO_PENALTIES and fit["min_p"] in ECHO_MIN_PS
-        assert (fit["presence_penalty"], fit["frequency_penalty"]) in ((0.0, 0.0), *ECHO_OUTPUT_PENALTIES)
+        assert fit["temperature"] == a["echo_temperature"] in ECHO_TEMPERATURES and fit["min_p"] in ECHO_MIN_PS
+        grid = fit.get("grid", fit)   # the grid's own penalties, before the finer search around them
+        assert grid["repetition_penalty"] in ECHO_PENALTIES
+        assert (grid["presence_penalty"], grid["frequency_penalty"]) in ((0.0, 0.0), *ECHO_OUTPUT_PENALTIES)
+        assert fit["repetition_penalty"] >= 1.0 and min(fit["presence_penalty"], fit["frequency_penalty"]) >= 0.0
         assert min(a["answer_recovery_with_echo"], a["answer_recovery_with_echo_unpenalised"],
-                   a["answer_recovery_with_echo_untruncated"]) >= 0.8, a
+                   a["answer_recovery_with_echo_untruncated"], a["answer_recovery_with_echo_grid"]) >= 0.8, a
     assert aloe_main([*base, "--temperature", "1", "--top-k", "-1"]) != 0 and "--top-k" in capsys.readouterr().err
     assert aloe_main([*base, "--temperature", "1", "--min-p", "2"]) != 0 and "--min-p" in capsys.readouterr().err
     assert aloe_main([*base[:4], str(split / "whole"), *base[5:]]) != 0

@@ -109,6 +109,9 @@ SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                  "frequency_penalty")
 
 
+REFINE = 2   # rounds of the finer search around the grid's penalties (weight_key.echo_posterior's ``refine``)
+
+
 @torch.no_grad()
 def answer_reads(t: Target, key: weight_key.WeightKey, server_dir: Path, client, tau: np.ndarray,
                  obf_prompts: list[np.ndarray], new_tokens: int, progress=None,
@@ -122,9 +125,11 @@ def answer_reads(t: Target, key: weight_key.WeightKey, server_dir: Path, client,
     the next request, under the model of the client's sampler (a penalty, temperature, top-k, top-p, min-p) under
     which the echoes are most likely (:func:`weight_key.echo_posterior`). A repetition penalty acts on the pick's
     context as the server reads it: each prompt vector alone, and the reply's earlier picks as the model without a
-    penalty reads them; the presence and frequency penalties on those picks alone. Beside it, the plain softmax's
-    read (``answer_recovery_with_echo_untruncated``) and the truncated model's without a penalty
-    (``answer_recovery_with_echo_unpenalised``). The server is told nothing of the client's sampling. Scored on the
+    penalty reads them; the presence and frequency penalties on those picks alone; the penalties found on the grid
+    are then searched more finely around it (``REFINE`` rounds). Beside it, the plain softmax's read
+    (``answer_recovery_with_echo_untruncated``), the truncated model's without a penalty
+    (``answer_recovery_with_echo_unpenalised``) and the grid's penalties' before the finer search
+    (``answer_recovery_with_echo_grid``). The server is told nothing of the client's sampling. Scored on the
     answer tokens that tau moves (the end id is not one)."""
     from transformers import AutoModelForCausalLM
 
@@ -170,7 +175,7 @@ def answer_reads(t: Target, key: weight_key.WeightKey, server_dir: Path, client,
         return read
 
     fit = plain = None
-    untruncated = unpenalised = with_echo = cand
+    untruncated = unpenalised = with_echo = grid_read = cand
     if len(back):
         returned = hidden[torch.as_tensor(sent_back)]   # the states of the picks with an echo
         scores, fit, soft = weight_key.echo_posterior(t, key, returned, back, alpha, shape, plain_scores=True)
@@ -185,15 +190,17 @@ def answer_reads(t: Target, key: weight_key.WeightKey, server_dir: Path, client,
         start = np.r_[0, np.cumsum([len(p) for p in picked])]
         replied = [unpenalised[start[reply[j]]:j, 0] for j in sent_back]
         seen = [np.unique(np.r_[context[reply[j]], r]) for j, r in zip(sent_back, replied)]
-        penalised, pfit = weight_key.echo_posterior(t, key, returned, back, alpha, shape, seen=seen,
-                                                    penalties=[r for r in weight_key.ECHO_PENALTIES if r != 1.0],
-                                                    replied=replied, output_penalties=weight_key.ECHO_OUTPUT_PENALTIES,
-                                                    combined=True)
+        penalised, pfit, on_grid = weight_key.echo_posterior(
+            t, key, returned, back, alpha, shape, seen=seen,
+            penalties=[r for r in weight_key.ECHO_PENALTIES if r != 1.0], replied=replied,
+            output_penalties=weight_key.ECHO_OUTPUT_PENALTIES, combined=True, refine=REFINE, grid_scores=True)
         pfit.pop("untruncated")
+        # beside it, the read the grid's own penalties give (before the finer search), by the same rule
+        grid_read = ranked(on_grid if pfit["grid"]["log_marginal"] > fit["log_marginal"] else scores)
         if pfit["log_marginal"] > fit["log_marginal"]:
             scores, fit = penalised, pfit
         with_echo = ranked(scores)
-        del scores, penalised
+        del scores, penalised, on_grid
 
     def share(read):
         return float((read[keep, 0] == wanted).mean()) if keep.any() else 0.0
@@ -203,6 +210,7 @@ def answer_reads(t: Target, key: weight_key.WeightKey, server_dir: Path, client,
                 answer_recovery_top10=float((cand[keep, :10] == wanted[:, None]).any(1).mean()) if keep.any() else 0.0,
                 answer_recovery_with_echo=share(with_echo), echoed_answer_tokens=int((keep & echoed).sum()),
                 answer_recovery_with_echo_unpenalised=share(unpenalised),
+                answer_recovery_with_echo_grid=share(grid_read),
                 answer_recovery_with_echo_untruncated=share(untruncated),
                 echo_temperature=None if fit is None else fit["temperature"], echo_sampler=fit,
                 echo_temperature_untruncated=None if plain is None else plain["temperature"],

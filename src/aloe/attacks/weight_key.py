@@ -469,7 +469,7 @@ def echo_posterior(t: Target, key: WeightKey, hidden: torch.Tensor, echoes: torc
                    shape: str = "row", temperatures=ECHO_TEMPERATURES, top_ps=ECHO_TOP_PS, top_ks=ECHO_TOP_KS,
                    min_ps=ECHO_MIN_PS, floors=ECHO_FLOORS, seen: list[np.ndarray] | None = None, penalties=(1.0,),
                    replied: list[np.ndarray] | None = None, output_penalties=(), combined: bool = False,
-                   plain_scores: bool = False):
+                   plain_scores: bool = False, refine: int = 0, grid_scores: bool = False):
     """The plain token of each of the first m' picks (m' = len(echoes) <= len(hidden)) scored by the state and its
     echo: the log-probability of the token under a model of the client's sampler on the state read through the key
     and the public head, plus the echo's log-likelihood under each token read through the key (occurrence noise of
@@ -485,7 +485,11 @@ def echo_posterior(t: Target, key: WeightKey, hidden: torch.Tensor, echoes: torc
     softmax, where f plays no part. Returns the scores (m' x V, token order) and the fit: ``repetition_penalty``,
     ``presence_penalty``, ``frequency_penalty``, ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``floor`` (None
     where untruncated), ``log_marginal``, and ``untruncated``, the best plain softmax without a penalty (its
-    temperature and log_marginal), for comparison; with ``plain_scores`` that softmax's scores as a third item."""
+    temperature and log_marginal), for comparison; with ``plain_scores`` that softmax's scores as a third item.
+    With ``refine`` (1 or 2), the penalties of the grid's best fit are then searched more finely, each scaled alone by
+    0.5-1.5, then (2) by 0.85-1.15 around the new best, every other part of the model searched again with them: a
+    client's penalty off the grid (a frequency penalty 0.3, say) is fitted closer. The fit then holds ``grid``, the
+    grid's own best penalties and log_marginal, and with ``grid_scores`` the grid's scores are the third item."""
     if len(echoes) > len(hidden):
         raise AloeError(f"{len(echoes)} echoes for {len(hidden)} picks")
     for name, lists in (("contexts", seen), ("replies", replied)):
@@ -519,51 +523,77 @@ def echo_posterior(t: Target, key: WeightKey, hidden: torch.Tensor, echoes: torc
     rows = torch.arange(m)
     truncations = [(p, k, mp) for p in top_ps for k in top_ks for mp in min_ps]
     best, plain = None, None
-    for r, pp, fp in settings:
-        # one order serves every temperature; the echo's likelihoods follow it
-        penalised = _penalised(logits, context, r, picks, pp, fp)
-        ranked, order = torch.sort(penalised, dim=1, descending=True)
-        del penalised
-        llr = torch.gather(ll, 1, order)
-        for T in temperatures:
-            logq = torch.log_softmax(ranked / T, -1)
-            cum = torch.cumsum(logq.exp(), 1)
-            # the joint mass of the first n ranks and of the rest, by one cumulative sum (the rest's share is
-            # float rounding only where it is under ~1e-12 of the whole, and then it weighs nothing)
-            x = logq + llr
-            top = x.max(1, keepdim=True).values
-            pre = torch.cumsum(torch.exp(x - top), 1)
-            whole = pre[:, -1]
-            neg = -logq
-            within = {mp: _min_p_counts(neg, mp) for mp in min_ps if mp > 0}
-            del neg
-            for p, k, mp in truncations:
-                n = _kept_counts(cum, p, k, within.get(mp))
-                mass, kept = cum[rows, n - 1], pre[rows, n - 1]
-                inside = torch.log(kept) + top[:, 0]
-                outside = torch.log((whole - kept).clamp_min(0)) + top[:, 0]
-                for f in ((None,) if bool((n == V).all()) else floors):
-                    if f is None:
-                        total = float(inside.sum())
-                    else:
-                        total = float(torch.logaddexp(torch.log((1 - f) / mass + f) + inside,
-                                                      np.log(f) + outside).sum())
-                    fit = dict(repetition_penalty=r, presence_penalty=pp, frequency_penalty=fp, temperature=float(T),
-                               top_p=float(p), top_k=int(k), min_p=float(mp), floor=f, log_marginal=total)
-                    if best is None or total > best[0]["log_marginal"]:
-                        best = (fit, n, mass)
-                    if (r, pp, fp) == (1.0, 0.0, 0.0) and f is None and (plain is None
-                                                                          or total > plain["log_marginal"]):
-                        plain = dict(fit)
-            del logq, cum, x, pre
-        del ranked, order, llr
+
+    def search(settings):
+        nonlocal best, plain
+        for r, pp, fp in settings:
+            # one order serves every temperature; the echo's likelihoods follow it
+            penalised = _penalised(logits, context, r, picks, pp, fp)
+            ranked, order = torch.sort(penalised, dim=1, descending=True)
+            del penalised
+            llr = torch.gather(ll, 1, order)
+            for T in temperatures:
+                logq = torch.log_softmax(ranked / T, -1)
+                cum = torch.cumsum(logq.exp(), 1)
+                # the joint mass of the first n ranks and of the rest, by one cumulative sum (the rest's share is
+                # float rounding only where it is under ~1e-12 of the whole, and then it weighs nothing)
+                x = logq + llr
+                top = x.max(1, keepdim=True).values
+                pre = torch.cumsum(torch.exp(x - top), 1)
+                whole = pre[:, -1]
+                neg = -logq
+                within = {mp: _min_p_counts(neg, mp) for mp in min_ps if mp > 0}
+                del neg
+                for p, k, mp in truncations:
+                    n = _kept_counts(cum, p, k, within.get(mp))
+                    mass, kept = cum[rows, n - 1], pre[rows, n - 1]
+                    inside = torch.log(kept) + top[:, 0]
+                    outside = torch.log((whole - kept).clamp_min(0)) + top[:, 0]
+                    for f in ((None,) if bool((n == V).all()) else floors):
+                        if f is None:
+                            total = float(inside.sum())
+                        else:
+                            total = float(torch.logaddexp(torch.log((1 - f) / mass + f) + inside,
+                                                          np.log(f) + outside).sum())
+                        fit = dict(repetition_penalty=r, presence_penalty=pp, frequency_penalty=fp,
+                                   temperature=float(T), top_p=float(p), top_k=int(k), min_p=float(mp), floor=f,
+                                   log_marginal=total)
+                        if best is None or total > best[0]["log_marginal"]:
+                            best = (fit, n, mass)
+                        if (r, pp, fp) == (1.0, 0.0, 0.0) and f is None and (plain is None
+                                                                              or total > plain["log_marginal"]):
+                            plain = dict(fit)
+                del logq, cum, x, pre
+            del ranked, order, llr
+
+    search(settings)
+    grid = best
+    for factors in ((0.5, 0.75, 1.25, 1.5), (0.85, 0.93, 1.07, 1.15))[:refine]:
+        # a finer look around the grid's penalties: each one the best fit uses, scaled alone (a repetition
+        # penalty by its excess over 1), the others held
+        r0, pp0, fp0 = (best[0][k] for k in ("repetition_penalty", "presence_penalty", "frequency_penalty"))
+        local = []
+        if r0 != 1.0 and context is not None:
+            local += [(1.0 + (r0 - 1.0) * f, pp0, fp0) for f in factors]
+        if pp0 and picks is not None:
+            local += [(r0, pp0 * f, fp0) for f in factors]
+        if fp0 and picks is not None:
+            local += [(r0, pp0, fp0 * f) for f in factors]
+        search(local)
     fit, n, mass = best
     scores = _echo_scores(logits, ll, context, picks, fit, n, mass)
+    if refine:
+        fit = dict(fit, grid={k: grid[0][k] for k in ("repetition_penalty", "presence_penalty",
+                                                       "frequency_penalty", "log_marginal")})
+        if grid_scores:
+            grid = _echo_scores(logits, ll, context, picks, grid[0], grid[1], grid[2])
     if fit["floor"] is None:
         fit["top_p"], fit["top_k"], fit["min_p"] = 1.0, 0, 0.0
     untruncated = None if plain is None else {"temperature": plain["temperature"],
                                               "log_marginal": plain["log_marginal"]}
     fit = dict(fit, untruncated=untruncated)
+    if grid_scores and refine:
+        return scores, fit, grid
     if not plain_scores:
         return scores, fit
     return scores, fit, None if plain is None else _echo_scores(logits, ll, None, None, plain, None, None)
