@@ -351,6 +351,25 @@ def _echo_stub(monkeypatch, V=300, d=24, m=600, s2=4.0):
     return t, key, h, H, g, sample
 
 
+def _frequency_penalty_client(h, H, g, frequency):
+    """Each state's reply so far (8 earlier picks among its 20 likeliest tokens, some twice) and a client that puts
+    OpenAI's frequency penalty on them (its own `OutputPenalty`)."""
+    from aloe.obfuscation.client import OutputPenalty
+
+    top = torch.topk(h @ H.T, 20, 1).indices
+    replied = [top[i, torch.randint(0, 20, (8,), generator=g)].numpy() for i in range(len(h))]
+
+    def client(context, scores):
+        out = scores.clone()
+        for i, ids in enumerate(replied):
+            pen = OutputPenalty(0.0, frequency)
+            pen.start = 0   # every id here is an earlier pick of the reply
+            out[i] = pen(torch.as_tensor(ids)[None], scores[i:i + 1])[0]
+        return out
+
+    return replied, client
+
+
 def test_the_echo_read_fits_the_clients_truncation(monkeypatch):
     """The echo posterior models the client's sampler as the state's softmax truncated to its top-k and top-p
     nucleus, fitted by the marginal likelihood of the echoes: on states whose head is the client's own, a client
@@ -421,19 +440,8 @@ def test_the_echo_read_fits_the_clients_presence_and_frequency_penalties(monkeyp
     frequency penalties (the client's `OutputPenalty`, here frequency 1 on earlier picks drawn among each state's
     20 most likely tokens, some twice): the fit finds (0, 1) and reads more than the model without a penalty.
     Replies that do not match the echoes are refused."""
-    from aloe.obfuscation.client import OutputPenalty
-
     t, key, h, H, g, sample = _echo_stub(monkeypatch)
-    top = torch.topk(h @ H.T, 20, 1).indices
-    replied = [top[i, torch.randint(0, 20, (8,), generator=g)].numpy() for i in range(len(h))]
-
-    def client(context, scores):
-        out = scores.clone()
-        for i, ids in enumerate(replied):
-            pen = OutputPenalty(0.0, 1.0)
-            pen.start = 0   # every id here is an earlier pick of the reply
-            out[i] = pen(torch.as_tensor(ids)[None], scores[i:i + 1])[0]
-        return out
+    replied, client = _frequency_penalty_client(h, H, g, 1.0)
 
     pick, echo = sample(client, torch.zeros(len(h), 1, dtype=torch.long))
     got, fit = wk.echo_posterior(t, key, h, echo, 0.0, "entry", replied=replied,
@@ -485,19 +493,8 @@ def test_the_echo_read_refines_a_penalty_off_its_grid(monkeypatch):
     fits one of its own (as a presence or a frequency penalty: on ids picked once they act alike), and the finer
     search around it comes closer to 0.3, at a likelihood no lower. The grid's own fit and scores are given beside
     the refined ones."""
-    from aloe.obfuscation.client import OutputPenalty
-
     t, key, h, H, g, sample = _echo_stub(monkeypatch, m=800)
-    top = torch.topk(h @ H.T, 20, 1).indices
-    replied = [top[i, torch.randint(0, 20, (8,), generator=g)].numpy() for i in range(len(h))]
-
-    def client(context, scores):
-        out = scores.clone()
-        for i, ids in enumerate(replied):
-            pen = OutputPenalty(0.0, 0.3)
-            pen.start = 0
-            out[i] = pen(torch.as_tensor(ids)[None], scores[i:i + 1])[0]
-        return out
+    replied, client = _frequency_penalty_client(h, H, g, 0.3)
 
     pick, echo = sample(client, torch.zeros(len(h), 1, dtype=torch.long))
     kw = dict(replied=replied, output_penalties=wk.ECHO_OUTPUT_PENALTIES)
