@@ -222,3 +222,24 @@ def test_an_artifact_is_reused_when_only_the_wording_of_its_profile_changed(tmp_
     with pytest.raises(AloeError, match="already exists"):  # a changed parameter is another artifact
         obfuscate_checkpoint(plain_dir, tmp_path / "obf", tmp_path / "s.json", replace(EXACT, alpha_e=0.1),
                              progress=False)
+
+
+def test_adaptation_trains_phi3s_fused_projections(tmp_path):
+    """Phi-3's q/k/v and gate/up are fused modules: the LoRA adapters go on them too, and the merged artifact is
+    still a stock Phi-3 checkpoint, its fused tensors moved by the training."""
+    from test_obfuscation_arch import tiny
+
+    plain_dir = tiny("phi3", tmp_path / "plain")
+    train = np.random.default_rng(0).integers(0, 97, size=1024)
+    obfuscate_checkpoint(plain_dir, tmp_path / "noisy", tmp_path / "s.json", _adapt_profile(0), dtype="float32",
+                         progress=False)
+    summary = obfuscate_checkpoint(plain_dir, tmp_path / "adapted", tmp_path / "s.json", _adapt_profile(6),
+                                   dtype="float32", progress=False, adapt_token_ids=train,
+                                   adapt_options=dict(seq_len=16, batch=4, save_every=3))
+    trained = summary["adaptation"]["trained"]
+    assert "qkv_proj" in trained and "gate_up_proj" in trained, trained
+    a, n = _tensors(tmp_path / "adapted"), _tensors(tmp_path / "noisy")
+    assert set(a) == set(n) and "model.layers.0.self_attn.qkv_proj.weight" in a
+    for name in ("model.layers.0.self_attn.qkv_proj.weight", "model.layers.1.mlp.gate_up_proj.weight"):
+        assert not torch.equal(a[name], n[name])
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "adapted")).__name__ == "Phi3ForCausalLM"
