@@ -515,6 +515,12 @@ def test_the_echo_read_refines_a_penalty_off_its_grid(monkeypatch):
     assert fit["log_marginal"] >= grid["log_marginal"]
     only_grid, grid_fit = wk.echo_posterior(t, key, h, echo, 0.0, "entry", **kw)
     assert torch.equal(grid_scores, only_grid) and grid_fit["log_marginal"] == grid["log_marginal"]
+    # without the finer search the grid's scores are the read itself
+    same, same_fit, same_grid = wk.echo_posterior(t, key, h, echo, 0.0, "entry", grid_scores=True, **kw)
+    assert torch.equal(same, same_grid) and torch.equal(same, only_grid)
+    assert same_fit["grid"]["log_marginal"] == same_fit["log_marginal"]
+    with pytest.raises(ValueError, match="not both"):
+        wk.echo_posterior(t, key, h, echo, 0.0, "entry", grid_scores=True, plain_scores=True, **kw)
 
 
 def test_a_paper_keyed_client_held_stream_is_read_through_the_linear_key(tmp_path, monkeypatch):

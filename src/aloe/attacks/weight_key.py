@@ -489,7 +489,8 @@ def echo_posterior(t: Target, key: WeightKey, hidden: torch.Tensor, echoes: torc
     With ``refine`` (1 or 2), the penalties of the grid's best fit are then searched more finely, each scaled alone by
     0.5-1.5, then (2) by 0.85-1.15 around the new best, every other part of the model searched again with them: a
     client's penalty off the grid (a frequency penalty 0.3, say) is fitted closer. The fit then holds ``grid``, the
-    grid's own best penalties and log_marginal, and with ``grid_scores`` the grid's scores are the third item."""
+    grid's own best penalties and log_marginal (as it does with ``grid_scores``, which returns the grid's scores as
+    the third item: the same as the first without ``refine``)."""
     if len(echoes) > len(hidden):
         raise AloeError(f"{len(echoes)} echoes for {len(hidden)} picks")
     for name, lists in (("contexts", seen), ("replies", replied)):
@@ -582,18 +583,18 @@ def echo_posterior(t: Target, key: WeightKey, hidden: torch.Tensor, echoes: torc
         search(local)
     fit, n, mass = best
     scores = _echo_scores(logits, ll, context, picks, fit, n, mass)
-    if refine:
+    if refine or grid_scores:
         fit = dict(fit, grid={k: grid[0][k] for k in ("repetition_penalty", "presence_penalty",
                                                        "frequency_penalty", "log_marginal")})
-        if grid_scores:
-            grid = _echo_scores(logits, ll, context, picks, grid[0], grid[1], grid[2])
     if fit["floor"] is None:
         fit["top_p"], fit["top_k"], fit["min_p"] = 1.0, 0, 0.0
     untruncated = None if plain is None else {"temperature": plain["temperature"],
                                               "log_marginal": plain["log_marginal"]}
     fit = dict(fit, untruncated=untruncated)
-    if grid_scores and refine:
-        return scores, fit, grid
+    if grid_scores:
+        if plain_scores:
+            raise ValueError("ask for the grid's scores or the plain softmax's, not both")
+        return scores, fit, (scores if grid is best else _echo_scores(logits, ll, context, picks, *grid))
     if not plain_scores:
         return scores, fit
     return scores, fit, None if plain is None else _echo_scores(logits, ll, None, None, plain, None, None)
