@@ -40,6 +40,7 @@ class CheckpointReader:
     def __init__(self, model_dir: Path) -> None:
         self.dir = Path(model_dir)
         self.virtual: dict[str, tuple[str, int, int]] = {}   # part -> (fused tensor, first row, end row)
+        self.fused_rows: dict[str, int] = {}                  # fused tensor -> the rows of its parts together
         self._fused: tuple[str, torch.Tensor] | None = None   # the last fused tensor read (its parts come in a row)
         single = self.dir / "model.safetensors"
         index = self.dir / "model.safetensors.index.json"
@@ -80,13 +81,13 @@ class CheckpointReader:
             for part, rows in blocks:
                 self.virtual[part + ".weight"] = (fused + ".weight", start, start + rows)
                 start += rows
+            self.fused_rows[fused + ".weight"] = start
 
     def _part(self, name: str, shape: tuple[int, ...] | None) -> torch.Tensor:
         fused, a, b = self.virtual[name]
         if self._fused is None or self._fused[0] != fused:
             self._fused = (fused, self.tensor(fused))
-        whole = self._fused[1]
-        end = max(e for f, _, e in self.virtual.values() if f == fused)
+        whole, end = self._fused[1], self.fused_rows[fused]
         if whole.shape[0] != end:
             raise AloeError(f"tensor {fused} has {whole.shape[0]} rows, expected {end} (its parts stacked)")
         t = whole[a:b].clone()
