@@ -33,7 +33,8 @@ from obfuscation_fidelity import conversion_flops, gemm_gflops
 STAGES = [
     ("fingerprint", "source fingerprint (SHA-256 of the weight files)"),
     ("special_ids", "special token ids (tokenizer load)"),
-    ("rope", "RoPE frequencies (the model's config class imported and read)"),
+    ("config_check", "output config loaded in transformers first (its config class imported)"),
+    ("rope", "RoPE frequencies (the model's config read)"),
     ("plan", "plan: tau, INIT of the keys, factored float32 keys (draws excluded)"),
     ("draws", "secret draws (AES-CTR stream: normals, uniforms, permutations, Haar QR)"),
     ("read", "reading input tensors (safetensors + finiteness check)"),
@@ -122,6 +123,7 @@ def instrument(timer: StageTimer) -> None:
     model.special_token_ids = timer.wrap("special_ids", model.special_token_ids)
     model.make_plan = timer.wrap("plan", model.make_plan)
     model.rope_inv_freq = timer.wrap("rope", model.rope_inv_freq)
+    model.check_output_config = timer.wrap("config_check", model.check_output_config)
     Float32Keys.__init__ = timer.wrap("plan", Float32Keys.__init__)
     for name in ("uniform", "normal", "permutation", "orthogonal"):
         setattr(SecureRandom, name, timer.wrap("draws", getattr(SecureRandom, name)))
