@@ -77,3 +77,4 @@ def test_completion_logprobs_give_each_tokens_place_in_the_text(smollm2_exact):
     streamed = [p["logprobs"]["text_offset"][0] for p in pieces]
     assert streamed == [sum(len(p["text"]) for p in pieces[:n]) for n in range(len(pieces))]
     assert streamed[0] == 0 and len(set(streamed)) > 1
+    assert "".join(c["choices"][0]["text"] for c in chunks) == text   # the held-back tail comes with the finish

@@ -102,6 +102,35 @@ def test_stop_cutter_and_incremental_decoder():
     assert [decoder.push(b) for b in [104, *euro]] == ["h", "", "", "€"] and decoder.flush() == ""
 
 
+
+def test_incremental_decoder_on_the_real_tokenizer_is_whole_text_and_linear(smollm2_path):
+    """On SmolLM2's byte-level tokenizer, text that splits characters over several tokens (accents, CJK, emoji):
+    the pieces join to the whole decode, none holds a split character, every offset is where its token's text
+    begins (the decode of the tokens before it, wherever that is whole), and the ids decoded in all grow linearly
+    with the answer, not quadratically."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_path))
+    text = "Caf\u00e9 cr\u00e8me \u2014 \u6771\u4eac\u306e\u5929\u6c17 \U0001f600\U0001f680! na\u00efve " * 12
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    decoded = [0]
+
+    def decode(window):
+        decoded[0] += len(window)
+        return tok.decode(window)
+
+    decoder = IncrementalDecoder(decode)
+    pieces = [decoder.push(i) for i in ids]
+    tail = decoder.flush()
+    assert "".join(pieces) + tail == tok.decode(ids) == text
+    assert not any("\ufffd" in p for p in pieces) and sum(p == "" for p in pieces) > 10   # some were held
+    for n, offset in enumerate(decoder.offsets):
+        prefix = tok.decode(ids[:n])
+        if "\ufffd" not in prefix:
+            assert offset == len(prefix)
+    assert decoder.offsets == sorted(decoder.offsets) and len(ids) > 300
+    assert decoded[0] <= 12 * len(ids)   # the whole-prefix way decodes len(ids)^2 / 2 ids (> 45,000 here)
+
 @pytest.mark.parametrize("body,reason", [
     (b"{not json", "JSON"),
     (b'{"model": "x"}', "messages"),

@@ -99,24 +99,40 @@ def check_stream_count(received: int, predicted) -> None:
 
 
 class IncrementalDecoder:
-    """Plain ids in, new text out: a piece is released only once it no longer ends inside a UTF-8 character."""
+    """Plain ids in, new text out: a piece is released only once it no longer ends inside a UTF-8 character.
+
+    Each push decodes a short window only (the ids from the one before the last released piece on), not the whole
+    answer, so an answer of n tokens costs O(n) decoding, not O(n^2): the text a new id adds is the window's text
+    with it less the window's text without it (the id before the last piece stays in the window, so that a
+    tokenizer that drops a leading word-boundary space on the first id of what it decodes drops it there, as in the
+    whole answer). ``offsets`` holds, for every pushed id, how many characters were released before it: where its
+    text begins in the answer (vLLM's and OpenAI's ``text_offset``).
+    """
 
     def __init__(self, decode) -> None:
-        self.decode, self.ids, self.shown = decode, [], ""
+        self.decode, self.ids, self.offsets = decode, [], []
+        self.prefix = self.read = 0   # the window: ids[prefix:read] were released already, ids[read:] are held
+        self.released = 0             # characters released so far
+
+    def _pending(self) -> str:
+        done = self.decode(self.ids[self.prefix:self.read]) if self.read > self.prefix else ""
+        text = self.decode(self.ids[self.prefix:])
+        return text[len(done):] if len(text) > len(done) else ""
+
+    def _release(self, piece: str) -> str:
+        self.prefix, self.read = self.read, len(self.ids)
+        self.released += len(piece)
+        return piece
 
     def push(self, token_id: int) -> str:
+        self.offsets.append(self.released)
         self.ids.append(int(token_id))
-        text = self.decode(self.ids)
-        if len(text) > len(self.shown) and not text.endswith("\ufffd"):
-            piece, self.shown = text[len(self.shown):], text
-            return piece
-        return ""
+        piece = self._pending()
+        return self._release(piece) if piece and not piece.endswith("\ufffd") else ""
 
     def flush(self) -> str:
-        text = self.decode(self.ids)
-        piece = text[len(self.shown):] if len(text) > len(self.shown) else ""
-        self.shown = text if piece else self.shown
-        return piece
+        piece = self._pending()
+        return self._release(piece) if piece else ""
 
 
 class TokenStream:

@@ -189,16 +189,13 @@ class Proxy:
         ranked = sorted(top.items(), key=lambda kv: -kv[1])[:k]
         return dict(one(pid, own), top_logprobs=[one(i, v) for i, v in ranked])
 
-    def text_logprobs(self, entries: list[tuple[int, tuple[float, dict[int, float]]]], offset: int) -> dict:
-        """OpenAI's legacy completion ``logprobs`` of these answer tokens, text offsets from ``offset`` on."""
-        tokens, offsets = [], []
-        for pid, _ in entries:
-            offsets.append(offset)
-            tokens.append(self.texts(pid)[0])
-            offset += len(tokens[-1])
-        return {"tokens": tokens, "token_logprobs": [own for _, (own, _) in entries],
-                "top_logprobs": [{self.texts(i)[0]: v for i, v in top.items()} for _, (_, top) in entries],
-                "text_offset": offsets}
+    def text_logprobs(self, entries: list[tuple[int, tuple[float, dict[int, float]], int]]) -> dict:
+        """OpenAI's legacy completion ``logprobs`` of these answer tokens (plain id, log-probabilities, where the
+        token's text begins in the answer's text)."""
+        return {"tokens": [self.texts(pid)[0] for pid, _, _ in entries],
+                "token_logprobs": [own for _, (own, _), _ in entries],
+                "top_logprobs": [{self.texts(i)[0]: v for i, v in top.items()} for _, (_, top), _ in entries],
+                "text_offset": [offset for *_, offset in entries]}
 
     def record(self, stream, finish: str) -> None:
         sent, got, view = list(stream.server_prompt_ids), list(stream.server_output_ids), self.client.server_view
@@ -215,8 +212,8 @@ class Proxy:
     def run(self, prompt, req: _Sampling, max_tokens: int | None, k: int | None = None,
             logprobs: list | None = None) -> Iterator[str | dict]:
         """Yield the answer's plain text pieces, then one dict: finish reason and usage. With ``k``, each answer
-        token's ``(plain id, (log-probability, top ones))`` is appended to ``logprobs`` as it arrives (before the
-        text it makes is yielded)."""
+        token's ``(plain id, (log-probability, top ones), where its text begins in the answer)`` is appended to
+        ``logprobs`` as it arrives (before the text it makes is yielded)."""
         stops = _stops(req.stop)
         stream = self.client.open_stream(prompt, max_tokens=max_tokens or self.default_max_tokens,
                                          temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
@@ -228,7 +225,7 @@ class Proxy:
         try:
             for pid in tokens:
                 if k is not None:
-                    logprobs.append((pid, stream.logprobs[-1]))
+                    logprobs.append((pid, stream.logprobs[-1], decoder.released))
                 if piece := cutter.push(decoder.push(pid)):
                     yield piece
                 if cutter.stopped:
@@ -412,7 +409,7 @@ def create_proxy_app(client: PrivateClient, default_max_tokens: int = 256) -> Fa
         pieces = proxy.run(prompt, req, req.max_completion_tokens or req.max_tokens, k, logprobs)
 
         def content(entries):
-            return None if k is None else {"content": [proxy.chat_logprob(pid, lp, k) for pid, lp in entries]}
+            return None if k is None else {"content": [proxy.chat_logprob(pid, lp, k) for pid, lp, _ in entries]}
 
         def chunk(rid, created, text, end, entries):
             if end is not None:
@@ -451,14 +448,11 @@ def create_proxy_app(client: PrivateClient, default_max_tokens: int = 256) -> Fa
             raise ProxyError(400, f"prompt: token ids must lie in 0..{vocab - 1}")
         if req.echo:
             raise ProxyError(400, "echo is not supported")
-        k, logprobs, offset = req.k(), [], [0]
+        k, logprobs = req.k(), []
         pieces = proxy.run(prompt, req, req.max_tokens, k, logprobs)
 
         def choice(text, finish, entries):
-            lp = None
-            if k is not None:
-                lp = proxy.text_logprobs(entries, offset[0])
-                offset[0] += sum(len(t) for t in lp["tokens"])
+            lp = None if k is None else proxy.text_logprobs(entries)
             return {"index": 0, "text": text, "finish_reason": finish, "logprobs": lp}
 
         def chunk(rid, created, text, end, entries):

@@ -35,7 +35,7 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 from aloe import AloeError
-from aloe.obfuscation.client import OutputPenalty, top_logprobs
+from aloe.obfuscation.client import IncrementalDecoder, OutputPenalty, top_logprobs
 from aloe.obfuscation.client_vocab import decode_array
 from aloe.serving.errors import validation_message
 
@@ -316,37 +316,35 @@ def create_app(model_dir: Path, limits: Limits | None = None, threads: int | Non
             return (engine.tokenizer.decode(ids, skip_special_tokens=req.skip_special_tokens)
                     if ids and engine.tokenizer is not None else "")
 
-        def logprobs(ids, first, start):
+        def logprobs(ids, first, offsets):
             """vLLM's (and OpenAI's legacy) completion logprobs of ``ids``, the answer's tokens from ``first`` on;
-            ``text_offset``: where each token's text begins in the answer's text, ``start`` characters of which
-            came before ``ids``."""
+            ``offsets``: where each token's text begins in the answer's text (the incremental decoder's)."""
             if recorder is None:
                 return None
             entries = [recorder.entry(first + n, i, req.logprobs) for n, i in enumerate(ids)]
             return {"tokens": [name(i) for i in ids], "token_logprobs": [lp for lp, _ in entries],
                     "top_logprobs": [{name(j): v for j, v in top.items()} for _, top in entries],
-                    "text_offset": [start + len(decode(ids[:n])) for n in range(len(ids))]}
+                    "text_offset": list(offsets)}
 
-        def chunk(ids, finish, first=0, start=0):
+        def chunk(ids, finish, text, first=0, offsets=()):
             return {"id": rid, "object": "text_completion", "created": created, "model": engine.name,
-                    "choices": [{"index": 0, "text": decode(ids), "token_ids": ids, "finish_reason": finish,
-                                 "logprobs": logprobs(ids, first, start)}]}
+                    "choices": [{"index": 0, "text": text, "token_ids": ids, "finish_reason": finish,
+                                 "logprobs": logprobs(ids, first, offsets)}]}
 
         def finish_reason(out: list[int]) -> str:
             return "stop" if out and out[-1] in set(engine.eos) | set(req.stop_token_ids) else "length"
 
         worker.start()
+        decoder = IncrementalDecoder(decode)  # each token's text released once whole: no split UTF-8 character
         if req.stream:
             def events():
                 out: list[int] = []
-                sent = 0    # characters of the answer's text streamed so far
                 try:
                     while (i := streamer.q.get()) is not None:
                         out.append(i)
-                        piece = chunk([i], None, len(out) - 1, sent)
-                        sent += len(piece["choices"][0]["text"])
-                        yield f"data: {json.dumps(piece)}\n\n"
-                    yield f"data: {json.dumps(chunk([], finish_reason(out)))}\n\n"
+                        piece = decoder.push(i)
+                        yield f"data: {json.dumps(chunk([i], None, piece, len(out) - 1, decoder.offsets[-1:]))}\n\n"
+                    yield f"data: {json.dumps(chunk([], finish_reason(out), decoder.flush()))}\n\n"
                     yield "data: [DONE]\n\n"
                 finally:
                     cancel.set()
@@ -354,8 +352,9 @@ def create_app(model_dir: Path, limits: Limits | None = None, threads: int | Non
         out = []
         while (i := streamer.q.get()) is not None:
             out.append(i)
+            decoder.push(i)
         worker.join()
-        body = chunk(out, finish_reason(out))
+        body = chunk(out, finish_reason(out), decode(out), 0, decoder.offsets)
         body["usage"] = {"prompt_tokens": len(req.prompt), "completion_tokens": len(out),
                          "total_tokens": len(req.prompt) + len(out)}
         return body
