@@ -523,17 +523,28 @@ def test_the_echo_read_refines_a_penalty_off_its_grid(monkeypatch):
         wk.echo_posterior(t, key, h, echo, 0.0, "entry", grid_scores=True, plain_scores=True, **kw)
 
 
-def test_a_paper_keyed_client_held_stream_is_read_through_the_linear_key(tmp_path, monkeypatch):
-    """The client-held deployment on the paper's keys (no profile serves one): the linear key the body gives reads
-    the sent vectors at occurrence noise 2.5 nearly as well as the writer key fitted with the secret, and pooled by
-    token almost all. Over 8 draws: alone 39.5-45.2%, the writer key 44.7-50.3%, pooled 91-98%. (The read takes the
-    fresh noise as isotropic once mapped back, which a non-isometric key skews: the gap to the writer key.)"""
+@pytest.mark.parametrize("alpha_e,shape,floor,pooled_floor", [(0.0, "entry", 0.45, 0.95), (0.5, "row", 0.35, 0.9)])
+def test_a_paper_keyed_client_held_stream_is_read_through_the_linear_key(tmp_path, monkeypatch, alpha_e, shape,
+                                                                         floor, pooled_floor):
+    """The client-held deployment on the paper's keys (no profile serves one), occurrence noise 2.5: the linear key
+    the body gives reads the sent vectors, whitened (the fresh noise is isotropic in the subspace's coordinates, not
+    once mapped to the plain ones), better than the same key read as if the noise were isotropic in the plain space,
+    and at least as well as the writer key fitted with the secret and read that way; pooled by token, almost all.
+    Over 12 draws without table noise: whitened 52.2-59.5%, isotropic 40.2-48.8%, the writer key 44.0-54.5%, pooled
+    98.5-100%; over 13 with row noise 0.5 on the table: 40.0-45.2%, 27.0-33.0%, 25.8-31.3%, pooled 93.3-99.0%."""
+    from aloe.attacks import key_regression as kr
+
     monkeypatch.setenv("ALOE_CACHE", str(tmp_path))
-    prof = PROFILES["paper"].with_overrides(name="p", h=8, alpha_e=0.0, alpha_h=0.0, beta=4, gamma=10.0)
+    prof = PROFILES["paper"].with_overrides(name="p", h=8, alpha_e=alpha_e, alpha_h=0.0, beta=4, gamma=10.0,
+                                            noise_shape=shape)
     t, sent, truth, right = _client_held_stream(tmp_path, prof)
     key = wk.recover(t)
     assert key.design == "linear"
     alone = (wk.read_vectors(t, key, sent, 2.5)[:, 0] == truth).mean()
+    isotropic = kr.read([(key.embed_side(sent), t.plain_embed, wk._vector_sigma2(t, 2.5, "row", sent.shape[1]))],
+                        t.movable_ids, 5, True)
+    writer = (right[:, 0] == truth).mean()
+    assert alone >= floor and alone >= (isotropic[:, 0] == truth).mean() + 0.04 and alone >= writer - 0.02, \
+        (alone, (isotropic[:, 0] == truth).mean(), writer)
     pooled = wk.read_vectors(t, key, sent, 2.5, groups=np.unique(truth, return_inverse=True)[1])
-    assert 0.3 <= alone <= (right[:, 0] == truth).mean() + 0.03, (alone, (right[:, 0] == truth).mean())
-    assert (pooled[:, 0] == truth).mean() >= 0.85
+    assert (pooled[:, 0] == truth).mean() >= pooled_floor

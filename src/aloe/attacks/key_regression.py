@@ -130,11 +130,12 @@ def noise_level(xhat: torch.Tensor, table: torch.Tensor, guess: np.ndarray, row_
 
 
 def log_likelihoods(xhat: torch.Tensor, table: torch.Tensor, pool: np.ndarray, sigma2: float,
-                    row_shaped: bool) -> torch.Tensor:
+                    row_shaped: bool, weights: torch.Tensor | None = None) -> torch.Tensor:
     """(m, len(pool)): the Gaussian log-likelihood of every back-projected row under every plain token of ``pool``
-    (constant terms dropped)."""
+    (constant terms dropped). The noise of token j has ``sigma2 * w_j^2`` per coordinate, ``w_j`` its row's norm
+    (``row_shaped``) or 1, or ``weights[j]`` where given (a table read in another space than its rows' own)."""
     T = table[torch.as_tensor(pool)].float()
-    w2 = _weights(T, row_shaped) ** 2
+    w2 = (_weights(T, row_shaped) if weights is None else weights[torch.as_tensor(pool)].float()) ** 2
     x = xhat.float()
     d2 = ((x * x).sum(1, keepdim=True) + (T * T).sum(1)[None] - 2 * x @ T.T).clamp_min(0)
     return -d2 / (2 * sigma2 * w2[None]) - 0.5 * T.shape[1] * torch.log(w2)[None]
@@ -143,22 +144,23 @@ def log_likelihoods(xhat: torch.Tensor, table: torch.Tensor, pool: np.ndarray, s
 def read(sides: list[tuple[torch.Tensor, torch.Tensor, float]], pool: np.ndarray, k: int, row_shaped: bool,
          groups: np.ndarray | None = None) -> np.ndarray:
     """Top-``k`` plain ids of ``pool`` for each row, by the summed log-likelihood over ``sides`` (each a
-    back-projected (m, d) block, its plain table and its sigma^2). With ``groups`` (m,), rows of one group are taken
-    as occurrences of one token: their scores add, and every row gets its group's candidates."""
+    back-projected (m, d) block, its plain table and its sigma^2, and optionally the tokens' noise weights of
+    :func:`log_likelihoods`). With ``groups`` (m,), rows of one group are taken as occurrences of one token: their
+    scores add, and every row gets its group's candidates."""
     m = sides[0][0].shape[0]
     k = min(k, len(pool))
     pool_t = torch.as_tensor(pool)
     if groups is None:
         out = []
         for s in range(0, m, CHUNK):
-            score = sum(log_likelihoods(x[s:s + CHUNK], T, pool, s2, row_shaped) for x, T, s2 in sides)
+            score = sum(log_likelihoods(x[s:s + CHUNK], T, pool, s2, row_shaped, *w) for x, T, s2, *w in sides)
             out.append(pool_t[score.topk(k, dim=1).indices])
         return torch.cat(out).numpy() if out else np.zeros((0, k), dtype=np.int64)
     groups = np.asarray(groups)
     n = int(groups.max()) + 1 if m else 0
     total = torch.zeros(n, len(pool))
     for s in range(0, m, CHUNK):
-        score = sum(log_likelihoods(x[s:s + CHUNK], T, pool, s2, row_shaped) for x, T, s2 in sides)
+        score = sum(log_likelihoods(x[s:s + CHUNK], T, pool, s2, row_shaped, *w) for x, T, s2, *w in sides)
         total.index_add_(0, torch.as_tensor(groups[s:s + CHUNK]), score)
     return pool_t[total.topk(k, dim=1).indices].numpy()[groups]
 

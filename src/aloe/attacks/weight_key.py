@@ -260,10 +260,45 @@ def read_vectors(t: Target, key: WeightKey, vectors: torch.Tensor, alpha: float,
     movable ids, or with ``every_id`` the fixed ones too (a chat template's special tokens)."""
     if shape not in NOISE_SHAPES:
         raise AloeError(f"unknown noise shape {shape!r}; choose one of {', '.join(NOISE_SHAPES)}")
-    s2 = _vector_sigma2(t, alpha, shape, vectors.shape[1])
     pool = np.arange(t.arch.vocab) if every_id else t.movable_ids
-    return key_regression.read([(key.embed_side(vectors), t.plain_embed, s2)], pool, t.budget.topk,
-                               shape == "row", groups)
+    return key_regression.read([vector_side(t, key, vectors, alpha, shape)], pool, t.budget.topk, shape == "row",
+                               groups)
+
+
+def vector_side(t: Target, key: WeightKey, vectors: torch.Tensor, alpha: float, shape: str) -> tuple:
+    """Sent vectors as one side of :func:`key_regression.read`: (the vectors where they are read, the plain table
+    there, sigma^2[, the tokens' noise weights]).
+
+    Through an isometry the fresh noise stays isotropic: the vectors are read in the plain coordinates. A linear key
+    (the paper's) skews it there, so the read is whitened: the vectors are taken in the subspace's own coordinates
+    (``y = v @ basis``, where the fresh noise is isotropic and each token sits at ``mu_j = E_j @ to_plain^-1``), the
+    profile's table noise (isotropic in the plain coordinates, ``A^T A`` there with ``A = to_plain^-1``) added to
+    the covariance, and both sides multiplied by its inverse square root. How large the fresh noise is, relative to
+    ``mu``, comes from the vectors alone: a row of level ``alpha`` sends ``(1 + alpha^2)`` times its row's squared
+    norm on average, of which the subspace holds ``d / d'`` of the noise."""
+    if getattr(key, "design", "isometry") != "linear":
+        return key.embed_side(vectors), t.plain_embed, _vector_sigma2(t, alpha, shape, vectors.shape[1])
+    prof, E = t.profile, t.plain_embed.double()
+    v = vectors.double()
+    d, width = key.basis.shape[1], v.shape[1]
+    A = torch.linalg.inv(key.to_plain)
+    y, mu = v @ key.basis, E @ A
+    row_sq = float((v * v).sum(1).mean()) / (1 + alpha ** 2)                # the sent rows' mean squared norm
+    fresh = alpha ** 2 * row_sq / width                                    # sigma^2 per coordinate, at the mean
+    table = _sigma2(E, float(prof.get("alpha_e", 0.0)), prof.get("noise_shape", "entry"), False, E.shape[1])
+    AtA = A.T @ A
+    # the sent tokens' mean ||mu_j||^2: what the subspace holds less the two noises' share of it
+    signal = max(float((y * y).sum(1).mean()) - d * fresh - table * float(torch.trace(AtA)), 1e-12)
+    cov = fresh * torch.eye(d, dtype=AtA.dtype) + table * AtA
+    vals, vecs = torch.linalg.eigh(cov + FLOOR * torch.eye(d, dtype=AtA.dtype))
+    W = vecs @ torch.diag(vals.clamp_min(FLOOR) ** -0.5) @ vecs.T
+    # each token's total noise relative to the mean: the row-shaped parts grow with its row's norm
+    mu_sq, e_sq = (mu * mu).sum(1), (E * E).sum(1)
+    fresh_j = fresh * (mu_sq / signal if shape == "row" else torch.ones_like(mu_sq))
+    table_j = table * (e_sq / e_sq.mean() if prof.get("noise_shape", "entry") == "row" else torch.ones_like(e_sq))
+    total_j = d * fresh_j + float(torch.trace(AtA)) * table_j
+    weights = (total_j / (d * fresh + float(torch.trace(AtA)) * table + FLOOR)).clamp_min(FLOOR).sqrt()
+    return y @ W, mu @ W, 1.0, weights
 
 
 def _vector_sigma2(t: Target, alpha: float, shape: str, width: int) -> float:
@@ -320,9 +355,8 @@ def decode_vectors(t: Target, key: WeightKey, docs: list[torch.Tensor], alpha: f
         if n == 0:
             out.append(np.zeros(0, dtype=np.int64))
             continue
-        ll = evidence * key_regression.log_likelihoods(key.embed_side(vectors), t.plain_embed, pool,
-                                                       _vector_sigma2(t, alpha, shape, vectors.shape[1]),
-                                                       shape == "row")
+        x, table, s2, *w = vector_side(t, key, vectors, alpha, shape)
+        ll = evidence * key_regression.log_likelihoods(x, table, pool, s2, shape == "row", *w)
         if predictions is not None and prediction_weight and n > 1:
             ll = ll.clone()
             ll[1:] += prediction_weight * predictions[k][: n - 1].to(ll.dtype)
@@ -497,11 +531,11 @@ def echo_posterior(t: Target, key: WeightKey, hidden: torch.Tensor, echoes: torc
         if lists is not None and len(lists) != len(echoes):
             raise AloeError(f"{len(lists)} {name} for {len(echoes)} echoes")
     V, m = t.arch.vocab, len(echoes)
-    s2 = _vector_sigma2(t, alpha, shape, echoes.shape[1])
     pool = np.arange(V)
     logits = (key.embed_side(hidden[:m]) @ t.plain_head.double().T)[:, :V]
-    ll = torch.cat([key_regression.log_likelihoods(key.embed_side(echoes[s:s + 128]), t.plain_embed, pool, s2,
-                                                   shape == "row").double() for s in range(0, m, 128)])
+    x, table, s2, *w = vector_side(t, key, echoes, alpha, shape)
+    ll = torch.cat([key_regression.log_likelihoods(x[s:s + 128], table, pool, s2, shape == "row", *w).double()
+                    for s in range(0, m, 128)])
     context = None  # each row's context ids, padded with its own ids (a repeated id is penalised once)
     if seen is not None and any(r != 1.0 for r in penalties):
         if any(len(c) == 0 for c in seen):
