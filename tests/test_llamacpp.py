@@ -194,6 +194,10 @@ def test_export_refuses_bad_input(tmp_path):
     (tmp_path / "m" / "config.json").write_text("{}")
     with pytest.raises(AloeError, match="already exists"):
         export_gguf(tmp_path / "m", tmp_path / "exists.gguf")
+    (tmp_path / "m" / "config.json").write_text("{")
+    with pytest.raises(AloeError, match="config.json is unreadable"):
+        export_gguf(tmp_path / "m", tmp_path / "y.gguf")
+    assert not (tmp_path / "y.gguf").exists()
 
 
 def test_the_gguf_cache_keeps_the_recently_used_exports_within_its_budget(tmp_path, monkeypatch):

@@ -284,3 +284,31 @@ def test_bounded_concurrent_load_has_no_failures(tiny_artifact):
         rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     assert failures == [] and len(done) == 48
     assert rss1 - rss0 < 200_000  # KiB: no runaway growth over 48 requests
+
+
+def test_serve_refuses_a_broken_folder_and_bad_numbers_in_one_line(tiny_artifact, tmp_path, capsys):
+    """A folder whose config, weights or tokenizer cannot be loaded, a port outside 1-65535 and a zero thread count:
+    each a one-line error from ``aloe serve`` (exit 2), no traceback."""
+    import shutil
+
+    from aloe.cli import main as aloe_main
+
+    obf_dir = tiny_artifact[0]
+    bad_config = tmp_path / "bad-config"
+    bad_config.mkdir()
+    (bad_config / "config.json").write_text("{")
+    truncated = tmp_path / "truncated"
+    shutil.copytree(obf_dir, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    for folder, reason in ((bad_config, "JSON"), (truncated, "")):
+        with pytest.raises(AloeError, match=f"cannot load the model in {folder}.*{reason}"):
+            create_app(folder)
+        assert aloe_main(["serve", str(folder)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("aloe: error: cannot load the model") and "\n" not in err and "Traceback" not in err
+    for args, reason in ((["--port", "99999"], "outside 1-65535"), (["--port", "http"], "not a port number"),
+                         (["--threads", "0"], "not positive"), (["--max-new-tokens", "-3"], "not positive")):
+        with pytest.raises(SystemExit) as exc:
+            aloe_main(["serve", str(obf_dir), *args])
+        assert exc.value.code == 2 and reason in capsys.readouterr().err

@@ -68,6 +68,28 @@ def evict_gguf_cache(folder: Path, keep: Path, budget_bytes: int | None = None) 
     return removed
 
 
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 1-65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is outside 1-65535")
+    return port
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} is not positive")
+    return n
+
+
 def llama_server_command(gguf: Path, host: str, port: int, threads: int | None, context: int) -> list[str]:
     from aloe.serving.llamacpp import llama_server_binary
 
@@ -122,13 +144,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("model", type=Path, help="model folder (as written by aloe obfuscate)")
     s.add_argument("--engine", choices=["transformers", "llama.cpp"], default="transformers")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=port_number, default=8000)
     s.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host")
-    s.add_argument("--threads", type=int)
-    s.add_argument("--max-prompt-tokens", type=int, default=4096)
-    s.add_argument("--max-new-tokens", type=int, default=1024)
-    s.add_argument("--max-waiting", type=int, default=16)
-    s.add_argument("--context", type=int, default=4096, help="llama.cpp context size")
+    s.add_argument("--threads", type=positive_int)
+    s.add_argument("--max-prompt-tokens", type=positive_int, default=4096)
+    s.add_argument("--max-new-tokens", type=positive_int, default=1024)
+    s.add_argument("--max-waiting", type=positive_int, default=16)
+    s.add_argument("--context", type=positive_int, default=4096, help="llama.cpp context size")
     s.add_argument("--outtype", choices=["f32", "f16"], default="f32", help="llama.cpp GGUF type")
     s.add_argument("--log-level", default="warning")
     s.set_defaults(func=_serve)
@@ -143,7 +165,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "embeds: the client-held vocabulary mode (aloe serve, with --client-vocab)")
     p.add_argument("--client-vocab", type=Path, help="the client vocabulary file (--backend embeds)")
     p.add_argument("--host", default="127.0.0.1", help="loopback only")
-    p.add_argument("--port", type=int, default=8100)
+    p.add_argument("--port", type=port_number, default=8100)
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds to wait on the server (to connect, and for each next piece of its answer)")
     p.add_argument("--log-level", default="warning")

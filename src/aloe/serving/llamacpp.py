@@ -152,7 +152,10 @@ def export_gguf(model_dir: Path, out_file: Path, *, outtype: str = "f32") -> Pat
     model_dir, out_file = Path(model_dir), Path(out_file)
     if not (model_dir / "config.json").is_file():
         raise AloeError(f"{model_dir} is not a Hugging Face model folder (no config.json)")
-    arch = (json.loads((model_dir / "config.json").read_text()).get("architectures") or [None])[0]
+    try:
+        arch = (json.loads((model_dir / "config.json").read_text()).get("architectures") or [None])[0]
+    except (OSError, ValueError, AttributeError) as exc:
+        raise AloeError(f"{model_dir / 'config.json'} is unreadable: {exc}") from None
     if (model_dir / "aloe.json").is_file() and arch in NOT_FOR_OBFUSCATED:
         raise AloeError(f"llama.cpp cannot serve an obfuscated {arch}: {NOT_FOR_OBFUSCATED[arch]}; serve it with "
                         "aloe serve (transformers) or vLLM")

@@ -150,9 +150,13 @@ class TransformersEngine:
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise AloeError(f"{model_dir} is not a model folder (no config.json)")
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
         has_tokenizer = any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir)) if has_tokenizer else None
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir)) if has_tokenizer else None
+        except Exception as exc:  # noqa: BLE001 - a broken folder (config, weights, tokenizer) is the user's input
+            reason = (str(exc).strip().splitlines() or [""])[0]
+            raise AloeError(f"cannot load the model in {model_dir}: {type(exc).__name__}: {reason}") from None
         self.name = model_dir.name
         self.vocab = int(self.model.config.vocab_size)
         self.context = int(getattr(self.model.config, "max_position_embeddings", 4096))
