@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from aloe import AloeError
+from aloe.argtypes import nonnegative_int, positive_float, positive_int
 
 
 def _int(text: str, what: str, minimum: int = 1) -> int:
@@ -83,6 +84,8 @@ def _map(args: argparse.Namespace) -> int:
     from aloe.cli import print_json
     from aloe.labelmap.maps import choose_moduli, information_theoretic_map, mach_map, map_report, number_theoretic_map
 
+    if args.kind not in ("nt", "it", "mach"):
+        raise AloeError(f"unknown map kind {args.kind!r}; choose one of nt, it, mach")
     n = _int(args.classes, "--classes", 2)
     units = _int(args.units, "--units", 2)
     moduli = choose_moduli(n, units, args.order)
@@ -90,11 +93,9 @@ def _map(args: argparse.Namespace) -> int:
         lmap = number_theoretic_map(n, moduli)
     elif args.kind == "it":
         lmap = information_theoretic_map(n, moduli, seed=args.seed)
-    elif args.kind == "mach":
+    else:
         b = max(2, round(sum(moduli) / len(moduli)))
         lmap = mach_map(n, b, units // b, seed=args.seed)
-    else:
-        raise AloeError(f"unknown map kind {args.kind!r}; choose one of nt, it, mach")
     rep = map_report(lmap)
     rep["info"] = lmap.info
     if not args.full:
@@ -123,17 +124,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "head and code methods (N/50 units), a full softmax for onehot")
     t.add_argument("--classes", help="number of classes N (words: vocabulary size, default 10000; synthetic: "
                                      "default 10000; pairs: default 100000; chars: default 3755)")
-    t.add_argument("--epochs", type=int, default=1)
-    t.add_argument("--batch-size", type=int, default=256)
-    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--epochs", type=positive_int, default=1)
+    t.add_argument("--batch-size", type=positive_int, default=256)
+    t.add_argument("--lr", type=positive_float, default=2e-3)
     t.add_argument("--train-examples", help="words, pairs: subsample the training set; synthetic: examples generated")
     t.add_argument("--test-examples", help="words, pairs: subsample the test set; synthetic: test examples")
-    t.add_argument("--renders-per-font", type=int, default=8, help="chars: augmented training renders per font")
-    t.add_argument("--order", type=int, help="lm-nt/lm-it: the order r of the moduli (default: best separation)")
+    t.add_argument("--renders-per-font", type=positive_int, default=8,
+                   help="chars: augmented training renders per font")
+    t.add_argument("--order", type=positive_int,
+                   help="lm-nt/lm-it: the order r of the moduli (default: best separation)")
     t.add_argument("--code", default="random", help="ecoc: random | hadamard")
     t.add_argument("--independent", action="store_true", help="one independent network per head")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    t.add_argument("--threads", type=nonnegative_int, default=0, help="torch threads (default: torch's)")
     t.add_argument("--out", type=Path, help="also write the JSON result to this file (atomically)")
     t.add_argument("--json", action="store_true", help="print JSON")
     t.set_defaults(func=_train)
@@ -142,7 +145,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--kind", default="nt", help="nt | it | mach")
     m.add_argument("--classes", required=True)
     m.add_argument("--units", required=True, help="total output units sum k_i")
-    m.add_argument("--order", type=int)
+    m.add_argument("--order", type=positive_int)
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--full", action="store_true", help="include the pairwise mutual-information matrix")
     m.add_argument("--json", action="store_true")

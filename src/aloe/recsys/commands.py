@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from aloe import AloeError
+from aloe.argtypes import nonnegative_int, positive_float, positive_int
 from aloe.recsys.data import DATASETS
 from aloe.recsys.models import DEFAULT_INTERESTS, MODELS, check_interests
 
@@ -94,11 +95,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--augment", action="store_true", help="matrix model over [e; 1] (contains the vector model)")
     t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=3e-3)
-    t.add_argument("--matrix-dim", type=int, default=16, help="n of the n x n session matrix")
-    t.add_argument("--hidden", type=int, default=100, help="GRU state size")
-    t.add_argument("--interests", type=int, metavar="K",
+    t.add_argument("--batch-size", type=positive_int, default=64)
+    t.add_argument("--lr", type=positive_float, default=3e-3)
+    t.add_argument("--matrix-dim", type=positive_int, default=16, help="n of the n x n session matrix")
+    t.add_argument("--hidden", type=positive_int, default=100, help="GRU state size")
+    t.add_argument("--interests", type=positive_int, metavar="K",
                    help=f"interests per session of the comirec model (default {DEFAULT_INTERESTS}); its candidate "
                         "size is set to match the matrix model's parameter count")
     t.add_argument("--loss", default="ce", metavar="ce|bpr-max|top1-max",
@@ -115,11 +116,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     i = g.add_parser("interests", help="positive eigenvectors of a test session's matrix and the items each retrieves")
     i.add_argument("--data", required=True, metavar="|".join(DATASETS))
-    i.add_argument("--session", type=int, default=0, help="index of the test sequence")
+    i.add_argument("--session", type=nonnegative_int, default=0, help="index of the test sequence")
     i.add_argument("--augment", action="store_true")
     i.add_argument("--seed", type=int, default=0)
-    i.add_argument("--top", type=int, default=3, help="how many interests")
-    i.add_argument("--items", type=int, default=10, help="items per interest")
+    i.add_argument("--top", type=positive_int, default=3, help="how many interests")
+    i.add_argument("--items", type=positive_int, default=10, help="items per interest")
     i.add_argument("--cache", type=Path)
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=_interests)

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 from aloe import AloeError
+from aloe.argtypes import port_number, positive_int
 from aloe.assets.cache import cache_root
 
 
@@ -66,28 +67,6 @@ def evict_gguf_cache(folder: Path, keep: Path, budget_bytes: int | None = None) 
         total -= size
         removed.append(p)
     return removed
-
-
-def port_number(text: str) -> int:
-    """An argparse type: a TCP port, 1-65535."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"port {port} is outside 1-65535")
-    return port
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{n} is not positive")
-    return n
 
 
 def llama_server_command(gguf: Path, host: str, port: int, threads: int | None, context: int) -> list[str]:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from aloe import AloeError
+from aloe.argtypes import positive_float
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -50,7 +51,7 @@ def register_train(g: argparse._SubParsersAction) -> None:
     t.add_argument("--data", choices=["mnist", "blobs"], default="mnist",
                    help="mnist (default) or blobs (5000 x 20 Gaussian clusters, lr only)")
     t.add_argument("--batch", type=int, default=128)
-    t.add_argument("--lr", type=float, help="learning rate (default 0.1 for lr, 0.01 for networks)")
+    t.add_argument("--lr", type=positive_float, help="learning rate (default 0.1 for lr, 0.01 for networks)")
     t.add_argument("--momentum", type=float, default=0.9)
     t.add_argument("--pool", choices=POOLS, default="max", help="pooling of Networks B and C (default max)")
     t.add_argument("--seed", type=int, default=0, help="public seed of the initialisation and the batch order")
