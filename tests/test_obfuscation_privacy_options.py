@@ -211,6 +211,44 @@ def test_obfuscate_prints_what_the_profile_protects_against(tmp_path, capsys):
     assert "--adapt-steps must be >= 0" in capsys.readouterr().err
 
 
+
+@pytest.mark.parametrize("override,reason", [
+    (["--h", "-4"], "h must be a finite number >= 0, got -4"),
+    (["--alpha-e", "nan"], "alpha_e must be a finite number >= 0.0, got nan"),
+    (["--alpha-h", "-0.1"], "alpha_h must be a finite number >= 0.0"),
+    (["--beta", "0"], "beta must be a finite number >= 1, got 0"),
+    (["--lam", "-1"], "lam must be a finite number >= 0.0"),
+    (["--embed-shear", "inf"], "embed_shear must be a finite number >= 0.0, got inf"),
+    (["--max-shard-mb", "0"], "--max-shard-mb must be a positive number"),
+])
+def test_obfuscate_refuses_a_meaningless_working_point_before_any_work(tmp_path, capsys, override, reason):
+    """Negative or non-finite noise, a negative expansion, no permutation window, a zero shard size: one line, exit
+    2, and neither the artifact nor the secret is written (before this, each gave a silently degenerate artifact)."""
+    from aloe.cli import main
+
+    plain_dir = tiny_model("llama-gqa-tied", tmp_path / "plain")
+    capsys.readouterr()
+    assert main(["obfuscate", str(plain_dir), str(tmp_path / "obf"), "--secret", str(tmp_path / "s.json"),
+                 "--profile", "exact", *override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert reason in err and "\n" not in err
+    assert not (tmp_path / "obf").exists() and not (tmp_path / "s.json").exists()
+
+
+def test_profiles_check_every_parameter():
+    from aloe.obfuscation.profiles import Profile
+
+    for name in PROFILES:            # the named ones and the sweep's hold
+        assert PROFILES[name].with_overrides(name=name) is not None
+    for bad, reason in ((dict(keys="rsa"), "keys must be"), (dict(noise_shape="column"), "noise_shape must be"),
+                        (dict(h=2.5), "h must be an integer"), (dict(sv_floor=0.0), "sv_floor must be"),
+                        (dict(sv_floor=1.5), "sv_floor must be"), (dict(gamma=0.0), "gamma must be"),
+                        (dict(adapt_lr=-1e-3), "adapt_lr must be"), (dict(adapt_rank=0), "adapt_rank must be"),
+                        (dict(vo_spread=0.5), "vo_spread must be"), (dict(qk_scale=(1.1, 0.9)), "qk_scale must be"),
+                        (dict(ffn_scale=(0.0, 1.0)), "ffn_scale must be"), (dict(adapt_steps=True), "adapt_steps")):
+        with pytest.raises(AloeError, match=reason):
+            Profile(name="x", **bad)
+
 def test_an_artifact_is_reused_when_only_the_wording_of_its_profile_changed(tmp_path):
     from dataclasses import replace
 

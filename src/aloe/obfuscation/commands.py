@@ -41,6 +41,8 @@ def _obfuscate(args: argparse.Namespace) -> int:
                                    ("adapt_steps", args.adapt_steps)) if v is not None}
     if args.adapt_steps is not None and args.adapt_steps < 0:
         raise AloeError("--adapt-steps must be >= 0")
+    if not args.max_shard_mb > 0 or args.max_shard_mb == float("inf"):
+        raise AloeError(f"--max-shard-mb must be a positive number, got {args.max_shard_mb}")
     if overrides:
         profile = profile.with_overrides(name=f"{profile.name}+custom", **overrides)
     if args.client_vocab is None and args.occurrence_noise is not None:

@@ -23,6 +23,7 @@ Every parameter is documented here; the measured fidelity of each profile is in 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 
 from aloe import AloeError
@@ -49,6 +50,38 @@ class Profile:
     adapt_rank: int = 8
     description: str = ""
     protects: str = ""
+
+    def __post_init__(self) -> None:
+        """Refuse a working point the obfuscation cannot mean (one line naming the parameter), before any work."""
+        def number(name: str, lo: float, hi: float = math.inf, lo_open: bool = False) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < lo or v > hi \
+                    or (lo_open and v == lo):
+                bound = f"> {lo}" if lo_open else f">= {lo}"
+                raise AloeError(f"profile parameter {name} must be a finite number {bound}"
+                                + (f" and <= {hi}" if hi != math.inf else "") + f", got {v!r}")
+
+        if self.keys not in ("exact-norm", "paper"):
+            raise AloeError(f"profile parameter keys must be exact-norm or paper, got {self.keys!r}")
+        if self.noise_shape not in ("entry", "row"):
+            raise AloeError(f"profile parameter noise_shape must be entry or row, got {self.noise_shape!r}")
+        for name in ("h", "beta", "adapt_steps", "adapt_rank"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                raise AloeError(f"profile parameter {name} must be an integer, got {getattr(self, name)!r}")
+        number("h", 0)
+        number("beta", 1)
+        number("adapt_steps", 0)
+        number("adapt_rank", 1)
+        for name in ("lam", "alpha_e", "alpha_h", "embed_shear"):
+            number(name, 0.0)
+        number("sv_floor", 0.0, 1.0, lo_open=True)
+        number("gamma", 0.0, lo_open=True)
+        number("adapt_lr", 0.0, lo_open=True)
+        number("vo_spread", 1.0)
+        for name in ("qk_scale", "ffn_scale"):
+            lo, hi = getattr(self, name)
+            if not (0 < lo <= hi < math.inf):
+                raise AloeError(f"profile parameter {name} must be a range 0 < low <= high, got {(lo, hi)!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
