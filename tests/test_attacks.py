@@ -173,8 +173,9 @@ def test_cli_runs_the_learned_attack_alone(plain_dir, weak, capsys):
     for key in ("token_recovery", "prompt_token_recovery", "whitened_token_recovery"):
         assert 0.0 <= r[key] <= 1.0
     assert r["token_recovery"] >= 0.5 and r["state_rows"] == 30
-    assert main(argv[:-1] + ["--learned-draws", "0", "--json"]) == 2
-    assert "learned_draws must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:       # refused by the parser, before anything is loaded
+        main(argv[:-1] + ["--learned-draws", "0", "--json"])
+    assert exc.value.code == 2 and "--learned-draws: 0 is not positive" in capsys.readouterr().err
 
 
 def test_own_copies_are_cached_per_draw_and_skip_the_adaptation(plain_dir, weak, tmp_path):

@@ -37,6 +37,21 @@ def test_argument_types(kind, good, bad):
     (["serve", "folder", "--max-prompt-tokens", "0"], "--max-prompt-tokens: 0 is not positive"),
     (["proxy", "--server", "http://127.0.0.1:1", "--secret", "s", "--tokenizer", "t", "--port", "x"],
      "--port: 'x' is not a port number"),
+    (["attack", "nn", "--model", "m", "--obfuscated", "o", "--secret", "s", "--queries", "-1"],
+     "--queries: -1 is negative"),
+    (["attack", "nn", "--model", "m", "--obfuscated", "o", "--secret", "s", "--topk", "0"],
+     "--topk: 0 is not positive"),
+    (["attack", "vma", "--model", "m", "--obfuscated", "o", "--secret", "s", "--layers", "-2"],
+     "--layers: -2 is negative"),
+    (["attack", "learned", "--model", "m", "--obfuscated", "o", "--secret", "s", "--learned-draws", "0"],
+     "--learned-draws: 0 is not positive"),
+    (["attack", "key-regression", "--model", "m", "--obfuscated", "o", "--secret", "s", "--keyreg-rounds", "0"],
+     "--keyreg-rounds: 0 is not positive"),
+    (["privacy-bound", "--model", "m", "--alpha-e", "0.5", "-1"], "--alpha-e: -1 is negative"),
+    (["fidelity", "--model", "m", "--obfuscated", "o", "--secret", "s", "--tokens", "0"], "--tokens: 0 is not"),
+    (["fidelity", "--model", "m", "--obfuscated", "o", "--secret", "s", "--prompts", "-1"], "--prompts: -1 is not"),
+    (["complete", "--server", "http://127.0.0.1:1", "--secret", "s", "--tokenizer", "t", "--max-tokens", "0", "hi"],
+     "--max-tokens: 0 is not positive"),
 ])
 def test_the_parser_refuses_bad_numbers_in_one_line(argv, reason, capsys):
     with pytest.raises(SystemExit) as exc:

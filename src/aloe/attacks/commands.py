@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from aloe import AloeError
+from aloe.argtypes import nonnegative_float, nonnegative_int, positive_int
 from aloe.attacks.common import Budget
 from aloe.attacks.key_regression import STARTS as KEYREG_STARTS
 from aloe.attacks.suite import ATTACKS
@@ -32,61 +33,63 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
 
 def add_budget_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("budget (defaults: full vocabulary, all layers)")
-    g.add_argument("--queries", type=int, default=0, help="obfuscated ids attacked (0 = every movable id)")
-    g.add_argument("--layers", type=int, default=0, help="layers used by VMA/IA (0 = all)")
-    g.add_argument("--columns", type=int, default=256, help="sampled columns per sorted row (VMA)")
-    g.add_argument("--topk", type=int, default=10)
-    g.add_argument("--sequences", type=int, default=4, help="random-id sequences for ISA/IMA")
-    g.add_argument("--seq-len", type=int, default=16)
-    g.add_argument("--isa-steps", type=int, default=60)
-    g.add_argument("--isa-layer", type=int, default=1)
-    g.add_argument("--isa-shortlist", type=int, default=256)
-    g.add_argument("--ima-tokens", type=int, default=4096)
-    g.add_argument("--ima-steps", type=int, default=300)
-    g.add_argument("--tfma-tokens", type=int, default=20000)
-    g.add_argument("--sda-steps", type=int, default=2000, help="training steps of the SDA translator")
-    g.add_argument("--sda-ranks", type=int, default=1024,
+    g.add_argument("--queries", type=nonnegative_int, default=0, help="obfuscated ids attacked (0 = every movable id)")
+    g.add_argument("--layers", type=nonnegative_int, default=0, help="layers used by VMA/IA (0 = all)")
+    g.add_argument("--columns", type=positive_int, default=256, help="sampled columns per sorted row (VMA)")
+    g.add_argument("--topk", type=positive_int, default=10)
+    g.add_argument("--sequences", type=positive_int, default=4, help="random-id sequences for ISA/IMA")
+    g.add_argument("--seq-len", type=positive_int, default=16)
+    g.add_argument("--isa-steps", type=nonnegative_int, default=60)
+    g.add_argument("--isa-layer", type=nonnegative_int, default=1)
+    g.add_argument("--isa-shortlist", type=positive_int, default=256)
+    g.add_argument("--ima-tokens", type=positive_int, default=4096)
+    g.add_argument("--ima-steps", type=nonnegative_int, default=300)
+    g.add_argument("--tfma-tokens", type=positive_int, default=20000)
+    g.add_argument("--sda-steps", type=nonnegative_int, default=2000, help="training steps of the SDA translator")
+    g.add_argument("--sda-ranks", type=positive_int, default=1024,
                    help="frequency ranks SDA encodes one by one (rarer ids: buckets by count)")
-    g.add_argument("--behaviour-rows", type=int, default=0, help="single-token contexts per side (0 = queries)")
-    g.add_argument("--behaviour-queries", type=int, default=0, help="ids given an input-side pass (0 = queries)")
-    g.add_argument("--learned-steps", type=int, default=400, help="training steps of the learned matcher")
+    g.add_argument("--behaviour-rows", type=nonnegative_int, default=0,
+                   help="single-token contexts per side (0 = queries)")
+    g.add_argument("--behaviour-queries", type=nonnegative_int, default=0,
+                   help="ids given an input-side pass (0 = queries)")
+    g.add_argument("--learned-steps", type=nonnegative_int, default=400, help="training steps of the learned matcher")
     g.add_argument("--learned-state-ids", type=int, default=0,
                    help="ids given a forward pass for the learned states block (0 = all attacked ids, -1 = none)")
-    g.add_argument("--learned-draws", type=int, default=2,
+    g.add_argument("--learned-draws", type=positive_int, default=2,
                    help="own copies the learned matcher trains on (the last validates when 2+)")
-    g.add_argument("--anchored-contexts", type=int, default=1024,
+    g.add_argument("--anchored-contexts", type=positive_int, default=1024,
                    help="contexts of fixed special ids run on each side (anchored logit matching)")
-    g.add_argument("--anchored-rounds", type=int, default=2,
+    g.add_argument("--anchored-rounds", type=positive_int, default=2,
                    help="bootstrap rounds of anchored matching (the best-matched ids become anchors)")
-    g.add_argument("--decode-stream", type=int, default=2000,
+    g.add_argument("--decode-stream", type=positive_int, default=2000,
                    help="ids of the victim's stream decoded besides its prompts (decoded)")
-    g.add_argument("--decode-sweeps", type=int, default=8,
+    g.add_argument("--decode-sweeps", type=nonnegative_int, default=8,
                    help="most sweeps of the decoder's search over the candidates (decoded, sda-decoded)")
     g.add_argument("--decode-monotone", action="store_true",
                    help="keep a decoder sweep's moves only where they raise the language model's log-probability "
                         "of the traffic (plus the rank prior); else halve them")
-    g.add_argument("--decode-em", type=int, default=0, metavar="N",
+    g.add_argument("--decode-em", type=nonnegative_int, default=0, metavar="N",
                    help="decode by N EM iterations over a bigram view of the public model (forward-backward over "
                         "every neighbour's candidates) instead of the sweeps; 0 = off")
     g.add_argument("--decode-sequential", action="store_true",
                    help="decode one cluster at a time against its neighbours' latest choices, drawing each choice "
                         "at a temperature falling to 0 over the sweeps (Gibbs sampling with annealing)")
-    g.add_argument("--decode-temperature", type=float, default=1.0,
+    g.add_argument("--decode-temperature", type=nonnegative_float, default=1.0,
                    help="start temperature of --decode-sequential (0: greedy at every sweep)")
-    g.add_argument("--decode-beam", type=int, default=0, metavar="W",
+    g.add_argument("--decode-beam", type=nonnegative_int, default=0, metavar="W",
                    help="decode by a beam search of W one-to-one readings instead (the most frequent ids placed "
                         "first; at most --decode-sweeps passes); 0 = off")
-    g.add_argument("--decode-swaps", type=int, default=0, metavar="N",
+    g.add_argument("--decode-swaps", type=nonnegative_int, default=0, metavar="N",
                    help="then N sweeps of a search over one-to-one readings only, from the decoder's reading: an id "
                         "moves to a token no other id reads, or swaps tokens with the id that reads it; 0 = off")
-    g.add_argument("--decode-from-victim", type=int, default=0, metavar="N",
+    g.add_argument("--decode-from-victim", type=nonnegative_int, default=0, metavar="N",
                    help="a measurement with the secret, after the attack: N sweeps of that one-to-one search from "
                         "the victim's reading wherever it is among the candidates (readings.from_victim); 0 = off")
-    g.add_argument("--decode-completion", type=int, default=0, metavar="N",
+    g.add_argument("--decode-completion", type=nonnegative_int, default=0, metavar="N",
                    help="a measurement with the secret, after the attack: N sweeps of that one-to-one search that "
                         "hold the victim's token wherever it is among the candidates and complete the other ids "
                         "(readings.victim_completion); 0 = off")
-    g.add_argument("--keyreg-rounds", type=int, default=3, metavar="N",
+    g.add_argument("--keyreg-rounds", type=positive_int, default=3, metavar="N",
                    help="rounds of the key regression: fit the key on the start's reading (--keyreg-start; then "
                         "on its own), read every row through it (key-regression)")
     g.add_argument("--keyreg-start", default="learned", metavar="NAME", choices=KEYREG_STARTS,
@@ -249,7 +252,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     b = sub.add_parser("privacy-bound", help="AloePri: Theorem 6 bound on single-token recovery for alpha_e/alpha_h")
     b.add_argument("--model", required=True, help="plain model folder, or 'smollm2'")
-    b.add_argument("--alpha-e", type=float, nargs="+", default=[1.0])
-    b.add_argument("--alpha-h", type=float, nargs="+", default=[0.2])
+    b.add_argument("--alpha-e", type=nonnegative_float, nargs="+", default=[1.0])
+    b.add_argument("--alpha-h", type=nonnegative_float, nargs="+", default=[0.2])
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=_bound)

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from aloe import AloeError
+from aloe.argtypes import positive_float, positive_int
 from aloe.obfuscation.profiles import DEFAULT_PROFILE, PROFILES, get_profile
 
 
@@ -151,9 +152,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--secret", type=Path, required=True)
     f.add_argument("--corpus", default="lee")
     f.add_argument("--text", type=Path, help="evaluate on this text file instead of a corpus")
-    f.add_argument("--tokens", type=int, default=1024)
-    f.add_argument("--prompts", type=int, default=8)
-    f.add_argument("--max-new-tokens", type=int, default=64)
+    f.add_argument("--tokens", type=positive_int, default=1024)
+    f.add_argument("--prompts", type=positive_int, default=8)
+    f.add_argument("--max-new-tokens", type=positive_int, default=64)
     f.add_argument("--json", action="store_true")
     f.set_defaults(func=_fidelity)
     register_client(sub)
@@ -232,7 +233,7 @@ def _client_args(p: argparse.ArgumentParser) -> None:
                    help="openai: /v1/completions (aloe serve, vLLM); llama.cpp: llama-server's /completion; "
                    "embeds: the client-held vocabulary mode (aloe serve, with --client-vocab)")
     p.add_argument("--client-vocab", type=Path, help="the client vocabulary file (--backend embeds)")
-    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--max-tokens", type=positive_int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=-1)
@@ -242,7 +243,7 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2]")
     p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2]")
     p.add_argument("--seed", type=int)
-    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--timeout", type=positive_float, default=300.0)
 
 
 def register_client(sub: argparse._SubParsersAction) -> None:
