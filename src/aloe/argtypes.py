@@ -7,51 +7,47 @@ import argparse
 import math
 
 
-def _number(text: str, kind: type, what: str):
+def _number(text: str, kind: type, low: float, strict: bool, high: float = math.inf):
+    """``text`` as ``kind`` (int or a finite float), at least ``low`` (above it if ``strict``), at most ``high``."""
     try:
         value = kind(text)
     except ValueError:
+        what = "an integer" if kind is int else "a number"
         raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
     if kind is float and not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    if value > high or value < low or (strict and value == low):
+        if high < math.inf:
+            raise argparse.ArgumentTypeError(f"{text} is outside {low:g}-{high:g}")
+        raise argparse.ArgumentTypeError(f"{text} is not positive" if strict and low == 0 else
+                                         f"{text} is negative" if low == 0 else f"{text} is below {low:g}")
     return value
 
 
 def positive_int(text: str) -> int:
     """An integer >= 1."""
-    n = _number(text, int, "an integer")
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{n} is not positive")
-    return n
+    return _number(text, int, 0, True)
 
 
 def nonnegative_int(text: str) -> int:
     """An integer >= 0."""
-    n = _number(text, int, "an integer")
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{n} is negative")
-    return n
+    return _number(text, int, 0, False)
 
 
 def positive_float(text: str) -> float:
     """A finite number > 0."""
-    x = _number(text, float, "a number")
-    if not x > 0:
-        raise argparse.ArgumentTypeError(f"{text} is not positive")
-    return x
+    return _number(text, float, 0.0, True)
 
 
 def nonnegative_float(text: str) -> float:
     """A finite number >= 0."""
-    x = _number(text, float, "a number")
-    if x < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
-    return x
+    return _number(text, float, 0.0, False)
 
 
 def port_number(text: str) -> int:
     """A TCP port, 1-65535."""
-    port = _number(text, int, "a port number")
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"port {port} is outside 1-65535")
-    return port
+    try:
+        return _number(text, int, 1, False, 65535)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("is not an integer", "is not a port number")
+                                         .replace(f"{text} is outside", f"port {text} is outside")) from None
