@@ -113,7 +113,8 @@ def test_client_held_vectors_are_read_through_the_key_the_body_gives(tmp_path, m
 
 
 @pytest.mark.parametrize("design", ["exact", "paper"])
-@pytest.mark.parametrize("kind", ["qwen3-moe", "qwen2-moe-shared", "mixtral", "mistral", "granite", "smollm3", "phi3"])
+@pytest.mark.parametrize("kind", ["qwen3-moe", "qwen2-moe-shared", "mixtral", "mistral", "granite", "smollm3", "phi3",
+                                  "gemma"])
 def test_moe_and_newer_dense_bodies_give_the_key_through_their_gates(kind, design, tmp_path, monkeypatch):
     """Sparse MoE blocks (every expert obfuscated as an FFN with its own unit permutation, the experts moved to
     secret slots, a dense layer among them in the Qwen3-MoE model, a shared expert in the Qwen2-MoE one): the gates

@@ -58,6 +58,36 @@ def test_server_artifact_holds_no_vocabulary_and_loads_in_stock_transformers(spl
         assert (logits.double() - whole(ids).logits).abs().max() < 1e-4
 
 
+
+@pytest.mark.parametrize("kind", ["gemma", "gemma3"])
+def test_a_gemma_bodys_client_held_inputs_are_scaled_as_its_own_lookup(kind, tmp_path):
+    """Gemma's engine multiplies the rows it looks up by sqrt(hidden_size) but takes ``inputs_embeds`` as given, so
+    the client's table holds the rows scaled: the server body on the client's vectors computes what the whole
+    artifact computes on the ids (before, the vectors went in unscaled and the hidden states were off by O(1)); the
+    noisy-embedding model measures its noise relative to those rows."""
+    from aloe.obfuscation.client_vocab import with_occurrence_noise
+    from aloe.obfuscation.model import obfuscate_checkpoint
+    from aloe.obfuscation.profiles import PROFILES
+    from test_obfuscation_arch import tiny
+
+    plain = tiny(kind, tmp_path / "plain")
+    obfuscate_checkpoint(plain, tmp_path / "whole", tmp_path / "s.json",
+                         PROFILES["exact"].with_overrides(name="exact-tiny", h=8), dtype="float64", progress=False)
+    split_vocabulary(tmp_path / "whole", tmp_path / "server", tmp_path / "client.st")
+    whole = AutoModelForCausalLM.from_pretrained(tmp_path / "whole", dtype=torch.float64).eval()
+    server = AutoModelForCausalLM.from_pretrained(tmp_path / "server", dtype=torch.float64).eval()
+    vocab = ClientVocabulary(tmp_path / "client.st")
+    ids = torch.as_tensor(load_secret(tmp_path / "s.json").tau)[torch.arange(3, 12)]
+    with torch.no_grad():
+        want = whole.model(input_ids=ids[None]).last_hidden_state
+        got = server.model(inputs_embeds=vocab.embed(ids).double()[None]).last_hidden_state
+        assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+        rows = whole.model.embed_tokens(ids).float()
+        assert torch.allclose(vocab.embed(ids), rows, rtol=1e-6, atol=1e-7)
+        noisy = with_occurrence_noise(whole, 0.5).model.embed_tokens
+        spread = float((noisy(ids).float() - rows).norm(dim=1).mean() / rows.norm(dim=1).mean())
+        assert 0.3 <= spread <= 0.7   # alpha 0.5 of each row as looked up, not of the unscaled stored row
+
 def test_embeds_mode_gives_the_token_id_servings_greedy_answer(split):
     prompts = ["hello there", "a longer prompt, with punctuation!", "x"]
     with app_thread(create_app(split / "whole")) as u1, app_thread(create_app(split / "server")) as u2:

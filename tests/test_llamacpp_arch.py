@@ -32,6 +32,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     Gemma2Config,
+    GemmaConfig,
     GraniteConfig,
     MinistralConfig,
     MistralConfig,
@@ -74,6 +75,7 @@ CONFIGS = {
     "smollm3": lambda: SmolLM3Config(intermediate_size=96, no_rope_layer_interval=2, **COMMON),
     "ministral": lambda: MinistralConfig(intermediate_size=96, head_dim=16, **COMMON),
     "gemma2": lambda: Gemma2Config(intermediate_size=96, head_dim=16, query_pre_attn_scalar=16, **COMMON),
+    "gemma": lambda: GemmaConfig(intermediate_size=96, head_dim=16, **COMMON),
     "phi3": lambda: Phi3Config(intermediate_size=96, **COMMON),
 }
 GGUF_ARCH = {"qwen3": "qwen3", "qwen3-moe": "qwen3moe", "mixtral": "llama", "qwen2-moe": "qwen2moe",
@@ -202,12 +204,14 @@ def test_llama_server_on_obfuscated_gguf_gives_the_plain_greedy_tokens(kind, lla
 
 
 @pytest.mark.parametrize("kind,reason", [("gemma2", "cannot serve an obfuscated Gemma2ForCausalLM"),
+                                         ("gemma", "cannot serve an obfuscated GemmaForCausalLM"),
                                          ("granite", "cannot serve an obfuscated GraniteForCausalLM"),
                                          ("phi3", "cannot serve an obfuscated Phi3ForCausalLM"),
                                          ("ministral", "MinistralForCausalLM")])
 def test_export_refuses_what_llama_cpp_would_serve_wrong(kind, reason, smollm2_path, tmp_path):
-    """llama.cpp's Gemma 2 takes its output layer from the token embedding (its converter drops lm_head), which
-    would answer wrong tokens for an obfuscated model, whose head has its own key; its Granite converter drops
+    """llama.cpp's Gemma and Gemma 2 take their output layer from the token embedding (the converter drops
+    lm_head), which would answer wrong tokens for an obfuscated model, whose head has its own key; its Granite
+    converter drops
     head_dim, which the widened hidden size needs, and its Phi-3 converter derives the head size and the RoPE
     dimensions from the hidden size; its converter does not know Ministral. The export says so, in one
     line, and writes nothing."""

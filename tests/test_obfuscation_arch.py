@@ -20,6 +20,7 @@ from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
     Gemma3TextConfig,
+    GemmaConfig,
     GraniteConfig,
     MinistralConfig,
     MistralConfig,
@@ -30,6 +31,7 @@ from transformers import (
     Qwen3MoeConfig,
     SmolLM3Config,
 )
+from transformers.models.gemma import modeling_gemma
 from transformers.models.gemma2 import modeling_gemma2
 from transformers.models.gemma3 import modeling_gemma3
 from transformers.models.granite import modeling_granite
@@ -82,6 +84,8 @@ CONFIGS = {
         hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
         head_dim=8, vocab_size=97, sliding_window=4, query_pre_attn_scalar=8, attn_logit_softcapping=5.0,
         final_logit_softcapping=3.0),
+    "gemma": lambda: GemmaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, head_dim=8, vocab_size=97, hidden_act="gelu"),
     "mistral": lambda: MistralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                                      num_key_value_heads=2, head_dim=8, vocab_size=97, sliding_window=4,
                                      tie_word_embeddings=False),
@@ -130,7 +134,7 @@ def float64_everywhere(monkeypatch):
                 modeling_mixtral.MixtralRMSNorm, modeling_mistral.MistralRMSNorm, modeling_ministral.MinistralRMSNorm,
                 modeling_granite.GraniteRMSNorm, modeling_smollm3.SmolLM3RMSNorm, modeling_phi3.Phi3RMSNorm):
         monkeypatch.setattr(cls, "forward", _rms_norm_native_dtype)
-    for cls in (modeling_gemma3.Gemma3RMSNorm, modeling_gemma2.Gemma2RMSNorm):
+    for cls in (modeling_gemma3.Gemma3RMSNorm, modeling_gemma2.Gemma2RMSNorm, modeling_gemma.GemmaRMSNorm):
         monkeypatch.setattr(cls, "forward", _gemma_norm_native_dtype)
     for cls in (modeling_qwen3_moe.Qwen3MoeTopKRouter, modeling_qwen2_moe.Qwen2MoeTopKRouter,
                 modeling_mixtral.MixtralTopKRouter):
@@ -197,7 +201,7 @@ def test_exact_profile_is_exact_through_prefill_and_kv_cache_decode(tmp_path, fl
 # relative to that tensor's largest entry (measured: <= 3.5e-7), as tests/test_obfuscation_streaming.py bounds Qwen2
 F32_LOGIT_TOL = 2e-6
 F32_TENSOR_TOL = 5e-6
-F32_KINDS = ("qwen3", "qwen3-bias-mqa-tied", "qwen3-moe", "qwen2-moe-shared", "mixtral", "gemma3", "gemma2",
+F32_KINDS = ("qwen3", "qwen3-bias-mqa-tied", "qwen3-moe", "qwen2-moe-shared", "mixtral", "gemma3", "gemma2", "gemma",
              "granite", "smollm3", "phi3")
 
 
@@ -348,7 +352,7 @@ def test_stock_configs_and_refusals(tmp_path):
     with pytest.raises(AloeError, match="unsupported architecture.*MistralForCausalLM.*Qwen2ForCausalLM, "
                                         "Phi3ForCausalLM, Qwen3ForCausalLM, "
                                         "Qwen3MoeForCausalLM, Qwen2MoeForCausalLM, MixtralForCausalLM, "
-                                        "Gemma2ForCausalLM, Gemma3ForCausalLM"):
+                                        "GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM"):
         obfuscate_checkpoint(olmo, tmp_path / "o3", tmp_path / "s3.json", EXACT, progress=False)
 
     relu = tmp_path / "relu"

@@ -118,15 +118,29 @@ class Target:
     def obf(self, name: str) -> torch.Tensor:
         return torch.from_numpy(self._obf.get(name)).float()
 
+    def _norm_gain(self, name: str) -> torch.Tensor:
+        """What the engine multiplies a normalised vector by, given the stored norm weight ``name`` (Gemma's
+        norms multiply by 1 + w)."""
+        spec = self.arch.spec
+        return self.plain(name) + (float(spec.norm_offset) if spec is not None else 0.0)
+
+    def _embed_gain(self, width: int) -> float:
+        """The engine's factor on the embedding of a model ``width`` wide: sqrt(width) where the architecture scales
+        it (Gemma), else 1. Both tables are read as the first layer receives them: the conversion keeps
+        ``E~ sqrt(d') = E sqrt(d) P``, so only these products, not the stored rows, are related by the key."""
+        spec = self.arch.spec
+        return float(width) ** 0.5 if spec is not None and spec.embed_scale else 1.0
+
     @cached_property
     def plain_embed(self) -> torch.Tensor:
-        return self.plain("model.embed_tokens.weight")
+        E = self.plain("model.embed_tokens.weight")
+        return E * self._embed_gain(E.shape[1]) if self._embed_gain(E.shape[1]) != 1.0 else E
 
     @cached_property
     def plain_head(self) -> torch.Tensor:
         """The plain LM head with the final norm's gamma folded in, as the mechanism does before obfuscating."""
         name = "lm_head.weight" if "lm_head.weight" in self._plain else "model.embed_tokens.weight"
-        return self.plain(name) * self.plain("model.norm.weight")[None, :]
+        return self.plain(name) * self._norm_gain("model.norm.weight")[None, :]
 
     def _obf_table(self, name: str) -> torch.Tensor:
         """An obfuscated table as the server holds it: all zeros when the client keeps the vocabulary."""
@@ -135,7 +149,9 @@ class Target:
 
     @cached_property
     def obf_embed(self) -> torch.Tensor:
-        return self._obf_table("model.embed_tokens.weight")
+        table = self._obf_table("model.embed_tokens.weight")
+        gain = self._embed_gain(table.shape[1])
+        return table * gain if gain != 1.0 else table
 
     @cached_property
     def obf_head(self) -> torch.Tensor:
@@ -172,10 +188,12 @@ class Target:
         folds it (q, k, v, gate, up)."""
         p = f"model.layers.{layer}."
         w = self.plain(p + name + ".weight")
+        spec = self.arch.spec
         if name.startswith("self_attn.") and name != "self_attn.o_proj":
-            w = w * self.plain(p + "input_layernorm.weight")[None, :]
+            w = w * self._norm_gain(p + "input_layernorm.weight")[None, :]
         elif name in ("mlp.gate_proj", "mlp.up_proj"):
-            w = w * self.plain(p + "post_attention_layernorm.weight")[None, :]
+            ffn_norm = spec.pre_ffn_norm if spec is not None else "post_attention_layernorm"
+            w = w * self._norm_gain(p + ffn_norm + ".weight")[None, :]
         return w
 
     def has_weight(self, name: str) -> bool:

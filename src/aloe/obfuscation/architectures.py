@@ -104,6 +104,10 @@ SPECS: dict[str, ArchSpec] = {s.model_type: s for s in (
     ArchSpec("qwen2_moe", "Qwen2MoeForCausalLM", "qwen2_moe", "Qwen2MoeRotaryEmbedding", moe=QWEN2_MOE),
     ArchSpec("mixtral", "MixtralForCausalLM", "mixtral", "MixtralRotaryEmbedding", moe=MIXTRAL_MOE,
              moe_ffn_field="intermediate_size"),
+    # Gemma 1: Llama's layout with Gemma's (1 + w) norms, the embedding scaled by sqrt(hidden_size) and a GeGLU FFN
+    # (its configs' legacy "gelu" is read as the tanh approximation by transformers); no sandwich norms
+    ArchSpec("gemma", "GemmaForCausalLM", "gemma", "GemmaRotaryEmbedding",
+             activations=("gelu_pytorch_tanh", "gelu"), norm_offset=1.0, embed_scale=True),
     ArchSpec("gemma2", "Gemma2ForCausalLM", "gemma2", "Gemma2RotaryEmbedding",
              activations=("gelu_pytorch_tanh",), act_field="hidden_activation", norm_offset=1.0,
              pre_ffn_norm="pre_feedforward_layernorm", post_attn_norm="post_attention_layernorm",

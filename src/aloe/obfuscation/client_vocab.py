@@ -56,12 +56,24 @@ def _eos_ids(artifact: Path, config: dict) -> list[int]:
     return sorted({int(i) for i in ids})
 
 
+def embedding_gain(config: dict, dtype: torch.dtype) -> float:
+    """The factor a stock engine puts on the rows it looks up itself and not on ``inputs_embeds``: sqrt(hidden_size)
+    in the weights' dtype for the architectures that scale their embedding (Gemma), else 1."""
+    from aloe.obfuscation.architectures import SPECS
+
+    spec = SPECS.get(config.get("model_type"))
+    if spec is None or not spec.embed_scale:
+        return 1.0
+    return float(torch.tensor(float(config["hidden_size"]) ** 0.5).to(dtype))
+
+
 def split_vocabulary(artifact: Path, server_dir: Path, client_file: Path, *, occurrence_noise: float = 0.0,
                      noise_shape: str = "row") -> dict:
     """Write the server artifact (no vocabulary rows) to ``server_dir`` and the tables to ``client_file``.
 
     ``occurrence_noise`` (alpha, relative to each row as in :func:`~aloe.obfuscation.embedding.noise_std`) is the
-    fresh noise the client adds to every embedding it sends; 0 keeps the artifact's logits exactly."""
+    fresh noise the client adds to every embedding it sends; 0 keeps the artifact's logits exactly. The client's
+    embedding rows are what the engine's first layer would receive from its own lookup (:func:`embedding_gain`)."""
     artifact, server_dir, client_file = Path(artifact), Path(server_dir), Path(client_file)
     if not occurrence_noise >= 0:
         raise AloeError(f"occurrence noise must be >= 0, not {occurrence_noise}")
@@ -87,6 +99,9 @@ def split_vocabulary(artifact: Path, server_dir: Path, client_file: Path, *, occ
     tensors = {name: torch.from_numpy(reader.get(name)) for name in reader.where}
     dtype = next(t.dtype for n, t in tensors.items() if n not in TABLES)
     client = {name: tensors[name].float().clone() for name in TABLES}
+    gain = embedding_gain(config, dtype)
+    if gain != 1.0:   # the engine scales its own lookups (Gemma), never inputs_embeds: the client sends them scaled
+        client[TABLES[0]] *= gain
     for name in TABLES:
         tensors[name] = torch.zeros((1, tensors[name].shape[1]), dtype=dtype)
     tensors = {n: t.to(dtype) for n, t in tensors.items()}
@@ -140,7 +155,8 @@ class NoisyEmbedding(torch.nn.Module):
     def __init__(self, embedding: torch.nn.Embedding, alpha: float, shape: str = "row") -> None:
         super().__init__()
         self.embedding = embedding
-        self.noise = OccurrenceNoise(embedding.weight.detach().float(), alpha, shape)
+        gain = float(getattr(embedding, "scalar_embed_scale", 1.0))   # the rows as looked up (Gemma scales them)
+        self.noise = OccurrenceNoise(embedding.weight.detach().float() * gain, alpha, shape)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.noise(ids, self.embedding(ids))

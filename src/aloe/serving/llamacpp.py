@@ -134,6 +134,8 @@ def mark_partial_utf8_tokens(gguf_file: Path) -> int:
 # architectures that llama.cpp serves only in a form an obfuscated checkpoint does not have (read in its source):
 # the answer would be wrong or the load would fail, so the export refuses them
 NOT_FOR_OBFUSCATED = {
+    "GemmaForCausalLM": "its Gemma model ties the output layer to the token embedding, and the converter drops "
+                        "lm_head, while the obfuscated model's head differs from its embedding",
     "Gemma2ForCausalLM": "its Gemma 2 model ties the output layer to the token embedding, and the converter drops "
                          "lm_head, while the obfuscated model's head differs from its embedding",
     "GraniteForCausalLM": "its Granite converter drops head_dim, so llama.cpp would cut the widened hidden size "
