@@ -194,8 +194,10 @@ def test_cli_bad_interests_are_one_line_errors(tmp_path, monkeypatch, capsys):
     from aloe.cli import main
 
     monkeypatch.setenv("ALOE_CACHE", str(tmp_path / "cache"))
-    assert main(["recsys", "train", "--data", "diginetica", "--model", "comirec", "--interests", "0"]) == 2
-    assert capsys.readouterr().err.strip().splitlines() == ["aloe: error: --interests must be at least 1, got 0"]
+    with pytest.raises(SystemExit) as exc:       # refused by the parser
+        main(["recsys", "train", "--data", "diginetica", "--model", "comirec", "--interests", "0"])
+    assert exc.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1] == \
+        "aloe recsys train: error: argument --interests: 0 is not positive"
     assert main(["recsys", "train", "--data", "diginetica", "--model", "vector", "--interests", "2"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == ["aloe: error: --interests applies to the comirec model"]
     assert not (tmp_path / "cache").exists()
