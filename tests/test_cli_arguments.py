@@ -35,6 +35,7 @@ def test_argument_types(kind, good, bad):
     (["mpc", "train", "--model", "lr", "--lr", "-1"], "--lr: -1 is not positive"),
     (["serve", "folder", "--port", "70000"], "--port: port 70000 is outside 1-65535"),
     (["serve", "folder", "--max-prompt-tokens", "0"], "--max-prompt-tokens: 0 is not positive"),
+    (["obfuscate", "m", "out", "--secret", "s", "--max-shard-mb", "0"], "--max-shard-mb: 0 is not positive"),
     (["proxy", "--server", "http://127.0.0.1:1", "--secret", "s", "--tokenizer", "t", "--port", "x"],
      "--port: 'x' is not a port number"),
     (["attack", "nn", "--model", "m", "--obfuscated", "o", "--secret", "s", "--queries", "-1"],

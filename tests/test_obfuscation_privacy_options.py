@@ -211,7 +211,6 @@ def test_obfuscate_prints_what_the_profile_protects_against(tmp_path, capsys):
     assert "--adapt-steps must be >= 0" in capsys.readouterr().err
 
 
-
 @pytest.mark.parametrize("override,reason", [
     (["--h", "-4"], "h must be a finite number >= 0, got -4"),
     (["--alpha-e", "nan"], "alpha_e must be a finite number >= 0.0, got nan"),
@@ -219,11 +218,11 @@ def test_obfuscate_prints_what_the_profile_protects_against(tmp_path, capsys):
     (["--beta", "0"], "beta must be a finite number >= 1, got 0"),
     (["--lam", "-1"], "lam must be a finite number >= 0.0"),
     (["--embed-shear", "inf"], "embed_shear must be a finite number >= 0.0, got inf"),
-    (["--max-shard-mb", "0"], "--max-shard-mb must be a positive number"),
 ])
 def test_obfuscate_refuses_a_meaningless_working_point_before_any_work(tmp_path, capsys, override, reason):
-    """Negative or non-finite noise, a negative expansion, no permutation window, a zero shard size: one line, exit
-    2, and neither the artifact nor the secret is written (before this, each gave a silently degenerate artifact)."""
+    """Negative or non-finite noise, a negative expansion, no permutation window: one line, exit 2, and neither the
+    artifact nor the secret is written (before this, each gave a silently degenerate artifact). A zero shard size is
+    refused by the parser (tests/test_cli_arguments.py)."""
     from aloe.cli import main
 
     plain_dir = tiny_model("llama-gqa-tied", tmp_path / "plain")

@@ -42,8 +42,6 @@ def _obfuscate(args: argparse.Namespace) -> int:
                                    ("adapt_steps", args.adapt_steps)) if v is not None}
     if args.adapt_steps is not None and args.adapt_steps < 0:
         raise AloeError("--adapt-steps must be >= 0")
-    if not args.max_shard_mb > 0 or args.max_shard_mb == float("inf"):
-        raise AloeError(f"--max-shard-mb must be a positive number, got {args.max_shard_mb}")
     if overrides:
         profile = profile.with_overrides(name=f"{profile.name}+custom", **overrides)
     if args.client_vocab is None and args.occurrence_noise is not None:
@@ -125,7 +123,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed-from-os", action="store_true",
                    help="draw a fresh master seed from the OS CSPRNG (refuses to replace an existing secret)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--max-shard-mb", type=float, default=2048.0)
+    p.add_argument("--max-shard-mb", type=positive_float, default=2048.0)
     p.add_argument("--h", type=int, help="override the profile's expansion h")
     p.add_argument("--alpha-e", type=float, help="override the embedding noise")
     p.add_argument("--alpha-h", type=float, help="override the head noise")
