@@ -134,7 +134,8 @@ class Target:
     @cached_property
     def plain_embed(self) -> torch.Tensor:
         E = self.plain("model.embed_tokens.weight")
-        return E * self._embed_gain(E.shape[1]) if self._embed_gain(E.shape[1]) != 1.0 else E
+        gain = self._embed_gain(E.shape[1])
+        return E * gain if gain != 1.0 else E
 
     @cached_property
     def plain_head(self) -> torch.Tensor:

@@ -27,6 +27,8 @@ import math
 from dataclasses import asdict, dataclass, replace
 
 from aloe import AloeError
+from aloe.obfuscation.embedding import NOISE_SHAPES
+from aloe.obfuscation.keys import DESIGNS
 
 
 @dataclass(frozen=True)
@@ -61,10 +63,11 @@ class Profile:
                 raise AloeError(f"profile parameter {name} must be a finite number {bound}"
                                 + (f" and <= {hi}" if hi != math.inf else "") + f", got {v!r}")
 
-        if self.keys not in ("exact-norm", "paper"):
-            raise AloeError(f"profile parameter keys must be exact-norm or paper, got {self.keys!r}")
-        if self.noise_shape not in ("entry", "row"):
-            raise AloeError(f"profile parameter noise_shape must be entry or row, got {self.noise_shape!r}")
+        if self.keys not in DESIGNS:
+            raise AloeError(f"profile parameter keys must be one of {', '.join(DESIGNS)}, got {self.keys!r}")
+        if self.noise_shape not in NOISE_SHAPES:
+            raise AloeError(f"profile parameter noise_shape must be one of {', '.join(NOISE_SHAPES)}, "
+                            f"got {self.noise_shape!r}")
         for name in ("h", "beta", "adapt_steps", "adapt_rank"):
             if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
                 raise AloeError(f"profile parameter {name} must be an integer, got {getattr(self, name)!r}")
